@@ -1,0 +1,56 @@
+"""refimpl: the reference implementation of DyNNIBAL (Monath, Zaheer, Allen, McCallum, AISTATS 2023).
+
+The public contract of DESIGN.md is re-exported here. Names are resolved lazily (PEP 562) so that
+``import refimpl`` is cheap and does not trigger Numba compilation of modules you do not use.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    # encoders.py
+    "LinearDualEncoder": "encoders",
+    # sgtree.py
+    "SGTree": "sgtree",
+    # clustering.py
+    "find_clustering": "clustering",
+    "certify": "clustering",
+    # samplers.py
+    "sample_exact": "samplers",
+    "sample_rejection": "samplers",
+    "sample_mh": "samplers",
+    "topk": "samplers",
+    # nystrom.py
+    "Nystrom": "nystrom",
+    "RegressionReEncoder": "nystrom",
+    # miners.py
+    "InBatch": "miners",
+    "Uniform": "miners",
+    "StochasticNegativeMining": "miners",
+    "NegativeCache": "miners",
+    "BruteForceTopK": "miners",
+    "FullSoftmax": "miners",
+    "DyNNIBAL": "miners",
+    # training.py
+    "train": "training",
+    # data.py
+    "planted_dataset": "data",
+    "load_text_pairs": "data",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'refimpl' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"refimpl.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

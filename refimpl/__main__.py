@@ -1,0 +1,4 @@
+"""``python -m refimpl ...``: see :mod:`refimpl.cli`."""
+from refimpl.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,23 @@
+"""Shared pytest configuration: hypothesis profiles.
+
+- ``default``: lean, so the whole suite stays well under 10 minutes on 2 cores (Numba compile time included).
+- ``thorough``: ``HYPOTHESIS_PROFILE=thorough python -m pytest`` for deep runs.
+"""
+import os
+
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "default",
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "thorough",
+    max_examples=500,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))

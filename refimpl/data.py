@@ -1,16 +1,30 @@
-"""Synthetic data with known structure, and (later) the text-pair loader.
+"""Synthetic data with known structure, and the text-pair loader.
 
-:func:`hierarchical_points` is the point cloud every benchmark and sampler test uses for "the planted hierarchical
-data": a Gaussian mixture of clusters of clusters, optionally projected onto the unit sphere (the paper's regime,
-A3 of PAPER.md §1).
+- :func:`hierarchical_points` is the point cloud every benchmark and sampler test uses for "the planted
+  hierarchical data": a Gaussian mixture of clusters of clusters, optionally projected onto the unit sphere (the
+  paper's regime, A3 of PAPER.md §1).
+- :func:`planted_dataset` is the planted retrieval task of the demo (PAPER.md §7 in miniature): hierarchical
+  targets with near-duplicates inside fine clusters, a planted teacher dual encoder, and queries whose positives
+  are drawn from the teacher's softmax (Eq. 1).
+- :func:`load_text_pairs` reads real text pairs (``targets.tsv``, ``queries.tsv``) and featurises them with a
+  deterministic hashing featuriser of word unigrams and bigrams (:func:`hash_features`).
+
+Both return a :class:`RetrievalDataset`, the one input type of :func:`refimpl.training.train`.
 """
 from __future__ import annotations
 
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+
 import numpy as np
+import scipy.sparse as sp
 
-from refimpl._validate import as_rng, check_int, check_positive
+from refimpl._validate import as_rng, check_features, check_int, check_positive
 
-__all__ = ["hierarchical_points"]
+__all__ = ["hierarchical_points", "RetrievalDataset", "planted_dataset", "load_text_pairs", "hash_features",
+           "tokenize"]
 
 
 def hierarchical_points(n: int, dim: int, *, branching=(16, 16), scales=(1.0, 0.35, 0.12), unit_norm: bool = True,
@@ -49,3 +63,382 @@ def hierarchical_points(n: int, dim: int, *, branching=(16, 16), scales=(1.0, 0.
         norms[norms == 0] = 1.0
         pts /= norms
     return pts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The dataset type shared by the planted task and the text loader
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class RetrievalDataset:
+    """A retrieval task: queries, targets, the positive targets of every query, and a train/test split.
+
+    Attributes
+    ----------
+    query_features : (n_queries, n_query_features) float64 array or CSR matrix.
+    target_features : (n_targets, n_target_features) float64 array or CSR matrix.
+    positives : list of 1-D int64 arrays, one per query (row ids of ``target_features``; several allowed).
+    train_ids, test_ids : disjoint int64 arrays of query ids.
+    teacher_A, teacher_B, teacher_beta : the planted teacher dual encoder (None for real data); see
+        :attr:`teacher`.
+    metadata : generator parameters and diagnostics (cluster labels, teacher statistics, file paths ...).
+    target_names : the external target ids of a text dataset (None for planted data).
+    """
+
+    query_features: object
+    target_features: object
+    positives: list
+    train_ids: np.ndarray
+    test_ids: np.ndarray
+    teacher_A: np.ndarray | None = None
+    teacher_B: np.ndarray | None = None
+    teacher_beta: float | None = None
+    metadata: dict = field(default_factory=dict)
+    target_names: list | None = None
+
+    @property
+    def n_targets(self) -> int:
+        return int(self.target_features.shape[0])
+
+    @property
+    def n_queries(self) -> int:
+        return int(self.query_features.shape[0])
+
+    @property
+    def teacher(self):
+        """The planted teacher as a :class:`refimpl.encoders.LinearDualEncoder` (unit-norm outputs), or None."""
+        if self.teacher_A is None:
+            return None
+        from refimpl.encoders import LinearDualEncoder
+
+        dim, fq = self.teacher_A.shape
+        enc = LinearDualEncoder(fq, self.teacher_B.shape[1], dim, beta=self.teacher_beta, normalize=True, rng=0)
+        enc.A[...] = self.teacher_A
+        enc.B[...] = self.teacher_B
+        return enc
+
+    def validate(self) -> "RetrievalDataset":
+        """Check shapes, id ranges and the split; raise ValueError naming the offending field."""
+        self.query_features = check_features("query_features", self.query_features)
+        self.target_features = check_features("target_features", self.target_features)
+        n, nq = self.n_targets, self.n_queries
+        if len(self.positives) != nq:
+            raise ValueError(f"positives: expected one array per query ({nq}), got {len(self.positives)}")
+        for i, p in enumerate(self.positives):
+            p = np.asarray(p)
+            if p.ndim != 1 or p.size == 0:
+                raise ValueError(f"positives[{i}]: expected a non-empty 1-D array of target ids")
+            if not np.issubdtype(p.dtype, np.integer) or p.min() < 0 or p.max() >= n:
+                raise ValueError(f"positives[{i}]: target ids must be integers in [0, {n})")
+        for name in ("train_ids", "test_ids"):
+            ids = np.asarray(getattr(self, name))
+            if ids.ndim != 1 or ids.size == 0:
+                raise ValueError(f"{name}: expected a non-empty 1-D array of query ids")
+            if not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 or ids.max() >= nq:
+                raise ValueError(f"{name}: query ids must be integers in [0, {nq})")
+        if np.intersect1d(self.train_ids, self.test_ids).size:
+            raise ValueError("train_ids, test_ids: the split overlaps")
+        return self
+
+
+def _normalize_rows(M: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(M, axis=1, keepdims=True)
+    norms[norms == 0] = 1.0
+    return M / norms
+
+
+def _embed(F, W: np.ndarray) -> np.ndarray:
+    """Unit-norm rows of ``F @ W.T`` for a dense or CSR feature matrix (the teacher's forward pass)."""
+    return _normalize_rows(np.asarray(F @ W.T))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The planted task
+# ----------------------------------------------------------------------------------------------------------------
+def _mixture_labels(n, dim, branching, scales, gen):
+    """Hierarchical mixture as in :func:`hierarchical_points`, also returning (coarse, fine) labels per point."""
+    sd = 1.0 / np.sqrt(dim)
+    centres = gen.normal(0.0, scales[0] * sd, size=(branching[0], dim))
+    for j in range(1, len(branching)):
+        offsets = gen.normal(0.0, scales[j] * sd, size=(centres.shape[0], branching[j], dim))
+        centres = (centres[:, None, :] + offsets).reshape(-1, dim)
+    leaf = gen.integers(0, centres.shape[0], size=n)
+    pts = centres[leaf] + gen.normal(0.0, scales[-1] * sd, size=(n, dim))
+    coarse = leaf // int(np.prod(branching[1:], dtype=np.int64))
+    return _normalize_rows(pts), coarse.astype(np.int64), leaf.astype(np.int64)
+
+
+def _sparse_tokens(n, vocab, branching, gen, *, coarse_words=4, fine_words=4, own_words=2, vocab_per_cluster=8):
+    """Bag-of-words targets with hierarchical vocabularies: rows of counts over ``vocab`` token ids.
+
+    Each coarse cluster owns ``vocab_per_cluster`` tokens, each fine cluster (a child of a coarse cluster) owns
+    ``vocab_per_cluster`` tokens; a target draws ``coarse_words`` tokens from its coarse vocabulary,
+    ``fine_words`` from its fine vocabulary and ``own_words`` uniformly from the whole vocabulary. Targets of one
+    fine cluster are near-duplicates that differ only by their own words and by the draws.
+    """
+    n_fine = int(np.prod(branching))
+    coarse_vocab = gen.integers(0, vocab, size=(branching[0], vocab_per_cluster))
+    fine_vocab = gen.integers(0, vocab, size=(n_fine, vocab_per_cluster))
+    leaf = gen.integers(0, n_fine, size=n)
+    coarse = leaf // int(np.prod(branching[1:], dtype=np.int64))
+    cols = np.concatenate([
+        coarse_vocab[coarse[:, None], gen.integers(0, vocab_per_cluster, size=(n, coarse_words))],
+        fine_vocab[leaf[:, None], gen.integers(0, vocab_per_cluster, size=(n, fine_words))],
+        gen.integers(0, vocab, size=(n, own_words)),
+    ], axis=1)
+    rows = np.repeat(np.arange(n), cols.shape[1])
+    X = sp.csr_matrix((np.ones(rows.size), (rows, cols.ravel())), shape=(n, vocab))
+    X.sum_duplicates()
+    X.sort_indices()
+    return X, coarse.astype(np.int64), leaf.astype(np.int64)
+
+
+def _csr_normalize(X):
+    X = sp.csr_matrix(X, dtype=np.float64)
+    norms = np.sqrt(np.asarray(X.multiply(X).sum(axis=1)).ravel())
+    norms[norms == 0] = 1.0
+    return sp.csr_matrix(sp.diags(1.0 / norms) @ X)
+
+
+def planted_dataset(n_targets: int = 4000, n_queries: int = 5000, *, n_features: int = 64, dim: int = 32,
+                    branching=(20, 10), scales=(1.0, 0.6, 0.15), query_noise: float = 0.15,
+                    teacher_beta: float = 20.0, positives: str = "sample", n_positives: int = 1,
+                    test_fraction: float = 0.2, sparse: bool = False, rng=0) -> RetrievalDataset:
+    """A seeded synthetic retrieval task with a known answer (the planted task of the demo, PAPER.md §7).
+
+    Construction
+    ------------
+    1. Targets: ``n_targets`` points with hierarchical cluster structure in feature space (clusters of clusters:
+       ``branching[0]`` coarse clusters, each with ``branching[1]`` fine clusters, ...).
+       Dense (default): the Gaussian mixture of :func:`hierarchical_points` with ``scales`` (offset of each level
+       and leaf noise), unit-norm rows of ``n_features`` features. The leaf noise ``scales[-1]`` is small, so the
+       targets of a fine cluster are near-duplicates: hard negatives that uniform sampling almost never draws.
+       Sparse (``sparse=True``): bag-of-words rows over a vocabulary of ``n_features`` tokens with hierarchical
+       vocabularies (see ``_sparse_tokens``), L2-normalised, as scipy CSR.
+    2. Teacher: a planted linear dual encoder (the student's model family, so the task is realisable by a linear
+       student) with unit-norm outputs of dimension ``dim``: target map ``B*`` (Gaussian); query map
+       ``A* = B* P^T`` where ``P`` is the (orthogonal) map from target to query features below.
+    3. Queries: each picks an anchor target ``a`` uniformly; its features are ``P y_a + noise`` (dense: ``P`` a
+       random orthogonal matrix, Gaussian noise of total scale ``query_noise``; sparse: ``P = I``, each anchor
+       word kept with probability ``1 - query_noise`` and ``max(1, round(2*query_noise*words))`` random words
+       added). So ``A* x ≈ B* y_a``: the teacher's query embedding lies near the anchor's fine cluster.
+    4. Positives: ``positives="sample"`` draws ``n_positives`` distinct targets from the teacher's softmax
+       ``P(i|x) ∝ exp(teacher_beta <q*, t*_i>)`` (Eq. 1) over ALL targets (Gumbel top-k, i.e. sequential sampling
+       without replacement); ``"argmax"`` takes the teacher's top ``n_positives``. The anchor itself is not
+       forced to be a positive: the known answer is the teacher's softmax.
+    5. Split: a uniformly random ``test_fraction`` of the queries is the test set.
+
+    The metadata records coarse / fine cluster labels of every target, the anchors, and diagnostics: the fraction
+    of positives equal to the anchor, and the teacher's own test R@1 (the ceiling a perfect student reaches when
+    positives are sampled).
+
+    Parameters are validated (ValueError naming the argument). ``rng``: Generator or int seed; the same seed gives
+    the same dataset bit for bit.
+    """
+    n_targets = check_int("n_targets", n_targets, low=2)
+    n_queries = check_int("n_queries", n_queries, low=2)
+    n_features = check_int("n_features", n_features, low=2)
+    dim = check_int("dim", dim, low=1)
+    branching = tuple(check_int("branching", b, low=1) for b in branching)
+    if len(branching) < 1:
+        raise ValueError("branching: needs at least one level")
+    scales = tuple(check_positive("scales", s, allow_zero=True) for s in scales)
+    if len(scales) != len(branching) + 1:
+        raise ValueError(f"scales: expected {len(branching) + 1} values, got {len(scales)}")
+    query_noise = check_positive("query_noise", query_noise, allow_zero=True)
+    teacher_beta = check_positive("teacher_beta", teacher_beta)
+    if positives not in ("sample", "argmax"):
+        raise ValueError(f"positives: expected 'sample' or 'argmax', got {positives!r}")
+    n_positives = check_int("n_positives", n_positives, low=1, high=n_targets)
+    test_fraction = check_positive("test_fraction", test_fraction)
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction: must be in (0, 1), got {test_fraction}")
+    n_test = int(round(test_fraction * n_queries))
+    if not 1 <= n_test <= n_queries - 1:
+        raise ValueError(f"test_fraction: gives {n_test} test queries out of {n_queries}; need at least 1 of each")
+    if sparse and query_noise >= 1.0:
+        raise ValueError("query_noise: with sparse=True it is a word-drop probability and must be < 1")
+    gen = as_rng(rng)
+
+    if sparse:
+        counts, coarse, fine = _sparse_tokens(n_targets, n_features, branching, gen)
+        Y = _csr_normalize(counts)
+        anchors = gen.integers(0, n_targets, size=n_queries)
+        Qc = sp.csr_matrix(counts[anchors])
+        keep = gen.random(Qc.data.size) >= query_noise
+        Qc.data = Qc.data * keep
+        words = int(counts[0].sum())
+        n_extra = max(1, int(round(2 * query_noise * words)))
+        extra = sp.csr_matrix((np.ones(n_queries * n_extra), (np.repeat(np.arange(n_queries), n_extra),
+                                                              gen.integers(0, n_features, size=n_queries * n_extra))),
+                              shape=(n_queries, n_features))
+        Xc = Qc + extra
+        Xc.eliminate_zeros()
+        X = _csr_normalize(Xc)
+        X.sort_indices()
+        P = None
+        B_t = gen.normal(0.0, 1.0 / np.sqrt(n_features), size=(dim, n_features))
+        A_t = B_t.copy()
+    else:
+        Y, coarse, fine = _mixture_labels(n_targets, n_features, branching, scales, gen)
+        P, _ = np.linalg.qr(gen.normal(size=(n_features, n_features)))
+        anchors = gen.integers(0, n_targets, size=n_queries)
+        X = Y[anchors] @ P.T + gen.normal(0.0, query_noise / np.sqrt(n_features), size=(n_queries, n_features))
+        B_t = gen.normal(0.0, 1.0 / np.sqrt(n_features), size=(dim, n_features))
+        A_t = B_t @ P.T
+
+    T = _embed(Y, B_t)
+    pos = np.empty((n_queries, n_positives), dtype=np.int64)
+    chunk = max(1, 2_000_000 // n_targets)
+    top1 = np.empty(n_queries, dtype=np.int64)
+    for lo in range(0, n_queries, chunk):
+        hi = min(n_queries, lo + chunk)
+        Qt = _embed(X[lo:hi], A_t)
+        logits = teacher_beta * (Qt @ T.T)
+        top1[lo:hi] = np.argmax(logits, axis=1)
+        if positives == "sample":
+            logits = logits + gen.gumbel(size=logits.shape)
+        idx = np.argpartition(-logits, n_positives - 1, axis=1)[:, :n_positives] if n_positives < n_targets \
+            else np.tile(np.arange(n_targets), (hi - lo, 1))
+        order = np.argsort(-np.take_along_axis(logits, idx, axis=1), axis=1, kind="stable")
+        pos[lo:hi] = np.take_along_axis(idx, order, axis=1)
+    perm = gen.permutation(n_queries)
+    test_ids = np.sort(perm[:n_test]).astype(np.int64)
+    train_ids = np.sort(perm[n_test:]).astype(np.int64)
+    positives_list = [np.ascontiguousarray(p) for p in pos]
+    teacher_hit = np.array([top1[i] in positives_list[i] for i in test_ids])
+    metadata = {
+        "kind": "planted", "sparse": sparse, "n_targets": n_targets, "n_queries": n_queries,
+        "n_features": n_features, "dim": dim, "branching": branching, "scales": scales,
+        "query_noise": query_noise, "teacher_beta": teacher_beta, "positives": positives,
+        "n_positives": n_positives, "test_fraction": test_fraction,
+        "coarse_labels": coarse, "fine_labels": fine, "anchors": anchors.astype(np.int64),
+        "query_map": P,
+        "positive_is_anchor": float(np.mean(pos[:, 0] == anchors)),
+        "positive_in_anchor_fine_cluster": float(np.mean(fine[pos[:, 0]] == fine[anchors])),
+        "teacher_test_r1": float(np.mean(teacher_hit)),
+    }
+    return RetrievalDataset(query_features=X, target_features=Y, positives=positives_list, train_ids=train_ids,
+                            test_ids=test_ids, teacher_A=A_t, teacher_B=B_t, teacher_beta=teacher_beta,
+                            metadata=metadata).validate()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Text pairs
+# ----------------------------------------------------------------------------------------------------------------
+_TOKEN = re.compile(r"\w+", re.UNICODE)
+
+
+def tokenize(text: str) -> list[str]:
+    """Lower-cased word tokens (``\\w+`` runs, Unicode-aware)."""
+    return _TOKEN.findall(text.lower())
+
+
+def _stable_hash(token: str) -> int:
+    """64-bit BLAKE2b of the UTF-8 token: the same on every machine and run (unlike Python's salted hash())."""
+    return int.from_bytes(hashlib.blake2b(token.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def hash_features(texts, n_features: int = 2 ** 18, *, bigrams: bool = True, normalize: bool = True):
+    """Hashing featuriser: word unigrams (and bigrams ``"w1 w2"``) hashed into ``n_features`` columns (CSR).
+
+    Each n-gram adds 1 to column ``blake2b64(ngram) mod n_features`` (deterministic across runs and machines);
+    the counts are log-scaled (``1 + log(count)``) and, with ``normalize``, each row is scaled to unit L2 norm.
+    A text without any token gives an all-zero row.
+    """
+    n_features = check_int("n_features", n_features, low=1)
+    cache: dict[str, int] = {}
+    indptr, indices, data = [0], [], []
+    for text in texts:
+        toks = tokenize(text)
+        grams = toks + ([f"{a} {b}" for a, b in zip(toks, toks[1:])] if bigrams else [])
+        row: dict[int, int] = {}
+        for g in grams:
+            h = cache.get(g)
+            if h is None:
+                h = cache[g] = _stable_hash(g) % n_features
+            row[h] = row.get(h, 0) + 1
+        cols = sorted(row)
+        vals = np.array([1.0 + np.log(row[c]) for c in cols], dtype=np.float64)
+        if normalize and vals.size:
+            vals /= np.linalg.norm(vals)
+        indices.extend(cols)
+        data.extend(vals.tolist())
+        indptr.append(len(indices))
+    return sp.csr_matrix((np.asarray(data, dtype=np.float64), np.asarray(indices, dtype=np.int64),
+                          np.asarray(indptr, dtype=np.int64)), shape=(len(indptr) - 1, n_features))
+
+
+def _read_tsv(path, n_fields):
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file")
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            line = line.rstrip("\n").rstrip("\r")
+            if not line.strip():
+                continue
+            parts = line.split("\t", n_fields - 1)
+            if len(parts) != n_fields:
+                raise ValueError(f"{path}:{lineno}: expected {n_fields} tab-separated fields, got {len(parts)}")
+            rows.append((lineno, parts))
+    if not rows:
+        raise ValueError(f"{path}: contains no data lines")
+    return rows
+
+
+def load_text_pairs(targets_tsv, queries_tsv, *, n_features: int = 2 ** 18, bigrams: bool = True,
+                    normalize: bool = True) -> RetrievalDataset:
+    """Read a text retrieval task and featurise it with :func:`hash_features`.
+
+    Formats (UTF-8, one record per line, blank lines ignored):
+
+    - ``targets.tsv``: ``target_id<TAB>text``; ids are arbitrary unique strings, numbered in file order.
+    - ``queries.tsv``: ``split<TAB>target_ids<TAB>text`` with ``split`` in {train, test} and ``target_ids`` a
+      comma-separated list of target ids (several positives allowed; repeats ignored).
+
+    Queries and targets use the same featuriser (``n_features`` hashed unigram/bigram columns) and separate
+    encoders. Malformed lines raise ``ValueError("<file>:<line>: ...")``: wrong number of fields, empty id,
+    duplicate target id, unknown split, unknown or empty target id list, text without any word.
+    """
+    n_features = check_int("n_features", n_features, low=1)
+    targets_tsv, queries_tsv = os.fspath(targets_tsv), os.fspath(queries_tsv)
+    names, texts, index = [], [], {}
+    for lineno, (tid, text) in _read_tsv(targets_tsv, 2):
+        tid = tid.strip()
+        if not tid:
+            raise ValueError(f"{targets_tsv}:{lineno}: empty target id")
+        if tid in index:
+            raise ValueError(f"{targets_tsv}:{lineno}: duplicate target id {tid!r} (first on line {index[tid][1]})")
+        if not tokenize(text):
+            raise ValueError(f"{targets_tsv}:{lineno}: target {tid!r} has no words")
+        index[tid] = (len(names), lineno)
+        names.append(tid)
+        texts.append(text)
+    qtexts, positives, split = [], [], []
+    for lineno, (sp_name, ids, text) in _read_tsv(queries_tsv, 3):
+        sp_name = sp_name.strip().lower()
+        if sp_name not in ("train", "test"):
+            raise ValueError(f"{queries_tsv}:{lineno}: split must be 'train' or 'test', got {sp_name!r}")
+        raw = [t.strip() for t in ids.split(",")]
+        if not raw or any(not t for t in raw):
+            raise ValueError(f"{queries_tsv}:{lineno}: empty target id in {ids!r}")
+        missing = [t for t in raw if t not in index]
+        if missing:
+            raise ValueError(f"{queries_tsv}:{lineno}: unknown target id {missing[0]!r}")
+        if not tokenize(text):
+            raise ValueError(f"{queries_tsv}:{lineno}: query has no words")
+        positives.append(np.unique(np.array([index[t][0] for t in raw], dtype=np.int64)))
+        split.append(sp_name)
+        qtexts.append(text)
+    split = np.array(split)
+    train_ids = np.flatnonzero(split == "train").astype(np.int64)
+    test_ids = np.flatnonzero(split == "test").astype(np.int64)
+    if train_ids.size == 0 or test_ids.size == 0:
+        raise ValueError(f"{queries_tsv}: needs at least one 'train' and one 'test' query "
+                         f"(got {train_ids.size} and {test_ids.size})")
+    Xt = hash_features(texts, n_features, bigrams=bigrams, normalize=normalize)
+    Xq = hash_features(qtexts, n_features, bigrams=bigrams, normalize=normalize)
+    meta = {"kind": "text", "targets_tsv": targets_tsv, "queries_tsv": queries_tsv, "n_features": n_features,
+            "bigrams": bigrams, "n_targets": len(names), "n_queries": len(qtexts)}
+    return RetrievalDataset(query_features=Xq, target_features=Xt, positives=positives, train_ids=train_ids,
+                            test_ids=test_ids, metadata=meta, target_names=names).validate()

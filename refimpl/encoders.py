@@ -1,0 +1,225 @@
+"""The linear dual encoder of refimpl: PAPER.md §1 with linear maps.
+
+Query encoder ``f(x) = n(A x)`` and target encoder ``g(y) = n(B y)``, where ``A`` is ``dim x n_query_features``,
+``B`` is ``dim x n_target_features`` and ``n`` is L2 normalisation (on by default: the paper's experiments use
+unit-norm outputs, assumption A3 of PAPER.md §1) or the identity. The logit of Eq. 1 is ``s = beta <f(x), g(y)>``;
+the encoder stores ``beta`` but applies it nowhere: the losses of :mod:`refimpl.softmax` do.
+
+Inputs are dense 2-D arrays or ``scipy.sparse`` CSR matrices (one row per query / target). The sparse forward
+(``X A^T``) and the sparse weight gradient (``G^T X``, a scatter) are Numba kernels that never densify ``X``; dense
+inputs go through BLAS. Both give the same encodings to ~1e-15 (the order of a floating-point sum differs).
+
+Zero-norm rows under normalisation: a row whose raw encoding ``A x`` is exactly the zero vector (e.g. an all-zero
+feature row) has no direction. We encode it as the zero vector (logit 0 against everything) and give it a zero
+gradient, instead of producing NaN. This is the limit of ``z / max(||z||, eps)`` as ``eps -> 0`` and is the only
+choice that keeps every output finite; no epsilon is added to non-zero norms, so all other rows are exactly unit.
+Norms are computed with max-abs scaling, so raw encodings of any finite magnitude (1e-200 or 1e200) normalise
+correctly.
+"""
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+from numba import njit
+
+from refimpl._validate import (as_rng, check_features, check_int, check_matrix, check_positive, csr_arrays)
+
+__all__ = ["LinearDualEncoder", "normalize_rows", "normalize_vjp"]
+
+
+# --------------------------------------------------------------------------------------------------- kernels
+@njit(cache=True)
+def _csr_times_wt(data, indices, indptr, W):  # pragma: no cover - compiled
+    """``X @ W.T`` for CSR ``X`` (n x F) and dense ``W`` (dim x F): out[i, d] = sum_p data[p] W[d, indices[p]]."""
+    n = indptr.shape[0] - 1
+    dim = W.shape[0]
+    out = np.zeros((n, dim))
+    for i in range(n):
+        for p in range(indptr[i], indptr[i + 1]):
+            j = indices[p]
+            v = data[p]
+            for d in range(dim):
+                out[i, d] += v * W[d, j]
+    return out
+
+
+@njit(cache=True)
+def _csr_weight_grad(data, indices, indptr, Gz, n_features):  # pragma: no cover - compiled
+    """``Gz.T @ X`` for CSR ``X`` (n x F) and dense ``Gz`` (n x dim): a scatter into a (dim x F) array."""
+    n = indptr.shape[0] - 1
+    dim = Gz.shape[1]
+    out = np.zeros((dim, n_features))
+    for i in range(n):
+        for p in range(indptr[i], indptr[i + 1]):
+            j = indices[p]
+            v = data[p]
+            for d in range(dim):
+                out[d, j] += Gz[i, d] * v
+    return out
+
+
+# ----------------------------------------------------------------------------------------- normalisation
+def normalize_rows(Z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(U, norms)`` with ``U[i] = Z[i] / ||Z[i]||`` and ``norms[i] = ||Z[i]||``; zero rows give ``U[i] = 0``.
+
+    Max-abs scaling avoids underflow/overflow of the squared norm. ``norms`` may be ``inf`` for rows near the
+    float64 limit (``U`` is still correct; the gradient of such a row is then 0).
+    """
+    n = Z.shape[0]
+    scale = np.max(np.abs(Z), axis=1) if Z.shape[1] else np.zeros(n)
+    nz = scale > 0
+    U = np.zeros_like(Z)
+    norms = np.zeros(n)
+    if nz.any():
+        Zs = Z[nz] / scale[nz, None]
+        r = np.sqrt(np.einsum("ij,ij->i", Zs, Zs))  # in [1, sqrt(dim)]
+        U[nz] = Zs / r[:, None]
+        with np.errstate(over="ignore"):
+            norms[nz] = scale[nz] * r
+    return U, norms
+
+
+def normalize_vjp(U: np.ndarray, norms: np.ndarray, G: np.ndarray) -> np.ndarray:
+    """Vector-Jacobian product of ``z -> z/||z||`` at ``z = norms * U``: ``(G - <G, U> U) / ||z||`` row-wise.
+
+    Rows with zero (or infinite) norm get a zero gradient (see the module docstring).
+    """
+    ok = (norms > 0) & np.isfinite(norms)
+    Gz = np.zeros_like(G)
+    if ok.any():
+        Gu, Uu = G[ok], U[ok]
+        Gz[ok] = (Gu - np.einsum("ij,ij->i", Gu, Uu)[:, None] * Uu) / norms[ok, None]
+    return Gz
+
+
+# --------------------------------------------------------------------------------------------- encoder
+class LinearDualEncoder:
+    """Linear dual encoder ``q = n(A x)``, ``t = n(B y)`` with logits ``beta <q, t>`` (PAPER.md §1, Eq. 1).
+
+    Parameters
+    ----------
+    n_query_features, n_target_features : input dimensions (>= 1).
+    dim : embedding dimension D (>= 1).
+    beta : inverse temperature (> 0, finite). Stored here, applied by the losses of :mod:`refimpl.softmax`.
+    normalize : L2-normalise both encoders' outputs (the paper's setting; default ``True``).
+    rng : Generator or int seed for the initialisation.
+    init_scale : entries of ``A`` (``B``) are drawn i.i.d. ``N(0, init_scale^2 / n_query_features)``
+        (``/ n_target_features``), so a raw encoding has squared norm about ``init_scale^2 dim ||x||^2 / F``.
+
+    Attributes
+    ----------
+    A : (dim, n_query_features) float64. B : (dim, n_target_features) float64. Both may be updated in place
+    (e.g. by :class:`refimpl.optim.Adam` through :attr:`params`); reassigning them is allowed if the shape and dtype
+    stay the same.
+    """
+
+    def __init__(self, n_query_features: int, n_target_features: int, dim: int, *, beta: float = 20.0,
+                 normalize: bool = True, rng=None, init_scale: float = 1.0):
+        nq = check_int("n_query_features", n_query_features, low=1)
+        nt = check_int("n_target_features", n_target_features, low=1)
+        self.dim = check_int("dim", dim, low=1)
+        self.beta = beta
+        if not isinstance(normalize, (bool, np.bool_)):
+            raise TypeError(f"normalize: expected a bool, got {type(normalize).__name__}")
+        self.normalize = bool(normalize)
+        init_scale = check_positive("init_scale", init_scale)
+        gen = as_rng(rng)
+        self.A = gen.standard_normal((self.dim, nq)) * (init_scale / np.sqrt(nq))
+        self.B = gen.standard_normal((self.dim, nt)) * (init_scale / np.sqrt(nt))
+
+    # ----------------------------------------------------------------------------------------- attributes
+    @property
+    def beta(self) -> float:
+        return self._beta
+
+    @beta.setter
+    def beta(self, value) -> None:
+        self._beta = check_positive("beta", value)
+
+    @property
+    def n_query_features(self) -> int:
+        return self.A.shape[1]
+
+    @property
+    def n_target_features(self) -> int:
+        return self.B.shape[1]
+
+    @property
+    def params(self) -> list[np.ndarray]:
+        """``[A, B]``: the live parameter arrays (updating them in place updates the encoder)."""
+        return [self.A, self.B]
+
+    def copy(self) -> "LinearDualEncoder":
+        """A deep copy (independent ``A`` and ``B``)."""
+        new = object.__new__(LinearDualEncoder)
+        new.dim = self.dim
+        new._beta = self._beta
+        new.normalize = self.normalize
+        new.A = np.array(self.A, dtype=np.float64, copy=True)
+        new.B = np.array(self.B, dtype=np.float64, copy=True)
+        return new
+
+    def __repr__(self) -> str:
+        return (f"LinearDualEncoder(n_query_features={self.n_query_features}, "
+                f"n_target_features={self.n_target_features}, dim={self.dim}, beta={self.beta}, "
+                f"normalize={self.normalize})")
+
+    # -------------------------------------------------------------------------------------------- forward
+    def _weights(self, name: str) -> np.ndarray:
+        W = getattr(self, name)
+        if not isinstance(W, np.ndarray) or W.dtype != np.float64 or W.ndim != 2 or W.shape[0] != self.dim:
+            raise ValueError(f"{name}: encoder parameter must be a float64 array with {self.dim} rows, got "
+                             f"{type(W).__name__} {getattr(W, 'dtype', '')} {getattr(W, 'shape', '')}")
+        return np.ascontiguousarray(W)
+
+    @staticmethod
+    def _linear(W: np.ndarray, X) -> np.ndarray:
+        if sp.issparse(X):
+            data, indices, indptr = csr_arrays(X)
+            return _csr_times_wt(data, indices, indptr, W)
+        return X @ W.T
+
+    def _forward(self, name: str, X, arg: str):
+        W = self._weights(name)
+        X = check_features(arg, X, n_cols=W.shape[1])
+        Z = self._linear(W, X)
+        if not np.all(np.isfinite(Z)):
+            raise ValueError(f"{name}: encoding overflowed or the parameters contain NaN/Inf")
+        if self.normalize:
+            U, norms = normalize_rows(Z)
+            return X, U, norms
+        return X, Z, None
+
+    def encode_queries(self, X) -> np.ndarray:
+        """Query embeddings ``n(X A^T)``, shape (n, dim). ``X``: dense (n, n_query_features) or CSR."""
+        return self._forward("A", X, "X")[1]
+
+    def encode_targets(self, X) -> np.ndarray:
+        """Target embeddings ``n(X B^T)``, shape (n, dim). ``X``: dense (n, n_target_features) or CSR."""
+        return self._forward("B", X, "X")[1]
+
+    def logits(self, Xq, Xt) -> np.ndarray:
+        """``beta * Q T^T`` (Eq. 1's logits), shape (n_queries, n_targets)."""
+        return self.beta * (self.encode_queries(Xq) @ self.encode_targets(Xt).T)
+
+    # ------------------------------------------------------------------------------------------ gradients
+    def _vjp(self, name: str, X, G) -> np.ndarray:
+        X, U, norms = self._forward(name, X, "X")
+        G = check_matrix("G", G, n_rows=U.shape[0], n_cols=self.dim)
+        Gz = normalize_vjp(U, norms, G) if self.normalize else G
+        if sp.issparse(X):
+            data, indices, indptr = csr_arrays(X)
+            return _csr_weight_grad(data, indices, indptr, np.ascontiguousarray(Gz), X.shape[1])
+        return Gz.T @ X
+
+    def query_vjp(self, X, G) -> np.ndarray:
+        """``d/dA sum_i <G_i, f(x_i)>``, shape (dim, n_query_features), through the normalisation when on.
+
+        For CSR ``X`` this is a Numba scatter ``G_z^T X`` (``X`` is never densified), with
+        ``G_z = (G - <G, u> u)/||A x||`` under normalisation and ``G_z = G`` otherwise.
+        """
+        return self._vjp("A", X, G)
+
+    def target_vjp(self, X, G) -> np.ndarray:
+        """``d/dB sum_i <G_i, g(y_i)>``, shape (dim, n_target_features); see :meth:`query_vjp`."""
+        return self._vjp("B", X, G)

@@ -1,0 +1,398 @@
+"""Exact log-softmax, and the full / sampled / in-batch / Monte Carlo softmax losses with their gradients.
+
+PAPER.md §1: logits ``s_i = beta <q, t_i>``, softmax ``P(i|x) = exp(s_i)/Z`` (Eq. 1), loss
+``L(x, i*) = -s_{i*} + log Z`` (Eq. 2), whose gradient is ``-grad s_{i*} + E_{i~P}[grad s_i]``.
+
+Every loss works on embeddings and returns ``(loss, dQ, dT)``: the mean loss and its exact gradient w.r.t. the
+query embeddings ``Q`` (B x D) and target embeddings ``T`` (n_rows x D). The ``*_grad`` wrappers push these through a
+:class:`refimpl.encoders.LinearDualEncoder` and return ``(loss, dA, dB)``.
+
+Several positives per query (binding semantics of the project): ``positives[i]`` lists the positive rows of query
+``i``; each (query, positive) pair is one example; the negatives of an example exclude that query's *other*
+positives (its own positive is its numerator term); the loss is the mean over pairs. With one positive per query
+this is exactly Eq. 2. The pair order is the flattening of ``positives`` (see :func:`flatten_positives`).
+A repeated id inside ``positives[i]`` is a repeated example (counted twice); the exclusion uses the set.
+
+Numerical stability: every log-partition is computed relative to its maximum, so logits of magnitude 1e4 and more
+give finite, correct losses and gradients (probabilities underflow to exactly 0, never NaN).
+"""
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+from refimpl._validate import check_ids, check_matrix, check_positive
+
+__all__ = [
+    "logsumexp", "log_softmax", "flatten_positives", "pair_log_probs",
+    "full_softmax_loss", "sampled_softmax_loss", "in_batch_softmax_loss", "monte_carlo_softmax_loss",
+    "encoder_loss_grad", "full_softmax_grad", "sampled_softmax_grad", "in_batch_softmax_grad",
+    "monte_carlo_softmax_grad", "gradient_relative_error",
+]
+
+
+# ------------------------------------------------------------------------------------------- log-softmax
+def _check_logits(x, name: str = "x") -> np.ndarray:
+    try:
+        a = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name}: cannot be converted to a float64 array ({exc})") from None
+    if np.isnan(a).any() or np.isposinf(a).any():
+        raise ValueError(f"{name}: contains NaN or +Inf (-Inf is allowed and means 'masked')")
+    return a
+
+
+def logsumexp(x, axis: int = -1, keepdims: bool = False) -> np.ndarray:
+    """``log sum exp(x)`` along ``axis``, stable for any finite magnitude (max-shifted).
+
+    ``-inf`` entries are allowed (masked terms); a slice that is entirely ``-inf`` gives ``-inf``.
+    """
+    a = _check_logits(x)
+    if a.ndim == 0:
+        raise ValueError("x: expected at least a 1-D array")
+    if a.shape[axis] == 0:
+        raise ValueError(f"x: axis {axis} is empty")
+    m = np.max(a, axis=axis, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    s = np.sum(np.exp(a - m), axis=axis, keepdims=True)
+    with np.errstate(divide="ignore"):
+        out = np.log(s) + m
+    return out if keepdims else np.squeeze(out, axis=axis)
+
+
+def log_softmax(x, axis: int = -1) -> np.ndarray:
+    """``x - logsumexp(x)`` along ``axis`` (the log of Eq. 1); a slice must contain a finite entry."""
+    a = _check_logits(x)
+    lse = logsumexp(a, axis=axis, keepdims=True)
+    if np.isneginf(lse).any():
+        raise ValueError("x: a slice is entirely -inf; its softmax is undefined")
+    return a - lse
+
+
+# -------------------------------------------------------------------------------------------- positives
+def _as_id_lists(positives, n_queries: int) -> list:
+    if isinstance(positives, np.ndarray):
+        if positives.ndim == 1:
+            positives = positives.reshape(-1, 1)
+        elif positives.ndim != 2:
+            raise ValueError(f"positives: expected a list of 1-D id arrays or a 1-/2-D int array, got shape "
+                             f"{positives.shape}")
+        positives = list(positives)
+    elif not isinstance(positives, (list, tuple)):
+        raise TypeError(f"positives: expected a list of 1-D int arrays (one per query), got "
+                        f"{type(positives).__name__}")
+    if len(positives) != n_queries:
+        raise ValueError(f"positives: expected one entry per query ({n_queries}), got {len(positives)}")
+    return positives
+
+
+def flatten_positives(positives, n_queries: int, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(pair_query, pair_positive)``: the examples (query, positive row) in order, each an int64 array (E,).
+
+    ``positives``: a list of ``n_queries`` 1-D int arrays (or scalars), or an int array of shape (n_queries,) (one
+    positive each) or (n_queries, m). Every query needs at least one positive; ids must be in ``[0, n_rows)``.
+    """
+    lists = _as_id_lists(positives, n_queries)
+    qs, ps = [], []
+    for i, p in enumerate(lists):
+        ids = check_ids(f"positives[{i}]", p, n_rows, allow_empty=False)
+        qs.append(np.full(ids.size, i, dtype=np.int64))
+        ps.append(ids)
+    return np.concatenate(qs), np.concatenate(ps)
+
+
+def _membership(pair_q: np.ndarray, pair_p: np.ndarray, n_rows: int):
+    """Sorted keys ``q * n_rows + p`` of the positive sets, for vectorised 'is row r a positive of query q?'."""
+    return np.unique(pair_q * np.int64(n_rows) + pair_p)
+
+
+def _positive_matrix(pair_q: np.ndarray, pair_p: np.ndarray, n_queries: int, n_rows: int) -> np.ndarray:
+    """Dense (n_queries x n_rows) bool: ``M[i, r]`` iff row r is a positive of query i."""
+    M = np.zeros((n_queries, n_rows), dtype=bool)
+    M[pair_q, pair_p] = True
+    return M
+
+
+def _is_positive(keys: np.ndarray, q: np.ndarray, rows: np.ndarray, n_rows: int) -> np.ndarray:
+    return np.isin(q * np.int64(n_rows) + rows, keys)
+
+
+# -------------------------------------------------------------------------------------------- the core
+def _pair_softmax(s_pos: np.ndarray, C: np.ndarray):
+    """Per example e: ``loss_e = -s_pos[e] + log(exp(s_pos[e]) + sum_j exp(C[e, j]))``.
+
+    ``C`` (E x K) holds the (corrected) logits of the example's negatives, ``-inf`` where excluded. Returns
+    ``(loss (E,), dloss/ds_pos (E,), dloss/dC (E x K))``. Max-shifted; the positive is always present, so the
+    shift is finite.
+    """
+    m = s_pos.copy()
+    if C.shape[1]:
+        m = np.maximum(m, C.max(axis=1))
+    e_pos = np.exp(s_pos - m)
+    e_c = np.exp(C - m[:, None])
+    z = e_pos + e_c.sum(axis=1)
+    loss = m + np.log(z) - s_pos
+    return loss, e_pos / z - 1.0, e_c / z[:, None]
+
+
+def _check_qt(Q, T, beta):
+    Q = check_matrix("Q", Q)
+    T = check_matrix("T", T, n_cols=Q.shape[1])
+    return Q, T, check_positive("beta", beta)
+
+
+def _to_embedding_grads(W, Q: np.ndarray, T: np.ndarray, beta: float):
+    """``dQ = beta W T`` and ``dT = beta W^T Q`` for the logit-gradient matrix ``W`` (B x n_rows; dense or CSR)."""
+    dQ = np.asarray(W @ T) * beta
+    dT = np.asarray(W.T @ Q) * beta
+    return dQ, dT
+
+
+def full_softmax_loss(Q, T, positives, *, beta: float):
+    """Full softmax loss over all rows of ``T`` (Eq. 2) and its exact gradient: the gold standard.
+
+    For example (i, p): ``L = -s_ip + log(exp(s_ip) + sum_{j not in positives[i]} exp(s_ij))`` with
+    ``s_ij = beta <Q_i, T_j>``; the loss is the mean over examples. Returns ``(loss, dQ, dT)``.
+    """
+    Q, T, beta = _check_qt(Q, T, beta)
+    n_rows = T.shape[0]
+    pq, pp = flatten_positives(positives, Q.shape[0], n_rows)
+    E = pq.size
+    S = beta * (Q @ T.T)
+    C = S[pq]                                                  # (E, n_rows): every row is a candidate ...
+    C[_positive_matrix(pq, pp, Q.shape[0], n_rows)[pq]] = -np.inf   # ... except the query's positives
+    loss, g_pos, g_c = _pair_softmax(S[pq, pp], C)
+    R = sp.csr_matrix((np.full(E, 1.0 / E), (pq, np.arange(E))), shape=(Q.shape[0], E))
+    W = np.asarray(R @ g_c)                                    # (B, n_rows): sum over each query's examples
+    np.add.at(W, (pq, pp), g_pos / E)
+    dQ, dT = _to_embedding_grads(W, Q, T, beta)
+    return float(loss.mean()), dQ, dT
+
+
+def pair_log_probs(Q, T, positives, *, beta: float) -> np.ndarray:
+    """``log P_e(j)`` (E x n_rows): the softmax of example e = (i, p) of :func:`full_softmax_loss`.
+
+    ``P_e`` is the softmax of the logits ``s_ij`` over ``{p}`` and the rows that are not positives of query i
+    (other positives get ``-inf``). Its expectation of ``grad s`` is the negative part of the gradient of Eq. 2,
+    so these are the distributions from which :func:`monte_carlo_softmax_loss` expects its samples.
+    """
+    Q, T, beta = _check_qt(Q, T, beta)
+    n_rows = T.shape[0]
+    pq, pp = flatten_positives(positives, Q.shape[0], n_rows)
+    C = beta * (Q[pq] @ T.T)
+    mask = _positive_matrix(pq, pp, Q.shape[0], n_rows)[pq]
+    mask[np.arange(pq.size), pp] = False
+    C[mask] = -np.inf
+    return log_softmax(C, axis=1)
+
+
+def _check_negatives(negatives, log_q, n_queries: int, n_rows: int):
+    neg = np.asarray(negatives)
+    if neg.ndim not in (1, 2):
+        raise ValueError(f"negatives: expected a 1-D (shared) or 2-D (one row per query) array, got shape "
+                         f"{neg.shape}")
+    if neg.ndim == 2 and neg.shape[0] != n_queries:
+        raise ValueError(f"negatives: a 2-D array needs one row per query ({n_queries}), got {neg.shape[0]}")
+    if neg.size and not np.issubdtype(neg.dtype, np.integer):
+        raise TypeError(f"negatives: ids must be integers, got dtype {neg.dtype}")
+    flat = check_ids("negatives", neg.reshape(-1), n_rows)
+    neg = flat.reshape(neg.shape)
+    lq = None
+    if log_q is not None:
+        try:
+            lq = np.asarray(log_q, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"log_q: cannot be converted to float64 ({exc})") from None
+        if lq.shape != neg.shape:
+            raise ValueError(f"log_q: expected the shape of negatives {neg.shape}, got {lq.shape}")
+        if not np.all(np.isfinite(lq)):
+            raise ValueError("log_q: contains NaN or Inf (a sampled negative must have probability > 0)")
+        if lq.size and lq.max() > 1e-6:
+            raise ValueError(f"log_q: log-probabilities must be <= 0, got {lq.max()}")
+    return neg, lq
+
+
+def _sampled_core(Q, T, pq, pp, cand, offset, exclude, beta):
+    """Shared by the sampled, in-batch losses: candidates ``cand`` (E x K row ids) with logit offsets / masks."""
+    E = pq.size
+    s_pos = beta * np.einsum("ed,ed->e", Q[pq], T[pp])
+    C = beta * np.einsum("ed,ekd->ek", Q[pq], T[cand])
+    if offset is not None:
+        C -= offset
+    C[exclude] = -np.inf
+    loss, g_pos, g_c = _pair_softmax(s_pos, C)
+    K = cand.shape[1]
+    rows = np.concatenate([np.repeat(pq, K), pq])
+    cols = np.concatenate([cand.reshape(-1), pp])
+    vals = np.concatenate([g_c.reshape(-1), g_pos]) / E
+    W = sp.csr_matrix((vals, (rows, cols)), shape=(Q.shape[0], T.shape[0]))   # duplicates are summed
+    dQ, dT = _to_embedding_grads(W, Q, T, beta)
+    return float(loss.mean()), dQ, dT
+
+
+def sampled_softmax_loss(Q, T, positives, negatives, *, beta: float, log_q=None,
+                         remove_accidental_hits: bool = True):
+    """Sampled softmax (Alg. 4 lines 9-10) over given negatives, with optional log-Q correction.
+
+    For example (i, p) with negatives ``n_1..n_k`` (``negatives`` if 1-D, shared by the batch; ``negatives[i]`` if
+    2-D), ``L_hat = -s_ip + log(exp(s_ip) + sum_j exp(s_{i n_j} - c_j))`` where ``c_j = log(k q(n_j))`` when
+    ``log_q`` (log proposal probabilities, same shape as ``negatives``) is given and ``c_j = 0`` otherwise (the
+    paper's Alg. 4, which applies no correction). With the correction and ``q`` the proposal the negatives were
+    drawn from (with replacement, over all targets), ``exp(s_p) + sum_j exp(s_nj)/(k q_nj)`` is an unbiased estimate
+    of the partition function of the example, so ``L_hat`` is consistent for Eq. 2 as ``k`` grows.
+
+    ``T`` holds the embeddings of the targets involved; ``positives`` and ``negatives`` are row indices into it
+    (same target = same row). ``remove_accidental_hits`` (default) drops a negative that is one of the query's
+    positives (its own positive or, per the multi-positive semantics, another one); ``k`` in the correction is
+    still the number drawn. With ``False`` nothing is masked. Returns ``(loss, dQ, dT)``, ``dT`` for every row.
+    """
+    Q, T, beta = _check_qt(Q, T, beta)
+    n_rows = T.shape[0]
+    pq, pp = flatten_positives(positives, Q.shape[0], n_rows)
+    neg, lq = _check_negatives(negatives, log_q, Q.shape[0], n_rows)
+    k = neg.shape[-1]
+    if neg.ndim == 1:
+        cand = np.broadcast_to(neg, (pq.size, k))
+        offset = None if lq is None else np.broadcast_to(lq + np.log(max(k, 1)), (pq.size, k))
+    else:
+        cand = neg[pq]
+        offset = None if lq is None else lq[pq] + np.log(max(k, 1))
+    if remove_accidental_hits:
+        exclude = _is_positive(_membership(pq, pp, n_rows), pq[:, None], cand, n_rows)
+    else:
+        exclude = np.zeros(cand.shape, dtype=bool)
+    return _sampled_core(Q, T, pq, pp, np.ascontiguousarray(cand), offset, exclude, beta)
+
+
+def in_batch_softmax_loss(Q, T_pos, *, beta: float, target_ids=None, positives=None):
+    """In-batch negatives: query i's positive is ``T_pos[i]``, its negatives are the other rows of ``T_pos``.
+
+    A row ``j != i`` is dropped from query i's negatives when it is the same target as one of i's positives:
+    ``target_ids`` (length B) gives the target id of each row (default: all distinct), ``positives`` (a list of
+    B id arrays, in the id space of ``target_ids``) gives every positive of each query (default:
+    ``{target_ids[i]}``). Uncorrected, as in-batch training is in the paper's baselines. Returns ``(loss, dQ,
+    dT_pos)``.
+    """
+    Q, T, beta = _check_qt(Q, T_pos, beta)
+    B = Q.shape[0]
+    if T.shape[0] != B:
+        raise ValueError(f"T_pos: expected one row per query ({B}), got {T.shape[0]}")
+    if target_ids is None:
+        if positives is not None:
+            raise ValueError("positives: requires target_ids (the target id of each row of T_pos)")
+        tid = np.arange(B, dtype=np.int64)
+    else:
+        tid = np.asarray(target_ids)
+        if tid.shape != (B,):
+            raise ValueError(f"target_ids: expected shape ({B},), got {tid.shape}")
+        if not np.issubdtype(tid.dtype, np.integer):
+            raise TypeError(f"target_ids: ids must be integers, got dtype {tid.dtype}")
+        tid = tid.astype(np.int64)
+    pq = np.arange(B, dtype=np.int64)
+    cand = np.broadcast_to(pq, (B, B))
+    same = tid[None, :] == tid[:, None]
+    if positives is not None:
+        lists = _as_id_lists(positives, B)
+        for i, p in enumerate(lists):
+            ids = np.asarray(p).reshape(-1)
+            if ids.size and not np.issubdtype(ids.dtype, np.integer):
+                raise TypeError(f"positives[{i}]: ids must be integers, got dtype {ids.dtype}")
+            same[i] |= np.isin(tid, ids)
+    np.fill_diagonal(same, True)
+    return _sampled_core(Q, T, pq, pq, np.ascontiguousarray(cand), None, same, beta)
+
+
+def monte_carlo_softmax_loss(Q, T, positives, samples, *, beta: float):
+    """The Monte Carlo gradient of Eq. 2: ``-grad s_ip + (1/k) sum_j grad s_{i n_j}`` with ``n_j ~ P_e``.
+
+    PAPER.md §1: ``grad log Z = E_{i~P}[grad s_i]``; with ``samples[e]`` drawn from the exact softmax of example
+    ``e`` (:func:`pair_log_probs`), the returned gradient is an unbiased estimate of the full-softmax gradient.
+    ``samples``: (E, k) row ids, one row per example in :func:`flatten_positives` order. A sample that is another
+    positive of the query has probability 0 under ``P_e`` and raises ``ValueError``.
+
+    Returns ``(surrogate, dQ, dT)``; ``surrogate = mean_e(-s_ip + mean_j s_{i n_j})`` is the function whose
+    gradient this is, NOT an estimate of the loss (a loss estimate needs ``log Z``).
+    """
+    Q, T, beta = _check_qt(Q, T, beta)
+    n_rows = T.shape[0]
+    pq, pp = flatten_positives(positives, Q.shape[0], n_rows)
+    E = pq.size
+    smp = np.asarray(samples)
+    if smp.ndim != 2 or smp.shape[0] != E or smp.shape[1] == 0:
+        raise ValueError(f"samples: expected shape ({E}, k) with k >= 1 (one row per example), got {smp.shape}")
+    if not np.issubdtype(smp.dtype, np.integer):
+        raise TypeError(f"samples: ids must be integers, got dtype {smp.dtype}")
+    smp = check_ids("samples", smp.reshape(-1), n_rows).reshape(smp.shape)
+    other = _is_positive(_membership(pq, pp, n_rows), pq[:, None], smp, n_rows) & (smp != pp[:, None])
+    if other.any():
+        e = int(np.argwhere(other)[0, 0])
+        raise ValueError(f"samples: example {e} sampled another positive of query {int(pq[e])} (probability 0)")
+    k = smp.shape[1]
+    s_pos = beta * np.einsum("ed,ed->e", Q[pq], T[pp])
+    s_smp = beta * np.einsum("ed,ekd->ek", Q[pq], T[smp])
+    surrogate = float(np.mean(-s_pos + s_smp.mean(axis=1)))
+    rows = np.concatenate([np.repeat(pq, k), pq])
+    cols = np.concatenate([smp.reshape(-1), pp])
+    vals = np.concatenate([np.full(E * k, 1.0 / (k * E)), np.full(E, -1.0 / E)])
+    W = sp.csr_matrix((vals, (rows, cols)), shape=(Q.shape[0], n_rows))
+    dQ, dT = _to_embedding_grads(W, Q, T, beta)
+    return surrogate, dQ, dT
+
+
+# ------------------------------------------------------------------------------------ through the encoder
+def encoder_loss_grad(encoder, Xq, Xt, loss_fn, *args, **kwargs):
+    """``(loss, dA, dB)`` of ``loss_fn(encoder.encode_queries(Xq), encoder.encode_targets(Xt), *args,
+    beta=encoder.beta, **kwargs)``, through the encoder's normalisation (chain rule via its vjps)."""
+    Q = encoder.encode_queries(Xq)
+    T = encoder.encode_targets(Xt)
+    loss, dQ, dT = loss_fn(Q, T, *args, beta=encoder.beta, **kwargs)
+    return loss, encoder.query_vjp(Xq, dQ), encoder.target_vjp(Xt, dT)
+
+
+def full_softmax_grad(encoder, Xq, Xt, positives):
+    """Gold standard: :func:`full_softmax_loss` (Eq. 2) over all targets ``Xt``, as ``(loss, dA, dB)``."""
+    return encoder_loss_grad(encoder, Xq, Xt, full_softmax_loss, positives)
+
+
+def sampled_softmax_grad(encoder, Xq, Xt_rows, positives, negatives, *, log_q=None,
+                         remove_accidental_hits: bool = True):
+    """:func:`sampled_softmax_loss` (Alg. 4 lines 9-10) as ``(loss, dA, dB)``.
+
+    ``Xt_rows``: features of the targets involved (positives and negatives); ``positives`` / ``negatives`` are row
+    indices into it.
+    """
+    return encoder_loss_grad(encoder, Xq, Xt_rows, sampled_softmax_loss, positives, negatives, log_q=log_q,
+                             remove_accidental_hits=remove_accidental_hits)
+
+
+def in_batch_softmax_grad(encoder, Xq, Xt_pos, *, target_ids=None, positives=None):
+    """:func:`in_batch_softmax_loss` as ``(loss, dA, dB)``; row i of ``Xt_pos`` is query i's positive."""
+    return encoder_loss_grad(encoder, Xq, Xt_pos, in_batch_softmax_loss, target_ids=target_ids,
+                             positives=positives)
+
+
+def monte_carlo_softmax_grad(encoder, Xq, Xt, positives, samples):
+    """:func:`monte_carlo_softmax_loss` as ``(surrogate, dA, dB)``."""
+    return encoder_loss_grad(encoder, Xq, Xt, monte_carlo_softmax_loss, positives, samples)
+
+
+def gradient_relative_error(est, ref) -> float:
+    """``||est - ref||_F / ||ref||_F``; ``est``/``ref`` are arrays or tuples of arrays (e.g. ``(dA, dB)``), in
+    which case the norms are over the concatenation. ``0`` if both are zero, ``inf`` if only ``ref`` is."""
+    est_t = tuple(est) if isinstance(est, (tuple, list)) else (est,)
+    ref_t = tuple(ref) if isinstance(ref, (tuple, list)) else (ref,)
+    if len(est_t) != len(ref_t):
+        raise ValueError(f"est: expected {len(ref_t)} arrays like ref, got {len(est_t)}")
+    num = den = 0.0
+    for j, (e, r) in enumerate(zip(est_t, ref_t)):
+        e = np.asarray(e, dtype=np.float64)
+        r = np.asarray(r, dtype=np.float64)
+        if e.shape != r.shape:
+            raise ValueError(f"est[{j}]: shape {e.shape} differs from ref[{j}] shape {r.shape}")
+        if not (np.all(np.isfinite(e)) and np.all(np.isfinite(r))):
+            raise ValueError(f"est[{j}]/ref[{j}]: contains NaN or Inf")
+        num += float(np.sum((e - r) ** 2))
+        den += float(np.sum(r ** 2))
+    if den == 0.0:
+        return 0.0 if num == 0.0 else float("inf")
+    return float(np.sqrt(num / den))

@@ -1,0 +1,182 @@
+"""LinearDualEncoder (refimpl/encoders.py): dense vs CSR forward and vjp, finite differences, normalisation edge
+cases, seeding, validation."""
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from hypothesis import given
+from hypothesis import strategies as st
+
+from refimpl.encoders import LinearDualEncoder, normalize_rows
+
+
+def _random_csr(rng, n, f, density):
+    X = sp.random(n, f, density=density, format="csr", random_state=rng, data_rvs=rng.standard_normal)
+    return sp.csr_matrix(X)
+
+
+def _fd_vjp(enc, name, X, G, h=1e-6):
+    """Central differences of sum_i <G_i, f(x_i)> w.r.t. enc.<name>."""
+    W = getattr(enc, name)
+    fn = enc.encode_queries if name == "A" else enc.encode_targets
+    out = np.zeros_like(W)
+    for idx in np.ndindex(*W.shape):
+        old = W[idx]
+        W[idx] = old + h
+        fp = np.sum(G * fn(X))
+        W[idx] = old - h
+        fm = np.sum(G * fn(X))
+        W[idx] = old
+        out[idx] = (fp - fm) / (2 * h)
+    return out
+
+
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 6), fq=st.integers(1, 7), ft=st.integers(1, 7),
+       dim=st.integers(1, 5), density=st.sampled_from([0.0, 0.2, 0.5, 1.0]), normalize=st.booleans())
+def test_dense_and_csr_agree(seed, n, fq, ft, dim, density, normalize):
+    rng = np.random.default_rng(seed)
+    enc = LinearDualEncoder(fq, ft, dim, normalize=normalize, rng=seed)
+    Xq, Xt = _random_csr(rng, n, fq, density), _random_csr(rng, n, ft, density)
+    G = rng.standard_normal((n, dim))
+    np.testing.assert_allclose(enc.encode_queries(Xq), enc.encode_queries(Xq.toarray()), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(enc.encode_targets(Xt), enc.encode_targets(Xt.toarray()), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(enc.query_vjp(Xq, G), enc.query_vjp(Xq.toarray(), G), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(enc.target_vjp(Xt, G), enc.target_vjp(Xt.toarray(), G), rtol=1e-12, atol=1e-12)
+
+
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 4), f=st.integers(1, 5), dim=st.integers(1, 4),
+       sparse=st.booleans(), normalize=st.booleans())
+def test_vjp_matches_finite_differences(seed, n, f, dim, sparse, normalize):
+    rng = np.random.default_rng(seed)
+    enc = LinearDualEncoder(f, f + 1, dim, normalize=normalize, rng=seed)
+    Xq = _random_csr(rng, n, f, 0.6) if sparse else rng.standard_normal((n, f))
+    Xt = _random_csr(rng, n, f + 1, 0.6) if sparse else rng.standard_normal((n, f + 1))
+    G = rng.standard_normal((n, dim))
+    for name, X, vjp in (("A", Xq, enc.query_vjp), ("B", Xt, enc.target_vjp)):
+        an = vjp(X, G)
+        fd = _fd_vjp(enc, name, X, G)
+        assert np.linalg.norm(fd - an) <= 1e-6 * np.linalg.norm(an) + 1e-9, (name, fd, an)
+
+
+def test_vjp_fd_check_can_fail():
+    """Negative control: dropping the normalisation's Jacobian (a plausible bug) fails the same FD check."""
+    rng = np.random.default_rng(0)
+    enc = LinearDualEncoder(4, 4, 3, rng=1)
+    X, G = rng.standard_normal((3, 4)), rng.standard_normal((3, 3))
+    wrong = G.T @ X                                     # gradient as if normalize were off
+    fd = _fd_vjp(enc, "A", X, G)
+    assert np.linalg.norm(fd - wrong) > 1e-2 * np.linalg.norm(fd)
+
+
+def test_normalised_outputs_are_unit_and_zero_rows_are_zero():
+    rng = np.random.default_rng(5)
+    enc = LinearDualEncoder(6, 6, 4, rng=0)
+    X = rng.standard_normal((5, 6))
+    X[2] = 0.0
+    X[3] *= 1e-200                                       # squared norm would underflow without scaling
+    X[4] *= 1e200                                        # ... or overflow
+    U = enc.encode_queries(X)
+    norms = np.linalg.norm(U, axis=1)
+    np.testing.assert_allclose(norms[[0, 1, 3, 4]], 1.0, rtol=0, atol=1e-14)
+    assert np.all(U[2] == 0.0)
+    np.testing.assert_allclose(U[3], U[3] / np.linalg.norm(U[3]), atol=1e-15)
+    dA = enc.query_vjp(X[2:3], rng.standard_normal((1, 4)))
+    assert np.all(dA == 0.0)                             # zero row: zero gradient, no NaN
+    Xs = sp.csr_matrix(np.vstack([np.zeros(6), X[0]]))
+    assert np.all(np.isfinite(enc.encode_queries(Xs))) and np.all(enc.encode_queries(Xs)[0] == 0.0)
+
+
+def test_normalize_rows_helper_matches_numpy():
+    Z = np.random.default_rng(2).standard_normal((7, 3))
+    U, n = normalize_rows(Z)
+    np.testing.assert_allclose(n, np.linalg.norm(Z, axis=1), rtol=1e-15)
+    np.testing.assert_allclose(U, Z / np.linalg.norm(Z, axis=1, keepdims=True), rtol=1e-15)
+
+
+def test_unnormalised_is_linear():
+    rng = np.random.default_rng(3)
+    enc = LinearDualEncoder(5, 4, 3, normalize=False, rng=2)
+    X = rng.standard_normal((4, 5))
+    np.testing.assert_allclose(enc.encode_queries(X), X @ enc.A.T, rtol=1e-14)
+    G = rng.standard_normal((4, 3))
+    np.testing.assert_allclose(enc.query_vjp(X, G), G.T @ X, rtol=1e-14)
+
+
+def test_csr_variants_accepted():
+    """int32 / unsorted / duplicate-index CSR inputs give the same result as the dense matrix."""
+    rng = np.random.default_rng(4)
+    enc = LinearDualEncoder(6, 6, 3, rng=0)
+    data = np.array([1.0, 2.0, -1.0, 0.5])
+    indices = np.array([4, 1, 1, 4], dtype=np.int32)    # unsorted, with a duplicate in row 1
+    indptr = np.array([0, 2, 4])
+    X = sp.csr_matrix((data, indices, indptr), shape=(2, 6))
+    D = X.toarray()
+    np.testing.assert_allclose(enc.encode_targets(X), enc.encode_targets(D), atol=1e-15)
+    G = rng.standard_normal((2, 3))
+    np.testing.assert_allclose(enc.target_vjp(X, G), enc.target_vjp(D, G), atol=1e-15)
+    Xa = sp.csr_array(D)
+    np.testing.assert_allclose(enc.encode_targets(Xa), enc.encode_targets(D), atol=1e-15)
+
+
+def test_seeded_init_and_copy():
+    a = LinearDualEncoder(5, 6, 3, rng=7)
+    b = LinearDualEncoder(5, 6, 3, rng=np.random.default_rng(7))
+    c = LinearDualEncoder(5, 6, 3, rng=8)
+    assert np.array_equal(a.A, b.A) and np.array_equal(a.B, b.B)
+    assert not np.array_equal(a.A, c.A)
+    assert a.A.shape == (3, 5) and a.B.shape == (3, 6) and a.A.dtype == np.float64
+    d = a.copy()
+    d.A[0, 0] += 1.0
+    assert a.A[0, 0] != d.A[0, 0] and d.beta == a.beta and d.normalize == a.normalize
+    assert a.params[0] is a.A and a.params[1] is a.B
+
+
+def test_logits():
+    rng = np.random.default_rng(0)
+    enc = LinearDualEncoder(3, 4, 2, beta=3.0, rng=1)
+    Xq, Xt = rng.standard_normal((2, 3)), rng.standard_normal((5, 4))
+    np.testing.assert_allclose(enc.logits(Xq, Xt), 3.0 * enc.encode_queries(Xq) @ enc.encode_targets(Xt).T)
+
+
+@pytest.mark.parametrize("bad, exc, match", [
+    (np.ones((2, 4)), ValueError, "X: expected 5 columns"),
+    (np.ones((0, 5)), ValueError, "X: is empty"),
+    (np.array([[1.0, np.nan, 0, 0, 0]]), ValueError, "X: contains NaN"),
+    (np.array([[1.0, np.inf, 0, 0, 0]]), ValueError, "X: contains NaN"),
+    (sp.coo_matrix(np.ones((2, 5))), TypeError, "X: sparse input must be CSR"),
+    (sp.csc_matrix(np.ones((2, 5))), TypeError, "X: sparse input must be CSR"),
+    (sp.csr_matrix(np.ones((2, 4))), ValueError, "X: expected 5 columns"),
+    (np.ones(5), ValueError, "X: expected a 2-D array"),
+])
+def test_bad_inputs(bad, exc, match):
+    enc = LinearDualEncoder(5, 5, 3, rng=0)
+    with pytest.raises(exc, match=match):
+        enc.encode_queries(bad)
+    with pytest.raises(exc, match=match):
+        enc.target_vjp(bad, np.ones((2, 3)))
+
+
+def test_bad_constructor_and_gradient_args():
+    for kw, exc, match in [(dict(beta=0.0), ValueError, "beta"), (dict(beta=-1.0), ValueError, "beta"),
+                           (dict(beta=float("nan")), ValueError, "beta"), (dict(beta="x"), TypeError, "beta"),
+                           (dict(normalize=1), TypeError, "normalize"), (dict(rng=-1), ValueError, "rng")]:
+        with pytest.raises(exc, match=match):
+            LinearDualEncoder(3, 3, 2, **kw)
+    with pytest.raises(ValueError, match="dim"):
+        LinearDualEncoder(3, 3, 0)
+    with pytest.raises(ValueError, match="n_query_features"):
+        LinearDualEncoder(0, 3, 2)
+    enc = LinearDualEncoder(3, 3, 2, rng=0)
+    with pytest.raises(ValueError, match="G: expected 2 columns"):
+        enc.query_vjp(np.ones((4, 3)), np.ones((4, 3)))
+    with pytest.raises(ValueError, match="G: expected 4 rows"):
+        enc.query_vjp(np.ones((4, 3)), np.ones((3, 2)))
+    with pytest.raises(ValueError, match="G: contains NaN"):
+        enc.query_vjp(np.ones((1, 3)), np.array([[np.nan, 0.0]]))
+    with pytest.raises(ValueError, match="beta"):
+        enc.beta = 0
+    enc.A = np.ones((2, 3), dtype=np.float32)
+    with pytest.raises(ValueError, match="A: encoder parameter"):
+        enc.encode_queries(np.ones((1, 3)))
+    enc.A = np.full((2, 3), np.nan)
+    with pytest.raises(ValueError, match="A: encoding overflowed or the parameters contain NaN"):
+        enc.encode_queries(np.ones((1, 3)))

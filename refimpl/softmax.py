@@ -42,31 +42,38 @@ def _check_logits(x, name: str = "x") -> np.ndarray:
     return a
 
 
-def logsumexp(x, axis: int = -1, keepdims: bool = False) -> np.ndarray:
-    """``log sum exp(x)`` along ``axis``, stable for any finite magnitude (max-shifted).
-
-    ``-inf`` entries are allowed (masked terms); a slice that is entirely ``-inf`` gives ``-inf``.
-    """
-    a = _check_logits(x)
+def _shifted(a: np.ndarray, axis: int):
+    """``(x - m, log sum exp(x - m))`` with ``m`` the (finite) maximum along ``axis``, both keepdims."""
     if a.ndim == 0:
         raise ValueError("x: expected at least a 1-D array")
     if a.shape[axis] == 0:
         raise ValueError(f"x: axis {axis} is empty")
     m = np.max(a, axis=axis, keepdims=True)
     m = np.where(np.isfinite(m), m, 0.0)
-    s = np.sum(np.exp(a - m), axis=axis, keepdims=True)
+    d = a - m
     with np.errstate(divide="ignore"):
-        out = np.log(s) + m
+        return m, d, np.log(np.sum(np.exp(d), axis=axis, keepdims=True))
+
+
+def logsumexp(x, axis: int = -1, keepdims: bool = False) -> np.ndarray:
+    """``log sum exp(x)`` along ``axis``, stable for any finite magnitude (max-shifted).
+
+    ``-inf`` entries are allowed (masked terms); a slice that is entirely ``-inf`` gives ``-inf``.
+    """
+    m, _, ls = _shifted(_check_logits(x), axis)
+    out = m + ls
     return out if keepdims else np.squeeze(out, axis=axis)
 
 
 def log_softmax(x, axis: int = -1) -> np.ndarray:
-    """``x - logsumexp(x)`` along ``axis`` (the log of Eq. 1); a slice must contain a finite entry."""
-    a = _check_logits(x)
-    lse = logsumexp(a, axis=axis, keepdims=True)
-    if np.isneginf(lse).any():
+    """The log of Eq. 1 along ``axis``: ``(x - max) - log sum exp(x - max)`` (no cancellation at large ``|x|``).
+
+    A slice must contain a finite entry.
+    """
+    _, d, ls = _shifted(_check_logits(x), axis)
+    if np.isneginf(ls).any():
         raise ValueError("x: a slice is entirely -inf; its softmax is undefined")
-    return a - lse
+    return d - ls
 
 
 # -------------------------------------------------------------------------------------------- positives

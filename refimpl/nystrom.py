@@ -55,6 +55,11 @@ __all__ = [
     "encoder_flops",
     "svd_flops",
     "softmax_gap",
+    "build_tree",
+    "update_tree",
+    "cluster_assignment",
+    "default_level",
+    "query_report",
 ]
 
 LANDMARK_METHODS = ("uniform", "kmeans++", "rpcholesky")
@@ -469,3 +474,106 @@ def softmax_gap(approx_logits, true_logits) -> dict:
     err = np.abs(A - B)
     return {"tv_mean": float(tv.mean()), "tv_max": float(tv.max()), "log_ratio_mean": float(lr.mean()),
             "log_ratio_max": float(lr.max()), "logit_err_mean": float(err.mean()), "logit_err_max": float(err.max())}
+
+
+# ----------------------------------------------------------------------------------------------- tree integration
+def build_tree(reencoder, *, base: float | None = None, rng=None):
+    """An :class:`~refimpl.sgtree.SGTree` over the target representations (App. B.1). The tree stays Euclidean in
+    representation space, so the certified bounds of ``refimpl.bounds`` hold for the approximate logits
+    ``beta <z_q, z_t>`` with ``eps = beta ||z_q|| rho`` (``rho`` measured between representations)."""
+    from refimpl.sgtree import SGTree
+
+    if not isinstance(reencoder, RegressionReEncoder):
+        raise TypeError(f"reencoder: expected a RegressionReEncoder, got {type(reencoder).__name__}")
+    reencoder._check_ready()
+    kw = {} if base is None else {"base": base}
+    return SGTree.build(reencoder.representations, rng=rng, **kw)
+
+
+def update_tree(tree, old_representations, new_representations, *, U: float | None = None, rng=None) -> dict:
+    """After a re-encode: move every target to its new representation (``update_points`` without repair) and run
+    Alg. 3 (``maintain(U)``). Default ``U = 2 max_i ||z'_i - z_i||``, the measured bound on how much any pairwise
+    distance changed (the role of Prop. 6's U). Returns ``{"U", "max_move", **maintain statistics}``."""
+    old = check_matrix("old_representations", old_representations)
+    new = check_matrix("new_representations", new_representations, n_rows=old.shape[0], n_cols=old.shape[1])
+    move = float(np.linalg.norm(new - old, axis=1).max())
+    U = 2.0 * move if U is None else check_positive("U", U, allow_zero=True)
+    tree.update_points(np.arange(old.shape[0], dtype=np.int64), new, repair=False)
+    stats = tree.maintain(U, rng=rng)
+    return {"U": U, "max_move": move, **stats}
+
+
+def cluster_assignment(tree, clustering) -> np.ndarray:
+    """For every target id, the index (into ``clustering.nodes``) of its cluster at ``clustering.level``: the first
+    ancestor (self included) whose ``node_level >= level`` (the data model's cluster(v, L)); the root when none."""
+    ids = np.arange(tree.points.shape[0], dtype=np.int64)
+    cur = tree.point_node[ids]
+    live = cur >= 0
+    cur = cur[live]
+    L = clustering.level
+    while True:
+        up = (tree.node_level[cur] < L) & (tree.node_parent[cur] >= 0)
+        if not up.any():
+            break
+        cur = np.where(up, tree.node_parent[cur], cur)
+    pos = np.full(max(tree.n_nodes, 1), -1, dtype=np.int64)
+    pos[clustering.nodes] = np.arange(clustering.nodes.size)
+    out = np.full(ids.size, -1, dtype=np.int64)
+    out[live] = pos[cur]
+    return out
+
+
+def default_level(tree, n_clusters: int | None = None) -> int:
+    """The highest level whose clustering has at least ``n_clusters`` clusters (default ``ceil(sqrt(N))``)."""
+    n = len(tree)
+    want = int(np.ceil(np.sqrt(n))) if n_clusters is None else check_int("n_clusters", n_clusters, low=1)
+    live = tree.node_point[: tree.n_nodes] >= 0
+    levels = np.sort(tree.node_level[: tree.n_nodes][live])[::-1]
+    return int(levels[min(want, levels.size) - 1])
+
+
+def _log_softmax(x):
+    m = x.max()
+    return x - (m + np.log(np.exp(x - m).sum()))
+
+
+def query_report(tree, reencoder, q, true_targets, *, beta: float, level: int | None = None) -> dict:
+    """For one query embedding ``q`` (D): the cluster proposal Q of Eq. 7 at ``level`` built from the approximate
+    logits ``s~ = beta <z_q, z_t>`` over the tree of the representations, with
+
+    * certified (``refimpl.bounds``, w.r.t. the approximate softmax P~): ``cert_log_gamma`` (log max P~/Q) and
+      the log Z~ interval;
+    * measured against P~: ``log_max_ratio_approx`` (<= the certificate), ``tv_q_approx``;
+    * measured against the true softmax P of ``beta <q, t>`` (``true_targets`` N x D, the exact embeddings):
+      ``tv_approx_true`` and ``log_ratio_approx_true`` (max |log P~/P|, the Nyström + regression error alone),
+      ``tv_q_true`` and ``log_max_ratio_true`` (max log P/Q: what the sampler actually faces);
+    * the clustering: level, number of clusters, mean and max radius (representation space).
+    """
+    from refimpl import bounds
+
+    beta = check_positive("beta", beta)
+    q = check_vector("q", q, size=reencoder.nystrom.dim)
+    T = check_matrix("true_targets", true_targets, n_rows=reencoder.n_targets, n_cols=reencoder.nystrom.dim)
+    zq = reencoder.query_representations(q)[0]
+    s_approx = beta * (reencoder.representations @ zq)
+    s_true = beta * (T @ q)
+    level = default_level(tree) if level is None else check_int("level", level)
+    cl = tree.clustering(level)
+    eps = np.asarray(bounds.cluster_eps(beta, float(np.linalg.norm(zq)), cl.radii), dtype=np.float64)
+    rep_logits = s_approx[cl.reps]
+    lo, hi = bounds.log_partition_bounds(rep_logits, cl.sizes, eps)
+    cert = float(bounds.certified_log_max_ratio(rep_logits, cl.sizes, eps))
+    assign = cluster_assignment(tree, cl)
+    log_zhat = float(np.log(np.sum(cl.sizes * np.exp(rep_logits - rep_logits.max()))) + rep_logits.max())
+    log_q = rep_logits[assign] - log_zhat
+    lp_a, lp_t = _log_softmax(s_approx), _log_softmax(s_true)
+    return {"level": int(level), "n_clusters": int(cl.nodes.size), "radius_mean": float(cl.radii.mean()),
+            "radius_max": float(cl.radii.max()), "eps_mean": float(eps.mean()),
+            "cert_log_gamma": cert, "log_z_lo": float(lo), "log_z_hi": float(hi),
+            "log_z_approx": float(s_approx.max() + np.log(np.exp(s_approx - s_approx.max()).sum())),
+            "log_max_ratio_approx": float((lp_a - log_q).max()),
+            "tv_q_approx": float(0.5 * np.abs(np.exp(lp_a) - np.exp(log_q)).sum()),
+            "tv_approx_true": float(0.5 * np.abs(np.exp(lp_a) - np.exp(lp_t)).sum()),
+            "log_ratio_approx_true": float(np.abs(lp_a - lp_t).max()),
+            "tv_q_true": float(0.5 * np.abs(np.exp(lp_t) - np.exp(log_q)).sum()),
+            "log_max_ratio_true": float((lp_t - log_q).max())}

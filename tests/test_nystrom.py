@@ -291,3 +291,58 @@ def test_bad_input():
         re.reencode(MatrixEncoder(rng.normal(size=(4, 7))))
     with pytest.raises(ValueError, match="beta"):
         re.approximate_logits(rng.normal(size=(2, 5)), beta=0.0)
+
+
+# ------------------------------------------------------------------------------------------------ tree integration
+def _tree_setup(seed, split, n=300, d=12):
+    pytest.importorskip("refimpl.sgtree")
+    pytest.importorskip("refimpl.bounds")
+    from refimpl.data import hierarchical_points
+
+    rng = np.random.default_rng(seed)
+    X = hierarchical_points(n, 16, branching=(4, 4), rng=seed)
+    G0 = rng.normal(size=(16, 10)) / 4
+    re = RegressionReEncoder(d, 80, split=split, rng=seed)
+    re.initial_encode(MatrixEncoder(G0), X)
+    return rng, X, G0, re
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_tree_over_representations_certified(split):
+    """SG tree over the Nyström representations: valid; the cluster assignment reproduces the clustering's sizes
+    and radii; for every query the measured log max P~/Q never exceeds the certificate and log Z~ lies in the
+    certified interval; with d' >= rank (exact Nyström) the approximate softmax equals the true one."""
+    from refimpl.nystrom import build_tree, cluster_assignment, query_report
+
+    rng, X, G0, re = _tree_setup(1, split)
+    tree = build_tree(re, rng=0)
+    assert tree.check_invariants() == []
+    T = X @ G0
+    lo_level, hi_level = tree.level_range()
+    for level in range(lo_level, hi_level + 2, max(1, (hi_level - lo_level) // 4)):
+        cl = tree.clustering(level)
+        a = cluster_assignment(tree, cl)
+        assert a.min() >= 0
+        assert np.array_equal(np.bincount(a, minlength=cl.nodes.size), cl.sizes)
+        dist = np.linalg.norm(re.representations - re.representations[cl.reps[a]], axis=1)
+        assert np.all(dist <= cl.radii[a] * (1 + 1e-9) + 1e-12)
+        for qi in range(5):
+            q = rng.normal(size=10)
+            r = query_report(tree, re, q, T, beta=5.0, level=level)
+            assert r["log_max_ratio_approx"] <= r["cert_log_gamma"] + 1e-9
+            assert r["log_z_lo"] - 1e-9 <= r["log_z_approx"] <= r["log_z_hi"] + 1e-9
+            assert r["tv_approx_true"] < 1e-9  # rank(T) = 10 <= d' = 12: Nyström is exact
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_update_tree_after_reencode(split):
+    from refimpl.nystrom import build_tree, update_tree
+
+    rng, X, G0, re = _tree_setup(2, split)
+    tree = build_tree(re, rng=0)
+    old = re.representations.copy()
+    re.reencode(MatrixEncoder(G0 + rng.normal(size=G0.shape) * 0.05))
+    stats = update_tree(tree, old, re.representations, rng=0)
+    assert stats["U"] == pytest.approx(2 * np.linalg.norm(re.representations - old, axis=1).max())
+    assert tree.check_invariants() == []
+    np.testing.assert_array_equal(tree.points[: len(old)], re.representations)

@@ -32,7 +32,7 @@ _EXPORTS = {
     "NegativeCache": "miners",
     "BruteForceTopK": "miners",
     "FullSoftmax": "miners",
-    "DyNNIBAL": "miners",
+    "DyNNIBAL": "dynnibal",
     # training.py
     "train": "training",
     # data.py

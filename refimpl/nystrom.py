@@ -28,7 +28,16 @@ paper split). With the linear kernel, kernel ridge regression through the d' lan
 penalty ``alpha^T K_SS alpha = ||R||_F^2``) is exactly this ridge regression. The landmark embeddings are refreshed
 with ``R`` (``L' = Phi_S R^T``), ``W'^+`` is recomputed, and every target's new representation is
 ``z' = (M C) z`` with the d' x d' matrix ``M = W'^+ L' R`` (``W'^{+1/2} L' R`` in the symmetric split): one
-d' x d' product per target instead of N encoder calls. [unstated in the paper] The ridge penalty: we minimise
+d' x d' product per target instead of N encoder calls.
+
+Finding (tested): in the paper's split ``z = W^+ L t`` are the coefficients of ``P t`` in the landmark embeddings
+(``P t = L^T z``). Alg. 5 maps the landmarks and the targets through the same ``R``, so whenever the d' landmark
+embeddings are linearly independent (rank d' <= D) the product ``M C`` is the identity and every target keeps its
+representation: the whole update is in the landmark embeddings, i.e. the query map ``z_q = L' q``. The tree over
+paper-split representations therefore never moves after a regression re-encode; in the symmetric split the
+representations (and the tree) move. We still perform the product as Alg. 5 states (it matters when rank < d').
+
+[unstated in the paper] The ridge penalty: we minimise
 ``(1/s') sum ||y_j - R phi_j||^2 + lam * mean_eig(G) * ||R||_F^2`` with ``G = Phi_J^T Phi_J / s'``, so ``ridge`` is
 dimensionless (relative to the average eigenvalue of the regression inputs' second-moment matrix). The default
 ``ridge = 1e-3`` was chosen by measurement (``python -m refimpl bench nystrom``, section ``ridge``).

@@ -346,3 +346,25 @@ def test_update_tree_after_reencode(split):
     assert stats["U"] == pytest.approx(2 * np.linalg.norm(re.representations - old, axis=1).max())
     assert tree.check_invariants() == []
     np.testing.assert_array_equal(tree.points[: len(old)], re.representations)
+
+
+@given(seed=st.integers(0, 2 ** 31 - 1), d=st.integers(2, 12), ridge=st.sampled_from([0.0, 1e-3, 1.0]))
+def test_paper_split_target_representations_are_invariant(seed, d, ridge):
+    """Finding documented in the module docstring: in the paper's split, z = W^+ L t are the coefficients of P t in
+    the landmark embeddings; Alg. 5 maps landmarks and targets by the same R, so when the d' landmark embeddings
+    are linearly independent (rank d' <= D) the targets' representations do not change (M C = I); the update lives
+    entirely in the landmark embeddings, i.e. the query map. In the symmetric split they do change."""
+    rng = np.random.default_rng(seed)
+    n, F, D = 60, 20, 16
+    X = rng.normal(size=(n, F))
+    G0, G1 = rng.normal(size=(F, D)), rng.normal(size=(F, D))
+    Q = rng.normal(size=(4, D))
+    for split in SPLITS:
+        re = RegressionReEncoder(d, 30, ridge=ridge, split=split, rng=seed)
+        Z0 = re.initial_encode(MatrixEncoder(G0), X).copy()
+        Zq0 = re.query_representations(Q)
+        Z1 = re.reencode(MatrixEncoder(G1))
+        assert re.nystrom.rank == d
+        moved = np.abs(Z1 - Z0).max() / np.abs(Z0).max()
+        assert (moved <= 1e-8) == (split == "paper")
+        assert np.abs(re.query_representations(Q) - Zq0).max() > 1e-6

@@ -165,21 +165,45 @@ def _geometry(re, snap, rng, n_pairs=2000):
             "mean_query_rep_norm": float(np.linalg.norm(Zq, axis=1).mean())}
 
 
-def _tree_section(res_by_split, snap, beta, base=1.3):
-    """SG tree over each split's representations (if refimpl.sgtree exists): radii and certified bounds."""
+def _tree_section(res_by_split, s0, sl, beta, base=None, n_queries=50):
+    """SG tree over each split's representations: cluster radii, certified vs measured bounds (median over eval
+    queries, at the level with >= sqrt(N) clusters), then one regression re-encode to w = wmax followed by
+    update_tree (update_points + Alg. 3 maintain) and the same report."""
     try:
-        from refimpl.nystrom import build_tree, query_report
-    except ImportError:
-        return {"status": "pending: refimpl.nystrom.build_tree / refimpl.sgtree not available"}
-    out = {}
-    for split, re in res_by_split.items():
-        try:
-            tree = build_tree(re, base=base, rng=0)
-        except ImportError as exc:
-            return {"status": f"pending: {exc}"}
-        rows = [query_report(tree, re, snap["Q"][i], snap["T"], beta=beta) for i in range(min(50, len(snap["Q"])))]
-        out[split] = {k: float(np.median([r[k] for r in rows])) for k in rows[0] if isinstance(rows[0][k], float)}
-    out["status"] = "done"
+        from refimpl.nystrom import build_tree, query_report, update_tree
+        import refimpl.sgtree  # noqa: F401
+        import refimpl.bounds  # noqa: F401
+    except ImportError as exc:
+        return {"status": f"pending: {exc}"}
+
+    def summary(tree, re, snap):
+        rows = [query_report(tree, re, snap["Q"][i], snap["T"], beta=beta) for i in range(min(n_queries, len(snap["Q"])))]
+        return {k: float(np.median([r[k] for r in rows])) for k in rows[0]}
+
+    out = {"status": "done"}
+    warm = copy.deepcopy(next(iter(res_by_split.values())))  # compile the tree kernels before timing anything
+    warm.representations = warm.representations[:64]
+    wt = build_tree(warm, base=base, rng=0)
+    update_tree(wt, warm.representations, warm.representations * 1.01, rng=0)
+    for split, re0 in res_by_split.items():
+        re = copy.deepcopy(re0)
+        t0 = time.perf_counter()
+        tree = build_tree(re, base=base, rng=0)
+        t_build = time.perf_counter() - t0
+        rec = {"build_s": t_build, "depth": int(tree.depth()), "w0": summary(tree, re, s0)}
+        old = re.representations.copy()
+        re.reencode(sl["enc"])
+        t0 = time.perf_counter()
+        stats = update_tree(tree, old, re.representations, rng=0)
+        rec["update_s"] = time.perf_counter() - t0
+        rec["update"] = stats
+        rec["violations_after_update"] = len(tree.check_invariants())
+        t0 = time.perf_counter()
+        fresh = build_tree(re, base=base, rng=0)
+        rec["rebuild_s"] = time.perf_counter() - t0
+        rec["after_reencode"] = summary(tree, re, sl)
+        rec["after_rebuild"] = summary(fresh, re, sl)
+        out[split] = rec
     return out
 
 
@@ -269,7 +293,7 @@ def main(argv=None) -> int:
         geo[split] = _geometry(re0, s0, np.random.default_rng(seed))
         geo[split]["w0_logit_err_mean"] = _eval(re0, s0)["logit_err_mean"]
     out["split"] = geo
-    out["tree"] = _tree_section(res_by_split, s0, beta)
+    out["tree"] = _tree_section(res_by_split, s0, sl, beta)
 
     # cost accounting (from the code) and wall-time ratio (this run)
     cost_reg = chain.history[-1] if chain.history[-1]["kind"] == "regression" else None
@@ -326,7 +350,19 @@ def _print(out, a):
     print(f"\n== splits (d'={a.d_default}, w=0) ==")
     for s, g in out["split"].items():
         print(f"{s:>10}: " + ", ".join(f"{k}={v:.4g}" for k, v in g.items()))
-    print(f"tree: {out['tree']}")
+    t = out["tree"]
+    print(f"\n== SG tree over the representations (d'={a.d_default}; medians over eval queries) ==  {t['status']}")
+    keys = ("n_clusters", "radius_mean", "eps_mean", "cert_log_gamma", "log_max_ratio_approx", "tv_q_approx",
+            "tv_approx_true", "log_ratio_approx_true", "tv_q_true", "log_max_ratio_true")
+    if t["status"] == "done":
+        print(f"{'split':>10} {'when':>14} " + " ".join(f"{k[:12]:>12}" for k in keys))
+        for split in SPLITS:
+            for when in ("w0", "after_reencode", "after_rebuild"):
+                print(f"{split:>10} {when:>14} " + " ".join(f"{t[split][when][k]:12.4g}" for k in keys))
+            r = t[split]
+            print(f"{split:>10} build {r['build_s']:.2f}s, depth {r['depth']}, update_tree after re-encode "
+                  f"{r['update_s']:.2f}s (U={r['update']['U']:.3g}, clusters rebuilt {r['update']['clusters_rebuilt']}, "
+                  f"violations {r['violations_after_update']}), full rebuild {r['rebuild_s']:.2f}s")
     c = out["cost"]
     if c["regression"]:
         r, f = c["regression"], c["full"]

@@ -87,6 +87,14 @@ def _check_points(name, points, dim=None):
     return arr
 
 
+def _run_ids(starts, levels):
+    """Index of the run of equal (start, level) each position belongs to."""
+    if starts.size == 0:
+        return starts
+    change = np.r_[True, (starts[1:] != starts[:-1]) | (levels[1:] != levels[:-1])]
+    return np.cumsum(change)
+
+
 class SGTree:
     """Compressed SG tree over the rows of a float64 matrix (Euclidean distance). See the module docstring."""
 
@@ -104,7 +112,7 @@ class SGTree:
         for name in _NODE_FLOAT:
             setattr(self, name, np.zeros(cap))
         self.free_stack = np.zeros(cap, dtype=np.int64)
-        self._state = np.array([-1, 0, 0], dtype=np.int64)  # root, n_nodes, free_top
+        self._state = np.array([-1, 0, 0, 0], dtype=np.int64)  # root, n_nodes, free_top, #distances
 
     # ------------------------------------------------------------------ basic properties
     @property
@@ -148,17 +156,28 @@ class SGTree:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def build(cls, points, *, base: float = DEFAULT_BASE, rng=None, order: str = "random") -> "SGTree":
-        """Batch build by SG insertion (Numba). ``order``: "random" (a permutation drawn from ``rng``; default) or
-        "given" (row order). Target id = row index of ``points``."""
+    def build(cls, points, *, base: float = DEFAULT_BASE, rng=None, order: str = "random",
+              method: str = "batch") -> "SGTree":
+        """Build over the rows of ``points`` (target id = row index).
+
+        ``method``: "batch" (default; divisive construction in Numba, :func:`_sgtree_kernels.batch_place`: the
+        same invariants as insertion, coarse-to-fine, cache-friendly) or "insert" (one SG insertion per point).
+        ``order``: "random" (a permutation drawn from ``rng``; default; it picks the root and the scan order of the
+        greedy nets) or "given" (row order)."""
         pts = _check_points("points", points)
         if order not in ("random", "given"):
             raise ValueError(f"order: expected 'random' or 'given', got {order!r}")
+        if method not in ("batch", "insert"):
+            raise ValueError(f"method: expected 'batch' or 'insert', got {method!r}")
         tree = cls(pts.shape[1], base=base, capacity=pts.shape[0])
         tree.points[:] = pts
         tree.n_targets = pts.shape[0]
         perm = as_rng(rng).permutation(pts.shape[0]) if order == "random" else np.arange(pts.shape[0])
-        tree._insert_ids(perm.astype(np.int64))
+        perm = perm.astype(np.int64)
+        if method == "insert":
+            tree._insert_ids(perm)
+        else:
+            K.batch_build(perm, *tree._T())
         return tree
 
     def _insert_ids(self, xs, starts=None, start_levels=None) -> None:
@@ -224,8 +243,12 @@ class SGTree:
         starts = np.empty(self.n_targets, dtype=np.int64)
         slev = np.empty(self.n_targets, dtype=np.int64)
         m = K.detach_clusters(vs, ls, out, starts, slev, *self._T())
-        perm = as_rng(rng).permutation(m) if rng is not None else np.arange(m)
-        self._insert_ids(out[:m][perm].copy(), starts[:m][perm].copy(), slev[:m][perm].copy())
+        if rng is not None:  # shuffle within each cluster's run (runs stay contiguous)
+            key = as_rng(rng).random(m)
+            order = np.lexsort((key, _run_ids(starts[:m], slev[:m])))
+            out[:m], starts[:m], slev[:m] = out[:m][order], starts[:m][order], slev[:m][order]
+        self._reserve(0, m)
+        K.rebuild_segments(out, starts, slev, m, *self._T())
         return m
 
     def rebuild_level(self, level: int, *, rng=None) -> int:

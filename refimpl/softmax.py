@@ -129,17 +129,30 @@ def _pair_softmax(s_pos: np.ndarray, C: np.ndarray):
     """Per example e: ``loss_e = -s_pos[e] + log(exp(s_pos[e]) + sum_j exp(C[e, j]))``.
 
     ``C`` (E x K) holds the (corrected) logits of the example's negatives, ``-inf`` where excluded. Returns
-    ``(loss (E,), dloss/ds_pos (E,), dloss/dC (E x K))``. Max-shifted; the positive is always present, so the
-    shift is finite.
+    ``(loss (E,), dloss/ds_pos (E,), dloss/dC (E x K))``. Max-shifted (the positive is always present, so the shift
+    is finite), and written as ``(m - s_pos) + log1p(rest)`` with ``rest`` the sum of the shifted terms other than
+    the maximal one, and ``dloss/ds_pos = -sum_j exp(C_j - m) / z``: no cancellation, so a loss or gradient of
+    1e-12 keeps full relative precision (it matters when the positive dominates).
     """
+    E, K = C.shape
     m = s_pos.copy()
-    if C.shape[1]:
-        m = np.maximum(m, C.max(axis=1))
+    neg_max = np.zeros(E, dtype=bool)
+    if K:
+        jmax = np.argmax(C, axis=1)
+        cmax = C[np.arange(E), jmax]
+        neg_max = cmax > s_pos
+        m[neg_max] = cmax[neg_max]
     e_pos = np.exp(s_pos - m)
     e_c = np.exp(C - m[:, None])
-    z = e_pos + e_c.sum(axis=1)
-    loss = m + np.log(z) - s_pos
-    return loss, e_pos / z - 1.0, e_c / z[:, None]
+    sum_c = e_c.sum(axis=1)
+    rest = sum_c.copy()                          # z - 1, when the positive is the maximal term
+    if neg_max.any():                            # ... else drop the maximal negative's 1 without subtracting
+        e_wo = e_c[neg_max].copy()
+        e_wo[np.arange(e_wo.shape[0]), jmax[neg_max]] = 0.0
+        rest[neg_max] = e_pos[neg_max] + e_wo.sum(axis=1)
+    z = 1.0 + rest
+    loss = (m - s_pos) + np.log1p(rest)
+    return loss, -sum_c / z, e_c / z[:, None]
 
 
 def _check_qt(Q, T, beta):

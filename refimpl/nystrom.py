@@ -502,14 +502,17 @@ def build_tree(reencoder, *, base: float | None = None, rng=None):
 def update_tree(tree, old_representations, new_representations, *, U: float | None = None, rng=None) -> dict:
     """After a re-encode: move every target to its new representation (``update_points`` without repair) and run
     Alg. 3 (``maintain(U)``). Default ``U = 2 max_i ||z'_i - z_i||``, the measured bound on how much any pairwise
-    distance changed (the role of Prop. 6's U). Returns ``{"U", "max_move", **maintain statistics}``."""
+    distance changed (the role of Prop. 6's U). Only rows that changed are passed to ``update_points``.
+    Returns ``{"U", "max_move", "n_moved", **maintain statistics}``."""
     old = check_matrix("old_representations", old_representations)
     new = check_matrix("new_representations", new_representations, n_rows=old.shape[0], n_cols=old.shape[1])
-    move = float(np.linalg.norm(new - old, axis=1).max())
+    moves = np.linalg.norm(new - old, axis=1)
+    move = float(moves.max())
     U = 2.0 * move if U is None else check_positive("U", U, allow_zero=True)
-    tree.update_points(np.arange(old.shape[0], dtype=np.int64), new, repair=False)
+    ids = np.flatnonzero(moves > 0).astype(np.int64)  # unchanged rows need no update
+    tree.update_points(ids, new[ids], repair=False)
     stats = tree.maintain(U, rng=rng)
-    return {"U": U, "max_move": move, **stats}
+    return {"U": U, "max_move": move, "n_moved": int(ids.size), **stats}
 
 
 def cluster_assignment(tree, clustering) -> np.ndarray:

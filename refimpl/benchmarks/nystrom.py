@@ -33,6 +33,32 @@ from refimpl.nystrom import LANDMARK_METHODS, SPLITS, RegressionReEncoder, softm
 KS = (1, 10, 100)
 
 
+def _limit_blas_threads(n):
+    """Set the thread count of every loaded OpenBLAS (NumPy's and SciPy's) through ctypes. On this shared 2-core
+    machine multi-threaded LAPACK (SVD of a 128 x 384 matrix) was measured 10-100x slower than single-threaded
+    because of oversubscription; returns the libraries changed."""
+    import ctypes
+    import scipy.linalg  # noqa: F401  (load SciPy's OpenBLAS too)
+
+    done = []
+    try:
+        with open("/proc/self/maps") as fh:
+            paths = sorted({ln.split()[-1] for ln in fh if "openblas" in ln.lower() and ln.split()[-1].startswith("/")})
+    except OSError:
+        return done
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for sym in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_", "openblas_set_num_threads"):
+            if hasattr(lib, sym):
+                getattr(lib, sym)(int(n))
+                done.append(os.path.basename(path))
+                break
+    return done
+
+
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m refimpl bench nystrom", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small smoke configuration")
@@ -51,7 +77,10 @@ def _parse(argv):
     p.add_argument("--ridges", default="0,1e-6,1e-4,1e-3,1e-2,1e-1,1")
     p.add_argument("--d-default", type=int, default=128)
     p.add_argument("--s-default", type=int, default=512)
-    p.add_argument("--n-eval", type=int, default=500, help="test queries used for the metrics")
+    p.add_argument("--n-eval", type=int, default=1000, help="test queries used for the metrics")
+    p.add_argument("--positives", default="argmax", choices=("argmax", "sample"),
+                   help="planted positives: the teacher's argmax (R@1 ceiling 1) or a softmax sample")
+    p.add_argument("--blas-threads", type=int, default=1, help="OpenBLAS threads (0: leave as is)")
     a = p.parse_args(argv)
     if a.quick:
         a.n_targets, a.n_features, a.dim, a.batch, a.pretrain = 1024, 128, 96, 128, 10
@@ -70,8 +99,16 @@ def _recall(logits, pos):
     return {f"R@{k}": float((rank < k).mean()) for k in KS}
 
 
+def _overlap(approx, true, k=10):
+    """Mean fraction of the exact top-k targets that are also in the approximate top-k."""
+    ta = np.argpartition(-approx, k, axis=1)[:, :k]
+    tt = np.argpartition(-true, k, axis=1)[:, :k]
+    return float(np.mean([np.intersect1d(x, y).size / k for x, y in zip(ta, tt)]))
+
+
 def _metrics(approx, true, pos):
     m = softmax_gap(approx, true)
+    m["overlap@10"] = _overlap(approx, true)
     m["logit_err_rel"] = float(np.linalg.norm(approx - true) / np.linalg.norm(true - true.mean(axis=1, keepdims=True)))
     m.update(_recall(approx, pos))
     return m
@@ -86,7 +123,7 @@ class _Trainer:
         from refimpl.optim import Adam
 
         self.ds = ds = planted_dataset(n_targets=a.n_targets, n_queries=max(2000, a.n_targets // 2),
-                                       n_features=a.n_features, dim=32, rng=a.seed)
+                                       n_features=a.n_features, dim=32, positives=a.positives, rng=a.seed)
         self.enc = LinearDualEncoder(a.n_features, a.n_features, a.dim, beta=20.0, rng=a.seed + 1)
         params = self.enc.params() if callable(self.enc.params) else self.enc.params
         self.opt = Adam(list(params), a.lr)
@@ -176,9 +213,20 @@ def _tree_section(res_by_split, s0, sl, beta, base=None, n_queries=50):
     except ImportError as exc:
         return {"status": f"pending: {exc}"}
 
+    from refimpl.nystrom import default_level
+
+    n = next(iter(res_by_split.values())).n_targets
+    targets = sorted({max(2, int(np.sqrt(n) / 2)), int(np.ceil(np.sqrt(n))), int(4 * np.sqrt(n))})
+
     def summary(tree, re, snap):
-        rows = [query_report(tree, re, snap["Q"][i], snap["T"], beta=beta) for i in range(min(n_queries, len(snap["Q"])))]
-        return {k: float(np.median([r[k] for r in rows])) for k in rows[0]}
+        """Medians over eval queries at the levels with >= K clusters, K in ``targets`` (same budgets per split)."""
+        out = []
+        for K in targets:
+            level = default_level(tree, K)
+            rows = [query_report(tree, re, snap["Q"][i], snap["T"], beta=beta, level=level)
+                    for i in range(min(n_queries, len(snap["Q"])))]
+            out.append({"K": K, **{k: float(np.median([r[k] for r in rows])) for k in rows[0]}})
+        return out
 
     out = {"status": "done"}
     warm = copy.deepcopy(next(iter(res_by_split.values())))  # compile the tree kernels before timing anything
@@ -210,6 +258,7 @@ def _tree_section(res_by_split, s0, sl, beta, base=None, n_queries=50):
 def main(argv=None) -> int:
     a = _parse(list(argv or []))
     t_start = time.time()
+    blas = _limit_blas_threads(a.blas_threads) if a.blas_threads > 0 else []
     tr = _Trainer(a)
     X = tr.ds.target_features
     _EVAL_POS[0] = tr.pos_eval
@@ -241,7 +290,7 @@ def main(argv=None) -> int:
     wmax = max(a.steps)
     sl = snaps[wmax]
     beta = s0["enc"].beta
-    out = {"config": {k: v for k, v in vars(a).items()}, "losses": tr.losses,
+    out = {"config": {k: v for k, v in vars(a).items()}, "blas_limited": blas, "losses": tr.losses,
            "exact_recall": {w: _recall(s["true"], tr.pos_eval) for w, s in snaps.items()},
            "drift": {w: float(np.linalg.norm(s["T"] - s0["T"], axis=1).mean()) for w, s in snaps.items()}}
 
@@ -311,10 +360,10 @@ def main(argv=None) -> int:
 
 def _fmt(m):
     return (f"{m['logit_err_mean']:8.3f} {m['logit_err_max']:8.2f} {m['tv_mean']:6.3f} {m['log_ratio_mean']:7.2f} "
-            f"{m['R@1']:5.3f} {m['R@10']:5.3f} {m['R@100']:5.3f}")
+            f"{m['R@1']:5.3f} {m['R@10']:5.3f} {m['R@100']:5.3f} {m['overlap@10']:6.3f}")
 
 
-HDR = f"{'logit|e|':>8} {'max|e|':>8} {'TV':>6} {'maxLR':>7} {'R@1':>5} {'R@10':>5} {'R@100':>5}"
+HDR = f"{'logit|e|':>8} {'max|e|':>8} {'TV':>6} {'maxLR':>7} {'R@1':>5} {'R@10':>5} {'R@100':>5} {'ov@10':>6}"
 
 
 def _print(out, a):
@@ -358,7 +407,8 @@ def _print(out, a):
         print(f"{'split':>10} {'when':>14} " + " ".join(f"{k[:12]:>12}" for k in keys))
         for split in SPLITS:
             for when in ("w0", "after_reencode", "after_rebuild"):
-                print(f"{split:>10} {when:>14} " + " ".join(f"{t[split][when][k]:12.4g}" for k in keys))
+                for row in t[split][when]:
+                    print(f"{split:>10} {when:>14} " + " ".join(f"{row[k]:12.4g}" for k in keys))
             r = t[split]
             print(f"{split:>10} build {r['build_s']:.2f}s, depth {r['depth']}, update_tree after re-encode "
                   f"{r['update_s']:.2f}s (U={r['update']['U']:.3g}, clusters rebuilt {r['update']['clusters_rebuilt']}, "

@@ -1,0 +1,149 @@
+"""Instance generators and brute-force oracles shared by the claim checks (random AND adversarial instances).
+
+Every generator takes an explicit ``numpy.random.Generator``. The oracles are plain NumPy, independent of the
+library's Numba kernels: exact softmax, exact cluster extents, exact law of a proposal / an MH chain.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from refimpl.data import hierarchical_points
+from refimpl.sgtree import SGTree
+
+KINDS = ("sphere", "hierarchical", "duplicates", "clustered_tight", "line")
+
+
+def unit_rows(X):
+    n = np.linalg.norm(X, axis=1, keepdims=True)
+    n[n == 0] = 1.0
+    return X / n
+
+
+def points(kind: str, n: int, dim: int, rng) -> np.ndarray:
+    """Unit-norm targets (A3) of a given kind.
+
+    sphere: uniform on the sphere; hierarchical: refimpl.data.hierarchical_points (planted clusters of clusters);
+    duplicates: few distinct points, each repeated (exact duplicates); clustered_tight: near-duplicates at scale
+    1e-6 around a few centres (deep trees); line: points on one great circle (1-D, long chains)."""
+    if kind == "sphere":
+        return unit_rows(rng.normal(size=(n, dim)))
+    if kind == "hierarchical":
+        return hierarchical_points(n, dim, branching=(4, 4), rng=rng)
+    if kind == "duplicates":
+        base = unit_rows(rng.normal(size=(max(1, n // 4), dim)))
+        return base[rng.integers(0, base.shape[0], size=n)].copy()
+    if kind == "clustered_tight":
+        c = unit_rows(rng.normal(size=(3, dim)))
+        return unit_rows(c[rng.integers(0, 3, size=n)] + 1e-6 * rng.normal(size=(n, dim)))
+    if kind == "line":
+        ang = np.sort(rng.uniform(0, 2.5, size=n))
+        X = np.zeros((n, dim))
+        X[:, 0], X[:, 1] = np.cos(ang), np.sin(ang)  # dim >= 2
+        return X
+    raise ValueError(kind)
+
+
+def random_instance(rng, *, n_range=(20, 400), dims=(2, 3, 8, 32), kinds=KINDS, bases=(1.05, 1.3, 2.0)):
+    kind = kinds[int(rng.integers(len(kinds)))]
+    n = int(rng.integers(n_range[0], n_range[1] + 1))
+    dim = int(dims[int(rng.integers(len(dims)))])
+    base = float(bases[int(rng.integers(len(bases)))])
+    return kind, n, dim, base, points(kind, n, dim, rng)
+
+
+def build(X, base, rng) -> SGTree:
+    return SGTree.build(X, base=base, rng=int(rng.integers(1 << 31)))
+
+
+def drifted_tree(X, base, rng, *, rounds=10, step=0.02):
+    """A tree kept valid under drift the way training keeps it (update_points + Alg. 3 maintain(0), i.e. only the
+    parent-child covering of Eq. 10 is re-established). Returns (tree, points)."""
+    tree = build(X, base, rng)
+    ids = np.arange(X.shape[0])
+    for _ in range(rounds):
+        X = unit_rows(X + step * rng.normal(size=X.shape))
+        tree.update_points(ids, X)
+    return tree, X
+
+
+def cluster_extents(tree, level):
+    """For C_(level): (clustering, list of member arrays, exact max distance rep -> member per cluster)."""
+    c = tree.clustering(level)
+    P = tree.points
+    mems, ext = [], np.zeros(len(c))
+    for j in range(len(c)):
+        m = tree.cluster_members(c, j)
+        mems.append(m)
+        ext[j] = float(np.linalg.norm(P[m] - P[c.reps[j]], axis=1).max())
+    return c, mems, ext
+
+
+def softmax(s):
+    m = np.max(s)
+    w = np.exp(s - m)
+    return w / w.sum()
+
+
+def log_softmax(s):
+    m = np.max(s)
+    return s - (m + math.log(float(np.exp(s - m).sum())))
+
+
+def proposal_eq7(s, labels, rep_of_cluster):
+    """Q of Eq. 7 over targets: Q(i) ∝ exp(s_{r(C(i))}); ``labels[i]`` cluster of target i."""
+    return softmax(s[rep_of_cluster][labels])
+
+
+def labels_from_members(n, members):
+    lab = np.full(n, -1, np.int64)
+    for j, m in enumerate(members):
+        lab[m] = j
+    if (lab < 0).any():
+        raise AssertionError("clustering does not cover every target")
+    return lab
+
+
+def mh_law(P, Q, s):
+    """Exact law of independent MH (Eq. 14) with proposal Q, started from Q, after s states (s - 1 transitions)."""
+    w = P / Q
+    n = P.size
+    # transition matrix K[y, y'] = Q(y') min(1, w(y')/w(y)) for y' != y; rest stays
+    K = Q[None, :] * np.minimum(1.0, w[None, :] / w[:, None])
+    np.fill_diagonal(K, 0.0)
+    K[np.arange(n), np.arange(n)] = 1.0 - K.sum(axis=1)
+    law = Q.copy()
+    out = [law.copy()]
+    for _ in range(s - 1):
+        law = law @ K
+        out.append(law.copy())
+    return out
+
+
+def tv(p, r):
+    return 0.5 * float(np.abs(np.asarray(p) - np.asarray(r)).sum())
+
+
+def fmt(x, digits=4):
+    return f"{x:.{digits}g}"
+
+
+def verdict_printed_vs_corrected(printed_violations: int, corrected_violations: int):
+    """HOLDS if the printed statement survived, HOLDS_CORRECTED if only the corrected one did, FAILS otherwise."""
+    from proofs_check._framework import Verdict
+
+    if corrected_violations:
+        return Verdict.FAILS
+    return Verdict.HOLDS if printed_violations == 0 else Verdict.HOLDS_CORRECTED
+
+
+class Smallest:
+    """Keeps the smallest counterexample by a size key (ties: first found)."""
+
+    def __init__(self):
+        self.key, self.text = None, None
+
+    def offer(self, key, text_fn):
+        if self.key is None or key < self.key:
+            self.key, self.text = key, text_fn()

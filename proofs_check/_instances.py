@@ -147,3 +147,63 @@ class Smallest:
     def offer(self, key, text_fn):
         if self.key is None or key < self.key:
             self.key, self.text = key, text_fn()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# goodness of fit (own implementation, independent of the library's test harness)
+ALPHA = 1e-4   # per test; every statistical check runs a handful of tests with fixed seeds
+TV_DETECT = 0.02
+POWER = 0.99
+
+
+def bins_for(p, max_bins=50):
+    """Heavy categories (p >= 1/max_bins) get their own bin, the rest contiguous bins of about equal mass."""
+    p = np.asarray(p, float)
+    order = np.argsort(-p, kind="stable")
+    ps = p[order]
+    heavy = min(int(np.sum(ps >= 1.0 / max_bins)), max_bins - 1)
+    out = np.empty(p.size, np.int64)
+    out[order[:heavy]] = np.arange(heavy)
+    rest = ps[heavy:]
+    if rest.size:
+        nr = max_bins - heavy
+        cum = np.cumsum(rest)
+        idx = np.minimum((cum - 0.5 * rest) / max(cum[-1], 1e-300) * nr, nr - 1).astype(np.int64)
+        out[order[heavy:]] = heavy + idx
+    _, out = np.unique(out, return_inverse=True)
+    return out, int(out.max()) + 1
+
+
+def required_n(df, tv=TV_DETECT, alpha=ALPHA, power=POWER):
+    """Smallest n such that Pearson's test (df) at level alpha detects any alternative at TV >= tv on the bins
+    with probability >= power (noncentrality >= 4 n tv^2, since chi^2-divergence >= (2 TV)^2)."""
+    from scipy import stats
+
+    crit = stats.chi2.isf(alpha, df)
+    lo, hi = 1, 2
+    while stats.ncx2.sf(crit, df, 4 * hi * tv * tv) < power:
+        hi *= 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if stats.ncx2.sf(crit, df, 4 * mid * tv * tv) >= power else (mid, hi)
+    return hi
+
+
+def gof(samples, p, max_bins=50):
+    """Pearson chi-square of samples (ids) against p. Returns (p_value, df). Observing a p = 0 id -> p_value 0."""
+    from scipy import stats
+
+    samples = np.asarray(samples).ravel()
+    p = np.asarray(p, float) / np.sum(p)
+    if np.any(p[samples] == 0):
+        return 0.0, 0
+    b, nb = bins_for(p, max_bins)
+    exp = np.bincount(b, weights=p, minlength=nb) * samples.size
+    obs = np.bincount(b[samples], minlength=nb)
+    stat = float(np.sum((obs - exp) ** 2 / exp))
+    return float(stats.chi2.sf(stat, nb - 1)), nb - 1
+
+
+def empirical_tv(samples, p):
+    cnt = np.bincount(np.asarray(samples).ravel(), minlength=p.size) / np.asarray(samples).size
+    return tv(cnt, p)

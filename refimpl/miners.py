@@ -1,0 +1,534 @@
+"""Negative miners behind one interface: the baselines of the paper's tables (PAPER.md §7) and the gold standard.
+
+Every miner is driven by :func:`refimpl.training.train` (Alg. 4, mini-batch form) through five hooks:
+
+- ``setup(ctx)``: once, before the first step (the encoder is initialised; e.g. fill a cache).
+- ``start(ctx)``: once, at the first mining step, i.e. after the uniform-only warm-up of PAPER.md §6 (e.g. the
+  initial encoding of Alg. 6 and the tree build).
+- ``mine(ctx, batch) -> Negatives``: every mining step, with the batch's query embeddings under the current encoder.
+- ``observe(ctx, batch, ids, emb)``: after every optimiser step (warm-up included); ``ids``/``emb`` are the targets
+  that were encoded for this step's loss, at the parameters of that step (free for the miner: no encoder call).
+  Periodic work (SNM's refresh every R steps; DyNNIBAL's re-encode + tree maintenance every w steps) is keyed on
+  ``ctx.step`` here or in ``mine``.
+- ``distribution(ctx, batch) -> (B, N) array or None``: the per-query distribution the miner draws its negatives
+  from, for the TV probe; it must not consume randomness or change state.
+
+:class:`MinerContext` is everything a miner may touch: the live encoder, the target features, its own ``rng``,
+``beta``, the step counter, and ``encode_targets`` / ``encode_all_targets`` which are the ONLY way a miner runs the
+target encoder, so that target-encoder calls (rows encoded) are counted by the code. ``memory_embeddings(ctx)``
+reports the miner's accelerator-resident target state in units of one full ``dim``-dimensional embedding; the
+paper's Mem % (§7) is ``100 * memory_embeddings / N``.
+
+Shared negatives (the paper's setup, §6): a miner with ``shared=True`` returns ONE 1-D set of ``k`` negatives for
+the whole batch. Per-query miners fill the ``k`` slots round-robin over a random order of the batch's queries
+(slot j draws from the distribution of query ``b_j``); the ``log_q`` of a drawn target is then that of the slot
+mixture ``q̄(n) = (1/k) Σ_j q_{b_j}(n)`` (the balance heuristic of multiple importance sampling), for which the
+log-Q-corrected estimate of Z stays unbiased for every query of the batch. With ``shared=False`` a miner returns
+(B, k) per-query negatives and per-query ``log_q``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from refimpl._validate import as_rng, check_int, check_positive
+
+__all__ = ["Negatives", "Batch", "MinerContext", "Miner", "InBatch", "Uniform", "StochasticNegativeMining",
+           "NegativeCache", "BruteForceTopK", "FullSoftmax", "MINERS", "make_miner"]
+
+
+@dataclass
+class Negatives:
+    """A miner's answer for one step.
+
+    ids : int64 target ids, 1-D (shared across the batch) or 2-D (batch x k, per query).
+    log_q : float64 array of the same shape, log-probability of each draw under the distribution actually sampled
+        (for the optional log-Q correction), or None where no sampling distribution exists (top-k).
+    full : True for :class:`FullSoftmax`: the loop uses the exact loss over all N targets (ids is empty).
+    """
+
+    ids: np.ndarray
+    log_q: np.ndarray | None = None
+    full: bool = False
+
+
+@dataclass
+class Batch:
+    """One mini-batch as the miner sees it.
+
+    step : the training step (0-based). query_ids : dataset query ids. Xq : their features.
+    Q : (B, D) query embeddings under the current encoder. positives : list of 1-D target-id arrays per query.
+    positive_ids : the sorted unique positive target ids of the batch.
+    """
+
+    step: int
+    query_ids: np.ndarray
+    Xq: object
+    Q: np.ndarray
+    positives: list
+    positive_ids: np.ndarray
+
+
+class MinerContext:
+    """What a miner can see: the live encoder, target features, an rng, and counted access to the target encoder.
+
+    Attributes: ``encoder`` (updated in place by the optimiser), ``target_features`` (N rows), ``n_targets``,
+    ``beta``, ``rng`` (the miner's own Generator), ``step``, ``version`` (incremented after every optimiser
+    update), ``encoder_calls`` (dict purpose -> rows encoded), ``in_batch_log_q`` (log of the in-batch proposal:
+    the frequency of each target among the training positives; -inf for targets never positive).
+    """
+
+    def __init__(self, encoder, target_features, *, rng=None, in_batch_log_q=None):
+        self.encoder = encoder
+        self.target_features = target_features
+        self.n_targets = int(target_features.shape[0])
+        self.beta = float(encoder.beta)
+        self.rng = as_rng(rng)
+        self.step = 0
+        self.version = 0
+        self.encoder_calls: dict[str, int] = {}
+        self.in_batch_log_q = in_batch_log_q
+        self._all_cache = None  # (version, embeddings of all targets)
+
+    def count(self, purpose: str, rows: int) -> None:
+        self.encoder_calls[purpose] = self.encoder_calls.get(purpose, 0) + int(rows)
+
+    def encode_targets(self, ids, *, purpose: str = "mining") -> np.ndarray:
+        """Embeddings of targets ``ids`` under the current encoder; counts ``len(ids)`` target-encoder calls."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if self._all_cache is not None and self._all_cache[0] == self.version:
+            return self._all_cache[1][ids]
+        self.count(purpose, ids.size)
+        return self.encoder.encode_targets(self.target_features[ids])
+
+    def encode_all_targets(self, *, purpose: str = "mining") -> np.ndarray:
+        """All N target embeddings under the current encoder (N calls, counted once per parameter version)."""
+        if self._all_cache is None or self._all_cache[0] != self.version:
+            self.count(purpose, self.n_targets)
+            self._all_cache = (self.version, self.encoder.encode_targets(self.target_features))
+        return self._all_cache[1]
+
+    def peek_all_targets(self) -> np.ndarray:
+        """All N fresh target embeddings for MEASUREMENT only (probes, ``distribution``): not counted as calls."""
+        if self._all_cache is not None and self._all_cache[0] == self.version:
+            return self._all_cache[1]
+        return self.encoder.encode_targets(self.target_features)
+
+    def advance(self) -> None:
+        """Called by the loop after each optimiser update: cached fresh embeddings become stale."""
+        self.version += 1
+        self._all_cache = None
+
+
+def _log_softmax_rows(S: np.ndarray) -> np.ndarray:
+    m = np.max(S, axis=1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore"):
+        return S - (m + np.log(np.sum(np.exp(S - m), axis=1, keepdims=True)))
+
+
+def _slot_queries(n_queries: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Query of each of the k shared slots: round-robin over a random order of the batch's queries."""
+    return np.resize(rng.permutation(n_queries), k).astype(np.int64)
+
+
+def _mixture_log_q(log_p: np.ndarray, slots: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """log q̄(c) with q̄ = (1/k) Σ_j p_{slots[j]}, evaluated at the drawn columns ``cols``."""
+    w = np.bincount(slots, minlength=log_p.shape[0]) / slots.size
+    rows = np.flatnonzero(w)
+    lp = log_p[rows][:, cols] + np.log(w[rows])[:, None]
+    m = lp.max(axis=0)
+    return m + np.log(np.exp(lp - m).sum(axis=0))
+
+
+class Miner:
+    """Base class: the interface documented in the module docstring. Subclasses set ``name`` and ``k``."""
+
+    name = "miner"
+    k = 0
+    in_batch = False  # True: the loop always adds in-batch negatives (InBatch)
+    has_log_q = True  # False: no sampling distribution (top-k); log-Q correction is then refused
+    warmup = True  # False: the uniform-only warm-up does not apply (non-mining miners, the exact gold standard)
+
+    def setup(self, ctx: MinerContext) -> None:
+        pass
+
+    def start(self, ctx: MinerContext) -> None:
+        pass
+
+    def mine(self, ctx: MinerContext, batch: Batch) -> Negatives:
+        raise NotImplementedError
+
+    def observe(self, ctx: MinerContext, batch: Batch, ids: np.ndarray, emb: np.ndarray) -> None:
+        pass
+
+    def distribution(self, ctx: MinerContext, batch: Batch) -> np.ndarray | None:
+        return None
+
+    def memory_embeddings(self, ctx: MinerContext) -> float:
+        return 0.0
+
+    def config(self) -> dict:
+        return {"name": self.name, "k": self.k}
+
+
+class InBatch(Miner):
+    """In-batch negatives (paper §5, first row of Table 1): the other queries' positives are the negatives.
+
+    Mines nothing itself; the loop adds the batch's positives as shared negatives. Their proposal (used by the TV
+    probe and by log-Q correction) is the frequency of each target among the training positives. Mem %: 0 (the
+    in-batch targets are encoded for the loss anyway; no state is kept).
+    """
+
+    name = "in-batch"
+    in_batch = True
+    warmup = False
+
+    def mine(self, ctx, batch):
+        return Negatives(np.zeros(0, dtype=np.int64), np.zeros(0))
+
+    def distribution(self, ctx, batch):
+        if ctx.in_batch_log_q is None:
+            return None
+        return np.tile(np.exp(ctx.in_batch_log_q), (batch.Q.shape[0], 1))
+
+
+class Uniform(Miner):
+    """Uniform negatives (paper §5, Table 1 "uniform"): k targets drawn uniformly with replacement.
+
+    ``log_q = -log N`` for every draw (shared or per query). Mem %: 0.
+    """
+
+    name = "uniform"
+    warmup = False
+
+    def __init__(self, k: int = 64, *, shared: bool = True):
+        self.k = check_int("k", k, low=1)
+        self.shared = bool(shared)
+
+    def mine(self, ctx, batch):
+        shape = (self.k,) if self.shared else (batch.Q.shape[0], self.k)
+        ids = ctx.rng.integers(0, ctx.n_targets, size=shape).astype(np.int64)
+        return Negatives(ids, np.full(shape, -np.log(ctx.n_targets)))
+
+    def distribution(self, ctx, batch):
+        return np.full((batch.Q.shape[0], ctx.n_targets), 1.0 / ctx.n_targets)
+
+    def config(self):
+        return {"name": self.name, "k": self.k, "shared": self.shared}
+
+
+class StochasticNegativeMining(Miner):
+    """Stochastic Negative Mining (Reddi et al. 2019) as run in the paper (§5, Table 1 "SNM").
+
+    "A uniform pool of stale embeddings held on the accelerator, refreshed every 100 or 500 steps; negatives
+    sampled from its softmax" (PAPER.md §7). Here: a pool of ``m = round(mem_percent * N / 100)`` targets drawn
+    uniformly without replacement; at ``start`` and then every ``refresh_every`` steps the pool is re-drawn and
+    encoded with the encoder of that moment (``m`` target-encoder calls); between refreshes the stale pool
+    embeddings are used as they are (never fresh ones). Each slot draws a pool member from the softmax
+    ``exp(beta <q, t_stale>)`` over the pool (with replacement).
+
+    log_q: the two-stage proposal "uniform pool, then softmax within it" has no closed-form marginal; we report
+    ``log q = log p_pool(n) + log(m / N)``, the importance weight for which ``exp(s_n)/q`` is unbiased for Z over
+    the draw of the pool (each target is in the pool with probability m/N). Mem %: the pool, ``m`` embeddings.
+    """
+
+    name = "snm"
+
+    def __init__(self, k: int = 64, *, mem_percent: float = 3.0, refresh_every: int = 100, shared: bool = True):
+        self.k = check_int("k", k, low=1)
+        self.mem_percent = check_positive("mem_percent", mem_percent)
+        if self.mem_percent > 100:
+            raise ValueError(f"mem_percent: must be <= 100, got {mem_percent}")
+        self.refresh_every = check_int("refresh_every", refresh_every, low=1)
+        self.shared = bool(shared)
+        self.pool = None
+        self.pool_emb = None
+        self.refreshed_at = []
+
+    def pool_size(self, n_targets: int) -> int:
+        return max(1, min(n_targets, int(round(self.mem_percent * n_targets / 100.0))))
+
+    def refresh(self, ctx) -> None:
+        m = self.pool_size(ctx.n_targets)
+        self.pool = np.sort(ctx.rng.choice(ctx.n_targets, size=m, replace=False)).astype(np.int64)
+        self.pool_emb = ctx.encode_targets(self.pool, purpose="mining").copy()
+        self.refreshed_at.append(ctx.step)
+
+    def start(self, ctx):
+        self.refresh(ctx)
+        self._last = ctx.step
+
+    def _log_p(self, ctx, Q):
+        return _log_softmax_rows(ctx.beta * (Q @ self.pool_emb.T))
+
+    def mine(self, ctx, batch):
+        if ctx.step - self._last >= self.refresh_every:
+            self.refresh(ctx)
+            self._last = ctx.step
+        log_p = self._log_p(ctx, batch.Q)
+        cdf = np.cumsum(np.exp(log_p), axis=1)
+        cdf /= cdf[:, -1:]
+        offset = np.log(self.pool.size / ctx.n_targets)
+        B = batch.Q.shape[0]
+        if self.shared:
+            slots = _slot_queries(B, self.k, ctx.rng)
+            u = ctx.rng.random(self.k)
+            cols = np.minimum(np.array([np.searchsorted(cdf[b], x, side="right") for b, x in zip(slots, u)],
+                                       dtype=np.int64), self.pool.size - 1)
+            return Negatives(self.pool[cols], _mixture_log_q(log_p, slots, cols) + offset)
+        u = ctx.rng.random((B, self.k))
+        cols = np.minimum(np.stack([np.searchsorted(cdf[b], u[b], side="right") for b in range(B)]),
+                          self.pool.size - 1).astype(np.int64)
+        return Negatives(self.pool[cols], np.take_along_axis(log_p, cols, axis=1) + offset)
+
+    def distribution(self, ctx, batch):
+        out = np.zeros((batch.Q.shape[0], ctx.n_targets))
+        out[:, self.pool] = np.exp(self._log_p(ctx, batch.Q))
+        return out
+
+    def memory_embeddings(self, ctx):
+        return float(self.pool_size(ctx.n_targets))
+
+    def config(self):
+        return {"name": self.name, "k": self.k, "mem_percent": self.mem_percent,
+                "refresh_every": self.refresh_every, "shared": self.shared}
+
+
+class NegativeCache(Miner):
+    """Negative Cache (Lindgren et al. 2021, "Efficient training of retrieval models using negative cache"),
+    paper §5, Table 1 "Negative Cache" (FIFO/LRU streaming cache of stale embeddings, PAPER.md §7).
+
+    A cache of ``size`` slots holds (target id, stale embedding). It is filled at ``setup`` with ``size`` uniformly
+    drawn targets (``size`` target-encoder calls). After every step, the batch's positives stream in with the
+    embeddings computed for the loss (no extra encoder call), and every cached target that was encoded for the
+    loss (the sampled negatives) has its embedding refreshed. Eviction: ``policy="fifo"`` replaces the slot
+    inserted longest ago (a refresh does not move an entry); ``policy="lru"`` replaces the slot least recently
+    inserted, refreshed or sampled. Negatives: each slot draws ``argmax_c (beta <q, e_c> + G_c)`` with i.i.d.
+    Gumbel noise G (Gumbel-max = a draw from the softmax over cached scores, with replacement).
+
+    log_q: the softmax over the cache, conditional on the cache content (the cache is filled by the data stream,
+    so no marginal proposal exists; with log-Q correction the estimator is consistent only for the cached
+    part of Z). Mem %: the cache, ``size`` embeddings (``size`` may be given as ``mem_percent`` of N).
+    """
+
+    name = "negative-cache"
+
+    def __init__(self, k: int = 64, *, size: int | None = None, mem_percent: float | None = 6.3,
+                 policy: str = "fifo", shared: bool = True):
+        self.k = check_int("k", k, low=1)
+        if policy not in ("fifo", "lru"):
+            raise ValueError(f"policy: expected 'fifo' or 'lru', got {policy!r}")
+        if size is None and mem_percent is None:
+            raise ValueError("size, mem_percent: give one of them")
+        self.size = None if size is None else check_int("size", size, low=1)
+        self.mem_percent = None if mem_percent is None or size is not None else check_positive("mem_percent",
+                                                                                               mem_percent)
+        self.policy = policy
+        self.shared = bool(shared)
+        self.slot_ids = None
+        self.slot_emb = None
+        self.slot_time = None
+        self._clock = 0
+
+    def capacity(self, n_targets: int) -> int:
+        if self.size is not None:
+            return min(self.size, n_targets)
+        return max(1, min(n_targets, int(round(self.mem_percent * n_targets / 100.0))))
+
+    def setup(self, ctx):
+        c = self.capacity(ctx.n_targets)
+        self.slot_ids = np.full(c, -1, dtype=np.int64)
+        self.slot_emb = np.zeros((c, ctx.encoder.dim))
+        self.slot_time = np.full(c, -1, dtype=np.int64)
+        self._where = {}
+        init = ctx.rng.choice(ctx.n_targets, size=c, replace=False).astype(np.int64)
+        self.insert(init, ctx.encode_targets(init, purpose="mining"))
+
+    def _touch(self, slot: int) -> None:
+        self._clock += 1
+        self.slot_time[slot] = self._clock
+
+    def insert(self, ids, emb) -> None:
+        """Stream targets in order: refresh those already cached, evict (FIFO/LRU) to make room for the others."""
+        for t, e in zip(np.asarray(ids, dtype=np.int64), emb):
+            t = int(t)
+            s = self._where.get(t)
+            if s is not None:
+                self.slot_emb[s] = e
+                if self.policy == "lru":
+                    self._touch(s)
+                continue
+            s = int(np.argmin(self.slot_time))  # empty slots have time -1; ties -> lowest slot
+            old = int(self.slot_ids[s])
+            if old >= 0:
+                del self._where[old]
+            self.slot_ids[s] = t
+            self.slot_emb[s] = e
+            self._where[t] = s
+            self._touch(s)
+
+    def refresh(self, ids, emb) -> None:
+        """Refresh the embeddings of the cached targets among ``ids`` (no insertion)."""
+        for t, e in zip(np.asarray(ids, dtype=np.int64), emb):
+            s = self._where.get(int(t))
+            if s is not None:
+                self.slot_emb[s] = e
+                if self.policy == "lru":
+                    self._touch(s)
+
+    def cached_ids(self) -> np.ndarray:
+        """Cached target ids from oldest to newest (the eviction order)."""
+        live = np.flatnonzero(self.slot_ids >= 0)
+        return self.slot_ids[live[np.argsort(self.slot_time[live], kind="stable")]]
+
+    def _log_p(self, ctx, Q):
+        S = ctx.beta * (Q @ self.slot_emb.T)
+        S[:, self.slot_ids < 0] = -np.inf
+        return _log_softmax_rows(S)
+
+    def mine(self, ctx, batch):
+        log_p = self._log_p(ctx, batch.Q)
+        B = batch.Q.shape[0]
+        if self.shared:
+            slots = _slot_queries(B, self.k, ctx.rng)
+            g = ctx.rng.gumbel(size=(self.k, self.slot_ids.size))
+            cols = np.argmax(log_p[slots] + g, axis=1).astype(np.int64)
+            ids, log_q = self.slot_ids[cols], _mixture_log_q(log_p, slots, cols)
+        else:
+            g = ctx.rng.gumbel(size=(B, self.k, self.slot_ids.size))
+            cols = np.argmax(log_p[:, None, :] + g, axis=2).astype(np.int64)
+            ids, log_q = self.slot_ids[cols], np.take_along_axis(log_p, cols, axis=1)
+        if self.policy == "lru":
+            for s in np.unique(cols):
+                self._touch(int(s))
+        return Negatives(ids, log_q)
+
+    def observe(self, ctx, batch, ids, emb):
+        pos = np.isin(ids, batch.positive_ids)
+        self.refresh(ids[~pos], emb[~pos])
+        self.insert(ids[pos], emb[pos])
+
+    def distribution(self, ctx, batch):
+        out = np.zeros((batch.Q.shape[0], ctx.n_targets))
+        live = self.slot_ids >= 0
+        np.add.at(out.T, self.slot_ids[live], np.exp(self._log_p(ctx, batch.Q)[:, live]).T)
+        return out
+
+    def memory_embeddings(self, ctx):
+        return float(self.capacity(ctx.n_targets))
+
+    def config(self):
+        return {"name": self.name, "k": self.k, "size": self.size, "mem_percent": self.mem_percent,
+                "policy": self.policy, "shared": self.shared}
+
+
+class BruteForceTopK(Miner):
+    """Exhaustive brute-force top-k (paper §5, Table 1 "exhaustive brute force"): the oracle miner.
+
+    Every step all N targets are encoded with the current encoder (N target-encoder calls, reused for the loss)
+    and each query's k highest fresh logits among the targets that are not its positives are its negatives.
+    Shared: the k slots are filled round-robin over a random query order, each query contributing its next-best
+    negative not already taken. No sampling distribution (``log_q`` None; log-Q correction is refused). Mem %: 100
+    (all N fresh embeddings resident). Ties between equal logits are broken by ``numpy.argpartition``.
+    """
+
+    name = "brute-force"
+    has_log_q = False
+
+    def __init__(self, k: int = 64, *, shared: bool = True):
+        self.k = check_int("k", k, low=1)
+        self.shared = bool(shared)
+
+    @staticmethod
+    def ranked(S: np.ndarray, positives, k: int) -> np.ndarray:
+        """Per row, the indices of the k largest entries of ``S`` excluding ``positives[b]``, best first."""
+        S = S.copy()
+        for b, p in enumerate(positives):
+            S[b, p] = -np.inf
+        k = min(k, S.shape[1])
+        idx = np.argpartition(-S, k - 1, axis=1)[:, :k] if k < S.shape[1] else np.tile(np.arange(S.shape[1]),
+                                                                                         (S.shape[0], 1))
+        order = np.argsort(-np.take_along_axis(S, idx, axis=1), axis=1, kind="stable")
+        return np.take_along_axis(idx, order, axis=1).astype(np.int64)
+
+    def mine(self, ctx, batch):
+        E = ctx.encode_all_targets(purpose="mining")
+        S = batch.Q @ E.T
+        B = S.shape[0]
+        if not self.shared:
+            return Negatives(self.ranked(S, batch.positives, self.k), None)
+        order = ctx.rng.permutation(B)
+        top = self.ranked(S, batch.positives, self.k)
+        chosen, seen = [], set()
+        for r in range(top.shape[1]):
+            for b in order:
+                t = int(top[b, r])
+                if t not in seen and np.isfinite(S[b, t]):
+                    seen.add(t)
+                    chosen.append(t)
+                    if len(chosen) == self.k:
+                        return Negatives(np.array(chosen, dtype=np.int64), None)
+        return Negatives(np.array(chosen, dtype=np.int64), None)
+
+    def distribution(self, ctx, batch):
+        """The (deterministic) negatives as a distribution: uniform over each query's own top k."""
+        E = ctx.peek_all_targets()
+        top = self.ranked(batch.Q @ E.T, batch.positives, self.k)
+        out = np.zeros((top.shape[0], ctx.n_targets))
+        np.put_along_axis(out, top, 1.0 / top.shape[1], axis=1)
+        return out
+
+    def memory_embeddings(self, ctx):
+        return float(ctx.n_targets)
+
+    def config(self):
+        return {"name": self.name, "k": self.k, "shared": self.shared}
+
+
+class FullSoftmax(Miner):
+    """The full softmax (Eq. 2): the exact gradient, our gold standard (not a row of the paper's tables).
+
+    Every step the loop encodes all N targets (N target-encoder calls, counted as ``loss``) and uses the exact
+    loss over all of them.
+    Its "negative distribution" is the exact softmax itself (TV 0). Mem %: 100.
+    """
+
+    name = "full-softmax"
+    k = 0
+    warmup = False
+
+    def mine(self, ctx, batch):
+        return Negatives(np.zeros(0, dtype=np.int64), None, full=True)
+
+    def distribution(self, ctx, batch):
+        E = ctx.peek_all_targets()
+        return np.exp(_log_softmax_rows(ctx.beta * (batch.Q @ E.T)))
+
+    def memory_embeddings(self, ctx):
+        return float(ctx.n_targets)
+
+
+MINERS = {
+    "in-batch": InBatch,
+    "uniform": Uniform,
+    "snm": StochasticNegativeMining,
+    "negative-cache": NegativeCache,
+    "brute-force": BruteForceTopK,
+    "full-softmax": FullSoftmax,
+}
+
+
+def make_miner(name: str, **knobs) -> Miner:
+    """Build a miner by its CLI name (``MINERS`` keys; ``DyNNIBAL`` registers itself as "dynnibal" when present).
+
+    Knobs that the miner's constructor does not take are ignored (so one CLI can pass a common set).
+    """
+    import inspect
+
+    if name not in MINERS:
+        raise ValueError(f"miner: unknown name {name!r}; choose from {', '.join(sorted(MINERS))}")
+    cls = MINERS[name]
+    params = inspect.signature(cls.__init__).parameters if cls.__init__ is not object.__init__ else {}
+    return cls(**{k: v for k, v in knobs.items() if k in params and v is not None})

@@ -1,0 +1,368 @@
+"""The training loop (Alg. 4 in mini-batch form, PAPER.md §6), evaluation, and the accounting of every run.
+
+:func:`train` trains a :class:`~refimpl.encoders.LinearDualEncoder` on a :class:`~refimpl.data.RetrievalDataset`
+with one miner (:mod:`refimpl.miners`): Adam with learning-rate warm-up and linear decay (:mod:`refimpl.optim`),
+negatives shared across the batch, optional in-batch negatives, optional uniform negatives alongside the mined ones
+(the paper: 64 uniform + 64 mined), optional log-Q correction, and a uniform-only warm-up before mining starts.
+
+Per step (``ctx.step = t``):
+1. next batch of training queries (epoch-wise shuffled), ``Q`` = their embeddings under the current encoder;
+2. negatives: ``Uniform(k)`` during the uniform warm-up, ``miner.mine`` afterwards (``miner.start`` is called at the
+   first mining step), plus ``n_uniform`` uniform negatives, plus the batch's positives when ``in_batch``;
+3. the loss: the exact full softmax (Eq. 2) for :class:`~refimpl.miners.FullSoftmax`, otherwise the sampled
+   softmax (Alg. 4 lines 9-10; accidental hits removed) over the targets involved, encoded fresh;
+4. at probe steps (before the update, not timed, no randomness consumed): the relative error of this gradient
+   against the full-softmax gradient at the same parameters, and the total-variation distance between the miner's
+   per-query negative distribution and the exact softmax P(.|x) (Eq. 1) over all N targets, averaged over the batch
+   (a staleness measure);
+5. Adam update of (A, B); ``miner.observe`` with the targets encoded for the loss.
+
+Accounting: target-encoder calls are rows passed through the target encoder, counted by the code (``mining``:
+miner-side work such as refreshes, caches, exhaustive scans; ``loss``: the targets encoded for the loss; evaluation
+and probes are not counted). Mem % = 100 * (the miner's accelerator-resident target state, in full-dimensional
+embeddings) / N, as the paper defines it (§7); see each miner's docstring for what it counts. Wall time excludes
+probes and evaluation.
+
+Evaluation (:func:`evaluate`) always re-encodes all targets exactly with the final encoder. Recall@k is the fraction
+of test queries with AT LEAST ONE of their positives among the top k targets (queries may have several positives);
+MRR@10 is the mean of 1/rank of the first positive within the top 10 (0 if none).
+
+Repeatability: every random stream derives from ``seed`` (``numpy.random.SeedSequence(seed).spawn``); the same
+seed and arguments give the same history and final encoder bit for bit.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+# These runs multiply small matrices; on a shared 2-core machine multi-threaded OpenBLAS is 2-5x SLOWER than one
+# thread. Effective only if numpy is not imported yet (e.g. ``python -m refimpl train``); never overrides a user's
+# setting.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from refimpl._validate import check_int, check_positive
+from refimpl.miners import Batch, FullSoftmax, Miner, MinerContext, Negatives, Uniform, make_miner, MINERS
+
+__all__ = ["TrainResult", "train", "evaluate", "train_main", "RECALL_KS"]
+
+RECALL_KS = (1, 5, 10, 20, 100)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns.
+
+    history : one dict per step (step, loss, lr, mining (bool), n_negatives).
+    probes : one dict per probe step (step, grad_rel_error, tv).
+    evals : one dict per evaluation (step + :func:`evaluate` metrics); the last one is the final evaluation.
+    final : final test metrics (R@1..R@100, MRR@10) and accounting: encoder_calls_mining, encoder_calls_loss,
+        encoder_calls (their sum), mem_percent, wall_time (training only), time_per_step, final_loss (mean over
+        the last 10% of steps), grad_rel_error / tv (means over probes, NaN if none).
+    encoder : the trained encoder. config : the arguments of the run.
+    """
+
+    history: list = field(default_factory=list)
+    probes: list = field(default_factory=list)
+    evals: list = field(default_factory=list)
+    final: dict = field(default_factory=dict)
+    encoder: object = None
+    config: dict = field(default_factory=dict)
+
+
+def evaluate(encoder, dataset, query_ids=None, *, ks=RECALL_KS, chunk: int = 256) -> dict:
+    """Exact retrieval metrics: every target re-encoded with ``encoder``; R@k and MRR@10 over ``query_ids``.
+
+    A query counts as a hit at k if ANY of its positives is among its k highest-scoring targets (ties broken by
+    ``numpy.argpartition`` then a stable sort). ``query_ids`` defaults to the test split.
+    """
+    ids = dataset.test_ids if query_ids is None else np.asarray(query_ids, dtype=np.int64)
+    T = encoder.encode_targets(dataset.target_features)
+    n = T.shape[0]
+    K = min(max(max(ks), 10), n)
+    first = np.empty(ids.size, dtype=np.int64)  # 1-based rank of the first positive within top K, K+1 if none
+    for lo in range(0, ids.size, chunk):
+        sel = ids[lo:lo + chunk]
+        S = encoder.encode_queries(dataset.query_features[sel]) @ T.T
+        idx = np.argpartition(-S, K - 1, axis=1)[:, :K] if K < n else np.tile(np.arange(n), (sel.size, 1))
+        order = np.argsort(-np.take_along_axis(S, idx, axis=1), axis=1, kind="stable")
+        top = np.take_along_axis(idx, order, axis=1)
+        for r, qid in enumerate(sel):
+            hit = np.flatnonzero(np.isin(top[r], dataset.positives[qid]))
+            first[lo + r] = hit[0] + 1 if hit.size else K + 1
+    out = {f"R@{k}": float(np.mean(first <= k)) for k in ks}
+    out["MRR@10"] = float(np.mean(np.where(first <= 10, 1.0 / first, 0.0)))
+    return out
+
+
+def _in_batch_log_q(dataset) -> np.ndarray:
+    counts = np.zeros(dataset.n_targets)
+    for q in dataset.train_ids:
+        np.add.at(counts, dataset.positives[q], 1.0)
+    with np.errstate(divide="ignore"):
+        return np.log(counts / counts.sum())
+
+
+class _Batches:
+    """Epoch-wise shuffled batches of training query ids (a new permutation when the current one runs out)."""
+
+    def __init__(self, ids, batch_size, rng):
+        self.ids, self.bs, self.rng = np.asarray(ids, dtype=np.int64), batch_size, rng
+        self.buf = np.zeros(0, dtype=np.int64)
+
+    def next(self):
+        while self.buf.size < self.bs:
+            self.buf = np.concatenate([self.buf, self.rng.permutation(self.ids)])
+        out, self.buf = self.buf[:self.bs], self.buf[self.bs:]
+        return out
+
+
+def _tile(ids, log_q, B):
+    return np.tile(ids, (B, 1)), None if log_q is None else np.tile(log_q, (B, 1))
+
+
+def _combine(parts, B):
+    """Concatenate negative groups [(ids, log_q)]; 1-D if all are shared, else (B, .) with shared ones tiled."""
+    parts = [p for p in parts if p[0].size or p[0].ndim == 2]
+    if not parts:
+        return np.zeros(0, dtype=np.int64), np.zeros(0)
+    has_q = all(p[1] is not None for p in parts)
+    if all(p[0].ndim == 1 for p in parts):
+        return (np.concatenate([p[0] for p in parts]),
+                np.concatenate([p[1] for p in parts]) if has_q else None)
+    parts = [p if p[0].ndim == 2 else _tile(p[0], p[1], B) for p in parts]
+    return (np.concatenate([p[0] for p in parts], axis=1),
+            np.concatenate([p[1] for p in parts], axis=1) if has_q else None)
+
+
+def train(dataset, miner: Miner, *, steps: int = 500, batch_size: int = 128, dim: int = 32, beta: float = 20.0,
+          lr: float = 0.01, lr_warmup: int = 50, lr_decay: bool = True, uniform_warmup: int = 0,
+          n_uniform: int = 0, in_batch: bool = False, log_q_correction: bool = False, probe_every: int = 0,
+          eval_every: int = 0, seed: int = 0, init_scale: float = 1.0, encoder=None, progress: bool = False,
+          desc: str | None = None) -> TrainResult:
+    """Train a linear dual encoder with ``miner`` (Alg. 4, mini-batch form; see the module docstring).
+
+    Parameters
+    ----------
+    dataset : :class:`~refimpl.data.RetrievalDataset`.
+    miner : a :class:`~refimpl.miners.Miner` (fresh instance; it keeps state).
+    steps, batch_size : optimiser steps and queries per batch.
+    dim, beta, init_scale : the student encoder (unit-norm outputs; the paper's beta = 20). Ignored when
+        ``encoder`` (a LinearDualEncoder, copied) is given.
+    lr, lr_warmup, lr_decay : Adam learning rate, its linear warm-up steps, and linear decay to 0 at ``steps``.
+    uniform_warmup : the first steps use ``Uniform(miner.k)`` negatives only (the paper's warm-up before mining);
+        not applied to miners with ``warmup = False`` (Uniform, InBatch, FullSoftmax).
+    n_uniform : uniform negatives added to the mined ones every step (shared, log_q = -log N).
+    in_batch : add the batch's positives as shared negatives (always on for :class:`InBatch`).
+    log_q_correction : subtract log(K q) from each negative's logit (refused for miners without a proposal).
+    probe_every : measure gradient relative error and TV every this many steps (0: never).
+    eval_every : evaluate on the test split every this many steps (0: only at the end).
+    seed : int seed of every random stream (encoder init, batches, negatives, miner).
+    progress : show a tqdm progress bar.
+    """
+    from refimpl.encoders import LinearDualEncoder
+    from refimpl.optim import Adam
+    from refimpl.softmax import full_softmax_grad, full_softmax_loss, gradient_relative_error, sampled_softmax_loss
+
+    if not isinstance(miner, Miner):
+        raise TypeError(f"miner: expected a refimpl.miners.Miner, got {type(miner).__name__}")
+    steps = check_int("steps", steps, low=1)
+    batch_size = check_int("batch_size", batch_size, low=1)
+    uniform_warmup = check_int("uniform_warmup", uniform_warmup, low=0)
+    n_uniform = check_int("n_uniform", n_uniform, low=0)
+    probe_every = check_int("probe_every", probe_every, low=0)
+    eval_every = check_int("eval_every", eval_every, low=0)
+    lr_warmup = check_int("lr_warmup", lr_warmup, low=0)
+    seed = check_int("seed", seed, low=0)
+    check_positive("lr", lr)
+    if log_q_correction and not miner.has_log_q:
+        raise ValueError(f"log_q_correction: miner {miner.name!r} has no sampling distribution (log_q undefined)")
+    if lr_decay and steps <= lr_warmup:
+        raise ValueError(f"lr_warmup: must be < steps ({steps}) when lr_decay is on, got {lr_warmup}")
+    dataset.validate()
+    n = dataset.n_targets
+    ss = np.random.SeedSequence(seed).spawn(4)
+    rng_batch, rng_neg, rng_miner = (np.random.default_rng(s) for s in ss[1:])
+    if encoder is None:
+        enc = LinearDualEncoder(dataset.query_features.shape[1], dataset.target_features.shape[1], dim, beta=beta,
+                                normalize=True, rng=np.random.default_rng(ss[0]), init_scale=init_scale)
+    else:
+        enc = encoder.copy()
+    Xq_all, Xt_all = dataset.query_features, dataset.target_features
+    ib_log_q = _in_batch_log_q(dataset)
+    ctx = MinerContext(enc, Xt_all, rng=rng_miner, in_batch_log_q=ib_log_q)
+    opt = Adam(enc.params, lr, warmup_steps=lr_warmup, total_steps=steps if lr_decay else None)
+    warm = Uniform(max(miner.k, 1))
+    use_in_batch = in_batch or miner.in_batch
+    batches = _Batches(dataset.train_ids, batch_size, rng_batch)
+    res = TrainResult(encoder=enc, config={
+        "miner": miner.config(), "steps": steps, "batch_size": batch_size, "dim": enc.dim, "beta": enc.beta,
+        "lr": lr, "lr_warmup": lr_warmup, "lr_decay": lr_decay, "uniform_warmup": uniform_warmup,
+        "n_uniform": n_uniform, "in_batch": use_in_batch, "log_q_correction": log_q_correction,
+        "probe_every": probe_every, "seed": seed, "n_targets": n})
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, desc=desc or miner.name, leave=False, file=sys.stderr, mininterval=0.5)
+    t_train = 0.0
+    miner.setup(ctx)
+    started = False
+    for t in range(steps):
+        t0 = time.perf_counter()
+        ctx.step = t
+        qids = batches.next()
+        Xq = Xq_all[qids]
+        Q = enc.encode_queries(Xq)
+        pos = [dataset.positives[q] for q in qids]
+        batch = Batch(step=t, query_ids=qids, Xq=Xq, Q=Q, positives=pos, positive_ids=np.unique(np.concatenate(pos)))
+        mining = t >= uniform_warmup or not miner.warmup
+        if mining and not started:
+            miner.start(ctx)
+            started = True
+        negs = miner.mine(ctx, batch) if mining else warm.mine(ctx, batch)
+        if not isinstance(negs, Negatives):
+            raise TypeError(f"miner.mine: expected Negatives, got {type(negs).__name__}")
+        if log_q_correction and not negs.full and negs.ids.size and negs.log_q is None:
+            raise ValueError(f"log_q_correction: miner {miner.name!r} returned negatives without log_q")
+        dt_mine = time.perf_counter() - t0
+        probe = probe_every and t % probe_every == 0
+        if probe:  # the miner's distribution at this step's state (not timed, no randomness)
+            dist = miner.distribution(ctx, batch) if mining else warm.distribution(ctx, batch)
+        t1 = time.perf_counter()
+        if negs.full:
+            T = ctx.encode_all_targets(purpose="loss")
+            loss, dQ, dT = full_softmax_loss(Q, T, pos, beta=enc.beta)
+            inv, Xt_rows = np.arange(n), Xt_all
+            n_neg = n
+        else:
+            parts = [(negs.ids, negs.log_q)]
+            if n_uniform:
+                parts.append((rng_neg.integers(0, n, size=n_uniform).astype(np.int64),
+                              np.full(n_uniform, -np.log(n))))
+            if use_in_batch:
+                ib = np.concatenate(pos)
+                parts.append((ib, ib_log_q[ib]))
+            neg_ids, neg_lq = _combine(parts, len(qids))
+            inv = np.unique(np.concatenate([batch.positive_ids, neg_ids.reshape(-1)]))
+            Xt_rows = Xt_all[inv]
+            cached = ctx._all_cache is not None and ctx._all_cache[0] == ctx.version
+            T = ctx.encode_targets(inv, purpose="loss") if not cached else ctx._all_cache[1][inv]
+            prow = [np.searchsorted(inv, p) for p in pos]
+            nrow = np.searchsorted(inv, neg_ids)
+            loss, dQ, dT = sampled_softmax_loss(Q, T, prow, nrow, beta=enc.beta,
+                                                log_q=neg_lq if log_q_correction else None)
+            n_neg = int(neg_ids.shape[-1])
+        dA = enc.query_vjp(Xq, dQ)
+        dB = enc.target_vjp(Xt_rows, dT)
+        dt_loss = time.perf_counter() - t1
+        if probe:
+            E = enc.encode_targets(Xt_all)
+            S = enc.beta * (Q @ E.T)
+            P = np.exp(S - S.max(axis=1, keepdims=True))
+            P /= P.sum(axis=1, keepdims=True)
+            _, fA, fB = full_softmax_grad(enc, Xq, Xt_all, pos)
+            res.probes.append({"step": t, "grad_rel_error": gradient_relative_error((dA, dB), (fA, fB)),
+                               "tv": float("nan") if dist is None else float(0.5 * np.abs(P - dist).sum(axis=1).mean())})
+        t2 = time.perf_counter()
+        lr_used = opt.step([dA, dB])
+        ctx.advance()
+        ids_enc = inv if not negs.full else np.arange(n)
+        miner.observe(ctx, batch, ids_enc, T)
+        t_train += dt_mine + dt_loss + (time.perf_counter() - t2)
+        res.history.append({"step": t, "loss": float(loss), "lr": lr_used, "mining": bool(mining),
+                            "n_negatives": n_neg})
+        if eval_every and (t + 1) % eval_every == 0 and t + 1 < steps:
+            res.evals.append({"step": t + 1, **evaluate(enc, dataset)})
+        if bar is not None:
+            bar.update(1)
+            if t % 20 == 0:
+                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+    if bar is not None:
+        bar.close()
+    final = evaluate(enc, dataset)
+    res.evals.append({"step": steps, **final})
+    tail = max(1, steps // 10)
+    calls_m = ctx.encoder_calls.get("mining", 0)
+    calls_l = ctx.encoder_calls.get("loss", 0)
+    final.update({
+        "final_loss": float(np.mean([h["loss"] for h in res.history[-tail:]])),
+        "grad_rel_error": float(np.mean([p["grad_rel_error"] for p in res.probes])) if res.probes else float("nan"),
+        "tv": float(np.nanmean([p["tv"] for p in res.probes])) if res.probes and not all(
+            np.isnan(p["tv"]) for p in res.probes) else float("nan"),
+        "encoder_calls_mining": int(calls_m), "encoder_calls_loss": int(calls_l),
+        "encoder_calls": int(calls_m + calls_l),
+        "mem_percent": 100.0 * miner.memory_embeddings(ctx) / n,
+        "wall_time": t_train, "time_per_step": t_train / steps,
+    })
+    res.final = final
+    return res
+
+
+def format_metrics(rows: list[tuple[str, dict]], *, ks=RECALL_KS, extra=()) -> str:
+    """A Markdown table: method, Mem %, R@k..., then ``extra`` columns (key, header, format)."""
+    head = ["method", "Mem %"] + [f"R@{k}" for k in ks] + [h for _, h, _ in extra]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in rows:
+        cells = [name, f"{m['mem_percent']:.3g}"] + [f"{m[f'R@{k}']:.3f}" for k in ks]
+        for key, _, fmt in extra:
+            v = m.get(key, float("nan"))
+            cells.append(fmt.format(v) if v is not None else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def train_main(argv=None) -> int:
+    """``python -m refimpl train --data DIR --miner NAME [knobs]``: train on text pairs and print the metrics."""
+    p = argparse.ArgumentParser(prog="python -m refimpl train",
+                                description="Train a linear dual encoder on text pairs (DIR/targets.tsv, "
+                                            "DIR/queries.tsv) with one negative miner.")
+    p.add_argument("--data", required=True, help="directory holding targets.tsv and queries.tsv")
+    p.add_argument("--miner", required=True, choices=sorted(MINERS))
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--beta", type=float, default=20.0)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--lr-warmup", type=int, default=50)
+    p.add_argument("--k", type=int, default=64, help="mined negatives per step (shared across the batch)")
+    p.add_argument("--n-uniform", type=int, default=0, help="uniform negatives added to the mined ones")
+    p.add_argument("--in-batch", action="store_true", help="add in-batch negatives")
+    p.add_argument("--log-q", action="store_true", help="log-Q correction")
+    p.add_argument("--uniform-warmup", type=int, default=0, help="steps with uniform negatives before mining")
+    p.add_argument("--mem-percent", type=float, default=None, help="SNM pool / cache size as %% of N")
+    p.add_argument("--refresh-every", type=int, default=None, help="SNM refresh period R (steps)")
+    p.add_argument("--policy", choices=("fifo", "lru"), default=None, help="Negative Cache eviction policy")
+    p.add_argument("--n-features", type=int, default=2 ** 18, help="hashed feature columns")
+    p.add_argument("--probe-every", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the final metrics and config to this JSON file")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    from refimpl.data import load_text_pairs
+
+    ds = load_text_pairs(os.path.join(a.data, "targets.tsv"), os.path.join(a.data, "queries.tsv"),
+                         n_features=a.n_features)
+    miner = make_miner(a.miner, k=a.k, mem_percent=a.mem_percent, refresh_every=a.refresh_every, policy=a.policy)
+    print(f"data: {ds.n_targets} targets, {ds.train_ids.size} train / {ds.test_ids.size} test queries; "
+          f"miner: {miner.config()}")
+    res = train(ds, miner, steps=a.steps, batch_size=min(a.batch_size, ds.train_ids.size), dim=a.dim, beta=a.beta,
+                lr=a.lr, lr_warmup=min(a.lr_warmup, a.steps - 1), uniform_warmup=a.uniform_warmup,
+                n_uniform=a.n_uniform, in_batch=a.in_batch, log_q_correction=a.log_q, probe_every=a.probe_every,
+                seed=a.seed, progress=not a.no_progress)
+    f = res.final
+    print(format_metrics([(miner.name, f)], extra=(("MRR@10", "MRR@10", "{:.3f}"),
+                                                  ("encoder_calls", "encoder calls", "{:d}"),
+                                                  ("wall_time", "time (s)", "{:.1f}"))))
+    if res.probes:
+        print(f"probes: mean grad rel. error {f['grad_rel_error']:.3f}, mean TV {f['tv']:.3f}")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump({"final": f, "config": res.config}, fh, indent=1, default=float)
+        print(f"wrote {a.json}")
+    return 0

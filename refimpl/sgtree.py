@@ -16,6 +16,10 @@ Definitions we chose (PAPER.md §4 erratum)
 * Covering is the cover-tree PARENT-CHILD form: a child c of cluster (v, l+1) (i.e. node_level[c] == l) has
   d(p_v, p_c) <= b^(l+1). A descendant j levels down can thus be b^(l+1)/(b-1) away (Σ_k b^k): every certified
   bound uses the radius rho(v, L) = min(MAXD(v), max_c PDIST(c) + MAXD(c)) of the data model, never b^l.
+  Observation (tested): our greedy insertion enters a child group of level l only when d(x, p_v) <= b^(l+1), and
+  the batch build does the same, so a FRESHLY BUILT tree even satisfies strong covering (every member of a
+  level-l cluster within b^l; Prop. 1 as printed holds there). Moving points (update_points + Alg. 3 in the
+  parent-child form) keeps only the parent-child form, which is what check_invariants verifies.
 * Separation (SG trees: siblings only): the explicit child group of cluster (v, l+1) -- p_v (the self-child) and
   the children of level l -- is pairwise >= b^l apart, EXCEPT pairs of identical points (exact duplicates).
 * Duplicates / distance 0: a point identical to p_v (distance exactly 0; ``dist`` never underflows to 0 for distinct

@@ -141,7 +141,7 @@ def _combine(parts, B):
 
 
 def train(dataset, miner: Miner, *, steps: int = 500, batch_size: int = 128, dim: int = 32, beta: float = 20.0,
-          lr: float = 0.01, lr_warmup: int = 50, lr_decay: bool = True, uniform_warmup: int = 0,
+          lr: float = 0.01, lr_warmup: int | None = None, lr_decay: bool = True, uniform_warmup: int = 0,
           n_uniform: int = 0, in_batch: bool = False, log_q_correction: bool = False, probe_every: int = 0,
           eval_every: int = 0, seed: int = 0, init_scale: float = 1.0, encoder=None, progress: bool = False,
           desc: str | None = None) -> TrainResult:
@@ -154,7 +154,8 @@ def train(dataset, miner: Miner, *, steps: int = 500, batch_size: int = 128, dim
     steps, batch_size : optimiser steps and queries per batch.
     dim, beta, init_scale : the student encoder (unit-norm outputs; the paper's beta = 20). Ignored when
         ``encoder`` (a LinearDualEncoder, copied) is given.
-    lr, lr_warmup, lr_decay : Adam learning rate, its linear warm-up steps, and linear decay to 0 at ``steps``.
+    lr, lr_warmup, lr_decay : Adam learning rate, its linear warm-up steps (default ``min(50, steps // 10)``), and
+        linear decay to 0 at ``steps``.
     uniform_warmup : the first steps use ``Uniform(miner.k)`` negatives only (the paper's warm-up before mining);
         not applied to miners with ``warmup = False`` (Uniform, InBatch, FullSoftmax).
     n_uniform : uniform negatives added to the mined ones every step (shared, log_q = -log N).
@@ -177,7 +178,7 @@ def train(dataset, miner: Miner, *, steps: int = 500, batch_size: int = 128, dim
     n_uniform = check_int("n_uniform", n_uniform, low=0)
     probe_every = check_int("probe_every", probe_every, low=0)
     eval_every = check_int("eval_every", eval_every, low=0)
-    lr_warmup = check_int("lr_warmup", lr_warmup, low=0)
+    lr_warmup = min(50, steps // 10) if lr_warmup is None else check_int("lr_warmup", lr_warmup, low=0)
     seed = check_int("seed", seed, low=0)
     check_positive("lr", lr)
     if log_q_correction and not miner.has_log_q:

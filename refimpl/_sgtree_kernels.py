@@ -375,7 +375,9 @@ def node_mind(v, points, NP, NL, NFC, NNS):
 def update_stats(moved_nodes, points, base, point_node, NP, NL, NPar, NFC, NNS, NMaxd, NMind, NCount, NPdist,
                  NMaxn, free_stack, state):
     """After the rows of the targets of moved_nodes changed (sorted by ascending level): make PDIST exact, MAXD and
-    MAXNORM valid upper bounds and MIND a valid lower bound again, touching only the affected paths."""
+    MAXNORM valid upper bounds and MIND a valid lower bound again, touching only the affected paths: unmoved
+    ancestors get max(old MAXD, exact distance to each moved point); a moved node gets max over its children of
+    PDIST + MAXD (triangle inequality); MIND = min(old, every changed pair), so it may become stale-low."""
     n = moved_nodes.shape[0]
     moved = np.zeros(state[1], dtype=np.bool_)
     for i in range(n):
@@ -417,11 +419,27 @@ def update_stats(moved_nodes, points, base, point_node, NP, NL, NPar, NFC, NNS, 
             c = NNS[c]
         NMaxd[v] = md
         NMaxn[v] = mn
+    # MIND stays a valid lower bound: only pairs involving a moved point changed (O(group size) per move)
     for i in range(n):
         v = moved_nodes[i]
-        NMind[v] = node_mind(v, points, NP, NL, NFC, NNS)
-        if NPar[v] != -1:
-            NMind[NPar[v]] = node_mind(NPar[v], points, NP, NL, NFC, NNS)
+        c = NFC[v]
+        while c != -1:  # pairs (p_v, child)
+            if NPdist[c] < NMind[v]:
+                NMind[v] = NPdist[c]
+            c = NNS[c]
+        par = NPar[v]
+        if par != -1:  # pairs (v, its group in the parent: p_par and the siblings of the same level)
+            if NPdist[v] < NMind[par]:
+                NMind[par] = NPdist[v]
+            c = NFC[par]
+            while c != -1 and NL[c] > NL[v]:
+                c = NNS[c]
+            while c != -1 and NL[c] == NL[v]:
+                if c != v:
+                    d = dist(points, NP[v], NP[c])
+                    if d < NMind[par]:
+                        NMind[par] = d
+                c = NNS[c]
 
 
 @njit(cache=True)

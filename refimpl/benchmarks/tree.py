@@ -1,0 +1,211 @@
+"""``python -m refimpl bench tree``: the SG tree (issue 3) against NumPy brute force, in one run.
+
+For each N in ``--sizes`` (default 1e4, 1e5, 1e6; D = 64, ``refimpl.data.hierarchical_points``; queries are fresh
+draws of the same distribution):
+
+* build time (batch build), depth, explicit nodes, memory per target and its ratio to the raw float32 matrix;
+* exact top-``k`` per query: :func:`refimpl.search.topk` (ball and linear bounds) time and inner products, against
+  NumPy brute force (batched ``Q @ T.T`` + ``argpartition`` + sort of the k, chunks of queries) and its GEMM alone;
+  the tree's answers are checked equal to brute force;
+* dynamics: ``update_points`` of 1% of the targets (a small random drift, renormalised) + ``maintain(U)`` (Alg. 3)
+  for U = 0 and U = 2 x the largest move, against a full rebuild.
+
+``--bases`` instead compares bases at one N (build time, depth, top-k inner products, and certified bound
+tightness: log Z_hi - log Z_lo and the certified log max P/Q at beta = 20 over the clustering with about
+``--clusters`` clusters). Single thread: BLAS thread variables are set to 1 before NumPy loads when possible, and
+OpenBLAS is told through ctypes; the JSON records what was achieved. Timings on this shared machine are noisy:
+compare the ratios measured in the same run.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+_NUMPY_PRELOADED = "numpy" in sys.modules
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from refimpl.bounds import certified_log_max_ratio, cluster_eps, log_partition_bounds  # noqa: E402
+from refimpl.data import hierarchical_points  # noqa: E402
+from refimpl.search import brute_force_topk, topk  # noqa: E402
+from refimpl.sgtree import DEFAULT_BASE, SGTree  # noqa: E402
+
+
+def _openblas_one_thread():
+    """Ask every loaded OpenBLAS for one thread (ctypes); returns the libraries that accepted."""
+    import ctypes
+
+    done = []
+    try:
+        with open("/proc/self/maps") as fh:
+            libs = sorted({ln.split()[-1] for ln in fh if "openblas" in ln.lower() and "/" in ln})
+    except OSError:
+        return done
+    for path in libs:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_", "openblas_set_num_threads"):
+            if hasattr(lib, name):
+                getattr(lib, name)(1)
+                done.append(os.path.basename(path))
+                break
+    return done
+
+
+def _timed(f, *a, **kw):
+    t = time.perf_counter()
+    out = f(*a, **kw)
+    return out, time.perf_counter() - t
+
+
+def numpy_topk(T, Q, k, chunk=64):
+    """Brute force as a NumPy user writes it: batched GEMM, argpartition, sort of the k by (-score, id)."""
+    ids = np.empty((Q.shape[0], k), dtype=np.int64)
+    for s in range(0, Q.shape[0], chunk):
+        S = Q[s:s + chunk] @ T.T
+        part = np.argpartition(-S, k - 1, axis=1)[:, :k]
+        sc = np.take_along_axis(S, part, axis=1)
+        order = np.argsort(-sc, axis=1, kind="stable")
+        ids[s:s + chunk] = np.take_along_axis(part, order, axis=1)
+    return ids
+
+
+def gemm_only(T, Q, chunk=64):
+    for s in range(0, Q.shape[0], chunk):
+        Q[s:s + chunk] @ T.T
+
+
+def bench_size(n, *, dim, nq, k, base, seed, check):
+    P = hierarchical_points(n + nq, dim, rng=seed)
+    T, Q = np.ascontiguousarray(P[:n]), np.ascontiguousarray(P[n:])
+    warm = SGTree.build(T[:200], base=base, rng=seed)  # load the compiled kernels outside the timing
+    warm.update_points(np.arange(20), T[200:220], repair=False)
+    warm.maintain(0.0)
+    tree, t_build = _timed(SGTree.build, T, base=base, rng=seed)
+    row = {"N": n, "D": dim, "base": base, "build_s": t_build, "depth": tree.depth(), "nodes": tree.n_nodes,
+           "levels": list(tree.level_range()), "bytes_per_target": tree.memory_bytes() / n,
+           "memory_vs_float32": tree.memory_bytes() / (n * dim * 4.0)}
+    topk(tree, Q[:2], k)  # warm-up (compilation is cached, page faults are not)
+    for bound in ("ball", "linear"):
+        nql = nq if bound == "ball" else max(10, nq // 5)
+        res, t = _timed(topk, tree, Q[:nql], k, bound=bound)
+        row[f"topk_{bound}_ms"] = 1e3 * t / nql
+        row[f"topk_{bound}_inner_products"] = float(res.stats["inner_products"].mean())
+        if bound == "ball":
+            best = res
+    numpy_topk(T, Q[:2], k)
+    np_ids, t_np = _timed(numpy_topk, T, Q, k)
+    _, t_gemm = _timed(gemm_only, T, Q)
+    row["numpy_topk_ms"] = 1e3 * t_np / nq
+    row["numpy_gemm_ms"] = 1e3 * t_gemm / nq
+    row["ratio_ball_vs_numpy"] = row["topk_ball_ms"] / row["numpy_topk_ms"]
+    row["ratio_linear_vs_numpy"] = row["topk_linear_ms"] / row["numpy_topk_ms"]
+    # exactness: equal to brute force with the same arithmetic; and to NumPy's ids up to exact score ties
+    m = min(nq, check)
+    ref = brute_force_topk(T, Q[:m], k)
+    row["exact_equal_brute_force"] = bool(np.array_equal(best.ids[:m], ref.ids))
+    row["same_sets_as_numpy"] = float(np.mean([set(a) == set(b) for a, b in zip(best.ids, np_ids)]))
+    # dynamics: 1% moved + maintain vs full rebuild
+    rng = np.random.default_rng(seed + 1)
+    for U_name in ("0", "2max"):
+        t2 = SGTree.build(T, base=base, rng=seed)
+        sel = rng.choice(n, max(1, n // 100), replace=False)
+        new = T[sel] + rng.normal(size=(sel.size, dim)) * (0.05 / np.sqrt(dim))
+        new /= np.linalg.norm(new, axis=1, keepdims=True)
+        U = 0.0 if U_name == "0" else 2 * float(np.linalg.norm(new - T[sel], axis=1).max())
+        _, t_up = _timed(t2.update_points, sel, new, repair=False)
+        st, t_m = _timed(t2.maintain, U)
+        row[f"update1pct_U{U_name}"] = {"U": U, "update_s": t_up, "maintain_s": t_m, **st,
+                                         "speedup_vs_build": t_build / (t_up + t_m)}
+        if n <= 20000:
+            assert t2.check_invariants() == []
+    return row
+
+
+def bench_bases(n, bases, *, dim, nq, k, seed, n_clusters):
+    P = hierarchical_points(n + nq, dim, rng=seed)
+    T, Q = P[:n], P[n:]
+    rows = []
+    for b in bases:
+        tree, t = _timed(SGTree.build, T, base=b, rng=seed)
+        res = topk(tree, Q, k)
+        lo, hi = tree.level_range()
+        best = min(range(lo, hi + 2), key=lambda lv: abs(len(tree.clustering(lv)) - n_clusters))
+        C = tree.clustering(best)
+        gaps, cert = [], []
+        for q in Q:
+            s = 20.0 * (T[C.reps] @ q)
+            eps = cluster_eps(20.0, float(np.linalg.norm(q)), C.radii)
+            zl, zh = log_partition_bounds(s, C.sizes, eps)
+            gaps.append(zh - zl)
+            cert.append(certified_log_max_ratio(s, C.sizes, eps))
+        rows.append({"base": b, "build_s": t, "depth": tree.depth(), "levels": [lo, hi],
+                     "topk_ip": float(res.stats["inner_products"].mean()), "level": best, "clusters": len(C),
+                     "mean_radius": float(C.radii.mean()), "logZ_gap": float(np.mean(gaps)),
+                     "cert_log_max_ratio": float(np.mean(cert))})
+        print(f"base {b:5.2f}: build {t:6.2f}s depth {rows[-1]['depth']:3d} top-{k} ip {rows[-1]['topk_ip']:8.0f}"
+              f"  level {best:4d} ({len(C)} clusters, mean radius {C.radii.mean():.3f}): log Z gap "
+              f"{np.mean(gaps):7.2f}, certified log max P/Q {np.mean(cert):7.2f}", flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m refimpl bench tree", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="1e4,1e5,1e6", help="comma-separated N (default 1e4,1e5,1e6)")
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--base", type=float, default=DEFAULT_BASE)
+    ap.add_argument("--bases", default=None, help="compare these bases at N = the first size instead")
+    ap.add_argument("--clusters", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--check", type=int, default=20, help="queries checked against brute force")
+    ap.add_argument("--out", default="bench_tree.json")
+    args = ap.parse_args(argv)
+    sizes = [int(float(s)) for s in args.sizes.split(",")]
+    env = {"numpy_preloaded": _NUMPY_PRELOADED, "openblas_one_thread": _openblas_one_thread(),
+           "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"), "cpus": os.cpu_count(),
+           "loadavg_start": os.getloadavg()}
+    out = {"benchmark": "tree", "env": env, "args": vars(args)}
+    if args.bases:
+        out["bases"] = bench_bases(sizes[0], [float(b) for b in args.bases.split(",")], dim=args.dim,
+                                   nq=args.queries, k=args.k, seed=args.seed, n_clusters=args.clusters)
+    else:
+        rows = []
+        hdr = (f"{'N':>8} {'build s':>8} {'depth':>5} {'nodes':>8} {'B/tgt':>6} {'mem/f32':>7} {'topk ms':>8} "
+               f"{'ip/q':>8} {'lin ms':>7} {'lin ip':>8} {'np ms':>7} {'gemm ms':>7} {'ratio':>6} {'exact':>5} "
+               f"{'upd+mnt s':>9} {'x faster':>8}")
+        print(hdr, flush=True)
+        for n in sizes:
+            r = bench_size(n, dim=args.dim, nq=args.queries, k=args.k, base=args.base, seed=args.seed,
+                           check=args.check)
+            rows.append(r)
+            u = r["update1pct_U0"]
+            print(f"{n:8d} {r['build_s']:8.2f} {r['depth']:5d} {r['nodes']:8d} {r['bytes_per_target']:6.0f} "
+                  f"{r['memory_vs_float32']:7.2f} {r['topk_ball_ms']:8.3f} {r['topk_ball_inner_products']:8.0f} "
+                  f"{r['topk_linear_ms']:7.2f} {r['topk_linear_inner_products']:8.0f} {r['numpy_topk_ms']:7.2f} "
+                  f"{r['numpy_gemm_ms']:7.2f} {r['ratio_ball_vs_numpy']:6.3f} {str(r['exact_equal_brute_force']):>5} "
+                  f"{u['update_s'] + u['maintain_s']:9.3f} {u['speedup_vs_build']:8.1f}", flush=True)
+            u2 = r["update1pct_U2max"]
+            print(f"{'':8} update 1% + maintain(U={u2['U']:.3g}): {u2['update_s'] + u2['maintain_s']:.3f}s, "
+                  f"{u2['clusters_rebuilt']} clusters / {u2['points_reinserted']} points rebuilt, "
+                  f"{u2['speedup_vs_build']:.1f}x faster than the build; U=0 rebuilt {u['clusters_rebuilt']} "
+                  f"clusters / {u['points_reinserted']} points", flush=True)
+        out["sizes"] = rows
+    env["loadavg_end"] = os.getloadavg()
+    with open(args.out, "w") as fh:
+        json.dump(out, fh, indent=1)
+    print(f"JSON written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -35,7 +35,7 @@ import numpy as np
 from refimpl._validate import as_rng, check_int, check_positive
 
 __all__ = ["Negatives", "Batch", "MinerContext", "Miner", "InBatch", "Uniform", "StochasticNegativeMining",
-           "NegativeCache", "BruteForceTopK", "FullSoftmax", "MINERS", "make_miner"]
+           "NegativeCache", "BruteForceTopK", "FullSoftmax", "MINERS", "make_miner", "miner_names"]
 
 
 @dataclass
@@ -520,15 +520,41 @@ MINERS = {
 }
 
 
-def make_miner(name: str, **knobs) -> Miner:
-    """Build a miner by its CLI name (``MINERS`` keys; ``DyNNIBAL`` registers itself as "dynnibal" when present).
+def _dynnibal_class():
+    """``refimpl.dynnibal.DyNNIBAL`` if that module is present (imported lazily: it imports this module)."""
+    try:
+        from refimpl.dynnibal import DyNNIBAL
+    except ImportError:
+        return None
+    return DyNNIBAL
 
-    Knobs that the miner's constructor does not take are ignored (so one CLI can pass a common set).
+
+def miner_names() -> list[str]:
+    """CLI names of every available miner (``MINERS`` plus "dynnibal" when :mod:`refimpl.dynnibal` exists)."""
+    return sorted(MINERS) + (["dynnibal"] if "dynnibal" not in MINERS and _dynnibal_class() is not None else [])
+
+
+def make_miner(name: str, **knobs) -> Miner:
+    """Build a miner by its CLI name (:func:`miner_names`).
+
+    Knobs that the miner's constructor does not take, or that are None, are ignored (so one CLI can pass a common
+    set).
     """
     import inspect
 
-    if name not in MINERS:
-        raise ValueError(f"miner: unknown name {name!r}; choose from {', '.join(sorted(MINERS))}")
-    cls = MINERS[name]
+    cls = MINERS.get(name)
+    if cls is None and name == "dynnibal":
+        cls = _dynnibal_class()
+    if cls is None:
+        raise ValueError(f"miner: unknown name {name!r}; choose from {', '.join(miner_names())}")
     params = inspect.signature(cls.__init__).parameters if cls.__init__ is not object.__init__ else {}
     return cls(**{k: v for k, v in knobs.items() if k in params and v is not None})
+
+
+def __getattr__(name: str):
+    # The public map of refimpl/__init__.py says DyNNIBAL -> miners; the class lives in refimpl/dynnibal.py.
+    if name == "DyNNIBAL":
+        cls = _dynnibal_class()
+        if cls is not None:
+            return cls
+    raise AttributeError(f"module 'refimpl.miners' has no attribute {name!r}")

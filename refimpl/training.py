@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from refimpl._validate import check_int, check_positive
-from refimpl.miners import Batch, FullSoftmax, Miner, MinerContext, Negatives, Uniform, make_miner, MINERS
+from refimpl.miners import Batch, Miner, MinerContext, Negatives, Uniform, make_miner, miner_names
 
 __all__ = ["TrainResult", "train", "evaluate", "train_main", "RECALL_KS"]
 
@@ -324,7 +324,7 @@ def train_main(argv=None) -> int:
                                 description="Train a linear dual encoder on text pairs (DIR/targets.tsv, "
                                             "DIR/queries.tsv) with one negative miner.")
     p.add_argument("--data", required=True, help="directory holding targets.tsv and queries.tsv")
-    p.add_argument("--miner", required=True, choices=sorted(MINERS))
+    p.add_argument("--miner", required=True, choices=miner_names())
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--dim", type=int, default=64)

@@ -1,0 +1,34 @@
+"""Smoke tests of the demo and reproduce commands (tiny sizes; the real runs are `python -m refimpl demo`)."""
+import json
+import os
+
+from refimpl.experiments import demo_main, reproduce_main
+
+HEADER = "| method | Mem % | R@1 | R@5 | R@10 | R@20 | R@100 | R@1 gap to BF (pts) |"
+
+
+def test_demo_quick_prints_the_table(capsys, tmp_path):
+    rc = demo_main(["--quick", "--n-targets", "240", "--n-queries", "200", "--steps", "12", "--probe-every", "6",
+                    "--skip", "DyNNIBAL", "--no-progress", "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0 and HEADER in out
+    for label in ("in-batch", "uniform", "SNM 1%", "SNM 3%", "SNM 10%", "Negative Cache", "brute force",
+                  "full softmax"):
+        assert f"| {label}" in out
+    assert "full softmax beats uniform negatives on R@1:" in out
+    assert os.path.exists(tmp_path / "demo_quick_curves.png")
+    data = json.load(open(tmp_path / "demo_quick.json"))
+    bf = next(m for m in data["methods"] if m["method"] == "brute force")
+    assert bf["final"]["mem_percent"] == 100.0 and bf["final"]["encoder_calls_mining"] > 0
+
+
+def test_reproduce_writes_json_and_markdown(capsys, tmp_path):
+    rc = reproduce_main(["--n-targets", "300", "--n-queries", "200", "--steps", "10", "--no-progress",
+                         "--skip", "full softmax,DyNNIBAL", "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0 and HEADER in out and "| full softmax" not in out
+    md = open(tmp_path / "reproduce.md").read()
+    assert HEADER in md and "| brute force" in md
+    data = json.load(open(tmp_path / "reproduce.json"))
+    assert data["meta"]["n_targets"] == 300 and len(data["methods"]) == 7
+    assert [m["method"] for m in data["methods"]][:2] == ["in-batch", "uniform"]

@@ -1,0 +1,113 @@
+"""Tests of refimpl.training: repeatability, accounting, evaluation, probes, the CLI, and bad input."""
+import os
+
+import numpy as np
+import pytest
+
+from refimpl.data import RetrievalDataset, planted_dataset
+from refimpl.miners import (BruteForceTopK, FullSoftmax, InBatch, NegativeCache, StochasticNegativeMining, Uniform)
+from refimpl.training import evaluate, train, train_main
+
+FIX = os.path.join(os.path.dirname(__file__), "fixtures", "text_pairs")
+
+
+@pytest.fixture(scope="module")
+def ds():
+    return planted_dataset(n_targets=300, n_queries=300, branching=(5, 6), n_features=16, dim=8, rng=2)
+
+
+KW = dict(steps=24, batch_size=16, dim=8, uniform_warmup=4, n_uniform=8, probe_every=0)
+
+
+@pytest.mark.parametrize("make", [lambda: StochasticNegativeMining(8, mem_percent=10, refresh_every=5),
+                                  lambda: NegativeCache(8, size=30, policy="lru"), lambda: InBatch()])
+def test_bit_for_bit_repeatable(ds, make):
+    r1, r2 = train(ds, make(), seed=5, **KW), train(ds, make(), seed=5, **KW)
+    assert [h["loss"] for h in r1.history] == [h["loss"] for h in r2.history]
+    assert np.array_equal(r1.encoder.A, r2.encoder.A) and np.array_equal(r1.encoder.B, r2.encoder.B)
+    f1, f2 = ({k: v for k, v in r.final.items() if "time" not in k} for r in (r1, r2))
+    assert f1.keys() == f2.keys() and all(f1[k] == f2[k] or (np.isnan(f1[k]) and np.isnan(f2[k])) for k in f1)
+    r3 = train(ds, make(), seed=6, **KW)
+    assert not np.array_equal(r1.encoder.B, r3.encoder.B)
+
+
+def test_probes_do_not_change_the_trajectory(ds):
+    a = train(ds, StochasticNegativeMining(8, mem_percent=10, refresh_every=5), seed=1, **KW)
+    b = train(ds, StochasticNegativeMining(8, mem_percent=10, refresh_every=5), seed=1, **{**KW, "probe_every": 5})
+    assert np.array_equal(a.encoder.B, b.encoder.B) and len(b.probes) == 5 and not a.probes
+
+
+def test_accounting(ds):
+    n = ds.n_targets
+    bf = train(ds, BruteForceTopK(8), seed=0, **KW)
+    assert bf.final["encoder_calls_mining"] == n * (24 - 4) and bf.final["mem_percent"] == 100.0
+    snm = StochasticNegativeMining(8, mem_percent=10, refresh_every=5)
+    r = train(ds, snm, seed=0, **KW)
+    assert snm.refreshed_at == [4, 9, 14, 19]
+    assert r.final["encoder_calls_mining"] == 30 * 4 and r.final["mem_percent"] == pytest.approx(10.0)
+    un = train(ds, Uniform(8), seed=0, **KW)
+    assert un.final["encoder_calls_mining"] == 0 and un.final["mem_percent"] == 0.0
+    assert 0 < un.final["encoder_calls_loss"] <= 24 * (16 + 16)  # positives + 8 mined + 8 uniform per step
+    assert un.final["encoder_calls"] == un.final["encoder_calls_loss"]
+    fs = train(ds, FullSoftmax(), seed=0, **KW)  # no uniform warm-up for the gold standard
+    assert fs.final["encoder_calls_loss"] == n * 24 and all(h["mining"] for h in fs.history)
+    assert all(h["n_negatives"] == n for h in fs.history)
+
+
+def test_probe_values(ds):
+    fs = train(ds, FullSoftmax(), seed=0, **{**KW, "probe_every": 6})
+    assert len(fs.probes) == 4
+    assert all(p["grad_rel_error"] < 1e-10 and abs(p["tv"]) < 1e-12 for p in fs.probes)
+    un = train(ds, Uniform(8), seed=0, **{**KW, "probe_every": 6})
+    assert all(p["grad_rel_error"] > 0.01 and 0.05 < p["tv"] < 1 for p in un.probes)
+
+
+def test_evaluate_teacher_is_perfect_and_multi_positive_hits(ds):
+    m = evaluate(ds.teacher, ds)
+    assert m["R@1"] == 1.0 and m["MRR@10"] == 1.0
+    # a hit if ANY positive is in the top k: give every test query a second positive = its rank-3 target
+    t = ds.teacher
+    S = t.encode_queries(ds.query_features) @ t.encode_targets(ds.target_features).T
+    order = np.argsort(-S, axis=1)
+    pos = [np.array([order[i, 4], order[i, 2]]) for i in range(ds.n_queries)]
+    d2 = RetrievalDataset(ds.query_features, ds.target_features, pos, ds.train_ids, ds.test_ids)
+    m2 = evaluate(t, d2, ks=(1, 2, 3, 5))
+    assert m2["R@1"] == 0.0 and m2["R@2"] == 0.0 and m2["R@3"] == 1.0 and m2["R@5"] == 1.0
+    assert m2["MRR@10"] == pytest.approx(1 / 3)
+
+
+def test_learning_beats_initialisation(ds):
+    r = train(ds, FullSoftmax(), steps=60, batch_size=32, dim=8, seed=0)
+    r0 = train(ds, FullSoftmax(), steps=1, batch_size=32, dim=8, seed=0, lr_warmup=0, lr_decay=False, lr=1e-12)
+    assert r.final["R@10"] > r0.final["R@10"] + 0.2
+
+
+def test_log_q_correction_paths(ds):
+    r = train(ds, StochasticNegativeMining(8, mem_percent=10), log_q_correction=True, in_batch=True, seed=0, **KW)
+    assert np.isfinite(r.final["final_loss"])
+    with pytest.raises(ValueError, match="log_q_correction"):
+        train(ds, BruteForceTopK(8), log_q_correction=True, **KW)
+
+
+def test_per_query_negatives_combine_with_shared(ds):
+    r = train(ds, StochasticNegativeMining(4, mem_percent=10, shared=False), in_batch=True, seed=0, **KW)
+    assert r.history[-1]["n_negatives"] == 4 + 8 + 16
+
+
+def test_bad_input(ds):
+    with pytest.raises(TypeError, match="miner"):
+        train(ds, "uniform")
+    with pytest.raises(ValueError, match="steps"):
+        train(ds, Uniform(4), steps=0)
+    with pytest.raises(ValueError, match="lr_warmup"):
+        train(ds, Uniform(4), steps=10, lr_warmup=20)
+
+
+def test_train_main_on_text_fixture(capsys, tmp_path):
+    out = tmp_path / "m.json"
+    rc = train_main(["--data", FIX, "--miner", "negative-cache", "--steps", "12", "--batch-size", "4", "--k", "4",
+                     "--mem-percent", "50", "--policy", "lru", "--n-features", "512", "--dim", "8",
+                     "--no-progress", "--json", str(out), "--probe-every", "4"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "| method | Mem % | R@1 | R@5 | R@10 | R@20 | R@100 |" in text
+    assert "negative-cache" in text and "probes:" in text and out.exists()

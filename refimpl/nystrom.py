@@ -549,7 +549,8 @@ def _log_softmax(x):
     return x - (m + np.log(np.exp(x - m).sum()))
 
 
-def query_report(tree, reencoder, q, true_targets, *, beta: float, level: int | None = None) -> dict:
+def query_report(tree, reencoder, q, true_targets, *, beta: float, level: int | None = None,
+                 clustering=None, assignment=None) -> dict:
     """For one query embedding ``q`` (D): the cluster proposal Q of Eq. 7 at ``level`` built from the approximate
     logits ``s~ = beta <z_q, z_t>`` over the tree of the representations, with
 
@@ -560,6 +561,9 @@ def query_report(tree, reencoder, q, true_targets, *, beta: float, level: int | 
       ``tv_approx_true`` and ``log_ratio_approx_true`` (max |log P~/P|, the Nyström + regression error alone),
       ``tv_q_true`` and ``log_max_ratio_true`` (max log P/Q: what the sampler actually faces);
     * the clustering: level, number of clusters, mean and max radius (representation space).
+
+    ``clustering`` (``tree.clustering(level)``) and ``assignment`` (:func:`cluster_assignment`) may be passed to
+    reuse them across queries.
     """
     from refimpl import bounds
 
@@ -569,13 +573,16 @@ def query_report(tree, reencoder, q, true_targets, *, beta: float, level: int | 
     zq = reencoder.query_representations(q)[0]
     s_approx = beta * (reencoder.representations @ zq)
     s_true = beta * (T @ q)
-    level = default_level(tree) if level is None else check_int("level", level)
-    cl = tree.clustering(level)
+    if clustering is None:
+        level = default_level(tree) if level is None else check_int("level", level)
+        clustering = tree.clustering(level)
+    cl = clustering
+    level = cl.level
     eps = np.asarray(bounds.cluster_eps(beta, float(np.linalg.norm(zq)), cl.radii), dtype=np.float64)
     rep_logits = s_approx[cl.reps]
     lo, hi = bounds.log_partition_bounds(rep_logits, cl.sizes, eps)
     cert = float(bounds.certified_log_max_ratio(rep_logits, cl.sizes, eps))
-    assign = cluster_assignment(tree, cl)
+    assign = cluster_assignment(tree, cl) if assignment is None else assignment
     log_zhat = float(np.log(np.sum(cl.sizes * np.exp(rep_logits - rep_logits.max()))) + rep_logits.max())
     log_q = rep_logits[assign] - log_zhat
     lp_a, lp_t = _log_softmax(s_approx), _log_softmax(s_true)

@@ -64,7 +64,7 @@ def _parse(argv):
     p.add_argument("--quick", action="store_true", help="small smoke configuration")
     p.add_argument("--out", default=os.path.join("bench_results", "nystrom.json"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-targets", type=int, default=8192)
+    p.add_argument("--n-targets", type=int, default=4096)
     p.add_argument("--n-features", type=int, default=512)
     p.add_argument("--dim", type=int, default=384, help="student embedding dimension D")
     p.add_argument("--batch", type=int, default=256)
@@ -213,19 +213,20 @@ def _tree_section(res_by_split, s0, sl, beta, base=None, n_queries=50):
     except ImportError as exc:
         return {"status": f"pending: {exc}"}
 
-    from refimpl.nystrom import default_level
+    from refimpl.nystrom import cluster_assignment, default_level
 
     n = next(iter(res_by_split.values())).n_targets
     targets = sorted({max(2, int(np.sqrt(n) / 2)), int(np.ceil(np.sqrt(n))), int(4 * np.sqrt(n))})
 
     def summary(tree, re, snap):
-        """Medians over eval queries at the levels with >= K clusters, K in ``targets`` (same budgets per split)."""
+        """Medians over eval queries at the levels with >= K clusters, K in ``targets`` (comparable budgets)."""
         out = []
-        for K in targets:
-            level = default_level(tree, K)
-            rows = [query_report(tree, re, snap["Q"][i], snap["T"], beta=beta, level=level)
+        for level in sorted({default_level(tree, K) for K in targets}, reverse=True):
+            cl = tree.clustering(level)
+            asg = cluster_assignment(tree, cl)
+            rows = [query_report(tree, re, snap["Q"][i], snap["T"], beta=beta, clustering=cl, assignment=asg)
                     for i in range(min(n_queries, len(snap["Q"])))]
-            out.append({"K": K, **{k: float(np.median([r[k] for r in rows])) for k in rows[0]}})
+            out.append({k: float(np.median([r[k] for r in rows])) for k in rows[0]})
         return out
 
     out = {"status": "done"}
@@ -294,12 +295,21 @@ def main(argv=None) -> int:
            "exact_recall": {w: _recall(s["true"], tr.pos_eval) for w, s in snaps.items()},
            "drift": {w: float(np.linalg.norm(s["T"] - s0["T"], axis=1).mean()) for w, s in snaps.items()}}
 
+    timing = {"train_and_chain": time.time() - t_start}
+    t_sec = time.time()
+
+    def lap(name):
+        nonlocal t_sec
+        timing[name] = time.time() - t_sec
+        t_sec = time.time()
+
     # steps since the last exact encoding
     rows = []
     for w, snap in snaps.items():
         rows.append({"w": w, "stale": _eval(re_base, snap), "regression": _eval(_regressed(re_base, snap), snap),
                      "chained": chained[w], "exact_nystrom": _eval(_fresh(re_base, snap), snap)})
     out["steps"] = rows
+    lap("steps")
 
     # d' sweep (uniform landmarks): Nyström alone at w=0, and stale / regression / exact at w = wmax
     rows = []
@@ -308,6 +318,7 @@ def main(argv=None) -> int:
         rows.append({"dprime": d, "rank": re0.nystrom.rank, "w0_exact": _eval(re0, s0), "stale": _eval(re0, sl),
                      "regression": _eval(_regressed(re0, sl), sl), "exact_nystrom": _eval(_fresh(re0, sl), sl)})
     out["dprime"] = rows
+    lap("dprime")
 
     # s' sweep at d' default, every checkpoint
     rows = []
@@ -317,6 +328,7 @@ def main(argv=None) -> int:
                 continue
             rows.append({"sprime": s, "w": w, "regression": _eval(_regressed(re_base, snap, s=s), snap)})
     out["sprime"] = rows
+    lap("sprime")
 
     # ridge sweep at d' default, w = wmax, several s'
     rows = []
@@ -324,6 +336,7 @@ def main(argv=None) -> int:
         for lam in a.ridges:
             rows.append({"sprime": s, "ridge": lam, "regression": _eval(_regressed(re_base, sl, s=s, ridge=lam), sl)})
     out["ridge"] = rows
+    lap("ridge")
 
     # landmark ablation 64/128/256 x selection method (the paper's ablation in miniature)
     rows = []
@@ -333,6 +346,7 @@ def main(argv=None) -> int:
             rows.append({"dprime": d, "method": method, "w0_exact": _eval(re0, s0),
                          "regression": _eval(_regressed(re0, sl), sl)})
     out["landmarks"] = rows
+    lap("landmarks")
 
     # splits: identical inner products, different geometry
     geo, res_by_split = {}, {}
@@ -342,7 +356,10 @@ def main(argv=None) -> int:
         geo[split] = _geometry(re0, s0, np.random.default_rng(seed))
         geo[split]["w0_logit_err_mean"] = _eval(re0, s0)["logit_err_mean"]
     out["split"] = geo
+    lap("split")
     out["tree"] = _tree_section(res_by_split, s0, sl, beta)
+    lap("tree")
+    out["timing_s"] = timing
 
     # cost accounting (from the code) and wall-time ratio (this run)
     cost_reg = chain.history[-1] if chain.history[-1]["kind"] == "regression" else None
@@ -424,7 +441,7 @@ def _print(out, a):
               f"ratios full/regression: calls {f['encoder_calls'] / r['encoder_calls']:.1f}x, "
               f"flops {f['total_flops'] / r['total_flops']:.1f}x, wall (this run) "
               f"{c['wall_full_s'] / c['wall_regression_s']:.1f}x")
-    print(f"runtime {out['runtime_s']:.0f} s")
+    print(f"runtime {out['runtime_s']:.0f} s (" + ", ".join(f"{k} {v:.0f}" for k, v in out["timing_s"].items()) + ")")
 
 
 if __name__ == "__main__":

@@ -211,8 +211,9 @@ def train(dataset, miner: Miner, *, steps: int = 500, batch_size: int = 128, dim
         from tqdm import tqdm
 
         bar = tqdm(total=steps, desc=desc or miner.name, leave=False, file=sys.stderr, mininterval=0.5)
-    t_train = 0.0
+    t_setup = time.perf_counter()
     miner.setup(ctx)
+    t_train = time.perf_counter() - t_setup
     started = False
     for t in range(steps):
         t0 = time.perf_counter()

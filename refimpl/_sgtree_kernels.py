@@ -22,10 +22,26 @@ INF = np.inf
 def dist(points, i, j):
     """Euclidean distance between rows i and j; exact 0 iff the rows are identical (no underflow to 0)."""
     d = points.shape[1]
-    s = 0.0
-    for k in range(d):
-        t = points[i, k] - points[j, k]
-        s += t * t
+    s0 = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    s3 = 0.0
+    k = 0
+    while k + 4 <= d:  # four independent accumulators: a fixed order that the compiler can vectorise
+        t0 = points[i, k] - points[j, k]
+        t1 = points[i, k + 1] - points[j, k + 1]
+        t2 = points[i, k + 2] - points[j, k + 2]
+        t3 = points[i, k + 3] - points[j, k + 3]
+        s0 += t0 * t0
+        s1 += t1 * t1
+        s2 += t2 * t2
+        s3 += t3 * t3
+        k += 4
+    while k < d:
+        t0 = points[i, k] - points[j, k]
+        s0 += t0 * t0
+        k += 1
+    s = (s0 + s1) + (s2 + s3)
     if s < 1e-280:  # possible underflow of tiny differences: recompute scaled
         m = 0.0
         for k in range(d):
@@ -625,21 +641,24 @@ def batch_place(v, L, xs, dv, points, base, point_node, NP, NL, NPar, NFC, NNS, 
                 if dv[i] > rad:
                     x = xs[i]
                     far = True
+                    xmin = INF  # lower bound of x's distance to the kids (exact where computed): for MIND
                     for q in range(k):
                         c = kids[q]
-                        if abs(dv[i] - NPdist[c]) > rad:
+                        lb = abs(dv[i] - NPdist[c])
+                        if lb > rad:
+                            if lb < xmin:
+                                xmin = lb
                             continue
                         dc = dist(points, x, NP[c])
                         state[3] += 1
+                        if dc < xmin:
+                            xmin = dc
                         if dc <= rad:
                             far = False
                             break
                     if far:
-                        for q in range(k):  # exact group minimum (MIND)
-                            dc = dist(points, x, NP[kids[q]])
-                            state[3] += 1
-                            if dc < gmin:
-                                gmin = dc
+                        if xmin < gmin:
+                            gmin = xmin
                         if dv[i] < gmin:
                             gmin = dv[i]
                         c = _alloc(x, ls, u, dv[i], points, point_node, NP, NL, NPar, NFC, NNS, NMaxd, NMind,

@@ -368,3 +368,22 @@ def test_paper_split_target_representations_are_invariant(seed, d, ridge):
         moved = np.abs(Z1 - Z0).max() / np.abs(Z0).max()
         assert (moved <= 1e-8) == (split == "paper")
         assert np.abs(re.query_representations(Q) - Zq0).max() > 1e-6
+
+
+def test_bench_quick_smoke(tmp_path, capsys):
+    """`python -m refimpl bench nystrom --quick` runs end to end and writes every section of the JSON."""
+    pytest.importorskip("refimpl.sgtree")
+    import json
+
+    from refimpl.benchmarks.nystrom import main
+
+    out = tmp_path / "ny.json"
+    assert main(["--quick", "--blas-threads", "0", "--out", str(out)]) == 0
+    d = json.loads(out.read_text())
+    for key in ("steps", "dprime", "sprime", "ridge", "landmarks", "split", "tree", "cost"):
+        assert d[key], key
+    assert d["tree"]["status"] == "done"
+    assert d["cost"]["regression"]["encoder_calls"] < d["cost"]["full"]["encoder_calls"]
+    w0 = d["steps"][0]
+    assert w0["stale"] == w0["exact_nystrom"]  # w = 0: the cache is the exact Nyström encoding
+    assert "JSON written to" in capsys.readouterr().out

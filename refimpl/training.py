@@ -163,7 +163,8 @@ def train(dataset, miner: Miner, *, steps: int = 500, batch_size: int = 128, dim
     log_q_correction : subtract log(K q) from each negative's logit (refused for miners without a proposal).
     probe_every : measure gradient relative error and TV every this many steps (0: never).
     eval_every : evaluate on the test split every this many steps (0: only at the end).
-    seed : int seed of every random stream (encoder init, batches, negatives, miner).
+    seed : int seed of every random stream (encoder init, batches, negatives, miner), spawned with
+        ``numpy.random.SeedSequence(seed)``; a ``numpy.random.Generator`` is accepted (one integer drawn from it).
     progress : show a tqdm progress bar.
     """
     from refimpl.encoders import LinearDualEncoder
@@ -179,6 +180,8 @@ def train(dataset, miner: Miner, *, steps: int = 500, batch_size: int = 128, dim
     probe_every = check_int("probe_every", probe_every, low=0)
     eval_every = check_int("eval_every", eval_every, low=0)
     lr_warmup = min(50, steps // 10) if lr_warmup is None else check_int("lr_warmup", lr_warmup, low=0)
+    if isinstance(seed, np.random.Generator):  # the project's rng convention: a Generator is consumed once
+        seed = int(seed.integers(0, 2 ** 63 - 1))
     seed = check_int("seed", seed, low=0)
     check_positive("lr", lr)
     if log_q_correction and not miner.has_log_q:
@@ -214,6 +217,8 @@ def train(dataset, miner: Miner, *, steps: int = 500, batch_size: int = 128, dim
     t_setup = time.perf_counter()
     miner.setup(ctx)
     t_train = time.perf_counter() - t_setup
+    if eval_every:
+        res.evals.append({"step": 0, **evaluate(enc, dataset)})
     started = False
     for t in range(steps):
         t0 = time.perf_counter()

@@ -378,7 +378,10 @@ def test_bench_quick_smoke(tmp_path, capsys):
     from refimpl.benchmarks.nystrom import main
 
     out = tmp_path / "ny.json"
-    assert main(["--quick", "--blas-threads", "0", "--out", str(out)]) == 0
+    assert main(["--quick", "--blas-threads", "0", "--out", str(out), "--n-targets", "400", "--n-features", "48",
+                 "--dim", "40", "--pretrain", "3", "--steps", "0,2", "--interval", "2", "--dprimes", "8,16",
+                 "--sprimes", "16,64", "--ridges", "0,1e-3", "--d-default", "16", "--s-default", "64",
+                 "--n-eval", "60"]) == 0
     d = json.loads(out.read_text())
     for key in ("steps", "dprime", "sprime", "ridge", "landmarks", "split", "tree", "cost"):
         assert d[key], key

@@ -81,11 +81,11 @@ def _parse(argv):
     p.add_argument("--positives", default="argmax", choices=("argmax", "sample"),
                    help="planted positives: the teacher's argmax (R@1 ceiling 1) or a softmax sample")
     p.add_argument("--blas-threads", type=int, default=1, help="OpenBLAS threads (0: leave as is)")
+    if "--quick" in argv:  # smaller defaults; options given explicitly still win
+        p.set_defaults(n_targets=1024, n_features=128, dim=96, batch=128, pretrain=10, steps="0,4,8",
+                       dprimes="16,32,64", sprimes="32,128", ridges="0,1e-3,1e-1", d_default=32, s_default=128,
+                       interval=4, n_eval=200)
     a = p.parse_args(argv)
-    if a.quick:
-        a.n_targets, a.n_features, a.dim, a.batch, a.pretrain = 1024, 128, 96, 128, 10
-        a.steps, a.dprimes, a.sprimes, a.ridges = "0,4,8", "16,32,64", "32,128", "0,1e-3,1e-1"
-        a.d_default, a.s_default, a.interval, a.n_eval = 32, 128, 4, 200
     a.steps = sorted({int(x) for x in a.steps.split(",")})
     a.dprimes = [int(x) for x in a.dprimes.split(",")]
     a.sprimes = [int(x) for x in a.sprimes.split(",")]

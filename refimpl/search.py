@@ -11,7 +11,9 @@ MAXNORM): with d = ||q - p||,
 * ball  (law of cosines):  <q, t> = (||q||^2 + ||t||^2 - ||q - t||^2) / 2 <= (||q||^2 + M2 - max(0, d - r)^2) / 2;
 * norm:  <q, t> <= ||q|| sqrt(M2).
 
-``bound="ball"`` (default) uses the minimum of the three, ``bound="linear"`` the first only. On unit-norm data the
+``bound="ball"`` (default) uses the minimum of the three, ``bound="linear"`` the first only. With the ball bound a
+child c of an expanded node v is first tested WITHOUT reading its row: ||q - t|| >= |d(q, p_v) - PDIST(c)| - MAXD(c)
+for every t below c (triangle inequality), which gives a ball bound for c's whole subtree, p_c included. On unit-norm data the
 ball bound is the nearest-neighbour bound and prunes far better (the linear bound cannot prune a subtree whose
 radius exceeds the gap between its representative's score and the k-th best score). A node is pruned when its
 bound is below the current k-th best score minus a rounding slack of 1e-9 (||q|| + max||t||)^2, so no true top-k
@@ -138,13 +140,14 @@ def _bound(dot, d2, qn, qn2, r, m2, ball):
 
 
 @njit(cache=True)
-def _topk_kernel(Q, k, points, root, NP, NFC, NNS, NMaxd, NMaxn, n_nodes, ball, out_ids, out_scores, n_ip,
+def _topk_kernel(Q, k, points, root, NP, NFC, NNS, NMaxd, NMaxn, NPdist, n_nodes, ball, out_ids, out_scores, n_ip,
                  n_exp):
     hs = np.empty(k)
     hi = np.empty(k, dtype=np.int64)
     cap = n_nodes + 1
     cb = np.empty(cap)  # candidate max-heap: bound, node
     cv = np.empty(cap, dtype=np.int64)
+    cd = np.empty(cap)  # ||q - p_v|| of the candidate
     m2root = NMaxn[root]
     for qi in range(Q.shape[0]):
         qn2 = 0.0
@@ -161,16 +164,19 @@ def _topk_kernel(Q, k, points, root, NP, NFC, NNS, NMaxd, NMaxn, n_nodes, ball, 
         if NFC[root] != -1:
             cb[0] = _bound(dot, d2, qn, qn2, NMaxd[root], NMaxn[root], ball)
             cv[0] = root
+            cd[0] = math.sqrt(d2)
             nc = 1
         while nc > 0:
             ub = cb[0]
             v = cv[0]
+            lv_d = cd[0]
             if size == k and ub < hs[0] - slack:
                 break
             # pop
             nc -= 1
             lb = cb[nc]
             lv = cv[nc]
+            ld = cd[nc]
             j = 0
             while True:
                 c = 2 * j + 1
@@ -182,13 +188,23 @@ def _topk_kernel(Q, k, points, root, NP, NFC, NNS, NMaxd, NMaxn, n_nodes, ball, 
                     break
                 cb[j] = cb[c]
                 cv[j] = cv[c]
+                cd[j] = cd[c]
                 j = c
             if nc > 0:
                 cb[j] = lb
                 cv[j] = lv
+                cd[j] = ld
             nexp += 1
+            dqv = lv_d
             c = NFC[v]
             while c != -1:
+                if ball and size == k:
+                    # parent-distance test: ||q - t|| >= |d(q, p_v) - PDIST(c)| - MAXD(c) for t below c, so c's
+                    # subtree (p_c included) can be skipped without reading its row
+                    dl = abs(dqv - NPdist[c]) - NMaxd[c]
+                    if dl > 0.0 and 0.5 * (qn2 + NMaxn[c] - dl * dl) < hs[0] - slack:
+                        c = NNS[c]
+                        continue
                 x = NP[c]
                 dot, d2 = _dot_d2(Q, qi, points, x)
                 nip += 1
@@ -203,11 +219,13 @@ def _topk_kernel(Q, k, points, root, NP, NFC, NNS, NMaxd, NMaxn, n_nodes, ball, 
                             if cb[p] < b:
                                 cb[j] = cb[p]
                                 cv[j] = cv[p]
+                                cd[j] = cd[p]
                                 j = p
                             else:
                                 break
                         cb[j] = b
                         cv[j] = c
+                        cd[j] = math.sqrt(d2)
                 c = NNS[c]
         # heap -> sorted best first
         for r in range(size - 1, -1, -1):
@@ -287,7 +305,8 @@ def topk(tree, q, k: int, *, bound: str = "ball") -> TopKResult:
     n_ip = np.empty(nq, dtype=np.int64)
     n_exp = np.empty(nq, dtype=np.int64)
     _topk_kernel(Q, k, tree.points, tree.root, tree.node_point, tree.node_first_child, tree.node_next_sibling,
-                 tree.node_maxd, tree.node_maxnorm, tree.n_nodes, bound == "ball", ids, scores, n_ip, n_exp)
+                 tree.node_maxd, tree.node_maxnorm, tree.node_pdist, tree.n_nodes, bound == "ball", ids, scores,
+                 n_ip, n_exp)
     stats = {"inner_products": n_ip, "nodes_expanded": n_exp}
     if one:
         return TopKResult(ids[0], scores[0], {key: val[0] for key, val in stats.items()})

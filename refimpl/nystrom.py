@@ -112,7 +112,7 @@ def _take_rows(X, ids):
 
 # ----------------------------------------------------------------------------------------------- landmarks
 def select_landmarks(n_landmarks: int, n_targets: int, *, method: str = "uniform", embeddings=None, rng=None):
-    """Indices (int64, sorted in selection order) of ``n_landmarks`` distinct landmark targets.
+    """Indices (int64) of ``n_landmarks`` distinct landmark targets (sorted for uniform, else in selection order).
 
     * ``"uniform"``: uniformly without replacement (the paper, §4); needs no embeddings.
     * ``"kmeans++"``: D^2 seeding on the embeddings (first uniform, then each next landmark with probability

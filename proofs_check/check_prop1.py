@@ -18,8 +18,43 @@ import numpy as np
 
 from proofs_check import _instances as I
 from proofs_check._framework import Budget, Outcome, Verdict, claim
+from refimpl.sgtree import SGTree
 
 TOL = 1e-9
+
+
+def stretch(tree, theta, frac=0.98):
+    """Rigidly rotate every subtree (top-down) so that each child sits at 0.98 b^(level+1) from its parent's
+    representative along the unit circle: the parent-child covering still holds, distances inside a subtree are
+    preserved, and descendants accumulate distance from their ancestors."""
+    n = theta.size
+    nodes = tree.point_node[np.arange(n)]
+    for v in nodes[np.argsort(-tree.node_level[nodes], kind="stable")]:
+        p = tree.node_parent[v]
+        if p < 0:
+            continue
+        c, pp = tree.node_point[v], tree.node_point[p]
+        gap = theta[c] - theta[pp]
+        target = frac * tree.base ** (tree.node_level[v] + 1)
+        if target >= 2:
+            continue
+        delta = np.sign(gap or 1.0) * (2 * np.arcsin(target / 2) - abs(gap))
+        if delta * np.sign(gap or 1.0) > 0:
+            theta[tree.subtree_targets(v)] += delta
+    return theta
+
+
+def constructed_deep_tree(base, ratio, k=25, rounds=4):
+    """A deep tree on the unit circle (D = 2): angles 1 - ratio^j inserted in order (a chain of nested clusters),
+    then stretched by :func:`stretch` and kept valid by update_points + Alg. 3 maintain(0)."""
+    theta = 1 - ratio ** np.arange(k, dtype=float)
+    X = np.c_[np.cos(theta), np.sin(theta)]
+    tree = SGTree.build(X, base=base, order="given", method="insert")
+    for _ in range(rounds):
+        theta = stretch(tree, theta)
+        X = np.c_[np.cos(theta), np.sin(theta)]
+        tree.update_points(np.arange(k), X)
+    return tree, X
 
 
 @claim("prop1_ratio_bound", paper_ref="Prop. 1", expected=Verdict.HOLDS_CORRECTED, order=10,
@@ -32,14 +67,22 @@ def check(budget: Budget, rng) -> Outcome:
     worst_printed = worst_corr = 0.0
     small = I.Smallest()
     kinds_seen = {}
-    for t in range(n_trees):
-        drift = t % 2 == 1
-        kind, n, dim, base, X = I.random_instance(rng, n_range=(4, 160) if t % 4 < 2 else (100, 300),
-                                                  dims=(2, 3, 8))
-        if drift:
-            tree, X = I.drifted_tree(X, base, rng, rounds=int(rng.integers(2, 12)), step=float(rng.choice([0.01, 0.03])))
+    constructed = [(2.0, 0.5), (2.0, 0.3), (1.3, 1 / 1.3)]
+    worst_constructed = 0.0
+    for t in range(n_trees + len(constructed)):
+        if t < len(constructed):
+            base, ratio = constructed[t]
+            tree, X = constructed_deep_tree(base, ratio)
+            kind, n, dim, drift = f"constructed deep chain (ratio {ratio:.3g})", X.shape[0], 2, True
         else:
-            tree = I.build(X, base, rng)
+            drift = t % 2 == 1
+            kind, n, dim, base, X = I.random_instance(rng, n_range=(4, 160) if t % 4 < 2 else (100, 300),
+                                                      dims=(2, 3, 8))
+            if drift:
+                tree, X = I.drifted_tree(X, base, rng, rounds=int(rng.integers(2, 12)),
+                                         step=float(rng.choice([0.01, 0.03])))
+            else:
+                tree = I.build(X, base, rng)
         errs = tree.check_invariants()
         if errs:
             raise AssertionError(f"library tree invalid before the check ({kind}, n={n}): {errs[:3]}")
@@ -59,10 +102,13 @@ def check(budget: Budget, rng) -> Outcome:
                 q = diff / np.linalg.norm(diff) if np.linalg.norm(diff) > 0 else np.eye(dim)[0]
                 logratio = abs(beta * float(q @ X[far]) - beta * float(q @ X[c.reps[j]]))
                 worst_printed = max(worst_printed, logratio / r_printed)
+                if t < len(constructed):
+                    worst_constructed = max(worst_constructed, logratio / r_printed)
                 if logratio > r_printed * (1 + TOL):
                     printed_viol += 1
-                    small.offer((n, L), lambda: (
-                        f"{kind} targets, n={n}, D={dim}, base b={base}, {'after drift + Alg. 3' if drift else 'fresh'} "
+                    small.offer((n, -logratio / r_printed), lambda: (
+                        f"{kind} unit-norm targets, n={n}, D={dim}, base b={base}, "
+                        f"{'after drift + Alg. 3' if drift else 'fresh'} (valid per the tree's invariant checker) "
                         f"tree; level l={L} cluster with representative {int(c.reps[j])} and member {far} at distance "
                         f"{ext[j]:.6g} > b^l = {base ** L:.6g}; unit q = (t_{far} - t_r)/||.|| gives "
                         f"|s_i - s_r| = {logratio:.6g} > r = beta b^l = {r_printed:.6g} (beta={beta})."))
@@ -73,7 +119,8 @@ def check(budget: Budget, rng) -> Outcome:
                     coarse_viol += 1
                 if r_corr > 0:
                     worst_corr = max(worst_corr, logratio / r_corr)
-    details = (f"{n_trees} trees (half after drift + Alg. 3 maintenance), {cases} clusters of size >= 2 over all "
+    details = (f"{len(constructed)} constructed deep chains (worst |log ratio|/r = {worst_constructed:.3g}; the limit is "
+               f"b/(b-1)) + {n_trees} random trees (half after drift + Alg. 3 maintenance), {cases} clusters of size >= 2 over all "
                f"levels; by kind: {kinds_seen}. Printed r = beta b^l: {printed_viol} violations, worst observed "
                f"|log ratio| / r = {worst_printed:.4g}. Corrected r = beta ||q|| rho(C) (MAXD radius): "
                f"{corr_viol} violations, worst ratio {worst_corr:.4g}. Coarse radius b^(l+1)/(b-1): {coarse_viol} "

@@ -45,3 +45,59 @@ def test_each_claim_gets_its_own_reproducible_stream():
     assert seen[0] == seen[1] != seen[2]
     assert Budget(scale=0.1).cases(100) == 10 and Budget(scale=0.001).cases(100, minimum=3) == 3
     assert isinstance(np.random.default_rng(0), np.random.Generator)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the oracles the checks rely on (independent of the library's kernels) must themselves be right
+
+
+def test_mh_law_is_exact_and_converges():
+    from proofs_check import _instances as I
+
+    rng = np.random.default_rng(0)
+    P = rng.dirichlet(np.ones(12))
+    laws = I.mh_law(P, P, 4)  # proposal = target: every state is already P
+    assert all(I.tv(law, P) < 1e-12 for law in laws)
+    Q = rng.dirichlet(np.ones(12))
+    laws = I.mh_law(P, Q, 60)
+    gamma = float(np.max(P / Q))
+    tvs = [I.tv(law, P) for law in laws]
+    assert tvs[0] == I.tv(Q, P) and tvs[-1] < tvs[0]
+    assert all(t <= np.exp(-(s - 1) / gamma) + 1e-12 for s, t in enumerate(tvs, start=1))
+    assert all(abs(law.sum() - 1) < 1e-12 for law in laws)
+
+
+def test_gof_has_power_and_accepts_exact_draws():
+    """The chi-square helper rejects a law 0.05 away in TV with the sample size it prescribes, accepts exact draws."""
+    from proofs_check import _instances as I
+
+    rng = np.random.default_rng(1)
+    p = rng.dirichlet(np.ones(200) * 0.3)
+    n = I.required_n(I.bins_for(p)[1] - 1)
+    exact = rng.choice(p.size, size=n, p=p)
+    assert I.gof(exact, p)[0] > I.ALPHA
+    q = p.copy()
+    top = int(np.argmax(q))
+    q[top] += 0.05
+    q /= q.sum()
+    assert I.tv(p, q) > 0.02
+    assert I.gof(rng.choice(p.size, size=n, p=q), p)[0] < I.ALPHA
+    assert I.required_n(10) < I.required_n(40)
+
+
+def test_alg1_exact_law_corrected_is_exact_printed_is_not():
+    from proofs_check import _instances as I
+    from proofs_check.check_alg1_printed import exact_law
+
+    rng = np.random.default_rng(2)
+    X = I.points("hierarchical", 60, 3, rng)
+    tree = I.build(X, 1.3, rng)
+    q = X[0]
+    beta = 20.0
+    s = beta * X @ q
+    P = I.softmax(s)
+    top = tree.level_range()[1] + 1
+    law, bad, succ = exact_law(tree, s, top, "corrected", bq=beta)
+    assert bad == 0 and I.tv(law, P) < 1e-9 and 0 < succ <= 1
+    law_p, bad_p, _ = exact_law(tree, s, top, "printed", X=1.0)
+    assert bad_p > 0 and I.tv(law_p, P) > 1e-3

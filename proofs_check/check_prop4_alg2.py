@@ -53,12 +53,15 @@ def check(budget: Budget, rng) -> Outcome:
         n = int(rng.integers(20, 300))
         dim = int(rng.choice([3, 8]))
         base = float(rng.choice([1.05, 1.3, 2.0]))
+        beta = float(rng.choice([1.0, 20.0, 50.0]))
+        gamma = float(rng.choice([1.5, 2.0, 4.0, 20.0]))
+        qns = (1.0, float(rng.choice([0.3, 3.0, 10.0])))
+        if t < 2:  # fixed adversarial setting: tight clusters, fine base, a long query
+            kind, base, beta, gamma, qns = "clustered_tight", 1.05, 20.0, 2.0, (1.0, 10.0)
         X = I.points(kind, n, dim, rng)
         tree = I.build(X, base, rng) if t % 2 else I.drifted_tree(X, base, rng, rounds=5)[0]
         X = tree.points[:n]
-        beta = float(rng.choice([1.0, 20.0, 50.0]))
-        gamma = float(rng.choice([1.5, 2.0, 4.0, 20.0]))
-        for qn in (1.0, float(rng.choice([0.3, 3.0, 10.0]))):
+        for qn in qns:
             q = qn * (X[int(rng.integers(n))] if rng.random() < 0.5 else I.unit_rows(rng.normal(size=(1, dim)))[0])
             cases += 1
             lr = log_max_ratio(X, q, beta, alg2_printed(tree, q, beta, gamma), n)

@@ -14,7 +14,7 @@ import numpy as np
 from figures import _common as C
 
 CAPTION = ("Alg. 1 rejection sampler started at tree level L: work = |C_L| (falls with L) + attempts (grow like "
-           "e^{beta b^L}; measured = predicted k Z_hi/Z) is U-shaped, and so is the time per query (minimum at the "
+           "e^{beta b^L}; measured = predicted k Z_hi/Z) is U-shaped, and so is the time per query (minimum near the "
            "library's default level; dash-dot: brute force, still faster at this small N, D); right: Q's error.")
 
 

@@ -40,7 +40,7 @@ def compute(rng, quick):
 
     Ns = [500, 2000] if quick else [1000, 3000, 10000, 30000, 100000]
     nq, dim, k, beta = (2, 16, 16, 20.0) if quick else (5, 16, 64, 20.0)
-    reps = 1 if quick else 2
+    reps = 1 if quick else 3
     T_all, Q = C.planted(max(Ns), nq, dim, rng)
     SGTree.build(T_all[:50], rng=rng)  # compile outside the timings
     samplers = _samplers()

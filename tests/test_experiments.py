@@ -32,3 +32,20 @@ def test_reproduce_writes_json_and_markdown(capsys, tmp_path):
     data = json.load(open(tmp_path / "reproduce.json"))
     assert data["meta"]["n_targets"] == 300 and len(data["methods"]) == 7
     assert [m["method"] for m in data["methods"]][:2] == ["in-batch", "uniform"]
+
+
+def test_claims_summary_verdicts():
+    from refimpl.experiments import claims_summary
+    from refimpl.training import TrainResult
+
+    def row(label, r1, mem, mrr=0.5, calls=10):
+        return label, TrainResult(final={"R@1": r1, "mem_percent": mem, "MRR@10": mrr, "encoder_calls": calls})
+
+    base = [row("uniform", 0.30, 0), row("SNM 3%", 0.44, 3), row("SNM 10%", 0.46, 10),
+            row("Negative Cache 6.3%", 0.47, 6.3), row("brute force", 0.50, 100)]
+    good = claims_summary(base + [row("DyNNIBAL", 0.485, 0.3)])
+    assert "DyNNIBAL 1.5 pts" in good and "SNM 3% 6.0 pts" in good and "CONFIRMED" in good
+    assert "ratio 21.0x" in good
+    bad = claims_summary(base + [row("DyNNIBAL", 0.47, 0.3)])
+    assert "NOT confirmed" in bad
+    assert "need the DyNNIBAL" in claims_summary(base)

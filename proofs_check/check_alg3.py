@@ -23,7 +23,7 @@ from proofs_check._framework import Budget, Outcome, Verdict, claim
        statement="After every pairwise distance moves by at most U, UpdateSGTree(U) (Alg. 3) restores a valid SG tree: "
                  "covering, separation, MAXD/MIND, every target present.")
 def check(budget: Budget, rng) -> Outcome:
-    n_trees = budget.cases(16, minimum=4)
+    n_trees = budget.cases(24, minimum=4)
     cases = bad = broken_without = 0
     rebuilt = 0
     cex, lines = None, []

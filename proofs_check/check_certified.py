@@ -29,7 +29,7 @@ def _rel(x):
        statement="For any norms, Z_lo <= Z <= Z_hi, the certified gamma >= max P/Q (Eq. 7) and >= max P/Q+, and the TV "
                  "bound >= ||P - Q||_TV, with eps_C = beta ||q|| rho(C).")
 def check(budget: Budget, rng) -> Outcome:
-    n_inst = budget.cases(40, minimum=8)
+    n_inst = budget.cases(60, minimum=8)
     cases = bad = 0
     worst_g = worst_z = 0.0
     cex = None

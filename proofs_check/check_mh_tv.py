@@ -27,7 +27,7 @@ S_MAX = 40
        statement="||P - Q_MH||_TV <= exp(-(s-1)/gamma) after s states of independent MH started from Q, "
                  "gamma = max P/Q; so s > 1 + gamma log(1/eps) gives TV <= eps.")
 def check(budget: Budget, rng) -> Outcome:
-    n_inst = budget.cases(16, minimum=4)
+    n_inst = budget.cases(20, minimum=4)
     cases = viol = cert_bad = stat_bad = 0
     worst, pmin = 0.0, 1.0
     cex, lines = None, []

@@ -90,7 +90,7 @@ def check_prop5(budget: Budget, rng) -> Outcome:
         coef = np.zeros(Xt.shape[0])
         coef[j] = 1.0 / BETA
         xcheck = max(xcheck, abs(combo_grad_norm(enc, Xq[i], Xt, coef) - Mpairs[i, j]) / Mpairs[i, j])
-    n_q = budget.cases(40, minimum=8)
+    n_q = min(budget.cases(40, minimum=8), len(ds.test_ids))
     cases = viol = 0
     worst, lines = 0.0, []
     for qi in rng.choice(ds.test_ids, size=n_q, replace=False):
@@ -121,7 +121,7 @@ def check_prop5(budget: Budget, rng) -> Outcome:
 def check_sampled(budget: Budget, rng) -> Outcome:
     ds, enc = trained(11)
     Xq, Xt = np.asarray(ds.query_features), np.asarray(ds.target_features)
-    n_q = budget.cases(40, minimum=8)
+    n_q = min(budget.cases(40, minimum=8), len(ds.test_ids))
     cases = viol = 0
     worst_rel, cex = 0.0, None
     for qi in rng.choice(ds.test_ids, size=n_q, replace=False):

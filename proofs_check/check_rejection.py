@@ -54,7 +54,7 @@ def _desc(kind, n, dim, base, beta, q, level):
        statement="If every ratio exp(s_r(C(i)))/exp(s_i) lies in [e^-eps, e^eps], proposing i ~ Q (Eq. 7) and accepting "
                  "with e^-eps exp(s_i)/exp(s_r(C(i))) gives exact samples of P.")
 def check_flat(budget: Budget, rng) -> Outcome:
-    n_inst = budget.cases(10, minimum=3)
+    n_inst = budget.cases(15, minimum=3)
     cases = bad = 0
     worst_tv, pmin = 0.0, 1.0
     cex, lines = None, []
@@ -106,7 +106,7 @@ def check_flat(budget: Budget, rng) -> Outcome:
        statement="Alg. 1 (hierarchical rejection with restarts, errata fixed: e^{beta rho}, rho = MAXD, non-negative "
                  "restart) returns exact samples of P from any start level.")
 def check_alg1(budget: Budget, rng) -> Outcome:
-    n_inst = budget.cases(8, minimum=3)
+    n_inst = budget.cases(12, minimum=3)
     cases = bad = 0
     pmin = 1.0
     cex, lines = None, []

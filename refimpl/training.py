@@ -171,6 +171,8 @@ def train(dataset, miner: Miner, *, steps: int = 500, batch_size: int = 128, dim
     from refimpl.optim import Adam
     from refimpl.softmax import full_softmax_grad, full_softmax_loss, gradient_relative_error, sampled_softmax_loss
 
+    if not hasattr(dataset, "validate") or not hasattr(dataset, "positives"):
+        raise TypeError(f"dataset: expected a refimpl.data.RetrievalDataset, got {type(dataset).__name__}")
     if not isinstance(miner, Miner):
         raise TypeError(f"miner: expected a refimpl.miners.Miner, got {type(miner).__name__}")
     steps = check_int("steps", steps, low=1)
@@ -353,9 +355,14 @@ def train_main(argv=None) -> int:
     a = p.parse_args(argv)
     from refimpl.data import load_text_pairs
 
-    ds = load_text_pairs(os.path.join(a.data, "targets.tsv"), os.path.join(a.data, "queries.tsv"),
-                         n_features=a.n_features)
-    miner = make_miner(a.miner, k=a.k, mem_percent=a.mem_percent, refresh_every=a.refresh_every, policy=a.policy)
+    try:
+        ds = load_text_pairs(os.path.join(a.data, "targets.tsv"), os.path.join(a.data, "queries.tsv"),
+                             n_features=a.n_features)
+        miner = make_miner(a.miner, k=a.k, mem_percent=a.mem_percent, refresh_every=a.refresh_every,
+                           policy=a.policy)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"data: {ds.n_targets} targets, {ds.train_ids.size} train / {ds.test_ids.size} test queries; "
           f"miner: {miner.config()}")
     res = train(ds, miner, steps=a.steps, batch_size=min(a.batch_size, ds.train_ids.size), dim=a.dim, beta=a.beta,

@@ -94,7 +94,11 @@ def test_per_query_negatives_combine_with_shared(ds):
     assert r.history[-1]["n_negatives"] == 4 + 8 + 16
 
 
-def test_bad_input(ds):
+def test_bad_input(ds, tmp_path, capsys):
+    with pytest.raises(TypeError, match="dataset"):
+        train({"positives": []}, Uniform(4))
+    assert train_main(["--data", str(tmp_path), "--miner", "uniform"]) == 2
+    assert "no such file" in capsys.readouterr().err
     with pytest.raises(TypeError, match="miner"):
         train(ds, "uniform")
     with pytest.raises(ValueError, match="steps"):

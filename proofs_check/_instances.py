@@ -102,6 +102,8 @@ def labels_from_members(n, members):
         lab[m] = j
     if (lab < 0).any():
         raise AssertionError("clustering does not cover every target")
+    if sum(len(m) for m in members) != n:
+        raise AssertionError("clustering is not a partition: a target lies in two clusters")
     return lab
 
 

@@ -9,7 +9,8 @@ the tree's independent NumPy invariant checker (``check_invariants``: nesting, p
 separation, MAXD >= true distances, counts, every target in exactly one place) must return no violation, and every
 level clustering must partition the targets with certified radii >= the true extents. Several rounds per tree
 (drift accumulates), U from 1e-4 to above the root's scale, bases 1.05/1.3/2, duplicates and deep trees.
-Non-vacuity: the same drift WITHOUT maintain leaves invariant violations in some cases (counted and reported).
+Also on drift produced by real training (SGD steps of the trained linear dual encoder of the Prop. 5/6 checks,
+U = 2 max_i ||t_i' - t_i||). Non-vacuity: the same drift WITHOUT maintain leaves invariant violations in some cases (counted and reported).
 """
 from __future__ import annotations
 
@@ -67,6 +68,37 @@ def check(budget: Budget, rng) -> Outcome:
                 cex = cex or f"{kind} n={n} D={dim} b={base} round {rnd} U={U:.3g}: {errs[:3]}"
         if len(lines) < 8:
             lines.append(f"{kind} n={n} D={dim} b={base}: 4 drift rounds, tree depth {tree.depth()}")
+    # drift produced by real training: SGD steps of the trained linear dual encoder of the Prop. 5/6 checks
+    from proofs_check.check_prop5_prop6 import trained
+    from refimpl.softmax import full_softmax_grad
+
+    ds, enc = trained(11)
+    Xq, Xt = np.asarray(ds.query_features), np.asarray(ds.target_features)
+    for base, eta in ((1.3, 0.05), (2.0, 0.2)):
+        T = enc.encode_targets(Xt)
+        tree = I.build(T, base, rng)
+        for rnd in range(3):
+            for _ in range(5):
+                b = rng.choice(ds.train_ids, size=32, replace=False)
+                _, dA, dB = full_softmax_grad(enc, Xq[b], Xt, [ds.positives[i] for i in b])
+                enc.A -= eta * dA
+                enc.B -= eta * dB
+            Tn = enc.encode_targets(Xt)
+            U = 2 * float(np.max(np.linalg.norm(Tn - T, axis=1)))  # >= every pairwise distance change
+            tree.update_points(np.arange(Tn.shape[0]), Tn, repair=False)
+            broken = bool(tree.check_invariants())
+            broken_without += broken
+            st = tree.maintain(U)
+            rebuilt += st["clusters_rebuilt"]
+            errs = tree.check_invariants()
+            cases += 1
+            if errs:
+                bad += 1
+                cex = cex or f"trained encoder b={base} eta={eta} round {rnd} U={U:.3g}: {errs[:3]}"
+            lines.append(f"trained encoder ({Tn.shape[0]} targets), b={base}, 5 SGD steps at eta={eta}: U={U:.3g}, "
+                         f"invariants broken before maintain: {broken}, clusters rebuilt {st['clusters_rebuilt']}, "
+                         f"valid after: {not errs}")
+            T = Tn
     return Outcome(Verdict.HOLDS if bad == 0 else Verdict.FAILS, cases=cases, violations=bad, counterexample=cex,
                    details=f"{cases} (tree, drift round) cases, {rebuilt} clusters rebuilt in total; trees left invalid "
                            f"after maintain(U): {bad}. Non-vacuity: after the drift and before maintain(U) the invariant "

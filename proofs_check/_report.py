@@ -47,6 +47,14 @@ def write_markdown(results, path: Path, *, budget, seed, seconds) -> None:
         lines.append(f"| {r.claim.key} | {_md_cell(r.claim.paper_ref)} | {o.verdict.value} | "
                      f"{'yes' if r.as_expected else '**NO**'} | {o.cases} | {o.violations} | {_fmt_tight(o.tightness)} |")
     lines.append("")
+    errata = [r for r in results if r.outcome.verdict.value in ("holds only corrected", "fails")]
+    if errata:
+        lines += ["**Statements that fail as printed** (counterexample and correction in each section below):", ""]
+        for r in errata:
+            o = r.outcome
+            lines.append(f"- `{r.claim.key}` ({_md_cell(r.claim.paper_ref)}, {o.verdict.value}): "
+                         f"{str(o.correction or o.counterexample or '').replace(chr(10), ' ')}")
+        lines.append("")
     for r in results:
         o = r.outcome
         lines += [f"## {r.claim.key} ({r.claim.paper_ref})", "", f"**Claim.** {r.claim.statement}", "",

@@ -45,7 +45,19 @@ PDIST(c) + U <= b^(l+1) for each child c of level l (Eq. 10) and every non-ident
 the root when a point no longer lies within b^(l+1) of it). The printed test MAXD + U <= b^l is strong covering,
 which our trees do not promise (MAXD reaches b^(l+1)/(b-1)), so it would rebuild almost everything.
 
-Base default b = 1.3: measured by ``python -m refimpl bench tree --bases`` (see the report in the issue note).
+Base default b = 1.2, chosen by measurement (``python -m refimpl bench tree --sizes 1e6 --bases 1.15,1.2,1.3`` and
+``--sizes 1e5 --bases ...``; hierarchical_points, D = 64, one thread, CPU seconds on the shared machine):
+
+    N = 1e6   base 1.15: build 8.4 s, depth 12, top-10 2.41 ms / 5105 inner products per query
+              base 1.2 : build 9.0 s, depth 11, top-10 2.24 ms / 5184
+              base 1.3 : build 12.8 s, depth 9, top-10 2.21 ms / 4900
+    N = 1e5   (ball bound before the parent-distance test) top-10 inner products 1443 / 1378 / 1106, 2.0: 2416;
+              build 1.36 / 1.45 / 1.68 s (2.0: 3.1 s); certified log Z gap (beta = 20, ~1000 clusters)
+              11.0 / 11.2 / 9.9 (1.05: 15.2, 2.0: 9.4): the gap follows the cluster radii, ~0.21 at every base.
+
+Larger bases (1.5, 2) build 2-4x slower (groups of up to |S| mutually far points at the bottom levels cost
+|S|^2 distances) without better search; bases near 1 (1.05) give deep trees and looser bounds at equal cluster
+counts. 1.2 builds near the fastest and searches near the best.
 """
 from __future__ import annotations
 
@@ -61,7 +73,7 @@ from refimpl._validate import as_rng, check_ids, check_int, check_matrix, check_
 
 __all__ = ["SGTree", "Clustering", "DEFAULT_BASE"]
 
-DEFAULT_BASE = 1.3
+DEFAULT_BASE = 1.2
 MAX_ABS = 1e140  # larger magnitudes would overflow squared distances / inner products in float64
 _FORMAT = "refimpl.SGTree"
 _VERSION = 1
@@ -381,7 +393,47 @@ class SGTree:
                     raise ValueError(f"array {name} has shape {a.shape}, expected ({n},)")
                 getattr(tree, name)[:n] = a
             tree.free_stack[:free_top] = data["free_stack"]
+            if state.shape != (4,):
+                raise ValueError(f"state has shape {state.shape}")
             tree._state[:] = state
+            tree._validate_links()
         except (KeyError, IndexError, TypeError, ValueError) as exc:
             raise ValueError(f"path: {path!s} is a damaged SGTree file ({exc})") from None
         return tree
+
+    def _validate_links(self) -> None:
+        """Vectorised sanity check of a loaded tree, so that no kernel can index out of bounds or loop forever:
+        ids in range, every live non-root node referenced exactly once by a first-child/next-sibling link (the
+        root never), parents consistent with the lists, child levels below their parent's."""
+        n, t, root = self.n_nodes, self.n_targets, self.root
+        NP, par = self.node_point[:n], self.node_parent[:n]
+        fc, ns = self.node_first_child[:n], self.node_next_sibling[:n]
+        if not (-1 <= root < max(n, 1)) or not (0 <= self._state[2] <= n) or n > self.node_point.shape[0]:
+            raise ValueError("root / node counts out of range")
+        for name, a, hi in (("node_point", NP, t), ("node_parent", par, n), ("node_first_child", fc, n),
+                            ("node_next_sibling", ns, n), ("point_node", self.point_node[:t], n)):
+            if a.size and (a.min() < -1 or a.max() >= hi):
+                raise ValueError(f"{name} has ids out of range")
+        live = NP >= 0
+        if root >= 0 and not live[root]:
+            raise ValueError("the root is not a live node")
+        refs = np.concatenate([fc[live], ns[live]])
+        cnt = np.bincount(refs[refs >= 0], minlength=n)
+        expect = live.astype(np.int64)
+        if root >= 0:
+            expect[root] = 0
+        if not np.array_equal(cnt, expect):
+            raise ValueError("child links do not reference every live node exactly once")
+        kids = np.flatnonzero(live & (par >= 0))
+        if (self.node_level[kids] >= self.node_level[par[kids]]).any():
+            raise ValueError("a child's level is not below its parent's")
+        heads = fc[live][fc[live] >= 0]
+        owners = np.flatnonzero(live)[fc[live] >= 0]
+        if not np.array_equal(par[heads], owners):
+            raise ValueError("first-child links disagree with node_parent")
+        sib = np.flatnonzero(live & (ns >= 0))
+        if not np.array_equal(par[ns[sib]], par[sib]):
+            raise ValueError("sibling links disagree with node_parent")
+        fs = self.free_stack[: self._state[2]]
+        if fs.size and (fs.min() < 0 or fs.max() >= n or live[fs].any()):
+            raise ValueError("the free list holds live or out-of-range nodes")

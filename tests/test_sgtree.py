@@ -243,6 +243,26 @@ def test_save_load_round_trip_and_bad_files(tmp_path):
     np.savez(tmp_path / "foreign.npz", a=np.arange(3))
     with pytest.raises(ValueError, match="not an SGTree"):
         SGTree.load(tmp_path / "foreign.npz")
+    # consistent shapes but corrupted links: rejected before any kernel can index out of bounds or loop
+    with np.load(p, allow_pickle=False) as z:
+        good = {k: z[k] for k in z.files}
+    for name, value in (("node_first_child", 10**6), ("node_next_sibling", None), ("version", 99)):
+        bad = dict(good)
+        if name == "version":
+            bad[name] = np.array(99)
+        elif value is None:  # a sibling cycle through the root's first child
+            ns = bad[name].copy()
+            head = int(good["node_first_child"][good["state"][0]])
+            ns[head] = head
+            bad[name] = ns
+        else:
+            arr = bad[name].copy()
+            arr[0] = value
+            bad[name] = arr
+        with open(tmp_path / "bad.npz", "wb") as fh:
+            np.savez(fh, **bad)
+        with pytest.raises(ValueError, match="path"):
+            SGTree.load(tmp_path / "bad.npz")
     (tmp_path / "text.npz").write_text("hello")
     with pytest.raises(ValueError, match="path"):
         SGTree.load(tmp_path / "text.npz")

@@ -28,34 +28,53 @@ __all__ = ["LinearDualEncoder", "normalize_rows", "normalize_vjp"]
 
 
 # --------------------------------------------------------------------------------------------------- kernels
+# The parameters are stored (dim x F) by contract, so a feature column W[:, j] is strided. Two forward kernels:
+# few non-zeros -> loop over d outermost (each pass reads one contiguous row W[d] at the non-zero positions);
+# many non-zeros (nnz >= F) -> one contiguous transposed copy W^T (F x dim) is cheaper than strided reads.
 @njit(cache=True)
 def _csr_times_wt(data, indices, indptr, W):  # pragma: no cover - compiled
-    """``X @ W.T`` for CSR ``X`` (n x F) and dense ``W`` (dim x F): out[i, d] = sum_p data[p] W[d, indices[p]]."""
+    """``X @ W.T`` for CSR ``X`` (n x F) and dense ``W`` (dim x F), d-outer (few non-zeros)."""
     n = indptr.shape[0] - 1
     dim = W.shape[0]
+    out = np.zeros((n, dim))
+    for d in range(dim):
+        Wd = W[d]
+        for i in range(n):
+            s = 0.0
+            for p in range(indptr[i], indptr[i + 1]):
+                s += data[p] * Wd[indices[p]]
+            out[i, d] = s
+    return out
+
+
+@njit(cache=True)
+def _csr_times_w(data, indices, indptr, WT):  # pragma: no cover - compiled
+    """``X @ WT`` for CSR ``X`` (n x F) and dense C-contiguous ``WT`` (F x dim): contiguous row reads."""
+    n = indptr.shape[0] - 1
+    dim = WT.shape[1]
     out = np.zeros((n, dim))
     for i in range(n):
         for p in range(indptr[i], indptr[i + 1]):
             j = indices[p]
             v = data[p]
             for d in range(dim):
-                out[i, d] += v * W[d, j]
+                out[i, d] += v * WT[j, d]
     return out
 
 
 @njit(cache=True)
-def _csr_weight_grad(data, indices, indptr, Gz, n_features):  # pragma: no cover - compiled
-    """``Gz.T @ X`` for CSR ``X`` (n x F) and dense ``Gz`` (n x dim): a scatter into a (dim x F) array."""
+def _csr_weight_grad(data, indices, indptr, Gz, out):  # pragma: no cover - compiled
+    """``out += Gz.T @ X`` for CSR ``X`` (n x F), dense ``Gz`` (n x dim), ``out`` (dim x F): a scatter, d-outer so
+    each pass writes one contiguous row ``out[d]`` (``out`` is allocated by the caller with ``np.zeros``)."""
     n = indptr.shape[0] - 1
     dim = Gz.shape[1]
-    out = np.zeros((dim, n_features))
-    for i in range(n):
-        for p in range(indptr[i], indptr[i + 1]):
-            j = indices[p]
-            v = data[p]
-            for d in range(dim):
-                out[d, j] += Gz[i, d] * v
-    return out
+    for d in range(dim):
+        od = out[d]
+        for i in range(n):
+            g = Gz[i, d]
+            if g != 0.0:
+                for p in range(indptr[i], indptr[i + 1]):
+                    od[indices[p]] += g * data[p]
 
 
 # ----------------------------------------------------------------------------------------- normalisation
@@ -176,6 +195,8 @@ class LinearDualEncoder:
     def _linear(W: np.ndarray, X) -> np.ndarray:
         if sp.issparse(X):
             data, indices, indptr = csr_arrays(X)
+            if data.shape[0] >= W.shape[1]:
+                return _csr_times_w(data, indices, indptr, np.ascontiguousarray(W.T))
             return _csr_times_wt(data, indices, indptr, W)
         return X @ W.T
 
@@ -209,7 +230,9 @@ class LinearDualEncoder:
         Gz = normalize_vjp(U, norms, G) if self.normalize else G
         if sp.issparse(X):
             data, indices, indptr = csr_arrays(X)
-            return _csr_weight_grad(data, indices, indptr, np.ascontiguousarray(Gz), X.shape[1])
+            out = np.zeros((self.dim, X.shape[1]))
+            _csr_weight_grad(data, indices, indptr, np.ascontiguousarray(Gz), out)
+            return out
         return Gz.T @ X
 
     def query_vjp(self, X, G) -> np.ndarray:

@@ -180,3 +180,14 @@ def test_bad_constructor_and_gradient_args():
     enc.A = np.full((2, 3), np.nan)
     with pytest.raises(ValueError, match="A: encoding overflowed or the parameters contain NaN"):
         enc.encode_queries(np.ones((1, 3)))
+
+
+def test_both_sparse_forward_kernels():
+    """Few non-zeros (nnz < F: d-outer kernel) and many (nnz >= F: transposed-copy kernel) agree with dense."""
+    rng = np.random.default_rng(9)
+    enc = LinearDualEncoder(40, 40, 3, rng=0)
+    few = _random_csr(rng, 3, 40, 0.1)                   # 12 non-zeros
+    many = _random_csr(rng, 30, 40, 0.5)                 # 600 non-zeros
+    assert few.nnz < 40 <= many.nnz
+    for X in (few, many):
+        np.testing.assert_allclose(enc.encode_queries(X), enc.encode_queries(X.toarray()), rtol=0, atol=1e-12)

@@ -206,6 +206,20 @@ def pair_log_probs(Q, T, positives, *, beta: float) -> np.ndarray:
     return log_softmax(C, axis=1)
 
 
+def _check_offsets(name: str, values, shape, *, upper: float | None):
+    try:
+        a = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name}: cannot be converted to float64 ({exc})") from None
+    if a.shape != shape:
+        raise ValueError(f"{name}: expected the shape of negatives {shape}, got {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name}: contains NaN or Inf (a sampled negative must have probability > 0)")
+    if upper is not None and a.size and a.max() > upper:
+        raise ValueError(f"{name}: log-probabilities must be <= 0, got {a.max()}")
+    return a
+
+
 def _check_negatives(negatives, log_q, n_queries: int, n_rows: int):
     neg = np.asarray(negatives)
     if neg.ndim not in (1, 2):
@@ -217,18 +231,7 @@ def _check_negatives(negatives, log_q, n_queries: int, n_rows: int):
         raise TypeError(f"negatives: ids must be integers, got dtype {neg.dtype}")
     flat = check_ids("negatives", neg.reshape(-1), n_rows)
     neg = flat.reshape(neg.shape)
-    lq = None
-    if log_q is not None:
-        try:
-            lq = np.asarray(log_q, dtype=np.float64)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"log_q: cannot be converted to float64 ({exc})") from None
-        if lq.shape != neg.shape:
-            raise ValueError(f"log_q: expected the shape of negatives {neg.shape}, got {lq.shape}")
-        if not np.all(np.isfinite(lq)):
-            raise ValueError("log_q: contains NaN or Inf (a sampled negative must have probability > 0)")
-        if lq.size and lq.max() > 1e-6:
-            raise ValueError(f"log_q: log-probabilities must be <= 0, got {lq.max()}")
+    lq = None if log_q is None else _check_offsets("log_q", log_q, neg.shape, upper=1e-6)
     return neg, lq
 
 
@@ -251,7 +254,7 @@ def _sampled_core(Q, T, pq, pp, cand, offset, exclude, beta):
 
 
 def sampled_softmax_loss(Q, T, positives, negatives, *, beta: float, log_q=None,
-                         remove_accidental_hits: bool = True):
+                         remove_accidental_hits: bool = True, log_expected_count=None):
     """Sampled softmax (Alg. 4 lines 9-10) over given negatives, with optional log-Q correction.
 
     For example (i, p) with negatives ``n_1..n_k`` (``negatives`` if 1-D, shared by the batch; ``negatives[i]`` if
@@ -265,18 +268,29 @@ def sampled_softmax_loss(Q, T, positives, negatives, *, beta: float, log_q=None,
     (same target = same row). ``remove_accidental_hits`` (default) drops a negative that is one of the query's
     positives (its own positive or, per the multi-positive semantics, another one); ``k`` in the correction is
     still the number drawn. With ``False`` nothing is masked. Returns ``(loss, dQ, dT)``, ``dT`` for every row.
+
+    ``log_expected_count`` (same shape as ``negatives``, instead of ``log_q``) gives ``c_j`` directly: the log of
+    the expected number of times target ``n_j`` appears among the negatives. Use it when the negatives come from
+    several sources (e.g. k_1 mined + k_2 uniform): the textbook correction is then
+    ``c_j = log(sum_s k_s q_s(n_j))``, which ``log(k q)`` with a per-source ``q`` does not give.
     """
     Q, T, beta = _check_qt(Q, T, beta)
     n_rows = T.shape[0]
     pq, pp = flatten_positives(positives, Q.shape[0], n_rows)
     neg, lq = _check_negatives(negatives, log_q, Q.shape[0], n_rows)
     k = neg.shape[-1]
+    if log_expected_count is not None:
+        if lq is not None:
+            raise ValueError("log_expected_count: give either log_q or log_expected_count, not both")
+        c = _check_offsets("log_expected_count", log_expected_count, neg.shape, upper=None)
+    else:
+        c = None if lq is None else lq + np.log(max(k, 1))
     if neg.ndim == 1:
         cand = np.broadcast_to(neg, (pq.size, k))
-        offset = None if lq is None else np.broadcast_to(lq + np.log(max(k, 1)), (pq.size, k))
+        offset = None if c is None else np.broadcast_to(c, (pq.size, k))
     else:
         cand = neg[pq]
-        offset = None if lq is None else lq[pq] + np.log(max(k, 1))
+        offset = None if c is None else c[pq]
     if remove_accidental_hits:
         exclude = _is_positive(_membership(pq, pp, n_rows), pq[:, None], cand, n_rows)
     else:
@@ -375,14 +389,15 @@ def full_softmax_grad(encoder, Xq, Xt, positives):
 
 
 def sampled_softmax_grad(encoder, Xq, Xt_rows, positives, negatives, *, log_q=None,
-                         remove_accidental_hits: bool = True):
+                         remove_accidental_hits: bool = True, log_expected_count=None):
     """:func:`sampled_softmax_loss` (Alg. 4 lines 9-10) as ``(loss, dA, dB)``.
 
     ``Xt_rows``: features of the targets involved (positives and negatives); ``positives`` / ``negatives`` are row
     indices into it.
     """
     return encoder_loss_grad(encoder, Xq, Xt_rows, sampled_softmax_loss, positives, negatives, log_q=log_q,
-                             remove_accidental_hits=remove_accidental_hits)
+                             remove_accidental_hits=remove_accidental_hits,
+                             log_expected_count=log_expected_count)
 
 
 def in_batch_softmax_grad(encoder, Xq, Xt_pos, *, target_ids=None, positives=None):

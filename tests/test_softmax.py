@@ -92,6 +92,13 @@ def test_losses_match_brute_force():
     assert s[0] == pytest.approx(f[0], rel=1e-13)
     np.testing.assert_allclose(s[1], f[1], atol=1e-13)
     np.testing.assert_allclose(s[2], f[2], atol=1e-13)
+    # log_expected_count = log(k q) is the log-Q correction
+    lq = np.log(rng.uniform(0.05, 1, (3, 4)))
+    neg = rng.integers(0, 7, (3, 4))
+    a = sampled_softmax_loss(Q, T, pos, neg, beta=0.9, log_q=lq)
+    b = sampled_softmax_loss(Q, T, pos, neg, beta=0.9, log_expected_count=lq + np.log(4))
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, atol=1e-14)
     # shared negatives == the same negatives tiled per query
     neg = np.array([4, 1, 6, 6])
     a = sampled_softmax_loss(Q, T, pos, neg, beta=1.1, log_q=np.log([.1, .2, .3, .3]))
@@ -338,6 +345,10 @@ def test_gradient_relative_error():
      ValueError, "log_q: log-probabilities must be <= 0"),
     (lambda Q, T: sampled_softmax_loss(Q, T, [0, 1], np.array([1, 2]), beta=1.0, log_q=[-1.0, -np.inf]),
      ValueError, "log_q"),
+    (lambda Q, T: sampled_softmax_loss(Q, T, [0, 1], np.array([1, 2]), beta=1.0, log_q=[-1.0, -1.0],
+                                       log_expected_count=[0.0, 0.0]), ValueError, "log_expected_count"),
+    (lambda Q, T: sampled_softmax_loss(Q, T, [0, 1], np.array([1, 2]), beta=1.0, log_expected_count=[0.0]),
+     ValueError, "log_expected_count: expected the shape"),
     (lambda Q, T: in_batch_softmax_loss(Q, T, beta=1.0), ValueError, "T_pos: expected one row per query"),
     (lambda Q, T: in_batch_softmax_loss(Q, T[:2], beta=1.0, target_ids=[1]), ValueError, "target_ids"),
     (lambda Q, T: in_batch_softmax_loss(Q, T[:2], beta=1.0, positives=[[0], [1]]), ValueError, "positives"),

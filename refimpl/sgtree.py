@@ -28,7 +28,8 @@ Definitions we chose (PAPER.md §4 erratum)
   (a child of level l is >= b^l from p_v, hence from a copy of p_v). ``check_invariants`` waives separation only
   between identical points.
 * MIND(v) = the minimum, over v's child groups, of the pairwise distances inside the group (self-child included);
-  stored as a valid LOWER bound (exact after build/insert, possibly stale-low after remove). It is only a shortcut
+  stored as a valid LOWER bound (exact after insert; after the batch build, pairs that the triangle inequality
+  already proved far count with that lower bound; possibly stale-low after update_points/remove). It is only a shortcut
   for Alg. 3's separation test, which falls back to the exact group minimum.
 * MAXD is exact after build/insert (every ancestor on the insertion path sees the new point's exact distance) and a
   valid upper bound after update_points/remove (triangle inequality through the children).
@@ -37,7 +38,11 @@ Insertion (SG tree, Zaheer et al. 2019): at cluster (v, L) with d(x, p_v) <= b^L
 L-1, L-2, ... (descending); at group level l descend into the nearest child c with d(x, p_c) <= b^l if it is
 strictly nearer than p_v (ties go to the self-child); stop at the first level l where the self-child does not
 cover x (d(x, p_v) > b^l) and attach x there as a new child (covering d <= b^(l+1) and separation follow). The root
-is raised to ceil(log_b d) when a new point lies beyond b^(root level).
+is raised to ceil(log_b d) when a new point lies beyond b^(root level). The batch build (default) does the same
+coarse-to-fine (:func:`refimpl._sgtree_batch.batch_place`: a greedy net per level, then nearest-cover assignment),
+with cache-friendly access and sibling nodes allocated contiguously; measured at N = 1e5 (D = 64): 0.5 s CPU vs
+1.2 s for one-by-one insertion, and 0.22 vs 0.46-0.59 ms per exact top-10 query (875-898 vs 976-980 inner
+products); random vs given scan order made no difference on this (randomly ordered) data.
 
 Alg. 3 (maintain) with Eq. 10/11 in our covering definition: a cluster (v, l+1) survives a drift U if b^(l+1) > U,
 PDIST(c) + U <= b^(l+1) for each child c of level l (Eq. 10) and every non-identical pair of its child group is
@@ -61,13 +66,12 @@ counts. 1.2 builds near the fastest and searches near the best.
 """
 from __future__ import annotations
 
-import io
-import math
 import zipfile
 from dataclasses import dataclass
 
 import numpy as np
 
+from refimpl import _sgtree_batch as KB
 from refimpl import _sgtree_kernels as K
 from refimpl._validate import as_rng, check_ids, check_int, check_matrix, check_positive
 
@@ -176,7 +180,7 @@ class SGTree:
               method: str = "batch") -> "SGTree":
         """Build over the rows of ``points`` (target id = row index).
 
-        ``method``: "batch" (default; divisive construction in Numba, :func:`_sgtree_kernels.batch_place`: the
+        ``method``: "batch" (default; divisive construction in Numba, :func:`_sgtree_batch.batch_place`: the
         same invariants as insertion, coarse-to-fine, cache-friendly) or "insert" (one SG insertion per point).
         ``order``: "random" (a permutation drawn from ``rng``; default; it picks the root and the scan order of the
         greedy nets) or "given" (row order)."""
@@ -193,7 +197,7 @@ class SGTree:
         if method == "insert":
             tree._insert_ids(perm)
         else:
-            K.batch_build(perm, *tree._T())
+            KB.batch_build(perm, *tree._T())
         return tree
 
     def _insert_ids(self, xs, starts=None, start_levels=None) -> None:
@@ -264,7 +268,7 @@ class SGTree:
             order = np.lexsort((key, _run_ids(starts[:m], slev[:m])))
             out[:m], starts[:m], slev[:m] = out[:m][order], starts[:m][order], slev[:m][order]
         self._reserve(0, m)
-        K.rebuild_segments(out, starts, slev, m, *self._T())
+        KB.rebuild_segments(out, starts, slev, m, *self._T())
         return m
 
     def rebuild_level(self, level: int, *, rng=None) -> int:

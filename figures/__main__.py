@@ -10,8 +10,9 @@ import os
 # Timings in the figures are single-threaded for every method: a multi-threaded BLAS matvec on a loaded machine
 # can be 100x slower than a single-threaded one (measured here: 20 ms vs 0.1 ms for 30000 x 16), which would
 # flatter the tree samplers against sample_exact. Must be set before numpy is imported.
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
+from refimpl._env import single_threaded_blas  # noqa: E402
+
+single_threaded_blas()
 
 import argparse  # noqa: E402
 import sys  # noqa: E402

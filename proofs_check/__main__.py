@@ -10,7 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-from proofs_check import load_all
+from refimpl._env import single_threaded_blas
+
+single_threaded_blas()  # before NumPy is imported (see refimpl._env)
+
+from proofs_check import load_all  # noqa: E402
 from proofs_check._framework import Budget, run_claim
 from proofs_check._report import print_table, write_markdown
 

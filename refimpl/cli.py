@@ -5,10 +5,11 @@ is cheap and a sub-command's Numba kernels compile only when that sub-command ru
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import pkgutil
 import sys
+
+from refimpl._env import single_threaded_blas
 
 _COMMANDS = {
     "demo": ("refimpl.experiments", "demo_main", "the main job: every miner on the default planted task (Table 1 in miniature)"),
@@ -25,6 +26,7 @@ def _bench_names() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    single_threaded_blas()  # before any sub-command imports NumPy (see refimpl._env)
     argv = list(sys.argv[1:] if argv is None else argv)
     names = _bench_names()
     if not argv or argv[0] in ("-h", "--help"):

@@ -23,9 +23,7 @@ import os
 import sys
 import time
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see refimpl/training.py
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 __all__ = ["demo_main", "reproduce_main", "run_table", "table_markdown", "default_methods", "claims_summary"]
 

@@ -38,10 +38,6 @@ import os
 import sys
 import time
 
-# These runs multiply small matrices; on a shared 2-core machine multi-threaded OpenBLAS is 2-5x SLOWER than one
-# thread. Effective only if numpy is not imported yet (e.g. ``python -m refimpl train``); never overrides a user's
-# setting.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 from dataclasses import dataclass, field
 
 import numpy as np

@@ -5,7 +5,11 @@
 """
 import os
 
-from hypothesis import HealthCheck, settings
+from refimpl._env import single_threaded_blas
+
+single_threaded_blas()  # before NumPy is imported by any test module (see refimpl._env)
+
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
     "default",

@@ -7,7 +7,9 @@ import math
 import numpy as np
 from numba import njit
 
-from refimpl._sgtree_kernels import INF, _alloc, _link_child, dist, insert_one, level_ceil, sqnorm
+from refimpl._sgtree_kernels import INF, _alloc, _link_child, dist, insert_one, level_ceil, prefetch_row, sqnorm
+
+PF = 4  # rows prefetched ahead in the scans (memory-level parallelism; see _sgtree_kernels.prefetch)
 
 
 @njit(cache=True)
@@ -26,8 +28,10 @@ def batch_place(v, L, xs, dv, points, base, point_node, NP, NL, NPar, NFC, NNS, 
     if n == 0:
         return
     # ancestors above v (the caller detached these points from v's subtree: counts only, MAXD stays valid)
-    sqv = np.empty(n)
+    sqv = np.empty(n)  # squared norms, permuted along with xs and dv
     for i in range(n):
+        if i + PF < n:
+            prefetch_row(points, xs[i + PF])
         sqv[i] = sqnorm(points, xs[i])
     a = NPar[v]
     while a != -1:
@@ -40,6 +44,7 @@ def batch_place(v, L, xs, dv, points, base, point_node, NP, NL, NPar, NFC, NNS, 
     dbest = np.empty(n)
     tmp_x = np.empty(n, dtype=np.int64)
     tmp_d = np.empty(n)
+    tmp_s = np.empty(n)
     kids = np.empty(n, dtype=np.int64)
     cnt = np.empty(n + 2, dtype=np.int64)
     # task stack: node, level, start, end
@@ -68,9 +73,8 @@ def batch_place(v, L, xs, dv, points, base, point_node, NP, NL, NPar, NFC, NNS, 
         for i in range(s, e):
             if dv[i] > NMaxd[u]:
                 NMaxd[u] = dv[i]
-            sq = sqnorm(points, xs[i])
-            if sq > NMaxn[u]:
-                NMaxn[u] = sq
+            if sqv[i] > NMaxn[u]:
+                NMaxn[u] = sqv[i]
         # duplicates of p_u to the end of the segment
         e0 = e
         L0 = lev
@@ -85,6 +89,9 @@ def batch_place(v, L, xs, dv, points, base, point_node, NP, NL, NPar, NFC, NNS, 
                 td = dv[i]
                 dv[i] = dv[j]
                 dv[j] = td
+                td = sqv[i]
+                sqv[i] = sqv[j]
+                sqv[j] = td
             else:
                 i += 1
         ndup_start = j
@@ -103,6 +110,8 @@ def batch_place(v, L, xs, dv, points, base, point_node, NP, NL, NPar, NFC, NNS, 
             gmin = INF
             for i in range(s, e):
                 lab[i] = 0
+                if i + PF < e and dv[i + PF] > rad:
+                    prefetch_row(points, xs[i + PF])
                 if dv[i] > rad:
                     x = xs[i]
                     far = True
@@ -143,6 +152,8 @@ def batch_place(v, L, xs, dv, points, base, point_node, NP, NL, NPar, NFC, NNS, 
             for q in range(k + 2):
                 cnt[q] = 0
             for i in range(s, e):
+                if i + PF < e and lab[i + PF] != -1:
+                    prefetch_row(points, xs[i + PF])
                 if lab[i] == -1:
                     continue
                 x = xs[i]
@@ -178,10 +189,12 @@ def batch_place(v, L, xs, dv, points, base, point_node, NP, NL, NPar, NFC, NNS, 
                     continue
                 tmp_x[pos[q]] = xs[i]
                 tmp_d[pos[q]] = dbest[i]
+                tmp_s[pos[q]] = sqv[i]
                 pos[q] += 1
             for i in range(s, acc):
                 xs[i] = tmp_x[i]
                 dv[i] = tmp_d[i]
+                sqv[i] = tmp_s[i]
             for q in range(k):
                 st_v[top] = kids[q]
                 st_l[top] = ls

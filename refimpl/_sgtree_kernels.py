@@ -18,6 +18,57 @@ from numba import njit
 INF = np.inf
 
 
+def _make_prefetch():
+    """``prefetch(a, i, j)``: hint the CPU to load the cache line of a[i, j] (llvm.prefetch), so that random rows
+    are fetched in parallel; a no-op if this llvmlite cannot emit it. Search and build are memory-latency bound
+    (a random 512-byte row costs ~300 ns): prefetching a few rows ahead measured ~2x per row."""
+    try:
+        from llvmlite import ir
+        from numba import types
+        from numba.core import cgutils
+        from numba.extending import intrinsic
+
+        @intrinsic
+        def prefetch(typingctx, arr, row, col):
+            def codegen(context, builder, signature, args):
+                aryty = signature.args[0]
+                ary = context.make_array(aryty)(context, builder, args[0])
+                r = context.cast(builder, args[1], signature.args[1], types.intp)
+                c = context.cast(builder, args[2], signature.args[2], types.intp)
+                ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [r, c], wraparound=False)
+                i8p = ir.IntType(8).as_pointer()
+                fnty = ir.FunctionType(ir.VoidType(), [i8p, ir.IntType(32), ir.IntType(32), ir.IntType(32)])
+                fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
+                i32 = ir.IntType(32)
+                builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3),
+                                  ir.Constant(i32, 1)])
+                return context.get_dummy_value()
+
+            return types.void(arr, row, col), codegen
+
+        @njit
+        def _probe(a):
+            prefetch(a, 0, 0)
+
+        _probe(np.zeros((1, 1)))
+        return prefetch
+    except Exception:  # pragma: no cover - depends on the llvmlite build
+        @njit
+        def prefetch(a, i, j):
+            pass
+
+        return prefetch
+
+
+prefetch = _make_prefetch()
+
+
+@njit(cache=True)
+def prefetch_row(points, i):
+    for j in range(0, points.shape[1], 8):
+        prefetch(points, i, j)
+
+
 @njit(cache=True)
 def dist(points, i, j):
     """Euclidean distance between rows i and j; exact 0 iff the rows are identical (no underflow to 0)."""

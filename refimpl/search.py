@@ -27,7 +27,10 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
+from refimpl._sgtree_kernels import prefetch_row
 from refimpl._validate import check_int, check_matrix
+
+PF = 4  # rows prefetched ahead
 
 __all__ = ["topk", "brute_force_topk", "TopKResult"]
 
@@ -148,6 +151,7 @@ def _topk_kernel(Q, k, points, root, NP, NFC, NNS, NMaxd, NMaxn, NPdist, n_nodes
     cb = np.empty(cap)  # candidate max-heap: bound, node
     cv = np.empty(cap, dtype=np.int64)
     cd = np.empty(cap)  # ||q - p_v|| of the candidate
+    surv = np.empty(cap, dtype=np.int64)  # children of the expanded node that survive the parent-distance test
     m2root = NMaxn[root]
     for qi in range(Q.shape[0]):
         qn2 = 0.0
@@ -196,14 +200,30 @@ def _topk_kernel(Q, k, points, root, NP, NFC, NNS, NMaxd, NMaxn, NPdist, n_nodes
                 cd[j] = ld
             nexp += 1
             dqv = lv_d
+            # pass 1 (node arrays only): the parent-distance test. ||q - t|| >= |d(q, p_v) - PDIST(c)| - MAXD(c)
+            # for every t below c, so c's subtree (p_c included) is skipped without reading its row
+            ns = 0
             c = NFC[v]
             while c != -1:
+                keep = True
                 if ball and size == k:
-                    # parent-distance test: ||q - t|| >= |d(q, p_v) - PDIST(c)| - MAXD(c) for t below c, so c's
-                    # subtree (p_c included) can be skipped without reading its row
                     dl = abs(dqv - NPdist[c]) - NMaxd[c]
                     if dl > 0.0 and 0.5 * (qn2 + NMaxn[c] - dl * dl) < hs[0] - slack:
-                        c = NNS[c]
+                        keep = False
+                if keep:
+                    surv[ns] = c
+                    if ns < PF:
+                        prefetch_row(points, NP[c])
+                    ns += 1
+                c = NNS[c]
+            # pass 2: inner products, rows prefetched PF survivors ahead (memory-level parallelism)
+            for si in range(ns):
+                if si + PF < ns:
+                    prefetch_row(points, NP[surv[si + PF]])
+                c = surv[si]
+                if ball and size == k:  # the k-th best may have improved since pass 1
+                    dl = abs(dqv - NPdist[c]) - NMaxd[c]
+                    if dl > 0.0 and 0.5 * (qn2 + NMaxn[c] - dl * dl) < hs[0] - slack:
                         continue
                 x = NP[c]
                 dot, d2 = _dot_d2(Q, qi, points, x)
@@ -226,7 +246,6 @@ def _topk_kernel(Q, k, points, root, NP, NFC, NNS, NMaxd, NMaxn, NPdist, n_nodes
                         cb[j] = b
                         cv[j] = c
                         cd[j] = math.sqrt(d2)
-                c = NNS[c]
         # heap -> sorted best first
         for r in range(size - 1, -1, -1):
             out_scores[qi, r] = hs[0]

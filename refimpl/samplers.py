@@ -303,11 +303,11 @@ def sample_rejection(tree, q, k, *, beta, rng, level=None, exclude=None, replace
     excl = _excludes(exclude, Q.shape[0], batched, points.shape[0])
     pt, lv, fc, ns, cnt, maxd = tree_arrays(tree)
     base = float(tree.base)
-    cache_size = 1 << 16
     results = []
     clus_cache = {}
     for b in range(Q.shape[0]):
         kk = _check_k(k, n - excl[b].size, replace)
+        cache_size = 1 << int(min(max(math.ceil(math.log2(128 * max(kk, 1))), 10), 18))
         qb = Q[b]
         qn = float(np.linalg.norm(qb))
         L = default_level(tree, beta, qn) if level is None else check_int("level", level)

@@ -70,7 +70,7 @@ def _timed(f, *a, **kw):
     return out, time.perf_counter() - t
 
 
-def numpy_topk(T, Q, k, chunk=64):
+def numpy_topk(T, Q, k, chunk=16):
     """Brute force as a NumPy user writes it: batched GEMM, argpartition, sort of the k by (-score, id)."""
     ids = np.empty((Q.shape[0], k), dtype=np.int64)
     for s in range(0, Q.shape[0], chunk):
@@ -82,7 +82,7 @@ def numpy_topk(T, Q, k, chunk=64):
     return ids
 
 
-def gemm_only(T, Q, chunk=64):
+def gemm_only(T, Q, chunk=16):
     for s in range(0, Q.shape[0], chunk):
         Q[s:s + chunk] @ T.T
 

@@ -261,13 +261,15 @@ def sampled_softmax_loss(Q, T, positives, negatives, *, beta: float, log_q=None,
     2-D), ``L_hat = -s_ip + log(exp(s_ip) + sum_j exp(s_{i n_j} - c_j))`` where ``c_j = log(k q(n_j))`` when
     ``log_q`` (log proposal probabilities, same shape as ``negatives``) is given and ``c_j = 0`` otherwise (the
     paper's Alg. 4, which applies no correction). With the correction and ``q`` the proposal the negatives were
-    drawn from (with replacement, over all targets), ``exp(s_p) + sum_j exp(s_nj)/(k q_nj)`` is an unbiased estimate
-    of the partition function of the example, so ``L_hat`` is consistent for Eq. 2 as ``k`` grows.
+    drawn from (with replacement, over all targets) and accidental hits removed,
+    ``exp(s_p) + sum_j exp(s_nj)/(k q_nj)`` is an unbiased estimate of the example's partition function, so ``L_hat``
+    is consistent for Eq. 2 as ``k`` grows (its gradient bias is O(1/k); tests/test_softmax.py measures it).
 
     ``T`` holds the embeddings of the targets involved; ``positives`` and ``negatives`` are row indices into it
     (same target = same row). ``remove_accidental_hits`` (default) drops a negative that is one of the query's
     positives (its own positive or, per the multi-positive semantics, another one); ``k`` in the correction is
-    still the number drawn. With ``False`` nothing is masked. Returns ``(loss, dQ, dT)``, ``dT`` for every row.
+    still the number drawn. With ``False`` nothing is masked. ``k = 0`` gives loss 0 and zero gradients. Returns
+    ``(loss, dQ, dT)``, ``dT`` for every row of ``T``.
 
     ``log_expected_count`` (same shape as ``negatives``, instead of ``log_q``) gives ``c_j`` directly: the log of
     the expected number of times target ``n_j`` appears among the negatives. Use it when the negatives come from

@@ -3,7 +3,7 @@ cases, seeding, validation."""
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from refimpl.encoders import LinearDualEncoder, normalize_rows
@@ -51,6 +51,10 @@ def test_vjp_matches_finite_differences(seed, n, f, dim, sparse, normalize):
     Xq = _random_csr(rng, n, f, 0.6) if sparse else rng.standard_normal((n, f))
     Xt = _random_csr(rng, n, f + 1, 0.6) if sparse else rng.standard_normal((n, f + 1))
     G = rng.standard_normal((n, dim))
+    if normalize:   # z/||z|| is not differentiable at z = 0 (sign(z) when dim = 1): skip raw norms within ~h of 0
+        for W, X in ((enc.A, Xq), (enc.B, Xt)):
+            norms = np.linalg.norm(X @ W.T, axis=1)
+            assume(not np.any((norms > 0) & (norms < 1e-2)))
     for name, X, vjp in (("A", Xq, enc.query_vjp), ("B", Xt, enc.target_vjp)):
         an = vjp(X, G)
         fd = _fd_vjp(enc, name, X, G)

@@ -49,26 +49,27 @@ units of one full D-dimensional embedding (D = ``encoder.dim``), exactly what :m
 
 Not counted (host memory in the paper's design): the N x d' representations and the SG tree.
 
-Defaults (PAPER.md §5-6; [unstated] ones chosen by measurement on the planted task, see the issue note):
-``n_landmarks`` d' = 64 (paper: 64 or 128); ``n_samples`` s' = 256 (paper: 256 for Zeshel); ``reencode_every``
-w = 100 [unstated in the paper; the SNM refresh period of Table 1]; ``ridge`` = 1e-3 (nystrom.py's measured
-default); ``landmarks`` = "uniform" (the paper); ``split`` = "symmetric": the target/query representations
-``W^{+1/2} L t`` / ``W^{+1/2} L q`` have exactly the paper split's inner products, but distances between
-representations equal distances between projected embeddings, whereas the paper split stretches them by the
+Defaults (PAPER.md §5-6; [unstated] ones chosen by measurement on the planted task, ``python -m refimpl.dynnibal``):
+``n_landmarks`` d' = 64 (paper: 64 or 128); ``n_samples`` s' = 256 (paper: 256 for Zeshel); ``reencode_every`` w =
+25 [unstated in the paper; on the demo task (N = 6000, 400 steps) w = 10 / 25 / 100 gave test R@1 0.394 / 0.419 /
+0.417, differences within noise; w = 25 costs s'/w ~ 10 encoder calls per step]; ``ridge`` = 1e-3 (nystrom.py's
+measured default); ``landmarks`` = "uniform" (the paper); ``split`` = "symmetric": the target / query
+representations ``W^{+1/2} L t`` / ``W^{+1/2} L q`` have exactly the paper split's inner products, but distances
+between representations equal distances between projected embeddings, whereas the paper split stretches them by the
 condition number of W = S^T K S; measured on the planted task (N = 4000, D = 32, gamma = 1e6) Alg. 2 gives ~420
 clusters per query on the symmetric tree and ~3900 (every target) on the paper-split tree. ``gamma`` = 1e6 (start
 level of Alg. 2 by Prop. 2: b^l <= log(gamma)/(2 beta), level -5 at beta = 20, b = 1.3); with Prop. 2's nominal
-gamma = 4 the start level lies below every node of a 4000-target tree and FindClustering returns every target as
-its own cluster (= brute force). ``m`` None (``clustering.default_m``: 16x finer than the start); ``max_clusters``
-None; ``refine`` False (Alg. 2 as printed; True adds the certified refinement, which at beta = 20 refines down to
+gamma = 4 the start level lies below every node of a 4000-target tree and FindClustering returns every target as its
+own cluster (= brute force). ``m`` None (``clustering.default_m``: 16x finer than the start); ``max_clusters`` None;
+``refine`` False (Alg. 2 as printed; True adds the certified refinement, which at beta = 20 refines down to
 singletons in our miniature). ``chain_length`` = 10 states (the experiments used 2; Eq. 6 with the certified gamma
 of a coarse clustering asks for astronomically long chains, so ``chain_length=None`` (Eq. 6 for ``tv``) is only
-practical with ``refine=True``); measured exact-law TV to P~ on the planted task after 150 uniform steps: ~0.03 at
-2 states, < 0.002 at 10. ``U`` = "measured": ``2 max_i ||z'_i - z_i||`` over the re-encode (by the triangle
-inequality no pairwise distance moved more; the role of Prop. 6's U, but measured instead of bounded); a float
-gives U directly; "prop6" uses Prop. 6's ``4 w eta beta L M`` (:func:`refimpl.bounds.prop6_drift`) with the
-constants ``prop6_eta``, ``prop6_L``, ``prop6_M`` supplied by the user (the premise, plain SGD with gradients bounded
-by 2 beta M, does not hold for Adam; use it to study the bound, not to train).
+practical with ``refine=True``); measured exact-law TV to P~ on the planted task after 150 uniform steps: ~0.03 at 2
+states, < 0.002 at 10. ``U`` = "measured": ``2 max_i ||z'_i - z_i||`` over the re-encode (by the triangle inequality
+no pairwise distance moved more; the role of Prop. 6's U, but measured instead of bounded); a float gives U
+directly; "prop6" uses Prop. 6's ``4 w eta beta L M`` (:func:`refimpl.bounds.prop6_drift`) with the constants
+``prop6_eta``, ``prop6_L``, ``prop6_M`` supplied by the user (the premise, plain SGD with gradients bounded by 2
+beta M, does not hold for Adam; use it to study the bound, not to train).
 """
 from __future__ import annotations
 
@@ -263,7 +264,7 @@ class DyNNIBAL(Miner):
 
     name = "dynnibal"
 
-    def __init__(self, k: int = 64, *, n_landmarks: int = 64, n_samples: int = 256, reencode_every: int = 100,
+    def __init__(self, k: int = 64, *, n_landmarks: int = 64, n_samples: int = 256, reencode_every: int = 25,
                  sampler: str = "mh", gamma: float = 1e6, m: int | None = None, max_clusters: int | None = None,
                  refine: bool = False, chain_length: int | None = 10, tv: float = 0.01, n_uniform: int = 0,
                  exclude_positives: bool = True, ridge: float = 1e-3, landmarks: str = "uniform",
@@ -536,38 +537,49 @@ class DyNNIBAL(Miner):
 
 
 def compare_main(argv=None) -> int:
-    """``python -m refimpl.dynnibal``: DyNNIBAL vs Uniform, SNM and brute force on the default planted task (same
-    seed, same loop settings); prints the paper-layout table with encoder calls and training time."""
+    """``python -m refimpl.dynnibal [--steps S] [--miners a,b]``: DyNNIBAL against Uniform, SNM 3%/10% and brute
+    force on the demo's planted task (``refimpl.experiments.demo_main`` defaults: N = 6000, branching (15, 16), 400
+    steps, uniform warm-up 100, 64 mined + 64 uniform negatives, SNM refresh 10, probes every 50 steps, seed 0),
+    with the demo's table, plus DyNNIBAL's own re-encode / tree-update record."""
     import argparse
 
+    from refimpl import miners as M
     from refimpl.data import planted_dataset
-    from refimpl.miners import BruteForceTopK, StochasticNegativeMining, Uniform
-    from refimpl.training import format_metrics, train
+    from refimpl.experiments import run_table, table_markdown
 
     p = argparse.ArgumentParser(prog="python -m refimpl.dynnibal")
-    p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--uniform-warmup", type=int, default=100)
-    p.add_argument("--n-uniform", type=int, default=64)
-    p.add_argument("--k", type=int, default=64)
+    p.add_argument("--steps", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--miners", default="uniform,snm3,snm10,brute-force,dynnibal,dynnibal-rejection")
+    p.add_argument("--miners", default="uniform,snm3,snm10,brute,dynnibal")
     a = p.parse_args(argv)
-    ds = planted_dataset()
-    make = {"uniform": lambda: Uniform(a.k), "snm3": lambda: StochasticNegativeMining(a.k, mem_percent=3.0),
-            "snm10": lambda: StochasticNegativeMining(a.k, mem_percent=10.0),
-            "brute-force": lambda: BruteForceTopK(a.k), "dynnibal": lambda: DyNNIBAL(a.k),
-            "dynnibal-rejection": lambda: DyNNIBAL(a.k, sampler="rejection"),
-            "dynnibal-topk": lambda: DyNNIBAL(a.k, sampler="topk")}
-    rows = []
-    for name in a.miners.split(","):
-        res = train(ds, make[name](), steps=a.steps, uniform_warmup=a.uniform_warmup, n_uniform=a.n_uniform,
-                    seed=a.seed)
-        rows.append((name, res.final))
-        print(f"{name}: R@1 {res.final['R@1']:.3f} ({res.final['wall_time']:.1f} s)", flush=True)
-    print(f"planted_dataset() N={ds.n_targets}; steps={a.steps}, uniform warm-up {a.uniform_warmup}, "
-          f"k={a.k} mined + {a.n_uniform} uniform, seed {a.seed}")
-    print(format_metrics(rows, extra=(("encoder_calls", "encoder calls", "{:d}"),
-                                      ("wall_time", "train s", "{:.1f}"))))
+    ds = planted_dataset(6000, 6000, branching=(15, 16), rng=a.seed)
+    k, dyn = 64, []
+
+    def make_dyn(**kw):
+        dyn.append(DyNNIBAL(k, **kw))
+        return dyn[-1]
+
+    table = {"uniform": ("uniform", lambda: M.Uniform(k), True),
+             "snm3": ("SNM 3%", lambda: M.StochasticNegativeMining(k, mem_percent=3.0, refresh_every=10), True),
+             "snm10": ("SNM 10%", lambda: M.StochasticNegativeMining(k, mem_percent=10.0, refresh_every=10), True),
+             "brute": ("brute force", lambda: M.BruteForceTopK(k), True),
+             "dynnibal": ("DyNNIBAL", make_dyn, True),
+             "dynnibal-rejection": ("DyNNIBAL (Alg. 1)", lambda: make_dyn(sampler="rejection"), True),
+             "dynnibal-topk": ("DyNNIBAL (top-k heuristic)", lambda: make_dyn(sampler="topk"), True)}
+    methods = [table[m] for m in a.miners.split(",")]
+    res = run_table(ds, methods, steps=a.steps, probe_every=50, eval_every=max(1, a.steps // 8), seed=a.seed,
+                    progress=False)
+    print(f"planted_dataset(6000, 6000, branching=(15, 16), rng={a.seed}); {a.steps} steps, seed {a.seed}")
+    print(table_markdown(res))
+    for mi in dyn:
+        ups = mi.tree_updates
+        if ups:
+            print(f"{mi.sampler}: {len(ups)} re-encodes (w={mi.reencode_every}); mean re-encode "
+                  f"{1e3 * np.mean([u['reencode_seconds'] for u in ups]):.1f} ms, tree update "
+                  f"{1e3 * np.mean([u['tree_seconds'] for u in ups]):.1f} ms, points reinserted per update "
+                  f"{np.mean([u['points_reinserted'] for u in ups]) / ds.n_targets:.0%} of N, mean U "
+                  f"{np.mean([u['U'] or 0 for u in ups]):.3f}; mean clusters per query "
+                  f"{mi.last_stats.get('mean_clusters', 0):.0f} (last step)")
     return 0
 
 

@@ -6,8 +6,10 @@ Per run, driven by :func:`refimpl.training.train`:
   Alg. 6 (:meth:`refimpl.nystrom.RegressionReEncoder.initial_encode`: every target encoded once, d' landmarks
   chosen among the targets, Nyström fitted) and an SG tree (:class:`refimpl.sgtree.SGTree`) built over the d'-dim
   Nyström target representations ``z_t`` (App. B.1; the tree stays Euclidean so the certified bounds hold).
-* every mining step (``mine``): each query's representation is its row of KS under the current landmark
-  embeddings (``z_q``, :meth:`~refimpl.nystrom.Nystrom.transform_queries`); the approximate softmax is
+* every mining step (``mine``): each query's representation ``z_q`` comes from its fresh embedding and the current
+  (regression-refreshed) landmark embeddings L through :meth:`~refimpl.nystrom.Nystrom.transform_queries`: its row
+  of KS, ``L q``, with ``split="paper"``; ``W^{+1/2} L q`` with the default ``split="symmetric"`` (same inner
+  products ``<z_q, z_t>``, see "Defaults" below); the approximate softmax is
   ``P~(i|x) ∝ exp(beta <z_q, z_t_i>)`` (Eq. 1 on the representations). Per query: FindClustering (Alg. 2,
   :func:`refimpl.clustering.find_clustering`) -> the cluster proposal Q of Eq. 7 -> negatives by independent
   Metropolis-Hastings (Eq. 14, :func:`refimpl.samplers.sample_mh`, ``sampler="mh"``, default), or exact draws of

@@ -83,10 +83,11 @@ def test_reencode_and_maintain_every_w_steps_and_encoder_calls(ds, monkeypatch):
     assert mi.tree.check_invariants() == []
 
 
-@pytest.mark.parametrize("mode", ["rebuild_level", "rebuild", "prop6", "given"])
+@pytest.mark.parametrize("mode", ["rebuild_level", "rebuild", "prop6", "given", "paper-split"])
 def test_other_tree_updates_keep_a_valid_tree(ds, mode):
-    kw = {"tree_update": mode} if mode.startswith("rebuild") else (
-        {"U": "prop6", "prop6_eta": 1e-3, "prop6_L": 2.0, "prop6_M": 1.5} if mode == "prop6" else {"U": 0.05})
+    kw = {"rebuild_level": {"tree_update": mode}, "rebuild": {"tree_update": mode}, "given": {"U": 0.05},
+          "prop6": {"U": "prop6", "prop6_eta": 1e-3, "prop6_L": 2.0, "prop6_M": 1.5},
+          "paper-split": {"split": "paper", "landmarks": "kmeans++"}}[mode]
     mi = DyNNIBAL(8, n_landmarks=16, n_samples=48, reencode_every=4, **kw)
     res = run(ds, mi, steps=12, uniform_warmup=0)
     assert mi.reencoded_at == [4, 8]

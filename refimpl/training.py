@@ -118,22 +118,33 @@ class _Batches:
         return out
 
 
-def _tile(ids, log_q, B):
-    return np.tile(ids, (B, 1)), None if log_q is None else np.tile(log_q, (B, 1))
+def _tile(a, B):
+    return None if a is None else np.tile(a, (B, 1))
 
 
 def _combine(parts, B):
-    """Concatenate negative groups [(ids, log_q)]; 1-D if all are shared, else (B, .) with shared ones tiled."""
-    parts = [p for p in parts if p[0].size or p[0].ndim == 2]
+    """Concatenate negative groups ``[(ids, log_q)]`` from independent sources.
+
+    Returns ``(ids, log_c)``: ids 1-D if every group is shared, else (B, .) with shared groups tiled; ``log_c`` the
+    log-Q offset of each negative for :func:`refimpl.softmax.sampled_softmax_loss`'s ``log_expected_count``, or
+    None when some group has no ``log_q``. A negative j drawn from source s (of size k_s, proposal q_s; sources
+    are mined, uniform, in-batch) gets ``log_c_j = log(K q_s(j))`` with K = sum_s k_s. Then
+    ``E[sum_{j in s} exp(s_j - log_c_j)] = (k_s / K) Z``, so the total is an unbiased estimate of the partition
+    function Z: the sample-size-weighted average of the per-source importance-sampling estimates. (The balance
+    heuristic ``log sum_s k_s q_s(j)`` is also unbiased and can have lower variance, but needs every source's q at
+    every draw, which a miner does not provide.)
+    """
+    parts = [p for p in parts if p[0].size]
     if not parts:
         return np.zeros(0, dtype=np.int64), np.zeros(0)
     has_q = all(p[1] is not None for p in parts)
+    total = sum(p[0].shape[-1] for p in parts)
+    offs = [p[1] + np.log(total) if has_q else None for p in parts]
     if all(p[0].ndim == 1 for p in parts):
-        return (np.concatenate([p[0] for p in parts]),
-                np.concatenate([p[1] for p in parts]) if has_q else None)
-    parts = [p if p[0].ndim == 2 else _tile(p[0], p[1], B) for p in parts]
-    return (np.concatenate([p[0] for p in parts], axis=1),
-            np.concatenate([p[1] for p in parts], axis=1) if has_q else None)
+        return np.concatenate([p[0] for p in parts]), np.concatenate(offs) if has_q else None
+    ids = [p[0] if p[0].ndim == 2 else _tile(p[0], B) for p in parts]
+    offs = [o if o is None or o.ndim == 2 else _tile(o, B) for o in offs]
+    return np.concatenate(ids, axis=1), np.concatenate(offs, axis=1) if has_q else None
 
 
 def train(dataset, miner: Miner, *, steps: int = 500, batch_size: int = 128, dim: int = 32, beta: float = 20.0,
@@ -156,7 +167,9 @@ def train(dataset, miner: Miner, *, steps: int = 500, batch_size: int = 128, dim
         not applied to miners with ``warmup = False`` (Uniform, InBatch, FullSoftmax).
     n_uniform : uniform negatives added to the mined ones every step (shared, log_q = -log N).
     in_batch : add the batch's positives as shared negatives (always on for :class:`InBatch`).
-    log_q_correction : subtract log(K q) from each negative's logit (refused for miners without a proposal).
+    log_q_correction : subtract ``log(K q_s(j))`` from the logit of each negative j, K the total number of
+        negatives and q_s the proposal of its source (mined, uniform, in-batch): an unbiased estimate of Z (see
+        ``_combine``); refused for miners without a proposal.
     probe_every : measure gradient relative error and TV every this many steps (0: never).
     eval_every : evaluate on the test split every this many steps (0: only at the end).
     seed : int seed of every random stream (encoder init, batches, negatives, miner), spawned with
@@ -261,7 +274,7 @@ def train(dataset, miner: Miner, *, steps: int = 500, batch_size: int = 128, dim
             prow = [np.searchsorted(inv, p) for p in pos]
             nrow = np.searchsorted(inv, neg_ids)
             loss, dQ, dT = sampled_softmax_loss(Q, T, prow, nrow, beta=enc.beta,
-                                                log_q=neg_lq if log_q_correction else None)
+                                                log_expected_count=neg_lq if log_q_correction else None)
             n_neg = int(neg_ids.shape[-1])
         dA = enc.query_vjp(Xq, dQ)
         dB = enc.target_vjp(Xt_rows, dT)

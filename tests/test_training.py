@@ -115,3 +115,31 @@ def test_train_main_on_text_fixture(capsys, tmp_path):
     text = capsys.readouterr().out
     assert rc == 0 and "| method | Mem % | R@1 | R@5 | R@10 | R@20 | R@100 |" in text
     assert "negative-cache" in text and "probes:" in text and out.exists()
+
+
+def test_log_q_offsets_of_mixed_sources_estimate_z_without_bias():
+    """Mixed sources (k1 = 8 from a skewed proposal, k2 = 56 uniform): sum_j exp(s_j - log_c_j) with the offsets of
+    ``_combine`` is an unbiased estimate of Z = sum_i exp(s_i). 20000 independent trials give a standard error of
+    the mean of about 0.3 % of Z; the test allows 4 standard errors. Negative control: the per-source offset
+    ``log(k_s q_s)`` (each source normalised as if it were alone) estimates 2 Z and fails by hundreds of standard
+    errors."""
+    from refimpl.training import _combine
+
+    rng = np.random.default_rng(5)
+    n, k1, k2, trials = 400, 8, 56, 20000
+    s = rng.normal(0.0, 1.5, n)
+    z = np.exp(s).sum()
+    q1 = np.exp(1.2 * s)
+    q1 /= q1.sum()
+    est, wrong = np.empty(trials), np.empty(trials)
+    for t in range(trials):
+        a = rng.choice(n, size=k1, p=q1)
+        b = rng.integers(0, n, size=k2)
+        ids, log_c = _combine([(a, np.log(q1[a])), (b, np.full(k2, -np.log(n)))], 1)
+        est[t] = np.exp(s[ids] - log_c).sum()
+        lq = np.concatenate([np.log(q1[a]), np.full(k2, -np.log(n))])
+        ks = np.concatenate([np.full(k1, k1), np.full(k2, k2)])
+        wrong[t] = np.exp(s[ids] - lq - np.log(ks)).sum()
+    se = est.std() / np.sqrt(trials)
+    assert abs(est.mean() - z) < 4 * se, (est.mean(), z, se)
+    assert abs(wrong.mean() - z) > 20 * wrong.std() / np.sqrt(trials)

@@ -510,19 +510,24 @@ def update_stats(moved_nodes, points, base, point_node, NP, NL, NPar, NFC, NNS, 
 
 
 @njit(cache=True)
-def maintain_mark(U, out_v, out_l, points, base, point_node, NP, NL, NPar, NFC, NNS, NMaxd, NMind, NCount, NPdist,
-                  NMaxn, free_stack, state):
-    """Alg. 3 (UpdateSGTree) top-down: returns the clusters (v, l) to rebuild, in out_v/out_l (count returned).
+def maintain_mark(U, fine, out_v, out_l, out_e, points, base, point_node, NP, NL, NPar, NFC, NNS, NMaxd, NMind,
+                  NCount, NPdist, NMaxn, free_stack, state):
+    """Alg. 3 (UpdateSGTree) top-down. Returns (number of clusters (v, l) to rebuild in out_v/out_l, number of
+    single child subtrees to reinsert in out_e).
 
     Cluster (v, l+1) with explicit child group G (p_v and the children of level l) survives a drift U if
     b^(l+1) > U, every child c in G has PDIST(c) + U <= b^(l+1) (Eq. 10, our parent-child covering) and every
-    non-identical pair of G is >= b^l + U apart (Eq. 11; MIND is tried first as a lower bound). Otherwise the
-    cluster is rebuilt (with everything below it in v); if it survives, its children are visited."""
+    non-identical pair of G is >= b^l + U apart (Eq. 11; MIND is tried first as a lower bound). Otherwise (fine =
+    False, Alg. 3) the cluster is rebuilt with everything below it in v; with fine = True only the offending children
+    (covering failures, and one member of each too-close pair) are detached with their subtrees and reinserted,
+    the group's other children are kept. Surviving children are visited."""
     root = state[0]
     n_out = 0
+    n_e = 0
     if root == -1:
-        return 0
+        return 0, 0
     stack = np.empty(state[1] + 1, dtype=np.int64)
+    bad = np.zeros(state[1], dtype=np.bool_)
     top = 0
     stack[top] = root
     top += 1
@@ -544,26 +549,82 @@ def maintain_mark(U, out_v, out_l, points, base, point_node, NP, NL, NPar, NFC, 
                 n_out += 1
                 break
             cov = math.pow(base, lc + 1)
+            sep = math.pow(base, lc)
             ok = True
             e = c
             while e != -1 and NL[e] == lc:
                 if NPdist[e] + U > cov:
                     ok = False
+                    bad[e] = True
                 e = NNS[e]
-            sep = math.pow(base, lc)
-            if ok and NMind[v] - U < sep:
-                if group_min_dist(v, lc, points, NP, NL, NFC, NNS) - U < sep:
+            if NMind[v] - U < sep and (fine or ok):
+                if fine:  # exact pairs: mark the later member of each too-close pair
+                    e = c
+                    while e != -1 and NL[e] == lc:
+                        if not bad[e]:
+                            d = NPdist[e]
+                            if d > 0.0 and d - U < sep:
+                                bad[e] = True
+                        f = NNS[e]
+                        while f != -1 and NL[f] == lc and not bad[e]:
+                            if not bad[f]:
+                                d = dist(points, NP[e], NP[f])
+                                if d > 0.0 and d - U < sep:
+                                    bad[f] = True
+                            f = NNS[f]
+                        e = NNS[e]
+                elif group_min_dist(v, lc, points, NP, NL, NFC, NNS) - U < sep:
                     ok = False
-            if not ok:
+            if not ok and not fine:
                 out_v[n_out] = v
                 out_l[n_out] = lc + 1
                 n_out += 1
                 break
             while c != -1 and NL[c] == lc:
-                stack[top] = c
-                top += 1
+                if bad[c]:
+                    out_e[n_e] = c
+                    n_e += 1
+                    bad[c] = False
+                else:
+                    stack[top] = c
+                    top += 1
                 c = NNS[c]
-    return n_out
+    return n_out, n_e
+
+
+@njit(cache=True)
+def detach_nodes(es, out, starts, start_levels, points, base, point_node, NP, NL, NPar, NFC, NNS, NMaxd, NMind,
+                 NCount, NPdist, NMaxn, free_stack, state):
+    """Cut each node e (with its subtree) from its parent v, subtract the counts along v's ancestors and free the
+    nodes; the targets (p_e included) go to out with start (v, level(e) + 1). Returns their number."""
+    stack = np.empty(state[1] + 1, dtype=np.int64)
+    pos = 0
+    for i in range(es.shape[0]):
+        e = es[i]
+        if NP[e] == -1:
+            continue
+        v = NPar[e]
+        prev = -1
+        c = NFC[v]
+        while c != e:
+            prev = c
+            c = NNS[c]
+        if prev == -1:
+            NFC[v] = NNS[e]
+        else:
+            NNS[prev] = NNS[e]
+        k = NCount[e]
+        a = v
+        while a != -1:
+            NCount[a] -= k
+            a = NPar[a]
+        lev = NL[e] + 1
+        p0 = pos
+        pos = _free_subtree(e, out, pos, point_node, NP, NPar, NFC, NNS, free_stack, state, stack)
+        for j in range(p0, pos):
+            starts[j] = v
+            start_levels[j] = lev
+    return pos
 
 
 @njit(cache=True)

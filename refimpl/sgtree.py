@@ -150,6 +150,12 @@ class SGTree:
         """Target ids currently in the tree, ascending."""
         return np.flatnonzero(self.point_node[: self.n_targets] >= 0).astype(np.int64)
 
+    def copy(self) -> "SGTree":
+        """An independent deep copy."""
+        other = SGTree.__new__(SGTree)
+        other.__dict__.update({k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in self.__dict__.items()})
+        return other
+
     def _T(self):
         return (self.points, self.base, self.point_node, self.node_point, self.node_level, self.node_parent,
                 self.node_first_child, self.node_next_sibling, self.node_maxd, self.node_mind, self.node_count,
@@ -241,7 +247,8 @@ class SGTree:
     def update_points(self, ids, points, *, repair: bool = True) -> None:
         """New embeddings for targets ``ids``. PDIST becomes exact, MAXD/MAXNORM valid upper bounds and MIND a valid
         lower bound at once (so every certified bound holds immediately), touching only the affected paths. With
-        ``repair`` (default) the tree is then made a valid SG tree again by ``maintain(0)``; with
+        ``repair`` (default) the tree is then made a valid SG tree again by ``maintain(0, granularity="child")``;
+        with
         ``repair=False`` covering/separation may be violated until ``maintain(U)`` (Alg. 3) is called."""
         arr = self._check_live("ids", ids)
         pts = _check_points("points", points, self.dim)
@@ -254,7 +261,7 @@ class SGTree:
         nodes = nodes[np.argsort(self.node_level[nodes], kind="stable")]
         K.update_stats(nodes, *self._T())
         if repair:
-            self.maintain(0.0)
+            self.maintain(0.0, granularity="child")
 
     def _rebuild_clusters(self, vs, ls, rng) -> int:
         if vs.size == 0:
@@ -280,16 +287,32 @@ class SGTree:
         c = self.clustering(level)
         return self._rebuild_clusters(c.nodes.copy(), np.full(len(c), level, dtype=np.int64), rng)
 
-    def maintain(self, U: float, *, rng=None) -> dict:
-        """Alg. 3 UpdateSGTree for a drift bound U >= 0 (Prop. 6; Eq. 10/11): rebuild exactly the clusters that
-        fail covering/separation with margin U, and every cluster of level l with b^l <= U; returns statistics."""
+    def maintain(self, U: float, *, rng=None, granularity: str = "cluster") -> dict:
+        """Alg. 3 UpdateSGTree for a drift bound U >= 0 (Prop. 6; Eq. 10/11 in our parent-child form, see the
+        module docstring); returns statistics. Kept parts of the tree then survive any further drift <= U.
+
+        ``granularity="cluster"`` (default, Alg. 3 as printed): a cluster (v, l+1) whose child group fails is
+        emptied and rebuilt under p_v, with everything below it in v; every cluster of level l with b^l <= U too.
+        ``granularity="child"`` (our refinement): only the failing children (covering failures and one member of
+        each too-close pair) are cut with their subtrees and their points reinserted under (v, l+1) (from the root
+        when out of reach); the rest of the group is kept. Both leave a valid tree."""
         U = check_positive("U", U, allow_zero=True)
+        if granularity not in ("cluster", "child"):
+            raise ValueError(f"granularity: expected 'cluster' or 'child', got {granularity!r}")
         cap = max(self.n_nodes, 1)
         vs = np.empty(cap, dtype=np.int64)
         ls = np.empty(cap, dtype=np.int64)
-        k = K.maintain_mark(U, vs, ls, *self._T())
-        m = self._rebuild_clusters(vs[:k].copy(), ls[:k].copy(), rng)
-        return {"clusters_rebuilt": int(k), "points_reinserted": int(m)}
+        es = np.empty(cap, dtype=np.int64)
+        k, ke = K.maintain_mark(U, granularity == "child", vs, ls, es, *self._T())
+        m = 0
+        if ke:
+            out = np.empty(self.n_targets, dtype=np.int64)
+            starts = np.empty(self.n_targets, dtype=np.int64)
+            slev = np.empty(self.n_targets, dtype=np.int64)
+            m = K.detach_nodes(es[:ke].copy(), out, starts, slev, *self._T())
+            self._insert_ids(out[:m].copy(), starts[:m].copy(), slev[:m].copy())
+        m2 = self._rebuild_clusters(vs[:k].copy(), ls[:k].copy(), rng)
+        return {"clusters_rebuilt": int(k), "subtrees_reinserted": int(ke), "points_reinserted": int(m + m2)}
 
     # ------------------------------------------------------------------ views
     def clustering(self, level: int) -> Clustering:

@@ -133,14 +133,16 @@ def test_random_operation_sequences(tmp_path_factory, sc):
             else:  # paper workflow: stale geometry, valid statistics, then Alg. 3
                 tree.update_points(sel, new, repair=False)
                 assert tree.check_invariants(geometry=False) == []
-                tree.maintain(float(rng.choice([0.0, 1e-3, 0.5])) * scale)
+                tree.maintain(float(rng.choice([0.0, 1e-3, 0.5])) * scale,
+                              granularity=str(rng.choice(["cluster", "child"])))
             for i, p in zip(sel, new):
                 model[int(i)] = p
         elif op == "rebuild" and live.size:
             lo, hi = tree.level_range()
             tree.rebuild_level(int(rng.integers(lo, hi + 2)), rng=rng if rng.random() < 0.5 else None)
         elif op == "maintain":
-            tree.maintain(float(rng.choice([0.0, 1e-3, 1.0])) * scale)
+            tree.maintain(float(rng.choice([0.0, 1e-3, 1.0])) * scale, granularity=str(rng.choice(["cluster",
+                                                                                                  "child"])))
         elif op == "saveload":
             path = tmp_path_factory.mktemp("t") / "tree.npz"
             tree.save(path)
@@ -172,11 +174,24 @@ def test_fresh_tree_needs_no_maintenance_and_small_moves_rebuild_little():
     rng = np.random.default_rng(3)
     X = rng.normal(size=(400, 5))
     tree = SGTree.build(X, rng=1)
-    assert tree.maintain(0.0) == {"clusters_rebuilt": 0, "points_reinserted": 0}
+    for g in ("cluster", "child"):
+        assert tree.maintain(0.0, granularity=g) == {"clusters_rebuilt": 0, "subtrees_reinserted": 0,
+                                                     "points_reinserted": 0}
     tree.update_points([7], X[7:8] + 1e-6, repair=False)
     st_ = tree.maintain(0.0)
     assert st_["points_reinserted"] < 400 // 4
     assert tree.check_invariants() == []
+    # a large move: the child granularity reinserts no more than Alg. 3's cluster rebuild
+    t1, t2 = SGTree.build(X, rng=1), SGTree.build(X, rng=1)
+    sel = np.arange(0, 400, 10)
+    for t, g in ((t1, "cluster"), (t2, "child")):
+        t.update_points(sel, X[sel] + 0.3, repair=False)
+        st_ = t.maintain(0.0, granularity=g)
+        assert t.check_invariants() == []
+        if g == "cluster":
+            n_cluster = st_["points_reinserted"]
+        else:
+            assert st_["points_reinserted"] <= n_cluster
     # a drift bound larger than the root scale rebuilds everything below the root
     st_ = tree.maintain(1e6)
     assert st_["points_reinserted"] == 399 and tree.check_invariants() == []
@@ -298,6 +313,8 @@ def test_bad_input():
         tree.update_points([1, 2], np.ones((1, 3)))
     with pytest.raises(ValueError, match="U"):
         tree.maintain(-1.0)
+    with pytest.raises(ValueError, match="granularity"):
+        tree.maintain(0.0, granularity="node")
     with pytest.raises(TypeError, match="level"):
         tree.clustering(0.5)
     with pytest.raises(ValueError, match="k"):

@@ -13,7 +13,7 @@ PF = 4  # rows prefetched ahead in the scans (memory-level parallelism; see _sgt
 
 
 @njit(cache=True)
-def batch_place(v, L, xs, dv, points, base, point_node, NP, NL, NPar, NFC, NNS, NMaxd, NMind, NCount, NPdist, NMaxn,
+def batch_place(v, L, xs, dv, points, base, point_node, NP, NL, NPar, NFC, NNS, NMaxd, NMind, NCount, NPdist, NMaxn, NSlack,
                 free_stack, state):
     """Divisive batch construction: place the targets xs (with dv[i] = d(xs[i], p_v) <= b^L) in cluster (v, L).
 
@@ -136,7 +136,7 @@ def batch_place(v, L, xs, dv, points, base, point_node, NP, NL, NPar, NFC, NNS, 
                         if dv[i] < gmin:
                             gmin = dv[i]
                         c = _alloc(x, ls, u, dv[i], points, point_node, NP, NL, NPar, NFC, NNS, NMaxd, NMind,
-                                   NCount, NPdist, NMaxn, free_stack, state)
+                                   NCount, NPdist, NMaxn, NSlack, free_stack, state)
                         # append at the tail of u's child list (levels only decrease along the self-chain)
                         if tail == -1:
                             NFC[u] = c
@@ -148,6 +148,8 @@ def batch_place(v, L, xs, dv, points, base, point_node, NP, NL, NPar, NFC, NNS, 
                         lab[i] = -1
             if gmin < NMind[u]:
                 NMind[u] = gmin
+            if gmin - rad < NSlack[u]:  # separation slack of the new group (inf - rad if no kid)
+                NSlack[u] = gmin - rad
             # assignment: nearest covering member of the group (self wins ties)
             for q in range(k + 2):
                 cnt[q] = 0
@@ -217,19 +219,19 @@ def batch_place(v, L, xs, dv, points, base, point_node, NP, NL, NPar, NFC, NNS, 
                 dl = L0 - 1
             for i in range(ndup_start, e0):
                 c = _alloc(xs[i], dl, u, 0.0, points, point_node, NP, NL, NPar, NFC, NNS, NMaxd, NMind, NCount,
-                           NPdist, NMaxn, free_stack, state)
+                           NPdist, NMaxn, NSlack, free_stack, state)
                 _link_child(u, c, NL, NFC, NNS)
             NMind[u] = 0.0
 
 
 @njit(cache=True)
-def batch_build(perm, points, base, point_node, NP, NL, NPar, NFC, NNS, NMaxd, NMind, NCount, NPdist, NMaxn,
+def batch_build(perm, points, base, point_node, NP, NL, NPar, NFC, NNS, NMaxd, NMind, NCount, NPdist, NMaxn, NSlack,
                 free_stack, state):
     """Build over the targets perm (empty tree): root = perm[0] at level ceil(log_b max distance), then
     :func:`batch_place` with the remaining points in perm order (the greedy nets scan in this order)."""
     n = perm.shape[0]
     r = _alloc(perm[0], 0, -1, 0.0, points, point_node, NP, NL, NPar, NFC, NNS, NMaxd, NMind, NCount, NPdist,
-               NMaxn, free_stack, state)
+               NMaxn, NSlack, free_stack, state)
     state[0] = r
     xs = perm[1:].copy()
     dv = np.empty(n - 1)
@@ -241,12 +243,12 @@ def batch_build(perm, points, base, point_node, NP, NL, NPar, NFC, NNS, NMaxd, N
     if dmax > 0.0:
         NL[r] = level_ceil(dmax, base)
     batch_place(r, NL[r], xs, dv, points, base, point_node, NP, NL, NPar, NFC, NNS, NMaxd, NMind, NCount, NPdist,
-                NMaxn, free_stack, state)
+                NMaxn, NSlack, free_stack, state)
 
 
 @njit(cache=True)
 def rebuild_segments(out, starts, start_levels, m, points, base, point_node, NP, NL, NPar, NFC, NNS, NMaxd, NMind,
-                     NCount, NPdist, NMaxn, free_stack, state):
+                     NCount, NPdist, NMaxn, NSlack, free_stack, state):
     """Reinsert the m targets detached by :func:`detach_clusters`: each run of equal starts (v, l) is rebuilt by
     :func:`batch_place` under the same representative with the points still within b^l of it; the others (and
     runs whose start was freed) are inserted from the root afterwards."""
@@ -278,8 +280,8 @@ def rebuild_segments(out, starts, start_levels, m, points, base, point_node, NP,
                     rest[nrest] = out[t]
                     nrest += 1
             batch_place(v, lev, xs[:k], dv[:k], points, base, point_node, NP, NL, NPar, NFC, NNS, NMaxd, NMind,
-                        NCount, NPdist, NMaxn, free_stack, state)
+                        NCount, NPdist, NMaxn, NSlack, free_stack, state)
         i = j
     for t in range(nrest):
         insert_one(rest[t], -1, 0, 0, points, base, point_node, NP, NL, NPar, NFC, NNS, NMaxd, NMind, NCount,
-                   NPdist, NMaxn, free_stack, state)
+                   NPdist, NMaxn, NSlack, free_stack, state)

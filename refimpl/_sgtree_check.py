@@ -116,15 +116,20 @@ def check_tree(tree, *, geometry: bool = True) -> list[str]:
             if geometry and d > b ** (int(NL[c]) + 1) * (1 + _TOL):
                 errs.append(f"covering: node {c} (level {NL[c]}) is {d!r} from parent {v} > b^{NL[c] + 1}")
         true_mind = np.inf
+        true_slack = np.inf
         for lev, g in groups.items():
             members = [NP[v]] + [NP[c] for c in g]
             for i in range(len(members)):
                 for j in range(i + 1, len(members)):
                     d = _d(P[members[i]], P[members[j]])
                     true_mind = min(true_mind, d)
+                    if d > 0:
+                        true_slack = min(true_slack, d - b ** lev)
                     if geometry and d > 0 and d < b ** lev * (1 - _TOL):
                         errs.append(f"separation: targets {members[i]} and {members[j]} (group of node {v}, level "
                                     f"{lev}) are {d!r} apart < b^{lev}")
         if tree.node_mind[v] > true_mind * (1 + _TOL) + 1e-300:
             errs.append(f"node {v}: MIND {tree.node_mind[v]!r} > true group minimum {true_mind!r}")
+        if np.isfinite(true_slack) and tree.node_sepslack[v] > true_slack + _TOL * (abs(true_slack) + b ** NL[v]):
+            errs.append(f"node {v}: SEPSLACK {tree.node_sepslack[v]!r} > true {true_slack!r}")
     return errs

@@ -3,7 +3,7 @@
 Every kernel takes the tree's arrays in the same order (the ``T`` tuple below is unpacked by the caller):
 
     points, base, point_node, node_point, node_level, node_parent, node_first_child, node_next_sibling,
-    node_maxd, node_mind, node_count, node_pdist, node_maxnorm, free_stack, state
+    node_maxd, node_mind, node_count, node_pdist, node_maxnorm, node_sepslack, free_stack, state
 
 ``state`` is int64 ``[root, n_nodes (high-water mark), free_top, distance computations (diagnostic)]``. Only float64 and int64 arrays, so each kernel
 compiles once. The Python caller guarantees the node capacity (``n_nodes + #new nodes <= len(node_point)``).
@@ -130,7 +130,7 @@ def level_ceil(d, base):
 
 @njit(cache=True)
 def _alloc(x, level, parent, pdist, points, point_node, NP, NL, NPar, NFC, NNS, NMaxd, NMind, NCount, NPdist,
-           NMaxn, free_stack, state):
+           NMaxn, NSlack, free_stack, state):
     if state[2] > 0:
         state[2] -= 1
         v = free_stack[state[2]]
@@ -144,6 +144,7 @@ def _alloc(x, level, parent, pdist, points, point_node, NP, NL, NPar, NFC, NNS, 
     NNS[v] = -1
     NMaxd[v] = 0.0
     NMind[v] = INF
+    NSlack[v] = INF
     NCount[v] = 1
     NPdist[v] = pdist
     NMaxn[v] = sqnorm(points, x)
@@ -169,7 +170,7 @@ def _link_child(v, c, NL, NFC, NNS):
 
 @njit(cache=True)
 def insert_one(x, v, L, anc_mode, points, base, point_node, NP, NL, NPar, NFC, NNS, NMaxd, NMind, NCount, NPdist,
-               NMaxn, free_stack, state):
+               NMaxn, NSlack, free_stack, state):
     """Insert target x starting at cluster (v, L) (v = -1: from the root, raising its level if needed).
 
     Precondition for v != -1: d(x, p_v) <= base**L. anc_mode: 0 = do not touch the ancestors of v (caller did),
@@ -183,7 +184,7 @@ def insert_one(x, v, L, anc_mode, points, base, point_node, NP, NL, NPar, NFC, N
         v = state[0]
         if v == -1:
             state[0] = _alloc(x, 0, -1, 0.0, points, point_node, NP, NL, NPar, NFC, NNS, NMaxd, NMind, NCount,
-                              NPdist, NMaxn, free_stack, state)
+                              NPdist, NMaxn, NSlack, free_stack, state)
             return
         d0 = dist(points, x, NP[v])
         if d0 > 0.0 and math.pow(base, NL[v]) < d0:
@@ -219,7 +220,7 @@ def insert_one(x, v, L, anc_mode, points, base, point_node, NP, NL, NPar, NFC, N
             if lev > L - 1:
                 lev = L - 1
             c = _alloc(x, lev, v, 0.0, points, point_node, NP, NL, NPar, NFC, NNS, NMaxd, NMind, NCount, NPdist,
-                       NMaxn, free_stack, state)
+                       NMaxn, NSlack, free_stack, state)
             _link_child(v, c, NL, NFC, NNS)
             NMind[v] = 0.0
             return
@@ -260,17 +261,20 @@ def insert_one(x, v, L, anc_mode, points, base, point_node, NP, NL, NPar, NFC, N
             L = NL[best]
             continue
         c = _alloc(x, l_att, v, d0, points, point_node, NP, NL, NPar, NFC, NNS, NMaxd, NMind, NCount, NPdist,
-                   NMaxn, free_stack, state)
+                   NMaxn, NSlack, free_stack, state)
         _link_child(v, c, NL, NFC, NNS)
         m = d0 if d0 < gmin else gmin
         if m < NMind[v]:
             NMind[v] = m
+        sl = m - math.pow(base, l_att)  # separation slack of the group x joined
+        if sl < NSlack[v]:
+            NSlack[v] = sl
         return
 
 
 @njit(cache=True)
 def insert_many(xs, starts, start_levels, points, base, point_node, NP, NL, NPar, NFC, NNS, NMaxd, NMind, NCount,
-                NPdist, NMaxn, free_stack, state):
+                NPdist, NMaxn, NSlack, free_stack, state):
     """Insert targets xs in order. starts[i] = -1: from the root; else from cluster (starts[i], start_levels[i])
     when x is within base**level of that representative (ancestors get count/MAXNORM only), else from the root."""
     for i in range(xs.shape[0]):
@@ -278,10 +282,10 @@ def insert_many(xs, starts, start_levels, points, base, point_node, NP, NL, NPar
         v = starts[i]
         if v != -1 and NP[v] != -1 and dist(points, x, NP[v]) <= math.pow(base, start_levels[i]):
             insert_one(x, v, start_levels[i], 1, points, base, point_node, NP, NL, NPar, NFC, NNS, NMaxd, NMind,
-                       NCount, NPdist, NMaxn, free_stack, state)
+                       NCount, NPdist, NMaxn, NSlack, free_stack, state)
         else:
             insert_one(x, -1, 0, 0, points, base, point_node, NP, NL, NPar, NFC, NNS, NMaxd, NMind, NCount,
-                       NPdist, NMaxn, free_stack, state)
+                       NPdist, NMaxn, NSlack, free_stack, state)
 
 
 @njit(cache=True)
@@ -312,7 +316,7 @@ def _free_subtree(c, out, pos, point_node, NP, NPar, NFC, NNS, free_stack, state
 
 @njit(cache=True)
 def detach_clusters(vs, levels, out, starts, start_levels, points, base, point_node, NP, NL, NPar, NFC, NNS, NMaxd,
-                    NMind, NCount, NPdist, NMaxn, free_stack, state):
+                    NMind, NCount, NPdist, NMaxn, NSlack, free_stack, state):
     """Empty the clusters (vs[i], levels[i]): cut the children of level < levels[i] (a suffix of the child list),
     free their subtrees, subtract the counts along the ancestors. A cluster above the root's level empties the
     whole tree except the root. Collected targets go to out, with their cluster as start. Returns their number."""
@@ -354,7 +358,7 @@ def detach_clusters(vs, levels, out, starts, start_levels, points, base, point_n
 
 
 @njit(cache=True)
-def remove_nodes(ids, out, points, base, point_node, NP, NL, NPar, NFC, NNS, NMaxd, NMind, NCount, NPdist, NMaxn,
+def remove_nodes(ids, out, points, base, point_node, NP, NL, NPar, NFC, NNS, NMaxd, NMind, NCount, NPdist, NMaxn, NSlack,
                  free_stack, state):
     """Detach the node of every target in ids with its subtree; the other targets of those subtrees (to be
     reinserted by the caller) go to out. Removed targets get point_node = -1. Returns the number collected."""
@@ -440,9 +444,9 @@ def node_mind(v, points, NP, NL, NFC, NNS):
 
 @njit(cache=True)
 def update_stats(moved_nodes, points, base, point_node, NP, NL, NPar, NFC, NNS, NMaxd, NMind, NCount, NPdist,
-                 NMaxn, free_stack, state):
+                 NMaxn, NSlack, free_stack, state):
     """After the rows of the targets of moved_nodes changed (sorted by ascending level): make PDIST exact, MAXD and
-    MAXNORM valid upper bounds and MIND a valid lower bound again, touching only the affected paths: unmoved
+    MAXNORM valid upper bounds and MIND / SEPSLACK valid lower bounds again, touching only the affected paths: unmoved
     ancestors get max(old MAXD, exact distance to each moved point); a moved node gets max over its children of
     PDIST + MAXD (triangle inequality); MIND = min(old, every changed pair), so it may become stale-low."""
     n = moved_nodes.shape[0]
@@ -493,11 +497,18 @@ def update_stats(moved_nodes, points, base, point_node, NP, NL, NPar, NFC, NNS, 
         while c != -1:  # pairs (p_v, child)
             if NPdist[c] < NMind[v]:
                 NMind[v] = NPdist[c]
+            if NPdist[c] > 0.0:
+                sl = NPdist[c] - math.pow(base, NL[c])
+                if sl < NSlack[v]:
+                    NSlack[v] = sl
             c = NNS[c]
         par = NPar[v]
         if par != -1:  # pairs (v, its group in the parent: p_par and the siblings of the same level)
+            sep = math.pow(base, NL[v])
             if NPdist[v] < NMind[par]:
                 NMind[par] = NPdist[v]
+            if NPdist[v] > 0.0 and NPdist[v] - sep < NSlack[par]:
+                NSlack[par] = NPdist[v] - sep
             c = NFC[par]
             while c != -1 and NL[c] > NL[v]:
                 c = NNS[c]
@@ -506,18 +517,21 @@ def update_stats(moved_nodes, points, base, point_node, NP, NL, NPar, NFC, NNS, 
                     d = dist(points, NP[v], NP[c])
                     if d < NMind[par]:
                         NMind[par] = d
+                    if d > 0.0 and d - sep < NSlack[par]:
+                        NSlack[par] = d - sep
                 c = NNS[c]
 
 
 @njit(cache=True)
 def maintain_mark(U, fine, out_v, out_l, out_e, points, base, point_node, NP, NL, NPar, NFC, NNS, NMaxd, NMind,
-                  NCount, NPdist, NMaxn, free_stack, state):
+                  NCount, NPdist, NMaxn, NSlack, free_stack, state):
     """Alg. 3 (UpdateSGTree) top-down. Returns (number of clusters (v, l) to rebuild in out_v/out_l, number of
     single child subtrees to reinsert in out_e).
 
     Cluster (v, l+1) with explicit child group G (p_v and the children of level l) survives a drift U if
     b^(l+1) > U, every child c in G has PDIST(c) + U <= b^(l+1) (Eq. 10, our parent-child covering) and every
-    non-identical pair of G is >= b^l + U apart (Eq. 11; MIND is tried first as a lower bound). Otherwise (fine =
+    non-identical pair of G is >= b^l + U apart (Eq. 11; SEPSLACK(v) >= U proves it for all of v's groups at once,
+    else the pairs are computed). Otherwise (fine =
     False, Alg. 3) the cluster is rebuilt with everything below it in v; with fine = True only the offending children
     (covering failures, and one member of each too-close pair) are detached with their subtrees and reinserted,
     the group's other children are kept. Surviving children are visited."""
@@ -557,7 +571,7 @@ def maintain_mark(U, fine, out_v, out_l, out_e, points, base, point_node, NP, NL
                     ok = False
                     bad[e] = True
                 e = NNS[e]
-            if NMind[v] - U < sep and (fine or ok):
+            if NSlack[v] < U and (fine or ok):  # slack >= U proves Eq. 11 for every group of v
                 if fine:  # exact pairs: mark the later member of each too-close pair
                     e = c
                     while e != -1 and NL[e] == lc:
@@ -594,7 +608,7 @@ def maintain_mark(U, fine, out_v, out_l, out_e, points, base, point_node, NP, NL
 
 @njit(cache=True)
 def detach_nodes(es, out, starts, start_levels, points, base, point_node, NP, NL, NPar, NFC, NNS, NMaxd, NMind,
-                 NCount, NPdist, NMaxn, free_stack, state):
+                 NCount, NPdist, NMaxn, NSlack, free_stack, state):
     """Cut each node e (with its subtree) from its parent v, subtract the counts along v's ancestors and free the
     nodes; the targets (p_e included) go to out with start (v, level(e) + 1). Returns their number."""
     stack = np.empty(state[1] + 1, dtype=np.int64)
@@ -628,7 +642,7 @@ def detach_nodes(es, out, starts, start_levels, points, base, point_node, NP, NL
 
 
 @njit(cache=True)
-def clustering_arrays(level, points, base, point_node, NP, NL, NPar, NFC, NNS, NMaxd, NMind, NCount, NPdist, NMaxn,
+def clustering_arrays(level, points, base, point_node, NP, NL, NPar, NFC, NNS, NMaxd, NMind, NCount, NPdist, NMaxn, NSlack,
                       free_stack, state, out_nodes, out_sizes, out_radii):
     """C_(level): one cluster per live node v with level >= level (the root always). cluster(v, level) = p_v and
     the subtrees of the children of level < level; size 1 + their counts; radius min(MAXD(v),

@@ -8,8 +8,10 @@ the targets (row = target id). Node arrays, valid for ids < ``n_nodes`` (freed n
 ``node_first_child`` / ``node_next_sibling`` (children in DESCENDING level order), ``node_maxd`` (>= distance from
 the representative to any descendant), ``node_mind`` (see below), ``node_count`` (targets in the subtree,
 representative included), ``point_node`` (node of a target, -1 if removed). Additions: ``node_pdist`` (exact
-distance to the parent's representative, 0 at the root) and ``node_maxnorm`` (>= max squared norm in the subtree,
-used by :func:`refimpl.search.topk`).
+distance to the parent's representative, 0 at the root), ``node_maxnorm`` (>= max squared norm in the subtree,
+used by :func:`refimpl.search.topk`) and ``node_sepslack`` (<= min over v's child groups of level l of
+(smallest non-identical pair distance in the group) - b^l: Alg. 3's separation test for all groups of a node in
+one comparison, SEPSLACK >= U; a valid lower bound maintained like MIND).
 
 Definitions we chose (PAPER.md §4 erratum)
 ------------------------------------------
@@ -80,9 +82,9 @@ __all__ = ["SGTree", "Clustering", "DEFAULT_BASE"]
 DEFAULT_BASE = 1.2
 MAX_ABS = 1e140  # larger magnitudes would overflow squared distances / inner products in float64
 _FORMAT = "refimpl.SGTree"
-_VERSION = 1
+_VERSION = 2
 _NODE_INT = ("node_point", "node_level", "node_parent", "node_first_child", "node_next_sibling", "node_count")
-_NODE_FLOAT = ("node_maxd", "node_mind", "node_pdist", "node_maxnorm")
+_NODE_FLOAT = ("node_maxd", "node_mind", "node_pdist", "node_maxnorm", "node_sepslack")
 
 
 @dataclass
@@ -159,7 +161,7 @@ class SGTree:
     def _T(self):
         return (self.points, self.base, self.point_node, self.node_point, self.node_level, self.node_parent,
                 self.node_first_child, self.node_next_sibling, self.node_maxd, self.node_mind, self.node_count,
-                self.node_pdist, self.node_maxnorm, self.free_stack, self._state)
+                self.node_pdist, self.node_maxnorm, self.node_sepslack, self.free_stack, self._state)
 
     def _reserve(self, extra_targets: int, extra_nodes: int) -> None:
         need_t = self.n_targets + extra_targets

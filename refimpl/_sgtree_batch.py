@@ -13,8 +13,8 @@ PF = 4  # rows prefetched ahead in the scans (memory-level parallelism; see _sgt
 
 
 @njit(cache=True)
-def batch_place(v, L, xs, dv, points, base, point_node, NP, NL, NPar, NFC, NNS, NMaxd, NMind, NCount, NPdist, NMaxn, NSlack,
-                free_stack, state):
+def batch_place(v, L, xs, dv, points, base, point_node, NP, NL, NPar, NFC, NNS, NMaxd, NMind, NCount, NPdist, NMaxn,
+                NSlack, free_stack, state):
     """Divisive batch construction: place the targets xs (with dv[i] = d(xs[i], p_v) <= b^L) in cluster (v, L).
 
     Same invariants as repeated insertion (it is insertion in a coarse-to-fine order): for the current cluster

@@ -5,7 +5,8 @@ Every kernel takes the tree's arrays in the same order (the ``T`` tuple below is
     points, base, point_node, node_point, node_level, node_parent, node_first_child, node_next_sibling,
     node_maxd, node_mind, node_count, node_pdist, node_maxnorm, node_sepslack, free_stack, state
 
-``state`` is int64 ``[root, n_nodes (high-water mark), free_top, distance computations (diagnostic)]``. Only float64 and int64 arrays, so each kernel
+``state`` is int64 ``[root, n_nodes (high-water mark), free_top, distance computations (diagnostic)]``. Only
+float64 and int64 arrays, so each kernel
 compiles once. The Python caller guarantees the node capacity (``n_nodes + #new nodes <= len(node_point)``).
 """
 from __future__ import annotations
@@ -358,8 +359,8 @@ def detach_clusters(vs, levels, out, starts, start_levels, points, base, point_n
 
 
 @njit(cache=True)
-def remove_nodes(ids, out, points, base, point_node, NP, NL, NPar, NFC, NNS, NMaxd, NMind, NCount, NPdist, NMaxn, NSlack,
-                 free_stack, state):
+def remove_nodes(ids, out, points, base, point_node, NP, NL, NPar, NFC, NNS, NMaxd, NMind, NCount, NPdist, NMaxn,
+                 NSlack, free_stack, state):
     """Detach the node of every target in ids with its subtree; the other targets of those subtrees (to be
     reinserted by the caller) go to out. Removed targets get point_node = -1. Returns the number collected."""
     stack = np.empty(state[1] + 1, dtype=np.int64)
@@ -642,8 +643,8 @@ def detach_nodes(es, out, starts, start_levels, points, base, point_node, NP, NL
 
 
 @njit(cache=True)
-def clustering_arrays(level, points, base, point_node, NP, NL, NPar, NFC, NNS, NMaxd, NMind, NCount, NPdist, NMaxn, NSlack,
-                      free_stack, state, out_nodes, out_sizes, out_radii):
+def clustering_arrays(level, points, base, point_node, NP, NL, NPar, NFC, NNS, NMaxd, NMind, NCount, NPdist, NMaxn,
+                      NSlack, free_stack, state, out_nodes, out_sizes, out_radii):
     """C_(level): one cluster per live node v with level >= level (the root always). cluster(v, level) = p_v and
     the subtrees of the children of level < level; size 1 + their counts; radius min(MAXD(v),
     max_c PDIST(c) + MAXD(c))."""

@@ -13,11 +13,12 @@ MAXNORM): with d = ||q - p||,
 
 ``bound="ball"`` (default) uses the minimum of the three, ``bound="linear"`` the first only. With the ball bound a
 child c of an expanded node v is first tested WITHOUT reading its row: ||q - t|| >= |d(q, p_v) - PDIST(c)| - MAXD(c)
-for every t below c (triangle inequality), which gives a ball bound for c's whole subtree, p_c included. On unit-norm data the
-ball bound is the nearest-neighbour bound and prunes far better (the linear bound cannot prune a subtree whose
-radius exceeds the gap between its representative's score and the k-th best score). A node is pruned when its
-bound is below the current k-th best score minus a rounding slack of 1e-9 (||q|| + max||t||)^2, so no true top-k
-target is lost to floating-point error. Best-first order (a max-heap on the bound).
+for every t below c (triangle inequality), which gives a ball bound for c's whole subtree, p_c included. On unit-
+norm data the ball bound is the nearest-neighbour bound and prunes far better (the linear bound cannot prune a
+subtree whose radius exceeds the gap between its representative's score and the k-th best score). A node is pruned
+when its bound is below the current k-th best score minus a rounding slack of 1e-9 (||q|| + max||t||)^2, so no true
+top-k target is lost to floating-point error. Best-first order (a max-heap on the bound). The search is bound by
+memory latency (random 512-byte rows), so the surviving children's rows are prefetched a few ahead.
 """
 from __future__ import annotations
 

@@ -100,7 +100,8 @@ def bench_size(n, *, dim, nq, k, base, seed, check):
         w2.maintain(0.0, granularity=gran)
     tree, t_build = _timed(SGTree.build, T, base=base, rng=seed)
     c_build = CPU["last"]
-    row = {"N": n, "D": dim, "base": base, "build_s": t_build, "build_cpu_s": c_build, "depth": tree.depth(), "nodes": tree.n_nodes,
+    row = {"N": n, "D": dim, "base": base, "build_s": t_build, "build_cpu_s": c_build, "depth": tree.depth(),
+           "nodes": tree.n_nodes,
            "levels": list(tree.level_range()), "bytes_per_target": tree.memory_bytes() / n,
            "memory_vs_float32": tree.memory_bytes() / (n * dim * 4.0)}
     topk(tree, Q[:2], k)  # warm-up (compilation is cached, page faults are not)
@@ -220,7 +221,8 @@ def main(argv=None) -> int:
                   f"{r['topk_linear_inner_products']:8.0f} {r['numpy_topk_cpu_ms']:7.2f} {r['numpy_gemm_cpu_ms']:7.2f} "
                   f"{r['ratio_ball_vs_numpy_cpu']:6.3f} {str(r['exact_equal_brute_force']):>5} "
                   f"{u['update_cpu_s'] + u['maintain_cpu_s']:9.3f} {u['speedup_vs_build_cpu']:8.1f}", flush=True)
-            print(f"{'':8} wall: build {r['build_s']:.2f}s, tree/NumPy ratio {r['ratio_ball_vs_numpy']:.3f}", flush=True)
+            print(f"{'':8} wall: build {r['build_s']:.2f}s, tree/NumPy ratio {r['ratio_ball_vs_numpy']:.3f}",
+                  flush=True)
             for key in ("update1pct_U0_cluster", "update1pct_U0_child", "update1pct_U2max_cluster",
                         "update1pct_U2max_child"):
                 u = r[key]

@@ -52,26 +52,29 @@ units of one full D-dimensional embedding (D = ``encoder.dim``), exactly what :m
 Not counted (host memory in the paper's design): the N x d' representations and the SG tree.
 
 Defaults (PAPER.md §5-6; [unstated] ones chosen by measurement on the planted task, ``python -m refimpl.dynnibal``):
-``n_landmarks`` d' = 64 (paper: 64 or 128); ``n_samples`` s' = 256 (paper: 256 for Zeshel); ``reencode_every`` w =
-25 [unstated in the paper; on the demo task (N = 6000, 400 steps) w = 10 / 25 / 100 gave test R@1 0.394 / 0.419 /
-0.417, differences within noise; w = 25 costs s'/w ~ 10 encoder calls per step]; ``ridge`` = 1e-3 (nystrom.py's
-measured default); ``landmarks`` = "uniform" (the paper); ``split`` = "symmetric": the target / query
-representations ``W^{+1/2} L t`` / ``W^{+1/2} L q`` have exactly the paper split's inner products, but distances
-between representations equal distances between projected embeddings, whereas the paper split stretches them by the
-condition number of W = S^T K S; measured on the planted task (N = 4000, D = 32, gamma = 1e6) Alg. 2 gives ~420
-clusters per query on the symmetric tree and ~3900 (every target) on the paper-split tree. ``gamma`` = 1e6 (start
-level of Alg. 2 by Prop. 2: b^l <= log(gamma)/(2 beta), level -5 at beta = 20, b = 1.3); with Prop. 2's nominal
-gamma = 4 the start level lies below every node of a 4000-target tree and FindClustering returns every target as its
-own cluster (= brute force). ``m`` None (``clustering.default_m``: 16x finer than the start); ``max_clusters`` None;
-``refine`` False (Alg. 2 as printed; True adds the certified refinement, which at beta = 20 refines down to
-singletons in our miniature). ``chain_length`` = 10 states (the experiments used 2; Eq. 6 with the certified gamma
-of a coarse clustering asks for astronomically long chains, so ``chain_length=None`` (Eq. 6 for ``tv``) is only
-practical with ``refine=True``); measured exact-law TV to P~ on the planted task after 150 uniform steps: ~0.03 at 2
-states, < 0.002 at 10. ``U`` = "measured": ``2 max_i ||z'_i - z_i||`` over the re-encode (by the triangle inequality
-no pairwise distance moved more; the role of Prop. 6's U, but measured instead of bounded); a float gives U
-directly; "prop6" uses Prop. 6's ``4 w eta beta L M`` (:func:`refimpl.bounds.prop6_drift`) with the constants
-``prop6_eta``, ``prop6_L``, ``prop6_M`` supplied by the user (the premise, plain SGD with gradients bounded by 2
-beta M, does not hold for Adam; use it to study the bound, not to train).
+``n_landmarks`` d' = 64 (paper: 64 or 128); ``n_samples`` s' = 128 = 2 d' (paper: 8192, or 256 for Zeshel; on the
+demo task s' = 256 / 128 / 64 gave R@1 0.399 / 0.408 / 0.412 (seed 0) and 0.433 / 0.438 / 0.438 (seed 1), TV to the
+exact softmax while mining 0.119 / 0.121 / 0.132, Mem % 14.9 / 8.5 / 5.3: s' = 2 d' keeps the d'-input regression
+well-posed at almost no TV cost); ``reencode_every`` w = 25 [unstated in the paper; on the demo task (N = 6000, 400
+steps) w = 10 / 25 / 100 gave test R@1 0.394 / 0.419 / 0.417, differences within noise; w = 25 costs s'/w ~ 10
+encoder calls per step]; ``ridge`` = 1e-3 (nystrom.py's measured default); ``landmarks`` = "uniform" (the paper);
+``split`` = "symmetric": the target / query representations ``W^{+1/2} L t`` / ``W^{+1/2} L q`` have exactly the
+paper split's inner products, but distances between representations equal distances between projected embeddings,
+whereas the paper split stretches them by the condition number of W = S^T K S; measured on the planted task (N =
+4000, D = 32, gamma = 1e6) Alg. 2 gives ~420 clusters per query on the symmetric tree and ~3900 (every target) on
+the paper-split tree. ``gamma`` = 1e6 (start level of Alg. 2 by Prop. 2: b^l <= log(gamma)/(2 beta), level -5 at
+beta = 20, b = 1.3); with Prop. 2's nominal gamma = 4 the start level lies below every node of a 4000-target tree
+and FindClustering returns every target as its own cluster (= brute force). ``m`` None (``clustering.default_m``:
+16x finer than the start); ``max_clusters`` None; ``refine`` False (Alg. 2 as printed; True adds the certified
+refinement, which at beta = 20 refines down to singletons in our miniature). ``chain_length`` = 10 states (the
+experiments used 2; Eq. 6 with the certified gamma of a coarse clustering asks for astronomically long chains, so
+``chain_length=None`` (Eq. 6 for ``tv``) is only practical with ``refine=True``); measured exact-law TV to P~ on the
+planted task after 150 uniform steps: ~0.03 at 2 states, < 0.002 at 10. ``U`` = "measured": ``2 max_i ||z'_i -
+z_i||`` over the re-encode (by the triangle inequality no pairwise distance moved more; the role of Prop. 6's U, but
+measured instead of bounded); a float gives U directly; "prop6" uses Prop. 6's ``4 w eta beta L M``
+(:func:`refimpl.bounds.prop6_drift`) with the constants ``prop6_eta``, ``prop6_L``, ``prop6_M`` supplied by the user
+(the premise, plain SGD with gradients bounded by 2 beta M, does not hold for Adam; use it to study the bound, not
+to train).
 """
 from __future__ import annotations
 
@@ -81,7 +84,7 @@ import time
 
 import numpy as np
 
-from refimpl._validate import as_rng, check_int, check_positive
+from refimpl._validate import check_int, check_positive
 from refimpl.miners import Miner, Negatives, _slot_queries
 
 __all__ = ["DyNNIBAL", "SAMPLERS", "TREE_UPDATES", "mh_law", "cluster_labels", "mixture_log_q"]
@@ -266,7 +269,7 @@ class DyNNIBAL(Miner):
 
     name = "dynnibal"
 
-    def __init__(self, k: int = 64, *, n_landmarks: int = 64, n_samples: int = 256, reencode_every: int = 25,
+    def __init__(self, k: int = 64, *, n_landmarks: int = 64, n_samples: int = 128, reencode_every: int = 25,
                  sampler: str = "mh", gamma: float = 1e6, m: int | None = None, max_clusters: int | None = None,
                  refine: bool = False, chain_length: int | None = 10, tv: float = 0.01, n_uniform: int = 0,
                  exclude_positives: bool = True, ridge: float = 1e-3, landmarks: str = "uniform",

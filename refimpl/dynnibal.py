@@ -500,7 +500,9 @@ class DyNNIBAL(Miner):
         """Per query of the batch, the EXACT law of one of its draws at the current state (no randomness, no state
         change): ``"mh"``: the law after ``chain_length`` MH states with this query's Alg. 2 clustering
         (:func:`mh_law`); ``"rejection"``: P~ itself (renormalised over the non-excluded targets), which Alg. 1
-        samples exactly; ``"topk"``: None (no closed form). Costs N inner products per query (probes only)."""
+        samples exactly; ``"topk"``: None (no closed form). Costs N inner products per query (probes only). With
+        ``exclude_positives`` the law is 0 on the query's positives, so a TV probe against the exact softmax P also
+        counts P's mass on them; the rest of that TV is Nyström + regression staleness and MH's own error."""
         if self.tree is None or self.sampler == "topk":
             return None
         from refimpl.clustering import certify

@@ -27,7 +27,6 @@ import numpy as np
 from proofs_check import _instances as I
 from proofs_check._framework import Budget, Outcome, Verdict, claim
 from refimpl.clustering import level_clustering
-from refimpl.samplers import default_level
 
 
 def _children(tree, v, L):
@@ -137,7 +136,7 @@ def check(budget: Budget, rng) -> Outcome:
         s = beta * X @ q
         P = I.softmax(s)
         lo, hi = tree.level_range()
-        for level in sorted({min(max(default_level(tree, beta), lo), hi + 1), hi + 1}):
+        for level in sorted({min(max(I.start_level(tree, beta), lo), hi + 1), hi + 1}):
             cases += 1
             res = {}
             for var in ("printed", "beta", "corrected"):

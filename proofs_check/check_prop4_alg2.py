@@ -25,6 +25,12 @@ from refimpl import bounds
 from refimpl.clustering import TreeClustering, _tree_points, default_m, find_clustering, tree_arrays
 
 
+def _caps(n, dim, rng, spread=0.02):
+    """Unit points in 4 small caps (angular spread ~ ``spread``): dense at the scale b^l = log(gamma)/(2 beta)."""
+    c = I.unit_rows(rng.normal(size=(4, dim)))
+    return I.unit_rows(c[rng.integers(0, 4, size=n)] + spread / np.sqrt(dim) * rng.normal(size=(n, dim)))
+
+
 def alg2_printed(tree, q, beta, gamma):
     base = float(tree.base)
     lv = bounds.prop2_level(gamma, beta, base)
@@ -56,13 +62,14 @@ def check(budget: Budget, rng) -> Outcome:
         beta = float(rng.choice([1.0, 20.0, 50.0]))
         gamma = float(rng.choice([1.5, 2.0, 4.0, 20.0]))
         qns = (1.0, float(rng.choice([0.3, 3.0, 10.0])))
-        if t < 2:  # fixed adversarial setting: tight clusters, fine base, a long query
-            kind, base, beta, gamma, qns = "clustered_tight", 1.05, 20.0, 2.0, (1.0, 10.0)
-        X = I.points(kind, n, dim, rng)
-        tree = I.build(X, base, rng) if t % 2 else I.drifted_tree(X, base, rng, rounds=5)[0]
+        if t < 2:  # fixed adversarial setting: caps of angular radius ~0.02 (the scale of Prop. 2's level), long query
+            kind, base, beta, gamma, qns = "caps", 1.3, 20.0, 2.0, (1.0, 10.0)
+        X = _caps(n, dim, rng) if kind == "caps" else I.points(kind, n, dim, rng)
+        tree = I.build(X, base, rng) if t % 2 or kind == "caps" else I.drifted_tree(X, base, rng, rounds=5)[0]
         X = tree.points[:n]
         for qn in qns:
-            q = qn * (X[int(rng.integers(n))] if rng.random() < 0.5 else I.unit_rows(rng.normal(size=(1, dim)))[0])
+            toward = rng.random() < 0.5 or kind == "caps"  # caps: the query points at a target
+            q = qn * (X[int(rng.integers(n))] if toward else I.unit_rows(rng.normal(size=(1, dim)))[0])
             cases += 1
             lr = log_max_ratio(X, q, beta, alg2_printed(tree, q, beta, gamma), n)
             if lr > math.log(gamma) * (1 + 1e-9) + 1e-12:

@@ -113,6 +113,23 @@ def _logit(points, q, beta, pid, keys, vals, counters):
     return s
 
 
+@njit(cache=True)
+def _hfind(keys, key):
+    """Slot of ``key`` in an open-addressing table (keys -1 = empty): its slot, or the empty slot to insert it."""
+    mask = keys.shape[0] - 1
+    h = (key * 0x9E3779B1) & mask
+    while keys[h] != key and keys[h] != -1:
+        h = (h + 1) & mask
+    return h
+
+
+@njit(cache=True)
+def _cap(sc, bq, maxd, count, E):
+    """Bound exponent of a child subtree: s_c + beta ||q|| MAXD(c) (s_c for a singleton), capped by its parent's E."""
+    Ec = sc if count == 1 else sc + bq * maxd
+    return E if Ec > E else Ec
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # clusterings
 
@@ -438,6 +455,11 @@ def alg1_kernel(points, q, beta, bq, base, k, cnodes, clevel, csizes, cE, cs, no
     sids = np.zeros(k, np.float64)
     keys = np.full(cache_size, -1, np.int64)
     vals = np.empty(cache_size, np.float64)
+    gkeys = np.full(cache_size, -1, np.int64)
+    gmass = np.empty(cache_size, np.float64)
+    gnself = np.empty(cache_size, np.int64)
+    gafter = np.empty(cache_size, np.int64)
+    gcount = np.zeros(1, np.int64)
     buf = np.empty(excl.shape[0] + k, np.int64)
     nb = excl.shape[0]
     buf[:nb] = excl
@@ -448,9 +470,11 @@ def alg1_kernel(points, q, beta, bq, base, k, cnodes, clevel, csizes, cE, cs, no
             Eref = cE[j]
     cum = np.empty(nc, np.float64)
     acc = 0.0
+    cfirst = np.empty(nc, np.int64)
     for j in range(nc):
         acc += csizes[j] * np.exp(cE[j] - Eref)
         cum[j] = acc
+        cfirst[j] = _first_below(first_child, next_sibling, node_level, cnodes[j], clevel)
     gbuf_c = np.empty(16, np.int64)
     gbuf_m = np.empty(16, np.float64)
     gbuf_e = np.empty(16, np.float64)
@@ -472,7 +496,7 @@ def alg1_kernel(points, q, beta, bq, base, k, cnodes, clevel, csizes, cE, cs, no
             sv = cs[j]
             L = clevel
             new = True
-            ch = _first_below(first_child, next_sibling, node_level, v, L)
+            ch = cfirst[j]
             while True:
                 ev = np.exp(E - Eref)
                 if new:
@@ -494,10 +518,76 @@ def alg1_kernel(points, q, beta, bq, base, k, cnodes, clevel, csizes, cE, cs, no
                         done = True
                     break
                 Lc = node_level[ch]
-                # group of children at level Lc
+                if mode == 0:
+                    # group (v, Lc): its total child mass, n_self and the next group are fixed for this query
+                    # (E at a node depends only on its unique path), so they are cached: a restart then costs O(1)
+                    gkey = v * 8192 + (Lc + 4096)
+                    h = _hfind(gkeys, gkey)
+                    if gkeys[h] == gkey:
+                        gsum = gmass[h]
+                        nself = gnself[h]
+                        after = gafter[h]
+                    else:
+                        gsum = 0.0
+                        nself = n
+                        c = ch
+                        while c != -1 and node_level[c] == Lc:
+                            sc = _logit(points, q, beta, node_point[c], keys, vals, counters)
+                            gsum += node_count[c] * np.exp(_cap(sc, bq, node_maxd[c], node_count[c], E) - Eref)
+                            nself -= node_count[c]
+                            c = next_sibling[c]
+                        after = c
+                        if gcount[0] * 2 < gkeys.shape[0]:
+                            gkeys[h] = gkey
+                            gmass[h] = gsum
+                            gnself[h] = nself
+                            gafter[h] = after
+                            gcount[0] += 1
+                    mself = (nself - 1) * np.exp(E - Eref)
+                    u = np.random.random() * budget
+                    if u < a:
+                        i = node_point[v]
+                        if nb > 0 and _in(buf, nb, i):
+                            counters[3] += 1
+                            break
+                        ids[t] = i
+                        sids[t] = sv
+                        counters[1] += 1
+                        done = True
+                        break
+                    u -= a
+                    if u < mself:
+                        n = nself
+                        L = Lc
+                        new = False
+                        ch = after
+                        continue
+                    u -= mself
+                    if u >= gsum:
+                        break  # restart
+                    chosen = -1
+                    c = ch
+                    while c != -1 and node_level[c] == Lc:
+                        sc = _logit(points, q, beta, node_point[c], keys, vals, counters)
+                        Ec = _cap(sc, bq, node_maxd[c], node_count[c], E)
+                        chosen = c
+                        m_ = node_count[c] * np.exp(Ec - Eref)
+                        if u < m_:
+                            break
+                        u -= m_
+                        c = next_sibling[c]
+                    # (rounding: u < gsum guarantees a child; the last one absorbs the round-off)
+                    v = chosen
+                    n = node_count[chosen]
+                    E = Ec
+                    sv = sc
+                    L = Lc
+                    new = True
+                    ch = first_child[chosen]
+                    continue
+                # mode 1: the broken variant (printed radius b^l, no cap), all masses first, clipped restart
                 ng = 0
                 c = ch
-                gsum = 0.0
                 nself = n
                 while c != -1 and node_level[c] == Lc:
                     if ng == gbuf_c.shape[0]:
@@ -518,28 +608,21 @@ def alg1_kernel(points, q, beta, bq, base, k, cnodes, clevel, csizes, cE, cs, no
                     ng += 1
                     c = next_sibling[c]
                 after = c
-                if mode == 1:
-                    Eself = sv + bq * base ** Lc
-                else:
-                    Eself = E
+                Eself = sv + bq * base ** Lc
                 mself = (nself - 1) * np.exp(Eself - Eref)
-                if mode == 1:
-                    # broken variant: all masses first, clip a negative restart weight to 0
-                    gsum = mself
-                    for g in range(ng):
-                        cc = gbuf_c[g]
-                        sc = _logit(points, q, beta, node_point[cc], keys, vals, counters)
-                        Ec = sc + bq * base ** Lc
-                        gbuf_s[g] = sc
-                        gbuf_e[g] = Ec
-                        gbuf_m[g] = node_count[cc] * np.exp(Ec - Eref)
-                        gsum += gbuf_m[g]
-                    rest = budget - a
-                    if rest < gsum:
-                        rest = gsum
-                    u = np.random.random() * (a + rest)
-                else:
-                    u = np.random.random() * budget
+                gsum = mself
+                for g in range(ng):
+                    cc = gbuf_c[g]
+                    sc = _logit(points, q, beta, node_point[cc], keys, vals, counters)
+                    Ec = sc + bq * base ** Lc
+                    gbuf_s[g] = sc
+                    gbuf_e[g] = Ec
+                    gbuf_m[g] = node_count[cc] * np.exp(Ec - Eref)
+                    gsum += gbuf_m[g]
+                rest = budget - a
+                if rest < gsum:
+                    rest = gsum
+                u = np.random.random() * (a + rest)
                 if u < a:
                     i = node_point[v]
                     if nb > 0 and _in(buf, nb, i):
@@ -561,21 +644,11 @@ def alg1_kernel(points, q, beta, bq, base, k, cnodes, clevel, csizes, cE, cs, no
                 u -= mself
                 chosen = -1
                 for g in range(ng):
-                    cc = gbuf_c[g]
-                    if mode == 1:
-                        m_ = gbuf_m[g]
+                    m_ = gbuf_m[g]
+                    if u < m_:
+                        chosen = gbuf_c[g]
                         sc = gbuf_s[g]
                         Ec = gbuf_e[g]
-                    else:
-                        sc = _logit(points, q, beta, node_point[cc], keys, vals, counters)
-                        Ec = sc + bq * node_maxd[cc]
-                        if node_count[cc] == 1:
-                            Ec = sc
-                        if Ec > E:
-                            Ec = E
-                        m_ = node_count[cc] * np.exp(Ec - Eref)
-                    if u < m_:
-                        chosen = cc
                         break
                     u -= m_
                 if chosen == -1:

@@ -51,6 +51,7 @@ __all__ = [
 ]
 
 DEFAULT_MAX_ATTEMPTS = 10_000_000
+DEFAULT_C = 1.5
 
 
 class SamplerError(RuntimeError):
@@ -235,7 +236,7 @@ def _run_flat(source, clustering, Q, batched, k, beta, gen, exclude, replace, lo
     return _collect(results, batched)
 
 
-def sample_flat_rejection(source, q, k, *, beta, rng, clustering=None, level=None, exclude=None, replace=True,
+def sample_flat_rejection(source, q, k, *, beta, rng, clustering=None, level="auto", exclude=None, replace=True,
                           log_z="estimate", max_proposals=DEFAULT_MAX_ATTEMPTS):
     """Flat rejection sampling, Eq. 3-5 with per-cluster eps_C (PAPER.md §3).
 
@@ -243,44 +244,112 @@ def sample_flat_rejection(source, q, k, *, beta, rng, clustering=None, level=Non
     (``clustering`` an ArrayClustering). Proposal: cluster C with probability ∝ |C| e^{s_r + eps_C}, a member i
     uniformly; accept with e^{s_i - s_r - eps_C} <= 1 (|s_i - s_r| <= eps_C by Cauchy-Schwarz and the certified
     radius). Each proposal is accepted with probability Z / Z_hi; accepted draws are exact. Cost per draw:
-    Z_hi/Z proposals of one inner product each, plus |C| inner products per query.
+    Z_hi/Z proposals of one inner product each, plus |C| inner products per query. ``level``: "auto" (default,
+    :func:`choose_level` per query), "prop2" (:func:`default_level`) or an int.
     """
     beta = check_positive("beta", beta)
     gen = as_rng(rng)
     log_z = _check_log_z(log_z)
     points = source if isinstance(source, np.ndarray) else _tree_points(source)
+    Q, batched = _queries(q, points.shape[1])
+    max_proposals = check_int("max_proposals", max_proposals, low=1)
+    extra = None
     if clustering is None:
         if isinstance(source, np.ndarray):
             raise ValueError("clustering: required when source is a points array")
-        clustering = level_clustering(source, default_level(source, beta) if level is None else level)
-    Q, batched = _queries(q, points.shape[1])
-    max_proposals = check_int("max_proposals", max_proposals, low=1)
-    return _run_flat(source, clustering, Q, batched, k, beta, gen, exclude, replace, log_z, 0, 1, max_proposals,
-                     "upper", None)
+        if int(source.root) < 0:
+            raise ValueError("tree: is empty")
+        kk = check_int("k", k, low=0)
+        memo = {}
+        info = {}
+
+        def clustering(qb):
+            L, cl, spent = _start(source, qb, beta, kk, level, memo)
+            info.update(level=L, selection_inner_products=spent)
+            return cl
+
+        def extra(cl):
+            return dict(info)
+
+    r = _run_flat(source, clustering, Q, batched, k, beta, gen, exclude, replace, log_z, 0, 1, max_proposals,
+                  "upper", extra)
+    if extra is not None:
+        sel = r.stats["selection_inner_products"]
+        ips = r.stats["inner_products"]
+        r.stats["inner_products"] = [a + b for a, b in zip(ips, sel)] if batched else ips + sel
+    return r
+
+
+def _start(tree, qb, beta, k, level, memo):
+    """Start clustering for a query: (level, TreeClustering, inner products spent choosing it)."""
+    if isinstance(level, str):
+        if level == "auto":
+            L, cl, _, _, ip = choose_level(tree, qb, beta, k)
+            return L, cl, ip
+        if level == "prop2":
+            L = default_level(tree, beta, float(np.linalg.norm(qb)))
+        else:
+            raise ValueError(f"level: expected 'auto', 'prop2' or an int, got {level!r}")
+    else:
+        L = check_int("level", level)
+    if L not in memo:
+        memo[L] = level_clustering(tree, L)
+    return L, memo[L], 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Alg. 1
 
 
-def default_level(tree, beta, q_norm=1.0):
-    """Default start level of Alg. 1 / flat rejection: Prop. 2's level for gamma = e^{2 c} with c = 1.5, i.e. the
-    largest l with b^l <= c/(beta ||q||) (so Prop. 1's per-cluster inflation e^{beta b^l} is about e^{1.5}).
-
-    Chosen by measurement of the U-shaped cost of Prop. 3 (``python -m refimpl bench sample --levels``): on the
-    planted hierarchical data the total inner products per query are within a small factor of their minimum there.
-    """
+def default_level(tree, beta, q_norm=1.0, c=None):
+    """Prop. 2's level for gamma = e^{2c}: the largest l with b^l <= c / (beta ||q||), i.e. Prop. 1's per-cluster
+    inflation e^{beta b^l} is about e^c (default c = DEFAULT_C = 1.5). Used when ``level="prop2"``."""
     from refimpl import bounds
 
-    c = 1.5
+    c = DEFAULT_C if c is None else check_positive("c", c)
     return int(bounds.prop2_level(math.exp(2 * c), beta * max(q_norm, 1e-300), float(tree.base)))
 
 
-def sample_rejection(tree, q, k, *, beta, rng, level=None, exclude=None, replace=True, log_z="estimate",
+def choose_level(tree, q, beta, k, attempt_cost=1.0):
+    """Start level minimising the U-shaped cost of Prop. 3 for this query (our default, ``level="auto"``).
+
+    Walk the level clusterings C_(l) from the root's level down; estimate the cost of level l in inner products
+    as |C_l| + k * attempt_cost * Z_hi(l) / Z_hat(l), where Z_hi(l)/Z_hat(l) (Z_hat = sum |C| e^{s_r}, Eq. 7's
+    normaliser, as the estimate of Z) estimates the attempts per draw; stop when |C_l| alone exceeds the best
+    cost so far, and return the best level. Returns (level, clustering, rep logits, eps, inner products spent).
+    """
+    qn = float(np.linalg.norm(q))
+    pts = _tree_points(tree)
+    L = int(tree.node_level[tree.root]) + 1
+    lo_level = int(tree.level_range()[0]) if hasattr(tree, "level_range") else L - 64
+    best = (math.inf, None)
+    ip = 0
+    while True:
+        cl = level_clustering(tree, L)
+        sr = beta * (pts[cl.reps] @ q)
+        ip += len(cl)
+        eps = beta * qn * cl.radii
+        ls = np.log(cl.sizes.astype(np.float64))
+        a = sr + eps + ls
+        b = sr + ls
+        att = math.exp(float(np.max(a)) - float(np.max(b))) * float(np.sum(np.exp(a - np.max(a)))) / \
+            float(np.sum(np.exp(b - np.max(b))))
+        cost = len(cl) + k * attempt_cost * att
+        if cost < best[0]:
+            best = (cost, (L, cl, sr, eps))
+        if len(cl) > best[0] or L <= lo_level or np.all(cl.sizes == 1):
+            break
+        L -= 1
+    L, cl, sr, eps = best[1]
+    return L, cl, sr, eps, ip
+
+
+def sample_rejection(tree, q, k, *, beta, rng, level="auto", exclude=None, replace=True, log_z="estimate",
                      max_attempts=DEFAULT_MAX_ATTEMPTS, _mode=0, _fallback_after=0):
     """Exact softmax samples by Alg. 1 (hierarchical rejection down the SG tree, PAPER.md §3), errata fixed.
 
-    Start at C_(level) (default :func:`default_level`) with the certified per-cluster bound E_C = s_r + beta ||q||
+    Start at C_(level) (``level``: "auto" = :func:`choose_level` per query, the default; "prop2" =
+    :func:`default_level`; or an int) with the certified per-cluster bound E_C = s_r + beta ||q||
     rho(C); descend level by level with running normalisers, the restart option and the nested self-child rule;
     children's bounds use MAXD and are capped by their parent's so that the restart weight is never negative.
     Each attempt succeeds with probability Z / Z_hi(level) whatever the descent; accepted draws are exact. A draw
@@ -310,10 +379,7 @@ def sample_rejection(tree, q, k, *, beta, rng, level=None, exclude=None, replace
         cache_size = 1 << int(min(max(math.ceil(math.log2(128 * max(kk, 1))), 10), 18))
         qb = Q[b]
         qn = float(np.linalg.norm(qb))
-        L = default_level(tree, beta, qn) if level is None else check_int("level", level)
-        if L not in clus_cache:
-            clus_cache[L] = level_clustering(tree, L)
-        cl = clus_cache[L]
+        L, cl, spent = _start(tree, qb, beta, kk, level, clus_cache)
         sr = beta * (points[cl.reps] @ qb)
         if _mode == 1:
             eps = np.where(cl.sizes > 1, beta * qn * base ** L, 0.0)
@@ -330,7 +396,7 @@ def sample_rejection(tree, q, k, *, beta, rng, level=None, exclude=None, replace
         log_zhi = ref + math.log(float(np.sum(cl.sizes * np.exp(cE - ref))))
         lo_terms = sr - eps
         log_zlo = float(np.max(lo_terms)) + math.log(float(np.sum(cl.sizes * np.exp(lo_terms - np.max(lo_terms)))))
-        ip = int(c[2]) + len(cl) + int(excl[b].size)
+        ip = int(c[2]) + len(cl) + int(excl[b].size) + spent
         if log_z == "exact":
             lz = _exact_log_z(points, qb, beta, tree)
             ip += n

@@ -86,6 +86,14 @@ def _instance(kind, dim):
     return _TREES[key]
 
 
+def _level(tree, beta, c):
+    """Prop. 2's level for gamma = e^{2c} (largest l with b^l <= c/beta): fixes the negative controls' levels
+    independently of the library's default."""
+    from refimpl import bounds
+
+    return bounds.prop2_level(np.exp(2 * c), beta, tree.base)
+
+
 def _softmax(X, q, beta, exclude=()):
     s = beta * (X @ q)
     s[list(exclude)] = -np.inf
@@ -101,12 +109,13 @@ GRID += [("dynamic", 8, b) for b in BETAS] + [("dynamic", 64, 20.0)]
 
 @pytest.mark.parametrize("kind,dim,beta", GRID)
 def test_rejection_alg1_is_exact(kind, dim, beta):
-    """Alg. 1 (sample_rejection, default level) matches the exact softmax: chi-square at alpha 0.001, n = 64,143
-    (power >= 0.99 against TV >= 0.02). Trees: unit / non-unit norms, exact duplicates, after update_points +
-    maintain. No draw may come from the (disabled) fallback."""
+    """Alg. 1 (sample_rejection) matches the exact softmax: chi-square at alpha 0.001, n = 64,143 (power >= 0.99
+    against TV >= 0.02). Trees: unit / non-unit norms, exact duplicates, after update_points + maintain. Start
+    level: Prop. 2's for gamma = e^3 (the library default, gamma = e^12, is tested below and costs ~e^4.5 more
+    attempts per draw). No draw may come from the (disabled) fallback."""
     X, tree, q = _instance(kind, dim)
     assert tree.check_invariants() == []
-    r = S.sample_rejection(tree, q, N_DRAWS, beta=beta, rng=11)
+    r = S.sample_rejection(tree, q, N_DRAWS, beta=beta, rng=11, level=_level(tree, beta * np.linalg.norm(q), 1.5))
     assert r.stats["fallbacks"] == 0 and r.stats["accepted"] == N_DRAWS
     pval = chi2_gof(r.ids, _softmax(X, q, beta))[0]
     assert pval > ALPHA, (kind, dim, beta, pval)
@@ -114,9 +123,9 @@ def test_rejection_alg1_is_exact(kind, dim, beta):
 
 @pytest.mark.parametrize("kind,dim,beta", [g for g in GRID if g[0] == "unit" or g[1] == 8])
 def test_rejection_alg1_other_start_level_is_exact(kind, dim, beta):
-    """Same test with the start level 3 above the default (deeper descents, more restarts)."""
+    """Same test with the start level 3 above (deeper descents, more restarts)."""
     X, tree, q = _instance(kind, dim)
-    lvl = S.default_level(tree, beta, float(np.linalg.norm(q))) + 3
+    lvl = _level(tree, beta * np.linalg.norm(q), 1.5) + 3
     r = S.sample_rejection(tree, q, N_DRAWS, beta=beta, rng=12, level=lvl)
     assert chi2_gof(r.ids, _softmax(X, q, beta))[0] > ALPHA
 
@@ -126,8 +135,17 @@ def test_flat_rejection_is_exact(kind, dim, beta):
     """Flat rejection (Eq. 3-5 with per-cluster eps_C) on a level clustering of the tree matches the softmax
     (chi-square, alpha 0.001, n = 64,143, power >= 0.99 at TV 0.02)."""
     X, tree, q = _instance(kind, dim)
-    r = S.sample_flat_rejection(tree, q, N_DRAWS, beta=beta, rng=13)
+    r = S.sample_flat_rejection(tree, q, N_DRAWS, beta=beta, rng=13, level=_level(tree, beta * np.linalg.norm(q), 1.5))
     assert chi2_gof(r.ids, _softmax(X, q, beta))[0] > ALPHA
+
+
+@pytest.mark.parametrize("dim", [8, 64])
+def test_default_level_is_exact(dim):
+    """Both rejection samplers at the library's default start level (beta = 5), same test and power."""
+    X, tree, q = _instance("unit", dim)
+    for f in (S.sample_rejection, S.sample_flat_rejection):
+        r = f(tree, q, N_DRAWS, beta=5.0, rng=19)
+        assert chi2_gof(r.ids, _softmax(X, q, 5.0))[0] > ALPHA
 
 
 def test_flat_rejection_on_array_clustering_is_exact():
@@ -153,7 +171,7 @@ def test_negative_control_radius_b_to_the_l_fails(dim, above):
     the same chi-square test rejects it (beta = 5, start 3-4 levels above the default, where b^l underestimates
     the true radius often enough; closer to the leaves the broken variant is often indistinguishable)."""
     X, tree, q = _instance("unit", dim)
-    level = S.default_level(tree, 5.0) + above
+    level = _level(tree, 5.0, 1.5) + above
     r = S.sample_rejection(tree, q, N_DRAWS, beta=5.0, rng=15, level=level, _mode=1)
     assert chi2_gof(r.ids, _softmax(X, q, 5.0))[0] < ALPHA
 
@@ -163,7 +181,7 @@ def test_negative_control_authors_fallback_fails():
     sampler needs ~5 attempts per draw, so ~10% of the draws fall back) is NOT exact: the same chi-square test
     rejects it, while the correct sampler at the same level passes."""
     X, tree, q = _instance("unit", 8)
-    level = S.default_level(tree, 5.0) + 1
+    level = _level(tree, 5.0, 1.5) + 1
     r = S.sample_rejection(tree, q, N_DRAWS, beta=5.0, rng=16, level=level, _fallback_after=10)
     assert r.stats["fallbacks"] > 0
     assert chi2_gof(r.ids, _softmax(X, q, 5.0))[0] < ALPHA

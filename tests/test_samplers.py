@@ -1,0 +1,288 @@
+"""Sampler API tests against brute force: positive exclusion, batches, without-replacement draws, log_q, stats,
+bad input (issue 4). The distributional tests use the chi-square harness of refimpl._sampler_stats (alpha 0.001;
+the power of each is stated in its docstring)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from refimpl import samplers as S
+from refimpl._sampler_stats import ALPHA, chi2_gof, required_sample_size
+from refimpl.data import hierarchical_points
+from refimpl.sgtree import SGTree
+
+N_DRAWS = required_sample_size(99)  # 64,143: power >= 0.99 against TV >= 0.02 at alpha = 0.001
+BETA = 5.0
+
+
+@pytest.fixture(scope="module")
+def inst():
+    X = hierarchical_points(600, 8, rng=5)
+    tree = SGTree.build(X, rng=6)
+    q = X[11] + 0.1 * np.random.default_rng(7).normal(size=8) / np.sqrt(8)
+    q /= np.linalg.norm(q)
+    return X, tree, q
+
+
+def _logits(X, q, beta=BETA):
+    return beta * (X @ q)
+
+
+def _softmax(X, q, exclude=(), beta=BETA):
+    s = _logits(X, q, beta)
+    s[list(exclude)] = -np.inf
+    p = np.exp(s - s.max())
+    return p / p.sum()
+
+
+def _tree_samplers():
+    return {
+        "rejection": lambda tree, q, k, **kw: S.sample_rejection(tree, q, k, beta=BETA, **kw),
+        "flat": lambda tree, q, k, **kw: S.sample_flat_rejection(tree, q, k, beta=BETA, **kw),
+    }
+
+
+def _top(X, q, m):
+    return np.argsort(-_logits(X, q))[:m]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# exclusion
+
+
+def test_exact_exclusion_matches_renormalised_softmax(inst):
+    """sample_exact with the 5 top targets excluded follows the softmax renormalised over the rest (chi-square,
+    n = 64,143, power >= 0.99 at TV 0.02) and never returns an excluded id."""
+    X, _, q = inst
+    ex = _top(X, q, 5)
+    r = S.sample_exact(X, q, N_DRAWS, beta=BETA, rng=1, exclude=ex)
+    assert not np.isin(r.ids, ex).any()
+    assert chi2_gof(r.ids, _softmax(X, q, ex))[0] > ALPHA
+
+
+@pytest.mark.parametrize("name", ["rejection", "flat"])
+def test_tree_sampler_exclusion_matches_renormalised_softmax(inst, name):
+    """Exact tree samplers with the 5 top targets (most of the softmax mass) excluded follow the renormalised
+    softmax (same test and power); excluded proposals count as rejections, never as draws."""
+    X, tree, q = inst
+    ex = _top(X, q, 5)
+    r = _tree_samplers()[name](tree, q, N_DRAWS, rng=2, exclude=ex)
+    assert not np.isin(r.ids, ex).any()
+    assert r.stats["excluded_hits"] > 0
+    assert chi2_gof(r.ids, _softmax(X, q, ex))[0] > ALPHA
+
+
+def test_mh_exclusion_never_returns_excluded(inst):
+    X, tree, q = inst
+    ex = _top(X, q, 5)
+    r = S.sample_mh(tree, q, 2000, beta=BETA, rng=3, exclude=ex, chain_length=3)
+    assert not np.isin(r.ids, ex).any()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# without replacement
+
+
+def _pair_law(p):
+    """Law of the ordered pair of the first two draws without replacement: p_i p_j / (1 - p_i)."""
+    P = p[:, None] * p[None, :] / (1.0 - p[:, None])
+    np.fill_diagonal(P, 0.0)
+    return P.ravel()
+
+
+@pytest.mark.parametrize("name", ["exact", "rejection", "flat"])
+def test_without_replacement_pair_law(name):
+    """k = 2 draws without replacement: the ordered pair follows p_i p_j/(1 - p_i) (sequential sampling from the
+    softmax renormalised over the targets not yet drawn). 12 targets (132 pairs), 16,000 pairs: chi-square at
+    alpha 0.001 with power >= 0.99 against TV >= 0.04 on <= 100 bins (n = 16,036 by the harness's computation,
+    so 16,100 is used). Batches of identical queries exercise the batch path."""
+    X = hierarchical_points(12, 4, rng=8)
+    tree = SGTree.build(X, rng=9)
+    q = X[0]
+    n = required_sample_size(99, tv=0.04)
+    assert n <= 16100
+    Q = np.tile(q, (16100, 1))
+    if name == "exact":
+        r = S.sample_exact(X, Q, 2, beta=3.0, rng=10, replace=False)
+    elif name == "rejection":
+        r = S.sample_rejection(tree, Q, 2, beta=3.0, rng=10, replace=False, level="prop2")
+    else:
+        r = S.sample_flat_rejection(tree, Q, 2, beta=3.0, rng=10, replace=False, level="prop2")
+    assert r.ids.shape == (16100, 2)
+    assert np.all(r.ids[:, 0] != r.ids[:, 1])
+    pair = r.ids[:, 0] * 12 + r.ids[:, 1]
+    assert chi2_gof(pair, _pair_law(_softmax(X, q, beta=3.0)))[0] > ALPHA
+
+
+def test_without_replacement_takes_everything_and_rejects_too_many():
+    X = hierarchical_points(30, 4, rng=8)
+    tree = SGTree.build(X, rng=9)
+    for f in (lambda **kw: S.sample_exact(X, X[0], **kw), lambda **kw: S.sample_rejection(tree, X[0], **kw),
+              lambda **kw: S.sample_flat_rejection(tree, X[0], **kw)):
+        r = f(k=27, beta=2.0, rng=1, replace=False, exclude=[1, 2, 3])
+        assert sorted(r.ids.tolist()) == sorted(set(range(30)) - {1, 2, 3})
+        with pytest.raises(ValueError, match="k"):
+            f(k=28, beta=2.0, rng=1, replace=False, exclude=[1, 2, 3])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# log_q
+
+
+def _brute_log_q(X, q, ids, exclude=(), replace=True, beta=BETA):
+    s = _logits(X, q, beta)
+    m = s.max()
+    z = np.exp(s - m)
+    rest = z.sum() - z[list(exclude)].sum()
+    out = []
+    for i in ids:
+        out.append(math.log(z[i] / rest))
+        if not replace:
+            rest -= z[i]
+    return np.array(out)
+
+
+@pytest.mark.parametrize("replace", [True, False])
+@pytest.mark.parametrize("name", ["exact", "rejection", "flat", "mh"])
+def test_log_q_exact_matches_brute_force(inst, name, replace):
+    """With log_z='exact' (sample_exact always) log_q is the brute-force log-probability of each draw: the
+    softmax renormalised over the non-excluded targets, conditional on earlier draws without replacement."""
+    X, tree, q = inst
+    ex = _top(X, q, 3)
+    kw = dict(rng=4, exclude=ex, replace=replace)
+    if name == "exact":
+        r = S.sample_exact(X, q, 20, beta=BETA, **kw)
+    elif name == "mh":
+        r = S.sample_mh(tree, q, 20, beta=BETA, log_z="exact", chain_length=4, **kw)
+    else:
+        r = _tree_samplers()[name](tree, q, 20, log_z="exact", **kw)
+    assert r.ids.dtype == np.int64 and r.ids.shape == (20,)
+    np.testing.assert_allclose(r.log_q, _brute_log_q(X, q, r.ids, ex, replace), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["rejection", "flat", "mh"])
+def test_log_q_estimate_is_certified_and_close(inst, name):
+    """Default log_z='estimate': the log Z used lies in the certified interval and, with 2,000 draws, within 0.15
+    of the exact log Z (so log_q is within 0.15 of brute force)."""
+    X, tree, q = inst
+    if name == "mh":
+        r = S.sample_mh(tree, q, 2000, beta=BETA, rng=5, chain_length=4)
+    else:
+        r = _tree_samplers()[name](tree, q, 2000, rng=5)
+    s = _logits(X, q)
+    lz = s.max() + math.log(np.exp(s - s.max()).sum())
+    assert r.stats["log_z_lo"] - 1e-9 <= lz <= r.stats["log_z_hi"] + 1e-9
+    assert r.stats["log_z_lo"] - 1e-9 <= r.stats["log_z"] <= r.stats["log_z_hi"] + 1e-9
+    assert abs(r.stats["log_z"] - lz) < 0.15
+    np.testing.assert_allclose(r.log_q, s[r.ids] - r.stats["log_z"], atol=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# batches
+
+
+@pytest.mark.parametrize("name", ["exact", "rejection", "flat"])
+def test_batch_rows_follow_their_own_query(inst, name):
+    """A batch of 3 different queries: row b follows softmax(q_b) (chi-square per row, n = 64,143, power >= 0.99
+    at TV 0.02); per-query exclusion lists are honoured; stats are per-query lists."""
+    X, tree, _ = inst
+    Q = X[[3, 200, 400]] * 1.0
+    ex = [_top(X, Q[0], 2), np.array([], np.int64), _top(X, Q[2], 1)]
+    if name == "exact":
+        r = S.sample_exact(X, Q, N_DRAWS, beta=BETA, rng=6, exclude=ex)
+    else:
+        r = _tree_samplers()[name](tree, Q, N_DRAWS, rng=6, exclude=ex)
+    assert r.ids.shape == (3, N_DRAWS) and r.log_q.shape == (3, N_DRAWS)
+    assert isinstance(r.stats["inner_products"], list) and len(r.stats["inner_products"]) == 3
+    for b in range(3):
+        assert not np.isin(r.ids[b], ex[b]).any()
+        assert chi2_gof(r.ids[b], _softmax(X, Q[b], ex[b]))[0] > ALPHA
+    # a wrong pairing (row 0 tested against query 1) is rejected
+    assert chi2_gof(r.ids[0], _softmax(X, Q[1], ex[0]))[0] < ALPHA
+
+
+def test_batch_equals_single_queries_in_distribution_and_seeded(inst):
+    X, tree, q = inst
+    a = S.sample_rejection(tree, q, 50, beta=BETA, rng=7)
+    b = S.sample_rejection(tree, q, 50, beta=BETA, rng=7)
+    np.testing.assert_array_equal(a.ids, b.ids)
+    c = S.sample_rejection(tree, np.stack([q, q]), 50, beta=BETA, rng=7)
+    assert c.ids.shape == (2, 50)
+    assert not np.array_equal(c.ids[0], c.ids[1])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# stats, errors, never an unaccepted draw
+
+
+def test_rejection_stats_are_consistent(inst):
+    X, tree, q = inst
+    r = S.sample_rejection(tree, q, 500, beta=BETA, rng=8, level=S.default_level(tree, BETA) + 3)
+    st = r.stats
+    assert st["accepted"] == 500
+    assert st["attempts"] == st["accepted"] + st["restarts"] + st["excluded_hits"]
+    assert st["inner_products"] >= st["n_clusters"]
+    assert st["fallbacks"] == 0
+
+
+def test_rejection_raises_instead_of_returning_an_unaccepted_draw(inst):
+    """With an attempt budget far too small, Alg. 1 raises SamplerError (the authors' code returned the unaccepted
+    proposal instead)."""
+    X, tree, q = inst
+    top = tree.level_range()[1] + 1
+    with pytest.raises(S.SamplerError, match="no accepted draw"):
+        S.sample_rejection(tree, q, 50, beta=20.0, rng=9, level=top, max_attempts=2)
+    with pytest.raises(S.SamplerError):
+        S.sample_flat_rejection(tree, q, 50, beta=20.0, rng=9, level=top, max_proposals=2)
+
+
+def test_bad_input(inst):
+    X, tree, q = inst
+    for f in (lambda **kw: S.sample_exact(X, **kw), lambda **kw: S.sample_rejection(tree, **kw),
+              lambda **kw: S.sample_flat_rejection(tree, **kw), lambda **kw: S.sample_mh(tree, **kw)):
+        base = dict(q=q, k=3, beta=BETA, rng=0)
+        with pytest.raises(ValueError, match="beta"):
+            f(**{**base, "beta": 0.0})
+        with pytest.raises(ValueError, match="beta"):
+            f(**{**base, "beta": -1.0})
+        with pytest.raises(ValueError, match="q"):
+            f(**{**base, "q": q[:3]})
+        with pytest.raises(ValueError, match="q"):
+            f(**{**base, "q": np.full(8, np.nan)})
+        with pytest.raises(ValueError, match="k"):
+            f(**{**base, "k": -1})
+        with pytest.raises(TypeError, match="k"):
+            f(**{**base, "k": 2.5})
+        with pytest.raises(ValueError, match="exclude"):
+            f(**{**base, "exclude": [10**6]})
+        with pytest.raises(TypeError, match="rng"):
+            f(**{**base, "rng": "seed"})
+    with pytest.raises(ValueError, match="log_z"):
+        S.sample_rejection(tree, q, 3, beta=BETA, rng=0, log_z="approx")
+    with pytest.raises(ValueError, match="tv"):
+        S.sample_mh(tree, q, 3, beta=BETA, rng=0, tv=1.5)
+    with pytest.raises(ValueError, match="proposal"):
+        S.sample_mh(tree, q, 3, beta=BETA, rng=0, proposal="x")
+    with pytest.raises(ValueError, match="points"):
+        S.sample_exact(np.zeros((0, 8)), q, 3, beta=BETA, rng=0)
+    with pytest.raises(ValueError, match="clustering"):
+        S.sample_flat_rejection(X, q, 3, beta=BETA, rng=0)
+
+
+def test_k_zero_returns_empty(inst):
+    X, tree, q = inst
+    for r in (S.sample_exact(X, q, 0, beta=BETA, rng=0), S.sample_rejection(tree, q, 0, beta=BETA, rng=0)):
+        assert r.ids.shape == (0,) and r.ids.dtype == np.int64
+
+
+def test_heuristic_returns_distinct_top_scoring_targets(inst):
+    """The shortcut returns k distinct ids, sorted by decreasing score, drawn from the chains' states; it is not a
+    softmax sampler (see test_samplers_stats.test_negative_control_topk_heuristic_is_not_a_softmax_sampler)."""
+    X, tree, q = inst
+    r = S.sample_cluster_topk_heuristic(tree, q, 5, beta=BETA, rng=1, n_chains=40)
+    s = _logits(X, q)[r.ids]
+    assert len(set(r.ids.tolist())) == len(r.ids) <= 5
+    assert np.all(np.diff(s) <= 1e-12)
+    assert np.all(r.log_q <= 0)

@@ -85,3 +85,19 @@ def test_bad_arguments():
     tree.remove([0, 1, 2])
     with pytest.raises(ValueError, match="empty"):
         topk(tree, np.ones(3), 1)
+
+
+def test_bench_tree_smoke(tmp_path):
+    """``python -m refimpl bench tree`` runs end to end on a small size (in a subprocess: it pins BLAS threads) and
+    reports exact answers and a valid structure (its own assertion on check_invariants at small N)."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "refimpl", "bench", "tree", "--sizes", "3000", "--queries", "10",
+                           "--check", "5", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(out.read_text())["sizes"][0]
+    assert row["N"] == 3000 and row["exact_equal_brute_force"] and row["same_sets_as_numpy"] == 1.0
+    assert row["topk_ball_inner_products"] < 3000 and row["memory_vs_float32"] < 3.0

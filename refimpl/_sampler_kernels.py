@@ -182,12 +182,40 @@ def level_cluster_nodes(root, level, node_level, first_child, next_sibling, node
 
 
 @njit(cache=True)
-def cluster_info(node_pdist, nodes, levels, node_point, node_level, first_child, next_sibling, node_count, node_maxd):
+def suffix_radii(n_nodes, first_child, next_sibling, node_pdist, node_maxd):
+    """suf[c] = max over c and the siblings after it of PDIST + MAXD (query-independent, O(N) once per tree state).
+
+    For a cluster (v, L) whose first child below level L is c, rho(v, L) = min(MAXD(v), suf[c]) (0 without such
+    a child): a valid bound on the distance from p_v to any member, never b^L (PAPER.md §2 erratum)."""
+    suf = np.zeros(n_nodes, np.float64)
+    stack = np.empty(64, np.int64)
+    for v in range(n_nodes):
+        m = 0
+        c = first_child[v]
+        while c != -1:
+            if m == stack.shape[0]:
+                t = np.empty(2 * m, np.int64)
+                t[:m] = stack[:m]
+                stack = t
+            stack[m] = c
+            m += 1
+            c = next_sibling[c]
+        run = 0.0
+        for j in range(m - 1, -1, -1):
+            c = stack[j]
+            d = node_pdist[c] + node_maxd[c]
+            if d > run:
+                run = d
+            suf[c] = run
+    return suf
+
+
+@njit(cache=True)
+def cluster_info(suf, nodes, levels, node_point, node_level, first_child, next_sibling, node_count, node_maxd):
     """Sizes and certified radii of clusters (nodes[j], levels[j]).
 
-    rho(v, L) = min(MAXD(v), max over children c with level < L of PDIST(c) + MAXD(c)), 0 for a singleton:
-    a valid upper bound on the distance from p_v to any member (PAPER.md §2 erratum: never b^L). PDIST(c) is the
-    tree's stored exact distance d(p_v, p_c) (``node_pdist``). Returns (sizes, radii, children scanned).
+    size(v, L) = count(v) - counts of the children with level >= L; rho(v, L) = min(MAXD(v), suf[first child
+    below L]) (see :func:`suffix_radii`), 0 for a singleton. Returns (sizes, radii, children scanned).
     """
     n = nodes.shape[0]
     sizes = np.empty(n, np.int64)
@@ -197,19 +225,16 @@ def cluster_info(node_pdist, nodes, levels, node_point, node_level, first_child,
         v = nodes[j]
         L = levels[j]
         s = node_count[v]
-        r = 0.0
         c = first_child[v]
-        while c != -1:
-            if node_level[c] >= L:
-                s -= node_count[c]
-            else:
-                d = node_pdist[c] + node_maxd[c]
-                nd += 1
-                if d > r:
-                    r = d
+        while c != -1 and node_level[c] >= L:
+            s -= node_count[c]
+            nd += 1
             c = next_sibling[c]
-        if r > node_maxd[v]:
-            r = node_maxd[v]
+        r = 0.0
+        if c != -1:
+            r = suf[c]
+            if r > node_maxd[v]:
+                r = node_maxd[v]
         sizes[j] = s
         radii[j] = r
     return sizes, radii, nd
@@ -672,3 +697,103 @@ def alg1_kernel(points, q, beta, bq, base, k, cnodes, clevel, csizes, cE, cs, no
             buf[nb] = ids[t]
             nb += 1
     return ids, sids, counters
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# start-level choice (the U-shaped cost of Prop. 3)
+
+
+@njit(cache=True)
+def level_profile(points, q, beta, bq, root, k, attempt_cost, node_point, node_level, first_child, next_sibling,
+                  node_count, node_maxd, suf):
+    """Walk the level clusterings C_(L) from the root's level down and pick the start level of least estimated cost.
+
+    S_L (nodes with level >= L) grows by the children of level L - 1 of nodes already in S, so the nodes are kept
+    in one array in order of entry and S_L is a prefix of it. Per node, ``ptr`` is its first child not yet entered
+    (children are in descending level order): size(v, L) = count(v) - counts of the entered children and
+    rho(v, L) = min(MAXD(v), suf[ptr]). Cost of level L in inner products: |S_L| + k * attempt_cost *
+    Z_hi(L) / Z_hat(L) (estimated attempts per draw, Z_hat = sum |C| e^{s_r} standing in for Z). The walk stops
+    before computing the logits of a level whose cluster count alone exceeds the best cost so far. Returns (best
+    level, number of clusters at it, nodes (the prefix holds the clusters), logits of those nodes, inner products).
+    """
+    cap = 256
+    nodes = np.empty(cap, np.int64)
+    logit = np.empty(cap, np.float64)
+    ptr = np.empty(cap, np.int64)
+    used = np.empty(cap, np.int64)
+    L = node_level[root] + 1
+    nodes[0] = root
+    logit[0] = beta * _dot(points, node_point[root], q)
+    ip = 1
+    ptr[0] = first_child[root]
+    used[0] = 0
+    n = 1
+    best_cost = np.inf
+    best_L = L
+    best_n = 1
+    while True:
+        ref = -np.inf
+        for x in range(n):
+            r = suf[ptr[x]] if ptr[x] != -1 else 0.0
+            if r > node_maxd[nodes[x]]:
+                r = node_maxd[nodes[x]]
+            e = logit[x] + bq * r
+            if e > ref:
+                ref = e
+        zhi = 0.0
+        zh = 0.0
+        for x in range(n):
+            v = nodes[x]
+            r = suf[ptr[x]] if ptr[x] != -1 else 0.0
+            if r > node_maxd[v]:
+                r = node_maxd[v]
+            size = node_count[v] - used[x]
+            zhi += size * np.exp(logit[x] + bq * r - ref)
+            zh += size * np.exp(logit[x] - ref)
+        cost = n + k * attempt_cost * zhi / zh
+        if cost < best_cost:
+            best_cost = cost
+            best_L = L
+            best_n = n
+        new = 0
+        any_left = False
+        for x in range(n):
+            c = ptr[x]
+            while c != -1 and node_level[c] == L - 1:
+                new += 1
+                c = next_sibling[c]
+            if ptr[x] != -1:
+                any_left = True
+        if not any_left:
+            break
+        if n + new > best_cost:
+            break
+        n0 = n
+        for x in range(n0):
+            c = ptr[x]
+            while c != -1 and node_level[c] == L - 1:
+                if n == cap:
+                    cap *= 2
+                    t1 = np.empty(cap, np.int64)
+                    t1[:n] = nodes[:n]
+                    nodes = t1
+                    t2 = np.empty(cap, np.float64)
+                    t2[:n] = logit[:n]
+                    logit = t2
+                    t3 = np.empty(cap, np.int64)
+                    t3[:n] = ptr[:n]
+                    ptr = t3
+                    t4 = np.empty(cap, np.int64)
+                    t4[:n] = used[:n]
+                    used = t4
+                nodes[n] = c
+                logit[n] = beta * _dot(points, node_point[c], q)
+                ip += 1
+                ptr[n] = first_child[c]
+                used[n] = 0
+                n += 1
+                used[x] += node_count[c]
+                c = next_sibling[c]
+            ptr[x] = c
+        L -= 1
+    return best_L, best_n, nodes[:best_n].copy(), logit[:best_n].copy(), ip

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,6 +57,38 @@ def _pdist(tree):
     return np.ascontiguousarray(np.asarray(tree.node_pdist)[: int(tree.n_nodes)], dtype=np.float64)
 
 
+_SUF_CACHE = weakref.WeakKeyDictionary()
+
+
+def _fingerprint(tree):
+    n = int(tree.n_nodes)
+    return (n, int(tree.root), int(getattr(tree, "n_targets", 0)),
+            float(np.sum(tree.node_maxd[:n])), float(np.sum(tree.node_pdist[:n])),
+            int(np.sum(tree.node_level[:n])), int(np.sum(tree.node_first_child[:n])),
+            int(np.sum(tree.node_next_sibling[:n])), int(np.sum(tree.node_count[:n])))
+
+
+def suffix_radii(tree):
+    """Per-node suffix maxima of PDIST + MAXD over child lists (:func:`_sampler_kernels.suffix_radii`).
+
+    Query-independent; cached per tree and recomputed whenever the tree's arrays change (detected by a
+    fingerprint of sums over the node arrays: O(N) additions instead of the O(N) pass itself on every query)."""
+    fp = _fingerprint(tree)
+    try:
+        hit = _SUF_CACHE.get(tree)
+    except TypeError:
+        hit = None
+    if hit is not None and hit[0] == fp:
+        return hit[1]
+    pt, lv, fc, ns, cnt, maxd = tree_arrays(tree)
+    suf = K.suffix_radii(int(tree.n_nodes), fc, ns, _pdist(tree), maxd)
+    try:
+        _SUF_CACHE[tree] = (fp, suf)
+    except TypeError:
+        pass
+    return suf
+
+
 def _tree_points(tree):
     return np.ascontiguousarray(tree.points, dtype=np.float64)
 
@@ -80,7 +113,7 @@ class TreeClustering:
         nodes = np.ascontiguousarray(nodes, dtype=np.int64)
         levels = np.ascontiguousarray(levels, dtype=np.int64)
         pt, lv, fc, ns, cnt, maxd = tree_arrays(tree)
-        sizes, radii, nd = K.cluster_info(_pdist(tree), nodes, levels, pt, lv, fc, ns, cnt, maxd)
+        sizes, radii, nd = K.cluster_info(suffix_radii(tree), nodes, levels, pt, lv, fc, ns, cnt, maxd)
         st = dict(stats or {})
         return cls(tree, nodes, levels, pt[nodes], sizes, radii, st)
 
@@ -354,7 +387,7 @@ def refine_clustering(tree, q, clustering, *, beta, gamma, proposal="eq7", max_c
         if sp is None:
             continue
         kids, Lc = sp
-        ks, kr, dd = K.cluster_info(_pdist(tree), kids, np.full(kids.shape[0], Lc, np.int64), pt, lv, fc, ns, cnt,
+        ks, kr, dd = K.cluster_info(suffix_radii(tree), kids, np.full(kids.shape[0], Lc, np.int64), pt, lv, fc, ns, cnt,
                                     maxd)
         kl = np.empty(kids.shape[0])
         kl[0] = s[j]

@@ -148,7 +148,7 @@ def sample_exact(points, q, k, *, beta, rng, exclude=None, replace=True):
     top-k (the order of the top k perturbed logits is a sequential draw without replacement). ``log_q`` exact.
     Cost: N inner products per query (``stats["inner_products"]``).
     """
-    points = check_matrix("points", points)
+    points = _points_light(points)
     beta = check_positive("beta", beta)
     gen = as_rng(rng)
     Q, batched = _queries(q, points.shape[1])
@@ -158,6 +158,9 @@ def sample_exact(points, q, k, *, beta, rng, exclude=None, replace=True):
     for b in range(Q.shape[0]):
         kk = _check_k(k, n - excl[b].size, replace)
         s = beta * (points @ Q[b])
+        if not np.all(np.isfinite(s)):
+            check_matrix("points", points)  # names the NaN/Inf if it is in the points
+            raise ValueError("points: logits overflow (beta * <q, t> is not finite)")
         if excl[b].size:
             s[excl[b]] = -np.inf
         m = np.max(s)
@@ -174,6 +177,14 @@ def sample_exact(points, q, k, *, beta, rng, exclude=None, replace=True):
             lq = _log_q(s[ids], log_z, np.zeros(0), False)
         results.append((ids, lq, {"inner_products": n, "log_z": log_z}))
     return _collect(results, batched)
+
+
+def _points_light(points):
+    """points as a C-contiguous float64 2-D array; finiteness is checked on the logits (O(N), not O(N D))."""
+    if isinstance(points, np.ndarray) and points.dtype == np.float64 and points.ndim == 2 and \
+            points.flags.c_contiguous and points.shape[0] > 0:
+        return points
+    return check_matrix("points", points)
 
 
 def _exact_log_z(points, q, beta, tree=None):
@@ -196,7 +207,9 @@ def _flat_setup(source, clustering, q, beta, lw_mode):
     else:
         pt, lv, fc, ns, cnt, _ = tree_arrays(clustering.tree)
     cn, cl, cs, mptr, mem = clustering.proposal_arrays()
-    sr = beta * (points[clustering.reps] @ q)
+    sr = clustering.stats.pop("rep_logits", None) if isinstance(clustering, TreeClustering) else None
+    if sr is None:
+        sr = beta * (points[clustering.reps] @ q)
     eps = np.asarray(bounds.cluster_eps(beta, float(np.linalg.norm(q)), clustering.radii), dtype=np.float64)
     lw = sr + eps if lw_mode == "upper" else sr.copy()
     ref = float(np.max(lw))
@@ -284,7 +297,8 @@ def _start(tree, qb, beta, k, level, memo):
     """Start clustering for a query: (level, TreeClustering, inner products spent choosing it)."""
     if isinstance(level, str):
         if level == "auto":
-            L, cl, _, _, ip = choose_level(tree, qb, beta, k)
+            L, cl, sr, ip = choose_level(tree, qb, beta, k)
+            cl.stats["rep_logits"] = sr
             return L, cl, ip
         if level == "prop2":
             L = default_level(tree, beta, float(np.linalg.norm(qb)))
@@ -313,35 +327,22 @@ def default_level(tree, beta, q_norm=1.0, c=None):
 def choose_level(tree, q, beta, k, attempt_cost=1.0):
     """Start level minimising the U-shaped cost of Prop. 3 for this query (our default, ``level="auto"``).
 
-    Walk the level clusterings C_(l) from the root's level down; estimate the cost of level l in inner products
-    as |C_l| + k * attempt_cost * Z_hi(l) / Z_hat(l), where Z_hi(l)/Z_hat(l) (Z_hat = sum |C| e^{s_r}, Eq. 7's
-    normaliser, as the estimate of Z) estimates the attempts per draw; stop when |C_l| alone exceeds the best
-    cost so far, and return the best level. Returns (level, clustering, rep logits, eps, inner products spent).
+    Walks the level clusterings C_(l) from the root's level down (kernel ``level_profile``); the estimated cost of
+    level l in inner products is |C_l| + k * attempt_cost * Z_hi(l) / Z_hat(l), where Z_hi/Z_hat (Z_hat =
+    sum |C| e^{s_r}, Eq. 7's normaliser, standing in for Z) estimates the attempts per draw; the walk stops
+    before computing the logits of a level whose cluster count alone exceeds the best cost so far. The logits of
+    the chosen clusters are reused, so choosing costs only the representatives of the levels walked.
+    Returns (level, TreeClustering, rep logits, inner products spent beyond the chosen clusters).
     """
-    qn = float(np.linalg.norm(q))
+    from refimpl.clustering import suffix_radii
+
     pts = _tree_points(tree)
-    L = int(tree.node_level[tree.root]) + 1
-    lo_level = int(tree.level_range()[0]) if hasattr(tree, "level_range") else L - 64
-    best = (math.inf, None)
-    ip = 0
-    while True:
-        cl = level_clustering(tree, L)
-        sr = beta * (pts[cl.reps] @ q)
-        ip += len(cl)
-        eps = beta * qn * cl.radii
-        ls = np.log(cl.sizes.astype(np.float64))
-        a = sr + eps + ls
-        b = sr + ls
-        att = math.exp(float(np.max(a)) - float(np.max(b))) * float(np.sum(np.exp(a - np.max(a)))) / \
-            float(np.sum(np.exp(b - np.max(b))))
-        cost = len(cl) + k * attempt_cost * att
-        if cost < best[0]:
-            best = (cost, (L, cl, sr, eps))
-        if len(cl) > best[0] or L <= lo_level or np.all(cl.sizes == 1):
-            break
-        L -= 1
-    L, cl, sr, eps = best[1]
-    return L, cl, sr, eps, ip
+    pt, lv, fc, ns, cnt, maxd = tree_arrays(tree)
+    qn = float(np.linalg.norm(q))
+    L, nb, nodes, logits, ip = K.level_profile(pts, q, beta, beta * qn, int(tree.root), int(k), float(attempt_cost),
+                                               pt, lv, fc, ns, cnt, maxd, suffix_radii(tree))
+    cl = TreeClustering.from_nodes(tree, nodes, np.full(nodes.shape[0], L, np.int64))
+    return int(L), cl, logits, int(ip) - int(nb)
 
 
 def sample_rejection(tree, q, k, *, beta, rng, level="auto", exclude=None, replace=True, log_z="estimate",
@@ -380,7 +381,9 @@ def sample_rejection(tree, q, k, *, beta, rng, level="auto", exclude=None, repla
         qb = Q[b]
         qn = float(np.linalg.norm(qb))
         L, cl, spent = _start(tree, qb, beta, kk, level, clus_cache)
-        sr = beta * (points[cl.reps] @ qb)
+        sr = cl.stats.pop("rep_logits", None)
+        if sr is None:
+            sr = beta * (points[cl.reps] @ qb)
         if _mode == 1:
             eps = np.where(cl.sizes > 1, beta * qn * base ** L, 0.0)
         else:

@@ -21,7 +21,7 @@ _EXPORTS = {
     "sample_exact": "samplers",
     "sample_rejection": "samplers",
     "sample_mh": "samplers",
-    "topk": "samplers",
+    "topk": "search",
     # nystrom.py
     "Nystrom": "nystrom",
     "RegressionReEncoder": "nystrom",

@@ -208,7 +208,7 @@ def test_maintain_margin_is_eq10_eq11():
     live = tree.node_point[: tree.n_nodes] >= 0
     U = 0.05
     tight = live & (tree.node_parent[: tree.n_nodes] >= 0) & (pd + U > tree.base ** (lv + 1.0))
-    out = tree.maintain(U)
+    out = tree.maintain(U, granularity="cluster")  # Alg. 3 as printed
     assert (out["clusters_rebuilt"] > 0) == bool(tight.any() or tree.base ** lv[live].min() <= U)
     assert tree.check_invariants() == []
 

@@ -110,7 +110,8 @@ def check_flat(budget: Budget, rng) -> Outcome:
 
 @claim("alg1_exact", paper_ref="Alg. 1, Prop. 3", order=21,
        statement="Alg. 1 (hierarchical rejection with restarts, errata fixed: e^{beta rho}, rho = MAXD, non-negative "
-                 "restart) returns exact samples of P from any start level.")
+                 "restart) returns exact samples of P from any start level (also the library's default start, with an "
+                 "excluded target: P renormalised over the others).")
 def check_alg1(budget: Budget, rng) -> Outcome:
     n_inst = budget.cases(12, minimum=3)
     cases = bad = 0
@@ -120,9 +121,32 @@ def check_alg1(budget: Budget, rng) -> Outcome:
         kind, n, dim, base, tree, X, beta, q = _instance(rng, t)
         L0 = I.start_level(tree, beta, float(np.linalg.norm(q)))
         lo, hi = tree.level_range()
-        levels = sorted({L0, L0 + 1, max(lo, L0 - 2), hi + 1})
-        P = I.softmax(beta * X @ q)
+        levels = sorted({L0, L0 + 1, max(lo, L0 - 2), hi + 1}) + [None]  # None: the library's own start level
+        P_all = I.softmax(beta * X @ q)
         for L in levels:
+            # the library's default start, with one excluded target (P renormalised over the others)
+            excl = [int(np.argmax(P_all))] if L is None else None
+            P = P_all.copy()
+            if excl:
+                P[excl] = 0.0
+                P /= P.sum()
+            if L is None:
+                last = {}
+
+                def draw(m, tree=tree, q=q, beta=beta, excl=excl):
+                    r = sample_rejection(tree, q, m, beta=beta, rng=int(rng.integers(1 << 31)), exclude=excl)
+                    last["r"] = r
+                    return r.ids
+
+                failed, p1, p2, ns = I.sampler_test(draw, P)
+                cases += 1
+                pmin = min(pmin, p1)
+                lines.append(f"{_desc(kind, n, dim, base, beta, q, 'default')} excluding target {excl[0]}: {ns} draws, "
+                             f"p={p1:.3g}" + (f" (retest p={p2:.3g})" if p2 is not None else ""))
+                if failed:
+                    bad += 1
+                    cex = cex or lines[-1]
+                continue
             # very coarse levels at large beta have acceptance ~ e^{-2 beta rho}: skip what would not finish
             cl = level_clustering(tree, L)
             s_r = beta * X[cl.reps] @ q

@@ -61,11 +61,11 @@ _SUF_CACHE = weakref.WeakKeyDictionary()
 
 
 def _fingerprint(tree):
+    """Cheap change detector: every SGTree mutation (insert/remove/update_points/rebuild/maintain) changes the node
+    count, the root, the target count or the exact parent distances / radii, hence one of these numbers."""
     n = int(tree.n_nodes)
-    return (n, int(tree.root), int(getattr(tree, "n_targets", 0)),
-            float(np.sum(tree.node_maxd[:n])), float(np.sum(tree.node_pdist[:n])),
-            int(np.sum(tree.node_level[:n])), int(np.sum(tree.node_first_child[:n])),
-            int(np.sum(tree.node_next_sibling[:n])), int(np.sum(tree.node_count[:n])))
+    return (n, int(tree.root), int(getattr(tree, "n_targets", 0)), id(tree.node_maxd), id(tree.node_pdist),
+            float(np.sum(tree.node_maxd[:n])), float(np.sum(tree.node_pdist[:n])))
 
 
 def suffix_radii(tree):

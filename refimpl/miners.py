@@ -552,7 +552,7 @@ def make_miner(name: str, **knobs) -> Miner:
 
 
 def __getattr__(name: str):
-    # The public map of refimpl/__init__.py says DyNNIBAL -> miners; the class lives in refimpl/dynnibal.py.
+    # ``refimpl.miners.DyNNIBAL`` for convenience: the class lives in refimpl/dynnibal.py (``refimpl.DyNNIBAL``).
     if name == "DyNNIBAL":
         cls = _dynnibal_class()
         if cls is not None:

@@ -356,6 +356,14 @@ def train_main(argv=None) -> int:
     p.add_argument("--mem-percent", type=float, default=None, help="SNM pool / cache size as %% of N")
     p.add_argument("--refresh-every", type=int, default=None, help="SNM refresh period R (steps)")
     p.add_argument("--policy", choices=("fifo", "lru"), default=None, help="Negative Cache eviction policy")
+    g = p.add_argument_group("DyNNIBAL knobs (refimpl.dynnibal.DyNNIBAL; defaults documented there)")
+    g.add_argument("--n-landmarks", type=int, default=None, help="Nystrom landmarks d'")
+    g.add_argument("--n-samples", type=int, default=None, help="targets re-encoded per Alg. 5 re-encode, s'")
+    g.add_argument("--reencode-every", type=int, default=None, help="w: Alg. 5 + Alg. 3 every w mining steps")
+    g.add_argument("--sampler", choices=("mh", "rejection", "topk"), default=None,
+                   help="MH (Eq. 14), exact Alg. 1 rejection, or the experiments' top-k heuristic")
+    g.add_argument("--chain-length", type=int, default=None, help="MH chain length (states)")
+    g.add_argument("--gamma", type=float, default=None, help="FindClustering's target max P/Q (Alg. 2)")
     p.add_argument("--n-features", type=int, default=2 ** 18, help="hashed feature columns")
     p.add_argument("--probe-every", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
@@ -368,16 +376,22 @@ def train_main(argv=None) -> int:
         ds = load_text_pairs(os.path.join(a.data, "targets.tsv"), os.path.join(a.data, "queries.tsv"),
                              n_features=a.n_features)
         miner = make_miner(a.miner, k=a.k, mem_percent=a.mem_percent, refresh_every=a.refresh_every,
-                           policy=a.policy)
+                           policy=a.policy, n_landmarks=a.n_landmarks, n_samples=a.n_samples,
+                           reencode_every=a.reencode_every, sampler=a.sampler, chain_length=a.chain_length,
+                           gamma=a.gamma)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"data: {ds.n_targets} targets, {ds.train_ids.size} train / {ds.test_ids.size} test queries; "
           f"miner: {miner.config()}")
-    res = train(ds, miner, steps=a.steps, batch_size=min(a.batch_size, ds.train_ids.size), dim=a.dim, beta=a.beta,
-                lr=a.lr, lr_warmup=min(a.lr_warmup, a.steps - 1), uniform_warmup=a.uniform_warmup,
-                n_uniform=a.n_uniform, in_batch=a.in_batch, log_q_correction=a.log_q, probe_every=a.probe_every,
-                seed=a.seed, progress=not a.no_progress)
+    try:
+        res = train(ds, miner, steps=a.steps, batch_size=min(a.batch_size, ds.train_ids.size), dim=a.dim,
+                    beta=a.beta, lr=a.lr, lr_warmup=min(a.lr_warmup, a.steps - 1), uniform_warmup=a.uniform_warmup,
+                    n_uniform=a.n_uniform, in_batch=a.in_batch, log_q_correction=a.log_q,
+                    probe_every=a.probe_every, seed=a.seed, progress=not a.no_progress)
+    except ValueError as exc:  # bad knobs for this data (e.g. more landmarks than targets): say so, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     f = res.final
     print(format_metrics([(miner.name, f)], extra=(("MRR@10", "MRR@10", "{:.3f}"),
                                                   ("encoder_calls", "encoder calls", "{:d}"),

@@ -143,3 +143,19 @@ def test_log_q_offsets_of_mixed_sources_estimate_z_without_bias():
     se = est.std() / np.sqrt(trials)
     assert abs(est.mean() - z) < 4 * se, (est.mean(), z, se)
     assert abs(wrong.mean() - z) > 20 * wrong.std() / np.sqrt(trials)
+
+
+def test_train_cli_passes_dynnibal_knobs_and_reports_bad_ones_cleanly(capsys):
+    """The DyNNIBAL knobs reach the miner (its config is printed) and a knob the data cannot satisfy (more
+    landmarks than targets) ends with exit status 2 and a one-line error, not a traceback."""
+    from pathlib import Path
+
+    from refimpl.training import train_main
+
+    data = str(Path(__file__).parent / "fixtures" / "text_pairs")
+    code = train_main(["--data", data, "--miner", "dynnibal", "--steps", "5", "--n-landmarks", "500",
+                       "--n-samples", "7", "--reencode-every", "3", "--sampler", "rejection", "--no-progress"])
+    out = capsys.readouterr()
+    assert code == 2
+    assert "'n_samples': 7" in out.out and "'reencode_every': 3" in out.out and "'sampler': 'rejection'" in out.out
+    assert out.err.startswith("error: n_landmarks") and "Traceback" not in out.err

@@ -1,9 +1,11 @@
-"""Numba kernels behind :mod:`refimpl.samplers` and :mod:`refimpl.clustering` (PAPER.md §3).
+"""Numba sampling kernels behind :mod:`refimpl.samplers` (PAPER.md §3): flat rejection, MH, Alg. 1.
 
 All kernels read the SG tree's struct-of-arrays directly (COMMON.md "SGTree data model"): ``node_point``,
 ``node_level``, ``node_first_child``, ``node_next_sibling`` (children in descending level order), ``node_maxd``,
 ``node_count``. A cluster is a pair ``(v, L)``: ``{p_v}`` plus the subtrees of the children ``c`` of ``v`` with
 ``node_level[c] < L`` (a suffix of the child list). Only float64 and int64 cross the kernel boundary.
+
+Cluster and start-level kernels live in :mod:`refimpl._cluster_kernels`.
 
 Randomness: each sampling kernel receives an int64 ``seed`` drawn from the caller's ``numpy.random.Generator`` and
 seeds Numba's own generator with it, so the same ``rng`` gives the same draws on any machine.
@@ -17,34 +19,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from refimpl._cluster_kernels import _dot, _first_below, _member  # noqa: F401 (shared helpers)
+
 # ----------------------------------------------------------------------------------------------------------------
 # small helpers
-
-
-@njit(cache=True)
-def _dot(points, i, q):
-    s = 0.0
-    for d in range(q.shape[0]):
-        s += points[i, d] * q[d]
-    return s
-
-
-@njit(cache=True)
-def _dist(points, i, j):
-    s = 0.0
-    for d in range(points.shape[1]):
-        t = points[i, d] - points[j, d]
-        s += t * t
-    return np.sqrt(s)
-
-
-@njit(cache=True)
-def _dist_q(points, i, q):
-    s = 0.0
-    for d in range(q.shape[0]):
-        t = points[i, d] - q[d]
-        s += t * t
-    return np.sqrt(s)
 
 
 @njit(cache=True)
@@ -62,34 +40,6 @@ def _pick(cum, u):
     if j >= cum.shape[0]:
         j = cum.shape[0] - 1
     return j
-
-
-@njit(cache=True)
-def _first_below(first_child, next_sibling, node_level, v, L):
-    """First child of v with level < L (children are in descending level order), -1 if none."""
-    c = first_child[v]
-    while c != -1 and node_level[c] >= L:
-        c = next_sibling[c]
-    return c
-
-
-@njit(cache=True)
-def _member(node_point, node_level, first_child, next_sibling, node_count, v, L, u):
-    """The u-th member (0 <= u < size) of cluster (v, L) in a fixed pre-order; u uniform -> uniform member."""
-    if u == 0:
-        return node_point[v]
-    u -= 1
-    c = _first_below(first_child, next_sibling, node_level, v, L)
-    while c != -1:
-        if u < node_count[c]:
-            if u == 0:
-                return node_point[c]
-            u -= 1
-            c = first_child[c]
-        else:
-            u -= node_count[c]
-            c = next_sibling[c]
-    return -1  # counts inconsistent with the child lists (never for a valid tree)
 
 
 @njit(cache=True)
@@ -128,225 +78,6 @@ def _cap(sc, bq, maxd, count, E):
     """Bound exponent of a child subtree: s_c + beta ||q|| MAXD(c) (s_c for a singleton), capped by its parent's E."""
     Ec = sc if count == 1 else sc + bq * maxd
     return E if Ec > E else Ec
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# clusterings
-
-
-@njit(cache=True)
-def level_cluster_nodes(root, level, node_level, first_child, next_sibling, node_count):
-    """Nodes of the clustering C_(level) (one cluster (v, level) per node with node_level[v] >= level) and sizes."""
-    if root < 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    if node_level[root] < level:
-        out = np.array([root], np.int64)
-        return out, np.array([node_count[root]], np.int64)
-    cap = 64
-    out = np.empty(cap, np.int64)
-    n = 0
-    stack = np.empty(64, np.int64)
-    sp = 0
-    stack[0] = root
-    sp = 1
-    while sp > 0:
-        sp -= 1
-        v = stack[sp]
-        if n == cap:
-            cap *= 2
-            tmp = np.empty(cap, np.int64)
-            tmp[:n] = out[:n]
-            out = tmp
-        out[n] = v
-        n += 1
-        c = first_child[v]
-        while c != -1 and node_level[c] >= level:
-            if sp == stack.shape[0]:
-                tmp = np.empty(2 * sp, np.int64)
-                tmp[:sp] = stack[:sp]
-                stack = tmp
-            stack[sp] = c
-            sp += 1
-            c = next_sibling[c]
-    nodes = out[:n].copy()
-    sizes = np.empty(n, np.int64)
-    for j in range(n):
-        v = nodes[j]
-        s = node_count[v]
-        c = first_child[v]
-        while c != -1 and node_level[c] >= level:
-            s -= node_count[c]
-            c = next_sibling[c]
-        sizes[j] = s
-    return nodes, sizes
-
-
-@njit(cache=True)
-def suffix_radii(n_nodes, first_child, next_sibling, node_pdist, node_maxd):
-    """suf[c] = max over c and the siblings after it of PDIST + MAXD (query-independent, O(N) once per tree state).
-
-    For a cluster (v, L) whose first child below level L is c, rho(v, L) = min(MAXD(v), suf[c]) (0 without such
-    a child): a valid bound on the distance from p_v to any member, never b^L (PAPER.md §2 erratum)."""
-    suf = np.zeros(n_nodes, np.float64)
-    stack = np.empty(64, np.int64)
-    for v in range(n_nodes):
-        m = 0
-        c = first_child[v]
-        while c != -1:
-            if m == stack.shape[0]:
-                t = np.empty(2 * m, np.int64)
-                t[:m] = stack[:m]
-                stack = t
-            stack[m] = c
-            m += 1
-            c = next_sibling[c]
-        run = 0.0
-        for j in range(m - 1, -1, -1):
-            c = stack[j]
-            d = node_pdist[c] + node_maxd[c]
-            if d > run:
-                run = d
-            suf[c] = run
-    return suf
-
-
-@njit(cache=True)
-def cluster_info(suf, nodes, levels, node_point, node_level, first_child, next_sibling, node_count, node_maxd):
-    """Sizes and certified radii of clusters (nodes[j], levels[j]).
-
-    size(v, L) = count(v) - counts of the children with level >= L; rho(v, L) = min(MAXD(v), suf[first child
-    below L]) (see :func:`suffix_radii`), 0 for a singleton. Returns (sizes, radii, children scanned).
-    """
-    n = nodes.shape[0]
-    sizes = np.empty(n, np.int64)
-    radii = np.empty(n, np.float64)
-    nd = 0
-    for j in range(n):
-        v = nodes[j]
-        L = levels[j]
-        s = node_count[v]
-        c = first_child[v]
-        while c != -1 and node_level[c] >= L:
-            s -= node_count[c]
-            nd += 1
-            c = next_sibling[c]
-        r = 0.0
-        if c != -1:
-            r = suf[c]
-            if r > node_maxd[v]:
-                r = node_maxd[v]
-        sizes[j] = s
-        radii[j] = r
-    return sizes, radii, nd
-
-
-@njit(cache=True)
-def find_clustering_kernel(points, q, root, start_level, m, base, max_clusters, node_point, node_level,
-                           first_child, next_sibling, node_count):
-    """Alg. 2 (FindClustering) with the union fix of line 13 (PAPER.md §3).
-
-    Frontier F_l = C_(start_level). For k = start_level, ..., m + 1 every frontier cluster (v, k) is replaced by
-    its children at level k - 1 (the self-child (v, k - 1) and the children c with level k - 1); a child F with
-    ||q - t_F|| > b^k + b^m is final (goes to the output), the others form F_{k-1}. Returns output U F_m as
-    arrays (nodes, levels) and the number of distance evaluations. Remark 2: with max_clusters > 0 the frontier
-    keeps only its max_clusters closest members; the others are finalised at their current level, so the result
-    is always a partition of the targets.
-    """
-    nodes0, _ = level_cluster_nodes(root, start_level, node_level, first_child, next_sibling, node_count)
-    nf = nodes0.shape[0]
-    fr = nodes0.copy()
-    frd = np.empty(nf, np.float64)
-    nd = 0
-    for j in range(nf):
-        frd[j] = _dist_q(points, node_point[fr[j]], q)
-        nd += 1
-    cap = 64 + 2 * nf
-    out_nodes = np.empty(cap, np.int64)
-    out_levels = np.empty(cap, np.int64)
-    nout = 0
-    k = start_level
-    if root >= 0 and k > node_level[root] + 1 and node_level[root] + 1 > m:
-        k = node_level[root] + 1  # every level above the root's holds the single cluster {root}
-    bm = base ** m
-    while k > m and nf > 0:
-        thr = base ** k + bm
-        # children of the frontier at level k - 1
-        nn = 0
-        new = np.empty(16 + 2 * nf, np.int64)
-        newd = np.empty(16 + 2 * nf, np.float64)
-        for j in range(nf):
-            v = fr[j]
-            cand = v
-            cd = frd[j]
-            c = first_child[v]
-            while c != -1 and node_level[c] >= k:
-                c = next_sibling[c]
-            # self child first, then the children with level k - 1
-            while True:
-                if cd > thr:
-                    if nout == cap:
-                        cap *= 2
-                        t1 = np.empty(cap, np.int64)
-                        t1[:nout] = out_nodes[:nout]
-                        out_nodes = t1
-                        t2 = np.empty(cap, np.int64)
-                        t2[:nout] = out_levels[:nout]
-                        out_levels = t2
-                    out_nodes[nout] = cand
-                    out_levels[nout] = k - 1
-                    nout += 1
-                else:
-                    if nn == new.shape[0]:
-                        t1 = np.empty(2 * nn, np.int64)
-                        t1[:nn] = new[:nn]
-                        new = t1
-                        t3 = np.empty(2 * nn, np.float64)
-                        t3[:nn] = newd[:nn]
-                        newd = t3
-                    new[nn] = cand
-                    newd[nn] = cd
-                    nn += 1
-                if c == -1 or node_level[c] != k - 1:
-                    break
-                cand = c
-                cd = _dist_q(points, node_point[c], q)
-                nd += 1
-                c = next_sibling[c]
-        if max_clusters > 0 and nn > max_clusters:
-            order = np.argsort(newd[:nn], kind="mergesort")
-            keep = np.empty(max_clusters, np.int64)
-            keepd = np.empty(max_clusters, np.float64)
-            for j in range(nn):
-                o = order[j]
-                if j < max_clusters:
-                    keep[j] = new[o]
-                    keepd[j] = newd[o]
-                else:
-                    if nout == cap:
-                        cap *= 2
-                        t1 = np.empty(cap, np.int64)
-                        t1[:nout] = out_nodes[:nout]
-                        out_nodes = t1
-                        t2 = np.empty(cap, np.int64)
-                        t2[:nout] = out_levels[:nout]
-                        out_levels = t2
-                    out_nodes[nout] = new[o]
-                    out_levels[nout] = k - 1
-                    nout += 1
-            new = keep
-            newd = keepd
-            nn = max_clusters
-        fr = new[:nn].copy()
-        frd = newd[:nn].copy()
-        nf = nn
-        k -= 1
-    res_n = np.empty(nout + nf, np.int64)
-    res_l = np.empty(nout + nf, np.int64)
-    res_n[:nout] = out_nodes[:nout]
-    res_l[:nout] = out_levels[:nout]
-    res_n[nout:] = fr[:nf]
-    res_l[nout:] = k
-    return res_n, res_l, nd
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -466,6 +197,10 @@ def alg1_kernel(points, q, beta, bq, base, k, cnodes, clevel, csizes, cE, cs, no
     probability B/Z_hat_hi and accepted with exp(s_i)/B, so each attempt returns i with probability
     exp(s_i)/Z_hat_hi: accepted draws are exact softmax samples (PAPER.md §3 errata: beta in the exponent, the
     true descendant radius MAXD, the cap E_c <= E that keeps the restart weight non-negative).
+
+    Cost: the logits of the children of a visited group are computed once per query (hash cache); the group's
+    total child mass, n_self and next group are cached per (node, level), so a restart costs O(1) and only a
+    descent into a child scans the group.
 
     mode 1 is the deliberately broken variant kept as a negative control: radius b^l at level l (as printed,
     with beta), no cap, negative restart weights clipped to 0. fallback_after > 0 reproduces the authors'
@@ -699,101 +434,3 @@ def alg1_kernel(points, q, beta, bq, base, k, cnodes, clevel, csizes, cE, cs, no
     return ids, sids, counters
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# start-level choice (the U-shaped cost of Prop. 3)
-
-
-@njit(cache=True)
-def level_profile(points, q, beta, bq, root, k, attempt_cost, node_point, node_level, first_child, next_sibling,
-                  node_count, node_maxd, suf):
-    """Walk the level clusterings C_(L) from the root's level down and pick the start level of least estimated cost.
-
-    S_L (nodes with level >= L) grows by the children of level L - 1 of nodes already in S, so the nodes are kept
-    in one array in order of entry and S_L is a prefix of it. Per node, ``ptr`` is its first child not yet entered
-    (children are in descending level order): size(v, L) = count(v) - counts of the entered children and
-    rho(v, L) = min(MAXD(v), suf[ptr]). Cost of level L in inner products: |S_L| + k * attempt_cost *
-    Z_hi(L) / Z_hat(L) (estimated attempts per draw, Z_hat = sum |C| e^{s_r} standing in for Z). The walk stops
-    before computing the logits of a level whose cluster count alone exceeds the best cost so far. Returns (best
-    level, number of clusters at it, nodes (the prefix holds the clusters), logits of those nodes, inner products).
-    """
-    cap = 256
-    nodes = np.empty(cap, np.int64)
-    logit = np.empty(cap, np.float64)
-    ptr = np.empty(cap, np.int64)
-    used = np.empty(cap, np.int64)
-    L = node_level[root] + 1
-    nodes[0] = root
-    logit[0] = beta * _dot(points, node_point[root], q)
-    ip = 1
-    ptr[0] = first_child[root]
-    used[0] = 0
-    n = 1
-    best_cost = np.inf
-    best_L = L
-    best_n = 1
-    while True:
-        ref = -np.inf
-        for x in range(n):
-            r = suf[ptr[x]] if ptr[x] != -1 else 0.0
-            if r > node_maxd[nodes[x]]:
-                r = node_maxd[nodes[x]]
-            e = logit[x] + bq * r
-            if e > ref:
-                ref = e
-        zhi = 0.0
-        zh = 0.0
-        for x in range(n):
-            v = nodes[x]
-            r = suf[ptr[x]] if ptr[x] != -1 else 0.0
-            if r > node_maxd[v]:
-                r = node_maxd[v]
-            size = node_count[v] - used[x]
-            zhi += size * np.exp(logit[x] + bq * r - ref)
-            zh += size * np.exp(logit[x] - ref)
-        cost = n + k * attempt_cost * zhi / zh
-        if cost < best_cost:
-            best_cost = cost
-            best_L = L
-            best_n = n
-        new = 0
-        any_left = False
-        for x in range(n):
-            c = ptr[x]
-            while c != -1 and node_level[c] == L - 1:
-                new += 1
-                c = next_sibling[c]
-            if ptr[x] != -1:
-                any_left = True
-        if not any_left:
-            break
-        if n + new > best_cost:
-            break
-        n0 = n
-        for x in range(n0):
-            c = ptr[x]
-            while c != -1 and node_level[c] == L - 1:
-                if n == cap:
-                    cap *= 2
-                    t1 = np.empty(cap, np.int64)
-                    t1[:n] = nodes[:n]
-                    nodes = t1
-                    t2 = np.empty(cap, np.float64)
-                    t2[:n] = logit[:n]
-                    logit = t2
-                    t3 = np.empty(cap, np.int64)
-                    t3[:n] = ptr[:n]
-                    ptr = t3
-                    t4 = np.empty(cap, np.int64)
-                    t4[:n] = used[:n]
-                    used = t4
-                nodes[n] = c
-                logit[n] = beta * _dot(points, node_point[c], q)
-                ip += 1
-                ptr[n] = first_child[c]
-                used[n] = 0
-                n += 1
-                used[x] += node_count[c]
-                c = next_sibling[c]
-            ptr[x] = c
-        L -= 1
-    return best_L, best_n, nodes[:best_n].copy(), logit[:best_n].copy(), ip

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from refimpl import _sampler_kernels as K
+from refimpl import _cluster_kernels as K
 from refimpl._validate import check_int, check_matrix, check_positive, check_vector
 
 __all__ = [
@@ -69,7 +69,7 @@ def _fingerprint(tree):
 
 
 def suffix_radii(tree):
-    """Per-node suffix maxima of PDIST + MAXD over child lists (:func:`_sampler_kernels.suffix_radii`).
+    """Per-node suffix maxima of PDIST + MAXD over child lists (:func:`refimpl._cluster_kernels.suffix_radii`).
 
     Query-independent; cached per tree and recomputed whenever the tree's arrays change (detected by a
     fingerprint of sums over the node arrays: O(N) additions instead of the O(N) pass itself on every query)."""

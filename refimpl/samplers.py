@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from refimpl import _cluster_kernels as CK
 from refimpl import _sampler_kernels as K
 from refimpl._validate import as_rng, check_int, check_matrix, check_positive
 from refimpl.clustering import (ArrayClustering, TreeClustering, _tree_points, certify, find_clustering,
@@ -339,7 +340,7 @@ def choose_level(tree, q, beta, k, attempt_cost=1.0):
     pts = _tree_points(tree)
     pt, lv, fc, ns, cnt, maxd = tree_arrays(tree)
     qn = float(np.linalg.norm(q))
-    L, nb, nodes, logits, ip = K.level_profile(pts, q, beta, beta * qn, int(tree.root), int(k), float(attempt_cost),
+    L, nb, nodes, logits, ip = CK.level_profile(pts, q, beta, beta * qn, int(tree.root), int(k), float(attempt_cost),
                                                pt, lv, fc, ns, cnt, maxd, suffix_radii(tree))
     cl = TreeClustering.from_nodes(tree, nodes, np.full(nodes.shape[0], L, np.int64))
     return int(L), cl, logits, int(ip) - int(nb)
@@ -468,15 +469,15 @@ def sample_mh(tree, q, k, *, beta, rng, gamma=4.0, m=None, chain_length=None, tv
         return {"chain_length": state["s"], "log_gamma": cert.log_gamma if proposal == "eq7" else cert.log_gamma_upper,
                 "tv_bound": cert.mh_tv_bound(state["s"], proposal), "refine_inner_products": cert.inner_products}
 
+    excl = _excludes(exclude, Q.shape[0], batched, points.shape[0])
     results = []
     for b in range(Q.shape[0]):
         cl = make(Q[b])
         if state["s"] > max_steps:
             raise SamplerError(f"sample_mh: chain length {state['s']} from Eq. 6 exceeds max_steps={max_steps}; "
                                "refine the clustering (larger max_refine_clusters) or pass chain_length")
-        r = _run_flat(tree, cl, Q[b:b + 1], False, k, beta, gen,
-                      None if exclude is None else ([exclude[b]] if batched and not np.isscalar(exclude[0]) else exclude),
-                      replace, log_z, 1, state["s"], max(max_steps, state["s"]), proposal, extra)
+        r = _run_flat(tree, cl, Q[b:b + 1], False, k, beta, gen, excl[b], replace, log_z, 1, state["s"],
+                      max(max_steps, state["s"]), proposal, extra)
         r.stats["inner_products"] += state["cert"].inner_products
         results.append((r.ids, r.log_q, r.stats))
     return _collect(results, batched)
@@ -549,8 +550,9 @@ def _labels_of(cl, ids):
     return out
 
 
-def topk(tree, q, k):
-    """Exact maximum inner product search: re-export of :func:`refimpl.search.topk` (owned by the tree module)."""
+def topk(tree, q, k, **kwargs):
+    """Exact maximum inner product search: re-export of :func:`refimpl.search.topk` (``refimpl/__init__.py`` maps
+    ``topk`` to this module; the implementation lives in refimpl/search.py)."""
     from refimpl.search import topk as _topk
 
-    return _topk(tree, q, k)
+    return _topk(tree, q, k, **kwargs)

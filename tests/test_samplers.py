@@ -286,3 +286,41 @@ def test_heuristic_returns_distinct_top_scoring_targets(inst):
     assert len(set(r.ids.tolist())) == len(r.ids) <= 5
     assert np.all(np.diff(s) <= 1e-12)
     assert np.all(r.log_q <= 0)
+
+
+def test_mh_batch_with_per_query_exclusion(inst):
+    X, tree, _ = inst
+    Q = X[[3, 200]]
+    ex = [_top(X, Q[0], 3), _top(X, Q[1], 2)]
+    r = S.sample_mh(tree, Q, 200, beta=BETA, rng=3, exclude=ex, chain_length=3)
+    assert r.ids.shape == (2, 200)
+    for b in range(2):
+        assert not np.isin(r.ids[b], ex[b]).any()
+
+
+@pytest.mark.parametrize("beta,k", [(1.0, 10), (5.0, 10), (20.0, 10), (20.0, 1000)])
+def test_choose_level_minimises_the_estimated_cost(inst, beta, k):
+    """The default start level ("auto") is the argmin over the walked levels of |C_l| + k Z_hi(l)/Z_hat(l)
+    (Prop. 3's U-shaped cost, estimated), recomputed here from level clusterings in plain NumPy; the walk stops
+    at the first level whose cluster count exceeds the best cost so far."""
+    from refimpl.clustering import level_clustering
+
+    X, tree, q = inst
+    L = int(tree.node_level[tree.root]) + 1
+    best, best_L = np.inf, None
+    while True:
+        cl = level_clustering(tree, L)
+        if len(cl) > best:
+            break
+        s = beta * (X[cl.reps] @ q)
+        a = np.log(cl.sizes) + s + beta * np.linalg.norm(q) * cl.radii
+        b = np.log(cl.sizes) + s
+        cost = len(cl) + k * np.exp(np.logaddexp.reduce(a) - np.logaddexp.reduce(b))
+        if cost < best:
+            best, best_L = cost, L
+        if np.all(cl.sizes == 1):
+            break
+        L -= 1
+    got, cl, sr, spent = S.choose_level(tree, q, beta, k)
+    assert got == best_L
+    np.testing.assert_allclose(sr, beta * (X[cl.reps] @ q), rtol=1e-12)

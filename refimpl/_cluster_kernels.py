@@ -1,0 +1,423 @@
+"""Numba kernels on the SG tree's arrays for :mod:`refimpl.clustering` (and the start-level choice of
+:mod:`refimpl.samplers`), PAPER.md §2-3.
+
+All kernels read the tree's struct-of-arrays directly (COMMON.md "SGTree data model"): ``node_point``,
+``node_level``, ``node_first_child``, ``node_next_sibling`` (children in descending level order), ``node_maxd``,
+``node_count``, and the tree's exact parent distances ``node_pdist``. A cluster is a pair ``(v, L)``: ``{p_v}``
+plus the subtrees of the children ``c`` of ``v`` with ``node_level[c] < L`` (a suffix of the child list). Only
+float64 and int64 cross the kernel boundary.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+# ----------------------------------------------------------------------------------------------------------------
+# small helpers
+
+
+@njit(cache=True)
+def _dot(points, i, q):
+    s = 0.0
+    for d in range(q.shape[0]):
+        s += points[i, d] * q[d]
+    return s
+
+
+@njit(cache=True)
+def _dist(points, i, j):
+    s = 0.0
+    for d in range(points.shape[1]):
+        t = points[i, d] - points[j, d]
+        s += t * t
+    return np.sqrt(s)
+
+
+@njit(cache=True)
+def _dist_q(points, i, q):
+    s = 0.0
+    for d in range(q.shape[0]):
+        t = points[i, d] - q[d]
+        s += t * t
+    return np.sqrt(s)
+
+
+@njit(cache=True)
+def _first_below(first_child, next_sibling, node_level, v, L):
+    """First child of v with level < L (children are in descending level order), -1 if none."""
+    c = first_child[v]
+    while c != -1 and node_level[c] >= L:
+        c = next_sibling[c]
+    return c
+
+
+@njit(cache=True)
+def _member(node_point, node_level, first_child, next_sibling, node_count, v, L, u):
+    """The u-th member (0 <= u < size) of cluster (v, L) in a fixed pre-order; u uniform -> uniform member."""
+    if u == 0:
+        return node_point[v]
+    u -= 1
+    c = _first_below(first_child, next_sibling, node_level, v, L)
+    while c != -1:
+        if u < node_count[c]:
+            if u == 0:
+                return node_point[c]
+            u -= 1
+            c = first_child[c]
+        else:
+            u -= node_count[c]
+            c = next_sibling[c]
+    return -1  # counts inconsistent with the child lists (never for a valid tree)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# clusterings
+
+
+@njit(cache=True)
+def level_cluster_nodes(root, level, node_level, first_child, next_sibling, node_count):
+    """Nodes of the clustering C_(level) (one cluster (v, level) per node with node_level[v] >= level) and sizes."""
+    if root < 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if node_level[root] < level:
+        out = np.array([root], np.int64)
+        return out, np.array([node_count[root]], np.int64)
+    cap = 64
+    out = np.empty(cap, np.int64)
+    n = 0
+    stack = np.empty(64, np.int64)
+    sp = 0
+    stack[0] = root
+    sp = 1
+    while sp > 0:
+        sp -= 1
+        v = stack[sp]
+        if n == cap:
+            cap *= 2
+            tmp = np.empty(cap, np.int64)
+            tmp[:n] = out[:n]
+            out = tmp
+        out[n] = v
+        n += 1
+        c = first_child[v]
+        while c != -1 and node_level[c] >= level:
+            if sp == stack.shape[0]:
+                tmp = np.empty(2 * sp, np.int64)
+                tmp[:sp] = stack[:sp]
+                stack = tmp
+            stack[sp] = c
+            sp += 1
+            c = next_sibling[c]
+    nodes = out[:n].copy()
+    sizes = np.empty(n, np.int64)
+    for j in range(n):
+        v = nodes[j]
+        s = node_count[v]
+        c = first_child[v]
+        while c != -1 and node_level[c] >= level:
+            s -= node_count[c]
+            c = next_sibling[c]
+        sizes[j] = s
+    return nodes, sizes
+
+
+@njit(cache=True)
+def suffix_radii(n_nodes, first_child, next_sibling, node_pdist, node_maxd):
+    """suf[c] = max over c and the siblings after it of PDIST + MAXD (query-independent, O(N) once per tree state).
+
+    For a cluster (v, L) whose first child below level L is c, rho(v, L) = min(MAXD(v), suf[c]) (0 without such
+    a child): a valid bound on the distance from p_v to any member, never b^L (PAPER.md §2 erratum)."""
+    suf = np.zeros(n_nodes, np.float64)
+    stack = np.empty(64, np.int64)
+    for v in range(n_nodes):
+        m = 0
+        c = first_child[v]
+        while c != -1:
+            if m == stack.shape[0]:
+                t = np.empty(2 * m, np.int64)
+                t[:m] = stack[:m]
+                stack = t
+            stack[m] = c
+            m += 1
+            c = next_sibling[c]
+        run = 0.0
+        for j in range(m - 1, -1, -1):
+            c = stack[j]
+            d = node_pdist[c] + node_maxd[c]
+            if d > run:
+                run = d
+            suf[c] = run
+    return suf
+
+
+@njit(cache=True)
+def cluster_info(suf, nodes, levels, node_point, node_level, first_child, next_sibling, node_count, node_maxd):
+    """Sizes and certified radii of clusters (nodes[j], levels[j]).
+
+    size(v, L) = count(v) - counts of the children with level >= L; rho(v, L) = min(MAXD(v), suf[first child
+    below L]) (see :func:`suffix_radii`), 0 for a singleton. Returns (sizes, radii, children scanned).
+    """
+    n = nodes.shape[0]
+    sizes = np.empty(n, np.int64)
+    radii = np.empty(n, np.float64)
+    nd = 0
+    for j in range(n):
+        v = nodes[j]
+        L = levels[j]
+        s = node_count[v]
+        c = first_child[v]
+        while c != -1 and node_level[c] >= L:
+            s -= node_count[c]
+            nd += 1
+            c = next_sibling[c]
+        r = 0.0
+        if c != -1:
+            r = suf[c]
+            if r > node_maxd[v]:
+                r = node_maxd[v]
+        sizes[j] = s
+        radii[j] = r
+    return sizes, radii, nd
+
+
+@njit(cache=True)
+def find_clustering_kernel(points, q, root, start_level, m, base, max_clusters, node_point, node_level,
+                           first_child, next_sibling, node_count):
+    """Alg. 2 (FindClustering) with the union fix of line 13 (PAPER.md §3).
+
+    Frontier F_l = C_(start_level). For k = start_level, ..., m + 1 every frontier cluster (v, k) is replaced by
+    its children at level k - 1 (the self-child (v, k - 1) and the children c with level k - 1); a child F with
+    ||q - t_F|| > b^k + b^m is final (goes to the output), the others form F_{k-1}. Returns output U F_m as
+    arrays (nodes, levels) and the number of distance evaluations. Remark 2: with max_clusters > 0 the frontier
+    keeps only its max_clusters closest members; the others are finalised at their current level, so the result
+    is always a partition of the targets.
+    """
+    nodes0, _ = level_cluster_nodes(root, start_level, node_level, first_child, next_sibling, node_count)
+    nf = nodes0.shape[0]
+    fr = nodes0.copy()
+    frd = np.empty(nf, np.float64)
+    nd = 0
+    for j in range(nf):
+        frd[j] = _dist_q(points, node_point[fr[j]], q)
+        nd += 1
+    cap = 64 + 2 * nf
+    out_nodes = np.empty(cap, np.int64)
+    out_levels = np.empty(cap, np.int64)
+    nout = 0
+    k = start_level
+    if root >= 0 and k > node_level[root] + 1 and node_level[root] + 1 > m:
+        k = node_level[root] + 1  # every level above the root's holds the single cluster {root}
+    bm = base ** m
+    while k > m and nf > 0:
+        thr = base ** k + bm
+        # children of the frontier at level k - 1
+        nn = 0
+        new = np.empty(16 + 2 * nf, np.int64)
+        newd = np.empty(16 + 2 * nf, np.float64)
+        for j in range(nf):
+            v = fr[j]
+            cand = v
+            cd = frd[j]
+            c = first_child[v]
+            while c != -1 and node_level[c] >= k:
+                c = next_sibling[c]
+            # self child first, then the children with level k - 1
+            while True:
+                if cd > thr:
+                    if nout == cap:
+                        cap *= 2
+                        t1 = np.empty(cap, np.int64)
+                        t1[:nout] = out_nodes[:nout]
+                        out_nodes = t1
+                        t2 = np.empty(cap, np.int64)
+                        t2[:nout] = out_levels[:nout]
+                        out_levels = t2
+                    out_nodes[nout] = cand
+                    out_levels[nout] = k - 1
+                    nout += 1
+                else:
+                    if nn == new.shape[0]:
+                        t1 = np.empty(2 * nn, np.int64)
+                        t1[:nn] = new[:nn]
+                        new = t1
+                        t3 = np.empty(2 * nn, np.float64)
+                        t3[:nn] = newd[:nn]
+                        newd = t3
+                    new[nn] = cand
+                    newd[nn] = cd
+                    nn += 1
+                if c == -1 or node_level[c] != k - 1:
+                    break
+                cand = c
+                cd = _dist_q(points, node_point[c], q)
+                nd += 1
+                c = next_sibling[c]
+        if max_clusters > 0 and nn > max_clusters:
+            order = np.argsort(newd[:nn], kind="mergesort")
+            keep = np.empty(max_clusters, np.int64)
+            keepd = np.empty(max_clusters, np.float64)
+            for j in range(nn):
+                o = order[j]
+                if j < max_clusters:
+                    keep[j] = new[o]
+                    keepd[j] = newd[o]
+                else:
+                    if nout == cap:
+                        cap *= 2
+                        t1 = np.empty(cap, np.int64)
+                        t1[:nout] = out_nodes[:nout]
+                        out_nodes = t1
+                        t2 = np.empty(cap, np.int64)
+                        t2[:nout] = out_levels[:nout]
+                        out_levels = t2
+                    out_nodes[nout] = new[o]
+                    out_levels[nout] = k - 1
+                    nout += 1
+            new = keep
+            newd = keepd
+            nn = max_clusters
+        fr = new[:nn].copy()
+        frd = newd[:nn].copy()
+        nf = nn
+        k -= 1
+    res_n = np.empty(nout + nf, np.int64)
+    res_l = np.empty(nout + nf, np.int64)
+    res_n[:nout] = out_nodes[:nout]
+    res_l[:nout] = out_levels[:nout]
+    res_n[nout:] = fr[:nf]
+    res_l[nout:] = k
+    return res_n, res_l, nd
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# start-level choice (the U-shaped cost of Prop. 3)
+
+
+@njit(cache=True)
+def level_profile(points, q, beta, bq, root, k, attempt_cost, node_point, node_level, first_child, next_sibling,
+                  node_count, node_maxd, suf):
+    """Walk the level clusterings C_(L) from the root's level down and pick the start level of least estimated cost.
+
+    S_L (nodes with level >= L) grows by the children of level L - 1 of nodes already in S, so the nodes are kept
+    in one array in order of entry and S_L is a prefix of it. Per node, ``ptr`` is its first child not yet entered
+    (children are in descending level order): size(v, L) = count(v) - counts of the entered children and
+    rho(v, L) = min(MAXD(v), suf[ptr]). Cost of level L in inner products: |S_L| + k * attempt_cost *
+    Z_hi(L) / Z_hat(L) (estimated attempts per draw, Z_hat = sum |C| e^{s_r} standing in for Z). The walk stops
+    before computing the logits of a level whose cluster count alone exceeds the best cost so far. Returns (best
+    level, number of clusters at it, nodes (the prefix holds the clusters), logits of those nodes, inner products).
+    """
+    cap = 256
+    nodes = np.empty(cap, np.int64)
+    logit = np.empty(cap, np.float64)
+    ptr = np.empty(cap, np.int64)
+    used = np.empty(cap, np.int64)
+    lhi = np.empty(cap, np.float64)   # log of the node's current Z_hi term: log size + s + beta ||q|| rho
+    lh = np.empty(cap, np.float64)    # log of its current Z_hat term: log size + s
+    L = node_level[root] + 1
+    nodes[0] = root
+    logit[0] = beta * _dot(points, node_point[root], q)
+    ip = 1
+    ptr[0] = first_child[root]
+    used[0] = 0
+    n = 1
+    # running sums relative to ref (rescaled when a larger term appears): only the terms of nodes that change at
+    # a level (new nodes and the parents whose next child moved) are touched, so each level costs O(changes)
+    ref = logit[0] + bq * min(node_maxd[root], suf[ptr[0]] if ptr[0] != -1 else 0.0)
+    zhi = 0.0
+    zh = 0.0
+    r = suf[ptr[0]] if ptr[0] != -1 else 0.0
+    if r > node_maxd[root]:
+        r = node_maxd[root]
+    lhi[0] = np.log(node_count[root]) + logit[0] + bq * r
+    lh[0] = np.log(node_count[root]) + logit[0]
+    ref = lhi[0]
+    zhi = 1.0
+    zh = np.exp(lh[0] - ref)
+    best_cost = np.inf
+    best_L = L
+    best_n = 1
+    while True:
+        cost = n + k * attempt_cost * zhi / zh
+        if cost < best_cost:
+            best_cost = cost
+            best_L = L
+            best_n = n
+        new = 0
+        any_left = False
+        for x in range(n):
+            c = ptr[x]
+            while c != -1 and node_level[c] == L - 1:
+                new += 1
+                c = next_sibling[c]
+            if ptr[x] != -1:
+                any_left = True
+        if not any_left:
+            break
+        if n + new > best_cost:
+            break
+        n0 = n
+        for x in range(n0):
+            c = ptr[x]
+            if c == -1:
+                continue
+            moved = False
+            while c != -1 and node_level[c] == L - 1:
+                if n == cap:
+                    cap *= 2
+                    t1 = np.empty(cap, np.int64)
+                    t1[:n] = nodes[:n]
+                    nodes = t1
+                    t2 = np.empty(cap, np.float64)
+                    t2[:n] = logit[:n]
+                    logit = t2
+                    t3 = np.empty(cap, np.int64)
+                    t3[:n] = ptr[:n]
+                    ptr = t3
+                    t4 = np.empty(cap, np.int64)
+                    t4[:n] = used[:n]
+                    used = t4
+                    t5 = np.empty(cap, np.float64)
+                    t5[:n] = lhi[:n]
+                    lhi = t5
+                    t6 = np.empty(cap, np.float64)
+                    t6[:n] = lh[:n]
+                    lh = t6
+                nodes[n] = c
+                logit[n] = beta * _dot(points, node_point[c], q)
+                ip += 1
+                ptr[n] = first_child[c]
+                used[n] = 0
+                rc = suf[ptr[n]] if ptr[n] != -1 else 0.0
+                if rc > node_maxd[c]:
+                    rc = node_maxd[c]
+                lhi[n] = np.log(node_count[c]) + logit[n] + bq * rc
+                lh[n] = np.log(node_count[c]) + logit[n]
+                if lhi[n] > ref:
+                    f = np.exp(ref - lhi[n])
+                    zhi *= f
+                    zh *= f
+                    ref = lhi[n]
+                zhi += np.exp(lhi[n] - ref)
+                zh += np.exp(lh[n] - ref)
+                n += 1
+                used[x] += node_count[c]
+                moved = True
+                c = next_sibling[c]
+            ptr[x] = c
+            # the parent's radius shrinks only when its next child moves; its size when a child entered
+            rx = suf[c] if c != -1 else 0.0
+            v = nodes[x]
+            if rx > node_maxd[v]:
+                rx = node_maxd[v]
+            if moved:
+                zhi -= np.exp(lhi[x] - ref)
+                zh -= np.exp(lh[x] - ref)
+                size = node_count[v] - used[x]
+                lhi[x] = np.log(size) + logit[x] + bq * rx
+                lh[x] = np.log(size) + logit[x]
+                zhi += np.exp(lhi[x] - ref)
+                zh += np.exp(lh[x] - ref)
+        if zhi < zh:  # cancellation guard (Z_hi >= Z_hat always)
+            zhi = zh
+        L -= 1
+    return best_L, best_n, nodes[:best_n].copy(), logit[:best_n].copy(), ip

@@ -225,3 +225,16 @@ def test_bad_input():
         C.refine_clustering(tree, X[0], C.level_clustering(tree, 0), beta=5.0, gamma=4.0, proposal="x")
     with pytest.raises(TypeError, match="level"):
         C.level_clustering(tree, 1.5)
+
+
+@pytest.mark.parametrize("dim", [2, 8])
+@pytest.mark.parametrize("beta,gamma", [(5.0, 4.0), (20.0, 4.0), (20.0, 20.0), (1.0, 2.0)])
+def test_alg2_prop4_holds_numerically(dim, beta, gamma):
+    """Prop. 4 (max P/Q <= gamma for Alg. 2's clustering) checked against brute force on planted data (a numerical
+    check of the paper's claim, not a certificate: the certified bound is certify()'s log_gamma)."""
+    X = hierarchical_points(1000, dim, rng=dim)
+    tree = SGTree.build(X, rng=1)
+    q = X[7]
+    cl = C.find_clustering(tree, q, beta=beta, gamma=gamma)
+    _, lg, _ = _truth(X, q, beta, cl)
+    assert lg <= math.log(gamma) + 1e-12

@@ -228,13 +228,19 @@ def _mh_law(X, q, beta, cl, s, proposal="eq7"):
     return law, P, float(np.max(w))
 
 
-@pytest.mark.parametrize("dim,beta", [(d, b) for d in DIMS for b in BETAS])
-def test_mh_within_eq6_bound_and_draws_follow_the_chain_law(dim, beta):
+MH_GRID = [("unit", d, b) for d in DIMS for b in BETAS]
+MH_GRID += [("nonunit", 8, 5.0), ("nonunit", 8, 20.0), ("dup", 8, 5.0), ("dup", 8, 20.0), ("dynamic", 8, 5.0),
+            ("dynamic", 64, 20.0)]
+
+
+@pytest.mark.parametrize("kind,dim,beta", MH_GRID)
+def test_mh_within_eq6_bound_and_draws_follow_the_chain_law(kind, dim, beta):
     """sample_mh on the Alg. 2 clustering (certified refinement to gamma = 4, budget 300 clusters): (1) the exact law
     of a chain of s = 3 states is within Eq. 6's bound exp(-(s-1)/gamma_cert) of P, with gamma_cert >= the true
     max P/Q; (2) the sampler's draws follow that law (chi-square, alpha 0.001, n = 64,143, power >= 0.99 at
-    TV 0.02), so the empirical TV to P is within the bound up to the test's resolution."""
-    X, tree, q = _instance("unit", dim)
+    TV 0.02), so the empirical TV to P is within the bound up to the test's resolution. Unit and non-unit norms,
+    duplicates, trees after update_points + maintain."""
+    X, tree, q = _instance(kind, dim)
     cl = find_clustering(tree, q, beta=beta, gamma=4.0, refine=True, max_refine_clusters=300)
     s = 3
     r = S.sample_mh(tree, q, N_DRAWS, beta=beta, rng=17, clustering=cl, chain_length=s)

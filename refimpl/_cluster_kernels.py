@@ -311,6 +311,7 @@ def level_profile(points, q, beta, bq, root, k, attempt_cost, node_point, node_l
     logit = np.empty(cap, np.float64)
     ptr = np.empty(cap, np.int64)
     used = np.empty(cap, np.int64)
+    plev = np.empty(cap, np.int64)    # level of ptr (cached locally: avoids a cache miss per node and level)
     lhi = np.empty(cap, np.float64)   # log of the node's current Z_hi term: log size + s + beta ||q|| rho
     lh = np.empty(cap, np.float64)    # log of its current Z_hat term: log size + s
     L = node_level[root] + 1
@@ -318,6 +319,7 @@ def level_profile(points, q, beta, bq, root, k, attempt_cost, node_point, node_l
     logit[0] = beta * _dot(points, node_point[root], q)
     ip = 1
     ptr[0] = first_child[root]
+    plev[0] = node_level[ptr[0]] if ptr[0] != -1 else -(1 << 60)
     used[0] = 0
     n = 1
     # running sums relative to ref (rescaled when a larger term appears): only the terms of nodes that change at
@@ -344,21 +346,24 @@ def level_profile(points, q, beta, bq, root, k, attempt_cost, node_point, node_l
             best_n = n
         new = 0
         any_left = False
+        too_many = False
         for x in range(n):
-            c = ptr[x]
-            while c != -1 and node_level[c] == L - 1:
-                new += 1
-                c = next_sibling[c]
             if ptr[x] != -1:
                 any_left = True
-        if not any_left:
-            break
-        if n + new > best_cost:
+            if plev[x] == L - 1:
+                c = ptr[x]
+                while c != -1 and node_level[c] == L - 1:
+                    new += 1
+                    c = next_sibling[c]
+                if n + new > best_cost:  # stop counting early: this level is not worth its logits
+                    too_many = True
+                    break
+        if too_many or not any_left:
             break
         n0 = n
         for x in range(n0):
             c = ptr[x]
-            if c == -1:
+            if c == -1 or plev[x] != L - 1:
                 continue
             moved = False
             while c != -1 and node_level[c] == L - 1:
@@ -376,6 +381,9 @@ def level_profile(points, q, beta, bq, root, k, attempt_cost, node_point, node_l
                     t4 = np.empty(cap, np.int64)
                     t4[:n] = used[:n]
                     used = t4
+                    t7 = np.empty(cap, np.int64)
+                    t7[:n] = plev[:n]
+                    plev = t7
                     t5 = np.empty(cap, np.float64)
                     t5[:n] = lhi[:n]
                     lhi = t5
@@ -386,6 +394,7 @@ def level_profile(points, q, beta, bq, root, k, attempt_cost, node_point, node_l
                 logit[n] = beta * _dot(points, node_point[c], q)
                 ip += 1
                 ptr[n] = first_child[c]
+                plev[n] = node_level[ptr[n]] if ptr[n] != -1 else -(1 << 60)
                 used[n] = 0
                 rc = suf[ptr[n]] if ptr[n] != -1 else 0.0
                 if rc > node_maxd[c]:
@@ -404,6 +413,7 @@ def level_profile(points, q, beta, bq, root, k, attempt_cost, node_point, node_l
                 moved = True
                 c = next_sibling[c]
             ptr[x] = c
+            plev[x] = node_level[c] if c != -1 else -(1 << 60)
             # the parent's radius shrinks only when its next child moves; its size when a child entered
             rx = suf[c] if c != -1 else 0.0
             v = nodes[x]

@@ -15,6 +15,10 @@ Samplers (each returns a :class:`SampleResult` with ``ids`` int64, ``log_q`` and
   top-scoring targets of all chains). NOT a softmax sampler (biased towards high scores; tests show it fails the
   exactness test); provided because the paper's numbers were produced with it.
 
+Start level of the rejection samplers (``level``): "auto" (default) picks, per query, the level minimising the
+estimated U-shaped cost of Prop. 3 (|C_l| inner products + k x estimated attempts per draw, :func:`choose_level`);
+"prop2" uses Prop. 2's rule (:func:`default_level`); an int fixes it. Exactness never depends on the level.
+
 Common options: ``exclude`` (positive ids; the softmax is renormalised over the other targets, for batches a list
 of arrays, one per query), ``replace`` (False: the k draws are distinct, each drawn from the softmax renormalised
 over the targets not yet drawn), batches (``q`` of shape (B, D) -> ``ids`` (B, k)).
@@ -48,6 +52,7 @@ __all__ = [
     "sample_mh",
     "sample_cluster_topk_heuristic",
     "default_level",
+    "choose_level",
     "topk",
 ]
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from proofs_check import _instances as I
 from proofs_check._framework import Budget, Outcome, Verdict, claim
-from refimpl import _sampler_kernels as K
+from refimpl import _cluster_kernels as K
 from refimpl import bounds
 from refimpl.clustering import TreeClustering, _tree_points, default_m, find_clustering, tree_arrays
 

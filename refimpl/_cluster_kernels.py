@@ -294,17 +294,20 @@ def find_clustering_kernel(points, q, root, start_level, m, base, max_clusters, 
 
 
 @njit(cache=True)
-def level_profile(points, q, beta, bq, root, k, attempt_cost, node_point, node_level, first_child, next_sibling,
-                  node_count, node_maxd, suf):
+def level_profile(points, q, beta, bq, root, k, attempt_cost, log_z_excl, node_point, node_level, first_child,
+                  next_sibling, node_count, node_maxd, suf):
     """Walk the level clusterings C_(L) from the root's level down and pick the start level of least estimated cost.
 
     S_L (nodes with level >= L) grows by the children of level L - 1 of nodes already in S, so the nodes are kept
     in one array in order of entry and S_L is a prefix of it. Per node, ``ptr`` is its first child not yet entered
     (children are in descending level order): size(v, L) = count(v) - counts of the entered children and
     rho(v, L) = min(MAXD(v), suf[ptr]). Cost of level L in inner products: |S_L| + k * attempt_cost *
-    Z_hi(L) / Z_hat(L) (estimated attempts per draw, Z_hat = sum |C| e^{s_r} standing in for Z). The walk stops
-    before computing the logits of a level whose cluster count alone exceeds the best cost so far. Returns (best
-    level, number of clusters at it, nodes (the prefix holds the clusters), logits of those nodes, inner products).
+    Z_hi(L) / (Z_hat(L) - Z_excl) (estimated attempts per draw, Z_hat = sum |C| e^{s_r} standing in for Z; a draw
+    of an excluded target is a rejection, so the excluded mass Z_excl = e^{log_z_excl} (-inf: none) does not
+    count; a level whose estimate leaves no mass, Z_hat - Z_excl <= 1e-9 Z_hat, is skipped). The walk stops
+    before computing the logits of a level whose cluster count alone exceeds the best cost so far; if no level had
+    a finite cost, the deepest level walked is returned. Returns (best level, number of clusters at it, nodes (the
+    prefix holds the clusters), logits of those nodes, inner products).
     """
     cap = 256
     nodes = np.empty(cap, np.int64)
@@ -322,11 +325,8 @@ def level_profile(points, q, beta, bq, root, k, attempt_cost, node_point, node_l
     plev[0] = node_level[ptr[0]] if ptr[0] != -1 else -(1 << 60)
     used[0] = 0
     n = 1
-    # running sums relative to ref (rescaled when a larger term appears): only the terms of nodes that change at
-    # a level (new nodes and the parents whose next child moved) are touched, so each level costs O(changes)
-    ref = logit[0] + bq * min(node_maxd[root], suf[ptr[0]] if ptr[0] != -1 else 0.0)
-    zhi = 0.0
-    zh = 0.0
+    # per-level sums of the Z_hi and Z_hat terms, relative to their largest term ref (recomputed at every level,
+    # which costs no more than the level's own pass over the n nodes)
     r = suf[ptr[0]] if ptr[0] != -1 else 0.0
     if r > node_maxd[root]:
         r = node_maxd[root]
@@ -339,8 +339,9 @@ def level_profile(points, q, beta, bq, root, k, attempt_cost, node_point, node_l
     best_L = L
     best_n = 1
     while True:
-        cost = n + k * attempt_cost * zhi / zh
-        if cost < best_cost:
+        den = zh - np.exp(log_z_excl - ref)
+        cost = n + k * attempt_cost * zhi / den if den > 1e-9 * zh else np.inf
+        if cost < best_cost or (best_cost == np.inf and cost == np.inf):
             best_cost = cost
             best_L = L
             best_n = n
@@ -401,13 +402,6 @@ def level_profile(points, q, beta, bq, root, k, attempt_cost, node_point, node_l
                     rc = node_maxd[c]
                 lhi[n] = np.log(node_count[c]) + logit[n] + bq * rc
                 lh[n] = np.log(node_count[c]) + logit[n]
-                if lhi[n] > ref:
-                    f = np.exp(ref - lhi[n])
-                    zhi *= f
-                    zh *= f
-                    ref = lhi[n]
-                zhi += np.exp(lhi[n] - ref)
-                zh += np.exp(lh[n] - ref)
                 n += 1
                 used[x] += node_count[c]
                 moved = True
@@ -415,19 +409,24 @@ def level_profile(points, q, beta, bq, root, k, attempt_cost, node_point, node_l
             ptr[x] = c
             plev[x] = node_level[c] if c != -1 else -(1 << 60)
             # the parent's radius shrinks only when its next child moves; its size when a child entered
-            rx = suf[c] if c != -1 else 0.0
-            v = nodes[x]
-            if rx > node_maxd[v]:
-                rx = node_maxd[v]
             if moved:
-                zhi -= np.exp(lhi[x] - ref)
-                zh -= np.exp(lh[x] - ref)
+                rx = suf[c] if c != -1 else 0.0
+                v = nodes[x]
+                if rx > node_maxd[v]:
+                    rx = node_maxd[v]
                 size = node_count[v] - used[x]
                 lhi[x] = np.log(size) + logit[x] + bq * rx
                 lh[x] = np.log(size) + logit[x]
-                zhi += np.exp(lhi[x] - ref)
-                zh += np.exp(lh[x] - ref)
-        if zhi < zh:  # cancellation guard (Z_hi >= Z_hat always)
-            zhi = zh
+        # Z_hi and Z_hat of the new level, summed afresh: running sums updated by subtraction cancel
+        # catastrophically when one term dominates (seen: Z_hi / Z_hat estimated ~1 where the truth was e^36)
+        ref = lhi[0]
+        for x in range(1, n):
+            if lhi[x] > ref:
+                ref = lhi[x]
+        zhi = 0.0
+        zh = 0.0
+        for x in range(n):
+            zhi += np.exp(lhi[x] - ref)
+            zh += np.exp(lh[x] - ref)
         L -= 1
     return best_L, best_n, nodes[:best_n].copy(), logit[:best_n].copy(), ip

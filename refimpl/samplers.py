@@ -299,11 +299,11 @@ def sample_flat_rejection(source, q, k, *, beta, rng, clustering=None, level="au
     return r
 
 
-def _start(tree, qb, beta, k, level, memo):
+def _start(tree, qb, beta, k, level, memo, exclude=None):
     """Start clustering for a query: (level, TreeClustering, inner products spent choosing it)."""
     if isinstance(level, str):
         if level == "auto":
-            L, cl, sr, ip = choose_level(tree, qb, beta, k)
+            L, cl, sr, ip = choose_level(tree, qb, beta, k, exclude=exclude)
             cl.stats["rep_logits"] = sr
             return L, cl, ip
         if level == "prop2":
@@ -330,12 +330,13 @@ def default_level(tree, beta, q_norm=1.0, c=None):
     return int(bounds.prop2_level(math.exp(2 * c), beta * max(q_norm, 1e-300), float(tree.base)))
 
 
-def choose_level(tree, q, beta, k, attempt_cost=1.0):
+def choose_level(tree, q, beta, k, attempt_cost=1.0, exclude=None):
     """Start level minimising the U-shaped cost of Prop. 3 for this query (our default, ``level="auto"``).
 
     Walks the level clusterings C_(l) from the root's level down (kernel ``level_profile``); the estimated cost of
     level l in inner products is |C_l| + k * attempt_cost * Z_hi(l) / Z_hat(l), where Z_hi/Z_hat (Z_hat =
-    sum |C| e^{s_r}, Eq. 7's normaliser, standing in for Z) estimates the attempts per draw; the walk stops
+    sum |C| e^{s_r}, Eq. 7's normaliser, standing in for Z, minus the mass of the ``exclude``d targets, whose draws
+    are rejections) estimates the attempts per draw; the walk stops
     before computing the logits of a level whose cluster count alone exceeds the best cost so far. The logits of
     the chosen clusters are reused, so choosing costs only the representatives of the levels walked.
     Returns (level, TreeClustering, rep logits, inner products spent beyond the chosen clusters).
@@ -345,8 +346,12 @@ def choose_level(tree, q, beta, k, attempt_cost=1.0):
     pts = _tree_points(tree)
     pt, lv, fc, ns, cnt, maxd = tree_arrays(tree)
     qn = float(np.linalg.norm(q))
+    lze = -np.inf
+    if exclude is not None and len(exclude):
+        se = beta * (pts[np.asarray(exclude, dtype=np.int64)] @ q)
+        lze = float(se.max() + np.log(np.exp(se - se.max()).sum()))
     L, nb, nodes, logits, ip = CK.level_profile(pts, q, beta, beta * qn, int(tree.root), int(k), float(attempt_cost),
-                                               pt, lv, fc, ns, cnt, maxd, suffix_radii(tree))
+                                               lze, pt, lv, fc, ns, cnt, maxd, suffix_radii(tree))
     cl = TreeClustering.from_nodes(tree, nodes, np.full(nodes.shape[0], L, np.int64))
     return int(L), cl, logits, int(ip) - int(nb)
 
@@ -386,7 +391,7 @@ def sample_rejection(tree, q, k, *, beta, rng, level="auto", exclude=None, repla
         cache_size = 1 << int(min(max(math.ceil(math.log2(128 * max(kk, 1))), 10), 18))
         qb = Q[b]
         qn = float(np.linalg.norm(qb))
-        L, cl, spent = _start(tree, qb, beta, kk, level, clus_cache)
+        L, cl, spent = _start(tree, qb, beta, kk, level, clus_cache, excl[b])
         sr = cl.stats.pop("rep_logits", None)
         if sr is None:
             sr = beta * (points[cl.reps] @ qb)

@@ -324,3 +324,37 @@ def test_choose_level_minimises_the_estimated_cost(inst, beta, k):
     got, cl, sr, spent = S.choose_level(tree, q, beta, k)
     assert got == best_L
     np.testing.assert_allclose(sr, beta * (X[cl.reps] @ q), rtol=1e-12)
+
+
+@pytest.mark.parametrize("exclude", [None, [0]])
+def test_auto_level_minimises_the_prop3_cost_recomputed_independently(exclude):
+    """Regression: ``choose_level`` (kernel ``level_profile``) once kept Z_hi and Z_hat as running sums updated by
+    subtraction; with one dominant term they cancelled, it estimated Z_hi/Z_hat ~ 1 where the truth was e^36 and
+    picked a level at which no draw is accepted in 1e7 attempts. Here the cost |C_L| + k Z_hi/(Z_hat - Z_excl) of
+    every level is recomputed in plain NumPy from ``tree.clustering`` and :mod:`refimpl.bounds`, and the kernel's
+    level must attain the minimum; sampling there then succeeds and never returns an excluded target."""
+    from refimpl.bounds import cluster_eps, log_partition_bounds, log_proposal_normalizer
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(400, 3))
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    X[0] = [1.0, 0.0, 0.0]
+    tree = SGTree.build(X, rng=0)
+    q, beta, k = np.array([1.0, 0.0, 0.0]), 50.0, 2000
+    s_all = beta * X @ q
+    z_ex = np.exp(s_all[exclude]).sum() if exclude else 0.0
+    costs = {}
+    lo, hi = tree.level_range()
+    for L in range(lo - 1, hi + 2):
+        c = tree.clustering(L)
+        s = beta * X[c.reps] @ q
+        _, lzhi = log_partition_bounds(s, c.sizes.astype(float), cluster_eps(beta, 1.0, c.radii))
+        zhat = np.exp(log_proposal_normalizer(s, c.sizes.astype(float)))
+        den = zhat - z_ex
+        costs[L] = len(c) + k * np.exp(lzhi) / den if den > 1e-9 * zhat else np.inf
+    got, cl, _, _ = S.choose_level(tree, q, beta, k, exclude=exclude)
+    assert costs[got] <= min(costs.values()) * (1 + 1e-9), (got, costs[got], min(costs, key=costs.get))
+    r = S.sample_rejection(tree, q, k, beta=beta, rng=0, exclude=exclude)
+    assert r.stats["level"] == got and r.stats["attempts"] < 3 * k
+    if exclude:
+        assert not np.isin(r.ids, exclude).any()

@@ -17,6 +17,14 @@ from numba import njit
 
 
 @njit(cache=True)
+def _grow(a, n, cap):
+    """A copy of ``a`` with capacity ``cap`` holding its first ``n`` entries."""
+    out = np.empty(cap, a.dtype)
+    out[:n] = a[:n]
+    return out
+
+
+@njit(cache=True)
 def _dot(points, i, q):
     s = 0.0
     for d in range(q.shape[0]):
@@ -370,27 +378,9 @@ def level_profile(points, q, beta, bq, root, k, attempt_cost, log_z_excl, node_p
             while c != -1 and node_level[c] == L - 1:
                 if n == cap:
                     cap *= 2
-                    t1 = np.empty(cap, np.int64)
-                    t1[:n] = nodes[:n]
-                    nodes = t1
-                    t2 = np.empty(cap, np.float64)
-                    t2[:n] = logit[:n]
-                    logit = t2
-                    t3 = np.empty(cap, np.int64)
-                    t3[:n] = ptr[:n]
-                    ptr = t3
-                    t4 = np.empty(cap, np.int64)
-                    t4[:n] = used[:n]
-                    used = t4
-                    t7 = np.empty(cap, np.int64)
-                    t7[:n] = plev[:n]
-                    plev = t7
-                    t5 = np.empty(cap, np.float64)
-                    t5[:n] = lhi[:n]
-                    lhi = t5
-                    t6 = np.empty(cap, np.float64)
-                    t6[:n] = lh[:n]
-                    lh = t6
+                    nodes, ptr, used, plev = _grow(nodes, n, cap), _grow(ptr, n, cap), _grow(used, n, cap), \
+                        _grow(plev, n, cap)
+                    logit, lhi, lh = _grow(logit, n, cap), _grow(lhi, n, cap), _grow(lh, n, cap)
                 nodes[n] = c
                 logit[n] = beta * _dot(points, node_point[c], q)
                 ip += 1

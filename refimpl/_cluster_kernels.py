@@ -234,23 +234,13 @@ def find_clustering_kernel(points, q, root, start_level, m, base, max_clusters, 
                 if cd > thr:
                     if nout == cap:
                         cap *= 2
-                        t1 = np.empty(cap, np.int64)
-                        t1[:nout] = out_nodes[:nout]
-                        out_nodes = t1
-                        t2 = np.empty(cap, np.int64)
-                        t2[:nout] = out_levels[:nout]
-                        out_levels = t2
+                        out_nodes, out_levels = _grow(out_nodes, nout, cap), _grow(out_levels, nout, cap)
                     out_nodes[nout] = cand
                     out_levels[nout] = k - 1
                     nout += 1
                 else:
                     if nn == new.shape[0]:
-                        t1 = np.empty(2 * nn, np.int64)
-                        t1[:nn] = new[:nn]
-                        new = t1
-                        t3 = np.empty(2 * nn, np.float64)
-                        t3[:nn] = newd[:nn]
-                        newd = t3
+                        new, newd = _grow(new, nn, 2 * nn), _grow(newd, nn, 2 * nn)
                     new[nn] = cand
                     newd[nn] = cd
                     nn += 1
@@ -272,12 +262,7 @@ def find_clustering_kernel(points, q, root, start_level, m, base, max_clusters, 
                 else:
                     if nout == cap:
                         cap *= 2
-                        t1 = np.empty(cap, np.int64)
-                        t1[:nout] = out_nodes[:nout]
-                        out_nodes = t1
-                        t2 = np.empty(cap, np.int64)
-                        t2[:nout] = out_levels[:nout]
-                        out_levels = t2
+                        out_nodes, out_levels = _grow(out_nodes, nout, cap), _grow(out_levels, nout, cap)
                     out_nodes[nout] = new[o]
                     out_levels[nout] = k - 1
                     nout += 1

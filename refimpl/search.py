@@ -91,25 +91,32 @@ def _better(s1, i1, s2, i2):
 
 
 @njit(cache=True)
+def _sift_down(hs, hi, size, s, i):
+    """Slot for (s, i) placed at the root of the min-heap hs[:size], hi[:size]: children ranked below it move up.
+    The caller writes (s, i) into the returned slot."""
+    j = 0
+    while True:
+        c = 2 * j + 1
+        if c >= size:
+            break
+        if c + 1 < size and _better(hs[c], hi[c], hs[c + 1], hi[c + 1]):
+            c += 1
+        if _better(hs[c], hi[c], s, i):
+            break
+        hs[j] = hs[c]
+        hi[j] = hi[c]
+        j = c
+    return j
+
+
+@njit(cache=True)
 def _offer(hs, hi, size, k, s, i):
     """Top-k as a min-heap on rank (hs[0], hi[0] = the worst kept). Returns the new size."""
     if size < k:
         j = size
         size += 1
     elif _better(s, i, hs[0], hi[0]):
-        j = 0
-        # sift down from the root with the new element
-        while True:
-            c = 2 * j + 1
-            if c >= size:
-                break
-            if c + 1 < size and _better(hs[c], hi[c], hs[c + 1], hi[c + 1]):
-                c += 1
-            if _better(hs[c], hi[c], s, i):
-                break
-            hs[j] = hs[c]
-            hi[j] = hi[c]
-            j = c
+        j = _sift_down(hs, hi, size, s, i)
         hs[j] = s
         hi[j] = i
         return size
@@ -255,18 +262,7 @@ def _topk_kernel(Q, k, points, root, NP, NFC, NNS, NMaxd, NMaxn, NPdist, n_nodes
             size -= 1
             ls = hs[size]
             li = hi[size]
-            j = 0
-            while True:
-                c = 2 * j + 1
-                if c >= size:
-                    break
-                if c + 1 < size and _better(hs[c], hi[c], hs[c + 1], hi[c + 1]):
-                    c += 1
-                if _better(hs[c], hi[c], ls, li):
-                    break
-                hs[j] = hs[c]
-                hi[j] = hi[c]
-                j = c
+            j = _sift_down(hs, hi, size, ls, li)
             if size > 0:
                 hs[j] = ls
                 hi[j] = li

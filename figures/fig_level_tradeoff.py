@@ -1,6 +1,6 @@
 """Error and cost against the start level of the tree (the U-shaped trade-off of Prop. 3).
 
-Alg. 1 (``refimpl.samplers.sample_rejection``) started at level L pays |C_(L)| inner products for the start
+Alg. 1 (``refimpl.sampling.samplers.sample_rejection``) started at level L pays |C_(L)| inner products for the start
 clustering (more clusters at lower levels) plus, per draw, Z_hi(L)/Z attempts (each attempt is accepted with
 probability Z / Z_hi(L), Z_hi(L) = sum_C |C| exp(s_r + beta ||q|| rho(C)), which explodes like e^{beta b^L} at high
 levels). The sum is U-shaped in L (Prop. 3: O(|C_L| + alpha^3 e^{beta b^{L+2}})). Right panel: the error of the
@@ -19,9 +19,9 @@ CAPTION = ("Alg. 1 rejection sampler started at tree level L: work = |C_L| (fall
 
 
 def compute(rng, quick):
-    from refimpl import bounds
-    from refimpl.samplers import default_level, sample_exact, sample_rejection
-    from refimpl.sgtree import SGTree
+    from refimpl.sampling import bounds
+    from refimpl.sampling.samplers import default_level, sample_exact, sample_rejection
+    from refimpl.index.sgtree import SGTree
 
     n, nq, dim, k, beta = (3000, 3, 16, 16, 20.0) if quick else (30000, 8, 16, 64, 20.0)
     T, Q = C.planted(n, nq, dim, rng)

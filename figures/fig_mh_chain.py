@@ -4,8 +4,8 @@ chain length s, with the Eq. 6 bound exp(-(s - 1)/gamma).
 For clusterings C_(L) of an SG tree at a few levels (coarser = larger gamma), the exact law of the state after s
 steps of a chain started from Q is computed by iterating the MH transition kernel over all N targets (independent
 MH needs only the weights w = P/Q: sorting by w makes one step O(N)); its TV to P is plotted against the Eq. 6 bound
-with gamma = the certified max P/Q (``refimpl.bounds``) and with the true max P/Q. Markers: the empirical TV of
-``refimpl.samplers.sample_mh`` draws at the same chain lengths, and the noise floor of an exact sampler with the same
+with gamma = the certified max P/Q (``refimpl.sampling.bounds``) and with the true max P/Q. Markers: the empirical TV of
+``refimpl.sampling.samplers.sample_mh`` draws at the same chain lengths, and the noise floor of an exact sampler with the same
 number of draws (``sample_exact``).
 """
 from __future__ import annotations
@@ -46,10 +46,10 @@ def empirical_tv(ids, p):
 
 
 def compute(rng, quick):
-    from refimpl import bounds
-    from refimpl.clustering import level_clustering
-    from refimpl.samplers import sample_exact, sample_mh
-    from refimpl.sgtree import SGTree
+    from refimpl.sampling import bounds
+    from refimpl.sampling.clustering import level_clustering
+    from refimpl.sampling.samplers import sample_exact, sample_mh
+    from refimpl.index.sgtree import SGTree
 
     n, dim, beta = (600, 16, 20.0) if quick else (3000, 16, 20.0)
     n_draws = 3000 if quick else 40000

@@ -1,5 +1,5 @@
 """Sampling cost against the number of targets N: inner products per draw and time per query for every sampler
-of ``refimpl.samplers`` against the brute-force ``sample_exact``.
+of ``refimpl.sampling.samplers`` against the brute-force ``sample_exact``.
 
 Targets are nested prefixes of one planted hierarchical data set (unit norm, D = 16, beta = 20); each sampler draws
 k negatives for a handful of queries with its library defaults: ``sample_rejection`` (Alg. 1, exact, default start
@@ -21,7 +21,7 @@ CAPTION = ("Cost per query against N: brute force grows like N; the exact tree s
 
 
 def _samplers():
-    from refimpl.samplers import (sample_cluster_topk_heuristic, sample_exact, sample_flat_rejection, sample_mh,
+    from refimpl.sampling.samplers import (sample_cluster_topk_heuristic, sample_exact, sample_flat_rejection, sample_mh,
                                   sample_rejection)
 
     return [
@@ -36,7 +36,7 @@ def _samplers():
 
 
 def compute(rng, quick):
-    from refimpl.sgtree import SGTree
+    from refimpl.index.sgtree import SGTree
 
     Ns = [500, 2000] if quick else [1000, 3000, 10000, 30000, 100000]
     nq, dim, k, beta = (2, 16, 16, 20.0) if quick else (5, 16, 64, 20.0)

@@ -2,7 +2,7 @@
 
 For several inverse temperatures beta and every tree level L, the clustering C_(L) of an SG tree over planted
 hierarchical data gives Q(i) = exp(s_r(C(i))) / Zhat. Measured against the exact softmax P (brute force over all
-N targets): max log P/Q, TV(P, Q) and KL(P || Q). Certified (``refimpl.bounds``, no brute force): log gamma =
+N targets): max log P/Q, TV(P, Q) and KL(P || Q). Certified (``refimpl.sampling.bounds``, no brute force): log gamma =
 max eps_C + log Zhat - log Z_lo with eps_C = beta ||q|| rho(C); TV <= 1 - 1/gamma; KL <= log gamma. The x-axis is
 beta ||q|| max_C rho(C) (the largest certified logit error eps); the dashed line 2x is the worst case of the
 certificate (Prop. 1 with the corrected radius: every ratio within e^{+-eps}).
@@ -21,8 +21,8 @@ CAPTION = ("Cluster proposal Q (Eq. 7) vs exact softmax, per tree level and beta
 
 
 def compute(rng, quick):
-    from refimpl import bounds
-    from refimpl.sgtree import SGTree
+    from refimpl.sampling import bounds
+    from refimpl.index.sgtree import SGTree
 
     n, nq, dim = (3000, 4, 16) if quick else (20000, 16, 16)
     betas = (5.0, 20.0, 50.0)

@@ -10,7 +10,7 @@ import math
 import numpy as np
 
 from refimpl.data import hierarchical_points
-from refimpl.sgtree import SGTree
+from refimpl.index.sgtree import SGTree
 
 KINDS = ("sphere", "hierarchical", "duplicates", "clustered_tight", "line")
 
@@ -251,6 +251,6 @@ def sampler_test(draw, p, max_bins=50):
 def start_level(tree, beta, q_norm=1.0, c=1.5):
     """A fixed start level for the checks: Prop. 2's level for gamma = e^{2c} with beta ||q|| (per-cluster inflation
     about e^c). Independent of the library's default_level, so the checks' cost and instances stay stable."""
-    from refimpl import bounds
+    from refimpl.sampling import bounds
 
     return int(bounds.prop2_level(math.exp(2 * c), beta * max(float(q_norm), 1e-300), float(tree.base)))

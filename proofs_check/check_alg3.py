@@ -2,7 +2,7 @@
 re-checking covering with margin U (Eq. 10), separation with margin U (Eq. 11), and rebuilding the clusters that fail
 (and every cluster with b^l <= U) leaves a valid SG tree.
 
-Checked with refimpl.sgtree.SGTree: build, move every target by a displacement of norm <= U/2 (so every pairwise
+Checked with refimpl.index.sgtree.SGTree: build, move every target by a displacement of norm <= U/2 (so every pairwise
 distance moves by <= U; displacements random, or adversarial: all of norm exactly U/2, pushing points away from their
 parent's representative), ``update_points(..., repair=False)`` (statistics updated, no repair), then ``maintain(U)``;
 the tree's independent NumPy invariant checker (``check_invariants``: nesting, parent-child covering, sibling

@@ -1,4 +1,4 @@
-"""Our certified bounds (PAPER.md §3 "certified form"; refimpl.bounds, refimpl.clustering.certify): for ANY norms,
+"""Our certified bounds (PAPER.md §3 "certified form"; refimpl.sampling.bounds, refimpl.sampling.clustering.certify): for ANY norms,
 with eps_C = beta ||q|| rho(C) and rho(C) >= max_{i in C} ||t_i - t_r(C)||,
 
   Z_lo = sum_C |C| e^{s_r - eps_C} <= Z <= Z_hi = sum_C |C| e^{s_r + eps_C},
@@ -20,7 +20,7 @@ import numpy as np
 
 from proofs_check import _instances as I
 from proofs_check._framework import Budget, Outcome, Verdict, claim
-from refimpl.clustering import ArrayClustering, certify, find_clustering, level_clustering
+from refimpl.sampling.clustering import ArrayClustering, certify, find_clustering, level_clustering
 
 
 def _rel(x):

@@ -3,11 +3,11 @@ exp(-(s - 1)/gamma) of P in total variation after s states, gamma = max P/Q.
 
 Exact part: for small instances (n <= 300 targets) the law of the chain after s states is computed exactly
 (Q K^(s-1) with the MH transition matrix K), so the bound is checked without sampling noise for s = 1..40, with the
-TRUE gamma and with the library's CERTIFIED gamma (refimpl.clustering.certify; must be >= the true gamma).
-Proposals: Eq. 7 over level clusterings C_(l) and over Alg. 2's clustering (refimpl.clustering.find_clustering).
+TRUE gamma and with the library's CERTIFIED gamma (refimpl.sampling.clustering.certify; must be >= the true gamma).
+Proposals: Eq. 7 over level clusterings C_(l) and over Alg. 2's clustering (refimpl.sampling.clustering.find_clustering).
 The library's default sample_mh path (certified refinement, chain length s = 1 + ceil(gamma_cert log(1/tv))) is
 checked the same way: the exact TV of its law must be <= the ``tv_bound`` it reports, itself <= the requested 0.01.
-Statistical part: refimpl.samplers.sample_mh with the same clustering and a fixed chain length s in {1, 2, 5} is
+Statistical part: refimpl.sampling.samplers.sample_mh with the same clustering and a fixed chain length s in {1, 2, 5} is
 tested against the exact law of the chain (two-stage Pearson chi-square of _instances.sampler_test: false alarm
 <= 1e-8, power >= 0.98 against TV >= 0.02 on the bins), so the
 implementation, not only the inequality, is checked.
@@ -20,8 +20,8 @@ import numpy as np
 
 from proofs_check import _instances as I
 from proofs_check._framework import Budget, Outcome, Verdict, claim
-from refimpl.clustering import certify, find_clustering, level_clustering
-from refimpl.samplers import sample_mh
+from refimpl.sampling.clustering import certify, find_clustering, level_clustering
+from refimpl.sampling.samplers import sample_mh
 
 S_MAX = 40
 

@@ -2,7 +2,7 @@
 
 How it is checked. For a unit query the largest |s_i - s_r| over all unit q is beta ||t_i - t_r|| (Cauchy-Schwarz,
 attained at q = (t_i - t_r)/||t_i - t_r||), so the printed statement holds for a cluster iff every member lies within
-b^l of its representative. We build SG trees (refimpl.sgtree.SGTree) over unit-norm targets of several kinds (uniform
+b^l of its representative. We build SG trees (refimpl.index.sgtree.SGTree) over unit-norm targets of several kinds (uniform
 sphere, planted hierarchy, exact duplicates, 1e-6 near-duplicates = deep trees, points on one great circle) and bases
 (1.05, 1.3, 2), fresh and after drift kept valid by Alg. 3 (update_points + maintain(0): the parent-child covering
 definition of PAPER.md §2/§4, which the tree's own invariant checker accepts), and compute the exact extent of every
@@ -18,7 +18,7 @@ import numpy as np
 
 from proofs_check import _instances as I
 from proofs_check._framework import Budget, Outcome, Verdict, claim
-from refimpl.sgtree import SGTree
+from refimpl.index.sgtree import SGTree
 
 TOL = 1e-9
 

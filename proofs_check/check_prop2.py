@@ -4,7 +4,7 @@ Prop. 2: max_i P(i)/Q(i) <= gamma at level l = max{l in Z : b^l <= log(gamma)/(2
 a level-l cluster within b^l of its representative = Prop. 1's premise). Derivation: Prop. 1 gives
 exp(s_i - s_r) <= e^{beta b^l} and Zhat/Z <= e^{beta b^l}, so P/Q <= e^{2 beta b^l} <= gamma.
 
-Checked: (1) refimpl.bounds.prop2_level against a brute-force integer search on random and extreme (gamma, beta, b)
+Checked: (1) refimpl.sampling.bounds.prop2_level against a brute-force integer search on random and extreme (gamma, beta, b)
 (gamma from 1+1e-12 to 1e300, beta from 1e-3 to 1e4, b from 1.0001 to 16); (2) the guarantee on the worst case that
 Prop. 1's premise allows, built explicitly on the unit sphere (representative t_r = e1, one member at +phi and m
 members at -phi on a great circle, q = e2; every member within b^l of t_r); its max P/Q -> e^{2 beta sin(phi)} as
@@ -24,7 +24,7 @@ import numpy as np
 
 from proofs_check import _instances as I
 from proofs_check._framework import Budget, Outcome, Verdict, claim
-from refimpl import bounds
+from refimpl.sampling import bounds
 
 
 def _brute_level(gamma, beta, b):

@@ -1,7 +1,7 @@
 """Prop. 3 (paper §3.3): Alg. 1 returns exact samples in O(|C_l| + alpha^3 e^{beta b^(l+2)}) for SG trees; the cost
 as a function of the start level l is U-shaped (|C_l| falls as l grows, the rejection term e^{beta b^l} rises).
 
-Checked on planted hierarchical data (refimpl.data.hierarchical_points, unit norm) with refimpl.samplers.
+Checked on planted hierarchical data (refimpl.data.hierarchical_points, unit norm) with refimpl.sampling.samplers.
 sample_rejection, for every start level from the leaves to above the root (up to the first level whose expected number
 of attempts exceeds 2e4):
 (1) the expected number of attempts per draw equals Z_hi(l)/Z exactly (each attempt succeeds with probability
@@ -23,7 +23,7 @@ import numpy as np
 from proofs_check import _instances as I
 from proofs_check._framework import Budget, Outcome, Verdict, claim
 from refimpl.data import hierarchical_points
-from refimpl.samplers import sample_rejection
+from refimpl.sampling.samplers import sample_rejection
 
 MAX_EXPECTED_ATTEMPTS = 2e4
 K_COST = 20

@@ -3,11 +3,11 @@ cluster proposal Q of Eq. 7.
 
 The paper's proofs assume unit-norm queries (PAPER.md §1 erratum): Alg. 2 picks its start level from Prop. 2 with beta
 alone. We run Alg. 2 exactly as printed (start level prop2_level(gamma, beta, b), union fix of line 13, our default
-m = start - ceil(log_b 16)) through the library's kernel (refimpl._sampler_kernels.find_clustering_kernel) on trees
+m = start - ceil(log_b 16)) through the library's kernel (refimpl.sampling._kernels.find_clustering_kernel) on trees
 over unit-norm targets (fresh, and drifted + Alg. 3 maintained), with unit queries AND with ||q|| in {0.3, 3, 10},
 and measure the exact max P/Q (log space) against gamma.
 
-Corrections verified: the certified refinement (refimpl.clustering.find_clustering(refine=True)) whose certificate
+Corrections verified: the certified refinement (refimpl.sampling.clustering.find_clustering(refine=True)) whose certificate
 log gamma_cert must be >= the true log max P/Q always, and <= log gamma whenever it reports ``certified``. Also
 reported: the library's default find_clustering, which folds ||q|| into beta for the start level (not a proof, a
 heuristic: its misses are listed, not counted against the corrected statement).
@@ -20,9 +20,9 @@ import numpy as np
 
 from proofs_check import _instances as I
 from proofs_check._framework import Budget, Outcome, Verdict, claim
-from refimpl import _cluster_kernels as K
-from refimpl import bounds
-from refimpl.clustering import TreeClustering, _tree_points, default_m, find_clustering, tree_arrays
+from refimpl.sampling import _cluster_kernels as K
+from refimpl.sampling import bounds
+from refimpl.sampling.clustering import TreeClustering, _tree_points, default_m, find_clustering, tree_arrays
 
 
 def _caps(n, dim, rng, spread=0.02):

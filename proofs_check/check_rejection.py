@@ -21,8 +21,8 @@ import numpy as np
 
 from proofs_check import _instances as I
 from proofs_check._framework import Budget, Outcome, Verdict, claim
-from refimpl.clustering import TreeClustering, level_clustering
-from refimpl.samplers import sample_flat_rejection, sample_rejection
+from refimpl.sampling.clustering import TreeClustering, level_clustering
+from refimpl.sampling.samplers import sample_flat_rejection, sample_rejection
 
 
 def _instance(rng, t):

@@ -13,26 +13,26 @@ _EXPORTS = {
     # encoders.py
     "LinearDualEncoder": "encoders",
     # sgtree.py
-    "SGTree": "sgtree",
+    "SGTree": "index.sgtree",
     # clustering.py
-    "find_clustering": "clustering",
-    "certify": "clustering",
+    "find_clustering": "sampling.clustering",
+    "certify": "sampling.clustering",
     # samplers.py
-    "sample_exact": "samplers",
-    "sample_rejection": "samplers",
-    "sample_mh": "samplers",
-    "topk": "search",
+    "sample_exact": "sampling.samplers",
+    "sample_rejection": "sampling.samplers",
+    "sample_mh": "sampling.samplers",
+    "topk": "index.search",
     # nystrom.py
     "Nystrom": "nystrom",
     "RegressionReEncoder": "nystrom",
     # miners.py
-    "InBatch": "miners",
-    "Uniform": "miners",
-    "StochasticNegativeMining": "miners",
-    "NegativeCache": "miners",
-    "BruteForceTopK": "miners",
-    "FullSoftmax": "miners",
-    "DyNNIBAL": "dynnibal",
+    "InBatch": "mining",
+    "Uniform": "mining",
+    "StochasticNegativeMining": "mining",
+    "NegativeCache": "mining",
+    "BruteForceTopK": "mining",
+    "FullSoftmax": "mining",
+    "DyNNIBAL": "mining",
     # training.py
     "train": "training",
     # data.py

@@ -30,7 +30,7 @@ __all__ = ["demo_main", "reproduce_main", "run_table", "table_markdown", "defaul
 
 def default_methods(*, k: int = 64, refresh_every: int = 10, cache_percent: float = 6.3):
     """(label, factory, uses n_uniform) for every available miner, in the row order of the paper's Table 1."""
-    from refimpl import miners as M
+    from refimpl import mining as M
 
     rows = [
         ("in-batch", lambda: M.InBatch(), False),

@@ -491,10 +491,10 @@ def softmax_gap(approx_logits, true_logits) -> dict:
 
 # ----------------------------------------------------------------------------------------------- tree integration
 def build_tree(reencoder, *, base: float | None = None, rng=None):
-    """An :class:`~refimpl.sgtree.SGTree` over the target representations (App. B.1). The tree stays Euclidean in
-    representation space, so the certified bounds of ``refimpl.bounds`` hold for the approximate logits
+    """An :class:`~refimpl.index.sgtree.SGTree` over the target representations (App. B.1). The tree stays Euclidean in
+    representation space, so the certified bounds of ``refimpl.sampling.bounds`` hold for the approximate logits
     ``beta <z_q, z_t>`` with ``eps = beta ||z_q|| rho`` (``rho`` measured between representations)."""
-    from refimpl.sgtree import SGTree
+    from refimpl.index.sgtree import SGTree
 
     if not isinstance(reencoder, RegressionReEncoder):
         raise TypeError(f"reencoder: expected a RegressionReEncoder, got {type(reencoder).__name__}")
@@ -558,7 +558,7 @@ def query_report(tree, reencoder, q, true_targets, *, beta: float, level: int | 
     """For one query embedding ``q`` (D): the cluster proposal Q of Eq. 7 at ``level`` built from the approximate
     logits ``s~ = beta <z_q, z_t>`` over the tree of the representations, with
 
-    * certified (``refimpl.bounds``, w.r.t. the approximate softmax P~): ``cert_log_gamma`` (log max P~/Q) and
+    * certified (``refimpl.sampling.bounds``, w.r.t. the approximate softmax P~): ``cert_log_gamma`` (log max P~/Q) and
       the log Z~ interval;
     * measured against P~: ``log_max_ratio_approx`` (<= the certificate), ``tv_q_approx``;
     * measured against the true softmax P of ``beta <q, t>`` (``true_targets`` N x D, the exact embeddings):
@@ -569,7 +569,7 @@ def query_report(tree, reencoder, q, true_targets, *, beta: float, level: int | 
     ``clustering`` (``tree.clustering(level)``) and ``assignment`` (:func:`cluster_assignment`) may be passed to
     reuse them across queries.
     """
-    from refimpl import bounds
+    from refimpl.sampling import bounds
 
     beta = check_positive("beta", beta)
     q = check_vector("q", q, size=reencoder.nystrom.dim)

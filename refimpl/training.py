@@ -1,7 +1,7 @@
 """The training loop (Alg. 4 in mini-batch form, PAPER.md §6), evaluation, and the accounting of every run.
 
 :func:`train` trains a :class:`~refimpl.encoders.LinearDualEncoder` on a :class:`~refimpl.data.RetrievalDataset`
-with one miner (:mod:`refimpl.miners`): Adam with learning-rate warm-up and linear decay (:mod:`refimpl.optim`),
+with one miner (:mod:`refimpl.mining`): Adam with learning-rate warm-up and linear decay (:mod:`refimpl.optim`),
 negatives shared across the batch, optional in-batch negatives, optional uniform negatives alongside the mined ones
 (the paper: 64 uniform + 64 mined), optional log-Q correction, and a uniform-only warm-up before mining starts.
 
@@ -9,7 +9,7 @@ Per step (``ctx.step = t``):
 1. next batch of training queries (epoch-wise shuffled), ``Q`` = their embeddings under the current encoder;
 2. negatives: ``Uniform(k)`` during the uniform warm-up, ``miner.mine`` afterwards (``miner.start`` is called at the
    first mining step), plus ``n_uniform`` uniform negatives, plus the batch's positives when ``in_batch``;
-3. the loss: the exact full softmax (Eq. 2) for :class:`~refimpl.miners.FullSoftmax`, otherwise the sampled
+3. the loss: the exact full softmax (Eq. 2) for :class:`~refimpl.mining.FullSoftmax`, otherwise the sampled
    softmax (Alg. 4 lines 9-10; accidental hits removed) over the targets involved, encoded fresh;
 4. at probe steps (before the update, not timed, no randomness consumed): the relative error of this gradient
    against the full-softmax gradient at the same parameters, and the total-variation distance between the miner's
@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from refimpl._validate import check_int, check_positive
-from refimpl.miners import Batch, Miner, MinerContext, Negatives, Uniform, make_miner, miner_names
+from refimpl.mining import Batch, Miner, MinerContext, Negatives, Uniform, make_miner, miner_names
 
 __all__ = ["TrainResult", "train", "evaluate", "train_main", "RECALL_KS"]
 
@@ -157,7 +157,7 @@ def train(dataset, miner: Miner, *, steps: int = 500, batch_size: int = 128, dim
     Parameters
     ----------
     dataset : :class:`~refimpl.data.RetrievalDataset`.
-    miner : a :class:`~refimpl.miners.Miner` (fresh instance; it keeps state).
+    miner : a :class:`~refimpl.mining.Miner` (fresh instance; it keeps state).
     steps, batch_size : optimiser steps and queries per batch.
     dim, beta, init_scale : the student encoder (unit-norm outputs; the paper's beta = 20). Ignored when
         ``encoder`` (a LinearDualEncoder, copied) is given.
@@ -183,7 +183,7 @@ def train(dataset, miner: Miner, *, steps: int = 500, batch_size: int = 128, dim
     if not hasattr(dataset, "validate") or not hasattr(dataset, "positives"):
         raise TypeError(f"dataset: expected a refimpl.data.RetrievalDataset, got {type(dataset).__name__}")
     if not isinstance(miner, Miner):
-        raise TypeError(f"miner: expected a refimpl.miners.Miner, got {type(miner).__name__}")
+        raise TypeError(f"miner: expected a refimpl.mining.Miner, got {type(miner).__name__}")
     steps = check_int("steps", steps, low=1)
     batch_size = check_int("batch_size", batch_size, low=1)
     uniform_warmup = check_int("uniform_warmup", uniform_warmup, low=0)
@@ -356,7 +356,7 @@ def train_main(argv=None) -> int:
     p.add_argument("--mem-percent", type=float, default=None, help="SNM pool / cache size as %% of N")
     p.add_argument("--refresh-every", type=int, default=None, help="SNM refresh period R (steps)")
     p.add_argument("--policy", choices=("fifo", "lru"), default=None, help="Negative Cache eviction policy")
-    g = p.add_argument_group("DyNNIBAL knobs (refimpl.dynnibal.DyNNIBAL; defaults documented there)")
+    g = p.add_argument_group("DyNNIBAL knobs (refimpl.mining.dynnibal.DyNNIBAL; defaults documented there)")
     g.add_argument("--n-landmarks", type=int, default=None, help="Nystrom landmarks d'")
     g.add_argument("--n-samples", type=int, default=None, help="targets re-encoded per Alg. 5 re-encode, s'")
     g.add_argument("--reencode-every", type=int, default=None, help="w: Alg. 5 + Alg. 3 every w mining steps")

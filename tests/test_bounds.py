@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from refimpl.bounds import (certified_log_max_ratio, cluster_eps, log_partition_bounds, log_proposal_normalizer,
+from refimpl.sampling.bounds import (certified_log_max_ratio, cluster_eps, log_partition_bounds, log_proposal_normalizer,
                             prop1_corrected_radius, prop1_ratio_bound, prop2_level, prop6_drift)
-from refimpl.sgtree import SGTree
+from refimpl.index.sgtree import SGTree
 
 
 def _lse(x):

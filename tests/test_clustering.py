@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as hs
 
-from refimpl import clustering as C
-from refimpl import samplers as S
+from refimpl.sampling import clustering as C
+from refimpl.sampling import samplers as S
 from refimpl.data import hierarchical_points
-from refimpl.sgtree import SGTree
+from refimpl.index.sgtree import SGTree
 
 
 def _tree(n=400, dim=8, seed=0, unit=True, dup=False):
@@ -79,7 +79,7 @@ def _alg2_reference(tree, q, start, m, base):
 @pytest.mark.parametrize("gamma,beta", [(4.0, 5.0), (50.0, 5.0), (1e4, 20.0), (2.0, 1.0)])
 def test_find_clustering_is_alg2(gamma, beta):
     """find_clustering equals a direct transcription of Alg. 2 (union fix) and is a partition with valid radii."""
-    from refimpl import bounds
+    from refimpl.sampling import bounds
 
     X, tree = _tree()
     q = X[5] + 0.05

@@ -5,7 +5,7 @@ draws checked statistically against the sampler itself.
 Not asserted: "DyNNIBAL beats Uniform on R@1 after a short run". On the demo's quick task (1500 targets, 120 steps,
 30 uniform warm-up, 64 mined + 64 uniform) five seeds gave uniform / DyNNIBAL R@1 0.130/0.137, 0.137/0.133,
 0.127/0.107, 0.133/0.127, 0.140/0.137 (300 test queries): no robust gain, so a test would only pass by seed choice.
-The gain shows on the demo task itself (N = 6000, 400 steps; ``python -m refimpl.dynnibal``).
+The gain shows on the demo task itself (N = 6000, 400 steps; ``python -m refimpl.mining.dynnibal``).
 """
 import math
 
@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from refimpl.bounds import prop6_drift
-from refimpl.clustering import find_clustering, level_clustering
+from refimpl.sampling.bounds import prop6_drift
+from refimpl.sampling.clustering import find_clustering, level_clustering
 from refimpl.data import planted_dataset
-from refimpl.dynnibal import DyNNIBAL, cluster_labels, mh_law, mixture_log_q
-from refimpl.miners import Batch, MinerContext
+from refimpl.mining.dynnibal import DyNNIBAL, cluster_labels, mh_law, mixture_log_q
+from refimpl.mining import Batch, MinerContext
 from refimpl.nystrom import RegressionReEncoder
-from refimpl.samplers import _labels_of, sample_mh
-from refimpl.sgtree import SGTree
+from refimpl.sampling.samplers import _labels_of, sample_mh
+from refimpl.index.sgtree import SGTree
 from refimpl.training import train
 
 N, DIM = 600, 16

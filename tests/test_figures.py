@@ -66,7 +66,7 @@ def test_softmax_error_measured_below_certified():
     KL <= log gamma, TV <= 1 - 1/gamma; and the cluster proposal of _common is a distribution."""
     from figures import _common as C
     from figures.fig_softmax_error import compute
-    from refimpl.sgtree import SGTree
+    from refimpl.index.sgtree import SGTree
 
     rows, _, _ = compute(np.random.default_rng(1), True)
     assert rows.shape[0] >= 5

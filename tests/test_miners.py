@@ -1,9 +1,9 @@
-"""Contract tests of every miner in refimpl.miners (PAPER.md §7 baselines)."""
+"""Contract tests of every miner in refimpl.mining (PAPER.md §7 baselines)."""
 import numpy as np
 import pytest
 
 from refimpl.encoders import LinearDualEncoder
-from refimpl.miners import (Batch, BruteForceTopK, FullSoftmax, InBatch, MinerContext, NegativeCache,
+from refimpl.mining import (Batch, BruteForceTopK, FullSoftmax, InBatch, MinerContext, NegativeCache,
                             StochasticNegativeMining, Uniform, make_miner)
 
 N, F, D = 60, 12, 6

@@ -295,8 +295,8 @@ def test_bad_input():
 
 # ------------------------------------------------------------------------------------------------ tree integration
 def _tree_setup(seed, split, n=300, d=12):
-    pytest.importorskip("refimpl.sgtree")
-    pytest.importorskip("refimpl.bounds")
+    pytest.importorskip("refimpl.index.sgtree")
+    pytest.importorskip("refimpl.sampling.bounds")
     from refimpl.data import hierarchical_points
 
     rng = np.random.default_rng(seed)
@@ -372,7 +372,7 @@ def test_paper_split_target_representations_are_invariant(seed, d, ridge):
 
 def test_bench_quick_smoke(tmp_path, capsys):
     """`python -m refimpl bench nystrom --quick` runs end to end and writes every section of the JSON."""
-    pytest.importorskip("refimpl.sgtree")
+    pytest.importorskip("refimpl.index.sgtree")
     import json
 
     from refimpl.benchmarks.nystrom import main

@@ -1,5 +1,5 @@
 """Sampler API tests against brute force: positive exclusion, batches, without-replacement draws, log_q, stats,
-bad input (issue 4). The distributional tests use the chi-square harness of refimpl._sampler_stats (alpha 0.001;
+bad input (issue 4). The distributional tests use the chi-square harness of refimpl.testing (alpha 0.001;
 the power of each is stated in its docstring)."""
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import math
 import numpy as np
 import pytest
 
-from refimpl import samplers as S
-from refimpl._sampler_stats import ALPHA, chi2_gof, required_sample_size
+from refimpl.sampling import samplers as S
+from refimpl.testing import ALPHA, chi2_gof, required_sample_size
 from refimpl.data import hierarchical_points
-from refimpl.sgtree import SGTree
+from refimpl.index.sgtree import SGTree
 
 N_DRAWS = required_sample_size(99)  # 64,143: power >= 0.99 against TV >= 0.02 at alpha = 0.001
 BETA = 5.0
@@ -303,7 +303,7 @@ def test_choose_level_minimises_the_estimated_cost(inst, beta, k):
     """The default start level ("auto") is the argmin over the walked levels of |C_l| + k Z_hi(l)/Z_hat(l)
     (Prop. 3's U-shaped cost, estimated), recomputed here from level clusterings in plain NumPy; the walk stops
     at the first level whose cluster count exceeds the best cost so far."""
-    from refimpl.clustering import level_clustering
+    from refimpl.sampling.clustering import level_clustering
 
     X, tree, q = inst
     L = int(tree.node_level[tree.root]) + 1
@@ -331,9 +331,9 @@ def test_auto_level_minimises_the_prop3_cost_recomputed_independently(exclude):
     """Regression: ``choose_level`` (kernel ``level_profile``) once kept Z_hi and Z_hat as running sums updated by
     subtraction; with one dominant term they cancelled, it estimated Z_hi/Z_hat ~ 1 where the truth was e^36 and
     picked a level at which no draw is accepted in 1e7 attempts. Here the cost |C_L| + k Z_hi/(Z_hat - Z_excl) of
-    every level is recomputed in plain NumPy from ``tree.clustering`` and :mod:`refimpl.bounds`, and the kernel's
+    every level is recomputed in plain NumPy from ``tree.clustering`` and :mod:`refimpl.sampling.bounds`, and the kernel's
     level must attain the minimum; sampling there then succeeds and never returns an excluded target."""
-    from refimpl.bounds import cluster_eps, log_partition_bounds, log_proposal_normalizer
+    from refimpl.sampling.bounds import cluster_eps, log_partition_bounds, log_proposal_normalizer
 
     rng = np.random.default_rng(0)
     X = rng.normal(size=(400, 3))

@@ -1,8 +1,8 @@
 """Statistical exactness tests of the softmax samplers against brute force (issue 4 acceptance).
 
-Every goodness-of-fit test here is Pearson's chi-square (refimpl._sampler_stats.chi2_gof, at most 100 bins) at
+Every goodness-of-fit test here is Pearson's chi-square (refimpl.testing.chi2_gof, at most 100 bins) at
 level ALPHA = 0.001 with N_DRAWS = 64,143 draws: by the noncentral chi-square power computation in
-refimpl._sampler_stats, this sample size detects any deviation of total variation >= 0.02 on the bins with
+refimpl.testing, this sample size detects any deviation of total variation >= 0.02 on the bins with
 probability >= 0.99 (at df = 99; fewer bins only raise the power). Seeds are fixed, so each test is
 deterministic; the negative controls show that the same test does fail on a sampler that is slightly wrong.
 """
@@ -11,11 +11,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from refimpl import samplers as S
-from refimpl._sampler_stats import ALPHA, POWER, TV, chi2_gof, required_sample_size, tv_distance
-from refimpl.clustering import find_clustering, refine_clustering
+from refimpl.sampling import samplers as S
+from refimpl.testing import ALPHA, POWER, TV, chi2_gof, required_sample_size, tv_distance
+from refimpl.sampling.clustering import find_clustering, refine_clustering
 from refimpl.data import hierarchical_points
-from refimpl.sgtree import SGTree
+from refimpl.index.sgtree import SGTree
 
 N_DRAWS = required_sample_size(99)
 N_POINTS = 1000
@@ -89,7 +89,7 @@ def _instance(kind, dim):
 def _level(tree, beta, c):
     """Prop. 2's level for gamma = e^{2c} (largest l with b^l <= c/beta): fixes the negative controls' levels
     independently of the library's default."""
-    from refimpl import bounds
+    from refimpl.sampling import bounds
 
     return bounds.prop2_level(np.exp(2 * c), beta, tree.base)
 
@@ -151,7 +151,7 @@ def test_default_level_is_exact(dim):
 def test_flat_rejection_on_array_clustering_is_exact():
     """Flat rejection on a clustering given as arrays (no tree: a Voronoi partition around 100 random points) is
     exact too (same test and power)."""
-    from refimpl.clustering import ArrayClustering
+    from refimpl.sampling.clustering import ArrayClustering
 
     X, _, q = _instance("unit", 8)
     centres = X[np.random.default_rng(3).choice(N_POINTS, 100, replace=False)]
@@ -206,7 +206,7 @@ def test_negative_control_topk_heuristic_is_not_a_softmax_sampler():
 
 def _mh_law(X, q, beta, cl, s, proposal="eq7"):
     """Exact law of the last state of an independent MH chain of s states started from Q (Eq. 14)."""
-    from refimpl import bounds
+    from refimpl.sampling import bounds
 
     n = X.shape[0]
     lab = np.empty(n, np.int64)

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, strategies as st
 
 from refimpl.data import hierarchical_points
-from refimpl.search import brute_force_topk, topk
-from refimpl.sgtree import SGTree
+from refimpl.index.search import brute_force_topk, topk
+from refimpl.index.sgtree import SGTree
 
 from test_sgtree import KINDS, make_points
 

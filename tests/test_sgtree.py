@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from refimpl.bounds import certified_log_max_ratio, cluster_eps, log_partition_bounds, log_proposal_normalizer
-from refimpl.search import brute_force_topk, topk
-from refimpl.sgtree import SGTree
+from refimpl.sampling.bounds import certified_log_max_ratio, cluster_eps, log_partition_bounds, log_proposal_normalizer
+from refimpl.index.search import brute_force_topk, topk
+from refimpl.index.sgtree import SGTree
 
 KINDS = ("gauss", "dups", "collinear", "grid", "clusters")
 SCALES = (1e-100, 1e-6, 1.0, 1e7, 1e100)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from refimpl.data import RetrievalDataset, planted_dataset
-from refimpl.miners import (BruteForceTopK, FullSoftmax, InBatch, NegativeCache, StochasticNegativeMining, Uniform)
+from refimpl.mining import (BruteForceTopK, FullSoftmax, InBatch, NegativeCache, StochasticNegativeMining, Uniform)
 from refimpl.training import evaluate, train, train_main
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "text_pairs")

@@ -13,7 +13,7 @@ compared with the exact embeddings of the current encoder on held-out test queri
 * cost accounting reported by :class:`~refimpl.nystrom.RegressionReEncoder` (encoder calls, flops) and the wall
   time ratio of a regression re-encode vs a full re-encode measured in this run;
 * geometry of the two splits (``split``): how much the certified ``eps = beta ||z_q|| rho`` is inflated by the
-  representation (``||z_q|| * ||z_a - z_b||`` vs ``<z_q, z_a - z_b>``), and, when ``refimpl.sgtree`` exists, SG-tree
+  representation (``||z_q|| * ||z_a - z_b||`` vs ``<z_q, z_a - z_b>``), and, when ``refimpl.index.sgtree`` exists, SG-tree
   radii and certified bounds over the representations.
 
 Writes JSON (path printed) and prints a table. ``--quick`` is a small smoke configuration.
@@ -208,8 +208,8 @@ def _tree_section(res_by_split, s0, sl, beta, base=None, n_queries=50):
     update_tree (update_points + Alg. 3 maintain) and the same report."""
     try:
         from refimpl.nystrom import build_tree, query_report, update_tree
-        import refimpl.sgtree  # noqa: F401
-        import refimpl.bounds  # noqa: F401
+        import refimpl.index.sgtree  # noqa: F401
+        import refimpl.sampling.bounds  # noqa: F401
     except ImportError as exc:
         return {"status": f"pending: {exc}"}
 

@@ -35,8 +35,8 @@ def _queries(X, n, rng):
 
 
 def _run(name, X, tree, q, k, beta, seed, level=None, mh_budget=2000):
-    from refimpl import samplers as S
-    from refimpl.clustering import find_clustering, refine_clustering
+    from refimpl.sampling import samplers as S
+    from refimpl.sampling.clustering import find_clustering, refine_clustering
 
     t = time.perf_counter()
     if name == "exact":
@@ -81,7 +81,7 @@ def _row(name, times, results, n, k):
 
 def _beta_rho(tree, q, beta, level):
     """Proposal-mass-weighted eps_C = beta ||q|| rho(C) of C_(level) (what sets the acceptance rate)."""
-    from refimpl.clustering import level_clustering
+    from refimpl.sampling.clustering import level_clustering
 
     cl = level_clustering(tree, level)
     s = beta * (tree.points[cl.reps] @ q)
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from refimpl.data import hierarchical_points
-    from refimpl.sgtree import SGTree
+    from refimpl.index.sgtree import SGTree
 
     sizes = [int(float(x)) for x in args.sizes.split(",") if x.strip()]
     names = [x.strip() for x in args.samplers.split(",") if x.strip()]
@@ -153,7 +153,7 @@ def main(argv=None) -> int:
                 print(f"{'':10s} MH: chain length {r['chain_length']:.0f}, certified log gamma "
                       f"{r['log_gamma_certified']:.2f}, Eq. 6 TV bound <= {r['tv_bound_eq6']:.3g}")
         if args.levels:
-            from refimpl import samplers as S
+            from refimpl.sampling import samplers as S
 
             auto = [lv for r in rows if r["sampler"] == "rejection" for lv in (r["level"] or [])]
             centre = int(np.median(auto)) if auto else S.default_level(tree, args.beta)

@@ -4,7 +4,7 @@ For each N in ``--sizes`` (default 1e4, 1e5, 1e6; D = 64, ``refimpl.data.hierarc
 draws of the same distribution):
 
 * build time (batch build), depth, explicit nodes, memory per target and its ratio to the raw float32 matrix;
-* exact top-``k`` per query: :func:`refimpl.search.topk` (ball and linear bounds) time and inner products, against
+* exact top-``k`` per query: :func:`refimpl.index.search.topk` (ball and linear bounds) time and inner products, against
   NumPy brute force (batched ``Q @ T.T`` + ``argpartition`` + sort of the k, chunks of queries) and its GEMM alone;
   the tree's answers are checked equal to brute force;
 * dynamics: ``update_points`` of 1% of the targets (a random drift of norm ~0.05, renormalised) + ``maintain(U)``
@@ -34,10 +34,10 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from refimpl.bounds import certified_log_max_ratio, cluster_eps, log_partition_bounds  # noqa: E402
+from refimpl.sampling.bounds import certified_log_max_ratio, cluster_eps, log_partition_bounds  # noqa: E402
 from refimpl.data import hierarchical_points  # noqa: E402
-from refimpl.search import brute_force_topk, topk  # noqa: E402
-from refimpl.sgtree import DEFAULT_BASE, SGTree  # noqa: E402
+from refimpl.index.search import brute_force_topk, topk  # noqa: E402
+from refimpl.index.sgtree import DEFAULT_BASE, SGTree  # noqa: E402
 
 
 def _openblas_one_thread():

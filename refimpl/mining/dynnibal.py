@@ -1,18 +1,18 @@
-"""The DyNNIBAL negative miner: Alg. 4 of the paper (PAPER.md §6) behind the miner interface of :mod:`refimpl.miners`.
+"""The DyNNIBAL negative miner: Alg. 4 of the paper (PAPER.md §6) behind the miner interface of :mod:`refimpl.mining`.
 
 Per run, driven by :func:`refimpl.training.train`:
 
 * ``start`` (the first mining step, i.e. after the loop's uniform-only warm-up, ``train(uniform_warmup=...)``):
   Alg. 6 (:meth:`refimpl.nystrom.RegressionReEncoder.initial_encode`: every target encoded once, d' landmarks
-  chosen among the targets, Nyström fitted) and an SG tree (:class:`refimpl.sgtree.SGTree`) built over the d'-dim
+  chosen among the targets, Nyström fitted) and an SG tree (:class:`refimpl.index.sgtree.SGTree`) built over the d'-dim
   Nyström target representations ``z_t`` (App. B.1; the tree stays Euclidean so the certified bounds hold).
 * every mining step (``mine``): each query's representation ``z_q`` comes from its fresh embedding and the current
   (regression-refreshed) landmark embeddings L through :meth:`~refimpl.nystrom.Nystrom.transform_queries`: its row
   of KS, ``L q``, with ``split="paper"``; ``W^{+1/2} L q`` with the default ``split="symmetric"`` (same inner
   products ``<z_q, z_t>``, see "Defaults" below); the approximate softmax is
   ``P~(i|x) ∝ exp(beta <z_q, z_t_i>)`` (Eq. 1 on the representations). Per query: FindClustering (Alg. 2,
-  :func:`refimpl.clustering.find_clustering`) -> the cluster proposal Q of Eq. 7 -> negatives by independent
-  Metropolis-Hastings (Eq. 14, :func:`refimpl.samplers.sample_mh`, ``sampler="mh"``, default), or exact draws of
+  :func:`refimpl.sampling.clustering.find_clustering`) -> the cluster proposal Q of Eq. 7 -> negatives by independent
+  Metropolis-Hastings (Eq. 14, :func:`refimpl.sampling.samplers.sample_mh`, ``sampler="mh"``, default), or exact draws of
   P~ by Alg. 1 (``sampler="rejection"``), or the experiments' cluster top-k heuristic (``sampler="topk"``, not a
   softmax sampler). The query's own positives are excluded by default (``exclude_positives``).
 * every ``w`` mining steps (``reencode_every``): ApproximateReEncode (Alg. 5: s' uniformly drawn targets encoded by
@@ -21,9 +21,9 @@ Per run, driven by :func:`refimpl.training.train`:
   ``maintain(U)`` (``tree_update="maintain"``, default), or ``rebuild_level`` (+ ``maintain(0)``), or a full rebuild.
 
 Shared negatives (the paper's setup): the ``k`` slots are filled round-robin over a random order of the batch's
-queries exactly like the baselines (:func:`refimpl.miners._slot_queries`); query ``b`` draws as many negatives as it
+queries exactly like the baselines (:func:`refimpl.mining.base.slot_queries`); query ``b`` draws as many negatives as it
 has slots. ``log_q`` of a drawn target ``n`` is that of the slot mixture ``q̄(n) = (1/k) Σ_j q_{b_j}(n)`` (balance
-heuristic, as in :mod:`refimpl.miners`), where ``q_b`` is P~(.|x_b) renormalised over the targets not excluded for
+heuristic, as in :mod:`refimpl.mining`), where ``q_b`` is P~(.|x_b) renormalised over the targets not excluded for
 ``b`` and ``log Z_b`` is the sampler's own estimate (``stats["log_z"]``, clipped to its certified interval). For MH
 this is the law the chains converge to (their exact law after ``chain_length`` states is what
 :meth:`DyNNIBAL.distribution` computes, but evaluating it needs all N logits, which mining must not pay). For the
@@ -51,7 +51,7 @@ units of one full D-dimensional embedding (D = ``encoder.dim``), exactly what :m
 
 Not counted (host memory in the paper's design): the N x d' representations and the SG tree.
 
-Defaults (PAPER.md §5-6; [unstated] ones chosen by measurement on the planted task, ``python -m refimpl.dynnibal``):
+Defaults (PAPER.md §5-6; [unstated] ones chosen by measurement on the planted task, ``python -m refimpl.mining.dynnibal``):
 ``n_landmarks`` d' = 64 (paper: 64 or 128); ``n_samples`` s' = 128 = 2 d' (paper: 8192, or 256 for Zeshel; on the
 demo task s' = 256 / 128 / 64 gave R@1 0.399 / 0.408 / 0.412 (seed 0) and 0.433 / 0.438 / 0.438 (seed 1), TV to the
 exact softmax while mining 0.119 / 0.121 / 0.132, Mem % 14.9 / 8.5 / 5.3: s' = 2 d' keeps the d'-input regression
@@ -72,7 +72,7 @@ experiments used 2; Eq. 6 with the certified gamma of a coarse clustering asks f
 planted task after 150 uniform steps: ~0.03 at 2 states, < 0.002 at 10. ``U`` = "measured": ``2 max_i ||z'_i -
 z_i||`` over the re-encode (by the triangle inequality no pairwise distance moved more; the role of Prop. 6's U, but
 measured instead of bounded); a float gives U directly; "prop6" uses Prop. 6's ``4 w eta beta L M``
-(:func:`refimpl.bounds.prop6_drift`) with the constants ``prop6_eta``, ``prop6_L``, ``prop6_M`` supplied by the user
+(:func:`refimpl.sampling.bounds.prop6_drift`) with the constants ``prop6_eta``, ``prop6_L``, ``prop6_M`` supplied by the user
 (the premise, plain SGD with gradients bounded by 2 beta M, does not hold for Adam; use it to study the bound, not
 to train).
 """
@@ -85,7 +85,7 @@ import time
 import numpy as np
 
 from refimpl._validate import check_int, check_positive
-from refimpl.miners import Miner, Negatives, _slot_queries
+from refimpl.mining.base import Miner, Negatives, slot_queries
 
 __all__ = ["DyNNIBAL", "SAMPLERS", "TREE_UPDATES", "mh_law", "cluster_labels", "mixture_log_q"]
 
@@ -131,9 +131,9 @@ def cluster_labels(tree, clustering) -> np.ndarray:
 
 
 def mh_law(log_p, log_q, chain_length, exclude=None) -> np.ndarray:
-    """Exact law of the draw returned by one independent-MH chain of :func:`refimpl.samplers.sample_mh`.
+    """Exact law of the draw returned by one independent-MH chain of :func:`refimpl.sampling.samplers.sample_mh`.
 
-    The chain (the flat kernel of :mod:`refimpl._sampler_kernels`): state 1 ~ Q; each next proposal y ~ Q replaces
+    The chain (the flat kernel of :mod:`refimpl.sampling._kernels`): state 1 ~ Q; each next proposal y ~ Q replaces
     the state x with probability min(1, w(y)/w(x)), w = P/Q (Eq. 14; excluded targets have w = 0, are never
     accepted, and an excluded state is left by any non-excluded proposal); the state after ``chain_length`` states
     is returned, unless it is excluded, in which case the chain continues until it is not. ``log_p`` are (possibly
@@ -259,7 +259,7 @@ class DyNNIBAL(Miner):
         ``rebuild_level(update_level)`` + ``maintain(0)``) or "rebuild" (build a new tree from scratch).
     U : "measured" (2 max_i ||z'_i - z_i||), "prop6" (Prop. 6 with ``prop6_eta``, ``prop6_L``, ``prop6_M``) or a
         float >= 0. update_level : level for "rebuild_level" (None: ``nystrom.default_level``, >= sqrt(N) clusters).
-    base : SG-tree base (None: :data:`refimpl.sgtree.DEFAULT_BASE`). shared : shared negatives (the paper) or per
+    base : SG-tree base (None: :data:`refimpl.index.sgtree.DEFAULT_BASE`). shared : shared negatives (the paper) or per
         query (B, k).
 
     State for inspection: ``reencoder``, ``tree``, ``started_at``, ``reencoded_at`` (steps of every re-encode),
@@ -340,7 +340,7 @@ class DyNNIBAL(Miner):
 
     # ------------------------------------------------------------------ Alg. 6 + tree build
     def _build_tree(self, Z, rng):
-        from refimpl.sgtree import DEFAULT_BASE, SGTree
+        from refimpl.index.sgtree import DEFAULT_BASE, SGTree
 
         return SGTree.build(Z, base=DEFAULT_BASE if self.base is None else self.base, rng=rng)
 
@@ -367,7 +367,7 @@ class DyNNIBAL(Miner):
         if self.U == "measured":
             return 2.0 * float(max_move)
         if self.U == "prop6":
-            from refimpl.bounds import prop6_drift
+            from refimpl.sampling.bounds import prop6_drift
 
             eta, L, M = self.prop6
             return float(prop6_drift(self.reencode_every, eta, beta, L, M))
@@ -406,7 +406,7 @@ class DyNNIBAL(Miner):
 
     # ------------------------------------------------------------------ sampling
     def _clustering(self, zq, beta):
-        from refimpl.clustering import find_clustering
+        from refimpl.sampling.clustering import find_clustering
 
         return find_clustering(self.tree, zq, beta=beta, gamma=self.gamma, m=self.m, max_clusters=self.max_clusters,
                                refine=self.refine, proposal="eq7")
@@ -418,7 +418,7 @@ class DyNNIBAL(Miner):
 
     def _draw(self, ctx, zq, c, excl):
         """c draws for one query representation zq: (ids, log_q or None, log_z or None, stats)."""
-        from refimpl import samplers
+        from refimpl.sampling import samplers
 
         beta = ctx.beta
         ex = excl if excl.size else None
@@ -444,7 +444,7 @@ class DyNNIBAL(Miner):
         ZQ = self.reencoder.query_representations(batch.Q)
         B = ZQ.shape[0]
         if self.shared:
-            slots = _slot_queries(B, self.k, ctx.rng)
+            slots = slot_queries(B, self.k, ctx.rng)
             counts = np.bincount(slots, minlength=B)
         else:
             slots = None
@@ -505,7 +505,7 @@ class DyNNIBAL(Miner):
         counts P's mass on them; the rest of that TV is Nyström + regression staleness and MH's own error."""
         if self.tree is None or self.sampler == "topk":
             return None
-        from refimpl.clustering import certify
+        from refimpl.sampling.clustering import certify
 
         beta = ctx.beta
         Z = self.reencoder.representations
@@ -541,54 +541,3 @@ class DyNNIBAL(Miner):
                 "ridge": self.ridge, "landmarks": self.landmarks, "split": self.split,
                 "tree_update": self.tree_update, "U": self.U, "update_level": self.update_level,
                 "prop6": self.prop6, "base": self.base, "shared": self.shared}
-
-
-def compare_main(argv=None) -> int:
-    """``python -m refimpl.dynnibal [--steps S] [--miners a,b]``: DyNNIBAL against Uniform, SNM 3%/10% and brute
-    force on the demo's planted task (``refimpl.experiments.demo_main`` defaults: N = 6000, branching (15, 16), 400
-    steps, uniform warm-up 100, 64 mined + 64 uniform negatives, SNM refresh 10, probes every 50 steps, seed 0),
-    with the demo's table, plus DyNNIBAL's own re-encode / tree-update record."""
-    import argparse
-
-    from refimpl import miners as M
-    from refimpl.data import planted_dataset
-    from refimpl.experiments import run_table, table_markdown
-
-    p = argparse.ArgumentParser(prog="python -m refimpl.dynnibal")
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--miners", default="uniform,snm3,snm10,brute,dynnibal")
-    a = p.parse_args(argv)
-    ds = planted_dataset(6000, 6000, branching=(15, 16), rng=a.seed)
-    k, dyn = 64, []
-
-    def make_dyn(**kw):
-        dyn.append(DyNNIBAL(k, **kw))
-        return dyn[-1]
-
-    table = {"uniform": ("uniform", lambda: M.Uniform(k), True),
-             "snm3": ("SNM 3%", lambda: M.StochasticNegativeMining(k, mem_percent=3.0, refresh_every=10), True),
-             "snm10": ("SNM 10%", lambda: M.StochasticNegativeMining(k, mem_percent=10.0, refresh_every=10), True),
-             "brute": ("brute force", lambda: M.BruteForceTopK(k), True),
-             "dynnibal": ("DyNNIBAL", make_dyn, True),
-             "dynnibal-rejection": ("DyNNIBAL (Alg. 1)", lambda: make_dyn(sampler="rejection"), True),
-             "dynnibal-topk": ("DyNNIBAL (top-k heuristic)", lambda: make_dyn(sampler="topk"), True)}
-    methods = [table[m] for m in a.miners.split(",")]
-    res = run_table(ds, methods, steps=a.steps, probe_every=50, eval_every=max(1, a.steps // 8), seed=a.seed,
-                    progress=False)
-    print(f"planted_dataset(6000, 6000, branching=(15, 16), rng={a.seed}); {a.steps} steps, seed {a.seed}")
-    print(table_markdown(res))
-    for mi in dyn:
-        ups = mi.tree_updates
-        if ups:
-            print(f"{mi.sampler}: {len(ups)} re-encodes (w={mi.reencode_every}); mean re-encode "
-                  f"{1e3 * np.mean([u['reencode_seconds'] for u in ups]):.1f} ms, tree update "
-                  f"{1e3 * np.mean([u['tree_seconds'] for u in ups]):.1f} ms, points reinserted per update "
-                  f"{np.mean([u['points_reinserted'] for u in ups]) / ds.n_targets:.0%} of N, mean U "
-                  f"{np.mean([u['U'] or 0 for u in ups]):.3f}; mean clusters per query "
-                  f"{mi.last_stats.get('mean_clusters', 0):.0f} (last step)")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(compare_main())

@@ -9,7 +9,7 @@ the targets (row = target id). Node arrays, valid for ids < ``n_nodes`` (freed n
 the representative to any descendant), ``node_mind`` (see below), ``node_count`` (targets in the subtree,
 representative included), ``point_node`` (node of a target, -1 if removed). Additions: ``node_pdist`` (exact
 distance to the parent's representative, 0 at the root), ``node_maxnorm`` (>= max squared norm in the subtree,
-used by :func:`refimpl.search.topk`) and ``node_sepslack`` (<= min over v's child groups of level l of
+used by :func:`refimpl.index.search.topk`) and ``node_sepslack`` (<= min over v's child groups of level l of
 (smallest non-identical pair distance in the group) - b^l: Alg. 3's separation test for all groups of a node in
 one comparison, SEPSLACK >= U; a valid lower bound maintained like MIND).
 
@@ -41,7 +41,7 @@ L-1, L-2, ... (descending); at group level l descend into the nearest child c wi
 strictly nearer than p_v (ties go to the self-child); stop at the first level l where the self-child does not
 cover x (d(x, p_v) > b^l) and attach x there as a new child (covering d <= b^(l+1) and separation follow). The root
 is raised to ceil(log_b d) when a new point lies beyond b^(root level). The batch build (default) does the same
-coarse-to-fine (:func:`refimpl._sgtree_batch.batch_place`: a greedy net per level, then nearest-cover assignment),
+coarse-to-fine (:func:`refimpl.index._build.batch_place`: a greedy net per level, then nearest-cover assignment),
 with cache-friendly access and sibling nodes allocated contiguously; measured at N = 1e5 (D = 64): 0.5 s CPU vs
 1.2 s for one-by-one insertion, and 0.22 vs 0.46-0.59 ms per exact top-10 query (875-898 vs 976-980 inner
 products); random vs given scan order made no difference on this (randomly ordered) data.
@@ -77,8 +77,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from refimpl import _sgtree_batch as KB
-from refimpl import _sgtree_kernels as K
+from refimpl.index import _build as KB
+from refimpl.index import _kernels as K
 from refimpl._validate import as_rng, check_ids, check_int, check_matrix, check_positive
 
 __all__ = ["SGTree", "Clustering", "DEFAULT_BASE"]
@@ -386,7 +386,7 @@ class SGTree:
         MAXNORM >= every squared norm below, MIND <= the true group minimum. With ``geometry``: covering
         d(p_v, p_c) <= b^(level(c)+1) and sibling separation >= b^l within each child group (identical points
         exempt)."""
-        from refimpl._sgtree_check import check_tree
+        from refimpl.index.check import check_tree
 
         return check_tree(self, geometry=geometry)
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from refimpl import _cluster_kernels as K
+from refimpl.sampling import _cluster_kernels as K
 from refimpl._validate import check_int, check_matrix, check_positive, check_vector
 
 __all__ = [
@@ -69,7 +69,7 @@ def _fingerprint(tree):
 
 
 def suffix_radii(tree):
-    """Per-node suffix maxima of PDIST + MAXD over child lists (:func:`refimpl._cluster_kernels.suffix_radii`).
+    """Per-node suffix maxima of PDIST + MAXD over child lists (:func:`refimpl.sampling._cluster_kernels.suffix_radii`).
 
     Query-independent; cached per tree and recomputed whenever the tree's arrays change (detected by a
     fingerprint of sums over the node arrays: O(N) additions instead of the O(N) pass itself on every query)."""
@@ -221,7 +221,7 @@ class Certificate:
 
 
 def _certificate(rep_logits, sizes, eps, inner_products):
-    from refimpl import bounds
+    from refimpl.sampling import bounds
 
     lo, hi = bounds.log_partition_bounds(rep_logits, sizes, eps)
     lg = float(bounds.certified_log_max_ratio(rep_logits, sizes, eps))
@@ -243,10 +243,10 @@ def _query(q, dim):
 def certify(tree, q, clustering, *, beta):
     """Certificate (:class:`Certificate`) of ``clustering`` (a TreeClustering or ArrayClustering) for query ``q``.
 
-    Uses refimpl.bounds (cluster_eps, log_partition_bounds, certified_log_max_ratio) with eps_C = beta ||q|| rho(C).
+    Uses refimpl.sampling.bounds (cluster_eps, log_partition_bounds, certified_log_max_ratio) with eps_C = beta ||q|| rho(C).
     ``tree`` may be an SGTree or the points array (for an ArrayClustering). Cost: |clustering| inner products.
     """
-    from refimpl import bounds
+    from refimpl.sampling import bounds
 
     beta = check_positive("beta", beta)
     points = tree if isinstance(tree, np.ndarray) else _tree_points(tree)
@@ -281,7 +281,7 @@ def find_clustering(tree, q, *, beta, gamma, m=None, max_clusters=None, refine=F
     log max P/Q (for ``proposal``) is <= log gamma or ``max_refine_clusters`` is reached. The certificate of the
     result is in ``result.stats["certificate"]`` when refined; call :func:`certify` otherwise.
     """
-    from refimpl import bounds
+    from refimpl.sampling import bounds
 
     beta = check_positive("beta", beta)
     gamma = check_positive("gamma", gamma)
@@ -332,7 +332,7 @@ def refine_clustering(tree, q, clustering, *, beta, gamma, proposal="eq7", max_c
     Returns a :class:`TreeClustering` whose ``stats["certificate"]`` is the final :class:`Certificate` and
     ``stats["certified"]`` whether the target was reached.
     """
-    from refimpl import bounds
+    from refimpl.sampling import bounds
 
     beta = check_positive("beta", beta)
     gamma = check_positive("gamma", gamma)

@@ -1,176 +1,15 @@
-"""Negative miners behind one interface: the baselines of the paper's tables (PAPER.md §7) and the gold standard.
-
-Every miner is driven by :func:`refimpl.training.train` (Alg. 4, mini-batch form) through five hooks:
-
-- ``setup(ctx)``: once, before the first step (the encoder is initialised; e.g. fill a cache).
-- ``start(ctx)``: once, at the first mining step, i.e. after the uniform-only warm-up of PAPER.md §6 (e.g. the
-  initial encoding of Alg. 6 and the tree build).
-- ``mine(ctx, batch) -> Negatives``: every mining step, with the batch's query embeddings under the current encoder.
-- ``observe(ctx, batch, ids, emb)``: after every optimiser step (warm-up included); ``ids``/``emb`` are the targets
-  that were encoded for this step's loss, at the parameters of that step (free for the miner: no encoder call).
-  Periodic work (SNM's refresh every R steps; DyNNIBAL's re-encode + tree maintenance every w steps) is keyed on
-  ``ctx.step`` here or in ``mine``.
-- ``distribution(ctx, batch) -> (B, N) array or None``: the per-query distribution the miner draws its negatives
-  from, for the TV probe; it must not consume randomness or change state.
-
-:class:`MinerContext` is everything a miner may touch: the live encoder, the target features, its own ``rng``,
-``beta``, the step counter, and ``encode_targets`` / ``encode_all_targets`` which are the ONLY way a miner runs the
-target encoder, so that target-encoder calls (rows encoded) are counted by the code. ``memory_embeddings(ctx)``
-reports the miner's accelerator-resident target state in units of one full ``dim``-dimensional embedding; the
-paper's Mem % (§7) is ``100 * memory_embeddings / N``.
-
-Shared negatives (the paper's setup, §6): a miner with ``shared=True`` returns ONE 1-D set of ``k`` negatives for
-the whole batch. Per-query miners fill the ``k`` slots round-robin over a random order of the batch's queries
-(slot j draws from the distribution of query ``b_j``); the ``log_q`` of a drawn target is then that of the slot
-mixture ``q̄(n) = (1/k) Σ_j q_{b_j}(n)`` (the balance heuristic of multiple importance sampling), for which the
-log-Q-corrected estimate of Z stays unbiased for every query of the batch. With ``shared=False`` a miner returns
-(B, k) per-query negatives and per-query ``log_q``.
+"""The paper's baseline miners (PAPER.md §7) and the exact gold standard, behind the interface of
+:mod:`refimpl.mining.base`: in-batch, uniform, Stochastic Negative Mining, Negative Cache, brute-force top-k and
+the full softmax.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 
 from refimpl._validate import as_rng, check_int, check_positive
+from refimpl.mining.base import Batch, Miner, MinerContext, Negatives, log_softmax_rows, mixture_log_q_rows, slot_queries
 
-__all__ = ["Negatives", "Batch", "MinerContext", "Miner", "InBatch", "Uniform", "StochasticNegativeMining",
-           "NegativeCache", "BruteForceTopK", "FullSoftmax", "MINERS", "make_miner", "miner_names"]
-
-
-@dataclass
-class Negatives:
-    """A miner's answer for one step.
-
-    ids : int64 target ids, 1-D (shared across the batch) or 2-D (batch x k, per query).
-    log_q : float64 array of the same shape, log-probability of each draw under the distribution actually sampled
-        (for the optional log-Q correction), or None where no sampling distribution exists (top-k).
-    full : True for :class:`FullSoftmax`: the loop uses the exact loss over all N targets (ids is empty).
-    """
-
-    ids: np.ndarray
-    log_q: np.ndarray | None = None
-    full: bool = False
-
-
-@dataclass
-class Batch:
-    """One mini-batch as the miner sees it.
-
-    step : the training step (0-based). query_ids : dataset query ids. Xq : their features.
-    Q : (B, D) query embeddings under the current encoder. positives : list of 1-D target-id arrays per query.
-    positive_ids : the sorted unique positive target ids of the batch.
-    """
-
-    step: int
-    query_ids: np.ndarray
-    Xq: object
-    Q: np.ndarray
-    positives: list
-    positive_ids: np.ndarray
-
-
-class MinerContext:
-    """What a miner can see: the live encoder, target features, an rng, and counted access to the target encoder.
-
-    Attributes: ``encoder`` (updated in place by the optimiser), ``target_features`` (N rows), ``n_targets``,
-    ``beta``, ``rng`` (the miner's own Generator), ``step``, ``version`` (incremented after every optimiser
-    update), ``encoder_calls`` (dict purpose -> rows encoded), ``in_batch_log_q`` (log of the in-batch proposal:
-    the frequency of each target among the training positives; -inf for targets never positive).
-    """
-
-    def __init__(self, encoder, target_features, *, rng=None, in_batch_log_q=None):
-        self.encoder = encoder
-        self.target_features = target_features
-        self.n_targets = int(target_features.shape[0])
-        self.beta = float(encoder.beta)
-        self.rng = as_rng(rng)
-        self.step = 0
-        self.version = 0
-        self.encoder_calls: dict[str, int] = {}
-        self.in_batch_log_q = in_batch_log_q
-        self._all_cache = None  # (version, embeddings of all targets)
-
-    def count(self, purpose: str, rows: int) -> None:
-        self.encoder_calls[purpose] = self.encoder_calls.get(purpose, 0) + int(rows)
-
-    def encode_targets(self, ids, *, purpose: str = "mining") -> np.ndarray:
-        """Embeddings of targets ``ids`` under the current encoder; counts ``len(ids)`` target-encoder calls."""
-        ids = np.asarray(ids, dtype=np.int64)
-        if self._all_cache is not None and self._all_cache[0] == self.version:
-            return self._all_cache[1][ids]
-        self.count(purpose, ids.size)
-        return self.encoder.encode_targets(self.target_features[ids])
-
-    def encode_all_targets(self, *, purpose: str = "mining") -> np.ndarray:
-        """All N target embeddings under the current encoder (N calls, counted once per parameter version)."""
-        if self._all_cache is None or self._all_cache[0] != self.version:
-            self.count(purpose, self.n_targets)
-            self._all_cache = (self.version, self.encoder.encode_targets(self.target_features))
-        return self._all_cache[1]
-
-    def peek_all_targets(self) -> np.ndarray:
-        """All N fresh target embeddings for MEASUREMENT only (probes, ``distribution``): not counted as calls."""
-        if self._all_cache is not None and self._all_cache[0] == self.version:
-            return self._all_cache[1]
-        return self.encoder.encode_targets(self.target_features)
-
-    def advance(self) -> None:
-        """Called by the loop after each optimiser update: cached fresh embeddings become stale."""
-        self.version += 1
-        self._all_cache = None
-
-
-def _log_softmax_rows(S: np.ndarray) -> np.ndarray:
-    m = np.max(S, axis=1, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
-    with np.errstate(divide="ignore"):
-        return S - (m + np.log(np.sum(np.exp(S - m), axis=1, keepdims=True)))
-
-
-def _slot_queries(n_queries: int, k: int, rng: np.random.Generator) -> np.ndarray:
-    """Query of each of the k shared slots: round-robin over a random order of the batch's queries."""
-    return np.resize(rng.permutation(n_queries), k).astype(np.int64)
-
-
-def _mixture_log_q(log_p: np.ndarray, slots: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """log q̄(c) with q̄ = (1/k) Σ_j p_{slots[j]}, evaluated at the drawn columns ``cols``."""
-    w = np.bincount(slots, minlength=log_p.shape[0]) / slots.size
-    rows = np.flatnonzero(w)
-    lp = log_p[rows][:, cols] + np.log(w[rows])[:, None]
-    m = lp.max(axis=0)
-    return m + np.log(np.exp(lp - m).sum(axis=0))
-
-
-class Miner:
-    """Base class: the interface documented in the module docstring. Subclasses set ``name`` and ``k``."""
-
-    name = "miner"
-    k = 0
-    in_batch = False  # True: the loop always adds in-batch negatives (InBatch)
-    has_log_q = True  # False: no sampling distribution (top-k); log-Q correction is then refused
-    warmup = True  # False: the uniform-only warm-up does not apply (non-mining miners, the exact gold standard)
-
-    def setup(self, ctx: MinerContext) -> None:
-        pass
-
-    def start(self, ctx: MinerContext) -> None:
-        pass
-
-    def mine(self, ctx: MinerContext, batch: Batch) -> Negatives:
-        raise NotImplementedError
-
-    def observe(self, ctx: MinerContext, batch: Batch, ids: np.ndarray, emb: np.ndarray) -> None:
-        pass
-
-    def distribution(self, ctx: MinerContext, batch: Batch) -> np.ndarray | None:
-        return None
-
-    def memory_embeddings(self, ctx: MinerContext) -> float:
-        return 0.0
-
-    def config(self) -> dict:
-        return {"name": self.name, "k": self.k}
+__all__ = ["InBatch", "Uniform", "StochasticNegativeMining", "NegativeCache", "BruteForceTopK", "FullSoftmax"]
 
 
 class InBatch(Miner):
@@ -261,7 +100,7 @@ class StochasticNegativeMining(Miner):
         self._last = ctx.step
 
     def _log_p(self, ctx, Q):
-        return _log_softmax_rows(ctx.beta * (Q @ self.pool_emb.T))
+        return log_softmax_rows(ctx.beta * (Q @ self.pool_emb.T))
 
     def mine(self, ctx, batch):
         if ctx.step - self._last >= self.refresh_every:
@@ -273,11 +112,11 @@ class StochasticNegativeMining(Miner):
         offset = np.log(self.pool.size / ctx.n_targets)
         B = batch.Q.shape[0]
         if self.shared:
-            slots = _slot_queries(B, self.k, ctx.rng)
+            slots = slot_queries(B, self.k, ctx.rng)
             u = ctx.rng.random(self.k)
             cols = np.minimum(np.array([np.searchsorted(cdf[b], x, side="right") for b, x in zip(slots, u)],
                                        dtype=np.int64), self.pool.size - 1)
-            return Negatives(self.pool[cols], _mixture_log_q(log_p, slots, cols) + offset)
+            return Negatives(self.pool[cols], mixture_log_q_rows(log_p, slots, cols) + offset)
         u = ctx.rng.random((B, self.k))
         cols = np.minimum(np.stack([np.searchsorted(cdf[b], u[b], side="right") for b in range(B)]),
                           self.pool.size - 1).astype(np.int64)
@@ -386,16 +225,16 @@ class NegativeCache(Miner):
     def _log_p(self, ctx, Q):
         S = ctx.beta * (Q @ self.slot_emb.T)
         S[:, self.slot_ids < 0] = -np.inf
-        return _log_softmax_rows(S)
+        return log_softmax_rows(S)
 
     def mine(self, ctx, batch):
         log_p = self._log_p(ctx, batch.Q)
         B = batch.Q.shape[0]
         if self.shared:
-            slots = _slot_queries(B, self.k, ctx.rng)
+            slots = slot_queries(B, self.k, ctx.rng)
             g = ctx.rng.gumbel(size=(self.k, self.slot_ids.size))
             cols = np.argmax(log_p[slots] + g, axis=1).astype(np.int64)
-            ids, log_q = self.slot_ids[cols], _mixture_log_q(log_p, slots, cols)
+            ids, log_q = self.slot_ids[cols], mixture_log_q_rows(log_p, slots, cols)
         else:
             g = ctx.rng.gumbel(size=(B, self.k, self.slot_ids.size))
             cols = np.argmax(log_p[:, None, :] + g, axis=2).astype(np.int64)
@@ -504,57 +343,7 @@ class FullSoftmax(Miner):
 
     def distribution(self, ctx, batch):
         E = ctx.peek_all_targets()
-        return np.exp(_log_softmax_rows(ctx.beta * (batch.Q @ E.T)))
+        return np.exp(log_softmax_rows(ctx.beta * (batch.Q @ E.T)))
 
     def memory_embeddings(self, ctx):
         return float(ctx.n_targets)
-
-
-MINERS = {
-    "in-batch": InBatch,
-    "uniform": Uniform,
-    "snm": StochasticNegativeMining,
-    "negative-cache": NegativeCache,
-    "brute-force": BruteForceTopK,
-    "full-softmax": FullSoftmax,
-}
-
-
-def _dynnibal_class():
-    """``refimpl.dynnibal.DyNNIBAL`` if that module is present (imported lazily: it imports this module)."""
-    try:
-        from refimpl.dynnibal import DyNNIBAL
-    except ImportError:
-        return None
-    return DyNNIBAL
-
-
-def miner_names() -> list[str]:
-    """CLI names of every available miner (``MINERS`` plus "dynnibal" when :mod:`refimpl.dynnibal` exists)."""
-    return sorted(MINERS) + (["dynnibal"] if "dynnibal" not in MINERS and _dynnibal_class() is not None else [])
-
-
-def make_miner(name: str, **knobs) -> Miner:
-    """Build a miner by its CLI name (:func:`miner_names`).
-
-    Knobs that the miner's constructor does not take, or that are None, are ignored (so one CLI can pass a common
-    set).
-    """
-    import inspect
-
-    cls = MINERS.get(name)
-    if cls is None and name == "dynnibal":
-        cls = _dynnibal_class()
-    if cls is None:
-        raise ValueError(f"miner: unknown name {name!r}; choose from {', '.join(miner_names())}")
-    params = inspect.signature(cls.__init__).parameters if cls.__init__ is not object.__init__ else {}
-    return cls(**{k: v for k, v in knobs.items() if k in params and v is not None})
-
-
-def __getattr__(name: str):
-    # ``refimpl.miners.DyNNIBAL`` for convenience: the class lives in refimpl/dynnibal.py (``refimpl.DyNNIBAL``).
-    if name == "DyNNIBAL":
-        cls = _dynnibal_class()
-        if cls is not None:
-            return cls
-    raise AttributeError(f"module 'refimpl.miners' has no attribute {name!r}")

@@ -1,11 +1,11 @@
-"""Numba sampling kernels behind :mod:`refimpl.samplers` (PAPER.md §3): flat rejection, MH, Alg. 1.
+"""Numba sampling kernels behind :mod:`refimpl.sampling.samplers` (PAPER.md §3): flat rejection, MH, Alg. 1.
 
 All kernels read the SG tree's struct-of-arrays directly (COMMON.md "SGTree data model"): ``node_point``,
 ``node_level``, ``node_first_child``, ``node_next_sibling`` (children in descending level order), ``node_maxd``,
 ``node_count``. A cluster is a pair ``(v, L)``: ``{p_v}`` plus the subtrees of the children ``c`` of ``v`` with
 ``node_level[c] < L`` (a suffix of the child list). Only float64 and int64 cross the kernel boundary.
 
-Cluster and start-level kernels live in :mod:`refimpl._cluster_kernels`.
+Cluster and start-level kernels live in :mod:`refimpl.sampling._cluster_kernels`.
 
 Randomness: each sampling kernel receives an int64 ``seed`` drawn from the caller's ``numpy.random.Generator`` and
 seeds Numba's own generator with it, so the same ``rng`` gives the same draws on any machine.
@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from refimpl._cluster_kernels import _dot, _first_below, _member  # noqa: F401 (shared helpers)
+from refimpl.sampling._cluster_kernels import _dot, _first_below, _member  # noqa: F401 (shared helpers)
 
 # ----------------------------------------------------------------------------------------------------------------
 # small helpers

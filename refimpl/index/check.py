@@ -1,4 +1,4 @@
-"""The invariant checker of :class:`refimpl.sgtree.SGTree`: plain Python/NumPy, independent of the Numba kernels
+"""The invariant checker of :class:`refimpl.index.sgtree.SGTree`: plain Python/NumPy, independent of the Numba kernels
 (an oracle for them). Distances are recomputed with NumPy; comparisons allow a relative slack of 1e-9 for rounding
 differences between NumPy and the kernels (the kernels decide with their own arithmetic)."""
 from __future__ import annotations

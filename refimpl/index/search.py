@@ -1,4 +1,4 @@
-"""Exact maximum inner product search (MIPS) on an :class:`refimpl.sgtree.SGTree` by branch and bound.
+"""Exact maximum inner product search (MIPS) on an :class:`refimpl.index.sgtree.SGTree` by branch and bound.
 
 ``topk(tree, q, k)`` returns the k targets with the largest <q, t>, ties broken by the smaller id: identical to
 :func:`brute_force_topk`, which scores every target with the same Numba inner-product routine (so that both see
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from refimpl._sgtree_kernels import prefetch_row
+from refimpl.index._kernels import prefetch_row
 from refimpl._validate import check_int, check_matrix
 
 PF = 4  # rows prefetched ahead

@@ -1,5 +1,5 @@
-"""Numba kernels of the batch construction of :mod:`refimpl.sgtree`: the divisive build and the rebuild of emptied
-clusters (Alg. 3, rebuild_level). Same argument conventions as :mod:`refimpl._sgtree_kernels`."""
+"""Numba kernels of the batch construction of :mod:`refimpl.index.sgtree`: the divisive build and the rebuild of emptied
+clusters (Alg. 3, rebuild_level). Same argument conventions as :mod:`refimpl.index._kernels`."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import math
 import numpy as np
 from numba import njit
 
-from refimpl._sgtree_kernels import INF, _alloc, _link_child, dist, insert_one, level_ceil, prefetch_row, sqnorm
+from refimpl.index._kernels import INF, _alloc, _link_child, dist, insert_one, level_ceil, prefetch_row, sqnorm
 
 PF = 4  # rows prefetched ahead in the scans (memory-level parallelism; see _sgtree_kernels.prefetch)
 

@@ -1,7 +1,7 @@
 """Certified softmax bounds over a clustering, and the paper's propositions as functions (PAPER.md §3-4).
 
 Certified form (exact for any query norm): if every member i of cluster C lies within rho(C) of the representative
-r(C) (rho = MAXD-based radius of :class:`refimpl.sgtree.Clustering`), Cauchy-Schwarz gives
+r(C) (rho = MAXD-based radius of :class:`refimpl.index.sgtree.Clustering`), Cauchy-Schwarz gives
 |s_i - s_r| = beta |<q, t_i - t_r>| <= eps_C = beta ||q|| rho(C). Hence
 
     Z_lo = sum_C |C| exp(s_r - eps_C)  <=  Z  <=  Z_hi = sum_C |C| exp(s_r + eps_C),

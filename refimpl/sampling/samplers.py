@@ -7,7 +7,7 @@ Samplers (each returns a :class:`SampleResult` with ``ids`` int64, ``log_q`` and
 * :func:`sample_flat_rejection`: Eq. 3-5 on a clustering with per-cluster eps_C = beta ||q|| rho(C): propose a
   cluster ∝ |C| e^{s_r + eps_C}, a member uniformly, accept with e^{s_i - s_r - eps_C}. Exact.
 * :func:`sample_rejection`: Alg. 1, hierarchical rejection down the SG tree, errata fixed (kernel docstring in
-  :mod:`refimpl._sampler_kernels`). Exact; never returns an unaccepted draw (raises after ``max_attempts``).
+  :mod:`refimpl.sampling._kernels`). Exact; never returns an unaccepted draw (raises after ``max_attempts``).
 * :func:`sample_mh`: independent Metropolis-Hastings (Eq. 14) with the cluster proposal of Eq. 7 on the clustering
   of Alg. 2 (certified refinement by default); chain length from Eq. 6 for a requested TV, or given. Approximate:
   TV <= exp(-(s - 1)/gamma) with the certified gamma, reported in ``stats``.
@@ -37,10 +37,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from refimpl import _cluster_kernels as CK
-from refimpl import _sampler_kernels as K
+from refimpl.sampling import _cluster_kernels as CK
+from refimpl.sampling import _kernels as K
 from refimpl._validate import as_rng, check_int, check_matrix, check_positive
-from refimpl.clustering import (ArrayClustering, TreeClustering, _tree_points, certify, find_clustering,
+from refimpl.sampling.clustering import (ArrayClustering, TreeClustering, _tree_points, certify, find_clustering,
                                 level_clustering, tree_arrays)
 
 __all__ = [
@@ -205,7 +205,7 @@ def _exact_log_z(points, q, beta, tree=None):
 
 
 def _flat_setup(source, clustering, q, beta, lw_mode):
-    from refimpl import bounds
+    from refimpl.sampling import bounds
 
     points = source if isinstance(source, np.ndarray) else _tree_points(source)
     if isinstance(clustering, ArrayClustering):
@@ -324,7 +324,7 @@ def _start(tree, qb, beta, k, level, memo, exclude=None):
 def default_level(tree, beta, q_norm=1.0, c=None):
     """Prop. 2's level for gamma = e^{2c}: the largest l with b^l <= c / (beta ||q||), i.e. Prop. 1's per-cluster
     inflation e^{beta b^l} is about e^c (default c = DEFAULT_C = 1.5). Used when ``level="prop2"``."""
-    from refimpl import bounds
+    from refimpl.sampling import bounds
 
     c = DEFAULT_C if c is None else check_positive("c", c)
     return int(bounds.prop2_level(math.exp(2 * c), beta * max(q_norm, 1e-300), float(tree.base)))
@@ -341,7 +341,7 @@ def choose_level(tree, q, beta, k, attempt_cost=1.0, exclude=None):
     the chosen clusters are reused, so choosing costs only the representatives of the levels walked.
     Returns (level, TreeClustering, rep logits, inner products spent beyond the chosen clusters).
     """
-    from refimpl.clustering import suffix_radii
+    from refimpl.sampling.clustering import suffix_radii
 
     pts = _tree_points(tree)
     pt, lv, fc, ns, cnt, maxd = tree_arrays(tree)
@@ -436,7 +436,7 @@ def sample_mh(tree, q, k, *, beta, rng, gamma=4.0, m=None, chain_length=None, tv
               replace=True, log_z="estimate", max_steps=DEFAULT_MAX_ATTEMPTS):
     """Independent Metropolis-Hastings (Eq. 14) with the cluster proposal (Eq. 7), PAPER.md §3.
 
-    The clustering comes from Alg. 2 (:func:`refimpl.clustering.find_clustering` with ``gamma``, ``m``,
+    The clustering comes from Alg. 2 (:func:`refimpl.sampling.clustering.find_clustering` with ``gamma``, ``m``,
     ``max_clusters``), by default followed by the certified refinement (``refine=True``) until the certified
     log max P/Q <= log gamma or ``max_refine_clusters`` clusters; or pass ``clustering``. ``proposal="eq7"``:
     Q(i) ∝ e^{s_r(C(i))} (the paper's); ``"upper"``: Q+(i) ∝ e^{s_r + eps_C} (ours; its certified gamma ignores
@@ -561,8 +561,8 @@ def _labels_of(cl, ids):
 
 
 def topk(tree, q, k, **kwargs):
-    """Exact maximum inner product search: re-export of :func:`refimpl.search.topk` (``refimpl/__init__.py`` maps
+    """Exact maximum inner product search: re-export of :func:`refimpl.index.search.topk` (``refimpl/__init__.py`` maps
     ``topk`` to this module; the implementation lives in refimpl/search.py)."""
-    from refimpl.search import topk as _topk
+    from refimpl.index.search import topk as _topk
 
     return _topk(tree, q, k, **kwargs)

@@ -1,4 +1,4 @@
-"""Numba kernels of :mod:`refimpl.sgtree` (struct-of-arrays SG tree). Read sgtree.py's docstring first.
+"""Numba kernels of :mod:`refimpl.index.sgtree` (struct-of-arrays SG tree). Read sgtree.py's docstring first.
 
 Every kernel takes the tree's arrays in the same order (the ``T`` tuple below is unpacked by the caller):
 

@@ -1,5 +1,5 @@
-"""Numba kernels on the SG tree's arrays for :mod:`refimpl.clustering` (and the start-level choice of
-:mod:`refimpl.samplers`), PAPER.md §2-3.
+"""Numba kernels on the SG tree's arrays for :mod:`refimpl.sampling.clustering` (and the start-level choice of
+:mod:`refimpl.sampling.samplers`), PAPER.md §2-3.
 
 All kernels read the tree's struct-of-arrays directly (COMMON.md "SGTree data model"): ``node_point``,
 ``node_level``, ``node_first_child``, ``node_next_sibling`` (children in descending level order), ``node_maxd``,

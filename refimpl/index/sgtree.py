@@ -72,6 +72,7 @@ counts. 1.2 builds near the fastest and searches near the best.
 """
 from __future__ import annotations
 
+import itertools
 import zipfile
 from dataclasses import dataclass
 
@@ -85,6 +86,7 @@ __all__ = ["SGTree", "Clustering", "DEFAULT_BASE"]
 
 DEFAULT_BASE = 1.2
 MAX_ABS = 1e140  # larger magnitudes would overflow squared distances / inner products in float64
+_VERSIONS = itertools.count(1)  # tree versions: process-wide, strictly increasing
 _FORMAT = "refimpl.SGTree"
 _VERSION = 2
 _NODE_INT = ("node_point", "node_level", "node_parent", "node_first_child", "node_next_sibling", "node_count")
@@ -139,6 +141,7 @@ class SGTree:
             setattr(self, name, np.zeros(cap))
         self.free_stack = np.zeros(cap, dtype=np.int64)
         self._state = np.array([-1, 0, 0, 0], dtype=np.int64)  # root, n_nodes, free_top, #distances
+        self.version = next(_VERSIONS)  # new at every mutation, unique across trees; derived objects record it
 
     # ------------------------------------------------------------------ basic properties
     @property
@@ -213,6 +216,7 @@ class SGTree:
         return tree
 
     def _insert_ids(self, xs, starts=None, start_levels=None) -> None:
+        self.version = next(_VERSIONS)
         self._reserve(0, xs.shape[0])
         if starts is None:
             starts = np.full(xs.shape[0], -1, dtype=np.int64)
@@ -246,6 +250,7 @@ class SGTree:
         if arr.size == 0:
             return
         out = np.empty(self.n_targets, dtype=np.int64)
+        self.version = next(_VERSIONS)
         m = K.remove_nodes(arr, out, *self._T())
         self._insert_ids(out[:m].copy())
 
@@ -262,6 +267,7 @@ class SGTree:
             raise ValueError(f"points: expected {arr.size} rows (one per id), got {pts.shape[0]}")
         if arr.size == 0:
             return
+        self.version = next(_VERSIONS)
         self.points[arr] = pts
         nodes = self.point_node[arr]
         nodes = nodes[np.argsort(self.node_level[nodes], kind="stable")]
@@ -275,6 +281,7 @@ class SGTree:
         out = np.empty(self.n_targets, dtype=np.int64)
         starts = np.empty(self.n_targets, dtype=np.int64)
         slev = np.empty(self.n_targets, dtype=np.int64)
+        self.version = next(_VERSIONS)
         m = K.detach_clusters(vs, ls, out, starts, slev, *self._T())
         if rng is not None:  # shuffle within each cluster's run (runs stay contiguous)
             key = as_rng(rng).random(m)
@@ -432,6 +439,7 @@ class SGTree:
                 raise ValueError(f"state has shape {state.shape}")
             tree._state[:] = state
             tree._validate_links()
+            tree.version = next(_VERSIONS)
         except (KeyError, IndexError, TypeError, ValueError) as exc:
             raise ValueError(f"path: {path!s} is a damaged SGTree file ({exc})") from None
         return tree

@@ -80,6 +80,8 @@ import numpy as np
 
 from refimpl.index import _build as KB
 from refimpl.index import _kernels as K
+from refimpl.index._arrays import TreeArrays
+from refimpl.index.clusters import Clustering
 from refimpl._validate import as_rng, check_ids, check_int, check_matrix, check_positive
 
 __all__ = ["SGTree", "Clustering", "DEFAULT_BASE"]
@@ -91,21 +93,6 @@ _FORMAT = "refimpl.SGTree"
 _VERSION = 2
 _NODE_INT = ("node_point", "node_level", "node_parent", "node_first_child", "node_next_sibling", "node_count")
 _NODE_FLOAT = ("node_maxd", "node_mind", "node_pdist", "node_maxnorm", "node_sepslack")
-
-
-@dataclass
-class Clustering:
-    """The clustering C_(level) of PAPER.md §3: cluster i has node ``nodes[i]``, representative target ``reps[i]``,
-    ``sizes[i]`` targets and every member within ``radii[i]`` of the representative (rho(v, level))."""
-
-    level: int
-    nodes: np.ndarray
-    reps: np.ndarray
-    sizes: np.ndarray
-    radii: np.ndarray
-
-    def __len__(self) -> int:
-        return int(self.nodes.shape[0])
 
 
 def _check_points(name, points, dim=None):
@@ -164,6 +151,13 @@ class SGTree:
         other = SGTree.__new__(SGTree)
         other.__dict__.update({k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in self.__dict__.items()})
         return other
+
+    def arrays(self) -> TreeArrays:
+        """The struct-of-arrays view every kernel takes (no copy; valid until the next mutation)."""
+        return TreeArrays(self.points, self.point_node, self.node_point, self.node_level, self.node_parent,
+                          self.node_first_child, self.node_next_sibling, self.node_count, self.node_maxd,
+                          self.node_mind, self.node_pdist, self.node_maxnorm, self.node_sepslack, self.free_stack,
+                          self._state, self.base)
 
     def _T(self):
         return (self.points, self.base, self.point_node, self.node_point, self.node_level, self.node_parent,

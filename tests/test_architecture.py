@@ -16,7 +16,7 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "refimpl"
 
 LAYERS = [
-    {"refimpl._validate", "refimpl._env"},
+    {"refimpl._validate", "refimpl._env", "refimpl.cliargs"},
     {"refimpl.softmax", "refimpl.encoders", "refimpl.optim", "refimpl.testing"},
     {"refimpl.data"},
     {"refimpl.index"},

@@ -21,10 +21,30 @@ def build_tree(X, base, seed, *, given_order=False) -> SGTree:
     return SGTree.build(X, base=base, rng=int(seed))
 
 
-def level_clusters(tree, level):
-    """C_(level): (reps, sizes, radii, list of member arrays)."""
+def level_clusters(tree, level, *, with_object=False):
+    """C_(level): (reps, sizes, radii, list of member arrays) [+ the library's clustering object, for certify/MH]."""
     cl = level_clustering(tree, level)
-    return cl.reps.copy(), cl.sizes.copy(), cl.radii.copy(), [cl.members(j) for j in range(len(cl))]
+    out = (cl.reps.copy(), cl.sizes.copy(), cl.radii.copy(), [cl.members(j) for j in range(len(cl))])
+    return out + (cl,) if with_object else out
+
+
+def tree_shape(tree) -> dict:
+    """Depth and branching of an SG tree: the number of explicit nodes on the longest root-leaf path, and per
+    child group (a node v and its children of one level l, self-child included) its size: max and mean."""
+    lv = np.asarray(tree.node_level)
+    groups = []
+    for v in np.flatnonzero(np.asarray(tree.node_point)[: tree.n_nodes] >= 0):
+        ch = tree.children(int(v))
+        if ch.size:
+            _, counts = np.unique(lv[ch], return_counts=True)
+            groups.extend((counts + 1).tolist())
+    g = np.array(groups or [1])
+    return {"depth": int(tree.depth()), "max_branching": int(g.max()), "mean_branching": float(g.mean())}
+
+
+def level_count(tree, level) -> int:
+    """|C_(level)|."""
+    return len(tree.clustering(int(level)))
 
 
 def alg2(tree, q, *, beta, gamma, m=None, max_clusters=None):

@@ -83,9 +83,11 @@ def maintain_library(tree, new_points, U) -> dict:
 def experiments_procedure(tree, q, k, *, beta, rng, max_clusters, chain_length, gamma=4.0):
     """The experiments' procedure as the library currently implements it (top clusters, short MH chains, top-scoring
     targets of all chains): ``sample_cluster_topk_heuristic``. Re-point to ``DyNNIBAL(sampler="paper")``'s sampler
-    once the mining engine lands. Returns the selected target ids."""
-    return np.asarray(sample_cluster_topk_heuristic(tree, q, k, beta=beta, rng=rng, gamma=gamma,
-                                                    max_clusters=max_clusters, chain_length=chain_length).ids)
+    once the mining engine lands. Returns the selected target ids: one array per query for a batch (a query can get
+    fewer than k distinct targets)."""
+    ids = sample_cluster_topk_heuristic(tree, q, k, beta=beta, rng=rng, gamma=gamma, max_clusters=max_clusters,
+                                        chain_length=chain_length).ids
+    return [np.asarray(x) for x in ids] if np.ndim(q) == 2 else np.asarray(ids)
 
 
 def exact_samples(points, q, k, *, beta, rng):

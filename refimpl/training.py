@@ -150,7 +150,8 @@ def _combine(parts, B):
 def train(dataset, miner: Miner, *, steps: int = 500, batch_size: int = 128, dim: int = 32, beta: float = 20.0,
           lr: float = 0.01, lr_warmup: int | None = None, lr_decay: bool = True, uniform_warmup: int = 0,
           n_uniform: int = 0, in_batch: bool = False, log_q_correction: bool = False, probe_every: int = 0,
-          eval_every: int = 0, seed: int = 0, init_scale: float = 1.0, encoder=None, progress: bool = False,
+          eval_every: int = 0, seed: int = 0, init_scale: float = 1.0, init: str = "independent",
+          tied: bool = False, sparse_updates: bool = True, encoder=None, progress: bool = False,
           desc: str | None = None) -> TrainResult:
     """Train a linear dual encoder with ``miner`` (Alg. 4, mini-batch form; see the module docstring).
 
@@ -159,8 +160,12 @@ def train(dataset, miner: Miner, *, steps: int = 500, batch_size: int = 128, dim
     dataset : :class:`~refimpl.data.RetrievalDataset`.
     miner : a :class:`~refimpl.mining.Miner` (fresh instance; it keeps state).
     steps, batch_size : optimiser steps and queries per batch.
-    dim, beta, init_scale : the student encoder (unit-norm outputs; the paper's beta = 20). Ignored when
-        ``encoder`` (a LinearDualEncoder, copied) is given.
+    dim, beta, init_scale, init, tied : the student encoder (unit-norm outputs; the paper's beta = 20; tower
+        initialisation ``"independent"`` or ``"shared"`` and tying as in
+        :class:`~refimpl.encoders.LinearDualEncoder`). Ignored when ``encoder`` (a LinearDualEncoder, copied) is
+        given.
+    sparse_updates : with CSR features, Adam updates only the feature columns the step touches (lazy Adam,
+        :mod:`refimpl.optim`; cost independent of the number of features); False: dense Adam on every column.
     lr, lr_warmup, lr_decay : Adam learning rate, its linear warm-up steps (default ``min(50, steps // 10)``), and
         linear decay to 0 at ``steps``.
     uniform_warmup : the first steps use ``Uniform(miner.k)`` negatives only (the paper's warm-up before mining);
@@ -205,7 +210,8 @@ def train(dataset, miner: Miner, *, steps: int = 500, batch_size: int = 128, dim
     rng_batch, rng_neg, rng_miner = (np.random.default_rng(s) for s in ss[1:])
     if encoder is None:
         enc = LinearDualEncoder(dataset.query_features.shape[1], dataset.target_features.shape[1], dim, beta=beta,
-                                normalize=True, rng=np.random.default_rng(ss[0]), init_scale=init_scale)
+                                normalize=True, rng=np.random.default_rng(ss[0]), init_scale=init_scale,
+                                init=init, tied=tied)
     else:
         enc = encoder.copy()
     Xq_all, Xt_all = dataset.query_features, dataset.target_features
@@ -219,7 +225,8 @@ def train(dataset, miner: Miner, *, steps: int = 500, batch_size: int = 128, dim
         "miner": miner.config(), "steps": steps, "batch_size": batch_size, "dim": enc.dim, "beta": enc.beta,
         "lr": lr, "lr_warmup": lr_warmup, "lr_decay": lr_decay, "uniform_warmup": uniform_warmup,
         "n_uniform": n_uniform, "in_batch": use_in_batch, "log_q_correction": log_q_correction,
-        "probe_every": probe_every, "seed": seed, "n_targets": n})
+        "probe_every": probe_every, "seed": seed, "n_targets": n, "init": init, "tied": enc.tied,
+        "sparse_updates": bool(sparse_updates)})
     bar = None
     if progress:
         from tqdm import tqdm
@@ -276,10 +283,10 @@ def train(dataset, miner: Miner, *, steps: int = 500, batch_size: int = 128, dim
             loss, dQ, dT = sampled_softmax_loss(Q, T, prow, nrow, beta=enc.beta,
                                                 log_expected_count=neg_lq if log_q_correction else None)
             n_neg = int(neg_ids.shape[-1])
-        dA = enc.query_vjp(Xq, dQ)
-        dB = enc.target_vjp(Xt_rows, dT)
+        grads = enc.gradients(Xq, dQ, Xt_rows, dT, sparse=bool(sparse_updates))
         dt_loss = time.perf_counter() - t1
         if probe:
+            dA, dB = enc.query_vjp(Xq, dQ), enc.target_vjp(Xt_rows, dT)
             E = enc.encode_targets(Xt_all)
             S = enc.beta * (Q @ E.T)
             P = np.exp(S - S.max(axis=1, keepdims=True))
@@ -288,7 +295,7 @@ def train(dataset, miner: Miner, *, steps: int = 500, batch_size: int = 128, dim
             res.probes.append({"step": t, "grad_rel_error": gradient_relative_error((dA, dB), (fA, fB)),
                                "tv": float("nan") if dist is None else float(0.5 * np.abs(P - dist).sum(axis=1).mean())})
         t2 = time.perf_counter()
-        lr_used = opt.step([dA, dB])
+        lr_used = opt.step(grads)
         ctx.advance()
         ids_enc = inv if not negs.full else np.arange(n)
         miner.observe(ctx, batch, ids_enc, T)

@@ -40,9 +40,10 @@ __all__ = ["LinearDualEncoder", "normalize_rows", "normalize_vjp"]
 
 
 # --------------------------------------------------------------------------------------------------- kernels
-# The parameters are stored (dim x F) by contract, so a feature column W[:, j] is strided. Two forward kernels:
-# few non-zeros -> loop over d outermost (each pass reads one contiguous row W[d] at the non-zero positions);
-# many non-zeros (nnz >= F) -> one contiguous transposed copy W^T (F x dim) is cheaper than strided reads.
+# The parameters have shape (dim x F) by contract and are stored column-major (Fortran order), so that a feature
+# column W[:, j] (all a sparse input touches) is contiguous: W.T is a C-contiguous (F x dim) array, read and
+# written row by row by the kernels below. For a parameter someone replaced by a row-major array, the d-outer
+# kernel reads one contiguous row W[d] at the non-zero positions (few non-zeros), or a transposed copy is made.
 @njit(cache=True)
 def _csr_times_wt(data, indices, indptr, W):  # pragma: no cover - compiled
     """``X @ W.T`` for CSR ``X`` (n x F) and dense ``W`` (dim x F), d-outer (few non-zeros)."""
@@ -75,18 +76,17 @@ def _csr_times_w(data, indices, indptr, WT):  # pragma: no cover - compiled
 
 
 @njit(cache=True)
-def _csr_weight_grad(data, indices, indptr, Gz, out):  # pragma: no cover - compiled
-    """``out += Gz.T @ X`` for CSR ``X`` (n x F), dense ``Gz`` (n x dim), ``out`` (dim x F): a scatter, d-outer so
-    each pass writes one contiguous row ``out[d]`` (``out`` is allocated by the caller with ``np.zeros``)."""
+def _csr_weight_grad_t(data, indices, indptr, Gz, outT):  # pragma: no cover - compiled
+    """``outT += X.T @ Gz`` for CSR ``X`` (n x F), dense ``Gz`` (n x dim), C-contiguous ``outT`` (F x dim): a
+    scatter of whole contiguous rows ``outT[j]`` (allocated by the caller with ``np.zeros``)."""
     n = indptr.shape[0] - 1
     dim = Gz.shape[1]
-    for d in range(dim):
-        od = out[d]
-        for i in range(n):
-            g = Gz[i, d]
-            if g != 0.0:
-                for p in range(indptr[i], indptr[i + 1]):
-                    od[indices[p]] += g * data[p]
+    for i in range(n):
+        for p in range(indptr[i], indptr[i + 1]):
+            oj = outT[indices[p]]
+            v = data[p]
+            for d in range(dim):
+                oj[d] += v * Gz[i, d]
 
 
 # --------------------------------------------------------------------------------------- input scaling
@@ -172,7 +172,9 @@ class LinearDualEncoder:
 
     Attributes
     ----------
-    A : (dim, n_query_features) float64. B : (dim, n_target_features) float64. Both may be updated in place
+    A : (dim, n_query_features) float64, stored column-major (each feature's weights contiguous, the layout the
+    sparse kernels and the lazy optimiser read). B : (dim, n_target_features) float64, likewise. Both may be
+    updated in place
     (e.g. by :class:`refimpl.optim.Adam` through :attr:`params`); reassigning them is allowed if the shape and dtype
     stay the same.
     """
@@ -196,13 +198,13 @@ class LinearDualEncoder:
             raise ValueError(f"{'tied' if tied else 'init'}: one matrix for both towers needs n_query_features == "
                              f"n_target_features, got {nq} and {nt}")
         gen = as_rng(rng)
-        self.A = gen.standard_normal((self.dim, nq)) * (init_scale / np.sqrt(nq))
+        self.A = np.asfortranarray(gen.standard_normal((self.dim, nq)) * (init_scale / np.sqrt(nq)))
         if tied:
             self.B = self.A
         elif init == "shared":
-            self.B = self.A.copy()
+            self.B = self.A.copy(order="F")
         else:
-            self.B = gen.standard_normal((self.dim, nt)) * (init_scale / np.sqrt(nt))
+            self.B = np.asfortranarray(gen.standard_normal((self.dim, nt)) * (init_scale / np.sqrt(nt)))
 
     # ----------------------------------------------------------------------------------------- attributes
     @property
@@ -252,15 +254,15 @@ class LinearDualEncoder:
         if not isinstance(W, np.ndarray) or W.dtype != np.float64 or W.ndim != 2 or W.shape[0] != self.dim:
             raise ValueError(f"{name}: encoder parameter must be a float64 array with {self.dim} rows, got "
                              f"{type(W).__name__} {getattr(W, 'dtype', '')} {getattr(W, 'shape', '')}")
-        return np.ascontiguousarray(W)
+        return W
 
     @staticmethod
     def _linear(W: np.ndarray, X) -> np.ndarray:
         if sp.issparse(X):
             data, indices, indptr = csr_arrays(X)
-            if data.shape[0] >= W.shape[1]:
+            if W.T.flags.c_contiguous or data.shape[0] >= W.shape[1]:
                 return _csr_times_w(data, indices, indptr, np.ascontiguousarray(W.T))
-            return _csr_times_wt(data, indices, indptr, W)
+            return _csr_times_wt(data, indices, indptr, np.ascontiguousarray(W))
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported by _forward, naming its cause
             return X @ W.T
 
@@ -305,12 +307,12 @@ class LinearDualEncoder:
             data, indices, indptr = csr_arrays(X)
             if columns:
                 cols = np.unique(indices)
-                out = np.zeros((self.dim, cols.size))
-                _csr_weight_grad(data, np.searchsorted(cols, indices), indptr, np.ascontiguousarray(Gz), out)
-                return cols, out
-            out = np.zeros((self.dim, X.shape[1]))
-            _csr_weight_grad(data, indices, indptr, np.ascontiguousarray(Gz), out)
-            return out
+                outT = np.zeros((cols.size, self.dim))
+                _csr_weight_grad_t(data, np.searchsorted(cols, indices), indptr, np.ascontiguousarray(Gz), outT)
+                return cols, outT.T
+            outT = np.zeros((X.shape[1], self.dim))
+            _csr_weight_grad_t(data, indices, indptr, np.ascontiguousarray(Gz), outT)
+            return outT.T
         return Gz.T @ X
 
     def query_vjp(self, X, G) -> np.ndarray:
@@ -344,10 +346,10 @@ class LinearDualEncoder:
             return [gA, gB]
         if isinstance(gA, tuple) and isinstance(gB, tuple):
             cols = np.union1d(gA[0], gB[0])
-            vals = np.zeros((self.dim, cols.size))
-            vals[:, np.searchsorted(cols, gA[0])] += gA[1]
-            vals[:, np.searchsorted(cols, gB[0])] += gB[1]
-            return [(cols, vals)]
+            vals = np.zeros((cols.size, self.dim))
+            vals[np.searchsorted(cols, gA[0])] += gA[1].T
+            vals[np.searchsorted(cols, gB[0])] += gB[1].T
+            return [(cols, vals.T)]
         return [_densify(gA, self.A.shape) + _densify(gB, self.A.shape)]
 
 
@@ -355,6 +357,6 @@ def _densify(g, shape) -> np.ndarray:
     """A dense array from a dense gradient or a ``(cols, values)`` pair."""
     if not isinstance(g, tuple):
         return g
-    out = np.zeros(shape)
+    out = np.zeros(shape, order="F")
     out[:, g[0]] = g[1]
     return out

@@ -51,29 +51,25 @@ class ColumnGrad(NamedTuple):
 
 
 @njit(cache=True)
-def _lazy_adam_kernel(P, M, V, counts, cols, G, lr, b1, b2, eps):  # pragma: no cover - compiled
-    """The lazy update of the module docstring on columns ``cols`` of the (dim, F) arrays ``P, M, V``."""
-    dim = P.shape[0]
-    nc = cols.shape[0]
-    c1 = np.empty(nc)
-    c2 = np.empty(nc)
-    for c in range(nc):
+def _lazy_adam_kernel(PT, MT, VT, counts, cols, GT, lr, b1, b2, eps):  # pragma: no cover - compiled
+    """The lazy update of the module docstring on columns ``cols``, given the transposed (F, dim) views ``PT, MT,
+    VT`` of the parameter and its moments and the (len(cols), dim) gradient ``GT``: one row per column, contiguous
+    when the parameter is stored column-major (as the encoder's are)."""
+    dim = PT.shape[1]
+    for c in range(cols.shape[0]):
         j = cols[c]
         t = counts[j] + 1
         counts[j] = t
-        c1[c] = 1.0 - b1 ** t
-        c2[c] = 1.0 - b2 ** t
-    for d in range(dim):
-        Pd, Md, Vd, Gd = P[d], M[d], V[d], G[d]
-        for c in range(nc):
-            j = cols[c]
-            g = Gd[c]
-            m = b1 * Md[j] + (1.0 - b1) * g
-            v = b2 * Vd[j] + (1.0 - b2) * g * g
-            Md[j] = m
-            Vd[j] = v
+        c1 = 1.0 - b1 ** t
+        c2 = 1.0 - b2 ** t
+        for d in range(dim):
+            g = GT[c, d]
+            m = b1 * MT[j, d] + (1.0 - b1) * g
+            v = b2 * VT[j, d] + (1.0 - b2) * g * g
+            MT[j, d] = m
+            VT[j, d] = v
             if lr > 0.0:
-                Pd[j] -= lr * (m / c1[c]) / (np.sqrt(v / c2[c]) + eps)
+                PT[j, d] -= lr * (m / c1) / (np.sqrt(v / c2) + eps)
 
 
 class Adam:
@@ -150,7 +146,7 @@ class Adam:
             cols = cols.astype(np.int64)
             if cols.size and (cols.min() < 0 or cols.max() >= p.shape[-1]):
                 raise ValueError(f"grads[{j}]: cols must be in [0, {p.shape[-1]})")
-            if np.unique(cols).size != cols.size:
+            if cols.size > 1 and not np.all(cols[1:] > cols[:-1]) and np.unique(cols).size != cols.size:
                 raise ValueError(f"grads[{j}]: cols must be distinct")
             vals = np.asarray(g[1], dtype=np.float64)
             if vals.shape != p.shape[:-1] + (cols.size,):
@@ -158,7 +154,7 @@ class Adam:
                                  f"got {vals.shape}")
             if not np.all(np.isfinite(vals)):
                 raise ValueError(f"grads[{j}]: contains NaN or Inf")
-            return ColumnGrad(cols, np.ascontiguousarray(vals))
+            return ColumnGrad(cols, vals)
         g = np.asarray(g, dtype=np.float64)
         if g.shape != p.shape:
             raise ValueError(f"grads[{j}]: expected shape {p.shape}, got {g.shape}")
@@ -182,8 +178,8 @@ class Adam:
         b1, b2 = self.betas
         for p, g, m, v, cnt in zip(self.params, gs, self.m, self.v, self.counts):
             if isinstance(g, ColumnGrad):
-                P2, M2, V2, G2 = (a.reshape(1, -1) if a.ndim == 1 else a for a in (p, m, v, g.values))
-                _lazy_adam_kernel(P2, M2, V2, cnt, g.cols, G2, lr, b1, b2, self.eps)
+                PT, MT, VT, GT = (a.reshape(1, -1).T if a.ndim == 1 else a.T for a in (p, m, v, g.values))
+                _lazy_adam_kernel(PT, MT, VT, cnt, g.cols, np.ascontiguousarray(GT), lr, b1, b2, self.eps)
                 continue
             cnt += 1
             c1 = 1.0 - b1 ** cnt

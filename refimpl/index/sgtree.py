@@ -299,7 +299,8 @@ class SGTree:
         radii = np.empty(n)
         k = 0 if self.root == -1 else K.clustering_arrays(self.arrays(), level, nodes, sizes, radii)
         nodes = nodes[:k].copy()
-        return Clustering(level, nodes, self.node_point[nodes].copy(), sizes[:k].copy(), radii[:k].copy())
+        return Clustering(level, nodes, self.node_point[nodes].copy(), sizes[:k].copy(), radii[:k].copy(),
+                          tree_version=self.version)
 
     def children(self, v: int) -> np.ndarray:
         out = []

@@ -405,7 +405,7 @@ def train_main(argv=None) -> int:
     g.add_argument("--n-landmarks", type=int, default=None, help="Nystrom landmarks d'")
     g.add_argument("--n-samples", type=int, default=None, help="targets re-encoded per Alg. 5 re-encode, s'")
     g.add_argument("--reencode-every", type=int, default=None, help="w: Alg. 5 + Alg. 3 every w mining steps")
-    g.add_argument("--sampler", choices=("mh", "rejection", "topk"), default=None,
+    g.add_argument("--sampler", choices=("mh", "rejection", "paper"), default=None,
                    help="MH (Eq. 14), exact Alg. 1 rejection, or the experiments' top-k heuristic")
     g.add_argument("--chain-length", type=int, default=None, help="MH chain length (states)")
     g.add_argument("--gamma", type=float, default=None, help="FindClustering's target max P/Q (Alg. 2)")

@@ -19,6 +19,7 @@ LAYERS = [
     {"refimpl._validate", "refimpl._env", "refimpl.cliargs"},
     {"refimpl.softmax", "refimpl.encoders", "refimpl.optim", "refimpl.testing"},
     {"refimpl.data"},
+    {"refimpl.text", "refimpl.gcide"},
     {"refimpl.index"},
     {"refimpl.sampling"},
     {"refimpl.nystrom"},

@@ -68,7 +68,8 @@ def trained(seed: int, loss: str = "full", n_targets: int = 300, n_features: int
 
 def encoders():
     """Every encoder of ENCODERS with a label."""
-    return [(f"seed {e[0]}, {e[1]} loss, N={e[2]}, {e[3]} features, D={e[4]}", *trained(*e)) for e in ENCODERS]
+    return [(f"seed {e[0]} (trained on the {e[1]} loss), N={e[2]}, {e[3]} features, D={e[4]}", *trained(*e))
+            for e in ENCODERS]
 
 
 def pair_grad_norms(enc, Xq, Xt):
@@ -246,7 +247,7 @@ def check_prop6(budget: Budget, rng) -> Outcome:
                     viol += 1
                 worst = max(worst, drift / U if U > 0 else 0.0)
                 if w == 10 and eta == 1e-2:
-                    lines.append(f"{label}, {loss} loss, w={w} eta={eta:g}: L={L:.4g}, M={M:.4g}, max ||grad|| "
+                    lines.append(f"{label}, steps on the {loss} loss, w={w} eta={eta:g}: L={L:.4g}, M={M:.4g}, max ||grad|| "
                                  f"{gmax:.4g} <= 2 beta M = {2 * beta * M:.4g}; drift {drift:.4g} <= U = {U:.4g} "
                                  f"(ratio {drift / U:.3g}); the proof's sum over i = t..t+w (w + 1 terms) gives "
                                  f"4 (w+1) eta beta L M = {U * (w + 1) / w:.4g}")

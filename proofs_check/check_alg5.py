@@ -70,8 +70,8 @@ def _setup(seed, n_targets=600, d_prime=32, s_prime=64):
 def check_accuracy(budget: Budget, rng) -> Outcome:
     cases = viol = 0
     cex, lines = None, []
-    n_steps = budget.cases(60, minimum=20)
-    for seed, lr in ((21, 0.01), (22, 0.03)):
+    n_steps = budget.cases(60, minimum=60)
+    for seed, lr in ((21, 0.01), (22, 0.03), (24, 0.05)):
         ds, enc, re = _setup(seed)
         Xq, Xt = np.asarray(ds.query_features), np.asarray(ds.target_features)
         re.initial_encode(enc, Xt)
@@ -105,10 +105,10 @@ def check_accuracy(budget: Budget, rng) -> Outcome:
         lines.append(f"seed {seed}, Adam lr {lr}, N={Xt.shape[0]}, d'=32, s'=64, re-encode every {W} steps; mean TV to "
                      f"the true softmax, regression vs stale, by step: " + ", ".join(row))
     return Outcome(Verdict.HOLDS if viol == 0 else Verdict.FAILS, cases=cases, violations=viol, counterexample=cex,
-                   correction="the regression's error accumulates (each re-encode regresses from the previous "
-                              "approximation): schedule exact re-encodes (the NQ run re-encoded exactly once, at step "
-                              "7500) and monitor the TV on a held-out sample of exactly encoded targets.",
-                   details=f"{cases} re-encodes over 2 training runs: {viol} where the regression was further from the "
+                   correction="nothing bounds the regression's error (the paper's stated limitation), and here it "
+                              "exceeded the stale cache's: schedule exact re-encodes (the NQ run re-encoded exactly once, "
+                              "at step 7500) and monitor the TV on a sample of exactly encoded targets.",
+                   details=f"{cases} re-encodes over 3 training runs: {viol} where the regression was further from the "
                            f"true softmax than the stale cache. The paper gives no bound on this error (its stated "
                            f"limitation).\n" + "\n".join(lines))
 

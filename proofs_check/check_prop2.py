@@ -111,10 +111,6 @@ def check_level(budget: Budget, rng) -> Outcome:
                            f"max P/Q > gamma; worst log(max P/Q)/log(gamma) = {worst:.6f} (-> 1: the level is tight).")
 
 
-@claim("alg2_line3_level", paper_ref="Alg. 2 line 3", expected=Verdict.HOLDS_CORRECTED, order=12,
-       perturbation="the corrected threshold replaced by the printed one, log(gamma)/beta",
-       statement="Alg. 2 line 3 starts at the level of Prop. 2, printed with threshold b^l <= (2/beta) log gamma^(1/2) "
-                 "(PAPER.md: 'the same value').")
 def _level_for(thr, b):
     lv = math.floor(math.log(thr) / math.log(b))
     while b ** (lv + 1) <= thr:
@@ -124,6 +120,10 @@ def _level_for(thr, b):
     return lv
 
 
+@claim("alg2_line3_level", paper_ref="Alg. 2 line 3", expected=Verdict.HOLDS_CORRECTED, order=12,
+       perturbation="the corrected threshold replaced by the printed one, log(gamma)/beta",
+       statement="Alg. 2 line 3 starts at the level of Prop. 2, printed with threshold b^l <= (2/beta) log gamma^(1/2) "
+                 "(PAPER.md: 'the same value').")
 def check_line3(budget: Budget, rng) -> Outcome:
     params = _params(rng, budget.cases(2000, minimum=100))
     differ, worst, cex = 0, 0.0, None

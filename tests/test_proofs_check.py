@@ -1,20 +1,48 @@
-"""proofs_check runs end to end with a small budget and exits 0 only when every verdict is the documented one."""
+"""proofs_check runs end to end with a small budget and exits 0 only when every verdict is the documented one; its
+self-test (every row's premise flipped) changes every verdict; a default run writes no tracked file."""
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
+import pytest
 
-from proofs_check._framework import Budget, Claim, Outcome, Verdict, run_claim
+from proofs_check._framework import Budget, Claim, Outcome, Verdict, claim, run_claim
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_proofs_check_small_budget_passes(tmp_path):
     report = tmp_path / "report.md"
     proc = subprocess.run([sys.executable, "-m", "proofs_check", "--scale", "0.1", "--report", str(report)],
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     text = report.read_text()
     assert "| claim | paper | verdict |" in text
     assert "table_memory_ratio" in text and "**NO**" not in text
+
+
+def test_self_test_flips_every_row():
+    """--self-test perturbs each row's premise (small scale) and exits 0 only if every verdict changed."""
+    proc = subprocess.run([sys.executable, "-m", "proofs_check", "--self-test", "--scale", "0.1"],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert " did not" in proc.stdout and "0 did not" in proc.stdout
+
+
+def test_default_run_writes_only_the_untracked_folder(tmp_path):
+    """Without --report the report goes to proofs_check_out/ under the working directory (ignored by git)."""
+    proc = subprocess.run([sys.executable, "-m", "proofs_check", "--only", "table_error_halved"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OPENBLAS_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (tmp_path / "proofs_check_out" / "REPORT.md").exists()
+    assert "proofs_check_out/" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def test_a_claim_without_a_perturbation_is_refused():
+    with pytest.raises(ValueError, match="perturbation"):
+        claim("no_perturbation_row", paper_ref="-", statement="-", perturbation="")
 
 
 def test_unexpected_verdicts_and_crashes_are_flagged():
@@ -27,8 +55,9 @@ def test_unexpected_verdicts_and_crashes_are_flagged():
     c1 = Claim("x", "Prop. 0", "a claim expected to hold", Verdict.HOLDS, fails, 0)
     c2 = Claim("y", "Prop. 0", "a claim expected to hold", Verdict.HOLDS, crashes, 0)
     r1, r2 = run_claim(c1, Budget(), 0), run_claim(c2, Budget(), 0)
-    assert not r1.as_expected
+    assert not r1.as_expected and r1.flipped
     assert not r2.as_expected and r2.outcome.verdict == Verdict.ERROR and "boom" in r2.outcome.details
+    assert not r2.flipped  # a crash under perturbation is not a flipped verdict
 
 
 def test_each_claim_gets_its_own_reproducible_stream():

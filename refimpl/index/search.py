@@ -145,7 +145,7 @@ def _bound(dt, d2, qn, qn2, r, m2, ball):
     return ub
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")  # called per child: T must not be passed out of line
 def _pruned(T, c, dqv, qn2, kth):
     """The parent-distance test: ||q - t|| >= |d(q, p_v) - PDIST(c)| - MAXD(c) for every t below child c, so the
     ball bound of c's subtree is known without reading its row."""

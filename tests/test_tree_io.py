@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from refimpl.index import SGTree, topk, brute_force_topk
+from refimpl.index import FREE_TOP, SGTree, brute_force_topk, topk
 from refimpl.index import _io
 from refimpl.index.sgtree import LEVEL_LIMIT, MAX_BASE, MIN_BASE
 
@@ -210,7 +210,7 @@ def saved(tmp_path_factory):
     p = tmp_path_factory.mktemp("io") / "good.npz"
     t = SGTree.build(np.random.default_rng(4).normal(size=(150, 4)), rng=4)
     t.remove([3, 7, 11])
-    assert t.arrays().state[2] == 3 and t.check_invariants() == []  # three freed nodes on the free list
+    assert t.arrays().state[FREE_TOP] == 3 and t.check_invariants() == []  # three freed nodes on the free list
     t.save(p)
     return p
 

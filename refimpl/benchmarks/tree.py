@@ -30,8 +30,7 @@ import time
 import numpy as np
 
 from refimpl.data import hierarchical_points
-from refimpl.index import DEFAULT_BASE, SGTree, brute_force_topk, topk
-from refimpl.index._domain import MAX_BASE, MIN_BASE
+from refimpl.index import DEFAULT_BASE, MAX_BASE, MIN_BASE, SGTree, brute_force_topk, topk
 from refimpl.sampling.bounds import certified_log_max_ratio, cluster_eps, log_partition_bounds
 
 BATCHES = (64, 128, 256)

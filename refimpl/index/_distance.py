@@ -59,7 +59,7 @@ def _make_prefetch():
 _prefetch = _make_prefetch()
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")  # an out-of-line call would cost more than the prefetch
 def prefetch_row(A, i):
     """Prefetch row i of the 2-D array A (every 64-byte cache line of it)."""
     step = 64 // A.itemsize

@@ -10,7 +10,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 __all__ = ["dot", "sqdist", "dist", "sqnorm", "dot_sqdist", "prefetch_row"]
 
@@ -19,11 +22,6 @@ def _make_prefetch():
     """``prefetch(a, i, j)``: ask the CPU to load the cache line of a[i, j] (llvm.prefetch), so that random rows are
     fetched in parallel; a no-op if this llvmlite cannot emit it."""
     try:
-        from llvmlite import ir  # optional: only the intrinsic needs llvmlite's IR builder
-        from numba import types
-        from numba.core import cgutils
-        from numba.extending import intrinsic
-
         @intrinsic
         def prefetch(typingctx, arr, row, col):
             def codegen(context, builder, signature, args):

@@ -1,8 +1,7 @@
 """``python -m refimpl bench tree``: the SG tree and exact top-k against blocked NumPy float32 brute force, one run.
 
-For each N in ``--sizes`` (D = ``--dim``, ``refimpl.data.hierarchical_points``, queries fresh draws of the same
-distribution; above 1.2e7 points the data are generated in chunks of 1e6, each chunk an independent draw of the
-mixture with its own centres, so that generation never holds the float64 matrix):
+For each N in ``--sizes`` (D = ``--dim``, ``refimpl.data.hierarchical_points`` generated as float32, queries
+fresh draws of the same distribution):
 
 * build of a float32 tree (``--dtype``), CPU seconds, depth, nodes, bytes per target (beyond the points too),
   peak resident memory of the process so far (``resource.getrusage``);
@@ -36,8 +35,6 @@ from refimpl.index import DEFAULT_BASE, MAX_BASE, MIN_BASE, SGTree, brute_force_
 from refimpl.sampling.bounds import certified_log_max_ratio, cluster_eps, log_partition_bounds
 
 BATCHES = (64, 128, 256)
-CHUNK = 1_000_000  # generation chunk above CHUNKED_ABOVE points
-CHUNKED_ABOVE = 12_000_000
 
 
 def _cpu(f, *a, **kw):
@@ -53,22 +50,10 @@ def peak_rss_gib() -> float:
 
 
 def data(n, nq, dim, seed):
-    """(targets (n, dim) float32, queries (nq, dim) float64) from the hierarchical mixture (see the module doc)."""
-    if n + nq <= CHUNKED_ABOVE:
-        P = hierarchical_points(n + nq, dim, rng=seed)
-        return P[:n].astype(np.float32), np.ascontiguousarray(P[n:])
-    gen = np.random.default_rng(seed)
-    T = np.empty((n, dim), dtype=np.float32)
-    n_chunks = -(-n // CHUNK)
-    per = -(-nq // n_chunks)
-    Q = []
-    for c, s in enumerate(range(0, n, CHUNK)):
-        m = min(CHUNK, n - s)
-        mq = min(per, nq - per * c) if per * c < nq else 0
-        P = hierarchical_points(m + mq, dim, rng=gen)
-        T[s:s + m] = P[:m]
-        Q.append(P[m:])
-    return T, np.ascontiguousarray(np.concatenate(Q))
+    """(targets (n, dim) float32, queries (nq, dim) float64 of float32 values) from the hierarchical mixture."""
+    P = hierarchical_points(n + nq, dim, rng=seed, dtype=np.float32)
+    Q = P[n:].astype(np.float64)
+    return P[:n], Q
 
 
 @njit(cache=True)
@@ -129,8 +114,9 @@ def bench_size(n, *, dim, nq, k, base, seed, check, block, dtype, dynamics_max):
     T, Q = data(n, nq, dim, seed)
     row = {"N": n, "D": dim, "base": base, "dtype": np.dtype(dtype).name, "queries": nq, "k": k}
     row["peak_rss_gib_data"] = peak_rss_gib()
+    T = T if dtype == T.dtype else T.astype(dtype)
     tree, c_build = _cpu(SGTree.build, T, base=base, rng=seed, dtype=dtype, copy=False)
-    del T  # the tree owns the rows now (float32: the same array)
+    del T  # the tree owns the rows now
     P = tree.points
     mem = tree.memory_bytes()
     row.update(build_cpu_s=c_build, peak_rss_gib_build=peak_rss_gib(), depth=tree.depth(), nodes=tree.n_nodes,

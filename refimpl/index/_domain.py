@@ -39,8 +39,9 @@ def check_points(name: str, points, dim: int | None = None, dtype=np.float64) ->
     """(N, D) finite real points converted to ``dtype``, magnitudes in {0} U [MIN_ABS, MAX_ABS]; ValueError naming
     ``name`` (with the hint to rescale) otherwise."""
     arr = check_matrix(name, points, n_cols=dim, dtype=dtype)
-    if arr.size:
-        a = np.abs(arr)
+    step = max(1, 2**22 // max(arr.shape[1], 1))  # rows per chunk: no temporary of the whole matrix
+    for s in range(0, arr.shape[0], step):
+        a = np.abs(arr[s:s + step])
         if float(a.max()) > MAX_ABS:
             raise ValueError(f"{name}: values must have magnitude <= {MAX_ABS:g} (squared distances would "
                              "overflow); rescale the data")

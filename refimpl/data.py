@@ -23,7 +23,7 @@ __all__ = ["hierarchical_points", "RetrievalDataset", "planted_dataset"]
 
 
 def hierarchical_points(n: int, dim: int, *, branching=(16, 16), scales=(1.0, 0.35, 0.12), unit_norm: bool = True,
-                        rng=None) -> np.ndarray:
+                        rng=None, dtype=np.float64) -> np.ndarray:
     """``n`` points in ``R^dim`` drawn from a hierarchical Gaussian mixture (clusters of clusters).
 
     Level 0 draws ``branching[0]`` centres ~ N(0, scales[0]^2 I / dim); each centre at level j spawns
@@ -37,6 +37,8 @@ def hierarchical_points(n: int, dim: int, *, branching=(16, 16), scales=(1.0, 0.
     branching : children per centre at each level of the mixture (len(scales) == len(branching) + 1).
     scales : standard deviation (total, across all coordinates) of each level's offsets and of the leaf noise.
     rng : Generator or int seed.
+    dtype : float64 (default) or float32 output (computed in float64 in chunks, so 1e7 points need no float64
+        copy of the whole matrix).
     """
     n = check_int("n", n, low=1)
     dim = check_int("dim", dim, low=1)
@@ -52,12 +54,16 @@ def hierarchical_points(n: int, dim: int, *, branching=(16, 16), scales=(1.0, 0.
         offsets = gen.normal(0.0, scales[j] * sd, size=(centres.shape[0], branching[j], dim))
         centres = (centres[:, None, :] + offsets).reshape(-1, dim)
     leaf = gen.integers(0, centres.shape[0], size=n)
-    pts = centres[leaf] + gen.normal(0.0, scales[-1] * sd, size=(n, dim))
-    if unit_norm:
-        norms = np.linalg.norm(pts, axis=1, keepdims=True)
-        norms[norms == 0] = 1.0
-        pts /= norms
-    return pts
+    out = np.empty((n, dim), dtype=dtype)
+    step = max(1, 2**22 // dim)  # rows per chunk: the same random stream (and values) as one draw, bounded memory
+    for s in range(0, n, step):
+        pts = centres[leaf[s:s + step]] + gen.normal(0.0, scales[-1] * sd, size=(min(step, n - s), dim))
+        if unit_norm:
+            norms = np.linalg.norm(pts, axis=1, keepdims=True)
+            norms[norms == 0] = 1.0
+            pts /= norms
+        out[s:s + step] = pts
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------

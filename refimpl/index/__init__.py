@@ -4,13 +4,16 @@ Public names other layers may use: :class:`SGTree`, :class:`TreeArrays` (the str
 takes, from ``SGTree.arrays()``) and its counter indices ``ROOT``, ``N_NODES``, ``FREE_TOP``, ``N_DIST``;
 :class:`Clustering` (the one clustering type); :func:`topk`, :func:`brute_force_topk`; and the Numba row
 primitives ``dot``, ``sqdist``, ``dist``, ``sqnorm``, ``dot_sqdist``, ``prefetch_row`` (float64 or float32 rows,
-float64 accumulation) for the kernels of higher layers.
+float64 accumulation) for the kernels of higher layers; the numerical domain of the tree (``MIN_BASE``,
+``MAX_BASE``, ``MAX_ABS``, ``MIN_ABS``, ``LEVEL_LIMIT``).
 """
 from refimpl.index._arrays import FREE_TOP, N_DIST, N_NODES, ROOT, TreeArrays
 from refimpl.index._distance import dist, dot, dot_sqdist, prefetch_row, sqdist, sqnorm
+from refimpl.index._domain import LEVEL_LIMIT, MAX_ABS, MAX_BASE, MIN_ABS, MIN_BASE
 from refimpl.index.clusters import Clustering
 from refimpl.index.sgtree import DEFAULT_BASE, SGTree
 from refimpl.index.search import TopKResult, brute_force_topk, topk
 
 __all__ = ["TreeArrays", "ROOT", "N_NODES", "FREE_TOP", "N_DIST", "Clustering", "SGTree", "DEFAULT_BASE", "topk",
-           "brute_force_topk", "TopKResult", "dot", "sqdist", "dist", "sqnorm", "dot_sqdist", "prefetch_row"]
+           "brute_force_topk", "TopKResult", "dot", "sqdist", "dist", "sqnorm", "dot_sqdist", "prefetch_row",
+           "MIN_BASE", "MAX_BASE", "MAX_ABS", "MIN_ABS", "LEVEL_LIMIT"]

@@ -10,7 +10,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 __all__ = ["dot", "sqdist", "dist", "sqnorm", "dot_sqdist", "prefetch_row"]
 
@@ -19,11 +22,6 @@ def _make_prefetch():
     """``prefetch(a, i, j)``: ask the CPU to load the cache line of a[i, j] (llvm.prefetch), so that random rows are
     fetched in parallel; a no-op if this llvmlite cannot emit it."""
     try:
-        from llvmlite import ir  # optional: only the intrinsic needs llvmlite's IR builder
-        from numba import types
-        from numba.core import cgutils
-        from numba.extending import intrinsic
-
         @intrinsic
         def prefetch(typingctx, arr, row, col):
             def codegen(context, builder, signature, args):
@@ -59,7 +57,7 @@ def _make_prefetch():
 _prefetch = _make_prefetch()
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")  # an out-of-line call would cost more than the prefetch
 def prefetch_row(A, i):
     """Prefetch row i of the 2-D array A (every 64-byte cache line of it)."""
     step = 64 // A.itemsize
@@ -75,28 +73,16 @@ def dot(A, i, B, j):
 
 @njit(cache=True)
 def sqdist(A, i, B, j):
-    """||A[i] - B[j]||^2 accumulated in float64 (may underflow to 0 for tiny differences: see :func:`dist`)."""
+    """||A[i] - B[j]||^2 accumulated in float64."""
     return dot_sqdist(A, i, B, j)[1]
 
 
 @njit(cache=True)
 def dist(A, i, B, j):
-    """||A[i] - B[j]||; exactly 0 iff the rows are identical (tiny differences are rescaled, never lost)."""
-    s = sqdist(A, i, B, j)
-    if s >= 1e-280:
-        return math.sqrt(s)
-    m = 0.0  # possible underflow of tiny differences: recompute scaled by the largest one
-    for k in range(A.shape[1]):
-        t = abs(np.float64(A[i, k]) - np.float64(B[j, k]))
-        if t > m:
-            m = t
-    if m == 0.0:
-        return 0.0
-    s = 0.0
-    for k in range(A.shape[1]):
-        t = (np.float64(A[i, k]) - np.float64(B[j, k])) / m
-        s += t * t
-    return m * math.sqrt(s)
+    """||A[i] - B[j]||. Exactly 0 iff the rows are identical when every non-zero coordinate has magnitude >= 1e-100
+    (the SG tree's domain, :mod:`refimpl.index._domain`): a non-zero difference is then >= 2e-116 and its square
+    cannot underflow."""
+    return math.sqrt(sqdist(A, i, B, j))
 
 
 @njit(cache=True)

@@ -3,8 +3,9 @@
 Levels are integers l with radii b^l (paper §3.3). Outside this domain that arithmetic degenerates: a base too
 close to 1 spreads a range of scales over astronomically many levels (b = 1 + 1e-9: ~1e10), a large base puts most
 points in one child group (quadratic construction), magnitudes above MAX_ABS overflow squared distances, and
-non-zero magnitudes below MIN_ABS allow subnormal differences where b^l is no longer exact. Inside it every level
-satisfies |l| <= log(1e300) / log(MIN_BASE) < 70,000 < LEVEL_LIMIT.
+non-zero magnitudes below MIN_ABS allow differences whose squares underflow (two distinct points at distance 0)
+or go subnormal, where b^l is no longer exact. Inside it a non-zero difference is >= 2^-52 MIN_ABS, its square
+>= 4e-232, and every level satisfies |l| <= log(1e300) / log(MIN_BASE) < 70,000 < LEVEL_LIMIT.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ __all__ = ["MIN_BASE", "MAX_BASE", "MAX_ABS", "MIN_ABS", "LEVEL_LIMIT", "DTYPES"
 MIN_BASE = 1.01
 MAX_BASE = 16.0
 MAX_ABS = 1e140
-MIN_ABS = 1e-150
+MIN_ABS = 1e-100
 LEVEL_LIMIT = 100_000
 DTYPES = (np.dtype(np.float64), np.dtype(np.float32))
 
@@ -38,12 +39,13 @@ def check_points(name: str, points, dim: int | None = None, dtype=np.float64) ->
     """(N, D) finite real points converted to ``dtype``, magnitudes in {0} U [MIN_ABS, MAX_ABS]; ValueError naming
     ``name`` (with the hint to rescale) otherwise."""
     arr = check_matrix(name, points, n_cols=dim, dtype=dtype)
-    if arr.size:
-        a = np.abs(arr)
+    step = max(1, 2**22 // max(arr.shape[1], 1))  # rows per chunk: no temporary of the whole matrix
+    for s in range(0, arr.shape[0], step):
+        a = np.abs(arr[s:s + step])
         if float(a.max()) > MAX_ABS:
             raise ValueError(f"{name}: values must have magnitude <= {MAX_ABS:g} (squared distances would "
                              "overflow); rescale the data")
-        tiny = (a > 0) & (a < MIN_ABS) if arr.dtype == np.float64 else None  # float32 cannot go below 1e-45
+        tiny = (a > 0) & (a < MIN_ABS) if arr.dtype == np.float64 else None  # float32 cannot go below 1.4e-45
         if tiny is not None and tiny.any():
             raise ValueError(f"{name}: non-zero values must have magnitude >= {MIN_ABS:g} (got "
                              f"{float(a[tiny].min()):.3g}: differences could be subnormal and the levels b^l "

@@ -207,6 +207,8 @@ def _verify(tree) -> None:
         if np.isnan(a).any() or (name in ("node_maxd", "node_pdist", "node_maxnorm") and not np.isfinite(a).all()):
             raise ValueError(f"{name} holds NaN or Inf")
     tol = lambda x: _RTOL * np.abs(x)  # noqa: E731
+    with np.errstate(over="ignore"):  # b^level may overflow to inf at extreme (still legal) levels
+        sep = np.power(tree.base, NL[nodes].astype(np.float64))
     checks = (
         ("node_pdist", np.abs(tree.node_pdist[nodes] - pdist[nodes]) > tol(pdist[nodes]), "differs from"),
         ("node_maxd", tree.node_maxd[nodes] < maxd[nodes] - tol(maxd[nodes]), "is below"),
@@ -214,7 +216,7 @@ def _verify(tree) -> None:
         ("node_mind", np.isfinite(mind[nodes]) & (tree.node_mind[nodes] > mind[nodes] + tol(mind[nodes])),
          "is above"),
         ("node_sepslack", np.isfinite(slack[nodes]) & (tree.node_sepslack[nodes] > slack[nodes] + _RTOL * (
-            np.abs(slack[nodes]) + np.power(tree.base, NL[nodes].astype(np.float64)))), "is above"),
+            np.abs(slack[nodes]) + sep)), "is above"),
     )
     for name, bad, how in checks:
         if bad.any():

@@ -19,13 +19,13 @@ from refimpl.index._distance import dist, sqnorm
 INF = np.inf
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")  # passing T to an out-of-line call costs more than the distance itself
 def tdist(T, i, j):
     """Distance between targets i and j of the tree."""
     return dist(T.points, i, T.points, j)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def tsqnorm(T, i):
     """Squared norm of target i."""
     return sqnorm(T.points, i)
@@ -42,7 +42,7 @@ def level_ceil(d, base):
     return lv
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _alloc(T, x, level, parent, pdist):
     if T.state[FREE_TOP] > 0:
         T.state[FREE_TOP] -= 1
@@ -65,7 +65,7 @@ def _alloc(T, x, level, parent, pdist):
     return v
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _link_child(T, v, c):
     """Insert node c into v's child list, after every child of level >= level(c) (keeps descending order)."""
     lc = T.node_level[c]
@@ -98,7 +98,7 @@ def duplicate_level(T, u, L):
     return lev if lev < L - 1 else L - 1
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _subtract_count(T, a, k):
     """count -= k on node a and all its ancestors."""
     while a != -1:

@@ -53,13 +53,14 @@ class TopKResult:
 
 
 # ---------------------------------------------------------------- one binary heap (root = the worst by rank)
-@njit(cache=True)
+# (small helpers are inlined: an out-of-line call that takes arrays costs more than the work itself)
+@njit(cache=True, inline="always")
 def _better(s1, i1, s2, i2):
     """Is (score s1, id i1) ranked before (s2, i2)? Larger score first, then smaller id."""
     return s1 > s2 or (s1 == s2 and i1 < i2)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _sift_up(hs, hi, j, s, i):
     """Slot for (s, i) entering at slot j of the heap: ancestors ranked after it move down."""
     while j > 0:
@@ -72,7 +73,7 @@ def _sift_up(hs, hi, j, s, i):
     return j
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _sift_down(hs, hi, size, s, i):
     """Slot for (s, i) entering at the root of hs[:size]: children ranked after it move up."""
     j = 0
@@ -89,7 +90,7 @@ def _sift_down(hs, hi, size, s, i):
         j = c
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _push(hs, hi, size, s, i):
     j = _sift_up(hs, hi, size, s, i)
     hs[j] = s
@@ -97,7 +98,7 @@ def _push(hs, hi, size, s, i):
     return size + 1
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _pop(hs, hi, size):
     """Remove the root (the worst); returns the new size."""
     size -= 1
@@ -108,7 +109,7 @@ def _pop(hs, hi, size):
     return size
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _offer(hs, hi, size, k, s, i):
     """Keep the k best (s, i) seen: returns the new size."""
     if size < k:
@@ -130,7 +131,7 @@ def _drain(hs, hi, size, out_ids, out_scores, qi):
 
 
 # ---------------------------------------------------------------- bounds and kernels
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _bound(dt, d2, qn, qn2, r, m2, ball):
     ub = dt + qn * r
     if ball:
@@ -145,7 +146,7 @@ def _bound(dt, d2, qn, qn2, r, m2, ball):
     return ub
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")  # called per child: T must not be passed out of line
 def _pruned(T, c, dqv, qn2, kth):
     """The parent-distance test: ||q - t|| >= |d(q, p_v) - PDIST(c)| - MAXD(c) for every t below child c, so the
     ball bound of c's subtree is known without reading its row."""

@@ -141,7 +141,7 @@ class SGTree:
     # ------------------------------------------------------------------ construction
     @classmethod
     def build(cls, points, *, base: float = DEFAULT_BASE, rng=None, order: str = "random",
-              method: str = "batch", dtype=np.float64) -> "SGTree":
+              method: str = "batch", dtype=np.float64, copy: bool = True) -> "SGTree":
         """Build over the rows of ``points`` (target id = row index).
 
         Parameters
@@ -154,6 +154,8 @@ class SGTree:
             invariants as insertion, coarse-to-fine, cache-friendly) or "insert" (one SG insertion per point).
         dtype : float64 (default) or float32 storage of the points (half the memory; the tree is built over the
             float32-rounded points and every statistic is computed in float64 from them, so all bounds hold).
+        copy : with False, a C-contiguous ``points`` array already of ``dtype`` becomes the tree's storage without a
+            copy (for data near the memory limit; the caller must not modify it afterwards).
         """
         dtype = check_dtype(dtype)
         pts = check_points("points", points, dtype=dtype)
@@ -162,8 +164,8 @@ class SGTree:
         if method not in ("batch", "insert"):
             raise ValueError(f"method: expected 'batch' or 'insert', got {method!r}")
         tree = cls(pts.shape[1], base=base, capacity=0, dtype=dtype)
-        own = isinstance(points, np.ndarray) and np.shares_memory(pts, points)
-        tree.points = pts.copy() if own else pts  # the tree owns its rows
+        shared = isinstance(points, np.ndarray) and np.shares_memory(pts, points)
+        tree.points = pts.copy() if shared and copy else pts  # the tree owns its rows
         tree.point_node = np.full(pts.shape[0], -1, dtype=np.int64)
         tree._reserve(0, pts.shape[0])
         tree.n_targets = pts.shape[0]

@@ -18,11 +18,12 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from refimpl.index import N_NODES, ROOT
 from refimpl.sampling._cluster_kernels import _dot, _first_below, _member, cluster_info, level_profile
 
 # per-query counters
-ATTEMPTS, ACCEPTED, INNER, EXCL_HITS, STATUS, RESTARTS, FALLBACKS, LEVEL, N_CLUSTERS, SELECT = range(10)
-NC = 10
+ATTEMPTS, ACCEPTED, INNER, EXCL_HITS, STATUS, RESTARTS, FALLBACKS, LEVEL, N_CLUSTERS, SELECT, EXACT = range(11)
+NC = 11
 # columns of the per-query log-normaliser output
 LZ_EST, LZ_LO, LZ_HI, LZ_EXCL = range(4)
 
@@ -31,11 +32,50 @@ LZ_EST, LZ_LO, LZ_HI, LZ_EXCL = range(4)
 
 
 @njit(cache=True)
-def _in(buf, n, x):
-    for j in range(n):
-        if buf[j] == x:
-            return True
-    return False
+def _exact_draw(T, q, beta, mask, live, ls, cnt):
+    """One exact draw from the softmax over the live targets not marked in ``mask`` (brute force, inverse CDF).
+
+    ``live``/``ls`` hold the live ids and their logits, filled on first use for the query (N inner products, once):
+    the fallback of a rejection sampler whose attempts for one draw exceed the number of live targets. Accepted
+    rejection draws and these draws both follow P exactly, so the mixture does too."""
+    if live[0] == -2:
+        n = 0
+        tree = T.state[ROOT] >= 0  # else an array partition: every row is live
+        for v in range(T.state[N_NODES] if tree else T.points.shape[0]):
+            i = T.node_point[v] if tree else v
+            if i >= 0:
+                live[n] = i
+                ls[n] = beta * _dot(T.points, i, q)
+                n += 1
+        cnt[INNER] += n
+        live[n:] = -1
+    m = -np.inf
+    for j in range(live.shape[0]):
+        i = live[j]
+        if i < 0:
+            break
+        if not mask[i] and ls[j] > m:
+            m = ls[j]
+    tot = 0.0
+    for j in range(live.shape[0]):
+        i = live[j]
+        if i < 0:
+            break
+        if not mask[i]:
+            tot += np.exp(ls[j] - m)
+    u = np.random.random() * tot
+    last = -1
+    for j in range(live.shape[0]):
+        i = live[j]
+        if i < 0:
+            break
+        if not mask[i]:
+            last = j
+            u -= np.exp(ls[j] - m)
+            if u < 0:
+                break
+    cnt[EXACT] += 1
+    return live[last], ls[last]
 
 
 @njit(cache=True)
@@ -149,7 +189,8 @@ def flat_batch(T, suf, Q, beta, k, algo, upper, auto, cptr, cnodes, clevels, cre
     ``chain_length[b]`` states, the first drawn from Q, each next proposal accepted with
     min(1, exp((s_y' - lw_y') - (s_y - lw_y))); the final state of each chain is returned. Excluded ids have
     P = 0 (never accepted); without replacement the drawn ids join them. Members: ``members[mptr[j]..]`` for an
-    array partition (mptr non-empty), else the u-th member of the tree cluster (nodes[j], levels[j]).
+    array partition (mptr non-empty), else the u-th member of the tree cluster (nodes[j], levels[j]). A rejection
+    draw (or an MH chain that has not reached an allowed state) after N proposals is made by ``_exact_draw``.
     LZ_EST is the importance-sampling estimate log(Z_prop mean e^{s_i - lw_j}) clipped to [LZ_LO, LZ_HI].
     """
     np.random.seed(seed)
@@ -159,9 +200,14 @@ def flat_batch(T, suf, Q, beta, k, algo, upper, auto, cptr, cnodes, clevels, cre
     cnt = np.zeros((B, NC), np.int64)
     lz = np.zeros((B, 4), np.float64)
     points = T.points
+    mask = np.zeros(points.shape[0], np.bool_)
+    n_live = T.node_count[T.state[ROOT]] if T.state[ROOT] >= 0 else points.shape[0]
+    live = np.empty(n_live + 1, np.int64)
+    ls = np.empty(n_live + 1, np.float64)
     for b in range(B):
         q = Q[b]
         c = cnt[b]
+        live[0] = -2
         lze = _excluded(T, q, beta, eids, eptr[b], eptr[b + 1], c)
         lz[b, LZ_EXCL] = lze
         nodes, levels, reps, sizes, radii, sr = _start(T, suf, q, beta, k, auto, b, cptr, cnodes, clevels, creps,
@@ -181,6 +227,7 @@ def flat_batch(T, suf, Q, beta, k, algo, upper, auto, cptr, cnodes, clevels, cre
         nb = eptr[b + 1] - eptr[b]
         buf = np.empty(nb + k, np.int64)
         buf[:nb] = eids[eptr[b]:eptr[b + 1]]
+        mask[buf[:nb]] = True
         isum = 0.0
         for t in range(k):
             steps = 0
@@ -188,10 +235,13 @@ def flat_batch(T, suf, Q, beta, k, algo, upper, auto, cptr, cnodes, clevels, cre
             wy = -np.inf
             sy = 0.0
             while True:
-                steps += 1
-                if steps > max_steps:
+                if steps >= max_steps:
                     c[STATUS] = 1
                     return ids, sids, cnt, lz
+                if steps >= n_live and (algo == 0 or wy == -np.inf):
+                    y, sy = _exact_draw(T, q, beta, mask, live, ls, c)
+                    break
+                steps += 1
                 j = _pick(cum, np.random.random() * cum[-1])
                 u = np.random.randint(0, sizes[j])
                 i = members[mptr[j] + u] if mptr.shape[0] > 0 else _member(T, nodes[j], levels[j], u)
@@ -200,7 +250,7 @@ def flat_batch(T, suf, Q, beta, k, algo, upper, auto, cptr, cnodes, clevels, cre
                 c[INNER] += 1
                 w = s - lw[j]
                 isum += np.exp(w)
-                bad = nb > 0 and _in(buf, nb, i)
+                bad = mask[i]
                 if algo == 0:
                     if np.random.random() < np.exp(w):
                         if bad:
@@ -226,7 +276,9 @@ def flat_batch(T, suf, Q, beta, k, algo, upper, auto, cptr, cnodes, clevels, cre
             sids[b, t] = sy
             if replace == 0:
                 buf[nb] = y
+                mask[y] = True
                 nb += 1
+        mask[buf[:nb]] = False
         log_zprop = ref + np.log(cum[-1])
         est = log_zprop + np.log(max(isum / max(c[ATTEMPTS], 1), 1e-300))
         lz[b, LZ_EST] = min(max(est, lz[b, LZ_LO]), lz[b, LZ_HI])
@@ -267,6 +319,8 @@ def alg1_batch(T, suf, Q, beta, k, auto, cptr, cnodes, clevels, creps, csizes, c
     weights clipped to 0 (a negative control), and ``fallback_after`` > 0 = the authors' "return the unaccepted
     proposal after that many restarts" (another); the public sampler never sets them.
 
+    A draw whose attempts reach the number of live targets is made by brute force (``_exact_draw``; still exact).
+
     Cost: the logits of a visited group's children are computed once per query (logit cache); a group's total
     child mass, n_self and next group are cached by its first child, so a restart costs O(1).
     LZ_EST = log Z_hat_hi + log(successes / attempts) clipped to the certified [LZ_LO, LZ_HI].
@@ -288,9 +342,14 @@ def alg1_batch(T, suf, Q, beta, k, auto, cptr, cnodes, clevels, creps, csizes, c
     gnself = np.empty(size, np.int64)
     gafter = np.empty(size, np.int64)
     fill = np.zeros(2, np.int64)
+    mask = np.zeros(points.shape[0], np.bool_)
+    n_live = T.node_count[T.state[ROOT]]
+    live = np.empty(n_live + 1, np.int64)
+    ls = np.empty(n_live + 1, np.float64)
     for b in range(B):
         q = Q[b]
         c = cnt[b]
+        live[0] = -2
         keys[:] = -1
         gkeys[:] = -1
         fill[:] = 0
@@ -322,16 +381,20 @@ def alg1_batch(T, suf, Q, beta, k, auto, cptr, cnodes, clevels, creps, csizes, c
         nb = eptr[b + 1] - eptr[b]
         buf = np.empty(nb + k, np.int64)
         buf[:nb] = eids[eptr[b]:eptr[b + 1]]
+        mask[buf[:nb]] = True
         for t in range(k):
             attempts = 0
             restarts = 0
             done = False
             while not done:
-                attempts += 1
-                c[ATTEMPTS] += 1
-                if attempts > max_attempts:
+                if attempts >= max_attempts:
                     c[STATUS] = 1
                     return ids, sids, cnt, lz
+                if attempts >= n_live and fallback_after == 0:
+                    ids[b, t], sids[b, t] = _exact_draw(T, q, beta, mask, live, ls, c)
+                    break
+                attempts += 1
+                c[ATTEMPTS] += 1
                 j = _pick(cum, np.random.random() * cum[-1])
                 v = cn[j]
                 n = cs[j]
@@ -414,7 +477,7 @@ def alg1_batch(T, suf, Q, beta, k, auto, cptr, cnodes, clevels, creps, csizes, c
                             continue
                     # accept the representative of v
                     i = T.node_point[v]
-                    if nb > 0 and _in(buf, nb, i):
+                    if mask[i]:
                         c[EXCL_HITS] += 1
                         break
                     ids[b, t] = i
@@ -432,7 +495,9 @@ def alg1_batch(T, suf, Q, beta, k, auto, cptr, cnodes, clevels, creps, csizes, c
                         done = True
             if replace == 0:
                 buf[nb] = ids[b, t]
+                mask[ids[b, t]] = True
                 nb += 1
+        mask[buf[:nb]] = False
         lhi = lz[b, LZ_HI]
         succ = c[ACCEPTED] + c[EXCL_HITS]
         est = lhi + np.log(max(succ, 1) / max(c[ATTEMPTS], 1))

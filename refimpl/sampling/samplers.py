@@ -18,6 +18,10 @@ Prop. 2's rule (:func:`default_level`); an int fixes it. Exactness never depends
 Common options: ``exclude`` (ids; the softmax is renormalised over the other targets; for a batch either one
 array for all queries or a list of arrays, one per query; excluding every target is a ValueError),
 ``replace`` (False: the k draws are distinct, each from the softmax renormalised over the targets not yet drawn).
+A rejection sampler whose attempts for one draw reach the number N of live targets (e.g. when nearly all the mass
+is excluded) makes that draw by brute force instead (N inner products, once per query): an accepted attempt and
+the brute-force draw both follow P exactly, so the draw stays exact and the cost stays within ~2x brute force
+(``stats["exact_fallbacks"]``).
 ``log_q`` is the log-probability of each draw under the distribution sampled (renormalised for the exclusions and,
 without replacement, conditional on the previous draws). The tree samplers know Z only within the certified
 interval of their start clustering: ``log_z="estimate"`` (default) uses their own unbiased-ratio estimate clipped
@@ -195,7 +199,7 @@ def _tree_stats(cnt, lz, log_z_used):
     return {"attempts": cnt[:, K.ATTEMPTS], "proposals": cnt[:, K.ATTEMPTS], "accepted": cnt[:, K.ACCEPTED],
             "restarts": cnt[:, K.RESTARTS], "inner_products": cnt[:, K.INNER], "excluded_hits": cnt[:, K.EXCL_HITS],
             "fallbacks": cnt[:, K.FALLBACKS], "level": cnt[:, K.LEVEL], "n_clusters": cnt[:, K.N_CLUSTERS],
-            "selection_inner_products": cnt[:, K.SELECT], "log_z": log_z_used, "log_z_lo": lz[:, K.LZ_LO],
+            "selection_inner_products": cnt[:, K.SELECT], "exact_fallbacks": cnt[:, K.EXACT], "log_z": log_z_used, "log_z_lo": lz[:, K.LZ_LO],
             "log_z_hi": lz[:, K.LZ_HI]}
 
 

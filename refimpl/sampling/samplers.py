@@ -38,6 +38,7 @@ from refimpl._validate import as_rng, check_ids, check_int, check_positive
 from refimpl.index import Clustering, TreeArrays
 from refimpl.sampling import _kernels as K
 from refimpl.sampling import bounds
+from refimpl.softmax import logsumexp
 from refimpl.sampling.clustering import (certify, cluster_labels, find_clustering, level_clustering, logits,
                                          suffix_radii)
 
@@ -189,9 +190,7 @@ def _exact_log_z(points, Q, beta, ids=None):
     rows = points if ids is None else points[ids]
     step = max(1, (1 << 22) // max(rows.shape[0], 1))
     for b0 in range(0, Q.shape[0], step):
-        S = beta * (Q[b0:b0 + step] @ rows.T.astype(np.float64, copy=False))
-        m = S.max(axis=1, keepdims=True)
-        out[b0:b0 + step] = m[:, 0] + np.log(np.exp(S - m).sum(axis=1))
+        out[b0:b0 + step] = logsumexp(beta * (Q[b0:b0 + step] @ rows.T.astype(np.float64, copy=False)), axis=1)
     return out
 
 

@@ -17,6 +17,8 @@ from numba import njit
 
 from refimpl.index import N_NODES, ROOT
 
+EPS = 2.0 ** -52  # float64 unit roundoff (x2)
+
 # ----------------------------------------------------------------------------------------------------------------
 # small helpers
 
@@ -282,6 +284,7 @@ def level_profile(T, suf, q, beta, bq, k, attempt_cost, log_z_excl):
     ref = lhi[0]
     zhi = 1.0
     zh = np.exp(lh[0] - ref)
+    err = 0.0  # bound on the accumulated rounding error of zhi and zh (units of e^ref)
     best_cost = np.inf
     best_L = L
     best_n = 1
@@ -331,6 +334,15 @@ def level_profile(T, suf, q, beta, bq, k, attempt_cost, log_z_excl):
                     rc = node_maxd[c]
                 lhi[n] = np.log(node_count[c]) + logit[n] + bq * rc
                 lh[n] = np.log(node_count[c]) + logit[n]
+                if lhi[n] > ref:  # a new largest term: rescale the running sums
+                    f = np.exp(ref - lhi[n])
+                    zhi *= f
+                    zh *= f
+                    err *= f
+                    ref = lhi[n]
+                zhi += np.exp(lhi[n] - ref)
+                zh += np.exp(lh[n] - ref)
+                err += EPS * (zhi + zh)
                 n += 1
                 used[x] += node_count[c]
                 moved = True
@@ -344,18 +356,27 @@ def level_profile(T, suf, q, beta, bq, k, attempt_cost, log_z_excl):
                 if rx > node_maxd[v]:
                     rx = node_maxd[v]
                 size = node_count[v] - used[x]
-                lhi[x] = np.log(size) + logit[x] + bq * rx
+                err += EPS * (zhi + zh)
+                zhi -= np.exp(lhi[x] - ref)
+                zh -= np.exp(lh[x] - ref)
+                lhi[x] = np.log(size) + logit[x] + bq * rx  # smaller: size and radius only shrink
                 lh[x] = np.log(size) + logit[x]
-        # Z_hi and Z_hat of the new level, summed afresh: running sums updated by subtraction cancel
-        # catastrophically when one term dominates (seen: Z_hi / Z_hat estimated ~1 where the truth was e^36)
-        ref = lhi[0]
-        for x in range(1, n):
-            if lhi[x] > ref:
-                ref = lhi[x]
-        zhi = 0.0
-        zh = 0.0
-        for x in range(n):
-            zhi += np.exp(lhi[x] - ref)
-            zh += np.exp(lh[x] - ref)
+                zhi += np.exp(lhi[x] - ref)
+                zh += np.exp(lh[x] - ref)
+                err += EPS * (zhi + zh)
+        # running sums updated by subtraction cancel catastrophically when one term dominates (seen: Z_hi / Z_hat
+        # estimated ~1 where the truth was e^36): their accumulated rounding is bounded by ``err``, and they are
+        # summed afresh whenever that bound exceeds 1e-8 of the smaller sum
+        if err > 1e-8 * min(zhi, zh):
+            ref = lhi[0]
+            for x in range(1, n):
+                if lhi[x] > ref:
+                    ref = lhi[x]
+            zhi = 0.0
+            zh = 0.0
+            for x in range(n):
+                zhi += np.exp(lhi[x] - ref)
+                zh += np.exp(lh[x] - ref)
+            err = EPS * n * (zhi + zh)
         L -= 1
     return best_L, best_n, nodes[:best_n].copy(), logit[:best_n].copy(), ip

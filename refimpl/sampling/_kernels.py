@@ -137,11 +137,11 @@ def _excluded(T, q, beta, eids, e0, e1, cnt):
 
 
 @njit(cache=True)
-def _start(T, suf, q, beta, k, auto, b, cptr, cnodes, clevels, creps, csizes, cradii, lze, cnt):
+def _start(T, suf, q, beta, k, auto, attempt_cost, b, cptr, cnodes, clevels, creps, csizes, cradii, lze, cnt):
     """Start clustering of query b: (nodes, levels, reps, sizes, radii, rep logits); Prop. 3's level when auto."""
     if auto:
         bq = beta * np.sqrt(np.sum(q * q))
-        L, nb, nodes, lg, ip = level_profile(T, suf, q, beta, bq, k, 1.0, lze)
+        L, nb, nodes, lg, ip = level_profile(T, suf, q, beta, bq, k, attempt_cost, lze)
         levels = np.full(nodes.shape[0], L, np.int64)
         sizes, radii, _ = cluster_info(T, suf, nodes, levels)
         reps = np.empty(nodes.shape[0], np.int64)
@@ -179,7 +179,7 @@ def _log_z_bounds(sizes, s, eps, lz_out):
 
 
 @njit(cache=True)
-def flat_batch(T, suf, Q, beta, k, algo, upper, auto, cptr, cnodes, clevels, creps, csizes, cradii, mptr, members,
+def flat_batch(T, suf, Q, beta, k, algo, upper, auto, attempt_cost, cptr, cnodes, clevels, creps, csizes, cradii, mptr, members,
                eptr, eids, replace, chain_length, max_steps, seed):
     """Flat rejection (algo 0) or independent MH (algo 1) over a clustering, for every query of ``Q``.
 
@@ -210,7 +210,7 @@ def flat_batch(T, suf, Q, beta, k, algo, upper, auto, cptr, cnodes, clevels, cre
         live[0] = -2
         lze = _excluded(T, q, beta, eids, eptr[b], eptr[b + 1], c)
         lz[b, LZ_EXCL] = lze
-        nodes, levels, reps, sizes, radii, sr = _start(T, suf, q, beta, k, auto, b, cptr, cnodes, clevels, creps,
+        nodes, levels, reps, sizes, radii, sr = _start(T, suf, q, beta, k, auto, attempt_cost, b, cptr, cnodes, clevels, creps,
                                                        csizes, cradii, lze, c)
         nc = nodes.shape[0]
         c[N_CLUSTERS] = nc
@@ -300,7 +300,7 @@ def _child_e(sc, bq, T, c, E, Lc, broken):
 
 
 @njit(cache=True)
-def alg1_batch(T, suf, Q, beta, k, auto, cptr, cnodes, clevels, creps, csizes, cradii, eptr, eids, replace,
+def alg1_batch(T, suf, Q, beta, k, auto, attempt_cost, cptr, cnodes, clevels, creps, csizes, cradii, eptr, eids, replace,
                max_attempts, broken, fallback_after, seed):
     """Alg. 1 (hierarchical rejection with running normalisers, restart option, nested self-child rule), per query.
 
@@ -355,7 +355,7 @@ def alg1_batch(T, suf, Q, beta, k, auto, cptr, cnodes, clevels, creps, csizes, c
         fill[:] = 0
         lze = _excluded(T, q, beta, eids, eptr[b], eptr[b + 1], c)
         lz[b, LZ_EXCL] = lze
-        cn, cl, cr, cs, crad, sr = _start(T, suf, q, beta, k, auto, b, cptr, cnodes, clevels, creps, csizes,
+        cn, cl, cr, cs, crad, sr = _start(T, suf, q, beta, k, auto, attempt_cost, b, cptr, cnodes, clevels, creps, csizes,
                                           cradii, lze, c)
         nc = cn.shape[0]
         c[N_CLUSTERS] = nc

@@ -55,6 +55,7 @@ __all__ = [
 
 DEFAULT_MAX_ATTEMPTS = 10_000_000
 DEFAULT_C = 1.5
+ATTEMPT_COST = 1.0  # one attempt of a rejection sampler, in inner products, in Prop. 3's cost of a start level
 _EMPTY = np.zeros(0, np.int64)
 
 
@@ -329,7 +330,7 @@ def _flat(source, Q, batched, k, beta, gen, exclude, replace, log_z, algo, upper
     avail = (n - np.diff(eptr)) if partition is not None else _available(source, eptr, eids)
     k = _check_k(k, avail, replace)
     cl = np.broadcast_to(np.asarray(chain_length, np.int64), (Q.shape[0],)).copy()
-    ids, sids, cnt, lz = K.flat_batch(T, suf, Q, beta, k, algo, upper, auto, *csr, mptr, members, eptr, eids,
+    ids, sids, cnt, lz = K.flat_batch(T, suf, Q, beta, k, algo, upper, auto, ATTEMPT_COST, *csr, mptr, members, eptr, eids,
                                       int(replace), cl, max_steps, _seed(gen))
     if cnt[:, K.STATUS].any():
         raise SamplerError(f"flat {'rejection' if algo == 0 else 'MH'}: no accepted draw after {max_steps} "
@@ -429,7 +430,7 @@ def sample_rejection(tree, q, k, *, beta, rng, level="auto", exclude=None, repla
 
 
 def _rejection(tree, q, k, *, beta, rng, level="auto", exclude=None, replace=True, log_z="estimate",
-               max_attempts=DEFAULT_MAX_ATTEMPTS, broken=False, fallback_after=0):
+               max_attempts=DEFAULT_MAX_ATTEMPTS, broken=False, fallback_after=0, attempt_cost=None):
     """:func:`sample_rejection` with the negative controls of the tests: ``broken`` (radius b^l as printed, no cap,
     clipped restart weights) and ``fallback_after`` (the authors' "return the unaccepted proposal after that many
     restarts"). Both make the sampler inexact; they exist so that the exactness tests can show they would fail."""
@@ -442,8 +443,9 @@ def _rejection(tree, q, k, *, beta, rng, level="auto", exclude=None, replace=Tru
     eptr, eids = _exclusions(exclude, Q.shape[0], batched, int(tree.n_targets))
     k = _check_k(k, _available(tree, eptr, eids), replace)
     auto, csr = _start_levels(tree, Q, beta, level)
+    attempt_cost = ATTEMPT_COST if attempt_cost is None else float(attempt_cost)
     T = tree.arrays()
-    ids, sids, cnt, lz = K.alg1_batch(T, suffix_radii(tree), Q, beta, k, auto, *csr, eptr, eids, int(replace),
+    ids, sids, cnt, lz = K.alg1_batch(T, suffix_radii(tree), Q, beta, k, auto, attempt_cost, *csr, eptr, eids, int(replace),
                                       max_attempts, bool(broken), int(fallback_after), _seed(gen))
     if cnt[:, K.STATUS].any():
         b = int(np.flatnonzero(cnt[:, K.STATUS])[0])

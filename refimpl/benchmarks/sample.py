@@ -17,10 +17,11 @@ whole batch / B), inner products per query and per draw, the floor = inner produ
 random-row inner product (a Numba loop over random rows with a vectorised float64 dot, measured on the same
 points), the distance to it, and the speedup over the baseline. Baseline: what a NumPy user writes: float32
 targets, queries in blocks of B_b (best of ``--baseline-batches`` reported), one GEMM per block of 65,536 targets,
-exp(s - beta ||q|| max ||t||) (no max pass needed), per-block masses, then each draw picks a block by its mass and
-a row inside it by an exp/cumsum search over that block's recomputed logits (exact up to float32 rounding).
+exp(s - beta ||q|| max ||t||) (no max pass needed), masses per chunk of 4,096 targets, then each draw picks a chunk
+by its mass and a row inside it by exp/cumsum over that chunk's recomputed logits (exact up to float32 rounding).
 
 Samplers: ``exact`` (float64 brute force), ``rejection`` (Alg. 1, auto level), ``flat`` (Eq. 3-5, auto level),
+``astar`` (A* sampling over the tree's Gumbel process),
 ``mh`` (Alg. 2 + certified refinement + Eq. 6 chains; approximate). For Alg. 1 the acceptance rate per attempt and
 the proposal-weighted beta ||q|| rho of its start clusters (what sets it: acceptance ~ e^{-beta rho}) are printed.
 A JSON file with every number is written (``--json``).
@@ -37,9 +38,10 @@ import time
 import numpy as np
 from numba import njit
 
-SAMPLERS = ("exact", "rejection", "flat", "mh")
+SAMPLERS = ("exact", "rejection", "flat", "astar", "mh")
 DATA = ("hierarchical", "text")
-BLOCK = 1 << 16
+BLOCK = 1 << 16  # targets per GEMM
+CHUNK = 1 << 12  # targets per mass entry: a draw recomputes one chunk
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -76,30 +78,47 @@ def _random_read_ns(points, rng, m=2_000_000):
 
 
 def _numpy_float32_sampler(X32, norms_max, Q, k, beta, bs, rng):
-    """k draws per query (with replacement), float32, blocks of ``bs`` queries x BLOCK targets; returns ids (B, k)."""
+    """k draws per query (with replacement), float32, blocks of ``bs`` queries x BLOCK targets; returns ids (B, k).
+
+    When the (bs, N) logits fit in 256 MB: one GEMM, exp, cumsum and a row-wise inverse CDF. Otherwise pass 1: one
+    GEMM per block, exp(s - beta ||q|| max ||t||), masses per CHUNK of targets; pass 2: each draw picks a chunk by
+    its mass (inverse CDF) and a row in it by exp/cumsum over that chunk's recomputed logits."""
     n = X32.shape[0]
     out = np.empty((Q.shape[0], k), np.int64)
-    nblk = (n + BLOCK - 1) // BLOCK
-    for b0 in range(0, Q.shape[0], bs):
-        Qb = Q[b0:b0 + bs].astype(np.float32)
-        shift = (beta * np.linalg.norm(Qb, axis=1) * norms_max).astype(np.float32)[:, None]
-        mass = np.empty((Qb.shape[0], nblk), np.float64)
-        for j in range(nblk):
-            S = Qb @ X32[j * BLOCK:(j + 1) * BLOCK].T
+    if bs * n <= 1 << 26:  # the whole (bs, N) logit block fits in 256 MB: one pass, row-wise inverse CDF
+        for b0 in range(0, Q.shape[0], bs):
+            Qb = Q[b0:b0 + bs].astype(np.float32)
+            shift = (beta * np.linalg.norm(Qb, axis=1) * norms_max).astype(np.float32)[:, None]
+            S = Qb @ X32.T
             S *= np.float32(beta)
             S -= shift
             np.exp(S, out=S)
-            mass[:, j] = S.sum(axis=1, dtype=np.float64)
-        cm = np.cumsum(mass, axis=1)
-        u = rng.random((Qb.shape[0], k)) * cm[:, -1:]
-        blk = np.minimum((cm[:, None, :] <= u[:, :, None]).sum(axis=2), nblk - 1)
-        for r in range(Qb.shape[0]):
-            for j in np.unique(blk[r]):
-                sel = np.flatnonzero(blk[r] == j)
-                w = np.exp(beta * (X32[j * BLOCK:(j + 1) * BLOCK] @ Qb[r]) - shift[r])
-                c = np.cumsum(w, dtype=np.float64)
-                pos = np.searchsorted(c, rng.random(sel.size) * c[-1], side="right")
-                out[b0 + r, sel] = j * BLOCK + np.minimum(pos, c.size - 1)
+            c = np.cumsum(S, axis=1, dtype=np.float64)
+            rows = np.arange(Qb.shape[0])[:, None]
+            u = rng.random((Qb.shape[0], k)) + rows
+            pos = np.searchsorted((c / c[:, -1:] + rows).ravel(), u, side="right") - rows * n
+            out[b0:b0 + Qb.shape[0]] = np.clip(pos, 0, n - 1)
+        return out
+    nch = (n + CHUNK - 1) // CHUNK
+    for b0 in range(0, Q.shape[0], bs):
+        Qb = Q[b0:b0 + bs].astype(np.float32)
+        nb = Qb.shape[0]
+        shift = (beta * np.linalg.norm(Qb, axis=1) * norms_max).astype(np.float32)[:, None]
+        mass = np.zeros((nb, nch * CHUNK), np.float32)
+        for j0 in range(0, n, BLOCK):
+            S = Qb @ X32[j0:j0 + BLOCK].T
+            S *= np.float32(beta)
+            S -= shift
+            np.exp(S, out=S)
+            mass[:, j0:j0 + S.shape[1]] = S
+        cm = np.cumsum(mass.reshape(nb, nch, CHUNK).sum(axis=2, dtype=np.float64), axis=1)
+        u = rng.random((nb, k)) * cm[:, -1:]
+        ch = np.minimum((cm[:, None, :] <= u[:, :, None]).sum(axis=2), nch - 1)
+        for r in range(nb):
+            for t in range(k):
+                j = ch[r, t] * CHUNK
+                c = np.cumsum(np.exp(beta * (X32[j:j + CHUNK] @ Qb[r]) - shift[r]), dtype=np.float64)
+                out[b0 + r, t] = j + min(int(np.searchsorted(c, rng.random() * c[-1], side="right")), c.size - 1)
     return out
 
 
@@ -182,6 +201,8 @@ def _sampler(name, X, tree, Q, k, beta, seed):
         return S.sample_rejection(tree, Q, k, beta=beta, rng=seed)
     if name == "flat":
         return S.sample_flat_rejection(tree, Q, k, beta=beta, rng=seed)
+    if name == "astar":
+        return S.sample_astar(tree, Q, k, beta=beta, rng=seed)
     return S.sample_mh(tree, Q, k, beta=beta, rng=seed, max_refine_clusters=2000)
 
 

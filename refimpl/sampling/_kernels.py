@@ -88,6 +88,13 @@ def _pick(cum, u):
 
 
 @njit(cache=True)
+def _outputs(B, k):
+    """ids (B, k) (-1 = not drawn), their logits (B, k), counters (B, NC), log-normalisers (B, 4)."""
+    return (np.full((B, k), -1, np.int64), np.zeros((B, k), np.float64), np.zeros((B, NC), np.int64),
+            np.zeros((B, 4), np.float64))
+
+
+@njit(cache=True)
 def _hslot(keys, key):
     """Slot of ``key`` in an open-addressing table (keys -1 = empty): its slot, or the empty slot to insert it."""
     mask = keys.shape[0] - 1
@@ -195,10 +202,7 @@ def flat_batch(T, suf, Q, beta, k, algo, upper, auto, attempt_cost, cptr, cnodes
     """
     np.random.seed(seed)
     B = Q.shape[0]
-    ids = np.full((B, k), -1, np.int64)
-    sids = np.zeros((B, k), np.float64)
-    cnt = np.zeros((B, NC), np.int64)
-    lz = np.zeros((B, 4), np.float64)
+    ids, sids, cnt, lz = _outputs(B, k)
     points = T.points
     mask = np.zeros(points.shape[0], np.bool_)
     n_live = T.node_count[T.state[ROOT]] if T.state[ROOT] >= 0 else points.shape[0]
@@ -327,10 +331,7 @@ def alg1_batch(T, suf, Q, beta, k, auto, attempt_cost, cptr, cnodes, clevels, cr
     """
     np.random.seed(seed)
     B = Q.shape[0]
-    ids = np.full((B, k), -1, np.int64)
-    sids = np.zeros((B, k), np.float64)
-    cnt = np.zeros((B, NC), np.int64)
-    lz = np.zeros((B, 4), np.float64)
+    ids, sids, cnt, lz = _outputs(B, k)
     points = T.points
     size = 1024
     while size < 128 * k and size < (1 << 18):
@@ -600,10 +601,7 @@ def astar_batch(T, suf, Q, beta, k, eptr, eids, replace, max_pops, broken, seed)
     """
     np.random.seed(seed)
     B = Q.shape[0]
-    ids = np.full((B, k), -1, np.int64)
-    sids = np.zeros((B, k), np.float64)
-    cnt = np.zeros((B, NC), np.int64)
-    lz = np.zeros((B, 4), np.float64)
+    ids, sids, cnt, lz = _outputs(B, k)
     points = T.points
     root = T.state[ROOT]
     n_all = T.node_count[root]

@@ -197,6 +197,27 @@ def _exact_log_z(points, Q, beta, ids=None):
     return out
 
 
+def _tree_args(tree, q, k, beta, rng, log_z, exclude, replace):
+    """The checked common arguments of a tree sampler: (beta, gen, log_z, Q, batched, eptr, eids, k)."""
+    beta = check_positive("beta", beta)
+    gen = as_rng(rng)
+    log_z = _check_log_z(log_z)
+    _tree(tree)
+    Q, batched = _queries(q, tree.dim)
+    eptr, eids = _exclusions(exclude, Q.shape[0], batched, int(tree.n_targets))
+    k = _check_k(k, _available(tree, eptr, eids), replace)
+    return beta, gen, log_z, Q, batched, eptr, eids, k
+
+
+def _finish(tree, Q, beta, log_z, replace, batched, ids, sids, cnt, lz):
+    """The result of a tree sampler's kernel: log Z (the kernel's estimate, or exact), log_q, stats."""
+    lzu = lz[:, K.LZ_EST].copy()
+    if log_z == "exact":
+        lzu = _exact_log_z(tree.points, Q, beta, tree.live_ids())
+        cnt[:, K.INNER] += len(tree)
+    return _result(ids, _log_q(sids, lzu, lz[:, K.LZ_EXCL], replace), _tree_stats(cnt, lz, lzu), batched)
+
+
 def _tree_stats(cnt, lz, log_z_used):
     return {"attempts": cnt[:, K.ATTEMPTS], "proposals": cnt[:, K.ATTEMPTS], "accepted": cnt[:, K.ACCEPTED],
             "restarts": cnt[:, K.RESTARTS], "inner_products": cnt[:, K.INNER], "excluded_hits": cnt[:, K.EXCL_HITS],
@@ -436,14 +457,8 @@ def _rejection(tree, q, k, *, beta, rng, level="auto", exclude=None, replace=Tru
     """:func:`sample_rejection` with the negative controls of the tests: ``broken`` (radius b^l as printed, no cap,
     clipped restart weights) and ``fallback_after`` (the authors' "return the unaccepted proposal after that many
     restarts"). Both make the sampler inexact; they exist so that the exactness tests can show they would fail."""
-    beta = check_positive("beta", beta)
-    gen = as_rng(rng)
-    log_z = _check_log_z(log_z)
-    _tree(tree)
-    Q, batched = _queries(q, tree.dim)
+    beta, gen, log_z, Q, batched, eptr, eids, k = _tree_args(tree, q, k, beta, rng, log_z, exclude, replace)
     max_attempts = check_int("max_attempts", max_attempts, low=1)
-    eptr, eids = _exclusions(exclude, Q.shape[0], batched, int(tree.n_targets))
-    k = _check_k(k, _available(tree, eptr, eids), replace)
     auto, csr = _start_levels(tree, Q, beta, level)
     attempt_cost = ATTEMPT_COST if attempt_cost is None else float(attempt_cost)
     T = tree.arrays()
@@ -453,11 +468,7 @@ def _rejection(tree, q, k, *, beta, rng, level="auto", exclude=None, replace=Tru
         b = int(np.flatnonzero(cnt[:, K.STATUS])[0])
         raise SamplerError(f"sample_rejection: no accepted draw after {max_attempts} attempts at level "
                            f"{int(cnt[b, K.LEVEL])} (acceptance ~ exp(-beta rho)); start at a lower level")
-    lzu = lz[:, K.LZ_EST].copy()
-    if log_z == "exact":
-        lzu = _exact_log_z(T.points, Q, beta, tree.live_ids())
-        cnt[:, K.INNER] += len(tree)
-    return _result(ids, _log_q(sids, lzu, lz[:, K.LZ_EXCL], replace), _tree_stats(cnt, lz, lzu), batched)
+    return _finish(tree, Q, beta, log_z, replace, batched, ids, sids, cnt, lz)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -497,24 +508,14 @@ def sample_astar(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z="es
 def _astar(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z="estimate", max_pops=DEFAULT_MAX_ATTEMPTS,
            broken=False):
     """:func:`sample_astar`; ``broken=True`` drops the radius from the bounds (E = s_r): a negative control."""
-    beta = check_positive("beta", beta)
-    gen = as_rng(rng)
-    log_z = _check_log_z(log_z)
-    _tree(tree)
-    Q, batched = _queries(q, tree.dim)
+    beta, gen, log_z, Q, batched, eptr, eids, k = _tree_args(tree, q, k, beta, rng, log_z, exclude, replace)
     max_pops = check_int("max_pops", max_pops, low=1)
-    eptr, eids = _exclusions(exclude, Q.shape[0], batched, int(tree.n_targets))
-    k = _check_k(k, _available(tree, eptr, eids), replace)
     T = tree.arrays()
     ids, sids, cnt, lz = K.astar_batch(T, suffix_radii(tree), Q, beta, k, eptr, eids, int(replace), max_pops,
                                        bool(broken), _seed(gen))
     if cnt[:, K.STATUS].any():
         raise SamplerError(f"sample_astar: no draw after {max_pops} regions popped")
-    lzu = lz[:, K.LZ_EST].copy()
-    if log_z == "exact" or k == 0:
-        lzu = _exact_log_z(T.points, Q, beta, tree.live_ids())
-        cnt[:, K.INNER] += len(tree)
-    return _result(ids, _log_q(sids, lzu, lz[:, K.LZ_EXCL], replace), _tree_stats(cnt, lz, lzu), batched)
+    return _finish(tree, Q, beta, "exact" if k == 0 else log_z, replace, batched, ids, sids, cnt, lz)
 
 
 # ----------------------------------------------------------------------------------------------------------------

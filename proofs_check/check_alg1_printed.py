@@ -10,7 +10,7 @@ available mass, restart 0), which we do, and then the law is biased. Variants on
 
 * printed:  X = 1 (e^{b^k}), radius b^k, nested self-child with its full count |C|;
 * beta:     X = beta (the proof's e^{beta b^k}), otherwise as printed;
-* corrected (the library's Alg. 1, refimpl.sampling._kernels.alg1_kernel, re-derived here in NumPy): cluster bound
+* corrected (the library's Alg. 1, refimpl.sampling._kernels.alg1_batch, re-derived here in NumPy): cluster bound
   E = s_r + beta ||q|| rho with rho = MAXD, capped by the parent's E, and the nested self-child carrying n_self - 1
   (its representative was already offered); masses n e^{E}. Exact by construction: TV must be 0 (to 1e-9).
 

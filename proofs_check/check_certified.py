@@ -8,7 +8,7 @@ with eps_C = beta ||q|| rho(C) and rho(C) >= max_{i in C} ||t_i - t_r(C)||,
 Checked against brute force (log space) on random and adversarial instances: targets of every kind, rescaled to
 norms spanning 1e-3..1e3 per row (not unit), exact duplicates, beta in {1e-3, 1, 20, 1e3}, ||q|| in
 {1e-6, 1, 1e3}, clusterings: tree levels C_(l) (every level), Alg. 2 (with and without refinement), and
-arbitrary partitions (random labels, ArrayClustering with exact radii). Tolerances: 1e-9 relative on logs; the TV
+arbitrary partitions (random labels, partition_clustering with exact radii). Tolerances: 1e-9 relative on logs; the TV
 comparison allows the oracle's own rounding (probabilities from logits of magnitude up to 1e14 carry an absolute log
 error of ~2^-52 max|s|).
 """
@@ -20,7 +20,7 @@ import numpy as np
 
 from proofs_check import _instances as I
 from proofs_check._framework import Budget, Outcome, Verdict, claim
-from refimpl.sampling.clustering import ArrayClustering, certify, find_clustering, level_clustering
+from refimpl.sampling.clustering import certify, cluster_members, find_clustering, level_clustering, partition_clustering
 
 
 def _rel(x):
@@ -58,14 +58,14 @@ def check(budget: Budget, rng) -> Outcome:
         for name, spec in cls:
             if spec[0] == "tree":
                 cl = level_clustering(tree, spec[1])
-                members = [cl.members(j) for j in range(len(cl))]
+                members = [cluster_members(tree, cl, j) for j in range(len(cl))]
             elif spec[0] == "alg2":
                 cl = find_clustering(tree, q, beta=beta, gamma=4.0, refine=spec[1], max_refine_clusters=500)
-                members = [cl.members(j) for j in range(len(cl))]
+                members = [cluster_members(tree, cl, j) for j in range(len(cl))]
             else:
                 labels = rng.integers(0, int(rng.integers(1, 6)), size=n)
-                cl = ArrayClustering.from_labels(X, labels)
-                members = [cl.members_of(j) for j in range(len(cl))]
+                cl = partition_clustering(X, labels)
+                members = [cluster_members(None, cl, j) for j in range(len(cl))]
             lab = I.labels_from_members(n, members)
             true_rad = np.array([np.linalg.norm(X[m] - X[r], axis=1).max() for m, r in zip(members, cl.reps)])
             if budget.perturb:

@@ -20,7 +20,7 @@ import numpy as np
 
 from proofs_check import _instances as I
 from proofs_check._framework import Budget, Outcome, Verdict, claim
-from refimpl.sampling.clustering import certify, find_clustering, level_clustering
+from refimpl.sampling.clustering import certify, cluster_members, find_clustering, level_clustering
 from refimpl.sampling.samplers import sample_mh
 
 S_MAX = 40
@@ -51,7 +51,7 @@ def check(budget: Budget, rng) -> Outcome:
         cls = [("level", level_clustering(tree, L0 + int(rng.integers(-1, 3)))),
                ("alg2", find_clustering(tree, q, beta=beta, gamma=float(rng.choice([2.0, 4.0, 20.0]))))]
         for name, cl in cls:
-            members = [cl.members(j) for j in range(len(cl))]
+            members = [cluster_members(tree, cl, j) for j in range(len(cl))]
             lab = I.labels_from_members(n, members)
             Q = I.proposal_eq7(s, lab, cl.reps)
             g_true = float(np.max(P / Q))
@@ -83,7 +83,7 @@ def check(budget: Budget, rng) -> Outcome:
                 # the library's default path: certified refinement + chain length from Eq. 6 for tv = 0.01
                 r = sample_mh(tree, q, 1, beta=beta, rng=int(rng.integers(1 << 31)), gamma=4.0)
                 ref = find_clustering(tree, q, beta=beta, gamma=4.0, refine=True, max_refine_clusters=20000)
-                lab2 = I.labels_from_members(n, [ref.members(j) for j in range(len(ref))])
+                lab2 = I.labels_from_members(n, [cluster_members(tree, ref, j) for j in range(len(ref))])
                 law = I.mh_law(P, I.proposal_eq7(s, lab2, ref.reps), r.stats["chain_length"])[-1]
                 d = I.tv(P, law)
                 default_cases += 1

@@ -3,7 +3,7 @@ cluster proposal Q of Eq. 7.
 
 The paper's proofs assume unit-norm queries (PAPER.md §1 erratum): Alg. 2 picks its start level from Prop. 2 with beta
 alone. We run Alg. 2 exactly as printed (start level prop2_level(gamma, beta, b), union fix of line 13, our default
-m = start - ceil(log_b 16)) through the library's kernel (refimpl.sampling._kernels.find_clustering_kernel) on trees
+m = start - ceil(log_b 16)) through the library's kernel (refimpl.sampling._cluster_kernels.find_clustering_kernel) on trees
 over unit-norm targets (fresh, and drifted + Alg. 3 maintained), with unit queries AND with ||q|| in {0.3, 3, 10},
 and measure the exact max P/Q (log space) against gamma.
 
@@ -21,7 +21,7 @@ import numpy as np
 from proofs_check import _instances as I
 from proofs_check._framework import Budget, Outcome, Verdict, claim
 from refimpl.sampling import bounds
-from refimpl.sampling.clustering import certify, find_clustering
+from refimpl.sampling.clustering import certify, cluster_members, find_clustering
 
 
 def _caps(n, dim, rng, spread=0.02):
@@ -36,8 +36,8 @@ def alg2_printed(tree, q, beta, gamma):
     return find_clustering(tree, q, beta=beta / max(float(np.linalg.norm(q)), 1e-300), gamma=gamma)
 
 
-def log_max_ratio(X, q, beta, cl, n):
-    lab = I.labels_from_members(n, [cl.members(j) for j in range(len(cl))])
+def log_max_ratio(X, q, beta, cl, n, tree):
+    lab = I.labels_from_members(n, [cluster_members(tree, cl, j) for j in range(len(cl))])
     s = beta * X @ q
     return float(np.max(I.log_softmax(s) - I.log_softmax(s[cl.reps][lab])))
 
@@ -68,7 +68,7 @@ def check(budget: Budget, rng) -> Outcome:
             toward = rng.random() < 0.5 or kind == "caps"  # caps: the query points at a target
             q = qn * (X[int(rng.integers(n))] if toward else I.unit_rows(rng.normal(size=(1, dim)))[0])
             cases += 1
-            lr = log_max_ratio(X, q, beta, alg2_printed(tree, q, beta, gamma), n)
+            lr = log_max_ratio(X, q, beta, alg2_printed(tree, q, beta, gamma), n, tree)
             if lr > math.log(gamma) * (1 + 1e-9) + 1e-12:
                 viol += 1
                 viol_unit += qn == 1.0
@@ -82,7 +82,7 @@ def check(budget: Budget, rng) -> Outcome:
                 ref.radii = ref.radii / max(qn, 1e-300)
                 cert = certify(tree, q, ref, beta=beta)
                 ref.radii = ref.radii * max(qn, 1e-300)
-            lr_ref = log_max_ratio(X, q, beta, ref, n)
+            lr_ref = log_max_ratio(X, q, beta, ref, n, tree)
             if lr_ref > cert.log_gamma + 1e-9 * max(1.0, abs(cert.log_gamma)):
                 corr_bad += 1
             if ref.stats["certified"]:
@@ -92,7 +92,7 @@ def check(budget: Budget, rng) -> Outcome:
                 uncertified += 1
             if cert.log_gamma > 0:
                 worst_cert = max(worst_cert, lr_ref / cert.log_gamma)
-            if log_max_ratio(X, q, beta, find_clustering(tree, q, beta=beta, gamma=gamma), n) > \
+            if log_max_ratio(X, q, beta, find_clustering(tree, q, beta=beta, gamma=gamma), n, tree) > \
                     math.log(gamma) * (1 + 1e-9) + 1e-12:
                 lib_miss += 1
     details = (f"{cases} (tree, query) cases over {n_inst} trees (half drifted + Alg. 3), beta in {{1, 20, 50}}, gamma in "

@@ -15,14 +15,15 @@ one finer, and the root.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 
 from proofs_check import _instances as I
 from proofs_check._framework import Budget, Outcome, Verdict, claim
-from refimpl.sampling.clustering import TreeClustering, level_clustering
-from refimpl.sampling.samplers import sample_flat_rejection, sample_rejection
+from refimpl.sampling.clustering import level_clustering
+from refimpl.sampling.samplers import _rejection, sample_flat_rejection, sample_rejection
 
 
 def _instance(rng, t):
@@ -99,7 +100,7 @@ def check_flat(budget: Budget, rng) -> Outcome:
             best = min(best, (abs(d - 0.05), L, d))
     _, L, tv_ctl = best
     c = level_clustering(tree, L)
-    broken = TreeClustering(c.tree, c.nodes, c.levels, c.reps, c.sizes, np.zeros_like(c.radii))
+    broken = dataclasses.replace(c, radii=np.zeros_like(c.radii))
     neg_failed, pv_neg, _, _ = I.sampler_test(
         lambda m: sample_flat_rejection(tree, q, m, beta=beta, rng=int(rng.integers(1 << 31)), clustering=broken).ids, P)
     control = f"negative control (eps_C = 0, level {L}, exact TV of its law {tv_ctl:.3f}): p = {pv_neg:.3g} ({'rejected' if neg_failed else 'NOT rejected'})"
@@ -186,7 +187,7 @@ def check_alg1(budget: Budget, rng) -> Outcome:
     last = {}
 
     def draw_neg(m):
-        last["r"] = sample_rejection(tree, q, m, beta=beta, rng=int(rng.integers(1 << 31)), level=L, _fallback_after=1)
+        last["r"] = _rejection(tree, q, m, beta=beta, rng=int(rng.integers(1 << 31)), level=L, fallback_after=1)
         return last["r"].ids
 
     neg_failed, pv_neg, _, _ = I.sampler_test(draw_neg, P)

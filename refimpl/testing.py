@@ -1,26 +1,29 @@
-"""Goodness-of-fit harness for the sampler tests (DESIGN.md "Exact means exact").
+"""Goodness-of-fit harness with stated power: test any sampler of a known discrete law (e.g. a port's softmax sampler
+against :func:`refimpl.sampling.samplers.sample_exact`, Eq. 1).
 
-Pearson chi-square test of observed draws against a reference distribution p over categories, after binning:
-every category with p_i >= 1/max_bins is its own bin (the high-probability targets, where a broken sampler's
-errors concentrate), the remaining categories (sorted by decreasing p) are grouped into contiguous bins of about
-equal mass. The sample size is chosen so that the test at level alpha detects every alternative whose total
-variation distance from p *on the bins* is >= tv with probability >= power:
+Pearson's chi-square test after binning (:func:`make_bins`): every category with p_i >= 1/max_bins is its own bin
+(the high-probability targets, where a broken sampler's errors concentrate); the other categories, by decreasing
+p, are merged into contiguous bins of about equal mass. Power: Cauchy-Schwarz gives
+chi^2(p'||p) = sum_b (p'_b - p_b)^2 / p_b >= (sum_b |p'_b - p_b|)^2 = 4 TV^2, so the noncentrality of Pearson's
+statistic for n draws from p' is lambda = n chi^2(p'||p) >= 4 n TV^2; :func:`required_sample_size` returns the
+smallest n with P(ncx2(df, 4 n TV^2) > chi2.isf(alpha, df)) >= power (the standard noncentral approximation).
+A test at that n rejects every law at TV >= tv from p *on the bins* with probability >= power, and rejects the
+exact sampler with probability alpha.
 
-Cauchy-Schwarz gives chi^2(p'||p) = sum (p'_b - p_b)^2 / p_b >= (sum |p'_b - p_b|)^2 = 4 TV^2, so the
-noncentrality of Pearson's statistic is lambda = n chi^2(p'||p) >= 4 n TV^2; n is the smallest size with
-P(ncx2(df, 4 n TV^2) > chi2.isf(alpha, df)) >= power (the standard noncentral chi-square approximation of the
-power). For tv = 0.02, alpha = 0.001, power = 0.99 this is n = 64,143 at 100 bins (df 99) and 30,139 at 10 bins (df 9)
-(:func:`required_sample_size`).
+Contents: :data:`TV`, :data:`ALPHA`, :data:`POWER` (the project's defaults: 0.02, 0.001, 0.99),
+:func:`required_sample_size`, :func:`make_bins`, :func:`chi2_gof`, :func:`check_sampler`, :func:`tv_distance`.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 from scipy import stats as st
 
-__all__ = ["required_sample_size", "make_bins", "chi2_gof", "tv_distance", "TV", "ALPHA", "POWER"]
+__all__ = ["TV", "ALPHA", "POWER", "required_sample_size", "make_bins", "chi2_gof", "GofResult", "check_sampler",
+           "tv_distance"]
 
 TV = 0.02
 ALPHA = 1e-3
@@ -28,9 +31,28 @@ POWER = 0.99
 
 
 @lru_cache(maxsize=None)
-def required_sample_size(df: int, tv: float = TV, alpha: float = ALPHA, power: float = POWER) -> int:
-    """Smallest n such that Pearson's chi-square test with ``df`` degrees of freedom at level ``alpha`` rejects
-    every alternative at TV >= ``tv`` (on the bins) with probability >= ``power``."""
+def required_sample_size(tv: float = TV, *, n_bins: int = 100, alpha: float = ALPHA, power: float = POWER) -> int:
+    """Smallest n such that Pearson's test on ``n_bins`` bins (df = n_bins - 1) at level ``alpha`` rejects every
+    law at total variation >= ``tv`` (on the bins) with probability >= ``power``.
+
+    Parameters
+    ----------
+    tv : float in (0, 1]
+    n_bins : int >= 2
+    alpha, power : floats in (0, 1)
+
+    Returns n = min{n : P(ncx2(n_bins - 1, 4 n tv^2) > chi2.isf(alpha, n_bins - 1)) >= power}; e.g. 64,143 for
+    the defaults (tv 0.02, 100 bins, alpha 0.001, power 0.99).
+    """
+    if not (0 < tv <= 1):
+        raise ValueError(f"tv: must be in (0, 1], got {tv}")
+    if int(n_bins) != n_bins or n_bins < 2:
+        raise ValueError(f"n_bins: must be an integer >= 2, got {n_bins}")
+    if not (0 < alpha < 1):
+        raise ValueError(f"alpha: must be in (0, 1), got {alpha}")
+    if not (0 < power < 1):
+        raise ValueError(f"power: must be in (0, 1), got {power}")
+    df = int(n_bins) - 1
     crit = st.chi2.isf(alpha, df)
 
     def pw(n):
@@ -49,12 +71,19 @@ def required_sample_size(df: int, tv: float = TV, alpha: float = ALPHA, power: f
 
 
 def make_bins(p, max_bins: int = 100):
-    """Bin index per category (see the module docstring). Returns (bin_of_category, n_bins)."""
+    """Bins of the categories of a law ``p`` (see the module docstring).
+
+    Parameters
+    ----------
+    p : (M,) array of probabilities
+    max_bins : int >= 2
+
+    Returns (bin of each category (M,) int64, number of bins <= max_bins).
+    """
     p = np.asarray(p, dtype=np.float64)
     order = np.argsort(-p, kind="stable")
     ps = p[order]
-    heavy = int(np.sum(ps >= 1.0 / max_bins))
-    heavy = min(heavy, max_bins - 1)
+    heavy = min(int(np.sum(ps >= 1.0 / max_bins)), max_bins - 1)
     bins = np.empty(p.size, np.int64)
     bins[order[:heavy]] = np.arange(heavy)
     rest = ps[heavy:]
@@ -63,18 +92,29 @@ def make_bins(p, max_bins: int = 100):
         mass = float(rest.sum())
         cum = np.cumsum(rest)
         idx = np.minimum((cum - rest * 0.5) / max(mass, 1e-300) * n_rest, n_rest - 1).astype(np.int64)
-        # merge a final bin that would be nearly empty into its predecessor
         bins[order[heavy:]] = heavy + idx
-    _, bins = np.unique(bins, return_inverse=True)
+    _, bins = np.unique(bins, return_inverse=True)  # drop empty bins
     return bins.astype(np.int64), int(bins.max()) + 1
 
 
 def chi2_gof(samples, p, max_bins: int = 100):
-    """Pearson chi-square test of ``samples`` (category ids) against ``p``. Returns (p_value, stat, df, min_expected).
+    """Pearson's chi-square test of ``samples`` (category ids) against the law ``p`` on :func:`make_bins`' bins.
 
-    Categories with p = 0 that are observed make the test fail outright (p_value 0)."""
+    Parameters
+    ----------
+    samples : int array (any shape) of ids in [0, M)
+    p : (M,) array, non-negative (normalised here)
+    max_bins : int
+
+    Returns (p_value, statistic, df, smallest expected bin count). A draw of a category with p = 0 fails the
+    test outright (p_value 0).
+    """
     samples = np.asarray(samples).ravel()
     p = np.asarray(p, dtype=np.float64)
+    if samples.size == 0:
+        raise ValueError("samples: is empty")
+    if samples.min() < 0 or samples.max() >= p.size:
+        raise ValueError(f"samples: ids must lie in [0, {p.size})")
     p = p / p.sum()
     if np.any(p[samples] == 0):
         return 0.0, math.inf, 0, 0.0
@@ -86,5 +126,37 @@ def chi2_gof(samples, p, max_bins: int = 100):
     return float(st.chi2.sf(stat, df)), stat, df, float(exp.min())
 
 
-def tv_distance(p, r):
+@dataclass
+class GofResult:
+    """Outcome of :func:`check_sampler`: ``passed`` (p_value > alpha), the p-value, the number of draws and the
+    TV at which the test had the stated power."""
+
+    passed: bool
+    p_value: float
+    n_draws: int
+    tv: float
+    alpha: float
+    power: float
+
+
+def check_sampler(draw, p, *, tv: float = TV, alpha: float = ALPHA, power: float = POWER, max_bins: int = 100):
+    """Test a sampler against the law ``p`` with stated power.
+
+    Parameters
+    ----------
+    draw : callable n -> int array of n category ids (the sampler under test)
+    p : (M,) array, the law it should follow
+    tv, alpha, power : the test detects any law at TV >= tv (on the bins) with probability >= power and rejects
+        an exact sampler with probability alpha.
+
+    Returns a :class:`GofResult`; n = :func:`required_sample_size` (tv, number of bins of ``p``).
+    """
+    _, nb = make_bins(np.asarray(p, dtype=np.float64) / np.sum(p), max_bins)
+    n = required_sample_size(tv, n_bins=max(nb, 2), alpha=alpha, power=power)
+    pv = chi2_gof(draw(n), p, max_bins)[0]
+    return GofResult(pv > alpha, pv, n, tv, alpha, power)
+
+
+def tv_distance(p, r) -> float:
+    """Total variation distance (1/2) sum_i |p_i - r_i| of two laws on the same categories."""
     return 0.5 * float(np.abs(np.asarray(p, float) - np.asarray(r, float)).sum())

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from refimpl.sampling import samplers as S
-from refimpl.testing import ALPHA, chi2_gof, required_sample_size
+from refimpl.testing import ALPHA, TV, chi2_gof, required_sample_size
 from refimpl.data import hierarchical_points
 from refimpl.index.sgtree import SGTree
 
-N_DRAWS = required_sample_size(99)  # 64,143: power >= 0.99 against TV >= 0.02 at alpha = 0.001
+N_DRAWS = required_sample_size(TV)  # 64,143: power >= 0.99 against TV >= 0.02 at alpha = 0.001
 BETA = 5.0
 
 
@@ -112,7 +112,7 @@ def test_without_replacement_pair_law(name):
     X = hierarchical_points(12, 4, rng=8)
     tree = SGTree.build(X, rng=9)
     q = X[0]
-    n = required_sample_size(99, tv=0.04)
+    n = required_sample_size(0.04)
     assert n <= 16100
     Q = np.tile(q, (16100, 1))
     if name == "exact":

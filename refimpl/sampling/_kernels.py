@@ -18,11 +18,12 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from refimpl.index import N_NODES, ROOT
 from refimpl.sampling._cluster_kernels import _dot, _first_below, _member, cluster_info, level_profile
 
 # per-query counters
-ATTEMPTS, ACCEPTED, INNER, EXCL_HITS, STATUS, RESTARTS, FALLBACKS, LEVEL, N_CLUSTERS, SELECT = range(10)
-NC = 10
+ATTEMPTS, ACCEPTED, INNER, EXCL_HITS, STATUS, RESTARTS, FALLBACKS, LEVEL, N_CLUSTERS, SELECT, EXACT = range(11)
+NC = 11
 # columns of the per-query log-normaliser output
 LZ_EST, LZ_LO, LZ_HI, LZ_EXCL = range(4)
 
@@ -31,11 +32,50 @@ LZ_EST, LZ_LO, LZ_HI, LZ_EXCL = range(4)
 
 
 @njit(cache=True)
-def _in(buf, n, x):
-    for j in range(n):
-        if buf[j] == x:
-            return True
-    return False
+def _exact_draw(T, q, beta, mask, live, ls, cnt):
+    """One exact draw from the softmax over the live targets not marked in ``mask`` (brute force, inverse CDF).
+
+    ``live``/``ls`` hold the live ids and their logits, filled on first use for the query (N inner products, once):
+    the fallback of a rejection sampler whose attempts for one draw exceed the number of live targets. Accepted
+    rejection draws and these draws both follow P exactly, so the mixture does too."""
+    if live[0] == -2:
+        n = 0
+        tree = T.state[ROOT] >= 0  # else an array partition: every row is live
+        for v in range(T.state[N_NODES] if tree else T.points.shape[0]):
+            i = T.node_point[v] if tree else v
+            if i >= 0:
+                live[n] = i
+                ls[n] = beta * _dot(T.points, i, q)
+                n += 1
+        cnt[INNER] += n
+        live[n:] = -1
+    m = -np.inf
+    for j in range(live.shape[0]):
+        i = live[j]
+        if i < 0:
+            break
+        if not mask[i] and ls[j] > m:
+            m = ls[j]
+    tot = 0.0
+    for j in range(live.shape[0]):
+        i = live[j]
+        if i < 0:
+            break
+        if not mask[i]:
+            tot += np.exp(ls[j] - m)
+    u = np.random.random() * tot
+    last = -1
+    for j in range(live.shape[0]):
+        i = live[j]
+        if i < 0:
+            break
+        if not mask[i]:
+            last = j
+            u -= np.exp(ls[j] - m)
+            if u < 0:
+                break
+    cnt[EXACT] += 1
+    return live[last], ls[last]
 
 
 @njit(cache=True)
@@ -45,6 +85,13 @@ def _pick(cum, u):
     if j >= cum.shape[0]:
         j = cum.shape[0] - 1
     return j
+
+
+@njit(cache=True)
+def _outputs(B, k):
+    """ids (B, k) (-1 = not drawn), their logits (B, k), counters (B, NC), log-normalisers (B, 4)."""
+    return (np.full((B, k), -1, np.int64), np.zeros((B, k), np.float64), np.zeros((B, NC), np.int64),
+            np.zeros((B, 4), np.float64))
 
 
 @njit(cache=True)
@@ -97,11 +144,11 @@ def _excluded(T, q, beta, eids, e0, e1, cnt):
 
 
 @njit(cache=True)
-def _start(T, suf, q, beta, k, auto, b, cptr, cnodes, clevels, creps, csizes, cradii, lze, cnt):
+def _start(T, suf, q, beta, k, auto, attempt_cost, b, cptr, cnodes, clevels, creps, csizes, cradii, lze, cnt):
     """Start clustering of query b: (nodes, levels, reps, sizes, radii, rep logits); Prop. 3's level when auto."""
     if auto:
         bq = beta * np.sqrt(np.sum(q * q))
-        L, nb, nodes, lg, ip = level_profile(T, suf, q, beta, bq, k, 1.0, lze)
+        L, nb, nodes, lg, ip = level_profile(T, suf, q, beta, bq, k, attempt_cost, lze)
         levels = np.full(nodes.shape[0], L, np.int64)
         sizes, radii, _ = cluster_info(T, suf, nodes, levels)
         reps = np.empty(nodes.shape[0], np.int64)
@@ -139,7 +186,7 @@ def _log_z_bounds(sizes, s, eps, lz_out):
 
 
 @njit(cache=True)
-def flat_batch(T, suf, Q, beta, k, algo, upper, auto, cptr, cnodes, clevels, creps, csizes, cradii, mptr, members,
+def flat_batch(T, suf, Q, beta, k, algo, upper, auto, attempt_cost, cptr, cnodes, clevels, creps, csizes, cradii, mptr, members,
                eptr, eids, replace, chain_length, max_steps, seed):
     """Flat rejection (algo 0) or independent MH (algo 1) over a clustering, for every query of ``Q``.
 
@@ -149,22 +196,25 @@ def flat_batch(T, suf, Q, beta, k, algo, upper, auto, cptr, cnodes, clevels, cre
     ``chain_length[b]`` states, the first drawn from Q, each next proposal accepted with
     min(1, exp((s_y' - lw_y') - (s_y - lw_y))); the final state of each chain is returned. Excluded ids have
     P = 0 (never accepted); without replacement the drawn ids join them. Members: ``members[mptr[j]..]`` for an
-    array partition (mptr non-empty), else the u-th member of the tree cluster (nodes[j], levels[j]).
+    array partition (mptr non-empty), else the u-th member of the tree cluster (nodes[j], levels[j]). A rejection
+    draw (or an MH chain that has not reached an allowed state) after N proposals is made by ``_exact_draw``.
     LZ_EST is the importance-sampling estimate log(Z_prop mean e^{s_i - lw_j}) clipped to [LZ_LO, LZ_HI].
     """
     np.random.seed(seed)
     B = Q.shape[0]
-    ids = np.full((B, k), -1, np.int64)
-    sids = np.zeros((B, k), np.float64)
-    cnt = np.zeros((B, NC), np.int64)
-    lz = np.zeros((B, 4), np.float64)
+    ids, sids, cnt, lz = _outputs(B, k)
     points = T.points
+    mask = np.zeros(points.shape[0], np.bool_)
+    n_live = T.node_count[T.state[ROOT]] if T.state[ROOT] >= 0 else points.shape[0]
+    live = np.empty(n_live + 1, np.int64)
+    ls = np.empty(n_live + 1, np.float64)
     for b in range(B):
         q = Q[b]
         c = cnt[b]
+        live[0] = -2
         lze = _excluded(T, q, beta, eids, eptr[b], eptr[b + 1], c)
         lz[b, LZ_EXCL] = lze
-        nodes, levels, reps, sizes, radii, sr = _start(T, suf, q, beta, k, auto, b, cptr, cnodes, clevels, creps,
+        nodes, levels, reps, sizes, radii, sr = _start(T, suf, q, beta, k, auto, attempt_cost, b, cptr, cnodes, clevels, creps,
                                                        csizes, cradii, lze, c)
         nc = nodes.shape[0]
         c[N_CLUSTERS] = nc
@@ -181,6 +231,7 @@ def flat_batch(T, suf, Q, beta, k, algo, upper, auto, cptr, cnodes, clevels, cre
         nb = eptr[b + 1] - eptr[b]
         buf = np.empty(nb + k, np.int64)
         buf[:nb] = eids[eptr[b]:eptr[b + 1]]
+        mask[buf[:nb]] = True
         isum = 0.0
         for t in range(k):
             steps = 0
@@ -188,10 +239,13 @@ def flat_batch(T, suf, Q, beta, k, algo, upper, auto, cptr, cnodes, clevels, cre
             wy = -np.inf
             sy = 0.0
             while True:
-                steps += 1
-                if steps > max_steps:
+                if steps >= max_steps:
                     c[STATUS] = 1
                     return ids, sids, cnt, lz
+                if steps >= n_live and (algo == 0 or wy == -np.inf):
+                    y, sy = _exact_draw(T, q, beta, mask, live, ls, c)
+                    break
+                steps += 1
                 j = _pick(cum, np.random.random() * cum[-1])
                 u = np.random.randint(0, sizes[j])
                 i = members[mptr[j] + u] if mptr.shape[0] > 0 else _member(T, nodes[j], levels[j], u)
@@ -200,7 +254,7 @@ def flat_batch(T, suf, Q, beta, k, algo, upper, auto, cptr, cnodes, clevels, cre
                 c[INNER] += 1
                 w = s - lw[j]
                 isum += np.exp(w)
-                bad = nb > 0 and _in(buf, nb, i)
+                bad = mask[i]
                 if algo == 0:
                     if np.random.random() < np.exp(w):
                         if bad:
@@ -226,7 +280,9 @@ def flat_batch(T, suf, Q, beta, k, algo, upper, auto, cptr, cnodes, clevels, cre
             sids[b, t] = sy
             if replace == 0:
                 buf[nb] = y
+                mask[y] = True
                 nb += 1
+        mask[buf[:nb]] = False
         log_zprop = ref + np.log(cum[-1])
         est = log_zprop + np.log(max(isum / max(c[ATTEMPTS], 1), 1e-300))
         lz[b, LZ_EST] = min(max(est, lz[b, LZ_LO]), lz[b, LZ_HI])
@@ -248,7 +304,7 @@ def _child_e(sc, bq, T, c, E, Lc, broken):
 
 
 @njit(cache=True)
-def alg1_batch(T, suf, Q, beta, k, auto, cptr, cnodes, clevels, creps, csizes, cradii, eptr, eids, replace,
+def alg1_batch(T, suf, Q, beta, k, auto, attempt_cost, cptr, cnodes, clevels, creps, csizes, cradii, eptr, eids, replace,
                max_attempts, broken, fallback_after, seed):
     """Alg. 1 (hierarchical rejection with running normalisers, restart option, nested self-child rule), per query.
 
@@ -267,16 +323,15 @@ def alg1_batch(T, suf, Q, beta, k, auto, cptr, cnodes, clevels, creps, csizes, c
     weights clipped to 0 (a negative control), and ``fallback_after`` > 0 = the authors' "return the unaccepted
     proposal after that many restarts" (another); the public sampler never sets them.
 
+    A draw whose attempts reach the number of live targets is made by brute force (``_exact_draw``; still exact).
+
     Cost: the logits of a visited group's children are computed once per query (logit cache); a group's total
     child mass, n_self and next group are cached by its first child, so a restart costs O(1).
     LZ_EST = log Z_hat_hi + log(successes / attempts) clipped to the certified [LZ_LO, LZ_HI].
     """
     np.random.seed(seed)
     B = Q.shape[0]
-    ids = np.full((B, k), -1, np.int64)
-    sids = np.zeros((B, k), np.float64)
-    cnt = np.zeros((B, NC), np.int64)
-    lz = np.zeros((B, 4), np.float64)
+    ids, sids, cnt, lz = _outputs(B, k)
     points = T.points
     size = 1024
     while size < 128 * k and size < (1 << 18):
@@ -288,15 +343,20 @@ def alg1_batch(T, suf, Q, beta, k, auto, cptr, cnodes, clevels, creps, csizes, c
     gnself = np.empty(size, np.int64)
     gafter = np.empty(size, np.int64)
     fill = np.zeros(2, np.int64)
+    mask = np.zeros(points.shape[0], np.bool_)
+    n_live = T.node_count[T.state[ROOT]]
+    live = np.empty(n_live + 1, np.int64)
+    ls = np.empty(n_live + 1, np.float64)
     for b in range(B):
         q = Q[b]
         c = cnt[b]
+        live[0] = -2
         keys[:] = -1
         gkeys[:] = -1
         fill[:] = 0
         lze = _excluded(T, q, beta, eids, eptr[b], eptr[b + 1], c)
         lz[b, LZ_EXCL] = lze
-        cn, cl, cr, cs, crad, sr = _start(T, suf, q, beta, k, auto, b, cptr, cnodes, clevels, creps, csizes,
+        cn, cl, cr, cs, crad, sr = _start(T, suf, q, beta, k, auto, attempt_cost, b, cptr, cnodes, clevels, creps, csizes,
                                           cradii, lze, c)
         nc = cn.shape[0]
         c[N_CLUSTERS] = nc
@@ -322,16 +382,20 @@ def alg1_batch(T, suf, Q, beta, k, auto, cptr, cnodes, clevels, creps, csizes, c
         nb = eptr[b + 1] - eptr[b]
         buf = np.empty(nb + k, np.int64)
         buf[:nb] = eids[eptr[b]:eptr[b + 1]]
+        mask[buf[:nb]] = True
         for t in range(k):
             attempts = 0
             restarts = 0
             done = False
             while not done:
-                attempts += 1
-                c[ATTEMPTS] += 1
-                if attempts > max_attempts:
+                if attempts >= max_attempts:
                     c[STATUS] = 1
                     return ids, sids, cnt, lz
+                if attempts >= n_live and fallback_after == 0:
+                    ids[b, t], sids[b, t] = _exact_draw(T, q, beta, mask, live, ls, c)
+                    break
+                attempts += 1
+                c[ATTEMPTS] += 1
                 j = _pick(cum, np.random.random() * cum[-1])
                 v = cn[j]
                 n = cs[j]
@@ -414,7 +478,7 @@ def alg1_batch(T, suf, Q, beta, k, auto, cptr, cnodes, clevels, creps, csizes, c
                             continue
                     # accept the representative of v
                     i = T.node_point[v]
-                    if nb > 0 and _in(buf, nb, i):
+                    if mask[i]:
                         c[EXCL_HITS] += 1
                         break
                     ids[b, t] = i
@@ -432,9 +496,223 @@ def alg1_batch(T, suf, Q, beta, k, auto, cptr, cnodes, clevels, creps, csizes, c
                         done = True
             if replace == 0:
                 buf[nb] = ids[b, t]
+                mask[ids[b, t]] = True
                 nb += 1
+        mask[buf[:nb]] = False
         lhi = lz[b, LZ_HI]
         succ = c[ACCEPTED] + c[EXCL_HITS]
         est = lhi + np.log(max(succ, 1) / max(c[ATTEMPTS], 1))
         lz[b, LZ_EST] = min(max(est, lz[b, LZ_LO]), lhi)
+    return ids, sids, cnt, lz
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A* sampling over the Gumbel process of the tree (ours; Maddison, Tarlow, Minka 2014)
+
+
+@njit(cache=True)
+def _trunc_gumbel(loc, bound):
+    """A Gumbel(loc) variable conditioned to be < bound: -log(e^-bound + e^-g), g ~ Gumbel(loc)."""
+    g = loc - np.log(-np.log(np.random.random()))
+    return -np.logaddexp(-bound, -g)
+
+
+@njit(cache=True)
+def _hpush(hu, hdat, hf, size, u, v, L, new, n, G, E, s, eps):
+    """Push region (v, L, new, n) with Gumbel max G, bound E, representative logit s, radius term eps (members'
+    logits lie in [s - eps, E]) and key u onto the max-heap."""
+    if size == hu.shape[0]:
+        cap = 2 * size
+        t = np.empty(cap, np.float64)
+        t[:size] = hu[:size]
+        hu = t
+        t2 = np.empty((cap, 4), np.int64)
+        t2[:size] = hdat[:size]
+        hdat = t2
+        t3 = np.empty((cap, 4), np.float64)
+        t3[:size] = hf[:size]
+        hf = t3
+    j = size
+    while j > 0:
+        p = (j - 1) >> 1
+        if hu[p] >= u:
+            break
+        hu[j] = hu[p]
+        hdat[j] = hdat[p]
+        hf[j] = hf[p]
+        j = p
+    hu[j] = u
+    hdat[j, 0] = v
+    hdat[j, 1] = L
+    hdat[j, 2] = new
+    hdat[j, 3] = n
+    hf[j, 0] = G
+    hf[j, 1] = E
+    hf[j, 2] = s
+    hf[j, 3] = eps
+    return hu, hdat, hf, size + 1
+
+
+@njit(cache=True)
+def _hpop(hu, hdat, hf, size):
+    """Remove the top of the heap into slot ``size - 1`` (returned index); the heap keeps ``size - 1`` entries."""
+    last = size - 1
+    u, d0, d1, d2, d3 = hu[last], hdat[last, 0], hdat[last, 1], hdat[last, 2], hdat[last, 3]
+    f0, f1, f2, f3 = hf[last, 0], hf[last, 1], hf[last, 2], hf[last, 3]
+    # swap the top into the last slot, then sift the old last element down from the root
+    hu[last], hdat[last], hf[last] = hu[0], hdat[0].copy(), hf[0].copy()
+    j = 0
+    while True:
+        c = 2 * j + 1
+        if c >= last:
+            break
+        if c + 1 < last and hu[c + 1] > hu[c]:
+            c += 1
+        if hu[c] <= u:
+            break
+        hu[j] = hu[c]
+        hdat[j] = hdat[c]
+        hf[j] = hf[c]
+        j = c
+    if last > 0:
+        hu[j] = u
+        hdat[j, 0], hdat[j, 1], hdat[j, 2], hdat[j, 3] = d0, d1, d2, d3
+        hf[j, 0], hf[j, 1], hf[j, 2], hf[j, 3] = f0, f1, f2, f3
+    return last
+
+
+@njit(cache=True)
+def astar_batch(T, suf, Q, beta, k, eptr, eids, replace, max_pops, broken, seed):
+    """Exact softmax draws by A* sampling over the tree's Gumbel process (per query, k independent searches).
+
+    Give every live target i an independent Gumbel G_i; argmax_i (G_i + s_i) is then an exact draw from
+    P(i) ∝ e^{s_i} (Gumbel-max), and it is found without computing every s_i. A region is a cluster (v, L)
+    (p_v counted or not: the nested self-child of Alg. 1) with n members; its Gumbel maximum G_R ~ Gumbel(log n) is
+    split top-down (the Gumbel process): the part holding the maximum is chosen with probability size / n and keeps
+    G_R, every other part gets a Gumbel(log size) conditioned below G_R. The parts are the singleton {p_v}, the
+    nested self-child (v, Lc) and the children c at the next occupied level Lc, i.e. Alg. 1's descent. The key of a
+    region is G_R + E_R with the certified bound E_R >= max_{i in R} s_i (E = min(E_parent, s_r + beta ||q|| rho),
+    rho = MAXD or rho(v, Lc)); a singleton's key is its exact value G + s_i. Best-first search pops the largest
+    key; when a singleton is on top, its value is >= every other region's bound, hence >= every G_j + s_j: it is
+    the Gumbel argmax, an exact draw (A* sampling). Excluded ids (and, without replacement, earlier draws) have
+    s = -inf: they are dropped, which conditions the draw exactly on the others. Logits are cached per query and
+    shared by its k searches. counters: ATTEMPTS = regions popped, INNER = inner products. ``broken``: bounds
+    without the radius (E = s_r), a negative control for the tests (the search may stop before the argmax).
+    """
+    np.random.seed(seed)
+    B = Q.shape[0]
+    ids, sids, cnt, lz = _outputs(B, k)
+    points = T.points
+    root = T.state[ROOT]
+    n_all = T.node_count[root]
+    size = 1024
+    while size < 256 * k and size < (1 << 20):
+        size *= 2
+    keys = np.full(size, -1, np.int64)
+    vals = np.empty(size, np.float64)
+    fill = np.zeros(1, np.int64)
+    mask = np.zeros(points.shape[0], np.bool_)
+    hu = np.empty(256, np.float64)
+    hdat = np.empty((256, 4), np.int64)
+    hf = np.empty((256, 4), np.float64)
+    for b in range(B):
+        q = Q[b]
+        c = cnt[b]
+        keys[:] = -1
+        fill[0] = 0
+        bq = 0.0 if broken else beta * np.sqrt(np.sum(q * q))
+        lz[b, LZ_EXCL] = _excluded(T, q, beta, eids, eptr[b], eptr[b + 1], c)
+        nb = eptr[b + 1] - eptr[b]
+        buf = np.empty(nb + k, np.int64)
+        buf[:nb] = eids[eptr[b]:eptr[b + 1]]
+        mask[buf[:nb]] = True
+        s_root = _logit(points, q, beta, T.node_point[root], keys, vals, fill, c)
+        e_root = bq * T.node_maxd[root] if n_all > 1 else 0.0
+        E_root = s_root + e_root
+        for t in range(k):
+            G = np.log(n_all) - np.log(-np.log(np.random.random()))
+            hs = 0
+            ldrop = -np.inf  # log mass of the singletons dropped (excluded or drawn): exact logits
+            hu, hdat, hf, hs = _hpush(hu, hdat, hf, hs, G + E_root, root, T.node_level[root] + 1, 1, n_all, G,
+                                      E_root, s_root, e_root)
+            pops = 0
+            while True:
+                if hs == 0 or pops >= max_pops:
+                    c[STATUS] = 1
+                    return ids, sids, cnt, lz
+                x = _hpop(hu, hdat, hf, hs)
+                hs -= 1
+                pops += 1
+                c[ATTEMPTS] += 1
+                v, L, new, n = hdat[x, 0], hdat[x, 1], hdat[x, 2], hdat[x, 3]
+                G, E, sv = hf[x, 0], hf[x, 1], hf[x, 2]
+                if n == 1 and new == 1:
+                    # singletons are pushed with their exact value G + s: on top, it is the Gumbel argmax
+                    ids[b, t] = T.node_point[v]
+                    sids[b, t] = sv
+                    c[ACCEPTED] += 1
+                    if t == k - 1:  # the final frontier partitions the targets: log Z bounds and estimate
+                        lo = _lse_add(ldrop, sv)
+                        hi = lo
+                        est = lo
+                        for y in range(hs):
+                            ln = np.log(hdat[y, 3])
+                            lo = _lse_add(lo, ln + hf[y, 2] - hf[y, 3])
+                            hi = _lse_add(hi, ln + hf[y, 1])
+                            est = _lse_add(est, ln + hf[y, 2])
+                        lz[b, LZ_LO] = lo
+                        lz[b, LZ_HI] = hi
+                        lz[b, LZ_EST] = min(max(est, lo), hi)
+                    break
+                # split (v, L) into {p_v} (if counted), the nested self part (v, Lc) and the children at level Lc
+                ch = _first_below(T, v, L)
+                Lc = T.node_level[ch] if ch != -1 else L
+                nself = n - new
+                x2 = ch
+                while x2 != -1 and T.node_level[x2] == Lc:
+                    nself -= T.node_count[x2]
+                    x2 = T.node_next_sibling[x2]
+                after = x2
+                # which part holds the maximum: u uniform over the n members
+                u = np.random.randint(0, n)
+                # part 0: {p_v}
+                if new == 1:
+                    Gp = G if u == 0 else _trunc_gumbel(0.0, G)
+                    u -= 1
+                    if not mask[T.node_point[v]]:
+                        hu, hdat, hf, hs = _hpush(hu, hdat, hf, hs, Gp + sv, v, L, 1, 1, Gp, sv, sv, 0.0)
+                    else:
+                        ldrop = _lse_add(ldrop, sv)
+                # part 1: the nested self part (members of the children below Lc)
+                if nself > 0:
+                    Gp = G if 0 <= u < nself else _trunc_gumbel(np.log(nself), G)
+                    r = suf[after] if after != -1 else 0.0
+                    if r > T.node_maxd[v]:
+                        r = T.node_maxd[v]
+                    Ep = min(E, sv + bq * r)
+                    hu, hdat, hf, hs = _hpush(hu, hdat, hf, hs, Gp + Ep, v, Lc, 0, nself, Gp, Ep, sv, bq * r)
+                u -= nself
+                # the children at level Lc
+                x2 = ch
+                while x2 != -1 and T.node_level[x2] == Lc:
+                    m = T.node_count[x2]
+                    Gp = G if 0 <= u < m else _trunc_gumbel(np.log(m), G)
+                    u -= m
+                    sc = _logit(points, q, beta, T.node_point[x2], keys, vals, fill, c)
+                    Ep = sc if m == 1 else min(E, sc + bq * T.node_maxd[x2])
+                    if m == 1:
+                        if not mask[T.node_point[x2]]:
+                            hu, hdat, hf, hs = _hpush(hu, hdat, hf, hs, Gp + sc, x2, T.node_level[x2], 1, 1, Gp,
+                                                      sc, sc, 0.0)
+                        else:
+                            ldrop = _lse_add(ldrop, sc)
+                    else:
+                        hu, hdat, hf, hs = _hpush(hu, hdat, hf, hs, Gp + Ep, x2, T.node_level[x2], 1, m, Gp, Ep,
+                                                  sc, bq * T.node_maxd[x2])
+                    x2 = T.node_next_sibling[x2]
+            if replace == 0:
+                buf[nb] = ids[b, t]
+                mask[ids[b, t]] = True
+                nb += 1
+        mask[buf[:nb]] = False
     return ids, sids, cnt, lz

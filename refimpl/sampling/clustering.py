@@ -29,7 +29,6 @@ from refimpl._validate import check_int, check_matrix, check_positive, check_vec
 from refimpl.index import Clustering
 from refimpl.sampling import _cluster_kernels as K
 from refimpl.sampling import bounds
-from refimpl.softmax import logsumexp
 
 __all__ = [
     "Clustering",
@@ -44,6 +43,7 @@ __all__ = [
     "find_clustering",
     "refine_clustering",
     "default_m",
+    "logits",
 ]
 
 PROPOSALS = ("eq7", "upper")
@@ -488,7 +488,3 @@ def refine_clustering(tree, q, clustering, *, beta, gamma, proposal="eq7", max_c
     out.stats.update(certificate=cert, splits=splits, inner_products=ip,
                      certified=(cert.log_gamma if proposal == "eq7" else cert.log_gamma_upper) <= log_g + 1e-9)
     return out
-
-
-def _lse(x) -> float:
-    return float(logsumexp(np.asarray(x, dtype=np.float64)))

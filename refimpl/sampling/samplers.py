@@ -7,6 +7,7 @@ gives (k,) results, a batch (B, D) gives (B, k) from ONE compiled call):
   reference every other sampler is tested against. N inner products per query.
 * :func:`sample_flat_rejection`: Eq. 3-5 on a clustering with eps_C = beta ||q|| rho(C). Exact.
 * :func:`sample_rejection`: Alg. 1, hierarchical rejection down the SG tree, errata fixed. Exact.
+* :func:`sample_astar`: A* sampling over the tree's Gumbel process with the certified bounds (ours). Exact.
 * :func:`sample_mh`: independent Metropolis-Hastings (Eq. 14) with the proposal of Eq. 7 on Alg. 2's clustering;
   chain length from Eq. 6. Approximate, with the certified TV bound in ``stats``.
 * :func:`sample_cluster_topk_heuristic`: the experiments' shortcut. NOT a softmax sampler.
@@ -18,6 +19,10 @@ Prop. 2's rule (:func:`default_level`); an int fixes it. Exactness never depends
 Common options: ``exclude`` (ids; the softmax is renormalised over the other targets; for a batch either one
 array for all queries or a list of arrays, one per query; excluding every target is a ValueError),
 ``replace`` (False: the k draws are distinct, each from the softmax renormalised over the targets not yet drawn).
+A rejection sampler whose attempts for one draw reach the number N of live targets (e.g. when nearly all the mass
+is excluded) makes that draw by brute force instead (N inner products, once per query): an accepted attempt and
+the brute-force draw both follow P exactly, so the draw stays exact and the cost stays within ~2x brute force
+(``stats["exact_fallbacks"]``).
 ``log_q`` is the log-probability of each draw under the distribution sampled (renormalised for the exclusions and,
 without replacement, conditional on the previous draws). The tree samplers know Z only within the certified
 interval of their start clustering: ``log_z="estimate"`` (default) uses their own unbiased-ratio estimate clipped
@@ -34,6 +39,7 @@ from refimpl._validate import as_rng, check_ids, check_int, check_positive
 from refimpl.index import Clustering, TreeArrays
 from refimpl.sampling import _kernels as K
 from refimpl.sampling import bounds
+from refimpl.softmax import logsumexp
 from refimpl.sampling.clustering import (certify, cluster_labels, find_clustering, level_clustering, logits,
                                          suffix_radii)
 
@@ -44,12 +50,14 @@ __all__ = [
     "sample_flat_rejection",
     "sample_rejection",
     "sample_mh",
+    "sample_astar",
     "sample_cluster_topk_heuristic",
     "default_level",
 ]
 
 DEFAULT_MAX_ATTEMPTS = 10_000_000
 DEFAULT_C = 1.5
+ATTEMPT_COST = 1.0  # one attempt of a rejection sampler, in inner products, in Prop. 3's cost of a start level
 _EMPTY = np.zeros(0, np.int64)
 
 
@@ -185,17 +193,36 @@ def _exact_log_z(points, Q, beta, ids=None):
     rows = points if ids is None else points[ids]
     step = max(1, (1 << 22) // max(rows.shape[0], 1))
     for b0 in range(0, Q.shape[0], step):
-        S = beta * (Q[b0:b0 + step] @ rows.T.astype(np.float64, copy=False))
-        m = S.max(axis=1, keepdims=True)
-        out[b0:b0 + step] = m[:, 0] + np.log(np.exp(S - m).sum(axis=1))
+        out[b0:b0 + step] = logsumexp(beta * (Q[b0:b0 + step] @ rows.T.astype(np.float64, copy=False)), axis=1)
     return out
+
+
+def _tree_args(tree, q, k, beta, rng, log_z, exclude, replace):
+    """The checked common arguments of a tree sampler: (beta, gen, log_z, Q, batched, eptr, eids, k)."""
+    beta = check_positive("beta", beta)
+    gen = as_rng(rng)
+    log_z = _check_log_z(log_z)
+    _tree(tree)
+    Q, batched = _queries(q, tree.dim)
+    eptr, eids = _exclusions(exclude, Q.shape[0], batched, int(tree.n_targets))
+    k = _check_k(k, _available(tree, eptr, eids), replace)
+    return beta, gen, log_z, Q, batched, eptr, eids, k
+
+
+def _finish(tree, Q, beta, log_z, replace, batched, ids, sids, cnt, lz):
+    """The result of a tree sampler's kernel: log Z (the kernel's estimate, or exact), log_q, stats."""
+    lzu = lz[:, K.LZ_EST].copy()
+    if log_z == "exact":
+        lzu = _exact_log_z(tree.points, Q, beta, tree.live_ids())
+        cnt[:, K.INNER] += len(tree)
+    return _result(ids, _log_q(sids, lzu, lz[:, K.LZ_EXCL], replace), _tree_stats(cnt, lz, lzu), batched)
 
 
 def _tree_stats(cnt, lz, log_z_used):
     return {"attempts": cnt[:, K.ATTEMPTS], "proposals": cnt[:, K.ATTEMPTS], "accepted": cnt[:, K.ACCEPTED],
             "restarts": cnt[:, K.RESTARTS], "inner_products": cnt[:, K.INNER], "excluded_hits": cnt[:, K.EXCL_HITS],
             "fallbacks": cnt[:, K.FALLBACKS], "level": cnt[:, K.LEVEL], "n_clusters": cnt[:, K.N_CLUSTERS],
-            "selection_inner_products": cnt[:, K.SELECT], "log_z": log_z_used, "log_z_lo": lz[:, K.LZ_LO],
+            "selection_inner_products": cnt[:, K.SELECT], "exact_fallbacks": cnt[:, K.EXACT], "log_z": log_z_used, "log_z_lo": lz[:, K.LZ_LO],
             "log_z_hi": lz[:, K.LZ_HI]}
 
 
@@ -326,7 +353,7 @@ def _flat(source, Q, batched, k, beta, gen, exclude, replace, log_z, algo, upper
     avail = (n - np.diff(eptr)) if partition is not None else _available(source, eptr, eids)
     k = _check_k(k, avail, replace)
     cl = np.broadcast_to(np.asarray(chain_length, np.int64), (Q.shape[0],)).copy()
-    ids, sids, cnt, lz = K.flat_batch(T, suf, Q, beta, k, algo, upper, auto, *csr, mptr, members, eptr, eids,
+    ids, sids, cnt, lz = K.flat_batch(T, suf, Q, beta, k, algo, upper, auto, ATTEMPT_COST, *csr, mptr, members, eptr, eids,
                                       int(replace), cl, max_steps, _seed(gen))
     if cnt[:, K.STATUS].any():
         raise SamplerError(f"flat {'rejection' if algo == 0 else 'MH'}: no accepted draw after {max_steps} "
@@ -426,31 +453,69 @@ def sample_rejection(tree, q, k, *, beta, rng, level="auto", exclude=None, repla
 
 
 def _rejection(tree, q, k, *, beta, rng, level="auto", exclude=None, replace=True, log_z="estimate",
-               max_attempts=DEFAULT_MAX_ATTEMPTS, broken=False, fallback_after=0):
+               max_attempts=DEFAULT_MAX_ATTEMPTS, broken=False, fallback_after=0, attempt_cost=None):
     """:func:`sample_rejection` with the negative controls of the tests: ``broken`` (radius b^l as printed, no cap,
     clipped restart weights) and ``fallback_after`` (the authors' "return the unaccepted proposal after that many
     restarts"). Both make the sampler inexact; they exist so that the exactness tests can show they would fail."""
-    beta = check_positive("beta", beta)
-    gen = as_rng(rng)
-    log_z = _check_log_z(log_z)
-    _tree(tree)
-    Q, batched = _queries(q, tree.dim)
+    beta, gen, log_z, Q, batched, eptr, eids, k = _tree_args(tree, q, k, beta, rng, log_z, exclude, replace)
     max_attempts = check_int("max_attempts", max_attempts, low=1)
-    eptr, eids = _exclusions(exclude, Q.shape[0], batched, int(tree.n_targets))
-    k = _check_k(k, _available(tree, eptr, eids), replace)
     auto, csr = _start_levels(tree, Q, beta, level)
+    attempt_cost = ATTEMPT_COST if attempt_cost is None else float(attempt_cost)
     T = tree.arrays()
-    ids, sids, cnt, lz = K.alg1_batch(T, suffix_radii(tree), Q, beta, k, auto, *csr, eptr, eids, int(replace),
+    ids, sids, cnt, lz = K.alg1_batch(T, suffix_radii(tree), Q, beta, k, auto, attempt_cost, *csr, eptr, eids, int(replace),
                                       max_attempts, bool(broken), int(fallback_after), _seed(gen))
     if cnt[:, K.STATUS].any():
         b = int(np.flatnonzero(cnt[:, K.STATUS])[0])
         raise SamplerError(f"sample_rejection: no accepted draw after {max_attempts} attempts at level "
                            f"{int(cnt[b, K.LEVEL])} (acceptance ~ exp(-beta rho)); start at a lower level")
-    lzu = lz[:, K.LZ_EST].copy()
-    if log_z == "exact":
-        lzu = _exact_log_z(T.points, Q, beta, tree.live_ids())
-        cnt[:, K.INNER] += len(tree)
-    return _result(ids, _log_q(sids, lzu, lz[:, K.LZ_EXCL], replace), _tree_stats(cnt, lz, lzu), batched)
+    return _finish(tree, Q, beta, log_z, replace, batched, ids, sids, cnt, lz)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A* sampling
+
+
+def sample_astar(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z="estimate",
+                 max_pops=DEFAULT_MAX_ATTEMPTS):
+    """Exact softmax samples by A* sampling over the SG tree's Gumbel process (ours; Maddison, Tarlow, Minka 2014).
+
+    Gumbel-max: with G_i iid Gumbel(0), argmax_i (s_i + G_i) is an exact draw from P(i) ∝ e^{s_i} (Eq. 1). The
+    Gumbel maxima of the tree's clusters are generated top-down (a cluster of n targets has maximum ~ Gumbel(log n);
+    splitting it into Alg. 1's parts -- the representative, the nested self-child, the children at the next
+    occupied level -- the part holding the maximum is chosen with probability size / n and keeps it, the others
+    get Gumbels conditioned below it), and explored best first by G_C + E_C, E_C = min(E_parent, s_r + beta ||q||
+    rho(C)) >= every logit in C (the certified bound of Prop. 1, corrected). The first target whose exact value
+    G_i + s_i tops the queue is the argmax over all targets: an exact draw, whatever the tightness of the bounds
+    (which only set the cost). Excluded ids (and earlier draws without replacement) get s = -inf, which
+    conditions the draw exactly on the other targets. The k draws of a query are independent searches sharing
+    the query's logits.
+
+    Parameters
+    ----------
+    tree : SGTree
+    q : (D,) or (B, D) float array
+    k : int
+    exclude, replace, log_z : as for :func:`sample_rejection`; the estimate of log Z is that of the last search's
+        final frontier (a partition of the targets: sum |C| e^{s_r}), clipped to its certified interval.
+    max_pops : int
+        Regions popped per draw before :class:`SamplerError`.
+
+    ``stats``: attempts (= regions popped), inner_products, log_z, log_z_lo, log_z_hi.
+    """
+    return _astar(tree, q, k, beta=beta, rng=rng, exclude=exclude, replace=replace, log_z=log_z, max_pops=max_pops)
+
+
+def _astar(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z="estimate", max_pops=DEFAULT_MAX_ATTEMPTS,
+           broken=False):
+    """:func:`sample_astar`; ``broken=True`` drops the radius from the bounds (E = s_r): a negative control."""
+    beta, gen, log_z, Q, batched, eptr, eids, k = _tree_args(tree, q, k, beta, rng, log_z, exclude, replace)
+    max_pops = check_int("max_pops", max_pops, low=1)
+    T = tree.arrays()
+    ids, sids, cnt, lz = K.astar_batch(T, suffix_radii(tree), Q, beta, k, eptr, eids, int(replace), max_pops,
+                                       bool(broken), _seed(gen))
+    if cnt[:, K.STATUS].any():
+        raise SamplerError(f"sample_astar: no draw after {max_pops} regions popped")
+    return _finish(tree, Q, beta, "exact" if k == 0 else log_z, replace, batched, ids, sids, cnt, lz)
 
 
 # ----------------------------------------------------------------------------------------------------------------

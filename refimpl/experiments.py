@@ -340,12 +340,12 @@ def _writable_file(name: str, path: str) -> None:
 
 # The train CLI's defaults for text (chosen by measurement on the GCIDE task; see the README): hashed unigrams +
 # bigrams in 2^18 columns, 64 dimensions, lazy Adam, both towers started from the same random projection.
-TEXT_DEFAULTS = {"steps": 3000, "batch_size": 128, "dim": 64, "lr": 0.01, "lr_warmup": 50, "k": 64,
+TEXT_DEFAULTS = {"steps": 3000, "batch_size": 128, "dim": 64, "lr": 0.01, "k": 64,
                  "n_features": 2 ** 18, "init": "shared", "tied": False}
 
 _POSITIVE_INTS = ("steps", "batch_size", "dim", "k", "n_features")
 _OPTIONAL_POSITIVE_INTS = ("refresh_every", "n_landmarks", "n_samples", "reencode_every", "chain_length")
-_NONNEG_INTS = ("lr_warmup", "n_uniform", "uniform_warmup", "probe_every", "seed")
+_NONNEG_INTS = ("n_uniform", "uniform_warmup", "probe_every", "seed")
 
 
 def _check_train_args(a) -> None:
@@ -370,6 +370,10 @@ def _check_train_args(a) -> None:
         v = getattr(a, k)
         if v is not None and not (np.isfinite(v) and low < v <= high):
             raise ValueError(f"{flag(k)}: must be in ({low:g}, {high:g}], got {v}")
+    if a.lr_warmup is None:
+        a.lr_warmup = min(50, a.steps // 10)
+    if a.lr_warmup < 0:
+        raise ValueError(f"--lr-warmup: must be >= 0, got {a.lr_warmup}")
     if a.lr_warmup >= a.steps:
         raise ValueError(f"--lr-warmup: must be < --steps ({a.steps}) with the linear decay, got {a.lr_warmup}")
     if a.tied and a.init != "shared":
@@ -399,7 +403,7 @@ def train_main(argv=None) -> int:
     p.add_argument("--dim", type=int, default=d["dim"])
     p.add_argument("--beta", type=float, default=20.0)
     p.add_argument("--lr", type=float, default=d["lr"])
-    p.add_argument("--lr-warmup", type=int, default=d["lr_warmup"])
+    p.add_argument("--lr-warmup", type=int, default=None, help="linear warm-up steps (default min(50, steps/10))")
     p.add_argument("--k", type=int, default=d["k"], help="mined negatives per step (shared across the batch)")
     p.add_argument("--n-uniform", type=int, default=0, help="uniform negatives added to the mined ones")
     p.add_argument("--in-batch", action="store_true", help="add in-batch negatives")

@@ -341,7 +341,8 @@ def _writable_file(name: str, path: str) -> None:
 # The train CLI's defaults for text (chosen by measurement on the GCIDE task; see the README): hashed unigrams +
 # bigrams in 2^18 columns, 64 dimensions, lazy Adam, both towers started from the same random projection.
 TEXT_DEFAULTS = {"steps": 3000, "batch_size": 128, "dim": 64, "lr": 0.01, "k": 64,
-                 "n_features": 2 ** 18, "init": "shared", "tied": False}
+                 "n_features": 2 ** 18, "init": "shared", "tied": False,
+                 "init_scale": 1.0}
 
 _POSITIVE_INTS = ("steps", "batch_size", "dim", "k", "n_features")
 _OPTIONAL_POSITIVE_INTS = ("refresh_every", "n_landmarks", "n_samples", "reencode_every", "chain_length")
@@ -366,7 +367,8 @@ def _check_train_args(a) -> None:
         raise ValueError(f"--n-features: at most 2^26 (two dense (dim x n_features) matrices), got {a.n_features}")
     if a.dim > 4096:
         raise ValueError(f"--dim: at most 4096, got {a.dim}")
-    for k, low, high in (("beta", 0.0, 1e4), ("lr", 0.0, 1e3), ("mem_percent", 0.0, 100.0), ("gamma", 1.0, 1e300)):
+    for k, low, high in (("beta", 0.0, 1e4), ("lr", 0.0, 1e3), ("mem_percent", 0.0, 100.0), ("gamma", 1.0, 1e300),
+                         ("init_scale", 0.0, 1e6)):
         v = getattr(a, k)
         if v is not None and not (np.isfinite(v) and low < v <= high):
             raise ValueError(f"{flag(k)}: must be in ({low:g}, {high:g}], got {v}")
@@ -425,6 +427,8 @@ def train_main(argv=None) -> int:
     t.add_argument("--init", choices=("independent", "shared"), default=d["init"],
                    help="towers start from one random projection (shared) or two (independent)")
     t.add_argument("--tied", action="store_true", default=d["tied"], help="one matrix for both towers")
+    t.add_argument("--init-scale", type=float, default=d["init_scale"],
+                   help="initial weights ~ N(0, s^2 / n_features) (relative to the Adam step size --lr)")
     t.add_argument("--optimizer", choices=("lazy", "dense"), default="lazy",
                    help="lazy Adam on the touched feature columns, or dense Adam on all (refimpl.optim)")
     t.add_argument("--on-bad-lines", choices=("error", "skip"), default="error",
@@ -459,7 +463,7 @@ def train_main(argv=None) -> int:
         res = train(ds, miner, steps=a.steps, batch_size=min(a.batch_size, ds.train_ids.size), dim=a.dim,
                     beta=a.beta, lr=a.lr, lr_warmup=a.lr_warmup, uniform_warmup=a.uniform_warmup,
                     n_uniform=a.n_uniform, in_batch=a.in_batch, log_q_correction=a.log_q,
-                    probe_every=a.probe_every, seed=a.seed, init=a.init, tied=a.tied,
+                    probe_every=a.probe_every, seed=a.seed, init=a.init, tied=a.tied, init_scale=a.init_scale,
                     sparse_updates=a.optimizer == "lazy", progress=not a.no_progress)
     except ValueError as exc:  # knobs this data cannot satisfy (e.g. more landmarks than targets): one line
         print(f"error: {exc}", file=sys.stderr)

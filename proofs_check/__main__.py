@@ -1,7 +1,12 @@
-"""``python -m proofs_check [--thorough] [--only KEY ...] [--report PATH] [--seed N]``.
+"""``python -m proofs_check [--thorough] [--only KEY ...] [--report PATH] [--seed N] [--self-test]``.
 
-Exit status 0 when every claim's verdict is the expected one (confirmed, or the known documented failure);
-1 when any verdict is unexpected (a new violation, a crash, or an erratum that no longer reproduces).
+Exit status 0 when every claim's verdict is the documented one (confirmed, the known documented failure, or "not
+covered by any proposition"); 1 when any verdict is unexpected (a new violation, a crash, or an erratum that no
+longer reproduces). The report goes to ``proofs_check_out/REPORT.md`` (untracked) unless ``--report`` names another
+path; ``--report proofs_check/REPORT.md`` regenerates the committed one. A run never modifies tracked files otherwise.
+
+``--self-test`` runs every check with its premise or input flipped (the perturbation registered with the claim, at a
+small case scale) and exits 0 only when every verdict then DIFFERS from the documented one: no row is fixed in code.
 """
 from __future__ import annotations
 
@@ -15,8 +20,11 @@ from refimpl._env import single_threaded_blas
 single_threaded_blas()  # before NumPy is imported (see refimpl._env)
 
 from proofs_check import load_all  # noqa: E402
-from proofs_check._framework import Budget, run_claim
-from proofs_check._report import print_table, write_markdown
+from proofs_check._framework import Budget, run_claim  # noqa: E402
+from proofs_check._report import print_self_test, print_table, write_markdown  # noqa: E402
+
+DEFAULT_REPORT = Path("proofs_check_out") / "REPORT.md"
+SELF_TEST_SCALE = 0.25
 
 
 def main(argv=None) -> int:
@@ -25,13 +33,15 @@ def main(argv=None) -> int:
     ap.add_argument("--scale", type=float, default=None, help="multiply every check's number of cases")
     ap.add_argument("--only", nargs="*", default=None, help="run only these claim keys")
     ap.add_argument("--seed", type=int, default=20230415)
-    ap.add_argument("--report", default=str(Path(__file__).with_name("REPORT.md")),
-                    help="Markdown report path ('' to skip)")
+    ap.add_argument("--report", default=str(DEFAULT_REPORT), help="Markdown report path ('' to skip)")
+    ap.add_argument("--self-test", action="store_true",
+                    help="flip every row's premise; expect every verdict to change")
     args = ap.parse_args(argv)
-    scale = args.scale if args.scale is not None else (10.0 if args.thorough else 1.0)
+    scale = args.scale if args.scale is not None else (SELF_TEST_SCALE if args.self_test else
+                                                       10.0 if args.thorough else 1.0)
     if scale <= 0:
         ap.error("--scale must be > 0")
-    budget = Budget(scale=scale, thorough=args.thorough)
+    budget = Budget(scale=scale, thorough=args.thorough, perturb=args.self_test)
     registry = load_all()
     claims = sorted(registry.values(), key=lambda c: (c.order, c.key))
     if args.only:
@@ -45,9 +55,17 @@ def main(argv=None) -> int:
         print(f"[{len(results) + 1}/{len(claims)}] {c.key} ...", file=sys.stderr, flush=True)
         results.append(run_claim(c, budget, args.seed))
     total = time.perf_counter() - t0
+    if args.self_test:
+        bad = [r for r in results if not r.flipped]
+        print_self_test(results)
+        print(f"\n{len(results) - len(bad)} rows failed as they must under their perturbation, {len(bad)} did not, "
+              f"{total:.1f} s")
+        return 1 if bad else 0
     print_table(results)
     if args.report:
-        write_markdown(results, Path(args.report), budget=budget, seed=args.seed, seconds=total)
+        path = Path(args.report)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_markdown(results, path, budget=budget, seed=args.seed, seconds=total)
         print(f"\nreport written to {args.report}")
     bad = [r for r in results if not r.as_expected]
     print(f"\n{len(results) - len(bad)} as expected, {len(bad)} unexpected, {total:.1f} s")

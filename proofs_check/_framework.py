@@ -25,15 +25,20 @@ class Verdict(str, enum.Enum):
     HOLDS = "holds"
     HOLDS_CORRECTED = "holds only corrected"
     FAILS = "fails"
+    NOT_COVERED = "not covered by any proposition"
     ERROR = "error"
 
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-    """How hard to look. ``scale`` multiplies every check's default number of cases (1 default, 10 thorough)."""
+    """How hard to look. ``scale`` multiplies every check's default number of cases (1 default, 10 thorough).
+
+    ``perturb`` (the self-test): the check flips its own premise or input (the perturbation registered with the
+    claim) and must then return a verdict different from the documented one, showing that the row can fail."""
 
     scale: float = 1.0
     thorough: bool = False
+    perturb: bool = False
 
     def cases(self, default: int, minimum: int = 1) -> int:
         return max(minimum, int(round(default * self.scale)))
@@ -70,18 +75,23 @@ class Claim:
     expected: Verdict
     func: Callable[[Budget, np.random.Generator], Outcome]
     order: int
+    perturbation: str = ""
 
 
 REGISTRY: dict[str, Claim] = {}
 
 
-def claim(key: str, *, paper_ref: str, statement: str, expected: Verdict = Verdict.HOLDS, order: int = 100):
-    """Register a check. ``expected`` is the documented outcome (HOLDS unless PAPER.md lists an erratum)."""
+def claim(key: str, *, paper_ref: str, statement: str, perturbation: str, expected: Verdict = Verdict.HOLDS,
+          order: int = 100):
+    """Register a check. ``expected`` is the documented outcome (HOLDS unless PAPER.md lists an erratum);
+    ``perturbation`` says what the check changes when ``budget.perturb`` is set (the self-test)."""
+    if not perturbation:
+        raise ValueError(f"claim {key!r}: a perturbation is required (every row must be shown to fail)")
 
     def deco(func):
         if key in REGISTRY:
             raise ValueError(f"claim {key!r} registered twice")
-        REGISTRY[key] = Claim(key, paper_ref, statement, expected, func, order)
+        REGISTRY[key] = Claim(key, paper_ref, statement, expected, func, order, perturbation)
         return func
 
     return deco
@@ -96,6 +106,11 @@ class Result:
     @property
     def as_expected(self) -> bool:
         return self.outcome.verdict == self.claim.expected
+
+    @property
+    def flipped(self) -> bool:
+        """Self-test: the perturbed run gave another (non-error) verdict than the documented one."""
+        return self.outcome.verdict not in (self.claim.expected, Verdict.ERROR)
 
 
 def run_claim(c: Claim, budget: Budget, seed: int) -> Result:

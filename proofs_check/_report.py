@@ -26,6 +26,20 @@ def print_table(results) -> None:
             print(r.outcome.details)
 
 
+def print_self_test(results) -> None:
+    """One line per row: the documented verdict, the verdict under the row's perturbation, and whether it changed."""
+    rows = [("claim", "documented", "perturbed", "changed", "perturbation")]
+    for r in results:
+        rows.append((r.claim.key, r.claim.expected.value, r.outcome.verdict.value, "yes" if r.flipped else "NO",
+                     r.claim.perturbation))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4])
+    for r in results:
+        if not r.flipped:
+            print(f"\nNOT FLIPPED {r.claim.key}: {r.outcome.verdict.value}\n{r.outcome.details}")
+
+
 def _md_cell(s) -> str:
     return str(s).replace("|", "\\|").replace("\n", " ")
 
@@ -71,9 +85,10 @@ def write_markdown(results, path: Path, *, budget, seed, seconds) -> None:
         lines.append(f"| {r.claim.key} | {_md_cell(r.claim.paper_ref)} | {o.verdict.value} | "
                      f"{'yes' if r.as_expected else '**NO**'} | {o.cases} | {o.violations} | {_fmt_tight(o.tightness)} |")
     lines.append("")
-    errata = [r for r in results if r.outcome.verdict.value in ("holds only corrected", "fails")]
+    errata = [r for r in results if r.outcome.verdict.value in ("holds only corrected", "fails",
+                                                                 "not covered by any proposition")]
     if errata:
-        lines += ["**Statements that fail as printed** (counterexample and correction in each section below):", ""]
+        lines += ["**Findings: statements that fail as printed, or that no proposition covers** (counterexample, correction and measured figures in each section below):", ""]
         for r in errata:
             o = r.outcome
             lines.append(f"- `{r.claim.key}` ({_md_cell(r.claim.paper_ref)}, {o.verdict.value}): "
@@ -82,6 +97,8 @@ def write_markdown(results, path: Path, *, budget, seed, seconds) -> None:
     for r in results:
         o = r.outcome
         lines += [f"## {r.claim.key} ({r.claim.paper_ref})", "", f"**Claim.** {r.claim.statement}", "",
+                  f"**Self-test perturbation** (`--self-test` expects the verdict to change): "
+                  f"{r.claim.perturbation}", "",
                   f"**Verdict:** {o.verdict.value} ({'as expected' if r.as_expected else 'UNEXPECTED'}); "
                   f"{o.cases} cases, {o.violations} violations of the statement as printed, "
                   f"tightness {_fmt_tight(o.tightness)}, {r.seconds:.1f} s.", ""]

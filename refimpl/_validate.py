@@ -7,6 +7,7 @@ NaN, a crash inside Numba, or a hang. Principle 4: every random function takes `
 from __future__ import annotations
 
 import numbers
+import os
 
 import numpy as np
 import scipy.sparse as sp
@@ -20,7 +21,37 @@ __all__ = [
     "check_positive",
     "check_int",
     "check_ids",
+    "INT_LIMIT",
 ]
+
+INT_LIMIT = 2**62  # |integer arguments| above this are refused (int64 arithmetic in the kernels must not overflow)
+_REAL_KINDS = "fiu"  # dtype kinds accepted as real numbers (bool, complex, object, strings are refused)
+
+
+def _physical_memory() -> int:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - non-POSIX
+        return 2**48
+
+
+def _real_array(name: str, a, dtype, what: str) -> np.ndarray:
+    """``a`` as an array of real numbers converted to ``dtype``; TypeError naming ``name`` for bool, complex,
+    object, string or ragged input (nothing is dropped or coerced silently)."""
+    if sp.issparse(a):
+        raise TypeError(f"{name}: expected a dense {what} array, got a scipy.sparse matrix")
+    try:
+        raw = np.asarray(a)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name}: cannot be converted to a numeric array ({exc})") from None
+    if raw.dtype.kind not in _REAL_KINDS:
+        raise TypeError(f"{name}: expected real numbers (float or int), got dtype {raw.dtype}")
+    with np.errstate(over="ignore"):
+        arr = np.ascontiguousarray(raw, dtype=dtype)
+    if arr.size and raw.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+        if np.all(np.isfinite(raw)):
+            raise ValueError(f"{name}: values overflow {np.dtype(dtype).name}")
+    return arr
 
 
 def as_rng(rng) -> np.random.Generator:
@@ -46,13 +77,13 @@ def _check_finite(name: str, a: np.ndarray) -> None:
 
 def check_matrix(name: str, a, *, dtype=np.float64, n_rows: int | None = None, n_cols: int | None = None,
                  allow_empty: bool = False, copy: bool = False) -> np.ndarray:
-    """Validate a dense 2-D float array and return it as a C-contiguous array of ``dtype``."""
-    if sp.issparse(a):
-        raise TypeError(f"{name}: expected a dense 2-D array, got a scipy.sparse matrix")
-    try:
-        arr = np.array(a, dtype=dtype, copy=copy, order="C") if copy else np.ascontiguousarray(a, dtype=dtype)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{name}: cannot be converted to a {np.dtype(dtype).name} array ({exc})") from None
+    """Validate a dense 2-D array of real numbers and return it as a C-contiguous array of ``dtype``.
+
+    TypeError (naming ``name``) for sparse, bool, complex, object or string input; ValueError for a wrong shape,
+    an empty array (unless ``allow_empty``), NaN/Inf, or values that overflow ``dtype``."""
+    arr = _real_array(name, a, dtype, "2-D")
+    if copy and isinstance(a, np.ndarray) and np.shares_memory(arr, a):
+        arr = arr.copy()
     if arr.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D array, got shape {arr.shape}")
     if not allow_empty and arr.shape[0] == 0:
@@ -66,13 +97,9 @@ def check_matrix(name: str, a, *, dtype=np.float64, n_rows: int | None = None, n
 
 
 def check_vector(name: str, v, *, dtype=np.float64, size: int | None = None) -> np.ndarray:
-    """Validate a finite 1-D array (e.g. a query embedding) and return it contiguous."""
-    if sp.issparse(v):
-        raise TypeError(f"{name}: expected a dense 1-D array, got a scipy.sparse matrix")
-    try:
-        arr = np.ascontiguousarray(v, dtype=dtype)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{name}: cannot be converted to a {np.dtype(dtype).name} array ({exc})") from None
+    """Validate a finite 1-D array of real numbers (e.g. a query embedding) and return it contiguous (same
+    TypeError / ValueError classes as :func:`check_matrix`)."""
+    arr = _real_array(name, v, dtype, "1-D")
     if arr.ndim != 1:
         raise ValueError(f"{name}: expected a 1-D array, got shape {arr.shape}")
     if size is not None and arr.shape[0] != size:
@@ -95,6 +122,8 @@ def check_features(name: str, X, *, n_cols: int | None = None, allow_empty: bool
             raise TypeError(f"{name}: sparse input must be CSR (scipy.sparse.csr_matrix/csr_array), got {X.format!r}")
         if X.ndim != 2:
             raise ValueError(f"{name}: expected a 2-D matrix, got {X.ndim}-D")
+        if X.dtype.kind not in _REAL_KINDS:
+            raise TypeError(f"{name}: expected real numbers (float or int), got dtype {X.dtype}")
         X = sp.csr_matrix(X, dtype=np.float64, copy=False)
         if not X.has_canonical_format:
             X = X.copy()
@@ -115,27 +144,45 @@ def csr_arrays(X):
             np.ascontiguousarray(X.indptr, dtype=np.int64))
 
 
-def check_positive(name: str, value, *, allow_zero: bool = False) -> float:
-    """A finite real number > 0 (or >= 0 with ``allow_zero``)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+def check_positive(name: str, value, *, allow_zero: bool = False, low: float | None = None,
+                   high: float | None = None) -> float:
+    """A finite real number > 0 (or >= 0 with ``allow_zero``), optionally within [low, high]."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:
+        raise ValueError(f"{name}: must be finite, got {value}") from None
     if not np.isfinite(v):
         raise ValueError(f"{name}: must be finite, got {v}")
     if v < 0 or (v == 0 and not allow_zero):
         raise ValueError(f"{name}: must be {'>= 0' if allow_zero else '> 0'}, got {v}")
+    if low is not None and v < low:
+        raise ValueError(f"{name}: must be >= {low:g}, got {v:g}")
+    if high is not None and v > high:
+        raise ValueError(f"{name}: must be <= {high:g}, got {v:g}")
     return v
 
 
-def check_int(name: str, value, *, low: int | None = None, high: int | None = None) -> int:
-    """An integer in [low, high] (either end optional)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+def check_int(name: str, value, *, low: int | None = None, high: int | None = None,
+              itemsize: int | None = None) -> int:
+    """An integer in [low, high] (either end optional) and within +-:data:`INT_LIMIT` always.
+
+    ``itemsize``: the value counts items of that many bytes that will be allocated; a value whose allocation
+    would exceed the machine's physical memory is refused here (ValueError naming ``name``, not a MemoryError
+    later)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name}: expected an integer, got {type(value).__name__}")
     v = int(value)
     if low is not None and v < low:
         raise ValueError(f"{name}: must be >= {low}, got {v}")
     if high is not None and v > high:
         raise ValueError(f"{name}: must be <= {high}, got {v}")
+    if abs(v) > INT_LIMIT:
+        raise ValueError(f"{name}: must have magnitude <= 2**62, got {v}")
+    if itemsize is not None and v * itemsize > _physical_memory():
+        raise ValueError(f"{name}: {v} items of {itemsize} bytes exceed this machine's memory "
+                         f"({_physical_memory() / 2**30:.0f} GiB)")
     return v
 
 
@@ -150,10 +197,9 @@ def check_ids(name: str, ids, n: int, *, allow_empty: bool = True) -> np.ndarray
         if not allow_empty:
             raise ValueError(f"{name}: is empty")
         return np.zeros(0, dtype=np.int64)
-    if not np.issubdtype(arr.dtype, np.integer):
+    if arr.dtype.kind not in "iu":
         raise TypeError(f"{name}: ids must be integers, got dtype {arr.dtype}")
-    arr = arr.astype(np.int64, copy=False)
-    bad = (arr < 0) | (arr >= n)
+    bad = (arr < 0) | (arr >= n)  # before the cast to int64: a huge uint64 must not wrap around
     if bad.any():
         raise ValueError(f"{name}: id {int(arr[bad][0])} out of range [0, {n})")
-    return np.ascontiguousarray(arr)
+    return np.ascontiguousarray(arr, dtype=np.int64)

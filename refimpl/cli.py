@@ -6,6 +6,7 @@ is cheap and a sub-command's Numba kernels compile only when that sub-command ru
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -21,9 +22,8 @@ _COMMANDS = {
 
 
 def _bench_names() -> list[str]:
-    import refimpl.benchmarks as b
-
-    return sorted(m.name for m in pkgutil.iter_modules(b.__path__) if not m.name.startswith("_"))
+    path = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks")]
+    return sorted(m.name for m in pkgutil.iter_modules(path) if not m.name.startswith("_"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,10 +43,19 @@ def main(argv: list[str] | None = None) -> int:
         if not rest or rest[0] not in names:
             print(f"usage: python -m refimpl bench NAME [options]; NAME in: {', '.join(names)}", file=sys.stderr)
             return 2
-        mod = importlib.import_module(f"refimpl.benchmarks.{rest[0]}")
-        return int(mod.main(rest[1:]) or 0)
-    module, func, _ = _COMMANDS[cmd]
-    return int(getattr(importlib.import_module(module), func)(rest) or 0)
+        module, func, rest = f"refimpl.benchmarks.{rest[0]}", "main", rest[1:]
+    else:
+        module, func, _ = _COMMANDS[cmd]
+    try:
+        return int(getattr(importlib.import_module(module), func)(rest) or 0)
+    except (ValueError, TypeError, OSError) as exc:
+        # Bad input discovered while working (a malformed data file, an unreadable path): one line, exit 2.
+        # REFIMPL_DEBUG=1 shows the traceback instead.
+        if os.environ.get("REFIMPL_DEBUG"):
+            raise
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"python -m refimpl {cmd}: error: {msg}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -21,13 +21,19 @@ task (we report R = 10 and say so).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
 
 import numpy as np
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+from refimpl import mining as M
+from refimpl.cliargs import ArgumentParser, choice_list, integer, out_dir
+from refimpl.data import planted_dataset
+from refimpl.training import train
 
 __all__ = ["demo_main", "reproduce_main", "train_main", "data_main", "run_table", "table_markdown", "default_methods",
            "claims_summary", "TEXT_DEFAULTS"]
@@ -35,8 +41,6 @@ __all__ = ["demo_main", "reproduce_main", "train_main", "data_main", "run_table"
 
 def default_methods(*, k: int = 64, refresh_every: int = 10, cache_percent: float = 6.3):
     """(label, factory, uses n_uniform) for every available miner, in the row order of the paper's Table 1."""
-    from refimpl import mining as M
-
     rows = [
         ("in-batch", lambda: M.InBatch(), False),
         ("uniform", lambda: M.Uniform(k), True),
@@ -57,14 +61,10 @@ def default_methods(*, k: int = 64, refresh_every: int = 10, cache_percent: floa
 def run_table(dataset, methods, *, steps: int, n_uniform: int = 64, uniform_warmup: int | None = None,
               probe_every: int = 0, eval_every: int = 0, seed: int = 0, progress: bool = True, **train_kw):
     """Train every method on ``dataset`` with the common recipe; returns ``[(label, TrainResult)]``."""
-    from refimpl.training import train
-
     uniform_warmup = steps // 4 if uniform_warmup is None else uniform_warmup
     out = []
     outer = None
     if progress:
-        from tqdm import tqdm
-
         outer = tqdm(total=len(methods), desc="methods", file=sys.stderr, position=0)
     for label, factory, with_uniform in methods:
         if outer is not None:
@@ -144,12 +144,8 @@ def claims_summary(results) -> str:
 
 
 def _figure(results, path: str, title: str) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    a1, a2 = fig.subplots(1, 2)
     for label, r in results:
         steps = [e["step"] for e in r.evals]
         a1.plot(steps, [e["R@1"] for e in r.evals], marker="o", ms=3, label=label)
@@ -169,7 +165,6 @@ def _figure(results, path: str, title: str) -> str:
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -193,34 +188,33 @@ def _json_default(o):
 
 def demo_main(argv=None) -> int:
     """``python -m refimpl demo [--quick] [options]``: Table 1 in miniature on the default planted task."""
-    p = argparse.ArgumentParser(prog="python -m refimpl demo", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m refimpl demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small task and few steps (CI smoke run, well under 1 min)")
-    p.add_argument("--n-targets", type=int, default=None)
-    p.add_argument("--n-queries", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--probe-every", type=int, default=None, help="gradient-error / TV probe period (0: off)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data and of every run")
-    p.add_argument("--skip", default="", help="comma-separated method labels to skip (e.g. 'DyNNIBAL')")
-    p.add_argument("--out-dir", default="demo_out", help="where the figure and the JSON go")
+    p.add_argument("--n-targets", type=integer(100), default=None)
+    p.add_argument("--n-queries", type=integer(50), default=None)
+    p.add_argument("--steps", type=integer(1), default=None)
+    p.add_argument("--probe-every", type=integer(0), default=None, help="gradient-error / TV probe period (0: off)")
+    p.add_argument("--seed", type=integer(0, 2**63 - 1), default=0, help="seed of the data and of every run")
+    p.add_argument("--skip", type=choice_list([m[0] for m in default_methods()]), default=[],
+                   help="comma-separated method labels to skip (e.g. 'DyNNIBAL')")
+    p.add_argument("--out-dir", type=out_dir, default="demo_out", help="where the figure and the JSON go")
     p.add_argument("--no-figure", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    from refimpl.data import planted_dataset
 
     if a.quick:
         n_t, n_q, steps, probe, branching = 1500, 1500, 120, 40, (6, 10)
     else:
         n_t, n_q, steps, probe, branching = 6000, 6000, 400, 100, (15, 16)
-    n_t = a.n_targets or n_t
-    n_q = a.n_queries or n_q
-    steps = a.steps or steps
+    n_t = n_t if a.n_targets is None else a.n_targets
+    n_q = n_q if a.n_queries is None else a.n_queries
+    steps = steps if a.steps is None else a.steps
     probe = probe if a.probe_every is None else a.probe_every
     if a.n_targets and not a.quick:
         branching = (15, max(1, int(round(n_t / 25 / 15))))
     t0, c0 = time.perf_counter(), time.process_time()
     ds = planted_dataset(n_t, n_q, branching=branching, rng=a.seed)
-    skip = {s.strip() for s in a.skip.split(",") if s.strip()}
-    methods = [m for m in default_methods() if m[0] not in skip]
+    methods = [m for m in default_methods() if m[0] not in set(a.skip)]
     print(f"planted task: N={ds.n_targets} targets in {int(np.prod(branching))} fine clusters, "
           f"{ds.train_ids.size} train / {ds.test_ids.size} test queries; {steps} steps per method, "
           f"{len(methods)} methods" + ("" if any(m[0] == "DyNNIBAL" for m in methods)
@@ -267,25 +261,24 @@ def reproduce_main(argv=None) -> int:
     linear in N per step). ``--skip "full softmax"`` saves about a sixth; ``--n-targets 200000 --steps 1000``
     is about 4x longer.
     """
-    p = argparse.ArgumentParser(prog="python -m refimpl reproduce", description=reproduce_main.__doc__.split("\n")[0])
-    p.add_argument("--n-targets", type=int, default=100_000)
-    p.add_argument("--n-queries", type=int, default=20_000)
-    p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--probe-every", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip", default="", help="comma-separated method labels to skip (e.g. 'full softmax')")
-    p.add_argument("--out-dir", default="reproduce_out")
+    p = ArgumentParser(prog="python -m refimpl reproduce", description=reproduce_main.__doc__.split("\n")[0])
+    p.add_argument("--n-targets", type=integer(100), default=100_000)
+    p.add_argument("--n-queries", type=integer(50), default=20_000)
+    p.add_argument("--steps", type=integer(1), default=500)
+    p.add_argument("--probe-every", type=integer(0), default=0)
+    p.add_argument("--seed", type=integer(0, 2**63 - 1), default=0)
+    p.add_argument("--skip", type=choice_list([m[0] for m in default_methods()]), default=[],
+                   help="comma-separated method labels to skip (e.g. 'full softmax')")
+    p.add_argument("--out-dir", type=out_dir, default="reproduce_out")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    from refimpl.data import planted_dataset
 
     t0 = time.perf_counter()
     n_fine = max(1, a.n_targets // 25)
     coarse = min(50, n_fine)
     branching = (coarse, max(1, n_fine // coarse))
     ds = planted_dataset(a.n_targets, a.n_queries, branching=branching, rng=a.seed)
-    skip = {s.strip() for s in a.skip.split(",") if s.strip()}
-    methods = [m for m in default_methods() if m[0] not in skip]
+    methods = [m for m in default_methods() if m[0] not in set(a.skip)]
     print(f"planted task: N={ds.n_targets}, {int(np.prod(branching))} fine clusters, {ds.train_ids.size} train / "
           f"{ds.test_ids.size} test queries; {a.steps} steps; methods: {', '.join(m[0] for m in methods)}",
           flush=True)
@@ -418,7 +411,7 @@ def train_main(argv=None) -> int:
     g.add_argument("--n-landmarks", type=int, default=None, help="Nystrom landmarks d'")
     g.add_argument("--n-samples", type=int, default=None, help="targets re-encoded per Alg. 5 re-encode, s'")
     g.add_argument("--reencode-every", type=int, default=None, help="w: Alg. 5 + Alg. 3 every w mining steps")
-    g.add_argument("--sampler", choices=("mh", "rejection", "topk"), default=None,
+    g.add_argument("--sampler", choices=("mh", "rejection", "paper"), default=None,
                    help="MH (Eq. 14), exact Alg. 1 rejection, or the experiments' top-k heuristic")
     g.add_argument("--chain-length", type=int, default=None, help="MH chain length (states)")
     g.add_argument("--gamma", type=float, default=None, help="FindClustering's target max P/Q (Alg. 2)")

@@ -107,7 +107,7 @@ def encoder_flops(encoder, X) -> int | None:
 
 
 def _take_rows(X, ids):
-    return X[ids] if sp.issparse(X) else X[ids, :]
+    return X[ids]
 
 
 # ----------------------------------------------------------------------------------------------- landmarks
@@ -339,15 +339,22 @@ class RegressionReEncoder:
 
     # -- helpers
     def _encode(self, encoder, X):
-        if not hasattr(encoder, "encode_targets"):
-            raise TypeError(f"encoder: expected an object with encode_targets(X), got {type(encoder).__name__}")
-        Y = np.asarray(encoder.encode_targets(X), dtype=np.float64)
+        """Encode rows ``X`` of the kept target rows: ``encoder.encode_targets(X)``, or ``encoder(X)`` when the
+        encoder is a plain ``encode(ids)`` callable (then ``X`` holds target ids). Returns (Y, flops or None)."""
+        if hasattr(encoder, "encode_targets"):
+            Y, flops = encoder.encode_targets(X), encoder_flops(encoder, X)
+        elif callable(encoder):
+            Y, flops = encoder(X), None
+        else:
+            raise TypeError(f"encoder: expected an object with encode_targets(X) or an encode(ids) callable, "
+                            f"got {type(encoder).__name__}")
+        Y = np.asarray(Y, dtype=np.float64)
         if Y.ndim != 2 or Y.shape[0] != X.shape[0]:
-            raise ValueError(f"encoder: encode_targets returned shape {Y.shape} for {X.shape[0]} rows")
+            raise ValueError(f"encoder: returned shape {Y.shape} for {X.shape[0]} rows")
         if not np.all(np.isfinite(Y)):
-            raise ValueError("encoder: encode_targets returned NaN or Inf")
+            raise ValueError("encoder: returned NaN or Inf")
         self.encoder_calls += int(X.shape[0])
-        return Y, encoder_flops(encoder, X)
+        return Y, flops
 
     def _record(self, kind, calls, enc_flops, linalg_flops):
         cost = {"kind": kind, "encoder_calls": int(calls), "encoder_flops": enc_flops,
@@ -365,10 +372,18 @@ class RegressionReEncoder:
     def initial_encode(self, encoder, X_targets) -> np.ndarray:
         """Alg. 6: encode every target once, choose the landmarks, fit Nyström, store every representation.
 
-        ``X_targets`` (dense or CSR, one row per target) is kept for later re-encodes. Returns the N x d'
+        ``encoder``: an object with ``encode_targets(X)`` and ``X_targets`` the feature rows (dense or CSR, one row
+        per target), or an ``encode(ids)`` callable and ``X_targets`` the 1-D array of target ids. ``X_targets`` is
+        kept for later re-encodes. Returns the N x d'
         representations. The landmarks are targets, so their embeddings come from the same N encoder calls.
         """
-        X = check_features("X_targets", X_targets)
+        if not hasattr(encoder, "encode_targets") and callable(encoder):
+            X = np.asarray(X_targets)
+            if X.ndim != 1 or not np.issubdtype(X.dtype, np.integer):
+                raise TypeError("X_targets: with an encode(ids) callable, expected a 1-D array of target ids")
+            X = X.astype(np.int64)
+        else:
+            X = check_features("X_targets", X_targets)
         if self.n_landmarks > X.shape[0]:
             raise ValueError(f"n_landmarks: {self.n_landmarks} landmarks requested but only {X.shape[0]} targets")
         self.X = X

@@ -21,17 +21,19 @@ def _tree(n=400, dim=8, seed=0, unit=True, dup=False):
     return X, SGTree.build(X, rng=seed + 1)
 
 
-def _labels(cl, n):
+def _labels(tree, cl, n):
+    """Cluster of each target, by enumerating every cluster's members (independent of cluster_labels)."""
     lab = np.full(n, -1)
     for j in range(len(cl)):
-        m = cl.members(j)
+        m = C.cluster_members(tree, cl, j)
         assert (lab[m] == -1).all(), "a target is in two clusters"
         lab[m] = j
     return lab
 
 
-def _check_partition_and_radii(X, cl):
-    lab = _labels(cl, X.shape[0])
+def _check_partition_and_radii(X, cl, tree):
+    lab = _labels(tree, cl, X.shape[0])
+    np.testing.assert_array_equal(C.cluster_labels(tree, cl)[: X.shape[0]], lab)
     assert (lab >= 0).all(), "a target is in no cluster"
     np.testing.assert_array_equal(np.bincount(lab, minlength=len(cl)), cl.sizes)
     d = np.linalg.norm(X - X[cl.reps[lab]], axis=1)
@@ -46,7 +48,7 @@ def test_level_clustering_partitions_with_valid_radii(dup):
     lo, hi = tree.level_range()
     for L in range(lo - 1, hi + 3):
         cl = C.level_clustering(tree, L)
-        _check_partition_and_radii(X, cl)
+        _check_partition_and_radii(X, cl, tree)
         ref = tree.clustering(L)  # the tree's own C_(L)
         assert sorted(ref.nodes.tolist()) == sorted(cl.nodes.tolist())
         assert np.all(cl.radii <= np.asarray(ref.radii)[np.argsort(ref.nodes)][np.argsort(np.argsort(cl.nodes))]
@@ -90,18 +92,18 @@ def test_find_clustering_is_alg2(gamma, beta):
     assert cl.stats["start_level"] == start and cl.stats["m"] == m
     got = sorted(zip(cl.nodes.tolist(), cl.levels.tolist()))
     assert got == _alg2_reference(tree, q, start, m, tree.base)
-    _check_partition_and_radii(X, cl)
+    _check_partition_and_radii(X, cl, tree)
 
 
 def test_find_clustering_cap_keeps_a_partition():
     X, tree = _tree()
     cl = C.find_clustering(tree, X[3], beta=5.0, gamma=1e3, max_clusters=5)
-    _check_partition_and_radii(X, cl)
+    _check_partition_and_radii(X, cl, tree)
 
 
-def _truth(X, q, beta, cl, proposal="eq7"):
+def _truth(tree, X, q, beta, cl, proposal="eq7"):
     s = beta * (X @ q)
-    lab = _labels(cl, X.shape[0])
+    lab = _labels(tree, cl, X.shape[0])
     lz = s.max() + math.log(np.exp(s - s.max()).sum())
     sr = beta * (X[cl.reps] @ q)
     lw = sr[lab] + (beta * np.linalg.norm(q) * cl.radii[lab] if proposal == "upper" else 0)
@@ -122,8 +124,8 @@ def test_certificate_holds_against_brute_force(seed, beta, dim, unit, level_shif
     L = S.default_level(tree, beta) + level_shift
     cl = C.level_clustering(tree, L)
     cert = C.certify(tree, q, cl, beta=beta)
-    lz, lg, tv = _truth(X, q, beta, cl)
-    _, lg_up, tv_up = _truth(X, q, beta, cl, "upper")
+    lz, lg, tv = _truth(tree, X, q, beta, cl)
+    _, lg_up, tv_up = _truth(tree, X, q, beta, cl, "upper")
     tol = 1e-9 * max(1.0, abs(lz))
     assert cert.log_z_lo - tol <= lz <= cert.log_z_hi + tol
     assert lg <= cert.log_gamma + 1e-9
@@ -143,8 +145,8 @@ def test_refinement_reaches_certified_gamma(proposal, beta):
     assert cl.stats["certified"]
     lg_cert = cert.log_gamma if proposal == "eq7" else cert.log_gamma_upper
     assert lg_cert <= math.log(3.0) + 1e-9
-    _check_partition_and_radii(X, cl)
-    _, lg, _ = _truth(X, q, beta, cl, proposal)
+    _check_partition_and_radii(X, cl, tree)
+    _, lg, _ = _truth(tree, X, q, beta, cl, proposal)
     assert lg <= lg_cert + 1e-9
     # the certificate carried by the result is the one certify() computes
     again = C.certify(tree, q, cl, beta=beta)
@@ -168,7 +170,7 @@ def test_refinement_budget_is_respected_and_reported():
     cl = C.refine_clustering(tree, q, start, beta=20.0, gamma=1.5, max_clusters=20)
     assert len(cl) <= 20 + 64  # one split may overshoot by its number of children
     assert not cl.stats["certified"]
-    _check_partition_and_radii(X, cl)
+    _check_partition_and_radii(X, cl, tree)
 
 
 def test_certificates_after_dynamic_updates():
@@ -182,28 +184,29 @@ def test_certificates_after_dynamic_updates():
     X[ids] = Y
     for L in range(*tree.level_range()):
         cl = C.level_clustering(tree, L)
-        _check_partition_and_radii(X, cl)
+        _check_partition_and_radii(X, cl, tree)
         cert = C.certify(tree, X[0], cl, beta=5.0)
-        lz, lg, _ = _truth(X, X[0], 5.0, cl)
+        lz, lg, _ = _truth(tree, X, X[0], 5.0, cl)
         assert cert.log_z_lo - 1e-9 <= lz <= cert.log_z_hi + 1e-9 and lg <= cert.log_gamma + 1e-9
 
 
 def test_array_clustering_and_certify():
     X, _ = _tree(n=200)
     labels = np.random.default_rng(1).integers(0, 7, size=200)
-    cl = C.ArrayClustering.from_labels(X, labels)
+    cl = C.partition_clustering(X, labels)
     assert cl.sizes.sum() == 200
+    np.testing.assert_array_equal(C.cluster_labels(X, cl), np.unique(labels, return_inverse=True)[1])
     for j in range(len(cl)):
-        m = cl.members_of(j)
+        m = C.cluster_members(None, cl, j)
         assert np.max(np.linalg.norm(X[m] - X[cl.reps[j]], axis=1)) == pytest.approx(cl.radii[j])
     cert = C.certify(X, X[0], cl, beta=3.0)
     s = 3.0 * X @ X[0]
     lz = s.max() + math.log(np.exp(s - s.max()).sum())
     assert cert.log_z_lo <= lz <= cert.log_z_hi
     with pytest.raises(ValueError, match="labels"):
-        C.ArrayClustering.from_labels(X, labels[:5])
+        C.partition_clustering(X, labels[:5])
     with pytest.raises(ValueError, match="reps"):
-        C.ArrayClustering.from_labels(X, labels, reps=np.zeros(7, int))
+        C.partition_clustering(X, labels, reps=np.zeros(7, int))
 
 
 def test_eq6_chain_length_and_bound():
@@ -236,5 +239,5 @@ def test_alg2_prop4_holds_numerically(dim, beta, gamma):
     tree = SGTree.build(X, rng=1)
     q = X[7]
     cl = C.find_clustering(tree, q, beta=beta, gamma=gamma)
-    _, lg, _ = _truth(X, q, beta, cl)
+    _, lg, _ = _truth(tree, X, q, beta, cl)
     assert lg <= math.log(gamma) + 1e-12

@@ -13,7 +13,7 @@ import pytest
 
 from refimpl.sampling import samplers as S
 from refimpl.testing import ALPHA, POWER, TV, chi2_gof, required_sample_size, tv_distance
-from refimpl.sampling.clustering import find_clustering, refine_clustering
+from refimpl.sampling.clustering import cluster_members, find_clustering, refine_clustering
 from refimpl.data import hierarchical_points
 from refimpl.index.sgtree import SGTree
 
@@ -151,12 +151,12 @@ def test_default_level_is_exact(dim):
 def test_flat_rejection_on_array_clustering_is_exact():
     """Flat rejection on a clustering given as arrays (no tree: a Voronoi partition around 100 random points) is
     exact too (same test and power)."""
-    from refimpl.sampling.clustering import ArrayClustering
+    from refimpl.sampling.clustering import partition_clustering
 
     X, _, q = _instance("unit", 8)
     centres = X[np.random.default_rng(3).choice(N_POINTS, 100, replace=False)]
     labels = np.argmin(((X[:, None, :] - centres[None]) ** 2).sum(-1), axis=1)
-    cl = ArrayClustering.from_labels(X, labels)
+    cl = partition_clustering(X, labels)
     r = S.sample_flat_rejection(X, q, N_DRAWS, beta=5.0, rng=14, clustering=cl)
     assert chi2_gof(r.ids, _softmax(X, q, 5.0))[0] > ALPHA
 
@@ -172,7 +172,7 @@ def test_negative_control_radius_b_to_the_l_fails(dim, above):
     the true radius often enough; closer to the leaves the broken variant is often indistinguishable)."""
     X, tree, q = _instance("unit", dim)
     level = _level(tree, 5.0, 1.5) + above
-    r = S.sample_rejection(tree, q, N_DRAWS, beta=5.0, rng=15, level=level, _mode=1)
+    r = S._rejection(tree, q, N_DRAWS, beta=5.0, rng=15, level=level, broken=True)
     assert chi2_gof(r.ids, _softmax(X, q, 5.0))[0] < ALPHA
 
 
@@ -182,7 +182,7 @@ def test_negative_control_authors_fallback_fails():
     rejects it, while the correct sampler at the same level passes."""
     X, tree, q = _instance("unit", 8)
     level = _level(tree, 5.0, 1.5) + 1
-    r = S.sample_rejection(tree, q, N_DRAWS, beta=5.0, rng=16, level=level, _fallback_after=10)
+    r = S._rejection(tree, q, N_DRAWS, beta=5.0, rng=16, level=level, fallback_after=10)
     assert r.stats["fallbacks"] > 0
     assert chi2_gof(r.ids, _softmax(X, q, 5.0))[0] < ALPHA
     r = S.sample_rejection(tree, q, N_DRAWS, beta=5.0, rng=16, level=level)
@@ -204,14 +204,14 @@ def test_negative_control_topk_heuristic_is_not_a_softmax_sampler():
 # MH: the law of the chain is what the sampler produces, and it is within Eq. 6's bound
 
 
-def _mh_law(X, q, beta, cl, s, proposal="eq7"):
+def _mh_law(tree, X, q, beta, cl, s, proposal="eq7"):
     """Exact law of the last state of an independent MH chain of s states started from Q (Eq. 14)."""
     from refimpl.sampling import bounds
 
     n = X.shape[0]
     lab = np.empty(n, np.int64)
     for j in range(len(cl)):
-        lab[cl.members(j)] = j
+        lab[cluster_members(tree, cl, j)] = j
     sr = beta * (X[cl.reps] @ q)
     lw = sr + (bounds.cluster_eps(beta, float(np.linalg.norm(q)), cl.radii) if proposal == "upper" else 0.0)
     lq = lw[lab]
@@ -244,7 +244,7 @@ def test_mh_within_eq6_bound_and_draws_follow_the_chain_law(kind, dim, beta):
     cl = find_clustering(tree, q, beta=beta, gamma=4.0, refine=True, max_refine_clusters=300)
     s = 3
     r = S.sample_mh(tree, q, N_DRAWS, beta=beta, rng=17, clustering=cl, chain_length=s)
-    law, P, true_gamma = _mh_law(X, q, beta, cl, s)
+    law, P, true_gamma = _mh_law(tree, X, q, beta, cl, s)
     log_gamma = r.stats["log_gamma"]
     assert np.log(true_gamma) <= log_gamma + 1e-9
     bound = np.exp(-(s - 1) / np.exp(log_gamma))
@@ -267,5 +267,5 @@ def test_mh_chain_length_from_eq6(dim, beta, proposal):
     assert s == 1 + int(np.ceil(g * np.log(20.0) - 1e-12))
     assert r.stats["tv_bound"] <= 0.05
     cl = find_clustering(tree, q, beta=beta, gamma=4.0, refine=True, proposal=proposal, max_refine_clusters=400)
-    law, P, true_gamma = _mh_law(X, q, beta, cl, s, proposal)
+    law, P, true_gamma = _mh_law(tree, X, q, beta, cl, s, proposal)
     assert tv_distance(law, P) <= 0.05

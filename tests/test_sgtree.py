@@ -11,7 +11,7 @@ from hypothesis import given, strategies as st
 
 from refimpl.sampling.bounds import certified_log_max_ratio, cluster_eps, log_partition_bounds, log_proposal_normalizer
 from refimpl.index.search import brute_force_topk, topk
-from refimpl.index.sgtree import SGTree
+from refimpl.index.sgtree import MIN_ABS, SGTree
 
 KINDS = ("gauss", "dups", "collinear", "grid", "clusters")
 SCALES = (1e-100, 1e-6, 1.0, 1e7, 1e100)
@@ -228,11 +228,27 @@ def test_duplicates_and_single_point():
 
 
 def test_tiny_differences_are_not_duplicates():
-    """Distances below sqrt(float min) must not underflow to 0 (which would waive separation wrongly)."""
-    X = np.array([[0.0], [1e-200], [2e-200], [3e-170]])
+    """Distances below sqrt(float min) must not underflow to 0 (which would waive separation wrongly); at the
+    bottom of the numerical domain (MIN_ABS) differences of one ulp are still kept apart."""
+    m = MIN_ABS
+    X = np.array([[0.0, m], [m, m], [2 * m, np.nextafter(m, 1)], [3e-140, m], [np.nextafter(m, 1), m]])
     tree = SGTree.build(X, rng=0)
     assert tree.check_invariants() == []
     assert (tree.node_mind[: tree.n_nodes] > 0).all()
+
+
+@pytest.mark.parametrize("scale", [1e-300, 1e-200, 1e-160])
+def test_subnormal_scales_are_refused(scale):
+    """Data of scale ~1e-300 (subnormal gaps) used to break separation: refused with a ValueError naming the
+    argument, at build, insert and update_points."""
+    X = np.random.default_rng(0).normal(size=(40, 3)) * scale
+    with pytest.raises(ValueError, match="^points: non-zero values must have magnitude >= 1e-150"):
+        SGTree.build(X)
+    tree = SGTree.build(np.eye(3))
+    with pytest.raises(ValueError, match="^points:"):
+        tree.insert(X[:2])
+    with pytest.raises(ValueError, match="^points:"):
+        tree.update_points([0], X[:1])
 
 
 def test_save_load_round_trip_and_bad_files(tmp_path):

@@ -67,3 +67,80 @@ def test_cli_help_lists_commands(capsys):
     for cmd in ("demo", "train", "reproduce", "bench"):
         assert cmd in out
     assert main(["nonsense"]) == 2
+
+
+# ---------------------------------------------------------------- classes of bad input (every validator)
+_NOT_REAL = {
+    "complex": np.array([[1 + 2j, 3.0]]),
+    "object": np.array([[1.0, "a"]], dtype=object),
+    "object_floats": np.array([[1.0, 2.0]], dtype=object),
+    "bool": np.array([[True, False]]),
+    "str": np.array([["1", "2"]]),
+    "ragged": [[1.0, 2.0], [3.0]],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_NOT_REAL))
+def test_non_real_arrays_are_a_type_error_naming_the_argument(kind):
+    a = _NOT_REAL[kind]
+    with pytest.raises(TypeError, match="^X:"):
+        check_matrix("X", a)
+    if kind != "ragged":
+        from refimpl._validate import check_vector
+
+        with pytest.raises(TypeError, match="^v:"):
+            check_vector("v", np.asarray(a).reshape(-1))
+
+
+def test_sparse_complex_and_bool_are_refused():
+    X = sp.random(3, 4, density=0.5, format="csr", random_state=0)
+    for bad in (X.astype(np.complex128), X.astype(bool)):
+        with pytest.raises(TypeError, match="^X:"):
+            check_features("X", bad)
+
+
+def test_float32_overflow_is_a_value_error():
+    with pytest.raises(ValueError, match="X: values overflow float32"):
+        check_matrix("X", np.array([[1e300]]), dtype=np.float32)
+
+
+@pytest.mark.parametrize("value", [2**63, -(2**63), 10**30])
+def test_huge_integers_are_a_value_error_naming_the_argument(value):
+    with pytest.raises(ValueError, match="^level:"):
+        check_int("level", value)
+
+
+def test_allocation_sizes_beyond_memory_are_a_value_error():
+    with pytest.raises(ValueError, match="^dim: .*exceed this machine's memory"):
+        check_int("dim", 10**13, low=1, itemsize=8)
+    assert check_int("dim", 64, low=1, itemsize=8) == 64
+
+
+@pytest.mark.parametrize("value", [None, "3", 3.0, [3], np.array([3]), True, np.bool_(True), 1 + 0j])
+def test_wrong_object_types_for_integers_are_a_type_error(value):
+    with pytest.raises(TypeError, match="^k:"):
+        check_int("k", value)
+
+
+@pytest.mark.parametrize("value", [None, "1", [1.0], 1 + 0j, True])
+def test_wrong_object_types_for_reals_are_a_type_error(value):
+    with pytest.raises(TypeError, match="^beta:"):
+        check_positive("beta", value)
+
+
+def test_check_positive_range_and_huge_python_ints():
+    with pytest.raises(ValueError, match="^beta: must be finite"):
+        check_positive("beta", 10**400)
+    with pytest.raises(ValueError, match="^base: must be >= 1.01"):
+        check_positive("base", 1 + 1e-9, low=1.01)
+    with pytest.raises(ValueError, match="^base: must be <= 100"):
+        check_positive("base", 1e3, high=100)
+
+
+def test_ids_classes():
+    with pytest.raises(TypeError, match="^ids:"):
+        check_ids("ids", np.array([True, False]), 3)
+    with pytest.raises(TypeError, match="^ids:"):
+        check_ids("ids", np.array([1 + 0j]), 3)
+    with pytest.raises(ValueError, match="^ids: id 18446744073709551615 out of range"):
+        check_ids("ids", np.array([2**64 - 1], dtype=np.uint64), 3)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from refimpl.index._arrays import FREE_TOP
+
 _TOL = 1e-9
 
 
@@ -16,7 +18,7 @@ def _d(a, b):
 
 def check_tree(tree, *, geometry: bool = True) -> list[str]:
     errs: list[str] = []
-    P = tree.points
+    P = np.asarray(tree.points, dtype=np.float64)  # float32 storage: the geometry is that of the stored values
     b = tree.base
     n = tree.n_nodes
     NP, NL, NPar = tree.node_point, tree.node_level, tree.node_parent
@@ -25,7 +27,7 @@ def check_tree(tree, *, geometry: bool = True) -> list[str]:
     live_n = np.flatnonzero(NP[:n] >= 0)
     # --- free list
     free = set(np.flatnonzero(NP[:n] < 0).tolist())
-    fs = tree.free_stack[: tree._state[2]].tolist()
+    fs = tree.free_stack[: tree.arrays().state[FREE_TOP]].tolist()
     if set(fs) != free or len(fs) != len(free):
         errs.append(f"free list {sorted(fs)[:10]} does not match the freed nodes {sorted(free)[:10]}")
     if root == -1:

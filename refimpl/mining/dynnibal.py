@@ -1,80 +1,51 @@
-"""The DyNNIBAL negative miner: Alg. 4 of the paper (PAPER.md §6) behind the miner interface of :mod:`refimpl.mining`.
+"""The DyNNIBAL negative miner: Alg. 4 of the paper behind the miner interface of :mod:`refimpl.mining`.
 
 Per run, driven by :func:`refimpl.training.train`:
 
-* ``start`` (the first mining step, i.e. after the loop's uniform-only warm-up, ``train(uniform_warmup=...)``):
-  Alg. 6 (:meth:`refimpl.nystrom.RegressionReEncoder.initial_encode`: every target encoded once, d' landmarks
-  chosen among the targets, Nyström fitted) and an SG tree (:class:`refimpl.index.sgtree.SGTree`) built over the d'-dim
-  Nyström target representations ``z_t`` (App. B.1; the tree stays Euclidean so the certified bounds hold).
-* every mining step (``mine``): each query's representation ``z_q`` comes from its fresh embedding and the current
-  (regression-refreshed) landmark embeddings L through :meth:`~refimpl.nystrom.Nystrom.transform_queries`: its row
-  of KS, ``L q``, with ``split="paper"``; ``W^{+1/2} L q`` with the default ``split="symmetric"`` (same inner
-  products ``<z_q, z_t>``, see "Defaults" below); the approximate softmax is
-  ``P~(i|x) ∝ exp(beta <z_q, z_t_i>)`` (Eq. 1 on the representations). Per query: FindClustering (Alg. 2,
-  :func:`refimpl.sampling.clustering.find_clustering`) -> the cluster proposal Q of Eq. 7 -> negatives by independent
-  Metropolis-Hastings (Eq. 14, :func:`refimpl.sampling.samplers.sample_mh`, ``sampler="mh"``, default), or exact draws of
-  P~ by Alg. 1 (``sampler="rejection"``), or the experiments' cluster top-k heuristic (``sampler="topk"``, not a
-  softmax sampler). The query's own positives are excluded by default (``exclude_positives``).
-* every ``w`` mining steps (``reencode_every``): ApproximateReEncode (Alg. 5: s' uniformly drawn targets encoded by
-  the live encoder, kernel ridge regression through the landmarks, landmark embeddings and every representation
-  refreshed), then the tree follows the moved representations: ``update_points`` (no repair) + Alg. 3
-  ``maintain(U)`` (``tree_update="maintain"``, default), or ``rebuild_level`` (+ ``maintain(0)``), or a full rebuild.
+* ``start`` (the first mining step, after the loop's uniform-only warm-up): Alg. 6
+  (:meth:`refimpl.nystrom.RegressionReEncoder.initial_encode`: every target encoded once, d' landmarks, Nyström)
+  and an SG tree over the d'-dim target representations ``z_t`` (App. B.1; Euclidean, so the certified bounds hold).
+  With ``n_trees = T > 1`` (the experiments' forest, ``sampler="paper"`` only) the targets are split uniformly at
+  random into T near-equal parts and one tree is built per part.
+* every mining step (``mine``): query representations ``z_q`` (:meth:`~refimpl.nystrom.Nystrom.transform_queries`)
+  and ONE call of the batched engine (:class:`refimpl.sampling.engine.MiningEngine`) for the whole batch, which
+  samples the approximate softmax ``P~(i|x) ∝ exp(beta <z_q, z_t_i>)`` by ``sampler``:
+  ``"rejection"`` (Alg. 1: exact draws of P~), ``"mh"`` (Alg. 2 with the Remark 2 frontier cap + Eq. 7 + independent
+  MH chains, Eq. 14: certified gamma and Eq. 6 TV bound per query in ``last_stats``), or ``"paper"`` (the
+  experiments' procedure: top-k closest clusters, chains of length 2, top-scoring states, optional temperature and
+  forest; no proposition covers it and it has no ``log_q``). The query's own positives are excluded by default.
+* every ``w`` mining steps (``reencode_every``): Alg. 5 (s' targets encoded, kernel ridge regression, every
+  representation refreshed), then the tree follows the moved representations (``update_points`` + Alg. 3
+  ``maintain(U)``, or ``rebuild_level``, or a rebuild). Every ``refresh_every`` mining steps (off by default, the
+  faithful Alg. 4; the paper did it once on NQ), an exact refresh: every target re-encoded, Nyström and the
+  regression re-initialised (Alg. 6 again) and the tree(s) rebuilt.
 
-Shared negatives (the paper's setup): the ``k`` slots are filled round-robin over a random order of the batch's
-queries exactly like the baselines (:func:`refimpl.mining.base.slot_queries`); query ``b`` draws as many negatives as it
-has slots. ``log_q`` of a drawn target ``n`` is that of the slot mixture ``q̄(n) = (1/k) Σ_j q_{b_j}(n)`` (balance
-heuristic, as in :mod:`refimpl.mining`), where ``q_b`` is P~(.|x_b) renormalised over the targets not excluded for
-``b`` and ``log Z_b`` is the sampler's own estimate (``stats["log_z"]``, clipped to its certified interval). For MH
-this is the law the chains converge to (their exact law after ``chain_length`` states is what
-:meth:`DyNNIBAL.distribution` computes, but evaluating it needs all N logits, which mining must not pay). For the
-top-k heuristic no proposal exists: ``log_q`` is None and log-Q correction is refused. With ``shared=False`` each
-query draws ``k`` negatives of its own (``ids``/``log_q`` of shape (B, k)).
+Negative counts: ``k`` per batch (``per_example=False``: the k slots are dealt round-robin over a random order of
+the batch's queries) or ``k`` per example (``per_example=True``, the experiments: 64 sampled per example). With
+``shared=True`` the draws form one set shared by the whole batch, and ``log_q`` of a drawn target n is that of the
+slot mixture ``q̄(n) = Σ_b (c_b / Σc) q_b(n)`` (:func:`mixture_log_q`, ``q_b`` = P~(.|x_b) renormalised over the
+targets not excluded for b, ``log Z_b`` the engine's estimate clipped to its certified interval); with
+``shared=False`` query b keeps its own draws, shape (B, k), and ``log_q = log q_b``. Uniform and in-batch
+negatives are added by the loop (``train(n_uniform=..., in_batch=True)``) alike for every miner.
 
-Uniform negatives alongside (the experiments: 64 uniform + 64 mined): use ``train(n_uniform=64)``, which adds them
-for every miner alike (log_q = -log N); the miner's own ``n_uniform`` knob (default 0) appends the same thing to
-the miner's answer, for callers that do not set the loop's knob. Do not set both unless you want both.
+Encoder calls (counted through ``ctx.encode_targets``, purpose ``"mining"``): N at ``start`` and at each exact
+refresh, s' per Alg. 5 re-encode (the regression refreshes the landmark embeddings).
 
-Encoder calls (counted by the code through ``ctx.encode_targets``, purpose ``"mining"``): N at ``start`` (Alg. 6;
-the d' landmarks are targets, so their embeddings come from the same N calls), then s' per re-encode (the landmark
-embeddings are refreshed by the regression, Alg. 5, not by the encoder). :class:`RegressionReEncoder` encodes
-feature rows; it is handed rows of target ids and an adapter that maps them to ``ctx.encode_targets(ids)``
-(:class:`_ContextEncoder`), so no call escapes the counter.
+Mem % (paper §5: regression model + landmarks + regression training data), in full D-dim embeddings:
+``2 d' + s' (1 + d'/D)`` (:meth:`DyNNIBAL.memory_embeddings`); the N x d' representations and the tree are host
+memory in the paper's design and are not counted.
 
-Mem % (paper §5, "DyNNIBAL's accelerator memory = regression model + landmarks + regression training data"), in
-units of one full D-dimensional embedding (D = ``encoder.dim``), exactly what :meth:`memory_embeddings` returns:
+Defaults ([unstated] in the paper unless said): d' = 64 and s' = 128 = 2 d' (paper: 64/128 and 8192);
+``reencode_every`` w = 25; ``ridge`` 1e-3; ``landmarks`` "uniform" (the paper); ``split`` "symmetric" (same inner
+products as the paper's split, distances of the projected embeddings); ``gamma`` 1e6 (Alg. 2's start level by
+Prop. 2); ``m`` 16x finer than the start; ``max_clusters`` = 100, the experiments' frontier cap (Remark 2);
+``chain_length`` 10 for "mh" (None: Eq. 6 for ``tv`` from the certified gamma) and the experiments' 2 for "paper";
+``n_top_clusters`` 10, ``n_chains`` 2 x the draws, ``temperature`` 1, ``n_trees`` 1 for "paper"; ``U``
+"measured" = ``2 max_i ||z'_i - z_i||`` (no pairwise distance moved more), or a float, or "prop6" (Prop. 6's
+``4 w eta beta L M`` from ``prop6_eta``, ``prop6_L``, ``prop6_M``; its premise, plain SGD, fails for Adam).
 
-    landmarks              d' x D floats (the landmark embeddings L = S^T T; the query map is derived from them)
-  + regression model       d' x D floats (R^T, from d'-dim coordinates to D-dim embeddings)
-  + regression train data  s' x (d' + D) floats (each of the s' targets: its cached d'-dim coordinates and its
-                           fresh D-dim embedding)
-  = (2 d' D + s' (d' + D)) / D  =  2 d' + s' (1 + d'/D)  embeddings.
-
-Not counted (host memory in the paper's design): the N x d' representations and the SG tree.
-
-Defaults (PAPER.md §5-6; [unstated] ones chosen by measurement on the planted task, ``python -m refimpl.mining.dynnibal``):
-``n_landmarks`` d' = 64 (paper: 64 or 128); ``n_samples`` s' = 128 = 2 d' (paper: 8192, or 256 for Zeshel; on the
-demo task s' = 256 / 128 / 64 gave R@1 0.399 / 0.408 / 0.412 (seed 0) and 0.433 / 0.438 / 0.438 (seed 1), TV to the
-exact softmax while mining 0.119 / 0.121 / 0.132, Mem % 14.9 / 8.5 / 5.3: s' = 2 d' keeps the d'-input regression
-well-posed at almost no TV cost); ``reencode_every`` w = 25 [unstated in the paper; on the demo task (N = 6000, 400
-steps) w = 10 / 25 / 100 gave test R@1 0.394 / 0.419 / 0.417, differences within noise; w = 25 costs s'/w ~ 10
-encoder calls per step]; ``ridge`` = 1e-3 (nystrom.py's measured default); ``landmarks`` = "uniform" (the paper);
-``split`` = "symmetric": the target / query representations ``W^{+1/2} L t`` / ``W^{+1/2} L q`` have exactly the
-paper split's inner products, but distances between representations equal distances between projected embeddings,
-whereas the paper split stretches them by the condition number of W = S^T K S; measured on the planted task (N =
-4000, D = 32, gamma = 1e6) Alg. 2 gives ~420 clusters per query on the symmetric tree and ~3900 (every target) on
-the paper-split tree. ``gamma`` = 1e6 (start level of Alg. 2 by Prop. 2: b^l <= log(gamma)/(2 beta), level -5 at
-beta = 20, b = 1.3); with Prop. 2's nominal gamma = 4 the start level lies below every node of a 4000-target tree
-and FindClustering returns every target as its own cluster (= brute force). ``m`` None (``clustering.default_m``:
-16x finer than the start); ``max_clusters`` None; ``refine`` False (Alg. 2 as printed; True adds the certified
-refinement, which at beta = 20 refines down to singletons in our miniature). ``chain_length`` = 10 states (the
-experiments used 2; Eq. 6 with the certified gamma of a coarse clustering asks for astronomically long chains, so
-``chain_length=None`` (Eq. 6 for ``tv``) is only practical with ``refine=True``); measured exact-law TV to P~ on the
-planted task after 150 uniform steps: ~0.03 at 2 states, < 0.002 at 10. ``U`` = "measured": ``2 max_i ||z'_i -
-z_i||`` over the re-encode (by the triangle inequality no pairwise distance moved more; the role of Prop. 6's U, but
-measured instead of bounded); a float gives U directly; "prop6" uses Prop. 6's ``4 w eta beta L M``
-(:func:`refimpl.sampling.bounds.prop6_drift`) with the constants ``prop6_eta``, ``prop6_L``, ``prop6_M`` supplied by the user
-(the premise, plain SGD with gradients bounded by 2 beta M, does not hold for Adam; use it to study the bound, not
-to train).
+Contents: :class:`DyNNIBAL`, :data:`SAMPLERS`, :data:`TREE_UPDATES`, and the exact laws used by the probes and
+tests: :func:`mh_law`, :func:`cluster_labels`, :func:`mixture_log_q`.
 """
 from __future__ import annotations
 
@@ -85,11 +56,17 @@ import time
 import numpy as np
 
 from refimpl._validate import check_int, check_positive
+from refimpl.index.sgtree import DEFAULT_BASE, SGTree
 from refimpl.mining.base import Miner, Negatives, slot_queries
+from refimpl.nystrom import LANDMARK_METHODS, SPLITS, RegressionReEncoder, default_level
+from refimpl.sampling.bounds import prop6_drift
+from refimpl.sampling.clustering import certify, find_clustering
+from refimpl.sampling.engine import MiningEngine
+from refimpl.softmax import logsumexp
 
 __all__ = ["DyNNIBAL", "SAMPLERS", "TREE_UPDATES", "mh_law", "cluster_labels", "mixture_log_q"]
 
-SAMPLERS = ("mh", "rejection", "topk")
+SAMPLERS = ("rejection", "mh", "paper")
 TREE_UPDATES = ("maintain", "rebuild_level", "rebuild")
 
 
@@ -180,55 +157,44 @@ def mh_law(log_p, log_q, chain_length, exclude=None) -> np.ndarray:
     return out / out.sum()
 
 
-def mixture_log_q(logits, log_z, weights, drawn, excluded) -> np.ndarray:
-    """log q̄(n) = log sum_u weights[u] q_u(n) at the drawn targets ``drawn`` (K ids).
+def mixture_log_q(logits, log_z, weights, drawn, excluded=None) -> np.ndarray:
+    """log q̄(n) = log Σ_u weights[u] q_u(n) at the drawn targets ``drawn`` (the slot mixture of shared negatives).
 
-    ``logits`` (U x K): beta <z_q_u, z_n> of each slot query u for each drawn target n; ``log_z`` (U,): their log Z
-    (estimates); ``weights`` (U,): the fraction of slots of each query (sum 1); ``excluded``: per u, a pair (ids
-    excluded for u, their logits). q_u(n) = exp(s_un - log Z_u) / (1 - P_u(excluded_u)), and 0 for excluded n:
-    the softmax renormalised over the targets that u may draw.
+    Parameters
+    ----------
+    logits : (U, K) beta <z_q_u, z_n> of each query u for each drawn target n.
+    log_z : (U,) log Z_u (over all targets; estimates). weights : (U,) slot fractions (sum 1). drawn : (K,) ids.
+    excluded : None or (ptr (U+1,), ids, logits): query u's excluded ids ``ids[ptr[u]:ptr[u+1]]`` and their logits.
+
+    q_u(n) = exp(s_un - log Z_u) / (1 - P_u(excluded_u)) for n not excluded for u, 0 otherwise (the softmax
+    renormalised over the targets u may draw); each term is clipped at log 1 against estimation error in log Z_u.
     """
     logits = np.asarray(logits, dtype=np.float64)
+    log_z = np.asarray(log_z, dtype=np.float64)
     drawn = np.asarray(drawn, dtype=np.int64)
-    out = np.empty_like(logits)
-    for u in range(logits.shape[0]):
-        ids_u, lg_u = excluded[u]
-        lp = logits[u] - log_z[u]
-        if len(ids_u):
-            rest = 1.0 - float(np.sum(np.exp(np.asarray(lg_u) - log_z[u])))
-            lp = lp - math.log(max(rest, 1e-300))
-            lp = np.where(np.isin(drawn, ids_u), -np.inf, lp)
-        out[u] = np.minimum(lp, 0.0) + math.log(weights[u])
-    m = out.max(axis=0)
-    m = np.where(np.isfinite(m), m, 0.0)
+    U = logits.shape[0]
+    lp = logits - log_z[:, None]
+    if excluded is not None:
+        ptr, ids, lg = (np.asarray(a) for a in excluded)
+        if ids.size:
+            owner = np.repeat(np.arange(U), np.diff(ptr))
+            mass = np.bincount(owner, weights=np.exp(lg - log_z[owner]), minlength=U)
+            lp -= np.log(np.maximum(1.0 - mass, 1e-300))[:, None]
+            span = int(max(drawn.max(initial=0), ids.max()) + 1)
+            hit = np.isin(np.arange(U)[:, None] * span + drawn[None, :], owner * span + ids)
+            lp[hit] = -np.inf
     with np.errstate(divide="ignore"):
-        return m + np.log(np.exp(out - m).sum(axis=0))
+        return logsumexp(np.minimum(lp, 0.0) + np.log(np.asarray(weights, dtype=np.float64))[:, None], axis=0)
 
 
-class _ContextEncoder:
-    """The target encoder as :class:`refimpl.nystrom.RegressionReEncoder` sees it: its "feature rows" are target
-    ids (one float column, exact below 2^53), encoded by ``ctx.encode_targets`` so that every call is counted."""
-
-    def __init__(self, ctx):
-        self.ctx = ctx
-
-    @staticmethod
-    def _ids(X):
-        return np.asarray(X, dtype=np.float64)[:, 0].astype(np.int64)
-
-    def encode_targets(self, X):
-        return self.ctx.encode_targets(self._ids(X), purpose="mining")
-
-    def target_flops(self, X):
-        from refimpl.nystrom import encoder_flops
-
-        w = encoder_flops(self.ctx.encoder, self.ctx.target_features[self._ids(X)])
-        return 0 if w is None else w
-
-
-def _logsumexp(a) -> float:
-    m = float(np.max(a))
-    return m + math.log(float(np.sum(np.exp(a - m))))
+def _excluded_logits(exclude, Z, ZQ, beta):
+    """Per-query excluded ids as CSR with their logits: (ptr (B+1,), ids, beta <z_q_b, z_id>)."""
+    ex = [np.unique(np.asarray(e, dtype=np.int64)) for e in exclude]
+    ptr = np.zeros(len(ex) + 1, np.int64)
+    np.cumsum([e.size for e in ex], out=ptr[1:])
+    ids = np.concatenate(ex) if ex else np.zeros(0, np.int64)
+    owner = np.repeat(np.arange(len(ex)), np.diff(ptr))
+    return ptr, ids, beta * np.einsum("ij,ij->i", Z[ids], ZQ[owner])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -236,65 +202,80 @@ def _logsumexp(a) -> float:
 
 
 class DyNNIBAL(Miner):
-    """DyNNIBAL (Alg. 4; PAPER.md §6): Nyström + regression re-encoding, a dynamically maintained SG tree, and
-    negatives sampled per query from the approximate softmax through FindClustering + MH (see the module docstring
-    for the whole procedure, the accounting and how every default was chosen).
+    """DyNNIBAL (Alg. 4): Nyström + regression re-encoding, a dynamically maintained SG tree, and negatives drawn
+    for the whole batch by one call of the batched engine (module docstring: procedure, accounting, defaults).
 
     Parameters
     ----------
-    k : mined negatives per step (shared across the batch by default).
+    k : sampled negatives per batch (``per_example=False``) or per example (``per_example=True``).
     n_landmarks : d', Nyström landmarks (Alg. 6). n_samples : s', targets re-encoded per Alg. 5 (s' <= N).
-    reencode_every : w, mining steps between re-encodes (Alg. 4: re-encode + tree update every w steps).
-    sampler : "mh" (FindClustering + independent MH, Eq. 14), "rejection" (Alg. 1, exact draws of P~) or "topk" (the
-        experiments' cluster top-k heuristic; biased, no log_q).
-    gamma, m, max_clusters, refine : FindClustering (Alg. 2) knobs: target max P/Q (sets the start level by Prop. 2),
-        deepest level (None: ``clustering.default_m``), frontier cap (Remark 2; for "topk" None means 100, the
-        experiments' cap), certified refinement on/off.
-    chain_length : MH states per chain (each chain yields one draw); None: Eq. 6 for total variation ``tv`` with the
-        certified gamma (needs ``refine=True`` to be practical). Also the heuristic's chain length for "topk".
+    reencode_every : w, mining steps between Alg. 5 re-encodes (each followed by the tree update).
+    refresh_every : R, mining steps between exact refreshes (every target re-encoded, Alg. 6 again, tree(s)
+        rebuilt); None: never (Alg. 4 as printed).
+    sampler : "rejection" (Alg. 1, exact draws of P~), "mh" (Alg. 2 + Eq. 14, certified gamma and Eq. 6 bound) or
+        "paper" (the experiments' procedure; no proposition covers it; no log_q).
+    gamma, m, max_clusters : Alg. 2: target max P/Q (Prop. 2's start level), deepest level (None: 16x finer than
+        the start), frontier cap (Remark 2; None: uncapped).
+    chain_length : states per MH chain; "auto": 10 for "mh", 2 for "paper"; None ("mh"): Eq. 6's length for ``tv``.
+    tv : Eq. 6's TV target when ``chain_length`` is None.
+    n_top_clusters, n_chains, temperature, n_trees : "paper" only: the closest clusters kept, chains per query
+        (None: 2 x draws), the chains' temperature (< 1: harder negatives), trees of the forest (merged by max
+        unnormalised probability).
     n_uniform : uniform negatives appended by the miner itself (log_q = -log N); prefer ``train(n_uniform=...)``.
     exclude_positives : each query's draws exclude its own positives (P~ renormalised over the rest).
     ridge, landmarks, split : :class:`refimpl.nystrom.RegressionReEncoder` knobs (``landmarks`` = its ``method``).
     tree_update : "maintain" (update_points + Alg. 3 ``maintain(U)``), "rebuild_level" (update_points +
-        ``rebuild_level(update_level)`` + ``maintain(0)``) or "rebuild" (build a new tree from scratch).
-    U : "measured" (2 max_i ||z'_i - z_i||), "prop6" (Prop. 6 with ``prop6_eta``, ``prop6_L``, ``prop6_M``) or a
-        float >= 0. update_level : level for "rebuild_level" (None: ``nystrom.default_level``, >= sqrt(N) clusters).
-    base : SG-tree base (None: :data:`refimpl.index.sgtree.DEFAULT_BASE`). shared : shared negatives (the paper) or per
-        query (B, k).
+        ``rebuild_level(update_level)`` + ``maintain(0)``) or "rebuild" (a new tree).
+    U : "measured" (2 max_i ||z'_i - z_i||), "prop6" (with ``prop6_eta``, ``prop6_L``, ``prop6_M``) or a float >= 0.
+    update_level : level for "rebuild_level" (None: ``nystrom.default_level``).
+    base : SG-tree base (None: :data:`refimpl.index.sgtree.DEFAULT_BASE`).
+    shared : one set of negatives for the whole batch (slot-mixture log_q) or per query (B, k).
+    per_example : k draws per example (True) or k per batch (False).
 
-    State for inspection: ``reencoder``, ``tree``, ``started_at``, ``reencoded_at`` (steps of every re-encode),
-    ``tree_updates`` (one dict per tree update: step, mode, U, max_move, seconds, statistics), ``last_stats``
-    (the last mining step's sampler statistics), ``inner_products`` (total over the run, in representation space).
+    State for inspection: ``reencoder``, ``tree`` (``trees`` for a forest), ``started_at``, ``reencoded_at``,
+    ``refreshed_at``, ``tree_updates``, ``last_stats`` (the last mining step: per-query certified log gamma, TV
+    bound, clusters, inner products), ``inner_products`` (total over the run, in representation space).
     """
 
     name = "dynnibal"
 
     def __init__(self, k: int = 64, *, n_landmarks: int = 64, n_samples: int = 128, reencode_every: int = 25,
-                 sampler: str = "mh", gamma: float = 1e6, m: int | None = None, max_clusters: int | None = None,
-                 refine: bool = False, chain_length: int | None = 10, tv: float = 0.01, n_uniform: int = 0,
-                 exclude_positives: bool = True, ridge: float = 1e-3, landmarks: str = "uniform",
-                 split: str = "symmetric", tree_update: str = "maintain", U="measured", update_level: int | None = None,
-                 prop6_eta: float | None = None, prop6_L: float | None = None, prop6_M: float | None = None,
-                 base: float | None = None, shared: bool = True):
-        from refimpl.nystrom import LANDMARK_METHODS, SPLITS
-
+                 refresh_every: int | None = None, sampler: str = "mh", gamma: float = 1e6, m: int | None = None,
+                 max_clusters: int | None = 100, chain_length="auto", tv: float = 0.01,
+                 n_top_clusters: int | None = 10, n_chains: int | None = None, temperature: float = 1.0,
+                 n_trees: int = 1, n_uniform: int = 0, exclude_positives: bool = True, ridge: float = 1e-3,
+                 landmarks: str = "uniform", split: str = "symmetric", tree_update: str = "maintain", U="measured",
+                 update_level: int | None = None, prop6_eta: float | None = None, prop6_L: float | None = None,
+                 prop6_M: float | None = None, base: float | None = None, shared: bool = True,
+                 per_example: bool = False):
         self.k = check_int("k", k, low=1)
         self.n_landmarks = check_int("n_landmarks", n_landmarks, low=1)
         self.n_samples = check_int("n_samples", n_samples, low=1)
         self.reencode_every = check_int("reencode_every", reencode_every, low=1)
+        self.refresh_every = None if refresh_every is None else check_int("refresh_every", refresh_every, low=1)
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler: expected one of {SAMPLERS}, got {sampler!r}")
         self.sampler = sampler
-        self.gamma = check_positive("gamma", gamma)
-        if self.gamma <= 1.0:
-            raise ValueError(f"gamma: must be > 1, got {gamma}")
-        self.m = None if m is None else check_int("m", m)
-        self.max_clusters = None if max_clusters is None else check_int("max_clusters", max_clusters, low=1)
-        self.refine = bool(refine)
-        self.chain_length = None if chain_length is None else check_int("chain_length", chain_length, low=1)
+        if isinstance(chain_length, str):
+            if chain_length != "auto":
+                raise ValueError(f"chain_length: expected 'auto', None or an int >= 1, got {chain_length!r}")
+            chain_length = 2 if sampler == "paper" else 10
+        elif chain_length is not None:
+            chain_length = check_int("chain_length", chain_length, low=1)
+        if chain_length is None and sampler == "paper":
+            raise ValueError("chain_length: None (Eq. 6) applies to sampler='mh' only")
+        self.chain_length = chain_length
         self.tv = check_positive("tv", tv)
         if self.tv >= 1.0:
             raise ValueError(f"tv: must be in (0, 1), got {tv}")
+        self.n_trees = check_int("n_trees", n_trees, low=1)
+        if self.n_trees > 1 and sampler != "paper":
+            raise ValueError("n_trees: a forest is part of sampler='paper' only")
+        self.engine = MiningEngine(sampler, gamma=gamma, m=m, max_frontier=max_clusters,
+                                   n_top_clusters=n_top_clusters, chain_length=chain_length, n_chains=n_chains,
+                                   temperature=temperature, tv=self.tv)
+        self.gamma, self.m, self.max_clusters = self.engine.gamma, self.engine.m, max_clusters
+        self.n_top_clusters, self.n_chains, self.temperature = n_top_clusters, n_chains, self.engine.temperature
         self.n_uniform = check_int("n_uniform", n_uniform, low=0)
         self.exclude_positives = bool(exclude_positives)
         self.ridge = check_positive("ridge", ridge, allow_zero=True)
@@ -328,166 +309,210 @@ class DyNNIBAL(Miner):
                 raise ValueError(f"base: must be > 1, got {base}")
         self.base = base
         self.shared = bool(shared)
-        self.has_log_q = sampler != "topk"
+        self.per_example = bool(per_example)
+        self.has_log_q = sampler != "paper"
         self.reencoder = None
-        self.tree = None
+        self.trees: list = []
+        self.parts: list = []  # global target ids of each tree of the forest (None: the identity, one tree)
         self.started_at = None
         self._last = None
+        self._last_refresh = None
         self.reencoded_at: list[int] = []
+        self.refreshed_at: list[int] = []
         self.tree_updates: list[dict] = []
         self.last_stats: dict = {}
         self.inner_products = 0
 
-    # ------------------------------------------------------------------ Alg. 6 + tree build
-    def _build_tree(self, Z, rng):
-        from refimpl.index.sgtree import DEFAULT_BASE, SGTree
+    @property
+    def tree(self):
+        """The SG tree (the first tree of a forest); None before ``start``."""
+        return self.trees[0] if self.trees else None
 
-        return SGTree.build(Z, base=DEFAULT_BASE if self.base is None else self.base, rng=rng)
+    # ------------------------------------------------------------------ Alg. 6 + tree build
+    def _build_trees(self, Z, rng):
+        base = DEFAULT_BASE if self.base is None else self.base
+        if self.n_trees == 1:
+            self.parts = [None]
+            self.trees = [SGTree.build(Z, base=base, rng=rng)]
+            return
+        perm = rng.permutation(Z.shape[0])
+        self.parts = [np.sort(p).astype(np.int64) for p in np.array_split(perm, self.n_trees)]
+        self.trees = [SGTree.build(Z[p], base=base, rng=rng) for p in self.parts]
+
+    def _encode_fn(self, ctx):
+        return lambda ids: ctx.encode_targets(ids, purpose="mining")
 
     def start(self, ctx) -> None:
-        """Alg. 6 (initial encoding: N encoder calls, landmarks, Nyström) and the SG tree over the representations."""
-        from refimpl.nystrom import RegressionReEncoder
-
+        """Alg. 6 (N encoder calls, landmarks, Nyström) and the SG tree(s) over the representations."""
         n = ctx.n_targets
         if self.n_landmarks > n:
             raise ValueError(f"n_landmarks: {self.n_landmarks} landmarks requested but there are only {n} targets")
         if self.n_samples > n:
             raise ValueError(f"n_samples: s' = {self.n_samples} exceeds the number of targets {n}")
-        self._enc = _ContextEncoder(ctx)
-        self._rows = np.arange(n, dtype=np.float64)[:, None]
+        if self.n_trees > n:
+            raise ValueError(f"n_trees: {self.n_trees} trees for {n} targets")
         self.reencoder = RegressionReEncoder(self.n_landmarks, self.n_samples, ridge=self.ridge,
                                              method=self.landmarks, split=self.split, rng=ctx.rng)
-        Z = self.reencoder.initial_encode(self._enc, self._rows)
-        self.tree = self._build_tree(Z, ctx.rng)
-        self.started_at = self._last = int(ctx.step)
+        Z = self.reencoder.initial_encode(self._encode_fn(ctx), np.arange(n, dtype=np.int64))
+        self._build_trees(Z, ctx.rng)
+        self.started_at = self._last = self._last_refresh = int(ctx.step)
 
-    # ------------------------------------------------------------------ Alg. 5 + Alg. 3
+    # ------------------------------------------------------------------ Alg. 5 + Alg. 3, exact refresh
     def drift_bound(self, max_move: float, beta: float) -> float:
         """The U passed to Alg. 3 after a re-encode whose largest representation move was ``max_move``."""
         if self.U == "measured":
             return 2.0 * float(max_move)
         if self.U == "prop6":
-            from refimpl.sampling.bounds import prop6_drift
-
             eta, L, M = self.prop6
             return float(prop6_drift(self.reencode_every, eta, beta, L, M))
         return float(self.U)
 
+    def _follow(self, tree, new, rng, max_move, beta, rec):
+        """The tree follows moved points: update_points (no repair) then Alg. 3 / rebuild_level / nothing."""
+        tree.update_points(np.arange(new.shape[0], dtype=np.int64), new, repair=False)
+        if self.tree_update == "maintain":
+            U = self.drift_bound(max_move, beta)
+            st = tree.maintain(U, rng=rng)
+            rec["U"] = U
+        else:
+            level = default_level(tree) if self.update_level is None else self.update_level
+            moved = tree.rebuild_level(level, rng=rng)
+            st = tree.maintain(0.0, rng=rng)
+            st = dict(st, points_reinserted=int(moved + st["points_reinserted"]), level=int(level))
+            rec["U"] = 0.0
+        for key, v in st.items():
+            rec[key] = rec.get(key, 0) + v if isinstance(v, (int, float)) and key != "level" else v
+
     def reencode(self, ctx) -> dict:
         """ApproximateReEncode (Alg. 5: s' encoder calls) then the tree update; returns the update record."""
         old = self.reencoder.representations
-        t0 = time.perf_counter()
-        new = self.reencoder.reencode(self._enc)
-        t1 = time.perf_counter()
-        max_move = float(np.sqrt(np.max(np.einsum("ij,ij->i", new - old, new - old))))
+        t0 = time.process_time()
+        new = self.reencoder.reencode(self._encode_fn(ctx))
+        t1 = time.process_time()
+        d = new - old
+        max_move = float(np.sqrt(np.max(np.einsum("ij,ij->i", d, d))))
         rec = {"step": int(ctx.step), "mode": self.tree_update, "max_move": max_move, "reencode_seconds": t1 - t0}
-        ids = np.arange(new.shape[0], dtype=np.int64)
         if self.tree_update == "rebuild":
-            self.tree = self._build_tree(new, ctx.rng)
+            self._build_trees(new, ctx.rng)
             rec.update(U=None, points_reinserted=int(new.shape[0]))
         else:
-            self.tree.update_points(ids, new, repair=False)
-            if self.tree_update == "maintain":
-                U = self.drift_bound(max_move, ctx.beta)
-                rec.update(U=U, **self.tree.maintain(U, rng=ctx.rng))
-            else:
-                from refimpl.nystrom import default_level
-
-                level = default_level(self.tree) if self.update_level is None else self.update_level
-                moved = self.tree.rebuild_level(level, rng=ctx.rng)
-                st = self.tree.maintain(0.0, rng=ctx.rng)
-                rec.update(U=0.0, level=int(level), points_reinserted=int(moved + st["points_reinserted"]),
-                           clusters_rebuilt=int(st["clusters_rebuilt"]))
-        rec["tree_seconds"] = time.perf_counter() - t1
+            for tree, part in zip(self.trees, self.parts):
+                self._follow(tree, new if part is None else new[part], ctx.rng, max_move, ctx.beta, rec)
+        rec["tree_seconds"] = time.process_time() - t1
         self.reencoded_at.append(int(ctx.step))
         self.tree_updates.append(rec)
         self._last = int(ctx.step)
         return rec
 
-    # ------------------------------------------------------------------ sampling
-    def _clustering(self, zq, beta):
-        from refimpl.sampling.clustering import find_clustering
+    def refresh(self, ctx) -> None:
+        """The exact refresh: every target re-encoded (N calls), Nyström and the regression re-initialised (Alg. 6
+        with new landmarks), the tree(s) rebuilt."""
+        rng = self.reencoder.rng
+        self.reencoder = RegressionReEncoder(self.n_landmarks, self.n_samples, ridge=self.ridge,
+                                             method=self.landmarks, split=self.split, rng=rng)
+        Z = self.reencoder.initial_encode(self._encode_fn(ctx), np.arange(ctx.n_targets, dtype=np.int64))
+        self._build_trees(Z, ctx.rng)
+        self.refreshed_at.append(int(ctx.step))
+        self._last = self._last_refresh = int(ctx.step)
 
-        return find_clustering(self.tree, zq, beta=beta, gamma=self.gamma, m=self.m, max_clusters=self.max_clusters,
-                               refine=self.refine, proposal="eq7")
-
-    def _excluded(self, batch, b):
-        if not self.exclude_positives:
-            return np.zeros(0, dtype=np.int64)
-        return np.unique(np.asarray(batch.positives[b], dtype=np.int64))
-
-    def _draw(self, ctx, zq, c, excl):
-        """c draws for one query representation zq: (ids, log_q or None, log_z or None, stats)."""
-        from refimpl.sampling import samplers
-
-        beta = ctx.beta
-        ex = excl if excl.size else None
-        if self.sampler == "mh":
-            cl = self._clustering(zq, beta)
-            r = samplers.sample_mh(self.tree, zq, c, beta=beta, rng=ctx.rng, chain_length=self.chain_length,
-                                   tv=self.tv, clustering=cl, exclude=ex)
-            return r.ids, r.log_q, float(r.stats["log_z"]), r.stats
-        if self.sampler == "rejection":
-            r = samplers.sample_rejection(self.tree, zq, c, beta=beta, rng=ctx.rng, exclude=ex)
-            return r.ids, r.log_q, float(r.stats["log_z"]), r.stats
-        mc = 100 if self.max_clusters is None else self.max_clusters
-        r = samplers.sample_cluster_topk_heuristic(self.tree, zq, c + excl.size, beta=beta, rng=ctx.rng,
-                                                   gamma=self.gamma, m=self.m, max_clusters=mc,
-                                                   chain_length=2 if self.chain_length is None else self.chain_length)
-        ids = r.ids[~np.isin(r.ids, excl)][:c] if excl.size else r.ids[:c]
-        return ids.astype(np.int64), None, None, r.stats
-
-    def mine(self, ctx, batch) -> Negatives:
+    def _periodic(self, ctx) -> str | None:
+        """Run the work due at this mining step: "refresh", "reencode" or None."""
+        if self.refresh_every is not None and ctx.step - self._last_refresh >= self.refresh_every:
+            self.refresh(ctx)
+            return "refresh"
         if ctx.step - self._last >= self.reencode_every:
             self.reencode(ctx)
+            return "reencode"
+        return None
+
+    # ------------------------------------------------------------------ sampling
+    def _exclusions(self, batch):
+        return list(batch.positives) if self.exclude_positives else None
+
+    def _counts(self, B, rng):
+        """Draws per query and, for shared per-batch negatives, the slot of each draw."""
+        if self.per_example:
+            return np.full(B, self.k, dtype=np.int64), None
+        if not self.shared:
+            return np.full(B, self.k, dtype=np.int64), None
+        slots = slot_queries(B, self.k, rng)
+        return np.bincount(slots, minlength=B).astype(np.int64), slots
+
+    def _run(self, ctx, ZQ, counts, exclude):
+        """One engine call per tree; a forest's candidates are merged per query by the largest logit."""
+        if len(self.trees) == 1:
+            return self.engine.run(self.tree, ZQ, counts, beta=ctx.beta, rng=ctx.rng, exclude=exclude)
+        ptr = np.zeros(ZQ.shape[0] + 1, np.int64)
+        np.cumsum(counts, out=ptr[1:])
+        owner = np.repeat(np.arange(ZQ.shape[0]), counts)
+        ids, lg, own, res = [], [], [], []
+        for tree, part in zip(self.trees, self.parts):
+            ex = None
+            if exclude is not None:  # global excluded ids -> this tree's local ids
+                ex = [np.searchsorted(part, e)[np.isin(e, part)] for e in exclude]
+            r = self.engine.run(tree, ZQ, counts, beta=ctx.beta, rng=ctx.rng, exclude=ex)
+            ids.append(part[r.ids])
+            lg.append(r.logits)
+            own.append(owner)
+            res.append(r)
+        ids, lg, own = np.concatenate(ids), np.concatenate(lg), np.concatenate(own)
+        order = np.lexsort((-lg, own))  # grouped by query, best logit first
+        os_ = own[order]
+        rank = np.arange(order.size) - np.searchsorted(os_, np.arange(ZQ.shape[0]))[os_]
+        keep = order[rank < counts[os_]]
+        r = res[0]
+        r.ids, r.logits, r.ptr = ids[keep], lg[keep], ptr
+        r.n_clusters = sum(x.n_clusters for x in res)
+        r.inner_products = sum(x.inner_products for x in res)
+        return r
+
+    def mine(self, ctx, batch) -> Negatives:
+        self._periodic(ctx)
         Z = self.reencoder.representations
         ZQ = self.reencoder.query_representations(batch.Q)
         B = ZQ.shape[0]
-        if self.shared:
-            slots = slot_queries(B, self.k, ctx.rng)
-            counts = np.bincount(slots, minlength=B)
-        else:
-            slots = None
-            counts = np.full(B, self.k, dtype=np.int64)
-        draws, ip, ncl = {}, 0, []
-        for b in np.flatnonzero(counts):
-            excl = self._excluded(batch, b)
-            ids, lq, lz, st = self._draw(ctx, ZQ[b], int(counts[b]), excl)
-            draws[int(b)] = (ids, lq, lz, excl)
-            ip += int(st.get("inner_products", 0))
-            ncl.append(int(st.get("n_clusters", 0)))
+        counts, slots = self._counts(B, ctx.rng)
+        exclude = self._exclusions(batch)
+        r = self._run(ctx, ZQ, counts, exclude)
+        ip = int(r.inner_products.sum())
         self.inner_products += ip
-        self.last_stats = {"step": int(ctx.step), "inner_products": ip, "queries": len(draws),
-                           "mean_clusters": float(np.mean(ncl)) if ncl else 0.0}
+        self.last_stats = {"step": int(ctx.step), "inner_products": ip, "queries": int(np.count_nonzero(counts)),
+                           "mean_clusters": float(np.mean(r.n_clusters[counts > 0])),
+                           "log_gamma": r.log_gamma, "tv_bound": r.tv_bound, "chain_length": r.chain_length}
         n = ctx.n_targets
+        beta = ctx.beta
+        excl = None if exclude is None else _excluded_logits(exclude, Z, ZQ, beta)
         if not self.shared:
-            k_min = min(d[0].size for d in draws.values())
-            ids = np.stack([draws[b][0][:k_min] for b in range(B)])
-            log_q = None if not self.has_log_q else np.stack([draws[b][1][:k_min] for b in range(B)])
+            ids = r.matrix()
+            log_q = None
+            if self.has_log_q:
+                lq = r.logits.reshape(B, -1) - r.log_z[:, None]
+                if excl is not None:
+                    owner = np.repeat(np.arange(B), np.diff(excl[0]))
+                    mass = np.bincount(owner, weights=np.exp(excl[2] - r.log_z[owner]), minlength=B)
+                    lq -= np.log(np.maximum(1.0 - mass, 1e-300))[:, None]
+                log_q = np.minimum(lq, 0.0)
             if self.n_uniform:
                 u = ctx.rng.integers(0, n, size=(B, self.n_uniform)).astype(np.int64)
                 ids = np.concatenate([ids, u], axis=1)
                 if log_q is not None:
                     log_q = np.concatenate([log_q, np.full(u.shape, -math.log(n))], axis=1)
             return Negatives(ids, log_q)
-        # shared: slot j takes the next unused draw of its query b_j (a query may return fewer, e.g. "topk")
-        nxt = dict.fromkeys(draws, 0)
-        out = []
-        for b in slots.tolist():
-            i = nxt[b]
-            if i < draws[b][0].size:
-                out.append(int(draws[b][0][i]))
-                nxt[b] = i + 1
-        ids = np.asarray(out, dtype=np.int64)
+        if slots is None:
+            ids = r.ids
+        else:  # slot j takes the next draw of its query b_j (the engine returns draws grouped by query)
+            ids = np.empty(slots.size, np.int64)
+            ids[np.argsort(slots, kind="stable")] = r.ids
         log_q = None
-        if self.has_log_q and ids.size:
-            us = sorted(draws)
-            weights = counts[us] / counts.sum()
-            logits = ctx.beta * (ZQ[us] @ Z[ids].T)
-            excl = [(draws[u][3], ctx.beta * (Z[draws[u][3]] @ ZQ[u])) for u in us]
-            log_q = mixture_log_q(logits, np.array([draws[u][2] for u in us]), weights, ids, excl)
-        elif self.has_log_q:
-            log_q = np.zeros(0)
+        if self.has_log_q:
+            us = np.flatnonzero(counts)
+            if excl is not None:
+                sub = [np.arange(excl[0][u], excl[0][u + 1]) for u in us]
+                eptr = np.zeros(us.size + 1, np.int64)
+                np.cumsum([x.size for x in sub], out=eptr[1:])
+                sel = np.concatenate(sub)
+                excl = (eptr, excl[1][sel], excl[2][sel])
+            log_q = mixture_log_q(beta * (ZQ[us] @ Z[ids].T), r.log_z[us], counts[us] / counts.sum(), ids, excl)
         if self.n_uniform:
             u = ctx.rng.integers(0, n, size=self.n_uniform).astype(np.int64)
             ids = np.concatenate([ids, u])
@@ -499,31 +524,31 @@ class DyNNIBAL(Miner):
     def distribution(self, ctx, batch):
         """Per query of the batch, the EXACT law of one of its draws at the current state (no randomness, no state
         change): ``"mh"``: the law after ``chain_length`` MH states with this query's Alg. 2 clustering
-        (:func:`mh_law`); ``"rejection"``: P~ itself (renormalised over the non-excluded targets), which Alg. 1
-        samples exactly; ``"topk"``: None (no closed form). Costs N inner products per query (probes only). With
-        ``exclude_positives`` the law is 0 on the query's positives, so a TV probe against the exact softmax P also
-        counts P's mass on them; the rest of that TV is Nyström + regression staleness and MH's own error."""
-        if self.tree is None or self.sampler == "topk":
+        (:func:`mh_law`); ``"rejection"``: P~ itself renormalised over the non-excluded targets; ``"paper"``: None
+        (no closed form: measure it by sampling). Costs N inner products per query (probes only)."""
+        if self.tree is None or self.sampler == "paper":
             return None
-        from refimpl.sampling.clustering import certify
-
         beta = ctx.beta
         Z = self.reencoder.representations
         ZQ = self.reencoder.query_representations(batch.Q)
+        LP = beta * (ZQ @ Z.T)
         out = np.zeros((ZQ.shape[0], ctx.n_targets))
+        exclude = self._exclusions(batch)
         for b in range(ZQ.shape[0]):
-            excl = self._excluded(batch, b)
-            lp = beta * (Z @ ZQ[b])
+            excl = np.zeros(0, np.int64) if exclude is None else np.unique(np.asarray(exclude[b], np.int64))
+            lp = LP[b]
             if self.sampler == "rejection":
+                lp = lp.copy()
                 lp[excl] = -np.inf
-                out[b] = np.exp(lp - _logsumexp(lp[np.isfinite(lp)]))
+                out[b] = np.exp(lp - logsumexp(lp))
                 continue
-            cl = self._clustering(ZQ[b], beta)
+            cl = find_clustering(self.tree, ZQ[b], beta=beta, gamma=self.gamma, m=self.m,
+                                 max_clusters=self.max_clusters)
             s = self.chain_length
             if s is None:
                 s = certify(self.tree, ZQ[b], cl, beta=beta).chain_length(self.tv)
             sr = beta * (Z[cl.reps] @ ZQ[b])
-            lq = sr[cluster_labels(self.tree, cl)[: ctx.n_targets]] - _logsumexp(sr + np.log(cl.sizes))
+            lq = sr[cluster_labels(self.tree, cl)[: ctx.n_targets]] - logsumexp(sr + np.log(cl.sizes))
             out[b] = mh_law(lp, lq, s, excl)
         return out
 
@@ -535,9 +560,11 @@ class DyNNIBAL(Miner):
 
     def config(self) -> dict:
         return {"name": self.name, "k": self.k, "n_landmarks": self.n_landmarks, "n_samples": self.n_samples,
-                "reencode_every": self.reencode_every, "sampler": self.sampler, "gamma": self.gamma, "m": self.m,
-                "max_clusters": self.max_clusters, "refine": self.refine, "chain_length": self.chain_length,
-                "tv": self.tv, "n_uniform": self.n_uniform, "exclude_positives": self.exclude_positives,
-                "ridge": self.ridge, "landmarks": self.landmarks, "split": self.split,
-                "tree_update": self.tree_update, "U": self.U, "update_level": self.update_level,
-                "prop6": self.prop6, "base": self.base, "shared": self.shared}
+                "reencode_every": self.reencode_every, "refresh_every": self.refresh_every,
+                "sampler": self.sampler, "gamma": self.gamma, "m": self.m, "max_clusters": self.max_clusters,
+                "chain_length": self.chain_length, "tv": self.tv, "n_top_clusters": self.n_top_clusters,
+                "n_chains": self.n_chains, "temperature": self.temperature, "n_trees": self.n_trees,
+                "n_uniform": self.n_uniform, "exclude_positives": self.exclude_positives, "ridge": self.ridge,
+                "landmarks": self.landmarks, "split": self.split, "tree_update": self.tree_update, "U": self.U,
+                "update_level": self.update_level, "prop6": self.prop6, "base": self.base, "shared": self.shared,
+                "per_example": self.per_example}

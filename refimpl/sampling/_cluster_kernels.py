@@ -1,16 +1,21 @@
-"""Numba kernels on the SG tree's arrays for :mod:`refimpl.sampling.clustering` (and the start-level choice of
-:mod:`refimpl.sampling.samplers`), PAPER.md §2-3.
+"""Numba kernels on an SG tree for :mod:`refimpl.sampling.clustering` and the samplers' start-level choice (paper §3,
+Alg. 2, Prop. 3).
 
-All kernels read the tree's struct-of-arrays directly (COMMON.md "SGTree data model"): ``node_point``,
-``node_level``, ``node_first_child``, ``node_next_sibling`` (children in descending level order), ``node_maxd``,
-``node_count``, and the tree's exact parent distances ``node_pdist``. A cluster is a pair ``(v, L)``: ``{p_v}``
-plus the subtrees of the children ``c`` of ``v`` with ``node_level[c] < L`` (a suffix of the child list). Only
-float64 and int64 cross the kernel boundary.
+Every kernel takes the tree as one :class:`refimpl.index.TreeArrays` ``T`` (children in descending level order).
+A cluster is a pair ``(v, L)``: ``{p_v}`` plus the subtrees of the children ``c`` of ``v`` with
+``node_level[c] < L`` (a suffix of the child list). Points may be float32 or float64; inner products and
+distances accumulate in float64.
+
+Contents: ``_dot`` / ``_dist_q`` (the row kernels), ``_first_below``, ``_member`` (u-th member of a cluster),
+``suffix_radii`` and ``cluster_info`` (sizes and certified radii), ``find_clustering_kernel`` (Alg. 2),
+``level_profile`` (the start level of least estimated cost, Prop. 3).
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
+
+from refimpl.index import N_NODES, ROOT
 
 # ----------------------------------------------------------------------------------------------------------------
 # small helpers
@@ -24,57 +29,49 @@ def _grow(a, n, cap):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath={"contract", "reassoc"})
 def _dot(points, i, q):
+    """<t_i, q> accumulated in float64 (reassociation allowed: the loop vectorises)."""
     s = 0.0
     for d in range(q.shape[0]):
-        s += points[i, d] * q[d]
+        s += np.float64(points[i, d]) * q[d]
     return s
-
-
-@njit(cache=True)
-def _dist(points, i, j):
-    s = 0.0
-    for d in range(points.shape[1]):
-        t = points[i, d] - points[j, d]
-        s += t * t
-    return np.sqrt(s)
 
 
 @njit(cache=True)
 def _dist_q(points, i, q):
     s = 0.0
     for d in range(q.shape[0]):
-        t = points[i, d] - q[d]
+        t = np.float64(points[i, d]) - q[d]
         s += t * t
     return np.sqrt(s)
 
 
 @njit(cache=True)
-def _first_below(first_child, next_sibling, node_level, v, L):
+def _first_below(T, v, L):
     """First child of v with level < L (children are in descending level order), -1 if none."""
-    c = first_child[v]
-    while c != -1 and node_level[c] >= L:
-        c = next_sibling[c]
+    c = T.node_first_child[v]
+    while c != -1 and T.node_level[c] >= L:
+        c = T.node_next_sibling[c]
     return c
 
 
 @njit(cache=True)
-def _member(node_point, node_level, first_child, next_sibling, node_count, v, L, u):
+def _member(T, v, L, u):
     """The u-th member (0 <= u < size) of cluster (v, L) in a fixed pre-order; u uniform -> uniform member."""
     if u == 0:
-        return node_point[v]
+        return T.node_point[v]
     u -= 1
-    c = _first_below(first_child, next_sibling, node_level, v, L)
+    c = _first_below(T, v, L)
     while c != -1:
-        if u < node_count[c]:
+        if u < T.node_count[c]:
             if u == 0:
-                return node_point[c]
+                return T.node_point[c]
             u -= 1
-            c = first_child[c]
+            c = T.node_first_child[c]
         else:
-            u -= node_count[c]
-            c = next_sibling[c]
+            u -= T.node_count[c]
+            c = T.node_next_sibling[c]
     return -1  # counts inconsistent with the child lists (never for a valid tree)
 
 
@@ -83,75 +80,27 @@ def _member(node_point, node_level, first_child, next_sibling, node_count, v, L,
 
 
 @njit(cache=True)
-def level_cluster_nodes(root, level, node_level, first_child, next_sibling, node_count):
-    """Nodes of the clustering C_(level) (one cluster (v, level) per node with node_level[v] >= level) and sizes."""
-    if root < 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    if node_level[root] < level:
-        out = np.array([root], np.int64)
-        return out, np.array([node_count[root]], np.int64)
-    cap = 64
-    out = np.empty(cap, np.int64)
-    n = 0
-    stack = np.empty(64, np.int64)
-    sp = 0
-    stack[0] = root
-    sp = 1
-    while sp > 0:
-        sp -= 1
-        v = stack[sp]
-        if n == cap:
-            cap *= 2
-            tmp = np.empty(cap, np.int64)
-            tmp[:n] = out[:n]
-            out = tmp
-        out[n] = v
-        n += 1
-        c = first_child[v]
-        while c != -1 and node_level[c] >= level:
-            if sp == stack.shape[0]:
-                tmp = np.empty(2 * sp, np.int64)
-                tmp[:sp] = stack[:sp]
-                stack = tmp
-            stack[sp] = c
-            sp += 1
-            c = next_sibling[c]
-    nodes = out[:n].copy()
-    sizes = np.empty(n, np.int64)
-    for j in range(n):
-        v = nodes[j]
-        s = node_count[v]
-        c = first_child[v]
-        while c != -1 and node_level[c] >= level:
-            s -= node_count[c]
-            c = next_sibling[c]
-        sizes[j] = s
-    return nodes, sizes
-
-
-@njit(cache=True)
-def suffix_radii(n_nodes, first_child, next_sibling, node_pdist, node_maxd):
-    """suf[c] = max over c and the siblings after it of PDIST + MAXD (query-independent, O(N) once per tree state).
+def suffix_radii(T):
+    """suf[c] = max over c and the siblings after it of PDIST + MAXD (query-independent, O(N) once per tree version).
 
     For a cluster (v, L) whose first child below level L is c, rho(v, L) = min(MAXD(v), suf[c]) (0 without such
-    a child): a valid bound on the distance from p_v to any member, never b^L (PAPER.md §2 erratum)."""
+    a child): a valid bound on the distance from p_v to any member, never b^L."""
+    n_nodes = T.state[N_NODES]
     suf = np.zeros(n_nodes, np.float64)
     stack = np.empty(64, np.int64)
     for v in range(n_nodes):
         m = 0
-        c = first_child[v]
+        c = T.node_first_child[v]
         while c != -1:
             if m == stack.shape[0]:
-                t = np.empty(2 * m, np.int64)
-                t[:m] = stack[:m]
-                stack = t
+                stack = _grow(stack, m, 2 * m)
             stack[m] = c
             m += 1
-            c = next_sibling[c]
+            c = T.node_next_sibling[c]
         run = 0.0
         for j in range(m - 1, -1, -1):
             c = stack[j]
-            d = node_pdist[c] + node_maxd[c]
+            d = T.node_pdist[c] + T.node_maxd[c]
             if d > run:
                 run = d
             suf[c] = run
@@ -159,7 +108,7 @@ def suffix_radii(n_nodes, first_child, next_sibling, node_pdist, node_maxd):
 
 
 @njit(cache=True)
-def cluster_info(suf, nodes, levels, node_point, node_level, first_child, next_sibling, node_count, node_maxd):
+def cluster_info(T, suf, nodes, levels):
     """Sizes and certified radii of clusters (nodes[j], levels[j]).
 
     size(v, L) = count(v) - counts of the children with level >= L; rho(v, L) = min(MAXD(v), suf[first child
@@ -172,53 +121,53 @@ def cluster_info(suf, nodes, levels, node_point, node_level, first_child, next_s
     for j in range(n):
         v = nodes[j]
         L = levels[j]
-        s = node_count[v]
-        c = first_child[v]
-        while c != -1 and node_level[c] >= L:
-            s -= node_count[c]
+        s = T.node_count[v]
+        c = T.node_first_child[v]
+        while c != -1 and T.node_level[c] >= L:
+            s -= T.node_count[c]
             nd += 1
-            c = next_sibling[c]
+            c = T.node_next_sibling[c]
         r = 0.0
         if c != -1:
             r = suf[c]
-            if r > node_maxd[v]:
-                r = node_maxd[v]
+            if r > T.node_maxd[v]:
+                r = T.node_maxd[v]
         sizes[j] = s
         radii[j] = r
     return sizes, radii, nd
 
 
 @njit(cache=True)
-def find_clustering_kernel(points, q, root, start_level, m, base, max_clusters, node_point, node_level,
-                           first_child, next_sibling, node_count):
-    """Alg. 2 (FindClustering) with the union fix of line 13 (PAPER.md §3).
+def find_clustering_kernel(T, q, start_nodes, start_level, m, max_clusters):
+    """Alg. 2 (FindClustering) with the union fix of line 13.
 
-    Frontier F_l = C_(start_level). For k = start_level, ..., m + 1 every frontier cluster (v, k) is replaced by
-    its children at level k - 1 (the self-child (v, k - 1) and the children c with level k - 1); a child F with
-    ||q - t_F|| > b^k + b^m is final (goes to the output), the others form F_{k-1}. Returns output U F_m as
-    arrays (nodes, levels) and the number of distance evaluations. Remark 2: with max_clusters > 0 the frontier
-    keeps only its max_clusters closest members; the others are finalised at their current level, so the result
-    is always a partition of the targets.
+    Frontier F_l = C_(start_level) (``start_nodes``). For k = start_level, ..., m + 1 every frontier cluster (v, k)
+    is replaced by its children at level k - 1 (the self-child (v, k - 1) and the children c with level k - 1); a
+    child F with ||q - t_F|| > b^k + b^m is final (goes to the output), the others form F_{k-1}. Returns output
+    U F_m as arrays (nodes, levels) and the number of distance evaluations. Remark 2: with max_clusters > 0 the
+    frontier keeps only its max_clusters closest members; the others are finalised at their current level, so
+    the result is always a partition of the targets.
     """
-    nodes0, _ = level_cluster_nodes(root, start_level, node_level, first_child, next_sibling, node_count)
-    nf = nodes0.shape[0]
-    fr = nodes0.copy()
+    points = T.points
+    base = T.base
+    nf = start_nodes.shape[0]
+    fr = start_nodes.copy()
     frd = np.empty(nf, np.float64)
     nd = 0
     for j in range(nf):
-        frd[j] = _dist_q(points, node_point[fr[j]], q)
+        frd[j] = _dist_q(points, T.node_point[fr[j]], q)
         nd += 1
     cap = 64 + 2 * nf
     out_nodes = np.empty(cap, np.int64)
     out_levels = np.empty(cap, np.int64)
     nout = 0
     k = start_level
-    if root >= 0 and k > node_level[root] + 1 and node_level[root] + 1 > m:
-        k = node_level[root] + 1  # every level above the root's holds the single cluster {root}
+    root = T.state[ROOT]
+    if root >= 0 and k > T.node_level[root] + 1 and T.node_level[root] + 1 > m:
+        k = T.node_level[root] + 1  # every level above the root's holds the single cluster {root}
     bm = base ** m
     while k > m and nf > 0:
         thr = base ** k + bm
-        # children of the frontier at level k - 1
         nn = 0
         new = np.empty(16 + 2 * nf, np.int64)
         newd = np.empty(16 + 2 * nf, np.float64)
@@ -226,9 +175,7 @@ def find_clustering_kernel(points, q, root, start_level, m, base, max_clusters, 
             v = fr[j]
             cand = v
             cd = frd[j]
-            c = first_child[v]
-            while c != -1 and node_level[c] >= k:
-                c = next_sibling[c]
+            c = _first_below(T, v, k)
             # self child first, then the children with level k - 1
             while True:
                 if cd > thr:
@@ -244,12 +191,12 @@ def find_clustering_kernel(points, q, root, start_level, m, base, max_clusters, 
                     new[nn] = cand
                     newd[nn] = cd
                     nn += 1
-                if c == -1 or node_level[c] != k - 1:
+                if c == -1 or T.node_level[c] != k - 1:
                     break
                 cand = c
-                cd = _dist_q(points, node_point[c], q)
+                cd = _dist_q(points, T.node_point[c], q)
                 nd += 1
-                c = next_sibling[c]
+                c = T.node_next_sibling[c]
         if max_clusters > 0 and nn > max_clusters:
             order = np.argsort(newd[:nn], kind="mergesort")
             keep = np.empty(max_clusters, np.int64)
@@ -287,8 +234,7 @@ def find_clustering_kernel(points, q, root, start_level, m, base, max_clusters, 
 
 
 @njit(cache=True)
-def level_profile(points, q, beta, bq, root, k, attempt_cost, log_z_excl, node_point, node_level, first_child,
-                  next_sibling, node_count, node_maxd, suf):
+def level_profile(T, suf, q, beta, bq, k, attempt_cost, log_z_excl):
     """Walk the level clusterings C_(L) from the root's level down and pick the start level of least estimated cost.
 
     S_L (nodes with level >= L) grows by the children of level L - 1 of nodes already in S, so the nodes are kept
@@ -302,6 +248,14 @@ def level_profile(points, q, beta, bq, root, k, attempt_cost, log_z_excl, node_p
     a finite cost, the deepest level walked is returned. Returns (best level, number of clusters at it, nodes (the
     prefix holds the clusters), logits of those nodes, inner products).
     """
+    points = T.points
+    node_point = T.node_point
+    node_level = T.node_level
+    first_child = T.node_first_child
+    next_sibling = T.node_next_sibling
+    node_count = T.node_count
+    node_maxd = T.node_maxd
+    root = T.state[ROOT]
     cap = 256
     nodes = np.empty(cap, np.int64)
     logit = np.empty(cap, np.float64)

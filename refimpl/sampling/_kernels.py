@@ -1,25 +1,30 @@
-"""Numba sampling kernels behind :mod:`refimpl.sampling.samplers` (PAPER.md §3): flat rejection, MH, Alg. 1.
+"""Batched Numba sampling kernels behind :mod:`refimpl.sampling.samplers` (paper §3): flat rejection (Eq. 3-5),
+independent MH (Eq. 14), Alg. 1, and the tree-bounded Gumbel sampler; one compiled call answers a batch of queries.
 
-All kernels read the SG tree's struct-of-arrays directly (COMMON.md "SGTree data model"): ``node_point``,
-``node_level``, ``node_first_child``, ``node_next_sibling`` (children in descending level order), ``node_maxd``,
-``node_count``. A cluster is a pair ``(v, L)``: ``{p_v}`` plus the subtrees of the children ``c`` of ``v`` with
-``node_level[c] < L`` (a suffix of the child list). Only float64 and int64 cross the kernel boundary.
+Every kernel takes the tree as one :class:`refimpl.index.TreeArrays` ``T`` and a (B, D) float64 query batch ``Q``.
+Per query it picks the start clustering itself (``level_profile`` of Prop. 3 when ``auto``; otherwise the
+clusters given in CSR form ``cptr``/``cnodes``/...), excluded ids in CSR form ``eptr``/``eids``. Points may be
+float32 or float64 (float64 accumulation). Outputs: ids and logits (B, k), per-query counters (B, NC) and
+per-query log-normaliser estimates (B, 4) = [estimate, certified lower, certified upper, log mass excluded].
 
-Cluster and start-level kernels live in :mod:`refimpl.sampling._cluster_kernels`.
+Randomness: one int64 ``seed`` from the caller's ``numpy.random.Generator`` seeds Numba's generator; queries
+are processed in order, so the same ``rng`` gives the same draws on any machine.
 
-Randomness: each sampling kernel receives an int64 ``seed`` drawn from the caller's ``numpy.random.Generator`` and
-seeds Numba's own generator with it, so the same ``rng`` gives the same draws on any machine.
-
-Logit cache: the hierarchical sampler keeps the logits it has computed in a small open-addressing hash table
-(keys = target ids) so that the k draws of one query share their inner products. When the table is half full,
-further logits are recomputed instead of cached (counted each time): correctness never depends on the cache.
+Logit cache: the k draws of one query share the inner products they compute (an open-addressing table keyed by
+target id); when half full, further logits are recomputed instead of cached (correctness never depends on it).
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
 
-from refimpl.sampling._cluster_kernels import _dot, _first_below, _member  # noqa: F401 (shared helpers)
+from refimpl.sampling._cluster_kernels import _dot, _first_below, _member, cluster_info, level_profile
+
+# per-query counters
+ATTEMPTS, ACCEPTED, INNER, EXCL_HITS, STATUS, RESTARTS, FALLBACKS, LEVEL, N_CLUSTERS, SELECT = range(10)
+NC = 10
+# columns of the per-query log-normaliser output
+LZ_EST, LZ_LO, LZ_HI, LZ_EXCL = range(4)
 
 # ----------------------------------------------------------------------------------------------------------------
 # small helpers
@@ -43,28 +48,7 @@ def _pick(cum, u):
 
 
 @njit(cache=True)
-def _logit(points, q, beta, pid, keys, vals, counters):
-    """beta * <q, t_pid>, through the hash cache; counters[2] counts inner products actually computed."""
-    mask = keys.shape[0] - 1
-    h = (pid * 0x9E3779B1) & mask
-    while True:
-        kk = keys[h]
-        if kk == pid:
-            return vals[h]
-        if kk == -1:
-            break
-        h = (h + 1) & mask
-    s = beta * _dot(points, pid, q)
-    counters[2] += 1
-    if counters[7] * 2 < keys.shape[0]:
-        keys[h] = pid
-        vals[h] = s
-        counters[7] += 1
-    return s
-
-
-@njit(cache=True)
-def _hfind(keys, key):
+def _hslot(keys, key):
     """Slot of ``key`` in an open-addressing table (keys -1 = empty): its slot, or the empty slot to insert it."""
     mask = keys.shape[0] - 1
     h = (key * 0x9E3779B1) & mask
@@ -74,10 +58,80 @@ def _hfind(keys, key):
 
 
 @njit(cache=True)
-def _cap(sc, bq, maxd, count, E):
-    """Bound exponent of a child subtree: s_c + beta ||q|| MAXD(c) (s_c for a singleton), capped by its parent's E."""
-    Ec = sc if count == 1 else sc + bq * maxd
-    return E if Ec > E else Ec
+def _logit(points, q, beta, pid, keys, vals, fill, cnt):
+    """beta <q, t_pid> through the cache; cnt[INNER] counts inner products actually computed."""
+    h = _hslot(keys, pid)
+    if keys[h] == pid:
+        return vals[h]
+    s = beta * _dot(points, pid, q)
+    cnt[INNER] += 1
+    if fill[0] * 2 < keys.shape[0]:
+        keys[h] = pid
+        vals[h] = s
+        fill[0] += 1
+    return s
+
+
+@njit(cache=True)
+def _lse_add(a, b):
+    """log(e^a + e^b)."""
+    if a == -np.inf:
+        return b
+    if b == -np.inf:
+        return a
+    if a > b:
+        return a + np.log1p(np.exp(b - a))
+    return b + np.log1p(np.exp(a - b))
+
+
+@njit(cache=True)
+def _excluded(T, q, beta, eids, e0, e1, cnt):
+    """log of the softmax mass of the live excluded ids e0..e1 (-inf for none), their inner products counted."""
+    lz = -np.inf
+    for x in range(e0, e1):
+        i = eids[x]
+        if T.point_node[i] >= 0:
+            lz = _lse_add(lz, beta * _dot(T.points, i, q))
+            cnt[INNER] += 1
+    return lz
+
+
+@njit(cache=True)
+def _start(T, suf, q, beta, k, auto, b, cptr, cnodes, clevels, creps, csizes, cradii, lze, cnt):
+    """Start clustering of query b: (nodes, levels, reps, sizes, radii, rep logits); Prop. 3's level when auto."""
+    if auto:
+        bq = beta * np.sqrt(np.sum(q * q))
+        L, nb, nodes, lg, ip = level_profile(T, suf, q, beta, bq, k, 1.0, lze)
+        levels = np.full(nodes.shape[0], L, np.int64)
+        sizes, radii, _ = cluster_info(T, suf, nodes, levels)
+        reps = np.empty(nodes.shape[0], np.int64)
+        for j in range(nodes.shape[0]):
+            reps[j] = T.node_point[nodes[j]]
+        cnt[INNER] += ip
+        cnt[SELECT] += ip - nb
+        cnt[LEVEL] = L
+        return nodes, levels, reps, sizes, radii, lg
+    c0, c1 = cptr[b], cptr[b + 1]
+    reps = creps[c0:c1]
+    lg = np.empty(c1 - c0, np.float64)
+    for j in range(c1 - c0):
+        lg[j] = beta * _dot(T.points, reps[j], q)
+    cnt[INNER] += c1 - c0
+    cnt[LEVEL] = clevels[c0] if c1 > c0 else 0
+    return cnodes[c0:c1], clevels[c0:c1], reps, csizes[c0:c1], cradii[c0:c1], lg
+
+
+@njit(cache=True)
+def _log_z_bounds(sizes, s, eps, lz_out):
+    """Certified log Z_lo, log Z_hi (bounds of the module docstring of refimpl.sampling.bounds) into lz_out."""
+    lo = -np.inf
+    hi = -np.inf
+    for j in range(sizes.shape[0]):
+        ls = np.log(sizes[j]) + s[j]
+        lo = _lse_add(lo, ls - eps[j])
+        hi = _lse_add(hi, ls + eps[j])
+    lz_out[LZ_LO] = lo
+    lz_out[LZ_HI] = hi
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -85,95 +139,98 @@ def _cap(sc, bq, maxd, count, E):
 
 
 @njit(cache=True)
-def _propose(cum, cnodes, clevels, csizes, mptr, members, node_point, node_level, first_child, next_sibling,
-             node_count):
-    """Draw (cluster j, member id): cluster by the cumulative weights, member uniformly."""
-    j = _pick(cum, np.random.random() * cum[-1])
-    u = np.random.randint(0, csizes[j])
-    if mptr.shape[0] > 0:
-        return j, members[mptr[j] + u]
-    return j, _member(node_point, node_level, first_child, next_sibling, node_count, cnodes[j], clevels[j], u)
+def flat_batch(T, suf, Q, beta, k, algo, upper, auto, cptr, cnodes, clevels, creps, csizes, cradii, mptr, members,
+               eptr, eids, replace, chain_length, max_steps, seed):
+    """Flat rejection (algo 0) or independent MH (algo 1) over a clustering, for every query of ``Q``.
 
-
-@njit(cache=True)
-def flat_kernel(points, q, beta, k, algo, cum, lw, cnodes, clevels, csizes, mptr, members, node_point,
-                node_level, first_child, next_sibling, node_count, excl, replace, chain_length, max_steps, seed):
-    """Flat rejection (algo 0) or independent MH (algo 1) over a clustering.
-
-    Cluster j has log-weight lw[j] (per member) and cumulative weights ``cum`` of |C_j| exp(lw[j] - max lw).
-    algo 0, Eq. 3-5 with per-cluster eps: propose (j, i), accept with exp(s_i - lw[j]) (lw = s_r + eps_C, so the
-    probability is <= 1 and the accepted draws are exact). algo 1, Eq. 14: k independent chains of
-    ``chain_length`` states, the first drawn from Q, each next proposal accepted with
+    Cluster j has log-weight lw[j] per member: s_r + eps_C (``upper``) or s_r (Eq. 7). algo 0, Eq. 3-5 with
+    per-cluster eps: propose cluster j with probability ∝ |C_j| e^{lw_j}, a member i uniformly, accept with
+    e^{s_i - lw_j} <= 1 (lw = s_r + eps_C): accepted draws are exact. algo 1, Eq. 14: k independent chains of
+    ``chain_length[b]`` states, the first drawn from Q, each next proposal accepted with
     min(1, exp((s_y' - lw_y') - (s_y - lw_y))); the final state of each chain is returned. Excluded ids have
-    P = 0 (rejected / never accepted). Without replacement, drawn ids join the excluded set.
-    Returns ids, logits of ids, counters [proposals, accepted, inner products, excluded hits, status, 0, 0, 0]
-    and the importance-sampling sum of exp(s_i - lw_j) over proposals (for the Z estimate).
+    P = 0 (never accepted); without replacement the drawn ids join them. Members: ``members[mptr[j]..]`` for an
+    array partition (mptr non-empty), else the u-th member of the tree cluster (nodes[j], levels[j]).
+    LZ_EST is the importance-sampling estimate log(Z_prop mean e^{s_i - lw_j}) clipped to [LZ_LO, LZ_HI].
     """
     np.random.seed(seed)
-    counters = np.zeros(8, np.int64)
-    ids = np.full(k, -1, np.int64)
-    sids = np.zeros(k, np.float64)
-    buf = np.empty(excl.shape[0] + k, np.int64)
-    nb = excl.shape[0]
-    buf[:nb] = excl
-    isum = 0.0
-    for t in range(k):
-        steps = 0
-        if algo == 0:
-            while True:
-                steps += 1
-                if steps > max_steps:
-                    counters[4] = 1
-                    return ids, sids, counters, isum
-                j, i = _propose(cum, cnodes, clevels, csizes, mptr, members, node_point, node_level, first_child,
-                                next_sibling, node_count)
-                counters[0] += 1
-                s = beta * _dot(points, i, q)
-                counters[2] += 1
-                a = np.exp(s - lw[j])
-                isum += a
-                if np.random.random() < a:
-                    if nb > 0 and _in(buf, nb, i):
-                        counters[3] += 1
-                        continue
-                    counters[1] += 1
-                    ids[t] = i
-                    sids[t] = s
-                    break
-        else:
+    B = Q.shape[0]
+    ids = np.full((B, k), -1, np.int64)
+    sids = np.zeros((B, k), np.float64)
+    cnt = np.zeros((B, NC), np.int64)
+    lz = np.zeros((B, 4), np.float64)
+    points = T.points
+    for b in range(B):
+        q = Q[b]
+        c = cnt[b]
+        lze = _excluded(T, q, beta, eids, eptr[b], eptr[b + 1], c)
+        lz[b, LZ_EXCL] = lze
+        nodes, levels, reps, sizes, radii, sr = _start(T, suf, q, beta, k, auto, b, cptr, cnodes, clevels, creps,
+                                                       csizes, cradii, lze, c)
+        nc = nodes.shape[0]
+        c[N_CLUSTERS] = nc
+        bq = beta * np.sqrt(np.sum(q * q))
+        eps = bq * radii
+        _log_z_bounds(sizes, sr, eps, lz[b])
+        lw = sr + eps if upper else sr.copy()
+        ref = np.max(lw)
+        cum = np.empty(nc, np.float64)
+        acc = 0.0
+        for j in range(nc):
+            acc += sizes[j] * np.exp(lw[j] - ref)
+            cum[j] = acc
+        nb = eptr[b + 1] - eptr[b]
+        buf = np.empty(nb + k, np.int64)
+        buf[:nb] = eids[eptr[b]:eptr[b + 1]]
+        isum = 0.0
+        for t in range(k):
+            steps = 0
             y = -1
             wy = -np.inf
             sy = 0.0
-            step = 0
             while True:
-                step += 1
-                if step > max_steps:
-                    counters[4] = 1
-                    return ids, sids, counters, isum
-                j, i = _propose(cum, cnodes, clevels, csizes, mptr, members, node_point, node_level, first_child,
-                                next_sibling, node_count)
-                counters[0] += 1
+                steps += 1
+                if steps > max_steps:
+                    c[STATUS] = 1
+                    return ids, sids, cnt, lz
+                j = _pick(cum, np.random.random() * cum[-1])
+                u = np.random.randint(0, sizes[j])
+                i = members[mptr[j] + u] if mptr.shape[0] > 0 else _member(T, nodes[j], levels[j], u)
+                c[ATTEMPTS] += 1
                 s = beta * _dot(points, i, q)
-                counters[2] += 1
-                isum += np.exp(s - lw[j])
+                c[INNER] += 1
                 w = s - lw[j]
-                if nb > 0 and _in(buf, nb, i):
-                    w = -np.inf
-                    counters[3] += 1
-                if y == -1 or (w > -np.inf and (w >= wy or np.random.random() < np.exp(w - wy))):
-                    if y != -1:
-                        counters[1] += 1
-                    y = i
-                    wy = w
-                    sy = s
-                if step >= chain_length and wy > -np.inf:
-                    break
-            ids[t] = y
-            sids[t] = sy
-        if replace == 0:
-            buf[nb] = ids[t]
-            nb += 1
-    return ids, sids, counters, isum
+                isum += np.exp(w)
+                bad = nb > 0 and _in(buf, nb, i)
+                if algo == 0:
+                    if np.random.random() < np.exp(w):
+                        if bad:
+                            c[EXCL_HITS] += 1
+                            continue
+                        c[ACCEPTED] += 1
+                        y = i
+                        sy = s
+                        break
+                else:
+                    if bad:
+                        w = -np.inf
+                        c[EXCL_HITS] += 1
+                    if y == -1 or (w > -np.inf and (w >= wy or np.random.random() < np.exp(w - wy))):
+                        if y != -1:
+                            c[ACCEPTED] += 1
+                        y = i
+                        wy = w
+                        sy = s
+                    if steps >= chain_length[b] and wy > -np.inf:
+                        break
+            ids[b, t] = y
+            sids[b, t] = sy
+            if replace == 0:
+                buf[nb] = y
+                nb += 1
+        log_zprop = ref + np.log(cum[-1])
+        est = log_zprop + np.log(max(isum / max(c[ATTEMPTS], 1), 1e-300))
+        lz[b, LZ_EST] = min(max(est, lz[b, LZ_LO]), lz[b, LZ_HI])
+    return ids, sids, cnt, lz
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -181,256 +238,203 @@ def flat_kernel(points, q, beta, k, algo, cum, lw, cnodes, clevels, csizes, mptr
 
 
 @njit(cache=True)
-def alg1_kernel(points, q, beta, bq, base, k, cnodes, clevel, csizes, cE, cs, node_point, node_level,
-                first_child, next_sibling, node_count, node_maxd, excl, replace, max_attempts, mode,
-                fallback_after, cache_size, seed):
-    """Alg. 1 (hierarchical rejection with running normalisers, restart option, nested self-child rule).
+def _child_e(sc, bq, T, c, E, Lc, broken):
+    """Bound exponent of child c's subtree: s_c + beta ||q|| MAXD(c) (s_c for a singleton) capped by its parent's
+    E; broken: the printed s_c + beta ||q|| b^Lc, uncapped."""
+    if broken:
+        return sc + bq * T.base ** Lc
+    Ec = sc if T.node_count[c] == 1 else sc + bq * T.node_maxd[c]
+    return E if Ec > E else Ec
 
-    Masses are absolute (relative to exp(Eref), Eref = max cE): a visited node X owns mass B(X) equal to the
-    probability (times the start normaliser Z_hat_hi = sum_C |C| exp(E_C)) that an attempt reaches it. A node
-    entered through a new representative p (a start cluster, or a child that is not the nested self-child) has
-    B = n exp(E): it accepts p with mass exp(s_p) (probability pi = exp(s_p) / B); the rest, and the whole mass
-    (n - 1) exp(E) of a nested self-child node, is split between its children at the next occupied level: the
-    self-child gets (n_self - 1) exp(E) (p already handled above, the paper's nested self-child rule), a child
-    c gets |c| exp(E_c) with E_c = min(E, s_c + beta ||q|| MAXD(c)), and the remainder, >= 0 by construction,
-    is the restart option (back to the start level). Every target i is reached through its first node with
-    probability B/Z_hat_hi and accepted with exp(s_i)/B, so each attempt returns i with probability
-    exp(s_i)/Z_hat_hi: accepted draws are exact softmax samples (PAPER.md §3 errata: beta in the exponent, the
-    true descendant radius MAXD, the cap E_c <= E that keeps the restart weight non-negative).
 
-    Cost: the logits of the children of a visited group are computed once per query (hash cache); the group's
-    total child mass, n_self and next group are cached per (node, level), so a restart costs O(1) and only a
-    descent into a child scans the group.
+@njit(cache=True)
+def alg1_batch(T, suf, Q, beta, k, auto, cptr, cnodes, clevels, creps, csizes, cradii, eptr, eids, replace,
+               max_attempts, broken, fallback_after, seed):
+    """Alg. 1 (hierarchical rejection with running normalisers, restart option, nested self-child rule), per query.
 
-    mode 1 is the deliberately broken variant kept as a negative control: radius b^l at level l (as printed,
-    with beta), no cap, negative restart weights clipped to 0. fallback_after > 0 reproduces the authors'
-    fallback (return the unaccepted proposal after that many restarts); both are for tests only.
+    Masses are relative to exp(Eref), Eref = max_C E_C with E_C = s_r + beta ||q|| rho(C). A visited node X owns
+    mass B(X), the probability (times Z_hat_hi = sum_C |C| e^{E_C}) that an attempt reaches it. A node entered
+    through a new representative p (a start cluster, or a child that is not the nested self-child) has
+    B = n e^E: it accepts p with mass e^{s_p}; the rest, and the whole mass (n - 1) e^E of a nested self-child
+    node, is split between its children at the next occupied level: the self-child gets (n_self - 1) e^E (p is
+    handled above: the nested self-child rule), a child c gets |c| e^{E_c} with E_c = min(E, s_c + beta ||q||
+    MAXD(c)), and the remainder, >= 0 by the cap, is the restart option. Every target i is reached through its
+    first node with probability B / Z_hat_hi and accepted with e^{s_i} / B, so each attempt returns i with
+    probability e^{s_i} / Z_hat_hi whatever the descent: accepted draws are exact softmax samples (errata: beta in
+    the exponent, the true radius MAXD, the cap E_c <= E that keeps the restart weight non-negative).
 
-    counters: [attempts, accepted, inner products, excluded hits, status (1 = max_attempts hit), restarts,
-    fallbacks used, cache entries].
+    One accept/descend step serves both variants: ``broken`` = the printed radius b^l, no cap and negative restart
+    weights clipped to 0 (a negative control), and ``fallback_after`` > 0 = the authors' "return the unaccepted
+    proposal after that many restarts" (another); the public sampler never sets them.
+
+    Cost: the logits of a visited group's children are computed once per query (logit cache); a group's total
+    child mass, n_self and next group are cached by its first child, so a restart costs O(1).
+    LZ_EST = log Z_hat_hi + log(successes / attempts) clipped to the certified [LZ_LO, LZ_HI].
     """
     np.random.seed(seed)
-    counters = np.zeros(8, np.int64)
-    ids = np.full(k, -1, np.int64)
-    sids = np.zeros(k, np.float64)
-    keys = np.full(cache_size, -1, np.int64)
-    vals = np.empty(cache_size, np.float64)
-    gkeys = np.full(cache_size, -1, np.int64)
-    gmass = np.empty(cache_size, np.float64)
-    gnself = np.empty(cache_size, np.int64)
-    gafter = np.empty(cache_size, np.int64)
-    gcount = np.zeros(1, np.int64)
-    buf = np.empty(excl.shape[0] + k, np.int64)
-    nb = excl.shape[0]
-    buf[:nb] = excl
-    nc = cnodes.shape[0]
-    Eref = -np.inf
-    for j in range(nc):
-        if cE[j] > Eref:
-            Eref = cE[j]
-    cum = np.empty(nc, np.float64)
-    acc = 0.0
-    cfirst = np.empty(nc, np.int64)
-    for j in range(nc):
-        acc += csizes[j] * np.exp(cE[j] - Eref)
-        cum[j] = acc
-        cfirst[j] = _first_below(first_child, next_sibling, node_level, cnodes[j], clevel)
-    gbuf_c = np.empty(16, np.int64)
-    gbuf_m = np.empty(16, np.float64)
-    gbuf_e = np.empty(16, np.float64)
-    gbuf_s = np.empty(16, np.float64)
-    for t in range(k):
-        attempts = 0
-        restarts = 0
-        done = False
-        while not done:
-            attempts += 1
-            counters[0] += 1
-            if attempts > max_attempts:
-                counters[4] = 1
-                return ids, sids, counters
-            j = _pick(cum, np.random.random() * cum[-1])
-            v = cnodes[j]
-            n = csizes[j]
-            E = cE[j]
-            sv = cs[j]
-            L = clevel
-            new = True
-            ch = cfirst[j]
-            while True:
-                ev = np.exp(E - Eref)
-                if new:
-                    budget = n * ev
-                    a = np.exp(sv - Eref)
-                else:
-                    budget = (n - 1) * ev
-                    a = 0.0
-                if ch == -1:
-                    # no children left: only the representative (new node) or nothing
-                    if new and np.random.random() * budget < a:
-                        i = node_point[v]
-                        if nb > 0 and _in(buf, nb, i):
-                            counters[3] += 1
-                            break
-                        ids[t] = i
-                        sids[t] = sv
-                        counters[1] += 1
-                        done = True
-                    break
-                Lc = node_level[ch]
-                if mode == 0:
-                    # group (v, Lc): its total child mass, n_self and the next group are fixed for this query
-                    # (E at a node depends only on its unique path), so they are cached: a restart then costs O(1)
-                    gkey = v * 8192 + (Lc + 4096)
-                    h = _hfind(gkeys, gkey)
-                    if gkeys[h] == gkey:
-                        gsum = gmass[h]
-                        nself = gnself[h]
-                        after = gafter[h]
-                    else:
-                        gsum = 0.0
-                        nself = n
-                        c = ch
-                        while c != -1 and node_level[c] == Lc:
-                            sc = _logit(points, q, beta, node_point[c], keys, vals, counters)
-                            gsum += node_count[c] * np.exp(_cap(sc, bq, node_maxd[c], node_count[c], E) - Eref)
-                            nself -= node_count[c]
-                            c = next_sibling[c]
-                        after = c
-                        if gcount[0] * 2 < gkeys.shape[0]:
-                            gkeys[h] = gkey
-                            gmass[h] = gsum
-                            gnself[h] = nself
-                            gafter[h] = after
-                            gcount[0] += 1
-                    mself = (nself - 1) * np.exp(E - Eref)
-                    u = np.random.random() * budget
-                    if u < a:
-                        i = node_point[v]
-                        if nb > 0 and _in(buf, nb, i):
-                            counters[3] += 1
-                            break
-                        ids[t] = i
-                        sids[t] = sv
-                        counters[1] += 1
-                        done = True
-                        break
-                    u -= a
-                    if u < mself:
-                        n = nself
-                        L = Lc
-                        new = False
-                        ch = after
-                        continue
-                    u -= mself
-                    if u >= gsum:
-                        break  # restart
-                    chosen = -1
-                    c = ch
-                    while c != -1 and node_level[c] == Lc:
-                        sc = _logit(points, q, beta, node_point[c], keys, vals, counters)
-                        Ec = _cap(sc, bq, node_maxd[c], node_count[c], E)
-                        chosen = c
-                        m_ = node_count[c] * np.exp(Ec - Eref)
-                        if u < m_:
-                            break
-                        u -= m_
-                        c = next_sibling[c]
-                    # (rounding: u < gsum guarantees a child; the last one absorbs the round-off)
-                    v = chosen
-                    n = node_count[chosen]
-                    E = Ec
-                    sv = sc
-                    L = Lc
-                    new = True
-                    ch = first_child[chosen]
-                    continue
-                # mode 1: the broken variant (printed radius b^l, no cap), all masses first, clipped restart
-                ng = 0
-                c = ch
-                nself = n
-                while c != -1 and node_level[c] == Lc:
-                    if ng == gbuf_c.shape[0]:
-                        t1 = np.empty(2 * ng, np.int64)
-                        t1[:ng] = gbuf_c[:ng]
-                        gbuf_c = t1
-                        t2 = np.empty(2 * ng, np.float64)
-                        t2[:ng] = gbuf_m[:ng]
-                        gbuf_m = t2
-                        t3 = np.empty(2 * ng, np.float64)
-                        t3[:ng] = gbuf_e[:ng]
-                        gbuf_e = t3
-                        t4 = np.empty(2 * ng, np.float64)
-                        t4[:ng] = gbuf_s[:ng]
-                        gbuf_s = t4
-                    gbuf_c[ng] = c
-                    nself -= node_count[c]
-                    ng += 1
-                    c = next_sibling[c]
-                after = c
-                Eself = sv + bq * base ** Lc
-                mself = (nself - 1) * np.exp(Eself - Eref)
-                gsum = mself
-                for g in range(ng):
-                    cc = gbuf_c[g]
-                    sc = _logit(points, q, beta, node_point[cc], keys, vals, counters)
-                    Ec = sc + bq * base ** Lc
-                    gbuf_s[g] = sc
-                    gbuf_e[g] = Ec
-                    gbuf_m[g] = node_count[cc] * np.exp(Ec - Eref)
-                    gsum += gbuf_m[g]
-                rest = budget - a
-                if rest < gsum:
-                    rest = gsum
-                u = np.random.random() * (a + rest)
-                if u < a:
-                    i = node_point[v]
-                    if nb > 0 and _in(buf, nb, i):
-                        counters[3] += 1
-                        break
-                    ids[t] = i
-                    sids[t] = sv
-                    counters[1] += 1
-                    done = True
-                    break
-                u -= a
-                if u < mself:
-                    n = nself
-                    L = Lc
-                    new = False
-                    E = Eself
-                    ch = after
-                    continue
-                u -= mself
-                chosen = -1
-                for g in range(ng):
-                    m_ = gbuf_m[g]
-                    if u < m_:
-                        chosen = gbuf_c[g]
-                        sc = gbuf_s[g]
-                        Ec = gbuf_e[g]
-                        break
-                    u -= m_
-                if chosen == -1:
-                    break  # restart
-                v = chosen
-                n = node_count[chosen]
-                E = Ec
-                sv = sc
-                L = Lc
+    B = Q.shape[0]
+    ids = np.full((B, k), -1, np.int64)
+    sids = np.zeros((B, k), np.float64)
+    cnt = np.zeros((B, NC), np.int64)
+    lz = np.zeros((B, 4), np.float64)
+    points = T.points
+    size = 1024
+    while size < 128 * k and size < (1 << 18):
+        size *= 2
+    keys = np.full(size, -1, np.int64)
+    vals = np.empty(size, np.float64)
+    gkeys = np.full(size, -1, np.int64)
+    gmass = np.empty(size, np.float64)
+    gnself = np.empty(size, np.int64)
+    gafter = np.empty(size, np.int64)
+    fill = np.zeros(2, np.int64)
+    for b in range(B):
+        q = Q[b]
+        c = cnt[b]
+        keys[:] = -1
+        gkeys[:] = -1
+        fill[:] = 0
+        lze = _excluded(T, q, beta, eids, eptr[b], eptr[b + 1], c)
+        lz[b, LZ_EXCL] = lze
+        cn, cl, cr, cs, crad, sr = _start(T, suf, q, beta, k, auto, b, cptr, cnodes, clevels, creps, csizes,
+                                          cradii, lze, c)
+        nc = cn.shape[0]
+        c[N_CLUSTERS] = nc
+        L0 = c[LEVEL]
+        bq = beta * np.sqrt(np.sum(q * q))
+        cE = np.empty(nc, np.float64)
+        eps = np.empty(nc, np.float64)
+        for j in range(nc):
+            if broken:
+                eps[j] = bq * T.base ** L0 if cs[j] > 1 else 0.0
+            else:
+                eps[j] = bq * crad[j]
+            cE[j] = sr[j] + eps[j]
+        _log_z_bounds(cs, sr, eps, lz[b])
+        Eref = np.max(cE)
+        cum = np.empty(nc, np.float64)
+        cfirst = np.empty(nc, np.int64)
+        acc = 0.0
+        for j in range(nc):
+            acc += cs[j] * np.exp(cE[j] - Eref)
+            cum[j] = acc
+            cfirst[j] = _first_below(T, cn[j], cl[j])
+        nb = eptr[b + 1] - eptr[b]
+        buf = np.empty(nb + k, np.int64)
+        buf[:nb] = eids[eptr[b]:eptr[b + 1]]
+        for t in range(k):
+            attempts = 0
+            restarts = 0
+            done = False
+            while not done:
+                attempts += 1
+                c[ATTEMPTS] += 1
+                if attempts > max_attempts:
+                    c[STATUS] = 1
+                    return ids, sids, cnt, lz
+                j = _pick(cum, np.random.random() * cum[-1])
+                v = cn[j]
+                n = cs[j]
+                E = cE[j]
+                sv = sr[j]
                 new = True
-                ch = first_child[chosen]
-            if not done:
-                restarts += 1
-                counters[5] += 1
-                if fallback_after > 0 and restarts >= fallback_after:
-                    ids[t] = node_point[v]
-                    sids[t] = _logit(points, q, beta, node_point[v], keys, vals, counters)
-                    counters[6] += 1
+                ch = cfirst[j]
+                while True:
+                    ev = np.exp(E - Eref)
+                    budget = n * ev if new else (n - 1) * ev
+                    a = np.exp(sv - Eref) if new else 0.0
+                    accept = False
+                    if ch == -1:
+                        # no children left: only the representative (new node) or nothing
+                        accept = new and np.random.random() * budget < a
+                        if not accept:
+                            break
+                    else:
+                        Lc = T.node_level[ch]
+                        Eself = sv + bq * T.base ** Lc if broken else E
+                        h = _hslot(gkeys, ch)
+                        if gkeys[h] == ch:
+                            gsum = gmass[h]
+                            nself = gnself[h]
+                            after = gafter[h]
+                        else:
+                            gsum = 0.0
+                            nself = n
+                            x = ch
+                            while x != -1 and T.node_level[x] == Lc:
+                                sc = _logit(points, q, beta, T.node_point[x], keys, vals, fill[0:1], c)
+                                gsum += T.node_count[x] * np.exp(_child_e(sc, bq, T, x, E, Lc, broken) - Eref)
+                                nself -= T.node_count[x]
+                                x = T.node_next_sibling[x]
+                            after = x
+                            if fill[1] * 2 < size:
+                                gkeys[h] = ch
+                                gmass[h] = gsum
+                                gnself[h] = nself
+                                gafter[h] = after
+                                fill[1] += 1
+                        mself = (nself - 1) * np.exp(Eself - Eref)
+                        total = budget
+                        if broken:
+                            total = a + max(budget - a, mself + gsum)
+                        u = np.random.random() * total
+                        if u < a:
+                            accept = True
+                        else:
+                            u -= a
+                            if u < mself:  # the nested self-child: same representative, already handled
+                                n = nself
+                                E = Eself
+                                new = False
+                                ch = after
+                                continue
+                            u -= mself
+                            if u >= gsum:
+                                break  # restart
+                            chosen = -1
+                            Ec = E
+                            sc = sv
+                            x = ch
+                            while x != -1 and T.node_level[x] == Lc:
+                                sc = _logit(points, q, beta, T.node_point[x], keys, vals, fill[0:1], c)
+                                Ec = _child_e(sc, bq, T, x, E, Lc, broken)
+                                chosen = x
+                                m_ = T.node_count[x] * np.exp(Ec - Eref)
+                                if u < m_:
+                                    break
+                                u -= m_
+                                x = T.node_next_sibling[x]
+                            # (rounding: u < gsum guarantees a child; the last one absorbs the round-off)
+                            v = chosen
+                            n = T.node_count[chosen]
+                            E = Ec
+                            sv = sc
+                            new = True
+                            ch = T.node_first_child[chosen]
+                            continue
+                    # accept the representative of v
+                    i = T.node_point[v]
+                    if nb > 0 and _in(buf, nb, i):
+                        c[EXCL_HITS] += 1
+                        break
+                    ids[b, t] = i
+                    sids[b, t] = sv
+                    c[ACCEPTED] += 1
                     done = True
-        if replace == 0:
-            buf[nb] = ids[t]
-            nb += 1
-    return ids, sids, counters
-
-
+                    break
+                if not done:
+                    restarts += 1
+                    c[RESTARTS] += 1
+                    if fallback_after > 0 and restarts >= fallback_after:
+                        ids[b, t] = T.node_point[v]
+                        sids[b, t] = sv
+                        c[FALLBACKS] += 1
+                        done = True
+            if replace == 0:
+                buf[nb] = ids[b, t]
+                nb += 1
+        lhi = lz[b, LZ_HI]
+        succ = c[ACCEPTED] + c[EXCL_HITS]
+        est = lhi + np.log(max(succ, 1) / max(c[ATTEMPTS], 1))
+        lz[b, LZ_EST] = min(max(est, lz[b, LZ_LO]), lhi)
+    return ids, sids, cnt, lz

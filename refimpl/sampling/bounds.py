@@ -1,7 +1,7 @@
 """Certified softmax bounds over a clustering, and the paper's propositions as functions (PAPER.md §3-4).
 
 Certified form (exact for any query norm): if every member i of cluster C lies within rho(C) of the representative
-r(C) (rho = MAXD-based radius of :class:`refimpl.index.sgtree.Clustering`), Cauchy-Schwarz gives
+r(C) (rho = MAXD-based radius of :class:`refimpl.index.Clustering`), Cauchy-Schwarz gives
 |s_i - s_r| = beta |<q, t_i - t_r>| <= eps_C = beta ||q|| rho(C). Hence
 
     Z_lo = sum_C |C| exp(s_r - eps_C)  <=  Z  <=  Z_hi = sum_C |C| exp(s_r + eps_C),
@@ -19,6 +19,7 @@ import math
 import numpy as np
 
 from refimpl._validate import check_int, check_positive
+from refimpl.softmax import logsumexp
 
 __all__ = ["cluster_eps", "log_partition_bounds", "certified_log_max_ratio", "log_proposal_normalizer",
            "prop1_ratio_bound", "prop1_corrected_radius", "prop2_level", "prop6_drift"]
@@ -41,9 +42,27 @@ def _vec(name, a, *, n=None, positive=False, nonneg=False):
     return arr
 
 
-def _lse(x):
-    m = x.max()
-    return float(m + math.log(np.exp(x - m).sum()))
+def _lse(name, x):
+    """log sum exp(x) of finite terms; a term that overflowed to +Inf is reported against ``name``."""
+    if np.isnan(x).any() or np.isposinf(x).any():
+        raise ValueError(f"{name}: overflow (a term of the bound is not finite in float64; rescale beta or the "
+                         "embeddings)")
+    return float(logsumexp(x))
+
+
+def _power(name, base, e):
+    """base ** e as a float, with an overflow reported against ``name``."""
+    try:
+        return float(base) ** e
+    except OverflowError:
+        raise ValueError(f"{name}: {e} is out of range (base ** {e} overflows float64)") from None
+
+
+def _finite(name, x):
+    x = np.asarray(x, dtype=np.float64)
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{name}: overflow (the result is not finite in float64; rescale beta or the embeddings)")
+    return x
 
 
 def cluster_eps(beta, q_norm, radii) -> np.ndarray:
@@ -51,7 +70,8 @@ def cluster_eps(beta, q_norm, radii) -> np.ndarray:
     beta = check_positive("beta", beta)
     q_norm = check_positive("q_norm", q_norm, allow_zero=True)
     r = _vec("radii", radii, nonneg=True)
-    return beta * q_norm * r
+    with np.errstate(over="ignore"):
+        return _finite("radii", beta * q_norm * r)
 
 
 def log_partition_bounds(rep_logits, sizes, eps) -> tuple[float, float]:
@@ -60,14 +80,17 @@ def log_partition_bounds(rep_logits, sizes, eps) -> tuple[float, float]:
     sz = _vec("sizes", sizes, n=s.size, positive=True)
     e = _vec("eps", eps, n=s.size, nonneg=True)
     ls = np.log(sz)
-    return _lse(ls + s - e), _lse(ls + s + e)
+    with np.errstate(over="ignore", invalid="ignore"):
+        lo, hi = ls + s - e, ls + s + e
+    return _lse("rep_logits", lo), _lse("eps", hi)
 
 
 def log_proposal_normalizer(rep_logits, sizes) -> float:
     """log Zhat = log sum_C |C| exp(s_r(C)), the normaliser of the cluster proposal Q of Eq. 7."""
     s = _vec("rep_logits", rep_logits)
     sz = _vec("sizes", sizes, n=s.size, positive=True)
-    return _lse(np.log(sz) + s)
+    with np.errstate(over="ignore"):
+        return _lse("rep_logits", np.log(sz) + s)
 
 
 def certified_log_max_ratio(rep_logits, sizes, eps) -> float:
@@ -75,7 +98,8 @@ def certified_log_max_ratio(rep_logits, sizes, eps) -> float:
     s = _vec("rep_logits", rep_logits)
     e = _vec("eps", eps, n=s.size, nonneg=True)
     lo, _ = log_partition_bounds(s, sizes, e)
-    return float(e.max() + log_proposal_normalizer(s, sizes) - lo)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return float(_finite("eps", e.max() + log_proposal_normalizer(s, sizes) - lo))
 
 
 def prop1_corrected_radius(base, level) -> float:
@@ -85,7 +109,7 @@ def prop1_corrected_radius(base, level) -> float:
     if base <= 1:
         raise ValueError(f"base: must be > 1, got {base}")
     level = check_int("level", level)
-    return base ** (level + 1) / (base - 1)
+    return _power("level", base, level + 1) / (base - 1)
 
 
 def prop1_ratio_bound(beta, base, level, *, radius=None, q_norm=1.0) -> float:
@@ -99,7 +123,7 @@ def prop1_ratio_bound(beta, base, level, *, radius=None, q_norm=1.0) -> float:
         base = check_positive("base", base)
         if base <= 1:
             raise ValueError(f"base: must be > 1, got {base}")
-        return beta * base ** check_int("level", level)
+        return float(_finite("level", beta * _power("level", base, check_int("level", level))))
     return beta * check_positive("q_norm", q_norm, allow_zero=True) * check_positive("radius", radius,
                                                                                       allow_zero=True)
 

@@ -1,189 +1,228 @@
-"""Clusterings for the cluster proposal of Eq. 7: level clusterings, FindClustering (Alg. 2), certified refinement
-and per-query certificates (PAPER.md §3).
+"""Clusterings for the cluster proposal of Eq. 7: C_(l), FindClustering (Alg. 2), certified refinement, per-query
+certificates and the cluster of each target (paper §3).
 
-A clustering is a partition of the live targets. Two kinds:
+Every clustering is a :class:`refimpl.index.Clustering`: clusters (v, L) of an SG tree (stamped with the tree's
+``version``; a clustering is refused on a tree of another version) or a partition given as arrays. Both carry
+``reps``, ``sizes`` and ``radii`` with ``radii[j] >= max_{i in C_j} ||t_i - t_rep||`` (the true radius, never b^L).
 
-* :class:`TreeClustering`: clusters ``(v, L)`` of an SG tree (COMMON.md data model): ``{p_v}`` plus the subtrees of
-  the children of ``v`` with level ``< L``. Built by :func:`level_clustering` (C_(L)), :func:`find_clustering`
-  (Alg. 2) or :func:`refine_clustering` (certified, best first).
-* :class:`ArrayClustering`: any partition given as arrays (labels and representatives), for the flat samplers
-  without a tree.
-
-Both carry ``reps`` (target ids), ``sizes`` and ``radii`` with ``radii[j] >= max_{i in C_j} ||t_i - t_rep||``
-(PAPER.md §2 erratum: the true radius, MAXD-based for trees, never b^L).
-
-Certificates (:func:`certify`, PAPER.md §3 "certified form"): with ``eps_C = beta ||q|| rho(C)``,
+Certificates (:func:`certify`): with ``eps_C = beta ||q|| rho(C)``,
 ``Z_lo = sum |C| e^{s_r - eps_C} <= Z <= Z_hi = sum |C| e^{s_r + eps_C}``; for the proposal of Eq. 7
 (``Q(i) ∝ e^{s_r(C(i))}``) ``max P/Q <= e^{max eps_C} Z_hat / Z_lo`` (``Z_hat = sum |C| e^{s_r}``); for the
 "upper" proposal ``Q+(i) ∝ e^{s_r + eps_C}`` used by flat rejection, ``max P/Q+ <= Z_hi / Z_lo``. The TV distance
 between P and a proposal with ``max P/Q <= gamma`` is ``<= 1 - 1/gamma``, and independent MH started from Q is
 within ``exp(-(s - 1)/gamma)`` of P after s states (Eq. 6).
+
+Contents: :func:`suffix_radii` (per tree version), :func:`tree_clustering`, :func:`partition_clustering`,
+:func:`level_clustering`, :func:`cluster_members`, :func:`cluster_labels`, :class:`Certificate`, :func:`certify`,
+:func:`find_clustering` (Alg. 2), :func:`refine_clustering`.
 """
 from __future__ import annotations
 
 import heapq
 import math
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from refimpl.sampling import _cluster_kernels as K
 from refimpl._validate import check_int, check_matrix, check_positive, check_vector
+from refimpl.index import Clustering
+from refimpl.sampling import _cluster_kernels as K
+from refimpl.sampling import bounds
+from refimpl.softmax import logsumexp
 
 __all__ = [
-    "TreeClustering",
-    "ArrayClustering",
+    "Clustering",
     "Certificate",
+    "suffix_radii",
+    "tree_clustering",
+    "partition_clustering",
     "level_clustering",
+    "cluster_members",
+    "cluster_labels",
+    "certify",
     "find_clustering",
     "refine_clustering",
-    "certify",
-    "tree_arrays",
+    "default_m",
 ]
 
 PROPOSALS = ("eq7", "upper")
 
-
-def tree_arrays(tree):
-    """The node arrays of ``tree`` in the order the kernels take them (int64/float64, no copy when possible)."""
-    n = int(tree.n_nodes)
-    i64 = lambda a: np.ascontiguousarray(np.asarray(a)[:n], dtype=np.int64)  # noqa: E731
-    return (i64(tree.node_point), i64(tree.node_level), i64(tree.node_first_child), i64(tree.node_next_sibling),
-            i64(tree.node_count), np.ascontiguousarray(np.asarray(tree.node_maxd)[:n], dtype=np.float64))
+# per tree: {"version": v, "suf": suffix radii or None, "level": {L: Clustering}}; an entry of an older version is
+# dropped on first use, so nothing derived from a previous tree state is ever returned
+_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _pdist(tree):
-    return np.ascontiguousarray(np.asarray(tree.node_pdist)[: int(tree.n_nodes)], dtype=np.float64)
+def _tree_cache(tree) -> dict:
+    version = tree.version
+    entry = _CACHE.get(tree)
+    if entry is None or entry["version"] != version:
+        entry = {"version": version, "suf": None, "level": {}}
+        _CACHE[tree] = entry
+    return entry
 
 
-_SUF_CACHE = weakref.WeakKeyDictionary()
+def _check_tree(tree, name="tree"):
+    if not (hasattr(tree, "arrays") and hasattr(tree, "version")):
+        raise TypeError(f"{name}: expected an SGTree, got {type(tree).__name__}")
+    if tree.root < 0:
+        raise ValueError(f"{name}: is empty")
+    return tree
 
 
-def _fingerprint(tree):
-    """Cheap change detector: every SGTree mutation (insert/remove/update_points/rebuild/maintain) changes the node
-    count, the root, the target count or the exact parent distances / radii, hence one of these numbers."""
-    n = int(tree.n_nodes)
-    return (n, int(tree.root), int(getattr(tree, "n_targets", 0)), id(tree.node_maxd), id(tree.node_pdist),
-            float(np.sum(tree.node_maxd[:n])), float(np.sum(tree.node_pdist[:n])))
+def _check_clustering(clustering, tree=None, name="clustering"):
+    """``clustering`` must be a Clustering; of ``tree``'s current version when ``tree`` is an SGTree."""
+    if not isinstance(clustering, Clustering):
+        raise TypeError(f"{name}: expected a refimpl.index.Clustering, got {type(clustering).__name__}")
+    if tree is not None:
+        clustering.check_tree(tree, name)
+    return clustering
 
 
-def suffix_radii(tree):
-    """Per-node suffix maxima of PDIST + MAXD over child lists (:func:`refimpl.sampling._cluster_kernels.suffix_radii`).
-
-    Query-independent; cached per tree and recomputed whenever the tree's arrays change (detected by a
-    fingerprint of sums over the node arrays: O(N) additions instead of the O(N) pass itself on every query)."""
-    fp = _fingerprint(tree)
-    try:
-        hit = _SUF_CACHE.get(tree)
-    except TypeError:
-        hit = None
-    if hit is not None and hit[0] == fp:
-        return hit[1]
-    pt, lv, fc, ns, cnt, maxd = tree_arrays(tree)
-    suf = K.suffix_radii(int(tree.n_nodes), fc, ns, _pdist(tree), maxd)
-    try:
-        _SUF_CACHE[tree] = (fp, suf)
-    except TypeError:
-        pass
-    return suf
+def logits(points, ids, q, beta) -> np.ndarray:
+    """beta <q, t_i> for the rows ``ids`` of ``points`` (float32 rows are promoted: float64 accumulation)."""
+    rows = points[ids]
+    return beta * (rows.astype(np.float64, copy=False) @ q)
 
 
-def _tree_points(tree):
-    return np.ascontiguousarray(tree.points, dtype=np.float64)
+def suffix_radii(tree) -> np.ndarray:
+    """Per node c: the maximum of PDIST + MAXD over c and the siblings after it (kernel ``suffix_radii``).
+
+    rho(v, L) = min(MAXD(v), suf[first child of v below L]). Query-independent: computed once per tree
+    ``version`` (O(N)) and cached; every mutation gives the tree a new version, so a stale value is never used."""
+    entry = _tree_cache(tree)
+    if entry["suf"] is None:
+        entry["suf"] = K.suffix_radii(tree.arrays())
+    return entry["suf"]
 
 
-@dataclass
-class TreeClustering:
-    """Clusters ``(nodes[j], levels[j])`` of an SG tree; ``reps`` target ids, ``sizes``, certified ``radii``."""
+def tree_clustering(tree, nodes, levels, stats=None) -> Clustering:
+    """The clustering with clusters (nodes[j], levels[j]) of ``tree`` (sizes, certified radii, version stamp).
 
-    tree: object
-    nodes: np.ndarray
-    levels: np.ndarray
-    reps: np.ndarray
-    sizes: np.ndarray
-    radii: np.ndarray
-    stats: dict = field(default_factory=dict)
-
-    def __len__(self):
-        return int(self.nodes.shape[0])
-
-    @classmethod
-    def from_nodes(cls, tree, nodes, levels, stats=None):
-        nodes = np.ascontiguousarray(nodes, dtype=np.int64)
-        levels = np.ascontiguousarray(levels, dtype=np.int64)
-        pt, lv, fc, ns, cnt, maxd = tree_arrays(tree)
-        sizes, radii, nd = K.cluster_info(suffix_radii(tree), nodes, levels, pt, lv, fc, ns, cnt, maxd)
-        st = dict(stats or {})
-        return cls(tree, nodes, levels, pt[nodes], sizes, radii, st)
-
-    def proposal_arrays(self):
-        """(cnodes, clevels, csizes, mptr, members) for the flat kernels (tree mode: empty mptr)."""
-        e = np.zeros(0, np.int64)
-        return self.nodes, self.levels, self.sizes, e, e
-
-    def members(self, j):
-        """Target ids of cluster j (walks the subtree; for tests and small clusters)."""
-        pt, lv, fc, ns, cnt, _ = tree_arrays(self.tree)
-        v, L = int(self.nodes[j]), int(self.levels[j])
-        return np.array([K._member(pt, lv, fc, ns, cnt, v, L, u) for u in range(int(self.sizes[j]))], np.int64)
+    Parameters
+    ----------
+    tree : SGTree
+    nodes, levels : (C,) int
+        Tree nodes and the cluster levels; the pairs must partition the live targets (not checked here; see
+        :func:`cluster_labels`).
+    """
+    nodes = np.ascontiguousarray(nodes, dtype=np.int64)
+    levels = np.ascontiguousarray(levels, dtype=np.int64)
+    sizes, radii, _ = K.cluster_info(tree.arrays(), suffix_radii(tree), nodes, levels)
+    lv = int(levels[0]) if levels.size and np.all(levels == levels[0]) else None
+    return Clustering(lv, nodes, tree.node_point[nodes].astype(np.int64), sizes, radii, levels=levels,
+                      tree_version=tree.version, stats=dict(stats or {}))
 
 
-@dataclass
-class ArrayClustering:
-    """A partition of the rows of ``points`` given by ``labels``; representative of each cluster (default: its
-    first member); exact radii. ``members[mptr[j]:mptr[j+1]]`` are the members of cluster j."""
+def partition_clustering(points, labels, reps=None) -> Clustering:
+    """A partition of the rows of ``points`` given by integer ``labels`` (clusters in sorted label order).
 
-    reps: np.ndarray
-    sizes: np.ndarray
-    radii: np.ndarray
-    mptr: np.ndarray
-    members: np.ndarray
+    Parameters
+    ----------
+    points : (N, D) float array
+    labels : (N,) int array
+    reps : (C,) int array, optional
+        One representative per cluster, a member of it (default: its first member).
 
-    def __len__(self):
-        return int(self.reps.shape[0])
-
-    @classmethod
-    def from_labels(cls, points, labels, reps=None):
-        points = check_matrix("points", points)
-        labels = np.asarray(labels)
-        if labels.shape != (points.shape[0],):
-            raise ValueError(f"labels: expected shape ({points.shape[0]},), got {labels.shape}")
-        if not np.issubdtype(labels.dtype, np.integer):
-            raise TypeError(f"labels: expected integers, got dtype {labels.dtype}")
-        uniq, inv = np.unique(labels, return_inverse=True)
-        order = np.argsort(inv, kind="stable")
-        sizes = np.bincount(inv, minlength=uniq.size).astype(np.int64)
-        mptr = np.zeros(uniq.size + 1, np.int64)
-        np.cumsum(sizes, out=mptr[1:])
-        members = order.astype(np.int64)
-        if reps is None:
-            reps = members[mptr[:-1]]
-        else:
-            reps = np.asarray(reps, dtype=np.int64)
-            if reps.shape != (uniq.size,):
-                raise ValueError(f"reps: expected one representative per cluster ({uniq.size}), got {reps.shape}")
-            if np.any(inv[reps] != np.arange(uniq.size)):
-                raise ValueError("reps: each representative must belong to its cluster (clusters in sorted label order)")
-        d = np.linalg.norm(points[members] - points[np.repeat(reps, sizes)], axis=1)
-        radii = np.zeros(uniq.size)
-        np.maximum.at(radii, np.repeat(np.arange(uniq.size), sizes), d)
-        return cls(reps, sizes, radii, mptr, members)
-
-    def proposal_arrays(self):
-        e = np.zeros(len(self), np.int64)
-        return e, e, self.sizes, self.mptr, self.members
-
-    def members_of(self, j):
-        return self.members[self.mptr[j]:self.mptr[j + 1]]
+    Returns a :class:`Clustering` with exact radii max_{i in C} ||t_i - t_rep(C)|| and the members listed.
+    """
+    points = check_matrix("points", points)
+    labels = np.asarray(labels)
+    if labels.shape != (points.shape[0],):
+        raise ValueError(f"labels: expected shape ({points.shape[0]},), got {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise TypeError(f"labels: expected integers, got dtype {labels.dtype}")
+    uniq, inv = np.unique(labels, return_inverse=True)
+    members = np.argsort(inv, kind="stable").astype(np.int64)
+    sizes = np.bincount(inv, minlength=uniq.size).astype(np.int64)
+    mptr = np.zeros(uniq.size + 1, np.int64)
+    np.cumsum(sizes, out=mptr[1:])
+    if reps is None:
+        reps = members[mptr[:-1]]
+    else:
+        reps = np.asarray(reps)
+        if reps.shape != (uniq.size,):
+            raise ValueError(f"reps: expected one representative per cluster ({uniq.size}), got {reps.shape}")
+        if not np.issubdtype(reps.dtype, np.integer):
+            raise TypeError(f"reps: expected integers, got dtype {reps.dtype}")
+        reps = reps.astype(np.int64)
+        if np.any((reps < 0) | (reps >= points.shape[0])) or np.any(inv[reps] != np.arange(uniq.size)):
+            raise ValueError("reps: each representative must belong to its cluster (clusters in sorted label order)")
+    d = np.linalg.norm(points[members] - points[np.repeat(reps, sizes)], axis=1)
+    radii = np.zeros(uniq.size)
+    np.maximum.at(radii, np.repeat(np.arange(uniq.size), sizes), d)
+    none = np.full(uniq.size, -1, np.int64)
+    return Clustering(None, none, reps, sizes, radii, levels=none, mptr=mptr, members=members)
 
 
-def level_clustering(tree, level):
-    """C_(level) of PAPER.md §2 as a :class:`TreeClustering` (one cluster per node with node_level >= level)."""
-    level = check_int("level", level)
-    pt, lv, fc, ns, cnt, maxd = tree_arrays(tree)
-    nodes, _ = K.level_cluster_nodes(int(tree.root), level, lv, fc, ns, cnt)
-    return TreeClustering.from_nodes(tree, nodes, np.full(nodes.shape[0], level, np.int64))
+def level_clustering(tree, level) -> Clustering:
+    """C_(level) (one cluster (v, level) per node with level >= level, the root always): ``tree.clustering(level)``,
+    cached per tree version."""
+    level = check_int("level", level, low=-(1 << 40), high=1 << 40)
+    entry = _tree_cache(tree)
+    cl = entry["level"].get(level)
+    if cl is None:
+        cl = tree.clustering(level)
+        if cl.tree_version is None:
+            cl.tree_version = tree.version
+        entry["level"][level] = cl
+    return cl
+
+
+def cluster_members(tree, clustering, j) -> np.ndarray:
+    """Target ids of cluster ``j`` of ``clustering`` (``tree`` an SGTree, or None for an array partition)."""
+    if clustering.is_partition:
+        return clustering.members[clustering.mptr[j]:clustering.mptr[j + 1]]
+    _check_clustering(clustering, tree)
+    T = tree.arrays()
+    v, L = int(clustering.nodes[j]), int(clustering.levels[j])
+    return np.array([K._member(T, v, L, u) for u in range(int(clustering.sizes[j]))], np.int64)
+
+
+def cluster_labels(tree, clustering) -> np.ndarray:
+    """The cluster of each target: for every id ``< tree.n_targets`` (``len(points)`` for an array partition) the
+    index of its cluster in ``clustering``, -1 for removed targets.
+
+    Target i (node v_i) lies in cluster (u, L) iff u = v_i, or u is an ancestor of v_i whose child on the path to
+    v_i has level < L; the clustering being a partition (each node at most once), the first such pair found
+    walking up is its cluster. Vectorised over targets (one step up the tree per round).
+
+    Parameters
+    ----------
+    tree : SGTree, or the (N, D) points of an array partition
+    clustering : Clustering of ``tree`` at its current version
+    """
+    _check_clustering(clustering, None)
+    if clustering.is_partition:
+        out = np.full(np.asarray(tree).shape[0], -1, np.int64)
+        out[clustering.members] = np.repeat(np.arange(len(clustering)), clustering.sizes)
+        return out
+    _check_clustering(clustering, tree)
+    n = int(tree.n_targets)
+    nn = max(int(tree.n_nodes), 1)
+    none = np.iinfo(np.int64).min
+    clev = np.full(nn, none, dtype=np.int64)
+    cidx = np.full(nn, -1, dtype=np.int64)
+    clev[clustering.nodes] = clustering.levels
+    cidx[clustering.nodes] = np.arange(clustering.nodes.size)
+    cur = np.asarray(tree.point_node[:n], dtype=np.int64).copy()
+    out = np.full(n, -1, dtype=np.int64)
+    todo = cur >= 0
+    top = np.iinfo(np.int64).max
+    prev_level = np.full(n, top, dtype=np.int64)  # no child yet: the target's own node always qualifies
+    while todo.any():
+        idx = np.flatnonzero(todo)
+        v = cur[idx]
+        L = clev[v]
+        ok = (L != none) & ((prev_level[idx] < L) | (prev_level[idx] == top))
+        out[idx[ok]] = cidx[v[ok]]
+        todo[idx[ok]] = False
+        rest = idx[~ok]
+        prev_level[rest] = tree.node_level[cur[rest]]
+        cur[rest] = tree.node_parent[cur[rest]]
+        if rest.size and (cur[rest] < 0).any():
+            raise ValueError("clustering: does not cover every live target of the tree")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -195,7 +234,8 @@ class Certificate:
     """Certified bounds of a clustering for one query (all logs natural).
 
     log_z_lo <= log Z <= log_z_hi; log_gamma >= log max P/Q for Eq. 7's proposal; log_gamma_upper >= log max P/Q+
-    for the upper proposal; tv_bound >= ||P - Q||_TV (Eq. 7), tv_bound_upper likewise for Q+.
+    for the upper proposal; tv_bound >= ||P - Q||_TV (Eq. 7), tv_bound_upper likewise for Q+. ``tree_version``:
+    the version of the tree it certifies (None for an array partition).
     """
 
     log_z_lo: float
@@ -207,6 +247,7 @@ class Certificate:
     tv_bound_upper: float
     n_clusters: int
     inner_products: int
+    tree_version: int | None = None
 
     def gamma(self, proposal="eq7"):
         return math.exp(self.log_gamma if proposal == "eq7" else self.log_gamma_upper)
@@ -220,40 +261,50 @@ class Certificate:
         return 1 + max(0, math.ceil(self.gamma(proposal) * math.log(1.0 / tv) - 1e-12))
 
 
-def _certificate(rep_logits, sizes, eps, inner_products):
-    from refimpl.sampling import bounds
-
+def _certificate(rep_logits, sizes, eps, inner_products, tree_version):
     lo, hi = bounds.log_partition_bounds(rep_logits, sizes, eps)
     lg = float(bounds.certified_log_max_ratio(rep_logits, sizes, eps))
-    lz_hat = float(_logsumexp(rep_logits + np.log(sizes)))
+    lz_hat = float(bounds.log_proposal_normalizer(rep_logits, sizes))
     lg_up = float(hi - lo)
     return Certificate(float(lo), float(hi), lz_hat, lg, lg_up, float(-math.expm1(-lg)), float(-math.expm1(-lg_up)),
-                       int(len(sizes)), int(inner_products))
+                       int(len(sizes)), int(inner_products), tree_version)
 
 
-def _logsumexp(a):
-    m = np.max(a)
-    return m + np.log(np.sum(np.exp(a - m)))
+def _source(tree, clustering):
+    """(points, tree or None) for a clustering: an SGTree with a clustering of its version, or the points array
+    with an array partition."""
+    if isinstance(tree, np.ndarray):
+        if not clustering.is_partition:
+            raise ValueError("clustering: a clustering of a tree needs the SGTree, not a points array")
+        return check_matrix("tree", tree), None
+    _check_tree(tree)
+    _check_clustering(clustering, tree)
+    return tree.points, tree
 
 
-def _query(q, dim):
-    return check_vector("q", q, size=dim)
+def certify(tree, q, clustering, *, beta) -> Certificate:
+    """Certificate (:class:`Certificate`) of ``clustering`` for query ``q`` (paper §3, certified form of Prop. 1/4).
 
+    eps_C = beta ||q|| rho(C) (bounds.cluster_eps); (log Z_lo, log Z_hi) by bounds.log_partition_bounds; log gamma
+    by bounds.certified_log_max_ratio.
 
-def certify(tree, q, clustering, *, beta):
-    """Certificate (:class:`Certificate`) of ``clustering`` (a TreeClustering or ArrayClustering) for query ``q``.
+    Parameters
+    ----------
+    tree : SGTree, or the (N, D) points of an array partition
+    q : (D,) float array
+    clustering : Clustering of ``tree`` at its current version (ValueError otherwise)
+    beta : float > 0
 
-    Uses refimpl.sampling.bounds (cluster_eps, log_partition_bounds, certified_log_max_ratio) with eps_C = beta ||q|| rho(C).
-    ``tree`` may be an SGTree or the points array (for an ArrayClustering). Cost: |clustering| inner products.
+    Cost: |clustering| inner products.
     """
-    from refimpl.sampling import bounds
-
     beta = check_positive("beta", beta)
-    points = tree if isinstance(tree, np.ndarray) else _tree_points(tree)
-    q = _query(q, points.shape[1])
-    s = beta * (points[clustering.reps] @ q)
-    eps = np.asarray(bounds.cluster_eps(beta, float(np.linalg.norm(q)), clustering.radii), dtype=np.float64)
-    return _certificate(s, clustering.sizes.astype(np.float64), eps, len(clustering))
+    _check_clustering(clustering)
+    points, t = _source(tree, clustering)
+    q = check_vector("q", q, size=points.shape[1])
+    s = logits(points, clustering.reps, q, beta)
+    eps = bounds.cluster_eps(beta, float(np.linalg.norm(q)), clustering.radii)
+    return _certificate(s, clustering.sizes.astype(np.float64), eps, len(clustering),
+                        None if t is None else t.version)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -267,73 +318,84 @@ def default_m(start_level, base):
 
 
 def find_clustering(tree, q, *, beta, gamma, m=None, max_clusters=None, refine=False, proposal="eq7",
-                    max_refine_clusters=None):
-    """FindClustering (Alg. 2, PAPER.md §3) with the union fix of line 13.
+                    max_refine_clusters=None) -> Clustering:
+    """FindClustering (Alg. 2) with the union fix of line 13.
 
     Start level l from Prop. 2 (``bounds.prop2_level(gamma, beta ||q||, base)``: the paper's rule with the query
     norm folded into beta, identical for unit-norm queries); for k = l, ..., m + 1 the frontier's clusters are
-    replaced by their children at level k - 1 and a child F with ||q - t_F|| > b^k + b^m is final. Returns
-    output U F_m as a :class:`TreeClustering`. ``max_clusters`` caps the frontier (Remark 2; the excess is finalised,
-    so the result is always a partition). ``m`` defaults to :func:`default_m`.
+    replaced by their children at level k - 1 and a child F with ||q - t_F|| > b^k + b^m is final.
 
-    Prop. 4 claims max P/Q <= gamma for the result; that is not certified here (the paper's radius is b^k).
-    With ``refine=True`` the result is then refined by :func:`refine_clustering` until the *certified*
-    log max P/Q (for ``proposal``) is <= log gamma or ``max_refine_clusters`` is reached. The certificate of the
-    result is in ``result.stats["certificate"]`` when refined; call :func:`certify` otherwise.
+    Parameters
+    ----------
+    tree : SGTree
+    q : (D,) float array
+    beta, gamma : float (gamma > 1)
+    m : int, optional
+        Deepest level (default :func:`default_m`).
+    max_clusters : int, optional
+        Caps the frontier (Remark 2; the excess is finalised, so the result is always a partition).
+    refine : bool
+        Then refine (:func:`refine_clustering`) until the *certified* log max P/Q (for ``proposal``) is
+        <= log gamma or ``max_refine_clusters`` clusters. Prop. 4's max P/Q <= gamma is not certified otherwise
+        (its radius is b^k).
+
+    Returns the clustering (stamped with the tree's version); its certificate is in ``stats["certificate"]``
+    when refined (call :func:`certify` otherwise).
     """
-    from refimpl.sampling import bounds
-
     beta = check_positive("beta", beta)
     gamma = check_positive("gamma", gamma)
     if gamma <= 1.0:
         raise ValueError(f"gamma: must be > 1, got {gamma}")
-    points = _tree_points(tree)
-    q = _query(q, points.shape[1])
-    if int(tree.root) < 0:
-        raise ValueError("tree: is empty")
+    _check_tree(tree)
+    T = tree.arrays()
+    q = check_vector("q", q, size=T.points.shape[1])
     qn = float(np.linalg.norm(q))
     base = float(tree.base)
     level = int(bounds.prop2_level(gamma, beta * max(qn, 1e-300), base))
-    m = default_m(level, base) if m is None else check_int("m", m)
+    level = min(level, int(tree.node_level[tree.root]) + 1)  # every level above holds the single cluster {root}
+    m = default_m(level, base) if m is None else check_int("m", m, low=-(1 << 40), high=level)
     mc = 0 if max_clusters is None else check_int("max_clusters", max_clusters, low=1)
-    pt, lv, fc, ns, cnt, maxd = tree_arrays(tree)
-    nodes, levels, nd = K.find_clustering_kernel(points, q, int(tree.root), level, m, base, mc, pt, lv, fc, ns, cnt)
-    cl = TreeClustering.from_nodes(tree, nodes, levels, {"distance_evals": int(nd), "start_level": level, "m": m})
+    start = level_clustering(tree, level).nodes
+    nodes, levels, nd = K.find_clustering_kernel(T, q, start, level, m, mc)
+    cl = tree_clustering(tree, nodes, levels, {"distance_evals": int(nd), "start_level": level, "m": m})
     if refine:
         cl = refine_clustering(tree, q, cl, beta=beta, gamma=gamma, proposal=proposal,
                                max_clusters=max_refine_clusters)
     return cl
 
 
-def _split(tree_pts, arrs, v, L):
+def _split(T, v, L):
     """Children of cluster (v, L) at the next occupied level: [(v, Lc)] + [(c, Lc) for c at level Lc], or None."""
-    pt, lv, fc, ns, cnt, maxd = arrs
-    c = fc[v]
-    while c != -1 and lv[c] >= L:
-        c = ns[c]
+    c = K._first_below(T, v, L)
     if c == -1:
         return None
-    Lc = int(lv[c])
+    Lc = int(T.node_level[c])
     out = [v]
-    while c != -1 and lv[c] == Lc:
+    while c != -1 and T.node_level[c] == Lc:
         out.append(int(c))
-        c = ns[c]
+        c = T.node_next_sibling[c]
     return np.array(out, np.int64), Lc
 
 
-def refine_clustering(tree, q, clustering, *, beta, gamma, proposal="eq7", max_clusters=None):
-    """Certified refinement (ours, PAPER.md §3 certified form): split, best first, the clusters that contribute most
+def refine_clustering(tree, q, clustering, *, beta, gamma, proposal="eq7", max_clusters=None) -> Clustering:
+    """Certified refinement (ours; certified form of Prop. 4): split, best first, the clusters that contribute most
     to the certified bound until log max P/Q <= log gamma (for ``proposal``) or ``max_clusters`` clusters.
 
     ``proposal="eq7"``: the bound is max eps_C + log Z_hat/Z_lo, so the cluster with the largest eps_C is split
     first (every cluster must end with eps_C <= log gamma). ``proposal="upper"``: the bound is log Z_hi/Z_lo and
     the cluster with the largest |C| e^{s_r} (e^{eps_C} - e^{-eps_C}) is split first. A split replaces (v, L) by its
     children at the next occupied level (the nested self-child (v, Lc) and the children at level Lc).
-    Returns a :class:`TreeClustering` whose ``stats["certificate"]`` is the final :class:`Certificate` and
+
+    Parameters
+    ----------
+    tree : SGTree
+    q : (D,) float array
+    clustering : Clustering of ``tree`` at its current version
+    beta, gamma : float (gamma > 1)
+
+    Returns a clustering whose ``stats["certificate"]`` is the final :class:`Certificate` and
     ``stats["certified"]`` whether the target was reached.
     """
-    from refimpl.sampling import bounds
-
     beta = check_positive("beta", beta)
     gamma = check_positive("gamma", gamma)
     if proposal not in PROPOSALS:
@@ -341,19 +403,20 @@ def refine_clustering(tree, q, clustering, *, beta, gamma, proposal="eq7", max_c
     if max_clusters is None:
         max_clusters = 1 << 62
     max_clusters = check_int("max_clusters", max_clusters, low=1)
-    points = _tree_points(tree)
-    q = _query(q, points.shape[1])
+    _check_tree(tree)
+    _check_clustering(clustering, tree)
+    T = tree.arrays()
+    points = T.points
+    q = check_vector("q", q, size=points.shape[1])
     qn = float(np.linalg.norm(q))
-    arrs = tree_arrays(tree)
-    pt, lv, fc, ns, cnt, maxd = arrs
+    suf = suffix_radii(tree)
     log_g = math.log(gamma)
     nodes = list(map(int, clustering.nodes))
     levels = list(map(int, clustering.levels))
-    s = list(beta * (points[clustering.reps] @ q))
+    s = list(logits(points, clustering.reps, q, beta))
     sizes = list(map(int, clustering.sizes))
-    eps = list(np.asarray(bounds.cluster_eps(beta, qn, clustering.radii), dtype=np.float64))
+    eps = list(bounds.cluster_eps(beta, qn, clustering.radii))
     ip = len(nodes)
-    nd = 0
     alive = [True] * len(nodes)
     ref = max(si + ei for si, ei in zip(s, eps))
 
@@ -383,18 +446,17 @@ def refine_clustering(tree, q, clustering, *, beta, gamma, proposal="eq7", max_c
     splits = 0
     while heap and bound() > log_g and n_alive < max_clusters:
         _, j = heapq.heappop(heap)
-        sp = _split(points, arrs, nodes[j], levels[j])
+        sp = _split(T, nodes[j], levels[j])
         if sp is None:
             continue
         kids, Lc = sp
-        ks, kr, dd = K.cluster_info(suffix_radii(tree), kids, np.full(kids.shape[0], Lc, np.int64), pt, lv, fc, ns, cnt,
-                                    maxd)
+        ks, kr, _ = K.cluster_info(T, suf, kids, np.full(kids.shape[0], Lc, np.int64))
         kl = np.empty(kids.shape[0])
         kl[0] = s[j]
         if kids.shape[0] > 1:
-            kl[1:] = beta * (points[pt[kids[1:]]] @ q)
+            kl[1:] = logits(points, T.node_point[kids[1:]], q, beta)
             ip += kids.shape[0] - 1
-        ke = np.asarray(bounds.cluster_eps(beta, qn, kr), dtype=np.float64)
+        ke = bounds.cluster_eps(beta, qn, kr)
         alive[j] = False
         zh -= sizes[j] * math.exp(s[j] - ref)
         zlo -= sizes[j] * math.exp(s[j] - eps[j] - ref)
@@ -420,11 +482,13 @@ def refine_clustering(tree, q, clustering, *, beta, gamma, proposal="eq7", max_c
             zlo = float(np.sum(na * np.exp(sa - ea - ref)))
             zhi = float(np.sum(na * np.exp(sa + ea - ref)))
     idx = np.flatnonzero(alive)
-    st = dict(clustering.stats)
-    st["distance_evals"] = st.get("distance_evals", 0) + nd
-    out = TreeClustering.from_nodes(tree, np.array(nodes, np.int64)[idx], np.array(levels, np.int64)[idx], st)
+    out = tree_clustering(tree, np.array(nodes, np.int64)[idx], np.array(levels, np.int64)[idx], clustering.stats)
     sa, na, ea = sums()
-    cert = _certificate(sa, na, ea, ip)
+    cert = _certificate(sa, na, ea, ip, tree.version)
     out.stats.update(certificate=cert, splits=splits, inner_products=ip,
                      certified=(cert.log_gamma if proposal == "eq7" else cert.log_gamma_upper) <= log_g + 1e-9)
     return out
+
+
+def _lse(x) -> float:
+    return float(logsumexp(np.asarray(x, dtype=np.float64)))

@@ -1,0 +1,231 @@
+"""The batched mining kernel behind :mod:`refimpl.sampling.engine`: one compiled call answers a whole batch.
+
+For every query of the batch, inside one Numba function: the clustering (Alg. 2 with the Remark 2 frontier cap,
+or the start level of Alg. 1), the Eq. 7 proposal, and the draws (Alg. 1, independent MH of Eq. 14, or the
+experiments' procedure). The per-query building blocks are the kernels of :mod:`refimpl.sampling._cluster_kernels`
+(Alg. 2, cluster sizes / certified radii, start-level profile) and :mod:`refimpl.sampling._kernels` (the flat MH
+chains and Alg. 1); this module only adds the batch loop, the certificates and the experiments' selection.
+
+Certified quantities (log Z interval, log max P/Q, the Eq. 6 TV bound) are always accumulated in float64, whatever
+the dtype of the tree's points.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from refimpl.sampling._cluster_kernels import cluster_info, find_clustering_kernel, level_profile
+from refimpl.sampling._kernels import alg1_kernel, flat_kernel
+
+# procedure codes (engine.PROCEDURES)
+REJECTION = 0
+MH = 1
+PAPER = 2
+
+# columns of the per-query statistics
+S_LOG_Z = 0  # log Z estimate, clipped to [S_LOG_Z_LO, S_LOG_Z_HI]
+S_LOG_Z_LO = 1
+S_LOG_Z_HI = 2
+S_LOG_GAMMA = 3  # certified log max P/Q of the proposal sampled (rejection: log Z_hi / Z_lo of the start level)
+S_TV = 4  # Eq. 6 bound for "mh" (exp(-(s - 1)/gamma)); 0 for exact draws; NaN for "paper" (no bound exists)
+S_CHAIN = 5  # chain length used (states)
+S_CLUSTERS = 6  # clusters of the proposal
+S_INNER = 7  # inner products computed for this query
+S_STATUS = 8  # 0 ok, 1 attempt budget exhausted, 2 Eq. 6 chain longer than the budget
+N_STATS = 9
+
+
+@njit(cache=True)
+def _lse_terms(logs, sizes, shift):
+    """log sum_j sizes[j] exp(logs[j] + shift[j]) (shift may be a zero-length array: no shift), in float64."""
+    n = logs.shape[0]
+    m = -np.inf
+    for j in range(n):
+        v = logs[j] + (shift[j] if shift.shape[0] else 0.0)
+        if v > m:
+            m = v
+    s = 0.0
+    for j in range(n):
+        v = logs[j] + (shift[j] if shift.shape[0] else 0.0)
+        s += sizes[j] * np.exp(v - m)
+    return m + np.log(s)
+
+
+@njit(cache=True)
+def _dot64(points, i, q):
+    s = 0.0
+    for d in range(q.shape[0]):
+        s += np.float64(points[i, d]) * q[d]
+    return s
+
+
+@njit(cache=True)
+def engine_kernel(points, Q, qnorm, beta, procedure, counts, out_ptr, excl_ptr, excl_ids, seeds, start_levels, ms,
+                  max_frontier, n_top, chain_length, n_chains, temperature, log_tv, max_steps, root, base,
+                  node_point, node_level, first_child, next_sibling, node_count, node_maxd, suf, out_ids, out_logits,
+                  stats):
+    """Draw ``counts[b]`` negatives for every query ``Q[b]`` of a batch (one compiled call).
+
+    procedure REJECTION: Alg. 1 from the start level of least estimated cost (``level_profile``), exact draws of
+    the softmax renormalised over the non-excluded targets. MH: Alg. 2 (start ``start_levels[b]``, deepest level
+    ``ms[b]``, frontier cap ``max_frontier``, 0 = none) then ``counts[b]`` independent chains (Eq. 14) of
+    ``chain_length`` states (0: Eq. 6's length for TV exp(log_tv) from the certified gamma), each started from the
+    Eq. 7 proposal. PAPER: Alg. 2 as for MH, the ``n_top`` clusters whose representatives are closest to the query
+    (0 = all), ``n_chains[b]`` chains of ``chain_length`` states at inverse temperature beta / temperature, and the
+    ``counts[b]`` top-scoring distinct final states (repeated from the best when fewer are distinct).
+    Draws of query b go to ``out_ids[out_ptr[b]:out_ptr[b+1]]`` with their logits beta <q, t>; per-query
+    statistics to ``stats[b]`` (columns S_*). Excluded ids of query b: ``excl_ids[excl_ptr[b]:excl_ptr[b+1]]``.
+    """
+    B = Q.shape[0]
+    empty = np.zeros(0, np.int64)
+    nofloat = np.zeros(0, np.float64)
+    for b in range(B):
+        c = counts[b]
+        q = Q[b]
+        bq = beta * qnorm[b]
+        excl = excl_ids[excl_ptr[b]:excl_ptr[b + 1]]
+        lo = out_ptr[b]
+        for j in range(N_STATS):
+            stats[b, j] = 0.0
+        if c == 0:
+            continue
+        if procedure == REJECTION:
+            lze = -np.inf
+            ne = excl.shape[0]
+            if ne:
+                el = np.empty(ne, np.float64)
+                for j in range(ne):
+                    el[j] = beta * _dot64(points, excl[j], q)
+                lze = _lse_terms(el, np.ones(ne, np.float64), nofloat)
+            L, nb, nodes, sr, ip = level_profile(points, q, beta, bq, root, c, 1.0, lze, node_point, node_level,
+                                                 first_child, next_sibling, node_count, node_maxd, suf)
+            levels = np.full(nodes.shape[0], L, np.int64)
+            sizes, radii, _ = cluster_info(suf, nodes, levels, node_point, node_level, first_child, next_sibling,
+                                           node_count, node_maxd)
+            eps = bq * radii
+            cE = sr + eps
+            fs = sizes.astype(np.float64)
+            cache = 1 << min(max(int(np.ceil(np.log2(128.0 * c))), 10), 18)
+            ids, sids, cnt = alg1_kernel(points, q, beta, bq, base, c, nodes, L, sizes, cE, sr, node_point,
+                                         node_level, first_child, next_sibling, node_count, node_maxd, excl, 1,
+                                         max_steps, 0, 0, cache, seeds[b])
+            lzhi = _lse_terms(cE, fs, nofloat)
+            lzlo = _lse_terms(sr - eps, fs, nofloat)
+            succ = cnt[1] + cnt[3]
+            lz = lzhi + np.log(max(succ, 1) / max(cnt[0], 1))
+            stats[b, S_LOG_Z] = min(max(lz, lzlo), lzhi)
+            stats[b, S_LOG_Z_LO] = lzlo
+            stats[b, S_LOG_Z_HI] = lzhi
+            stats[b, S_LOG_GAMMA] = lzhi - lzlo
+            stats[b, S_TV] = 0.0
+            stats[b, S_CHAIN] = 0.0
+            stats[b, S_CLUSTERS] = nodes.shape[0]
+            stats[b, S_INNER] = ip + cnt[2] + ne
+            stats[b, S_STATUS] = 1.0 if cnt[4] else 0.0
+            for t in range(c):
+                out_ids[lo + t] = ids[t]
+                out_logits[lo + t] = sids[t]
+            continue
+        # Alg. 2 with the Remark 2 cap
+        nodes, levels, nd = find_clustering_kernel(points, q, root, start_levels[b], ms[b], base, max_frontier,
+                                                   node_point, node_level, first_child, next_sibling, node_count)
+        nc = nodes.shape[0]
+        dropped = False
+        if procedure == PAPER and n_top > 0 and nc > n_top:
+            dropped = True
+            dist = np.empty(nc, np.float64)
+            for j in range(nc):
+                p = node_point[nodes[j]]
+                s = 0.0
+                for d in range(q.shape[0]):
+                    t_ = np.float64(points[p, d]) - q[d]
+                    s += t_ * t_
+                dist[j] = s
+            order = np.argsort(dist, kind="mergesort")[:n_top]
+            nodes = nodes[order]
+            levels = levels[order]
+            nc = n_top
+        sizes, radii, _ = cluster_info(suf, nodes, levels, node_point, node_level, first_child, next_sibling,
+                                       node_count, node_maxd)
+        fs = sizes.astype(np.float64)
+        b_eff = beta / temperature if procedure == PAPER else beta
+        sr = np.empty(nc, np.float64)
+        for j in range(nc):
+            sr[j] = b_eff * _dot64(points, node_point[nodes[j]], q)
+        ref = sr.max()
+        cum = np.empty(nc, np.float64)
+        acc = 0.0
+        for j in range(nc):
+            acc += fs[j] * np.exp(sr[j] - ref)
+            cum[j] = acc
+        if procedure == MH:
+            eps = bq * radii
+            lzlo = _lse_terms(sr - eps, fs, nofloat)
+            lzhi = _lse_terms(sr + eps, fs, nofloat)
+            lzhat = ref + np.log(acc)
+            log_gamma = eps.max() + lzhat - lzlo  # certified log max P/Q of Eq. 7 (max eps_C + log Zhat/Z_lo)
+            s = chain_length
+            if s == 0:
+                g = np.exp(min(log_gamma, 700.0))
+                need = 1.0 + np.ceil(g * (-log_tv) - 1e-12)
+                if need > max_steps:
+                    stats[b, S_STATUS] = 2.0
+                    stats[b, S_LOG_GAMMA] = log_gamma
+                    stats[b, S_CLUSTERS] = nc
+                    continue
+                s = int(need)
+            ids, sids, cnt, isum = flat_kernel(points, q, beta, c, 1, cum, sr, nodes, levels, sizes, empty, empty,
+                                               node_point, node_level, first_child, next_sibling, node_count, excl,
+                                               1, s, max(max_steps, s), seeds[b])
+            lzprop = lzhat
+            lz = lzprop + np.log(max(isum / max(cnt[0], 1), 1e-300))
+            stats[b, S_LOG_Z] = min(max(lz, lzlo), lzhi)
+            stats[b, S_LOG_Z_LO] = lzlo
+            stats[b, S_LOG_Z_HI] = lzhi
+            stats[b, S_LOG_GAMMA] = log_gamma
+            stats[b, S_TV] = np.exp(-(s - 1) / np.exp(min(log_gamma, 700.0)))
+            stats[b, S_CHAIN] = s
+            stats[b, S_CLUSTERS] = nc
+            stats[b, S_INNER] = nc + cnt[2] + excl.shape[0]
+            stats[b, S_STATUS] = 1.0 if cnt[4] else 0.0
+            for t in range(c):
+                out_ids[lo + t] = ids[t]
+                out_logits[lo + t] = sids[t]
+            continue
+        # PAPER: chains of chain_length states, then the top-scoring distinct final states
+        nch = n_chains[b]
+        ids, sids, cnt, isum = flat_kernel(points, q, b_eff, nch, 1, cum, sr, nodes, levels, sizes, empty, empty,
+                                           node_point, node_level, first_child, next_sibling, node_count, excl, 1,
+                                           chain_length, max(max_steps, chain_length), seeds[b])
+        order = np.argsort(-sids, kind="mergesort")
+        sel = np.empty(c, np.int64)
+        sel_s = np.empty(c, np.float64)
+        ns = 0
+        for x in range(nch):
+            i = ids[order[x]]
+            dup = False
+            for y in range(ns):
+                if sel[y] == i:
+                    dup = True
+                    break
+            if not dup:
+                sel[ns] = i
+                sel_s[ns] = sids[order[x]]
+                ns += 1
+                if ns == c:
+                    break
+        for t in range(ns, c):  # fewer distinct states than requested: repeat from the best
+            sel[t] = sel[(t - ns) % ns]
+            sel_s[t] = sel_s[(t - ns) % ns]
+        stats[b, S_LOG_Z] = np.nan
+        stats[b, S_LOG_Z_LO] = np.nan
+        stats[b, S_LOG_Z_HI] = np.nan
+        stats[b, S_LOG_GAMMA] = np.inf if dropped else np.nan  # dropped clusters: Q = 0 somewhere
+        stats[b, S_TV] = np.nan
+        stats[b, S_CHAIN] = chain_length
+        stats[b, S_CLUSTERS] = nc
+        stats[b, S_INNER] = nc + cnt[2] + excl.shape[0]
+        stats[b, S_STATUS] = 1.0 if cnt[4] else 0.0
+        for t in range(c):
+            out_ids[lo + t] = sel[t]
+            out_logits[lo + t] = sel_s[t] * temperature

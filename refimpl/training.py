@@ -128,7 +128,8 @@ def evaluate(encoder, dataset, query_ids=None, *, ks=RECALL_KS, chunk: int = 256
     """Exact retrieval metrics: every target re-encoded with ``encoder``; R@k and MRR@10 over ``query_ids``.
 
     Score ``s(q, i) = <f(x_q), g(y_i)>``; a query counts as a hit at k if ANY of its positives is among its k
-    highest-scoring targets (ties: lower target id first); MRR@10 = mean of 1/rank of the first positive within
+    highest-scoring targets (equal scores ordered by target id; at the K-th place of a block a tie may keep either
+    target); MRR@10 = mean of 1/rank of the first positive within
     the top 10 (0 if none). ``query_ids`` defaults to the test split.
 
     Memory: queries are scored ``chunk`` at a time against blocks of targets, with at most

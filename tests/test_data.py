@@ -1,16 +1,10 @@
-"""Tests of refimpl.data: the planted task and the text-pair loader (formats, hashing featuriser, errors)."""
-import hashlib
-import os
-import subprocess
-import sys
-
+"""Tests of refimpl.data: the planted task (the text loader is tested in test_text.py)."""
 import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from refimpl.data import RetrievalDataset, hash_features, load_text_pairs, planted_dataset, tokenize
+from refimpl.data import RetrievalDataset, planted_dataset
 
-FIX = os.path.join(os.path.dirname(__file__), "fixtures", "text_pairs")
 SMALL = dict(n_targets=300, n_queries=400, branching=(5, 4), n_features=16, dim=8)
 
 
@@ -77,70 +71,3 @@ def test_planted_sampled_positives_follow_the_teacher_softmax():
 def test_planted_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
         planted_dataset(**{**SMALL, **kw})
-
-
-def test_hash_features_deterministic_unigrams_bigrams():
-    X = hash_features(["Hello world", "hello, WORLD hello"], 1 << 20, normalize=False)
-    assert X.format == "csr" and X.shape == (2, 1 << 20)
-    col = lambda g: int.from_bytes(hashlib.blake2b(g.encode(), digest_size=8).digest(), "little") % (1 << 20)
-    row0 = dict(zip(X[0].indices, X[0].data))
-    assert row0 == {col("hello"): 1.0, col("world"): 1.0, col("hello world"): 1.0}
-    row1 = dict(zip(X[1].indices, X[1].data))
-    assert row1[col("hello")] == pytest.approx(1 + np.log(2)) and col("world hello") in row1
-    Xu = hash_features(["Hello world"], 1 << 20, bigrams=False)
-    assert Xu.nnz == 2 and np.isclose(np.linalg.norm(Xu.data), 1.0)
-    assert tokenize("Ça va? OK_1 ") == ["ça", "va", "ok_1"]
-    # the same columns in a fresh interpreter with a different string-hash salt
-    code = ("from refimpl.data import hash_features; "
-            "print(list(hash_features(['Hello world'], 1 << 20).indices))")
-    env = dict(os.environ, PYTHONHASHSEED="12345")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    assert out.stdout.strip() == str(list(hash_features(["Hello world"], 1 << 20).indices))
-
-
-def test_load_text_pairs_fixture():
-    d = load_text_pairs(os.path.join(FIX, "targets.tsv"), os.path.join(FIX, "queries.tsv"), n_features=4096)
-    assert d.n_targets == 12 and d.n_queries == 14
-    assert d.train_ids.tolist() == list(range(10)) and d.test_ids.tolist() == [10, 11, 12, 13]
-    assert d.target_names[0] == "t01" and d.target_names[-1] == "t12"
-    assert d.positives[4].tolist() == [4, 8] and d.positives[11].tolist() == [0, 6]
-    assert d.query_features.format == "csr" and d.query_features.shape == (14, 4096)
-    assert np.allclose(np.sqrt(np.asarray(d.target_features.multiply(d.target_features).sum(1)).ravel()), 1.0)
-    assert d.teacher is None
-
-
-def _write(tmp_path, targets, queries):
-    t, q = tmp_path / "targets.tsv", tmp_path / "queries.tsv"
-    t.write_text(targets, encoding="utf-8")
-    q.write_text(queries, encoding="utf-8")
-    return str(t), str(q)
-
-
-GOOD_T = "a\talpha beta\nb\tgamma delta\n"
-GOOD_Q = "train\ta\talpha\ntest\tb\tgamma\n"
-
-
-@pytest.mark.parametrize("targets, queries, match", [
-    ("a\talpha\nb no tab here\n", GOOD_Q, r"targets\.tsv:2: expected 2 tab-separated fields"),
-    ("a\talpha\na\tbeta\n", GOOD_Q, r"targets\.tsv:2: duplicate target id 'a'"),
-    ("a\talpha\n\tbeta\n", GOOD_Q, r"targets\.tsv:2: empty target id"),
-    ("a\talpha\nb\t ... \n", GOOD_Q, r"targets\.tsv:2: target 'b' has no words"),
-    (GOOD_T, "train\ta\talpha\ndev\tb\tgamma\n", r"queries\.tsv:2: split must be 'train' or 'test'"),
-    (GOOD_T, "train\ta\talpha\ntest\tb,zz\tgamma\n", r"queries\.tsv:2: unknown target id 'zz'"),
-    (GOOD_T, "train\ta\talpha\ntest\tb,\tgamma\n", r"queries\.tsv:2: empty target id"),
-    (GOOD_T, "train\ta\talpha\ntest\tb\n", r"queries\.tsv:2: expected 3 tab-separated fields"),
-    (GOOD_T, "train\ta\talpha\ntrain\tb\tgamma\n", r"at least one 'train' and one 'test'"),
-    (GOOD_T, "\n\n", r"queries\.tsv: contains no data lines"),
-])
-def test_load_text_pairs_errors_name_file_and_line(tmp_path, targets, queries, match):
-    t, q = _write(tmp_path, targets, queries)
-    with pytest.raises(ValueError, match=match):
-        load_text_pairs(t, q, n_features=64)
-
-
-def test_load_text_pairs_missing_file_and_blank_lines(tmp_path):
-    with pytest.raises(ValueError, match="no such file"):
-        load_text_pairs(str(tmp_path / "nope.tsv"), str(tmp_path / "nope2.tsv"))
-    t, q = _write(tmp_path, "\n" + GOOD_T + "\n", GOOD_Q.replace("\n", "\r\n"))
-    d = load_text_pairs(t, q, n_features=64)
-    assert d.n_targets == 2 and d.n_queries == 2

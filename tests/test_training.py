@@ -6,7 +6,8 @@ import pytest
 
 from refimpl.data import RetrievalDataset, planted_dataset
 from refimpl.mining import (BruteForceTopK, FullSoftmax, InBatch, NegativeCache, StochasticNegativeMining, Uniform)
-from refimpl.training import evaluate, train, train_main
+from refimpl.experiments import train_main
+from refimpl.training import evaluate, train
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "text_pairs")
 
@@ -14,6 +15,14 @@ FIX = os.path.join(os.path.dirname(__file__), "fixtures", "text_pairs")
 @pytest.fixture(scope="module")
 def ds():
     return planted_dataset(n_targets=300, n_queries=300, branching=(5, 6), n_features=16, dim=8, rng=2)
+
+
+def _run(main, argv) -> int:
+    """A CLI entry point's exit status (argparse errors exit through SystemExit)."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
 
 
 KW = dict(steps=24, batch_size=16, dim=8, uniform_warmup=4, n_uniform=8, probe_every=0)
@@ -97,8 +106,8 @@ def test_per_query_negatives_combine_with_shared(ds):
 def test_bad_input(ds, tmp_path, capsys):
     with pytest.raises(TypeError, match="dataset"):
         train({"positives": []}, Uniform(4))
-    assert train_main(["--data", str(tmp_path), "--miner", "uniform"]) == 2
-    assert "no such file" in capsys.readouterr().err
+    assert _run(train_main, ["--data", str(tmp_path), "--miner", "uniform"]) == 2
+    assert "--data: " in capsys.readouterr().err
     with pytest.raises(TypeError, match="miner"):
         train(ds, "uniform")
     with pytest.raises(ValueError, match="steps"):
@@ -115,6 +124,12 @@ def test_train_main_on_text_fixture(capsys, tmp_path):
     text = capsys.readouterr().out
     assert rc == 0 and "| method | Mem % | R@1 | R@5 | R@10 | R@20 | R@100 |" in text
     assert "negative-cache" in text and "probes:" in text and out.exists()
+    assert "| TF-IDF (no training) | - |" in text and "learning beat the TF-IDF baseline on R@1: " in text
+    import json
+
+    saved = json.loads(out.read_text())
+    assert set(saved) == {"final", "baseline_tfidf", "beat_baseline", "config"}
+    assert saved["config"]["init"] == "shared" and saved["config"]["sparse_updates"] is True
 
 
 def test_log_q_offsets_of_mixed_sources_estimate_z_without_bias():
@@ -150,12 +165,80 @@ def test_train_cli_passes_dynnibal_knobs_and_reports_bad_ones_cleanly(capsys):
     landmarks than targets) ends with exit status 2 and a one-line error, not a traceback."""
     from pathlib import Path
 
-    from refimpl.training import train_main
-
     data = str(Path(__file__).parent / "fixtures" / "text_pairs")
     code = train_main(["--data", data, "--miner", "dynnibal", "--steps", "5", "--n-landmarks", "500",
                        "--n-samples", "7", "--reencode-every", "3", "--sampler", "rejection", "--no-progress"])
     out = capsys.readouterr()
     assert code == 2
     assert "'n_samples': 7" in out.out and "'reencode_every': 3" in out.out and "'sampler': 'rejection'" in out.out
-    assert out.err.startswith("error: n_landmarks") and "Traceback" not in out.err
+    assert out.err.startswith("python -m refimpl train: error: n_landmarks") and "Traceback" not in out.err
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--steps", "0"], "argument --steps: must be an integer >= 1"),
+    (["--batch-size", "-3"], "argument --batch-size: must be an integer >= 1"),
+    (["--lr", "nan"], "argument --lr: must be a finite number > 0"),
+    (["--lr", "0"], "argument --lr: must be a finite number > 0"),
+    (["--beta", "-1"], "argument --beta: must be a finite number > 0"),
+    (["--mem-percent", "150"], "argument --mem-percent: must be a finite number > 0 <= 100"),
+    (["--n-features", "0"], "argument --n-features: must be an integer >= 1"),
+    (["--n-features", str(2 ** 40)], "argument --n-features: must be an integer >= 1 <= 67108864"),
+    (["--seed", "-1"], "argument --seed: must be an integer >= 0"),
+    (["--lr-warmup", "60", "--steps", "50"], "--lr-warmup: must be < --steps"),
+    (["--n-landmarks", "0"], "argument --n-landmarks: must be an integer >= 1"),
+    (["--steps", "x"], "argument --steps: must be an integer"),
+    (["--optimizer", "sgd"], "argument --optimizer: invalid choice"),
+    (["--json", "/nonexistent-dir/x.json"], "argument --json: directory '/nonexistent-dir' of"),
+    (["--json", "/tmp"], "argument --json: must be a file path"),
+    (["--tied", "--init", "independent"], "--tied"),
+])
+def test_train_cli_rejects_every_bad_argument_up_front(capsys, extra, msg, monkeypatch):
+    """One line on stderr, exit 2, no traceback, and no work done (the loader is never reached)."""
+    import refimpl.experiments
+
+    monkeypatch.setattr(refimpl.experiments, "load_text_pairs", lambda *a, **k: pytest.fail("work before checks"))
+    assert _run(train_main, ["--data", FIX, "--miner", "uniform", "--no-progress"] + extra) == 2
+    err = capsys.readouterr().err
+    assert msg in err and err.startswith("python -m refimpl train: error: ") and err.count("\n") == 1
+
+
+def test_lazy_and_dense_updates_train_the_same_when_every_column_is_touched():
+    """On dense features every column is touched at every step: the lazy and dense optimisers coincide; on CSR
+    features they differ (untouched columns keep their weights under lazy Adam)."""
+    from refimpl.text import load_text_pairs
+
+    ds = planted_dataset(n_targets=200, n_queries=200, branching=(4, 5), n_features=12, dim=6, rng=1)
+    kw = dict(steps=15, batch_size=16, dim=6, seed=0)
+    a, b = train(ds, Uniform(8), sparse_updates=True, **kw), train(ds, Uniform(8), sparse_updates=False, **kw)
+    assert np.array_equal(a.encoder.A, b.encoder.A) and np.array_equal(a.encoder.B, b.encoder.B)
+    tx = load_text_pairs(os.path.join(FIX, "targets.tsv"), os.path.join(FIX, "queries.tsv"), n_features=512)
+    kw = dict(steps=6, batch_size=3, dim=4, seed=0, lr_warmup=1)
+    a, b = train(tx, Uniform(3), sparse_updates=True, **kw), train(tx, Uniform(3), sparse_updates=False, **kw)
+    used = np.unique(np.concatenate([tx.query_features.indices, tx.target_features.indices]))
+    unused = np.setdiff1d(np.arange(512), used)
+    a0 = train(tx, Uniform(3), **{**kw, "steps": 1, "lr": 1e-300, "lr_warmup": 0, "lr_decay": False}).encoder
+    assert np.array_equal(a.encoder.A[:, unused], a0.A[:, unused]) and not np.allclose(a.encoder.A, b.encoder.A)
+
+
+def test_chunked_evaluation_equals_one_block_and_bounds_memory():
+    """Tiny blocks give exactly the one-block metrics; with N = 200,000 targets and 2,000 queries the peak of
+    traced allocations stays far below the N x chunk scores a one-block pass would hold (3.2 GB)."""
+    import tracemalloc
+
+    ds = planted_dataset(n_targets=300, n_queries=300, branching=(5, 6), n_features=16, dim=8, rng=2)
+    enc = ds.teacher
+    one = evaluate(enc, ds, ks=(1, 3, 10))
+    assert evaluate(enc, ds, ks=(1, 3, 10), chunk=7, max_scores=50) == one
+    rng = np.random.default_rng(0)
+    n, nq, f = 200_000, 2_000, 4
+    big = RetrievalDataset(rng.standard_normal((nq, f)), rng.standard_normal((n, f)),
+                           [np.array([i]) for i in range(nq)], np.arange(1), np.arange(1, nq))
+    from refimpl.encoders import LinearDualEncoder
+
+    enc = LinearDualEncoder(f, f, 4, rng=0)
+    tracemalloc.start()
+    m = evaluate(enc, big, chunk=2_000, max_scores=2 ** 20)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 150e6, peak                 # targets (6.4 MB x a few) + 2^20-score blocks, not 2000 x 200000
+    assert 0.0 <= m["R@100"] <= 1.0

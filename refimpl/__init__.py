@@ -35,9 +35,9 @@ _EXPORTS = {
     "DyNNIBAL": "mining",
     # training.py
     "train": "training",
-    # data.py
+    # data.py, text.py
     "planted_dataset": "data",
-    "load_text_pairs": "data",
+    "load_text_pairs": "text",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

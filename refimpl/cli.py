@@ -13,8 +13,9 @@ from refimpl._env import single_threaded_blas
 
 _COMMANDS = {
     "demo": ("refimpl.experiments", "demo_main", "the main job: every miner on the default planted task (Table 1 in miniature)"),
-    "train": ("refimpl.training", "train_main", "train a dual encoder on text pairs with one miner"),
+    "train": ("refimpl.experiments", "train_main", "train a dual encoder on text pairs with one miner"),
     "reproduce": ("refimpl.experiments", "reproduce_main", "the larger miniatures behind the README's numbers"),
+    "data": ("refimpl.experiments", "data_main", "build a packaged text task: python -m refimpl data gcide DIR"),
     "bench": (None, None, "benchmarks: python -m refimpl bench NAME (NAME in: {names})"),
 }
 

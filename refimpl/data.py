@@ -1,4 +1,4 @@
-"""Synthetic data with known structure, and the text-pair loader.
+"""Synthetic data with known structure, and the dataset type shared with the text loader.
 
 - :func:`hierarchical_points` is the point cloud every benchmark and sampler test uses for "the planted
   hierarchical data": a Gaussian mixture of clusters of clusters, optionally projected onto the unit sphere (the
@@ -6,16 +6,12 @@
 - :func:`planted_dataset` is the planted retrieval task of the demo (PAPER.md §7 in miniature): hierarchical
   targets with near-duplicates inside fine clusters, a planted teacher dual encoder, and queries whose positives
   are drawn from the teacher's softmax (Eq. 1).
-- :func:`load_text_pairs` reads real text pairs (``targets.tsv``, ``queries.tsv``) and featurises them with a
-  deterministic hashing featuriser of word unigrams and bigrams (:func:`hash_features`).
 
-Both return a :class:`RetrievalDataset`, the one input type of :func:`refimpl.training.train`.
+:func:`planted_dataset` and the text loader (:func:`refimpl.text.load_text_pairs`) both return a
+:class:`RetrievalDataset`, the one input type of :func:`refimpl.training.train`.
 """
 from __future__ import annotations
 
-import hashlib
-import os
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,8 +19,7 @@ import scipy.sparse as sp
 
 from refimpl._validate import as_rng, check_features, check_int, check_positive
 
-__all__ = ["hierarchical_points", "RetrievalDataset", "planted_dataset", "load_text_pairs", "hash_features",
-           "tokenize"]
+__all__ = ["hierarchical_points", "RetrievalDataset", "planted_dataset"]
 
 
 def hierarchical_points(n: int, dim: int, *, branching=(16, 16), scales=(1.0, 0.35, 0.12), unit_norm: bool = True,
@@ -325,125 +320,3 @@ def planted_dataset(n_targets: int = 6000, n_queries: int = 6000, *, n_features:
     return RetrievalDataset(query_features=X, target_features=Y, positives=positives_list, train_ids=train_ids,
                             test_ids=test_ids, teacher_A=A_t, teacher_B=B_t, teacher_beta=teacher_beta,
                             metadata=metadata).validate()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Text pairs
-# ----------------------------------------------------------------------------------------------------------------
-_TOKEN = re.compile(r"\w+", re.UNICODE)
-
-
-def tokenize(text: str) -> list[str]:
-    """Lower-cased word tokens (``\\w+`` runs, Unicode-aware)."""
-    return _TOKEN.findall(text.lower())
-
-
-def _stable_hash(token: str) -> int:
-    """64-bit BLAKE2b of the UTF-8 token: the same on every machine and run (unlike Python's salted hash())."""
-    return int.from_bytes(hashlib.blake2b(token.encode("utf-8"), digest_size=8).digest(), "little")
-
-
-def hash_features(texts, n_features: int = 2 ** 18, *, bigrams: bool = True, normalize: bool = True):
-    """Hashing featuriser: word unigrams (and bigrams ``"w1 w2"``) hashed into ``n_features`` columns (CSR).
-
-    Each n-gram adds 1 to column ``blake2b64(ngram) mod n_features`` (deterministic across runs and machines);
-    the counts are log-scaled (``1 + log(count)``) and, with ``normalize``, each row is scaled to unit L2 norm.
-    A text without any token gives an all-zero row.
-    """
-    n_features = check_int("n_features", n_features, low=1)
-    cache: dict[str, int] = {}
-    indptr, indices, data = [0], [], []
-    for text in texts:
-        toks = tokenize(text)
-        grams = toks + ([f"{a} {b}" for a, b in zip(toks, toks[1:])] if bigrams else [])
-        row: dict[int, int] = {}
-        for g in grams:
-            h = cache.get(g)
-            if h is None:
-                h = cache[g] = _stable_hash(g) % n_features
-            row[h] = row.get(h, 0) + 1
-        cols = sorted(row)
-        vals = np.array([1.0 + np.log(row[c]) for c in cols], dtype=np.float64)
-        if normalize and vals.size:
-            vals /= np.linalg.norm(vals)
-        indices.extend(cols)
-        data.extend(vals.tolist())
-        indptr.append(len(indices))
-    return sp.csr_matrix((np.asarray(data, dtype=np.float64), np.asarray(indices, dtype=np.int64),
-                          np.asarray(indptr, dtype=np.int64)), shape=(len(indptr) - 1, n_features))
-
-
-def _read_tsv(path, n_fields):
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such file")
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            line = line.rstrip("\n").rstrip("\r")
-            if not line.strip():
-                continue
-            parts = line.split("\t", n_fields - 1)
-            if len(parts) != n_fields:
-                raise ValueError(f"{path}:{lineno}: expected {n_fields} tab-separated fields, got {len(parts)}")
-            rows.append((lineno, parts))
-    if not rows:
-        raise ValueError(f"{path}: contains no data lines")
-    return rows
-
-
-def load_text_pairs(targets_tsv, queries_tsv, *, n_features: int = 2 ** 18, bigrams: bool = True,
-                    normalize: bool = True) -> RetrievalDataset:
-    """Read a text retrieval task and featurise it with :func:`hash_features`.
-
-    Formats (UTF-8, one record per line, blank lines ignored):
-
-    - ``targets.tsv``: ``target_id<TAB>text``; ids are arbitrary unique strings, numbered in file order.
-    - ``queries.tsv``: ``split<TAB>target_ids<TAB>text`` with ``split`` in {train, test} and ``target_ids`` a
-      comma-separated list of target ids (several positives allowed; repeats ignored).
-
-    Queries and targets use the same featuriser (``n_features`` hashed unigram/bigram columns) and separate
-    encoders. Malformed lines raise ``ValueError("<file>:<line>: ...")``: wrong number of fields, empty id,
-    duplicate target id, unknown split, unknown or empty target id list, text without any word.
-    """
-    n_features = check_int("n_features", n_features, low=1)
-    targets_tsv, queries_tsv = os.fspath(targets_tsv), os.fspath(queries_tsv)
-    names, texts, index = [], [], {}
-    for lineno, (tid, text) in _read_tsv(targets_tsv, 2):
-        tid = tid.strip()
-        if not tid:
-            raise ValueError(f"{targets_tsv}:{lineno}: empty target id")
-        if tid in index:
-            raise ValueError(f"{targets_tsv}:{lineno}: duplicate target id {tid!r} (first on line {index[tid][1]})")
-        if not tokenize(text):
-            raise ValueError(f"{targets_tsv}:{lineno}: target {tid!r} has no words")
-        index[tid] = (len(names), lineno)
-        names.append(tid)
-        texts.append(text)
-    qtexts, positives, split = [], [], []
-    for lineno, (sp_name, ids, text) in _read_tsv(queries_tsv, 3):
-        sp_name = sp_name.strip().lower()
-        if sp_name not in ("train", "test"):
-            raise ValueError(f"{queries_tsv}:{lineno}: split must be 'train' or 'test', got {sp_name!r}")
-        raw = [t.strip() for t in ids.split(",")]
-        if not raw or any(not t for t in raw):
-            raise ValueError(f"{queries_tsv}:{lineno}: empty target id in {ids!r}")
-        missing = [t for t in raw if t not in index]
-        if missing:
-            raise ValueError(f"{queries_tsv}:{lineno}: unknown target id {missing[0]!r}")
-        if not tokenize(text):
-            raise ValueError(f"{queries_tsv}:{lineno}: query has no words")
-        positives.append(np.unique(np.array([index[t][0] for t in raw], dtype=np.int64)))
-        split.append(sp_name)
-        qtexts.append(text)
-    split = np.array(split)
-    train_ids = np.flatnonzero(split == "train").astype(np.int64)
-    test_ids = np.flatnonzero(split == "test").astype(np.int64)
-    if train_ids.size == 0 or test_ids.size == 0:
-        raise ValueError(f"{queries_tsv}: needs at least one 'train' and one 'test' query "
-                         f"(got {train_ids.size} and {test_ids.size})")
-    Xt = hash_features(texts, n_features, bigrams=bigrams, normalize=normalize)
-    Xq = hash_features(qtexts, n_features, bigrams=bigrams, normalize=normalize)
-    meta = {"kind": "text", "targets_tsv": targets_tsv, "queries_tsv": queries_tsv, "n_features": n_features,
-            "bigrams": bigrams, "n_targets": len(names), "n_queries": len(qtexts)}
-    return RetrievalDataset(query_features=Xq, target_features=Xt, positives=positives, train_ids=train_ids,
-                            test_ids=test_ids, metadata=meta, target_names=names).validate()

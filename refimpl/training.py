@@ -25,27 +25,28 @@ probes and evaluation.
 
 Evaluation (:func:`evaluate`) always re-encodes all targets exactly with the final encoder. Recall@k is the fraction
 of test queries with AT LEAST ONE of their positives among the top k targets (queries may have several positives);
-MRR@10 is the mean of 1/rank of the first positive within the top 10 (0 if none).
+MRR@10 is the mean of 1/rank of the first positive within the top 10 (0 if none); scores are computed in bounded
+blocks. :func:`lexical_baseline` ranks the same data by TF-IDF cosine with no training (the row to beat).
 
 Repeatability: every random stream derives from ``seed`` (``numpy.random.SeedSequence(seed).spawn``); the same
 seed and arguments give the same history and final encoder bit for bit.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
 import time
 
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.sparse as sp
+from numba import njit
 
-from refimpl._validate import check_int, check_positive
-from refimpl.mining import Batch, Miner, MinerContext, Negatives, Uniform, make_miner, miner_names
+from refimpl._validate import check_ids, check_int, check_positive, csr_arrays
+from refimpl.mining import Batch, Miner, MinerContext, Negatives, Uniform
+from refimpl.text import idf_weights
 
-__all__ = ["TrainResult", "train", "evaluate", "train_main", "RECALL_KS"]
+__all__ = ["TrainResult", "train", "evaluate", "lexical_baseline", "RECALL_KS"]
 
 RECALL_KS = (1, 5, 10, 20, 100)
 
@@ -71,29 +72,127 @@ class TrainResult:
     config: dict = field(default_factory=dict)
 
 
-def evaluate(encoder, dataset, query_ids=None, *, ks=RECALL_KS, chunk: int = 256) -> dict:
-    """Exact retrieval metrics: every target re-encoded with ``encoder``; R@k and MRR@10 over ``query_ids``.
+def _ranked_top_k(scorer, query_ids, n: int, K: int, chunk: int, max_scores: int) -> np.ndarray:
+    """(len(query_ids), K) ids of the K best targets of every query, best first (ties: lower id first), holding at
+    most ``max(max_scores, chunk * K)`` scores at once: ``scorer(qids)`` returns ``block(lo, hi)``, the
+    (len(qids), hi - lo) scores of targets ``lo..hi-1``; a running top-K is merged block by block."""
+    b = max(1, min(chunk, query_ids.size))
+    width = max(K, max_scores // b)
+    out = np.empty((query_ids.size, K), dtype=np.int64)
+    for qlo in range(0, query_ids.size, b):
+        sel = query_ids[qlo:qlo + b]
+        score_block = scorer(sel)
+        best_s = np.empty((sel.size, 0))
+        best_i = np.empty((sel.size, 0), dtype=np.int64)
+        for lo in range(0, n, width):
+            hi = min(n, lo + width)
+            S = score_block(lo, hi)
+            if hi - lo > K:
+                idx = np.argpartition(-S, K - 1, axis=1)[:, :K]
+                S = np.take_along_axis(S, idx, axis=1)
+            else:
+                idx = np.broadcast_to(np.arange(hi - lo), S.shape)
+            cand_s = np.concatenate([best_s, S], axis=1)
+            cand_i = np.concatenate([best_i, idx + lo], axis=1)
+            order = np.lexsort((cand_i, -cand_s), axis=1)[:, :K]
+            best_s = np.take_along_axis(cand_s, order, axis=1)
+            best_i = np.take_along_axis(cand_i, order, axis=1)
+        out[qlo:qlo + sel.size] = best_i
+    return out
 
-    A query counts as a hit at k if ANY of its positives is among its k highest-scoring targets (ties broken by
-    ``numpy.argpartition`` then a stable sort). ``query_ids`` defaults to the test split.
-    """
-    ids = dataset.test_ids if query_ids is None else np.asarray(query_ids, dtype=np.int64)
-    T = encoder.encode_targets(dataset.target_features)
-    n = T.shape[0]
-    K = min(max(max(ks), 10), n)
-    first = np.empty(ids.size, dtype=np.int64)  # 1-based rank of the first positive within top K, K+1 if none
-    for lo in range(0, ids.size, chunk):
-        sel = ids[lo:lo + chunk]
-        S = encoder.encode_queries(dataset.query_features[sel]) @ T.T
-        idx = np.argpartition(-S, K - 1, axis=1)[:, :K] if K < n else np.tile(np.arange(n), (sel.size, 1))
-        order = np.argsort(-np.take_along_axis(S, idx, axis=1), axis=1, kind="stable")
-        top = np.take_along_axis(idx, order, axis=1)
-        for r, qid in enumerate(sel):
-            hit = np.flatnonzero(np.isin(top[r], dataset.positives[qid]))
-            first[lo + r] = hit[0] + 1 if hit.size else K + 1
+
+def _metrics(top: np.ndarray, query_ids, positives, ks) -> dict:
+    """R@k (any positive in the top k) and MRR@10 from the ranked ids ``top`` (n_queries, K)."""
+    K = top.shape[1]
+    first = np.empty(query_ids.size, dtype=np.int64)  # 1-based rank of the first positive within top K, K+1 if none
+    for r, qid in enumerate(query_ids):
+        hit = np.flatnonzero(np.isin(top[r], positives[qid]))
+        first[r] = hit[0] + 1 if hit.size else K + 1
     out = {f"R@{k}": float(np.mean(first <= k)) for k in ks}
     out["MRR@10"] = float(np.mean(np.where(first <= 10, 1.0 / first, 0.0)))
     return out
+
+
+def _eval_args(dataset, query_ids, ks, chunk, max_scores):
+    ids = dataset.test_ids if query_ids is None else check_ids("query_ids", query_ids, dataset.n_queries,
+                                                               allow_empty=False)
+    if not isinstance(ks, (tuple, list)) or not ks:
+        raise ValueError(f"ks: expected a non-empty tuple of cut-offs, got {ks!r}")
+    ks = tuple(check_int("ks", k, low=1) for k in ks)
+    chunk = check_int("chunk", chunk, low=1)
+    max_scores = check_int("max_scores", max_scores, low=1)
+    return ids, ks, chunk, max_scores, min(max(max(ks), 10), dataset.n_targets)
+
+
+def evaluate(encoder, dataset, query_ids=None, *, ks=RECALL_KS, chunk: int = 256, max_scores: int = 2 ** 22) -> dict:
+    """Exact retrieval metrics: every target re-encoded with ``encoder``; R@k and MRR@10 over ``query_ids``.
+
+    Score ``s(q, i) = <f(x_q), g(y_i)>``; a query counts as a hit at k if ANY of its positives is among its k
+    highest-scoring targets (ties: lower target id first); MRR@10 = mean of 1/rank of the first positive within
+    the top 10 (0 if none). ``query_ids`` defaults to the test split.
+
+    Memory: queries are scored ``chunk`` at a time against blocks of targets, with at most
+    ``max(max_scores, chunk * K)`` scores held at once (K = max(ks, 10)); the (N, dim) target embeddings are the
+    only N-sized array (never N x chunk scores).
+    """
+    ids, ks, chunk, max_scores, K = _eval_args(dataset, query_ids, ks, chunk, max_scores)
+    T = encoder.encode_targets(dataset.target_features)
+    Xq = dataset.query_features
+
+    def scorer(sel):
+        Q = encoder.encode_queries(Xq[sel])
+        return lambda lo, hi: Q @ T[lo:hi].T
+
+    return _metrics(_ranked_top_k(scorer, ids, T.shape[0], K, chunk, max_scores), ids, dataset.positives, ks)
+
+
+@njit(cache=True)
+def _sparse_block_scores(qdata, qind, qptr, tdata, tind, tptr, lo, hi):  # pragma: no cover - compiled
+    """Dense (n_q, hi - lo) block of ``Q T^T`` for CSR ``Q`` and the transposed targets ``T^T`` in CSR (F x N,
+    each column's target ids sorted): for every query term, the term's postings restricted to ``[lo, hi)``."""
+    nq = qptr.shape[0] - 1
+    out = np.zeros((nq, hi - lo))
+    for i in range(nq):
+        for p in range(qptr[i], qptr[i + 1]):
+            j = qind[p]
+            w = qdata[p]
+            a, b = tptr[j], tptr[j + 1]
+            r = a + np.searchsorted(tind[a:b], lo)
+            while r < b and tind[r] < hi:
+                out[i, tind[r] - lo] += w * tdata[r]
+                r += 1
+    return out
+
+
+def _tfidf(X, idf):
+    """Rows of ``X`` with column weights ``idf``, L2-normalised (zero rows stay zero)."""
+    Y = sp.csr_matrix(X @ sp.diags(idf))
+    norms = np.sqrt(np.asarray(Y.multiply(Y).sum(axis=1)).ravel())
+    norms[norms == 0] = 1.0
+    return sp.csr_matrix(sp.diags(1.0 / norms) @ Y)
+
+
+def lexical_baseline(dataset, query_ids=None, *, ks=RECALL_KS, chunk: int = 256, max_scores: int = 2 ** 22) -> dict:
+    """The TF-IDF cosine ranking of the same hashed features, no training: the row a trained model must beat.
+
+    With ``idf`` = :func:`refimpl.text.idf_weights` of the target features, query and target rows are reweighted
+    ``x_j idf_j`` and L2-normalised; score ``s(q, i) = <x~_q, y~_i>``; metrics, ties and memory as
+    :func:`evaluate`. Needs CSR features with the same columns on both sides (one featuriser).
+    """
+    Xq, Xt = dataset.query_features, dataset.target_features
+    if not (sp.issparse(Xq) and sp.issparse(Xt)) or Xq.shape[1] != Xt.shape[1]:
+        raise ValueError("dataset: the lexical baseline needs CSR query and target features over the same columns")
+    ids, ks, chunk, max_scores, K = _eval_args(dataset, query_ids, ks, chunk, max_scores)
+    idf = idf_weights(Xt)
+    Tt = sp.csr_matrix(_tfidf(Xt, idf).T)
+    Tt.sort_indices()
+    tdata, tind, tptr = csr_arrays(Tt)
+
+    def scorer(sel):
+        qd, qi, qp = csr_arrays(_tfidf(Xq[sel], idf))
+        return lambda lo, hi: _sparse_block_scores(qd, qi, qp, tdata, tind, tptr, lo, hi)
+
+    return _metrics(_ranked_top_k(scorer, ids, Xt.shape[0], K, chunk, max_scores), ids, dataset.positives, ks)
 
 
 def _in_batch_log_q(dataset) -> np.ndarray:
@@ -150,7 +249,8 @@ def _combine(parts, B):
 def train(dataset, miner: Miner, *, steps: int = 500, batch_size: int = 128, dim: int = 32, beta: float = 20.0,
           lr: float = 0.01, lr_warmup: int | None = None, lr_decay: bool = True, uniform_warmup: int = 0,
           n_uniform: int = 0, in_batch: bool = False, log_q_correction: bool = False, probe_every: int = 0,
-          eval_every: int = 0, seed: int = 0, init_scale: float = 1.0, encoder=None, progress: bool = False,
+          eval_every: int = 0, seed: int = 0, init_scale: float = 1.0, init: str = "independent",
+          tied: bool = False, sparse_updates: bool = True, encoder=None, progress: bool = False,
           desc: str | None = None) -> TrainResult:
     """Train a linear dual encoder with ``miner`` (Alg. 4, mini-batch form; see the module docstring).
 
@@ -159,8 +259,12 @@ def train(dataset, miner: Miner, *, steps: int = 500, batch_size: int = 128, dim
     dataset : :class:`~refimpl.data.RetrievalDataset`.
     miner : a :class:`~refimpl.mining.Miner` (fresh instance; it keeps state).
     steps, batch_size : optimiser steps and queries per batch.
-    dim, beta, init_scale : the student encoder (unit-norm outputs; the paper's beta = 20). Ignored when
-        ``encoder`` (a LinearDualEncoder, copied) is given.
+    dim, beta, init_scale, init, tied : the student encoder (unit-norm outputs; the paper's beta = 20; tower
+        initialisation ``"independent"`` or ``"shared"`` and tying as in
+        :class:`~refimpl.encoders.LinearDualEncoder`). Ignored when ``encoder`` (a LinearDualEncoder, copied) is
+        given.
+    sparse_updates : with CSR features, Adam updates only the feature columns the step touches (lazy Adam,
+        :mod:`refimpl.optim`; cost independent of the number of features); False: dense Adam on every column.
     lr, lr_warmup, lr_decay : Adam learning rate, its linear warm-up steps (default ``min(50, steps // 10)``), and
         linear decay to 0 at ``steps``.
     uniform_warmup : the first steps use ``Uniform(miner.k)`` negatives only (the paper's warm-up before mining);
@@ -205,7 +309,8 @@ def train(dataset, miner: Miner, *, steps: int = 500, batch_size: int = 128, dim
     rng_batch, rng_neg, rng_miner = (np.random.default_rng(s) for s in ss[1:])
     if encoder is None:
         enc = LinearDualEncoder(dataset.query_features.shape[1], dataset.target_features.shape[1], dim, beta=beta,
-                                normalize=True, rng=np.random.default_rng(ss[0]), init_scale=init_scale)
+                                normalize=True, rng=np.random.default_rng(ss[0]), init_scale=init_scale,
+                                init=init, tied=tied)
     else:
         enc = encoder.copy()
     Xq_all, Xt_all = dataset.query_features, dataset.target_features
@@ -219,7 +324,8 @@ def train(dataset, miner: Miner, *, steps: int = 500, batch_size: int = 128, dim
         "miner": miner.config(), "steps": steps, "batch_size": batch_size, "dim": enc.dim, "beta": enc.beta,
         "lr": lr, "lr_warmup": lr_warmup, "lr_decay": lr_decay, "uniform_warmup": uniform_warmup,
         "n_uniform": n_uniform, "in_batch": use_in_batch, "log_q_correction": log_q_correction,
-        "probe_every": probe_every, "seed": seed, "n_targets": n})
+        "probe_every": probe_every, "seed": seed, "n_targets": n, "init": init, "tied": enc.tied,
+        "sparse_updates": bool(sparse_updates)})
     bar = None
     if progress:
         from tqdm import tqdm
@@ -276,10 +382,10 @@ def train(dataset, miner: Miner, *, steps: int = 500, batch_size: int = 128, dim
             loss, dQ, dT = sampled_softmax_loss(Q, T, prow, nrow, beta=enc.beta,
                                                 log_expected_count=neg_lq if log_q_correction else None)
             n_neg = int(neg_ids.shape[-1])
-        dA = enc.query_vjp(Xq, dQ)
-        dB = enc.target_vjp(Xt_rows, dT)
+        grads = enc.gradients(Xq, dQ, Xt_rows, dT, sparse=bool(sparse_updates))
         dt_loss = time.perf_counter() - t1
         if probe:
+            dA, dB = enc.query_vjp(Xq, dQ), enc.target_vjp(Xt_rows, dT)
             E = enc.encode_targets(Xt_all)
             S = enc.beta * (Q @ E.T)
             P = np.exp(S - S.max(axis=1, keepdims=True))
@@ -288,7 +394,7 @@ def train(dataset, miner: Miner, *, steps: int = 500, batch_size: int = 128, dim
             res.probes.append({"step": t, "grad_rel_error": gradient_relative_error((dA, dB), (fA, fB)),
                                "tv": float("nan") if dist is None else float(0.5 * np.abs(P - dist).sum(axis=1).mean())})
         t2 = time.perf_counter()
-        lr_used = opt.step([dA, dB])
+        lr_used = opt.step(grads)
         ctx.advance()
         ids_enc = inv if not negs.full else np.arange(n)
         miner.observe(ctx, batch, ids_enc, T)
@@ -320,86 +426,3 @@ def train(dataset, miner: Miner, *, steps: int = 500, batch_size: int = 128, dim
     })
     res.final = final
     return res
-
-
-def format_metrics(rows: list[tuple[str, dict]], *, ks=RECALL_KS, extra=()) -> str:
-    """A Markdown table: method, Mem %, R@k..., then ``extra`` columns (key, header, format)."""
-    head = ["method", "Mem %"] + [f"R@{k}" for k in ks] + [h for _, h, _ in extra]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, m in rows:
-        cells = [name, f"{m['mem_percent']:.3g}"] + [f"{m[f'R@{k}']:.3f}" for k in ks]
-        for key, _, fmt in extra:
-            v = m.get(key, float("nan"))
-            cells.append(fmt.format(v) if v is not None else "-")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def train_main(argv=None) -> int:
-    """``python -m refimpl train --data DIR --miner NAME [knobs]``: train on text pairs and print the metrics."""
-    p = argparse.ArgumentParser(prog="python -m refimpl train",
-                                description="Train a linear dual encoder on text pairs (DIR/targets.tsv, "
-                                            "DIR/queries.tsv) with one negative miner.")
-    p.add_argument("--data", required=True, help="directory holding targets.tsv and queries.tsv")
-    p.add_argument("--miner", required=True, choices=miner_names())
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--beta", type=float, default=20.0)
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--lr-warmup", type=int, default=50)
-    p.add_argument("--k", type=int, default=64, help="mined negatives per step (shared across the batch)")
-    p.add_argument("--n-uniform", type=int, default=0, help="uniform negatives added to the mined ones")
-    p.add_argument("--in-batch", action="store_true", help="add in-batch negatives")
-    p.add_argument("--log-q", action="store_true", help="log-Q correction")
-    p.add_argument("--uniform-warmup", type=int, default=0, help="steps with uniform negatives before mining")
-    p.add_argument("--mem-percent", type=float, default=None, help="SNM pool / cache size as %% of N")
-    p.add_argument("--refresh-every", type=int, default=None, help="SNM refresh period R (steps)")
-    p.add_argument("--policy", choices=("fifo", "lru"), default=None, help="Negative Cache eviction policy")
-    g = p.add_argument_group("DyNNIBAL knobs (refimpl.mining.dynnibal.DyNNIBAL; defaults documented there)")
-    g.add_argument("--n-landmarks", type=int, default=None, help="Nystrom landmarks d'")
-    g.add_argument("--n-samples", type=int, default=None, help="targets re-encoded per Alg. 5 re-encode, s'")
-    g.add_argument("--reencode-every", type=int, default=None, help="w: Alg. 5 + Alg. 3 every w mining steps")
-    g.add_argument("--sampler", choices=("mh", "rejection", "paper"), default=None,
-                   help="MH (Eq. 14), exact Alg. 1 rejection, or the experiments' procedure")
-    g.add_argument("--chain-length", type=int, default=None, help="MH chain length (states)")
-    g.add_argument("--gamma", type=float, default=None, help="FindClustering's target max P/Q (Alg. 2)")
-    p.add_argument("--n-features", type=int, default=2 ** 18, help="hashed feature columns")
-    p.add_argument("--probe-every", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="write the final metrics and config to this JSON file")
-    p.add_argument("--no-progress", action="store_true")
-    a = p.parse_args(argv)
-    from refimpl.data import load_text_pairs
-
-    try:
-        ds = load_text_pairs(os.path.join(a.data, "targets.tsv"), os.path.join(a.data, "queries.tsv"),
-                             n_features=a.n_features)
-        miner = make_miner(a.miner, k=a.k, mem_percent=a.mem_percent, refresh_every=a.refresh_every,
-                           policy=a.policy, n_landmarks=a.n_landmarks, n_samples=a.n_samples,
-                           reencode_every=a.reencode_every, sampler=a.sampler, chain_length=a.chain_length,
-                           gamma=a.gamma)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"data: {ds.n_targets} targets, {ds.train_ids.size} train / {ds.test_ids.size} test queries; "
-          f"miner: {miner.config()}")
-    try:
-        res = train(ds, miner, steps=a.steps, batch_size=min(a.batch_size, ds.train_ids.size), dim=a.dim,
-                    beta=a.beta, lr=a.lr, lr_warmup=min(a.lr_warmup, a.steps - 1), uniform_warmup=a.uniform_warmup,
-                    n_uniform=a.n_uniform, in_batch=a.in_batch, log_q_correction=a.log_q,
-                    probe_every=a.probe_every, seed=a.seed, progress=not a.no_progress)
-    except ValueError as exc:  # bad knobs for this data (e.g. more landmarks than targets): say so, no traceback
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    f = res.final
-    print(format_metrics([(miner.name, f)], extra=(("MRR@10", "MRR@10", "{:.3f}"),
-                                                  ("encoder_calls", "encoder calls", "{:d}"),
-                                                  ("wall_time", "time (s)", "{:.1f}"))))
-    if res.probes:
-        print(f"probes: mean grad rel. error {f['grad_rel_error']:.3f}, mean TV {f['tv']:.3f}")
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump({"final": f, "config": res.config}, fh, indent=1, default=float)
-        print(f"wrote {a.json}")
-    return 0

@@ -182,7 +182,7 @@ def test_bad_constructor_and_gradient_args():
     with pytest.raises(ValueError, match="A: encoder parameter"):
         enc.encode_queries(np.ones((1, 3)))
     enc.A = np.full((2, 3), np.nan)
-    with pytest.raises(ValueError, match="A: encoding overflowed or the parameters contain NaN"):
+    with pytest.raises(ValueError, match="A: encoder parameter contains NaN"):
         enc.encode_queries(np.ones((1, 3)))
 
 
@@ -195,3 +195,78 @@ def test_both_sparse_forward_kernels():
     assert few.nnz < 40 <= many.nnz
     for X in (few, many):
         np.testing.assert_allclose(enc.encode_queries(X), enc.encode_queries(X.toarray()), rtol=0, atol=1e-12)
+
+
+# ------------------------------------------------------------------ extreme magnitudes (no wrong values, right blame)
+@pytest.mark.parametrize("scale", [1e308, 1e-310, 1e250, 1e-250])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_extreme_feature_magnitudes_encode_like_unit_scale(scale, sparse):
+    """n(A (s x)) = n(A x): features near the float64 limits (huge or subnormal) give the unit-scale answer."""
+    rng = np.random.default_rng(3)
+    enc = LinearDualEncoder(6, 6, 4, rng=0)
+    X = rng.uniform(-1, 1, size=(3, 6))
+    X[:, 0] = 1.0                                        # exact max-abs 1, so s * X is representable
+    Xs = X * scale
+    if sparse:
+        X, Xs = sp.csr_matrix(X), sp.csr_matrix(Xs)
+    for fn in (enc.encode_queries, enc.encode_targets):
+        np.testing.assert_allclose(fn(Xs), fn(X), rtol=0, atol=1e-12 if scale > 1e-300 else 1e-9)
+    G = rng.standard_normal((3, 4))
+    gs, g = enc.query_vjp(Xs, G), enc.query_vjp(X, G)   # gradient invariant under row scaling too
+    np.testing.assert_allclose(gs, g, rtol=1e-9 if scale > 1e-300 else 1e-6, atol=1e-12)
+
+
+def test_unnormalised_overflow_names_the_input_not_the_parameter():
+    enc = LinearDualEncoder(3, 3, 2, normalize=False, rng=0)
+    enc.A[...] = 1.0
+    enc.B[...] = 1.0
+    X = np.full((1, 3), 1e308)
+    with pytest.raises(ValueError, match=r"^X: features too large"):
+        enc.encode_queries(X)
+    with pytest.raises(ValueError, match=r"^X: features too large"):
+        enc.encode_targets(sp.csr_matrix(X))
+    enc = LinearDualEncoder(3, 3, 2, rng=0)
+    enc.B[...] = 1e308
+    with pytest.raises(ValueError, match=r"^B: encoder parameter too large"):
+        enc.encode_targets(np.ones((1, 3)))
+
+
+# ------------------------------------------------------------------------------- tower initialisation and tying
+def test_shared_and_tied_towers():
+    a = LinearDualEncoder(5, 5, 3, rng=7)
+    s = LinearDualEncoder(5, 5, 3, rng=7, init="shared")
+    t = LinearDualEncoder(5, 5, 3, rng=7, tied=True)
+    assert np.array_equal(s.A, a.A) and np.array_equal(s.B, s.A) and s.B is not s.A and not s.tied
+    assert t.tied and t.B is t.A and len(t.params) == 1 and np.array_equal(t.A, a.A)
+    c = t.copy()
+    assert c.tied and c.A is not t.A and np.array_equal(c.A, t.A)
+    assert not s.copy().tied and "tied=True" in repr(t)
+    for kw, exc, match in [(dict(init="same"), ValueError, "init"), (dict(tied=1), TypeError, "tied")]:
+        with pytest.raises(exc, match=match):
+            LinearDualEncoder(5, 5, 3, **kw)
+    with pytest.raises(ValueError, match="init: one matrix"):
+        LinearDualEncoder(5, 6, 3, init="shared")
+    with pytest.raises(ValueError, match="tied: one matrix"):
+        LinearDualEncoder(5, 6, 3, tied=True)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_column_gradients_equal_the_dense_gradient(tied):
+    """``gradients(sparse=True)`` lists exactly the touched columns, with the dense gradient's values there."""
+    rng = np.random.default_rng(4)
+    enc = LinearDualEncoder(30, 30, 4, rng=1, tied=tied)
+    Xq, Xt = _random_csr(rng, 5, 30, 0.1), _random_csr(rng, 7, 30, 0.1)
+    Gq, Gt = rng.standard_normal((5, 4)), rng.standard_normal((7, 4))
+    dense = enc.gradients(Xq, Gq, Xt, Gt, sparse=False)
+    cols = enc.gradients(Xq, Gq, Xt, Gt, sparse=True)
+    full = [enc.query_vjp(Xq, Gq), enc.target_vjp(Xt, Gt)]
+    if tied:
+        full = [full[0] + full[1]]
+    assert len(dense) == len(cols) == len(full) == len(enc.params)
+    for d, c, f, X in zip(dense, cols, full, [Xq, Xt]):
+        np.testing.assert_allclose(d, f, rtol=1e-13, atol=1e-15)
+        touched = np.unique(np.concatenate([Xq.indices, Xt.indices])) if tied else np.unique(X.indices)
+        assert np.array_equal(c[0], touched)
+        np.testing.assert_allclose(c[1], f[:, c[0]], rtol=1e-13, atol=1e-15)
+        rest = np.setdiff1d(np.arange(30), c[0])
+        assert np.all(f[:, rest] == 0.0)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from refimpl.encoders import LinearDualEncoder
-from refimpl.optim import Adam
+from refimpl.optim import Adam, ColumnGrad
 from refimpl.softmax import full_softmax_grad
 
 
@@ -112,3 +112,88 @@ def test_bad_grads():
     with pytest.raises(TypeError, match="grads"):
         opt.step(np.zeros(2))
     assert opt.t == 0                              # failed steps do not advance the schedule
+
+
+# ------------------------------------------------------------------------------------------------ lazy (sparse) Adam
+def _reference_lazy_adam(p0, steps, b1=0.9, b2=0.999, eps=1e-8):
+    """The lazy update of refimpl.optim's docstring, transcribed scalar by scalar: per column j its own count t_j;
+    ``steps`` is a list of (lr, cols, values (dim, len(cols)))."""
+    p = p0.copy()
+    dim, F = p.shape
+    m, v, cnt = np.zeros_like(p), np.zeros_like(p), [0] * F
+    for lr, cols, vals in steps:
+        for c, j in enumerate(cols):
+            cnt[j] += 1
+            t = cnt[j]
+            for d in range(dim):
+                g = vals[d, c]
+                m[d, j] = b1 * m[d, j] + (1 - b1) * g
+                v[d, j] = b2 * v[d, j] + (1 - b2) * g * g
+                p[d, j] -= lr * (m[d, j] / (1 - b1 ** t)) / (math.sqrt(v[d, j] / (1 - b2 ** t)) + eps)
+    return p, cnt
+
+
+def test_lazy_equals_dense_when_every_column_is_touched():
+    rng = np.random.default_rng(1)
+    p_dense, p_lazy = rng.standard_normal((3, 6)), None
+    p_lazy = p_dense.copy()
+    dense = Adam([p_dense], 0.05, warmup_steps=2, total_steps=9)
+    lazy = Adam([p_lazy], 0.05, warmup_steps=2, total_steps=9)
+    perm = np.arange(6)
+    for _ in range(10):
+        g = rng.standard_normal((3, 6))
+        dense.step([g])
+        perm = rng.permutation(6)                      # the column order of a ColumnGrad does not matter
+        lazy.step([ColumnGrad(perm, g[:, perm])])
+    np.testing.assert_allclose(p_lazy, p_dense, rtol=1e-13, atol=1e-15)
+    assert np.array_equal(lazy.counts[0], np.full(6, 10)) and np.array_equal(dense.counts[0], lazy.counts[0])
+
+
+def test_lazy_semantics_per_column_counts_and_untouched_columns_frozen():
+    rng = np.random.default_rng(2)
+    p0 = rng.standard_normal((2, 8))
+    p = p0.copy()
+    opt = Adam([p], 0.1, betas=(0.8, 0.99), eps=1e-6, warmup_steps=3, total_steps=20)
+    steps = []
+    for _ in range(12):
+        cols = np.sort(rng.choice(8, size=rng.integers(0, 5), replace=False))
+        vals = rng.standard_normal((2, cols.size))
+        lr = opt.step([ColumnGrad(cols, vals)])
+        steps.append((lr, cols, vals))
+    ref, cnt = _reference_lazy_adam(p0, steps, 0.8, 0.99, 1e-6)
+    np.testing.assert_allclose(p, ref, rtol=1e-12, atol=1e-14)
+    assert list(opt.counts[0]) == cnt and opt.t == 12
+    never = [j for j in range(8) if cnt[j] == 0]
+    assert np.array_equal(p[:, never], p0[:, never])
+    # and it differs from dense Adam on the zero-padded gradients (momentum moves untouched columns there)
+    q = p0.copy()
+    d = Adam([q], 0.1, betas=(0.8, 0.99), eps=1e-6, warmup_steps=3, total_steps=20)
+    for _, cols, vals in steps:
+        g = np.zeros((2, 8))
+        g[:, cols] = vals
+        d.step([g])
+    assert not np.allclose(q, p)
+
+
+def test_lazy_on_a_1d_parameter_and_mixed_with_dense():
+    p = np.zeros(4)
+    opt = Adam([p], 1.0)
+    opt.step([ColumnGrad(np.array([2]), np.array([3.0]))])     # first step of a column moves it by lr * sign
+    np.testing.assert_allclose(p, [0, 0, -1.0, 0], atol=1e-7)
+    opt.step([np.ones(4)])
+    assert list(opt.counts[0]) == [1, 1, 2, 1]
+
+
+@pytest.mark.parametrize("g, match", [
+    ((np.array([0, 0]), np.zeros((2, 2))), "distinct"),
+    ((np.array([5]), np.zeros((2, 1))), r"in \[0, 5\)"),
+    ((np.array([-1]), np.zeros((2, 1))), r"in \[0, 5\)"),
+    ((np.array([1]), np.zeros((3, 1))), "values must have shape"),
+    ((np.array([1.5]), np.zeros((2, 1))), "integer"),
+    ((np.array([1]), np.array([[np.nan], [0.0]])), "NaN"),
+    ((np.array([1]),), "pair"),
+])
+def test_bad_column_grads(g, match):
+    opt = Adam([np.zeros((2, 5))], 0.1)
+    with pytest.raises(ValueError, match=r"grads\[0\]: .*" + match):
+        opt.step([g])

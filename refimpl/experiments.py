@@ -29,6 +29,8 @@ import time
 
 import numpy as np
 
+from refimpl import reproduce as R
+
 __all__ = ["demo_main", "reproduce_main", "train_main", "data_main", "run_table", "table_markdown", "default_methods",
            "claims_summary", "TEXT_DEFAULTS"]
 
@@ -82,28 +84,38 @@ def run_table(dataset, methods, *, steps: int, n_uniform: int = 64, uniform_warm
 
 def _cell(m: dict, key: str, fmt: str) -> str:
     v = m.get(key)
+    if isinstance(v, tuple):  # (mean, standard error) over seeds
+        mean, se = v
+        if not np.isfinite(mean):
+            return "-"
+        return fmt.format(mean) + ("" if not np.isfinite(se) else " ± " + fmt.format(se).lstrip("+"))
     if v is None or (isinstance(v, float) and not np.isfinite(v)):
         return "-"
     return fmt.format(v)
 
 
-def table_markdown(results, *, ks=(1, 5, 10, 20, 100), gap: bool = True, probes: bool = True) -> str:
+def table_markdown(results, *, ks=(1, 5, 10, 20, 100), gap: bool = True, probes: bool = True,
+                   mrr=(10,)) -> str:
     """The one results table: method, Mem %, R@1..R@100 (the paper's layout), then (``gap``) the R@1 gap to brute
-    force, MRR@10, target-encoder calls, (``probes``) gradient error and TV, and training time.
+    force, MRR@k for k in ``mrr``, target-encoder calls, (``probes``) gradient error and TV, and training time.
 
     ``results``: ``[(label, TrainResult or metrics dict)]``; a metric a row does not have (e.g. a baseline without
-    training) is shown as "-".
+    training) is shown as "-". A value may be a ``(mean, standard error)`` pair (shown "mean ± se"); a row's
+    ``gap_to_bf`` entry, when present, is its gap (points) instead of the one computed from the "brute force" row.
     """
     rows = [(label, r if isinstance(r, dict) else r.final) for label, r in results]
     bf = next((m["R@1"] for label, m in rows if label == "brute force"), None)
     head = (["method", "Mem %"] + [f"R@{k}" for k in ks] + (["R@1 gap to BF (pts)"] if gap else []) +
-            ["MRR@10", "target-encoder calls"] + (["grad rel. err", "TV"] if probes else []) + ["train time (s)"])
+            [f"MRR@{k}" for k in mrr] + ["target-encoder calls"] + (["grad rel. err", "TV"] if probes else []) +
+            ["train time (s)"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, f in rows:
         cells = [label, _cell(f, "mem_percent", "{:.3g}")] + [_cell(f, f"R@{k}", "{:.3f}") for k in ks]
-        if gap:
-            cells.append("-" if bf is None else f"{100 * (bf - f['R@1']):+.1f}")
-        cells += [_cell(f, "MRR@10", "{:.3f}"), _cell(f, "encoder_calls", "{:,}")]
+        if gap and "gap_to_bf" in f:
+            cells.append(_cell(f, "gap_to_bf", "{:+.1f}"))
+        elif gap:
+            cells.append("-" if bf is None or isinstance(bf, tuple) else f"{100 * (bf - f['R@1']):+.1f}")
+        cells += [_cell(f, f"MRR@{k}", "{:.3f}") for k in mrr] + [_cell(f, "encoder_calls", "{:,.0f}")]
         if probes:
             cells += [_cell(f, "grad_rel_error", "{:.2f}"), _cell(f, "tv", "{:.2f}")]
         cells.append(_cell(f, "wall_time", "{:.1f}"))
@@ -258,55 +270,29 @@ def demo_main(argv=None) -> int:
 
 
 def reproduce_main(argv=None) -> int:
-    """``python -m refimpl reproduce``: the larger miniature behind the README's table (JSON + Markdown table).
+    """``python -m refimpl reproduce``: Tables 1-2 in miniature with error bars (:mod:`refimpl.reproduce`).
 
-    The task is the planted one scaled up with the fine-cluster size kept at ~25 near-duplicates (branching
-    ``(50, N / 1250)``), so that the hard-negative structure is the demo's at a larger N. The defaults (N = 100,000
-    targets, 20,000 queries, 500 steps) are the README's run: 25 minutes of wall time on the shared 2-core
-    machine, most of it in DyNNIBAL (per-query FindClustering + MH), brute force and the full softmax (both
-    linear in N per step). ``--skip "full softmax"`` saves about a sixth; ``--n-targets 200000 --steps 1000``
-    is about 4x longer.
+    Runs a part (``--tasks/--rows/--seeds``; ``--quick`` for the smoke run) and writes it as JSON + Markdown (+ a
+    figure of R@1 over training) in ``--out-dir``, or merges parts (``--merge PATH...``) into ``merged.*``.
+    Every argument is checked before any work (one line on stderr, exit status 2).
     """
-    p = argparse.ArgumentParser(prog="python -m refimpl reproduce", description=reproduce_main.__doc__.split("\n")[0])
-    p.add_argument("--n-targets", type=int, default=100_000)
-    p.add_argument("--n-queries", type=int, default=20_000)
-    p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--probe-every", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip", default="", help="comma-separated method labels to skip (e.g. 'full softmax')")
-    p.add_argument("--out-dir", default="reproduce_out")
-    p.add_argument("--no-progress", action="store_true")
-    a = p.parse_args(argv)
-    from refimpl.data import planted_dataset
-
-    t0 = time.perf_counter()
-    n_fine = max(1, a.n_targets // 25)
-    coarse = min(50, n_fine)
-    branching = (coarse, max(1, n_fine // coarse))
-    ds = planted_dataset(a.n_targets, a.n_queries, branching=branching, rng=a.seed)
-    skip = {s.strip() for s in a.skip.split(",") if s.strip()}
-    methods = [m for m in default_methods() if m[0] not in skip]
-    print(f"planted task: N={ds.n_targets}, {int(np.prod(branching))} fine clusters, {ds.train_ids.size} train / "
-          f"{ds.test_ids.size} test queries; {a.steps} steps; methods: {', '.join(m[0] for m in methods)}",
-          flush=True)
-    results = run_table(ds, methods, steps=a.steps, probe_every=a.probe_every, eval_every=max(1, a.steps // 5),
-                        seed=a.seed, progress=not a.no_progress)
-    table = table_markdown(results)
-    if any(label == "DyNNIBAL" for label, _ in results):
-        table += "\n\n" + claims_summary(results)
-    print()
-    print(table)
-    os.makedirs(a.out_dir, exist_ok=True)
-    meta = {"n_targets": ds.n_targets, "n_queries": ds.n_queries, "steps": a.steps, "seed": a.seed,
-            "branching": branching, "wall_time": time.perf_counter() - t0}
-    jpath = os.path.join(a.out_dir, "reproduce.json")
-    mpath = os.path.join(a.out_dir, "reproduce.md")
-    with open(jpath, "w") as fh:
-        json.dump(_payload(results, meta), fh, default=_json_default)
-    with open(mpath, "w") as fh:
-        fh.write(f"# Table 1 in miniature: planted task, N = {ds.n_targets}, {a.steps} steps, seed {a.seed}\n\n")
-        fh.write("Produced by `python -m refimpl reproduce " + " ".join(argv or []) + "`.\n\n" + table + "\n")
-    print(f"results: {jpath}\ntable: {mpath}\ntotal wall time: {time.perf_counter() - t0:.1f} s")
+    a = R.parser().parse_args(argv)
+    tasks, scale = R.configure(a)
+    out = sys.stdout
+    if a.merge is not None:
+        result = R.merge_parts(R.load_parts(a.merge))
+        stem = "merged"
+    else:
+        print(f"reproduce: tasks {', '.join(tasks)}; rows {', '.join(a.rows)}; seeds "
+              f"{', '.join(map(str, a.seeds))}; scale {'quick' if a.quick else 'full'} {scale}", file=out, flush=True)
+        result = R.run_part(tasks, a.rows, a.seeds, scale, data_dir=a.data, progress=not a.no_progress,
+                            log=lambda line: print(line, file=out, flush=True),
+                            command="python -m refimpl reproduce " + " ".join(argv or sys.argv[2:]))
+        stem = R.part_stem(tasks, a.rows, a.seeds)
+    paths = R.write_result(result, a.out_dir, stem, table_markdown, with_figure=not a.no_figure)
+    with open(paths[1], encoding="utf-8") as fh:
+        print(fh.read(), file=out)
+    print("wrote " + ", ".join(paths), file=out)
     return 0
 
 

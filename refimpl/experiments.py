@@ -88,7 +88,9 @@ def _cell(m: dict, key: str, fmt: str) -> str:
         mean, se = v
         if not np.isfinite(mean):
             return "-"
-        return fmt.format(mean) + ("" if not np.isfinite(se) else " ± " + fmt.format(se).lstrip("+"))
+        if not np.isfinite(se) or se <= 1e-9 * max(1.0, abs(mean)):  # one seed, or the same value for all
+            return fmt.format(mean)
+        return fmt.format(mean) + " ± " + fmt.format(se).lstrip("+")
     if v is None or (isinstance(v, float) and not np.isfinite(v)):
         return "-"
     return fmt.format(v)

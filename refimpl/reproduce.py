@@ -259,9 +259,9 @@ def run_one(ds, kind: str, row: str, seed: int, scale: Scale, *, progress: bool 
     B = min(scale.batch_size, int(ds.train_ids.size))
     kw, notes = _recipe(scale, kind, B)
     miner, more = spec.build(scale, ds.n_targets, B, scale.steps - kw["uniform_warmup"])
-    notes += more
     if miner is None:
-        return {"row": row, "seed": seed, "unavailable": True, "notes": notes}
+        return {"row": row, "seed": seed, "unavailable": True, "notes": more}
+    notes += more
     if not spec.mined:
         kw["n_uniform"] = 0
         kw.pop("uniform_per_example", None)

@@ -278,8 +278,12 @@ def reproduce_main(argv=None) -> int:
     figure of R@1 over training) in ``--out-dir``, or merges parts (``--merge PATH...``) into ``merged.*``.
     Every argument is checked before any work (one line on stderr, exit status 2).
     """
-    a = R.parser().parse_args(argv)
-    tasks, scale = R.configure(a)
+    p = R.parser()
+    a = p.parse_args(argv)
+    try:
+        tasks, scale = R.configure(a)
+    except ValueError as exc:
+        p.error(str(exc))
     out = sys.stdout
     if a.merge is not None:
         result = R.merge_parts(R.load_parts(a.merge))

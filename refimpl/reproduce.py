@@ -74,13 +74,13 @@ class Scale:
     """
 
     planted_n_targets: int = 500_000
-    planted_n_queries: int = 40_000
-    planted_n_test: int = 2_000
+    planted_n_queries: int = 20_000
+    planted_n_test: int = 1_000
     planted_n_features: int = 64
-    text_max_test: int = 2_000
+    text_max_test: int = 1_000
     text_n_features: int = 2 ** 18
     steps: int = 600
-    batch_size: int = 128
+    batch_size: int = 32
     dim: int = 256
     text_dim: int = 256
     lr: float = 0.01
@@ -94,7 +94,7 @@ class Scale:
     reencode_every: int = 25
     snm_refresh_every: int = 100
     bf_refresh_every: int = 25
-    eval_points: int = 4
+    eval_points: int = 2
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -123,7 +123,7 @@ def _dynnibal(sampler, landmark_factor=1.0):
         if s < scale.n_samples:
             notes.append(f"s' = {scale.n_samples} clamped to N = {n}")
         miner = M.DyNNIBAL(scale.k, per_example=True, sampler=sampler, n_landmarks=d, n_samples=s,
-                           reencode_every=scale.reencode_every, refresh_every=max(1, mining_steps // 2))
+                           reencode_every=scale.reencode_every, refresh_every=max(1, (mining_steps + 1) // 2))
         return miner, notes
     return build
 
@@ -643,8 +643,9 @@ def parser() -> ArgumentParser:
                                    "(--tasks/--rows/--seeds) or merge parts (--merge DIR...).")
     p.add_argument("--tasks", type=choice_list(TASKS), default=None,
                    help="planted and/or text (default: both, or planted only with --quick and no --data)")
-    p.add_argument("--rows", type=choice_list(list(ROWS)), default=list(ROWS), help="comma-separated row names")
-    p.add_argument("--seeds", type=_seed_list, default=[0, 1, 2], help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--rows", type=choice_list(list(ROWS)), default=None,
+                   help="comma-separated row names (default: all): " + ", ".join(ROWS))
+    p.add_argument("--seeds", type=_seed_list, default=None, help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--data", type=in_dir, default=None, help="text task: a directory with targets.tsv and queries.tsv "
                    "(e.g. from python -m refimpl data gcide DIR)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (the CI smoke run)")
@@ -659,7 +660,19 @@ def parser() -> ArgumentParser:
 
 
 def configure(a) -> tuple[list, Scale]:
-    """Tasks and scale from parsed arguments; ValueError naming the flag when they cannot work together."""
+    """Tasks and scale from parsed arguments (rows and seeds filled in); ValueError naming the flag when they
+    cannot work together. With ``--merge`` only ``--out-dir`` and ``--no-figure`` apply: returns (None, None)."""
+    if a.merge is not None:
+        mixed = [f for f, v in (("--tasks", a.tasks), ("--rows", a.rows), ("--seeds", a.seeds), ("--data", a.data),
+                                ("--n-targets", a.n_targets), ("--steps", a.steps)) if v is not None]
+        if a.quick or mixed:
+            raise ValueError(f"--merge: merges finished parts; it takes no {(mixed or ['--quick'])[0]}")
+        for m in a.merge:
+            if not os.path.exists(m):
+                raise ValueError(f"--merge: {m}: no such file or directory")
+        return None, None
+    a.rows = list(ROWS) if a.rows is None else a.rows
+    a.seeds = [0, 1, 2] if a.seeds is None else a.seeds
     tasks = a.tasks or (["planted", "text"] if (a.data or not a.quick) else ["planted"])
     if "text" in tasks:
         if a.data is None:
@@ -674,8 +687,4 @@ def configure(a) -> tuple[list, Scale]:
                                     planted_n_queries=max(scale.planted_n_queries, 2 * scale.planted_n_test))
     if a.steps is not None:
         scale = dataclasses.replace(scale, steps=a.steps, lr_warmup=min(scale.lr_warmup, a.steps // 4))
-    if a.merge is not None:
-        for m in a.merge:
-            if not os.path.exists(m):
-                raise ValueError(f"--merge: {m}: no such file or directory")
     return tasks, scale

@@ -39,6 +39,7 @@ import subprocess
 import time
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 from scipy import stats
 
@@ -51,7 +52,7 @@ from refimpl.training import lexical_baseline, train
 
 __all__ = ["SCHEMA", "Scale", "FULL", "QUICK", "ROWS", "TASKS", "NC_TABLE2", "run_part", "merge_parts",
            "load_parts", "summarize", "claims", "verdict", "mean_se", "markdown_report", "figure", "write_result",
-           "task_key", "parser", "configure"]
+           "task_key", "parser", "configure", "run_one", "machine", "part_stem", "TABLE1", "TABLE2", "ABLATION"]
 
 SCHEMA = "refimpl.reproduce/1"
 TASKS = ("planted", "text")
@@ -124,6 +125,10 @@ def _dynnibal(sampler, landmark_factor=1.0):
             notes.append(f"s' = {scale.n_samples} clamped to N = {n}")
         miner = M.DyNNIBAL(scale.k, per_example=True, sampler=sampler, n_landmarks=d, n_samples=s,
                            reencode_every=scale.reencode_every, refresh_every=max(1, (mining_steps + 1) // 2))
+        if sampler == "paper":
+            notes.append(f"DyNNIBAL 'paper': temperature {miner.temperature:g} and {miner.n_trees} tree(s), top "
+                         f"{miner.n_top_clusters} clusters (the paper: a lower temperature and the top-k, both "
+                         "unstated; a forest of 100 trees)")
         return miner, notes
     return build
 
@@ -573,26 +578,33 @@ def markdown_report(result: dict, table) -> str:
 
 
 def figure(result: dict, path: str) -> str:
-    """Test R@1 over training per row (mean over seeds, band ± one standard error), one panel per task (PNG)."""
+    """Test R@1 over training per row (mean over seeds, band ± one standard error): per task, one panel with the
+    Table 1 rows and one with the Negative Cache memories and the landmark ablation (PNG)."""
     keys = list(result["tasks"])
-    fig = Figure(figsize=(6.5 * len(keys), 4.5))
-    axes = fig.subplots(1, len(keys), squeeze=False)[0]
-    for ax, key in zip(axes, keys):
-        for row in ROWS:
-            runs = [r for r in result["runs"] if r["task"] == key and r["row"] == row]
-            if not runs:
-                continue
-            steps = sorted(set.intersection(*[{e["step"] for e in r["evals"]} for r in runs]))
-            ms = np.array([mean_se([next(e["R@1"] for e in r["evals"] if e["step"] == s) for r in runs])
-                           for s in steps])
-            line, = ax.plot(steps, ms[:, 0], marker="o", ms=3, label=ROWS[row].label,
-                            ls="-" if ROWS[row].paper else "--")
-            se = np.nan_to_num(ms[:, 1])
-            ax.fill_between(steps, ms[:, 0] - se, ms[:, 0] + se, color=line.get_color(), alpha=0.2, lw=0)
-        ax.set_xlabel("training step")
-        ax.set_ylabel("test R@1 (exact re-encoding)")
-        ax.set_title(f"{key}: R@1 during training (band: ± 1 s.e. over seeds)", fontsize=9)
-        ax.legend(fontsize=6, ncol=2)
+    groups = [("Table 1 rows", TABLE1), ("Negative Cache memories, landmark ablation",
+                                         tuple(r for r in ROWS if r.startswith("nc-")) + ABLATION)]
+    fig = Figure(figsize=(13, 4.5 * len(keys)))
+    axes = fig.subplots(len(keys), 2, squeeze=False)
+    colours = colormaps["tab20"].colors
+    for (a1, a2), key in zip(axes, keys):
+        for ax, (title, rows) in zip((a1, a2), groups):
+            for i, row in enumerate(rows):
+                runs = [r for r in result["runs"] if r["task"] == key and r["row"] == row]
+                if not runs:
+                    continue
+                steps = sorted(set.intersection(*[{e["step"] for e in r["evals"]} for r in runs]))
+                ms = np.array([mean_se([next(e["R@1"] for e in r["evals"] if e["step"] == s) for r in runs])
+                               for s in steps])
+                c = colours[i % len(colours)]
+                ax.plot(steps, ms[:, 0], marker="o", ms=3, color=c, label=ROWS[row].label,
+                        ls="-" if ROWS[row].paper else "--")
+                se = np.nan_to_num(ms[:, 1])
+                ax.fill_between(steps, ms[:, 0] - se, ms[:, 0] + se, color=c, alpha=0.18, lw=0)
+            ax.set_xlabel("training step")
+            ax.set_ylabel("test R@1 (exact re-encoding)")
+            ax.set_title(f"{key}: {title} (band: ± 1 s.e. over seeds)", fontsize=9)
+            if ax.lines:
+                ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path

@@ -289,7 +289,7 @@ def reproduce_main(argv=None) -> int:
         result = R.merge_parts(R.load_parts(a.merge))
         stem = "merged"
     else:
-        print(f"reproduce: tasks {', '.join(tasks)}; rows {', '.join(a.rows)}; seeds "
+        print(f"reproduce: tasks {', '.join(tasks)}; rows {', '.join(a.rows or ['default'])}; seeds "
               f"{', '.join(map(str, a.seeds))}; scale {'quick' if a.quick else 'full'} {scale}", file=out, flush=True)
         result = R.run_part(tasks, a.rows, a.seeds, scale, data_dir=a.data, progress=not a.no_progress,
                             log=lambda line: print(line, file=out, flush=True),

@@ -182,3 +182,13 @@ def test_cli_validates_every_argument_before_work(argv, message, capsys, tmp_pat
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not any(f.endswith(".json") for f in os.listdir(tmp_path))
+
+
+def test_default_rows_and_part_names():
+    assert "full-softmax" not in R.DEFAULT_ROWS["planted"] and "brute-force" in R.DEFAULT_ROWS["planted"]
+    assert set(R.TABLE2) | set(R.ABLATION) <= set(R.DEFAULT_ROWS["text"])
+    assert R.part_stem(["planted"], None, [0]) == "part-planted-default-s0"
+    assert R.part_stem(["text"], ["dynnibal", "snm-3"], [0, 1, 2]) == "part-text-dynnibal+snm-3-s0-1-2"
+    many = list(R.ROWS)[:-1]
+    assert R.part_stem(["text"], many, [0]) == R.part_stem(["text"], many, [0]) and len(R.part_stem(["text"], many,
+                                                                                                     [0])) < 60

@@ -360,7 +360,8 @@ def run_part(tasks, rows, seeds, scale: Scale = FULL, *, data_dir: str | None = 
                     part["runs"].append(rec)
                     f = rec["final"]
                     log(f"{key} | {ROWS[row].label} | seed {seed}: R@1 {f['R@1']:.3f} R@100 {f['R@100']:.3f} "
-                        f"Mem {f['mem_percent']:.3g}% train {f['wall_time']:.1f} s (run {rec['run_seconds']:.1f} s)")
+                        f"Mem {f['mem_percent']:.3g}% train {f['wall_time']:.1f} s; run {rec['run_seconds']:.1f} s wall, "
+                        f"{rec['run_cpu_seconds']:.1f} s CPU")
     part["wall_seconds"] = time.perf_counter() - t_start
     return part
 

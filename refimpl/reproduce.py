@@ -9,6 +9,11 @@ D-dimensional embeddings; DyNNIBAL with the experiments' procedure (``sampler="p
 (Reddi et al.'s variant, when the miner offers it), Negative Cache (the authors copied its numbers; we run it) and
 the full softmax (Eq. 2).
 
+Negative counts: a miner with shared slots gets ``B k`` of them, dealt ``k`` to each query of the batch (the
+paper's "k per example, shared across the batch"); DyNNIBAL its ``per_example`` knob. Knobs used when the code
+offers them, otherwise recorded as a deviation in the run's notes and the Markdown: ``train(uniform_per_example=)``,
+``BruteForceTopK(refresh_every=)``, ``StochasticNegativeMining(select="top")``.
+
 Two tasks: ``planted`` (:func:`refimpl.data.planted_dataset` at N >= 5e5 targets, fine clusters of ~25
 near-duplicates) and ``text`` (any directory in the format of :func:`refimpl.text.load_text_pairs`, e.g. the GCIDE
 reverse dictionary of ``python -m refimpl data gcide DIR``). A run of some tasks x rows x seeds is a *part*; every
@@ -166,8 +171,9 @@ def _brute_force(scale, n, B, mining_steps):
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    """A table row: ``label`` (``{d}``: its d'), ``paper`` (a row of the paper's Table 1 or 2, else ours),
-    ``build(scale, N, B, mining_steps) -> (miner or None, notes)``, ``mined`` (uniform negatives added on top)."""
+    """A table row: ``label``, ``paper`` (a row of the paper's tables, else ours), ``build(scale, N, B,
+    mining_steps) -> (miner or None, notes)`` (None: the code lacks what the row needs, said in the notes), ``mined``
+    (the recipe's uniform negatives are added on top; False for in-batch and the full softmax)."""
 
     label: str
     paper: bool

@@ -30,6 +30,7 @@ import time
 import numpy as np
 
 from refimpl import reproduce as R
+from refimpl import reproduce_report as RR
 
 __all__ = ["demo_main", "reproduce_main", "train_main", "data_main", "run_table", "table_markdown", "default_methods",
            "claims_summary", "TEXT_DEFAULTS"]
@@ -286,7 +287,7 @@ def reproduce_main(argv=None) -> int:
         p.error(str(exc))
     out = sys.stdout
     if a.merge is not None:
-        result = R.merge_parts(R.load_parts(a.merge))
+        result = RR.merge_parts(RR.load_parts(a.merge))
         stem = "merged"
     else:
         print(f"reproduce: tasks {', '.join(tasks)}; rows {', '.join(a.rows or ['default'])}; seeds "
@@ -295,7 +296,7 @@ def reproduce_main(argv=None) -> int:
                             log=lambda line: print(line, file=out, flush=True),
                             command="python -m refimpl reproduce " + " ".join(argv or sys.argv[2:]))
         stem = R.part_stem(tasks, a.rows, a.seeds)
-    paths = R.write_result(result, a.out_dir, stem, table_markdown, with_figure=not a.no_figure)
+    paths = RR.write_result(result, a.out_dir, stem, table_markdown, with_figure=not a.no_figure)
     with open(paths[1], encoding="utf-8") as fh:
         print(fh.read(), file=out)
     print("wrote " + ", ".join(paths), file=out)

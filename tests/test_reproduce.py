@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from refimpl import reproduce as R
+from refimpl import reproduce_report as RR
 from refimpl.experiments import reproduce_main, table_markdown
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "text_pairs")
@@ -18,25 +19,25 @@ TINY = R.Scale(planted_n_targets=400, planted_n_queries=300, planted_n_test=60, 
 
 # ------------------------------------------------------------------------------------------------ statistics
 def test_mean_se_known_values_and_edge_cases():
-    m, se = R.mean_se([1.0, 2.0, 3.0, 6.0])
+    m, se = RR.mean_se([1.0, 2.0, 3.0, 6.0])
     assert m == 3.0 and math.isclose(se, np.std([1, 2, 3, 6], ddof=1) / 2.0)
-    m, se = R.mean_se([0.5])
+    m, se = RR.mean_se([0.5])
     assert m == 0.5 and math.isnan(se)
-    m, se = R.mean_se([1.0, None, float("nan"), 3.0])  # missing values are left out, not propagated
+    m, se = RR.mean_se([1.0, None, float("nan"), 3.0])  # missing values are left out, not propagated
     assert (m, se) == (2.0, 1.0)
-    assert all(math.isnan(x) for x in R.mean_se([]))
+    assert all(math.isnan(x) for x in RR.mean_se([]))
 
 
 def test_verdict_holds_does_not_hold_cannot_tell():
-    assert R.verdict([1.0, 1.1, 0.9])["verdict"] == "holds"
-    assert R.verdict([-1.0, -1.1, -0.9])["verdict"] == "does not hold"
-    v = R.verdict([1.0, 2.0, 3.0])  # mean 2, se 1/sqrt(3), t(2, .975) = 4.303: interval [-0.48, 4.48]
+    assert RR.verdict([1.0, 1.1, 0.9])["verdict"] == "holds"
+    assert RR.verdict([-1.0, -1.1, -0.9])["verdict"] == "does not hold"
+    v = RR.verdict([1.0, 2.0, 3.0])  # mean 2, se 1/sqrt(3), t(2, .975) = 4.303: interval [-0.48, 4.48]
     assert v["verdict"] == "cannot tell at 3 seeds"
     assert math.isclose(v["lo"], 2 - 4.302652729911275 / math.sqrt(3), rel_tol=1e-9)
-    assert R.verdict([5.0])["verdict"] == "cannot tell at 1 seed"
-    assert R.verdict([0.0, 0.0, 0.0])["verdict"] == "cannot tell at 3 seeds"  # equality is not evidence
+    assert RR.verdict([5.0])["verdict"] == "cannot tell at 1 seed"
+    assert RR.verdict([0.0, 0.0, 0.0])["verdict"] == "cannot tell at 3 seeds"  # equality is not evidence
     # a wider level can only turn a verdict into "cannot tell"
-    assert R.verdict([1.0, 1.5, 0.6], level=0.999)["verdict"].startswith("cannot tell")
+    assert RR.verdict([1.0, 1.5, 0.6], level=0.999)["verdict"].startswith("cannot tell")
 
 
 def _run(task, row, seed, r1, **extra):
@@ -52,13 +53,13 @@ def test_summary_gap_is_paired_by_seed_and_claims_use_paired_differences():
         runs += [_run("t", "brute-force", s, bf), _run("t", "dynnibal", s, dy, tps=0.02),
                  _run("t", "snm-3", s, snm, tps=0.01)]
     runs.append(_run("t", "snm-3", 7, 0.1))  # a seed without brute force: no gap, no paired claim value
-    summ = R.summarize(runs, "t")
+    summ = RR.summarize(runs, "t")
     assert summ["dynnibal"]["seeds"] == [0, 1, 2]
     assert math.isclose(summ["dynnibal"]["gap_to_bf"][0], 100 * np.mean([0.02, 0.01, 0.01]))
     assert summ["snm-3"]["R@1"][0] == pytest.approx(np.mean([0.40, 0.52, 0.30, 0.1]))
     assert summ["snm-3"]["gap_to_bf"][0] == pytest.approx(100 * np.mean([0.10, 0.08, 0.10]))
     assert summ["dynnibal"]["MRR@1"] == summ["dynnibal"]["R@1"]
-    cl = {c["id"]: c for c in R.claims(runs, "t")}
+    cl = {c["id"]: c for c in RR.claims(runs, "t")}
     h = cl["gap-halved-vs-snm-3"]["values"]
     assert h == pytest.approx([10 / 2 - 2, 8 / 2 - 1, 10 / 2 - 1])
     assert cl["gap-halved-vs-snm-3"]["verdict"] == "holds"
@@ -96,7 +97,7 @@ def test_part_json_schema(tiny_part, tmp_path):
     if "select" not in R.inspect.signature(R.M.StochasticNegativeMining.__init__).parameters:
         assert [u["row"] for u in p["unavailable"]] == ["snm-top-3", "snm-top-3"]  # one note per task
     assert "tfidf" in p["tasks"]["text:text_pairs"]
-    paths = R.write_result(p, str(tmp_path), "part", table_markdown, with_figure=True)
+    paths = RR.write_result(p, str(tmp_path), "part", table_markdown, with_figure=True)
     loaded = json.load(open(paths[0]))  # strict JSON: no NaN
     assert loaded["runs"][0]["final"]["R@1"] == p["runs"][0]["final"]["R@1"]
     md = open(paths[1]).read()
@@ -113,7 +114,7 @@ def test_same_seed_same_numbers(tiny_part):
 
 def _write_part(tmp_path, name, part):
     path = tmp_path / name
-    path.write_text(json.dumps(R._jsonable(part)))
+    path.write_text(json.dumps(RR.jsonable(part)))
     return str(path)
 
 
@@ -124,17 +125,17 @@ def test_merge_concatenates_parts_and_refuses_duplicates_and_mismatches(tiny_par
     f0 = _write_part(d, "a.json", by_seed[0])
     _write_part(d, "b.json", by_seed[1])
     (d / "notes.json").write_text("{}")  # other JSON beside the parts is ignored
-    merged = R.merge_parts(R.load_parts([str(d)]))
+    merged = RR.merge_parts(RR.load_parts([str(d)]))
     assert len(merged["runs"]) == len(tiny_part["runs"]) and len(merged["parts"]) == 2
-    assert R.summarize(merged["runs"], "planted")["uniform"]["seeds"] == [0, 1]
+    assert RR.summarize(merged["runs"], "planted")["uniform"]["seeds"] == [0, 1]
     with pytest.raises(ValueError, match="seed 0 is in both"):
-        R.merge_parts(R.load_parts([f0, f0]))
+        RR.merge_parts(RR.load_parts([f0, f0]))
     other = {**by_seed[1], "scale": {**by_seed[1]["scale"], "steps": 99}}
     f2 = _write_part(tmp_path, "c.json", other)
     with pytest.raises(ValueError, match="different configuration"):
-        R.merge_parts(R.load_parts([f0, f2]))
+        RR.merge_parts(RR.load_parts([f0, f2]))
     with pytest.raises(ValueError, match="no part file"):
-        R.load_parts([str(tmp_path / "parts" / "notes.json")])
+        RR.load_parts([str(tmp_path / "parts" / "notes.json")])
 
 
 def test_run_part_refuses_bad_arguments():

@@ -4,8 +4,8 @@
   planted_dataset` defaults), every available miner, a table (method, Mem %, R@1, R@5, R@10, R@20, R@100) plus the
   R@1 gap to brute force, MRR@10, target-encoder calls, gradient error / TV probes and training time, and a
   training-curve figure (PNG). It checks, and prints, whether the full softmax beats uniform negatives on R@1.
-- :func:`reproduce_main` (``python -m refimpl reproduce``): the same at a larger N (default 200,000 targets),
-  writing a JSON file and a Markdown table.
+- :func:`reproduce_main` (``python -m refimpl reproduce``): Tables 1-2 with the paper's recipe, error bars over
+  seeds and verdicts, run in parts and merged (the command line over :mod:`refimpl.reproduce`).
 - :func:`train_main` (``python -m refimpl train --data DIR --miner NAME``): one miner on a text task, printed beside
   the lexical (TF-IDF, no training) baseline; :func:`data_main` (``python -m refimpl data gcide DIR``) builds the
   GCIDE reverse-dictionary task (:mod:`refimpl.gcide`).

@@ -4,8 +4,8 @@
   planted_dataset` defaults), every available miner, a table (method, Mem %, R@1, R@5, R@10, R@20, R@100) plus the
   R@1 gap to brute force, MRR@10, target-encoder calls, gradient error / TV probes and training time, and a
   training-curve figure (PNG). It checks, and prints, whether the full softmax beats uniform negatives on R@1.
-- :func:`reproduce_main` (``python -m refimpl reproduce``): the same at a larger N (default 200,000 targets),
-  writing a JSON file and a Markdown table.
+- :func:`reproduce_main` (``python -m refimpl reproduce``): Tables 1-2 with the paper's recipe, error bars over
+  seeds and verdicts, run in parts and merged (the command line over :mod:`refimpl.reproduce`).
 - :func:`train_main` (``python -m refimpl train --data DIR --miner NAME``): one miner on a text task, printed beside
   the lexical (TF-IDF, no training) baseline; :func:`data_main` (``python -m refimpl data gcide DIR``) builds the
   GCIDE reverse-dictionary task (:mod:`refimpl.gcide`).
@@ -31,6 +31,8 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from refimpl import mining as M
+from refimpl import reproduce as R
+from refimpl import reproduce_report as RR
 from refimpl.cliargs import ArgumentParser, choice_list, in_dir, integer, out_dir, out_file, real
 from refimpl.data import planted_dataset
 from refimpl.gcide import convert_gcide
@@ -84,28 +86,40 @@ def run_table(dataset, methods, *, steps: int, n_uniform: int = 64, uniform_warm
 
 def _cell(m: dict, key: str, fmt: str) -> str:
     v = m.get(key)
+    if isinstance(v, tuple):  # (mean, standard error) over seeds
+        mean, se = v
+        if not np.isfinite(mean):
+            return "-"
+        if not np.isfinite(se) or se <= 1e-9 * max(1.0, abs(mean)):  # one seed, or the same value for all
+            return fmt.format(mean)
+        return fmt.format(mean) + " ± " + fmt.format(se).lstrip("+")
     if v is None or (isinstance(v, float) and not np.isfinite(v)):
         return "-"
     return fmt.format(v)
 
 
-def table_markdown(results, *, ks=(1, 5, 10, 20, 100), gap: bool = True, probes: bool = True) -> str:
+def table_markdown(results, *, ks=(1, 5, 10, 20, 100), gap: bool = True, probes: bool = True,
+                   mrr=(10,)) -> str:
     """The one results table: method, Mem %, R@1..R@100 (the paper's layout), then (``gap``) the R@1 gap to brute
-    force, MRR@10, target-encoder calls, (``probes``) gradient error and TV, and training time.
+    force, MRR@k for k in ``mrr``, target-encoder calls, (``probes``) gradient error and TV, and training time.
 
     ``results``: ``[(label, TrainResult or metrics dict)]``; a metric a row does not have (e.g. a baseline without
-    training) is shown as "-".
+    training) is shown as "-". A value may be a ``(mean, standard error)`` pair (shown "mean ± se"); a row's
+    ``gap_to_bf`` entry, when present, is its gap (points) instead of the one computed from the "brute force" row.
     """
     rows = [(label, r if isinstance(r, dict) else r.final) for label, r in results]
     bf = next((m["R@1"] for label, m in rows if label == "brute force"), None)
     head = (["method", "Mem %"] + [f"R@{k}" for k in ks] + (["R@1 gap to BF (pts)"] if gap else []) +
-            ["MRR@10", "target-encoder calls"] + (["grad rel. err", "TV"] if probes else []) + ["train time (s)"])
+            [f"MRR@{k}" for k in mrr] + ["target-encoder calls"] + (["grad rel. err", "TV"] if probes else []) +
+            ["train time (s)"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, f in rows:
         cells = [label, _cell(f, "mem_percent", "{:.3g}")] + [_cell(f, f"R@{k}", "{:.3f}") for k in ks]
-        if gap:
-            cells.append("-" if bf is None else f"{100 * (bf - f['R@1']):+.1f}")
-        cells += [_cell(f, "MRR@10", "{:.3f}"), _cell(f, "encoder_calls", "{:,}")]
+        if gap and "gap_to_bf" in f:
+            cells.append(_cell(f, "gap_to_bf", "{:+.1f}"))
+        elif gap:
+            cells.append("-" if bf is None or isinstance(bf, tuple) else f"{100 * (bf - f['R@1']):+.1f}")
+        cells += [_cell(f, f"MRR@{k}", "{:.3f}") for k in mrr] + [_cell(f, "encoder_calls", "{:,.0f}")]
         if probes:
             cells += [_cell(f, "grad_rel_error", "{:.2f}"), _cell(f, "tv", "{:.2f}")]
         cells.append(_cell(f, "wall_time", "{:.1f}"))
@@ -254,54 +268,33 @@ def demo_main(argv=None) -> int:
 
 
 def reproduce_main(argv=None) -> int:
-    """``python -m refimpl reproduce``: the larger miniature behind the README's table (JSON + Markdown table).
+    """``python -m refimpl reproduce``: Tables 1-2 in miniature with error bars (:mod:`refimpl.reproduce`).
 
-    The task is the planted one scaled up with the fine-cluster size kept at ~25 near-duplicates (branching
-    ``(50, N / 1250)``), so that the hard-negative structure is the demo's at a larger N. The defaults (N = 100,000
-    targets, 20,000 queries, 500 steps) are the README's run: 25 minutes of wall time on the shared 2-core
-    machine, most of it in DyNNIBAL (per-query FindClustering + MH), brute force and the full softmax (both
-    linear in N per step). ``--skip "full softmax"`` saves about a sixth; ``--n-targets 200000 --steps 1000``
-    is about 4x longer.
+    Runs a part (``--tasks/--rows/--seeds``; ``--quick`` for the smoke run) and writes it as JSON + Markdown (+ a
+    figure of R@1 over training) in ``--out-dir``, or merges parts (``--merge PATH...``) into ``merged.*``.
+    Every argument is checked before any work (one line on stderr, exit status 2).
     """
-    p = ArgumentParser(prog="python -m refimpl reproduce", description=reproduce_main.__doc__.split("\n")[0])
-    p.add_argument("--n-targets", type=integer(100), default=100_000)
-    p.add_argument("--n-queries", type=integer(50), default=20_000)
-    p.add_argument("--steps", type=integer(1), default=500)
-    p.add_argument("--probe-every", type=integer(0), default=0)
-    p.add_argument("--seed", type=integer(0, 2**63 - 1), default=0)
-    p.add_argument("--skip", type=choice_list([m[0] for m in default_methods()]), default=[],
-                   help="comma-separated method labels to skip (e.g. 'full softmax')")
-    p.add_argument("--out-dir", type=out_dir, default="reproduce_out")
-    p.add_argument("--no-progress", action="store_true")
+    p = R.parser()
     a = p.parse_args(argv)
-
-    t0 = time.perf_counter()
-    n_fine = max(1, a.n_targets // 25)
-    coarse = min(50, n_fine)
-    branching = (coarse, max(1, n_fine // coarse))
-    ds = planted_dataset(a.n_targets, a.n_queries, branching=branching, rng=a.seed)
-    methods = [m for m in default_methods() if m[0] not in set(a.skip)]
-    print(f"planted task: N={ds.n_targets}, {int(np.prod(branching))} fine clusters, {ds.train_ids.size} train / "
-          f"{ds.test_ids.size} test queries; {a.steps} steps; methods: {', '.join(m[0] for m in methods)}",
-          flush=True)
-    results = run_table(ds, methods, steps=a.steps, probe_every=a.probe_every, eval_every=max(1, a.steps // 5),
-                        seed=a.seed, progress=not a.no_progress)
-    table = table_markdown(results)
-    if any(label == "DyNNIBAL" for label, _ in results):
-        table += "\n\n" + claims_summary(results)
-    print()
-    print(table)
-    os.makedirs(a.out_dir, exist_ok=True)
-    meta = {"n_targets": ds.n_targets, "n_queries": ds.n_queries, "steps": a.steps, "seed": a.seed,
-            "branching": branching, "wall_time": time.perf_counter() - t0}
-    jpath = os.path.join(a.out_dir, "reproduce.json")
-    mpath = os.path.join(a.out_dir, "reproduce.md")
-    with open(jpath, "w") as fh:
-        json.dump(_payload(results, meta), fh, default=_json_default)
-    with open(mpath, "w") as fh:
-        fh.write(f"# Table 1 in miniature: planted task, N = {ds.n_targets}, {a.steps} steps, seed {a.seed}\n\n")
-        fh.write("Produced by `python -m refimpl reproduce " + " ".join(argv or []) + "`.\n\n" + table + "\n")
-    print(f"results: {jpath}\ntable: {mpath}\ntotal wall time: {time.perf_counter() - t0:.1f} s")
+    try:
+        tasks, scale = R.configure(a)
+    except ValueError as exc:
+        p.error(str(exc))
+    out = sys.stdout
+    if a.merge is not None:
+        result = RR.merge_parts(RR.load_parts(a.merge))
+        stem = "merged"
+    else:
+        print(f"reproduce: tasks {', '.join(tasks)}; rows {', '.join(a.rows or ['default'])}; seeds "
+              f"{', '.join(map(str, a.seeds))}; scale {'quick' if a.quick else 'full'} {scale}", file=out, flush=True)
+        result = R.run_part(tasks, a.rows, a.seeds, scale, data_dir=a.data, progress=not a.no_progress,
+                            log=lambda line: print(line, file=out, flush=True),
+                            command="python -m refimpl reproduce " + " ".join(argv or sys.argv[2:]))
+        stem = R.part_stem(tasks, a.rows, a.seeds)
+    paths = RR.write_result(result, a.out_dir, stem, table_markdown, with_figure=not a.no_figure)
+    with open(paths[1], encoding="utf-8") as fh:
+        print(fh.read(), file=out)
+    print("wrote " + ", ".join(paths), file=out)
     return 0
 
 

@@ -25,6 +25,7 @@ LAYERS = [
     {"refimpl.nystrom"},
     {"refimpl.mining"},
     {"refimpl.training"},
+    {"refimpl.reproduce", "refimpl.reproduce_report"},
     {"refimpl.experiments"},
     {"refimpl.benchmarks", "refimpl.cli", "refimpl.__main__", "refimpl"},
 ]

@@ -1,0 +1,196 @@
+"""The reproduction protocol (refimpl.reproduce): statistics, verdicts, parts and merge, JSON schema, the CLI."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from refimpl import reproduce as R
+from refimpl import reproduce_report as RR
+from refimpl.experiments import reproduce_main, table_markdown
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "text_pairs")
+TINY = R.Scale(planted_n_targets=400, planted_n_queries=300, planted_n_test=60, planted_n_features=16,
+               text_max_test=0, text_n_features=2 ** 10, steps=12, batch_size=16, dim=16, text_dim=16, lr_warmup=2,
+               k=2, n_uniform=2, n_landmarks=4, n_samples=16, reencode_every=3, snm_refresh_every=4,
+               bf_refresh_every=3, eval_points=2)
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+def test_mean_se_known_values_and_edge_cases():
+    m, se = RR.mean_se([1.0, 2.0, 3.0, 6.0])
+    assert m == 3.0 and math.isclose(se, np.std([1, 2, 3, 6], ddof=1) / 2.0)
+    m, se = RR.mean_se([0.5])
+    assert m == 0.5 and math.isnan(se)
+    m, se = RR.mean_se([1.0, None, float("nan"), 3.0])  # missing values are left out, not propagated
+    assert (m, se) == (2.0, 1.0)
+    assert all(math.isnan(x) for x in RR.mean_se([]))
+
+
+def test_verdict_holds_does_not_hold_cannot_tell():
+    assert RR.verdict([1.0, 1.1, 0.9])["verdict"] == "holds"
+    assert RR.verdict([-1.0, -1.1, -0.9])["verdict"] == "does not hold"
+    v = RR.verdict([1.0, 2.0, 3.0])  # mean 2, se 1/sqrt(3), t(2, .975) = 4.303: interval [-0.48, 4.48]
+    assert v["verdict"] == "cannot tell at 3 seeds"
+    assert math.isclose(v["lo"], 2 - 4.302652729911275 / math.sqrt(3), rel_tol=1e-9)
+    assert RR.verdict([5.0])["verdict"] == "cannot tell at 1 seed"
+    assert RR.verdict([0.0, 0.0, 0.0])["verdict"] == "cannot tell at 3 seeds"  # equality is not evidence
+    # a wider level can only turn a verdict into "cannot tell"
+    assert RR.verdict([1.0, 1.5, 0.6], level=0.999)["verdict"].startswith("cannot tell")
+
+
+def _run(task, row, seed, r1, **extra):
+    final = {"R@1": r1, "R@5": r1, "R@10": r1, "R@20": r1, "R@100": r1, "MRR@10": r1, "mem_percent": 1.0,
+             "encoder_calls": 10, "wall_time": 1.0, "time_per_step": extra.pop("tps", 0.01)}
+    return {"task": task, "row": row, "seed": seed, "final": final, "evals": [{"step": 0, "R@1": 0.0},
+                                                                           {"step": 10, "R@1": r1}], **extra}
+
+
+def test_summary_gap_is_paired_by_seed_and_claims_use_paired_differences():
+    runs = []
+    for s, (bf, dy, snm) in enumerate([(0.50, 0.48, 0.40), (0.60, 0.59, 0.52), (0.40, 0.39, 0.30)]):
+        runs += [_run("t", "brute-force", s, bf), _run("t", "dynnibal", s, dy, tps=0.02),
+                 _run("t", "snm-3", s, snm, tps=0.01)]
+    runs.append(_run("t", "snm-3", 7, 0.1))  # a seed without brute force: no gap, no paired claim value
+    summ = RR.summarize(runs, "t")
+    assert summ["dynnibal"]["seeds"] == [0, 1, 2]
+    assert math.isclose(summ["dynnibal"]["gap_to_bf"][0], 100 * np.mean([0.02, 0.01, 0.01]))
+    assert summ["snm-3"]["R@1"][0] == pytest.approx(np.mean([0.40, 0.52, 0.30, 0.1]))
+    assert summ["snm-3"]["gap_to_bf"][0] == pytest.approx(100 * np.mean([0.10, 0.08, 0.10]))
+    assert summ["dynnibal"]["MRR@1"] == summ["dynnibal"]["R@1"]
+    cl = {c["id"]: c for c in RR.claims(runs, "t")}
+    h = cl["gap-halved-vs-snm-3"]["values"]
+    assert h == pytest.approx([10 / 2 - 2, 8 / 2 - 1, 10 / 2 - 1])
+    assert cl["gap-halved-vs-snm-3"]["verdict"] == "holds"
+    assert cl["steps-4x-snm"]["values"] == pytest.approx([0.02] * 3)
+    assert "gap-halved-vs-in-batch" not in cl  # rows missing: claim left out
+
+
+def test_table_formatter_renders_mean_and_standard_error():
+    md = table_markdown([("a", {"R@1": (0.5, 0.01), "mem_percent": (3.0, 0.0), "gap_to_bf": (1.25, 0.5)})],
+                        ks=(1,), probes=False, mrr=(1, 100))
+    row = md.splitlines()[2]
+    assert "0.500 ± 0.010" in row and "| 3 |" in row and "+1.2 ± 0.5" in row and row.count(" - ") >= 2
+
+
+# ------------------------------------------------------------------------------------------------ parts
+@pytest.fixture(scope="module")
+def tiny_part():
+    return R.run_part(["planted", "text"], ["in-batch", "uniform", "dynnibal", "brute-force", "snm-top-3"], [0, 1],
+                      TINY, data_dir=FIXTURE)
+
+
+def test_part_json_schema(tiny_part, tmp_path):
+    p = tiny_part
+    assert p["schema"] == R.SCHEMA and set(p["tasks"]) == {"planted", "text:text_pairs"}
+    assert p["commit"] is None or len(p["commit"]["sha"]) == 40
+    assert {"platform", "cpu_count", "memory_bytes", "python", "numpy"} <= set(p["machine"])
+    assert p["scale"] == TINY.as_dict()
+    assert len(p["runs"]) == 2 * 4 * 2  # tasks x available rows x seeds
+    for r in p["runs"]:
+        assert {"task", "row", "seed", "final", "evals", "config", "notes", "run_seconds"} <= set(r)
+        assert r["config"]["in_batch"] and r["evals"][-1]["step"] == TINY.steps
+    dyn = [r for r in p["runs"] if r["row"] == "dynnibal"]
+    assert all(r["config"]["miner"]["sampler"] == "paper" and r["dynnibal"]["n_refreshes"] == 1 for r in dyn)
+    assert all(r["config"]["miner"]["per_example"] for r in dyn)
+    if "select" not in R.inspect.signature(R.M.StochasticNegativeMining.__init__).parameters:
+        assert [u["row"] for u in p["unavailable"]] == ["snm-top-3", "snm-top-3"]  # one note per task
+    assert "tfidf" in p["tasks"]["text:text_pairs"]
+    paths = RR.write_result(p, str(tmp_path), "part", table_markdown, with_figure=True)
+    loaded = json.load(open(paths[0]))  # strict JSON: no NaN
+    assert loaded["runs"][0]["final"]["R@1"] == p["runs"][0]["final"]["R@1"]
+    md = open(paths[1]).read()
+    assert "### Table 1" in md and "### Table 2" in md and "### Landmark ablation" in md and "±" in md
+    assert os.path.getsize(paths[2]) > 1000
+
+
+def test_same_seed_same_numbers(tiny_part):
+    again = R.run_part(["planted"], ["uniform"], [1], TINY)
+    a = next(r for r in tiny_part["runs"] if r["task"] == "planted" and r["row"] == "uniform" and r["seed"] == 1)
+    assert again["runs"][0]["final"]["R@1"] == a["final"]["R@1"]
+    assert again["runs"][0]["evals"] == a["evals"]
+
+
+def _write_part(tmp_path, name, part):
+    path = tmp_path / name
+    path.write_text(json.dumps(RR.jsonable(part)))
+    return str(path)
+
+
+def test_merge_concatenates_parts_and_refuses_duplicates_and_mismatches(tiny_part, tmp_path):
+    by_seed = [{**tiny_part, "runs": [r for r in tiny_part["runs"] if r["seed"] == s]} for s in (0, 1)]
+    d = tmp_path / "parts"
+    d.mkdir()
+    f0 = _write_part(d, "a.json", by_seed[0])
+    _write_part(d, "b.json", by_seed[1])
+    (d / "notes.json").write_text("{}")  # other JSON beside the parts is ignored
+    merged = RR.merge_parts(RR.load_parts([str(d)]))
+    assert len(merged["runs"]) == len(tiny_part["runs"]) and len(merged["parts"]) == 2
+    assert RR.summarize(merged["runs"], "planted")["uniform"]["seeds"] == [0, 1]
+    with pytest.raises(ValueError, match="seed 0 is in both"):
+        RR.merge_parts(RR.load_parts([f0, f0]))
+    other = {**by_seed[1], "scale": {**by_seed[1]["scale"], "steps": 99}}
+    f2 = _write_part(tmp_path, "c.json", other)
+    with pytest.raises(ValueError, match="different configuration"):
+        RR.merge_parts(RR.load_parts([f0, f2]))
+    with pytest.raises(ValueError, match="no part file"):
+        RR.load_parts([str(tmp_path / "parts" / "notes.json")])
+
+
+def test_run_part_refuses_bad_arguments():
+    with pytest.raises(ValueError, match="text task"):
+        R.run_part(["text"], ["uniform"], [0], TINY)
+    with pytest.raises(ValueError, match="unknown"):
+        R.run_part(["planted"], ["nope"], [0], TINY)
+    with pytest.raises(ValueError, match="distinct"):
+        R.run_part(["planted"], ["uniform"], [0, 0], TINY)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def test_cli_part_then_merge_end_to_end(tmp_path, capsys):
+    out1 = tmp_path / "p"
+    rc = reproduce_main(["--quick", "--tasks", "planted,text", "--data", FIXTURE, "--rows",
+                         "in-batch,uniform,dynnibal,brute-force", "--seeds", "0,1", "--steps", "12", "--n-targets",
+                         "600", "--out-dir", str(out1), "--no-progress"])
+    assert rc == 0
+    files = sorted(os.listdir(out1))
+    assert any(f.endswith(".json") for f in files) and any(f.endswith(".png") for f in files)
+    rc = reproduce_main(["--merge", str(out1), "--out-dir", str(tmp_path / "m"), "--no-figure"])
+    assert rc == 0
+    merged = json.load(open(tmp_path / "m" / "merged.json"))
+    assert {"summary", "claims", "parts", "runs"} <= set(merged)
+    assert merged["summary"]["planted"]["dynnibal"]["seeds"] == [0, 1]
+    assert "gap-halved-vs-uniform" in {c["id"] for c in merged["claims"]["planted"]}
+    assert "Table 1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rows", "uniform,bogus"], "--rows"),
+    (["--seeds", "0,0"], "distinct"),
+    (["--seeds", "-1"], "--seeds"),
+    (["--seeds", "0,,1"], "--seeds"),
+    (["--tasks", "text"], "--data"),
+    (["--data", "/nonexistent/dir"], "--data"),
+    (["--quick", "--steps", "5"], "--steps"),
+    (["--merge", "/nonexistent/part.json"], "--merge"),
+    (["--merge", ".", "--rows", "uniform"], "--merge"),
+])
+def test_cli_validates_every_argument_before_work(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        reproduce_main(argv + ["--out-dir", str(tmp_path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not any(f.endswith(".json") for f in os.listdir(tmp_path))
+
+
+def test_default_rows_and_part_names():
+    assert "full-softmax" not in R.DEFAULT_ROWS["planted"] + R.DEFAULT_ROWS["text"]
+    assert "brute-force" in R.DEFAULT_ROWS["planted"]
+    assert set(R.TABLE2) | set(R.ABLATION) <= set(R.DEFAULT_ROWS["text"])
+    assert R.part_stem(["planted"], None, [0]) == "part-planted-default-s0"
+    assert R.part_stem(["text"], ["dynnibal", "snm-3"], [0, 1, 2]) == "part-text-dynnibal+snm-3-s0-1-2"
+    many = list(R.ROWS)[:-1]
+    assert R.part_stem(["text"], many, [0]) == R.part_stem(["text"], many, [0]) and len(R.part_stem(["text"], many,
+                                                                                                     [0])) < 60

@@ -57,10 +57,10 @@ import numpy as np
 
 from refimpl._validate import check_int, check_positive
 from refimpl.index.sgtree import DEFAULT_BASE, SGTree
-from refimpl.mining.base import Miner, Negatives, slot_queries
+from refimpl.mining.base import Miner, Negatives, shared_slots
 from refimpl.nystrom import LANDMARK_METHODS, SPLITS, RegressionReEncoder, default_level
 from refimpl.sampling.bounds import prop6_drift
-from refimpl.sampling.clustering import certify, find_clustering
+from refimpl.sampling.clustering import certify
 from refimpl.sampling.engine import MiningEngine
 from refimpl.softmax import logsumexp
 
@@ -430,12 +430,10 @@ class DyNNIBAL(Miner):
         return list(batch.positives) if self.exclude_positives else None
 
     def _counts(self, B, rng):
-        """Draws per query and, for shared per-batch negatives, the slot of each draw."""
-        if self.per_example:
-            return np.full(B, self.k, dtype=np.int64), None
+        """Draws per query and, for shared negatives, the query of each slot (None: per-query output)."""
         if not self.shared:
             return np.full(B, self.k, dtype=np.int64), None
-        slots = slot_queries(B, self.k, rng)
+        slots = shared_slots(B, self.k, rng, self.per_example)
         return np.bincount(slots, minlength=B).astype(np.int64), slots
 
     def _run(self, ctx, ZQ, counts, exclude):
@@ -464,6 +462,7 @@ class DyNNIBAL(Miner):
         r.ids, r.logits, r.ptr = ids[keep], lg[keep], ptr
         r.n_clusters = sum(x.n_clusters for x in res)
         r.inner_products = sum(x.inner_products for x in res)
+        r.distance_evals = sum(x.distance_evals for x in res)
         return r
 
     def mine(self, ctx, batch) -> Negatives:
@@ -476,7 +475,8 @@ class DyNNIBAL(Miner):
         r = self._run(ctx, ZQ, counts, exclude)
         ip = int(r.inner_products.sum())
         self.inner_products += ip
-        self.last_stats = {"step": int(ctx.step), "inner_products": ip, "queries": int(np.count_nonzero(counts)),
+        self.last_stats = {"step": int(ctx.step), "inner_products": ip, "distance_evals": int(r.distance_evals.sum()),
+                           "queries": int(np.count_nonzero(counts)),
                            "mean_clusters": float(np.mean(r.n_clusters[counts > 0])),
                            "log_gamma": r.log_gamma, "tv_bound": r.tv_bound, "chain_length": r.chain_length}
         n = ctx.n_targets
@@ -542,8 +542,7 @@ class DyNNIBAL(Miner):
                 lp[excl] = -np.inf
                 out[b] = np.exp(lp - logsumexp(lp))
                 continue
-            cl = find_clustering(self.tree, ZQ[b], beta=beta, gamma=self.gamma, m=self.m,
-                                 max_clusters=self.max_clusters)
+            cl = self.engine.partition(self.tree, ZQ[b], beta=beta)
             s = self.chain_length
             if s is None:
                 s = certify(self.tree, ZQ[b], cl, beta=beta).chain_length(self.tv)

@@ -181,10 +181,13 @@ def flat_kernel(points, q, beta, k, algo, cum, lw, cnodes, clevels, csizes, mptr
 
 
 @njit(cache=True)
-def alg1_kernel(points, q, beta, bq, base, k, cnodes, clevel, csizes, cE, cs, node_point, node_level,
+def alg1_kernel(points, q, beta, bq, base, k, cnodes, clevels, csizes, cE, cs, node_point, node_level,
                 first_child, next_sibling, node_count, node_maxd, excl, replace, max_attempts, mode,
                 fallback_after, cache_size, seed):
     """Alg. 1 (hierarchical rejection with running normalisers, restart option, nested self-child rule).
+
+    The start clusters are (cnodes[j], clevels[j]): any partition of the targets into clusters of the tree (a
+    level clustering C_(l), or the output of Alg. 2), with sizes ``csizes`` and bounds cE >= every member's logit.
 
     Masses are absolute (relative to exp(Eref), Eref = max cE): a visited node X owns mass B(X) equal to the
     probability (times the start normaliser Z_hat_hi = sum_C |C| exp(E_C)) that an attempt reaches it. A node
@@ -234,7 +237,7 @@ def alg1_kernel(points, q, beta, bq, base, k, cnodes, clevel, csizes, cE, cs, no
     for j in range(nc):
         acc += csizes[j] * np.exp(cE[j] - Eref)
         cum[j] = acc
-        cfirst[j] = _first_below(first_child, next_sibling, node_level, cnodes[j], clevel)
+        cfirst[j] = _first_below(first_child, next_sibling, node_level, cnodes[j], clevels[j])
     gbuf_c = np.empty(16, np.int64)
     gbuf_m = np.empty(16, np.float64)
     gbuf_e = np.empty(16, np.float64)
@@ -254,7 +257,7 @@ def alg1_kernel(points, q, beta, bq, base, k, cnodes, clevel, csizes, cE, cs, no
             n = csizes[j]
             E = cE[j]
             sv = cs[j]
-            L = clevel
+            L = clevels[j]
             new = True
             ch = cfirst[j]
             while True:

@@ -400,7 +400,8 @@ def sample_rejection(tree, q, k, *, beta, rng, level="auto", exclude=None, repla
         else:
             eps = beta * qn * cl.radii
         cE = sr + eps
-        ids, sids, c = K.alg1_kernel(points, qb, beta, beta * qn, base, kk, cl.nodes, L, cl.sizes, cE, sr, pt, lv,
+        ids, sids, c = K.alg1_kernel(points, qb, beta, beta * qn, base, kk, cl.nodes, np.full(len(cl), L, np.int64),
+                                     cl.sizes, cE, sr, pt, lv,
                                      fc, ns, cnt, maxd, excl[b], int(replace), max_attempts, int(_mode),
                                      int(_fallback_after), cache_size, _seed(gen))
         if c[4]:

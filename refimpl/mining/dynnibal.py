@@ -231,6 +231,7 @@ class DyNNIBAL(Miner):
     base : SG-tree base (None: :data:`refimpl.index.sgtree.DEFAULT_BASE`).
     shared : one set of negatives for the whole batch (slot-mixture log_q) or per query (B, k).
     per_example : k draws per example (True) or k per batch (False).
+    paper_probe_runs : "paper" only: runs of the procedure behind the TV probe's estimate (:meth:`distribution`).
 
     State for inspection: ``reencoder``, ``tree`` (``trees`` for a forest), ``started_at``, ``reencoded_at``,
     ``refreshed_at``, ``tree_updates``, ``last_stats`` (the last mining step: per-query certified log gamma, TV
@@ -247,7 +248,7 @@ class DyNNIBAL(Miner):
                  landmarks: str = "uniform", split: str = "symmetric", tree_update: str = "maintain", U="measured",
                  update_level: int | None = None, prop6_eta: float | None = None, prop6_L: float | None = None,
                  prop6_M: float | None = None, base: float | None = None, shared: bool = True,
-                 per_example: bool = False):
+                 per_example: bool = False, paper_probe_runs: int = 32):
         self.k = check_int("k", k, low=1)
         self.n_landmarks = check_int("n_landmarks", n_landmarks, low=1)
         self.n_samples = check_int("n_samples", n_samples, low=1)
@@ -310,6 +311,8 @@ class DyNNIBAL(Miner):
         self.base = base
         self.shared = bool(shared)
         self.per_example = bool(per_example)
+        self.paper_probe_runs = check_int("paper_probe_runs", paper_probe_runs, low=1)
+        self.paper_probe_seed = 0x5EED
         self.has_log_q = sampler != "paper"
         self.reencoder = None
         self.trees: list = []
@@ -436,10 +439,10 @@ class DyNNIBAL(Miner):
         slots = shared_slots(B, self.k, rng, self.per_example)
         return np.bincount(slots, minlength=B).astype(np.int64), slots
 
-    def _run(self, ctx, ZQ, counts, exclude):
+    def _run(self, beta, rng, ZQ, counts, exclude):
         """One engine call per tree; a forest's candidates are merged per query by the largest logit."""
         if len(self.trees) == 1:
-            return self.engine.run(self.tree, ZQ, counts, beta=ctx.beta, rng=ctx.rng, exclude=exclude)
+            return self.engine.run(self.tree, ZQ, counts, beta=beta, rng=rng, exclude=exclude)
         ptr = np.zeros(ZQ.shape[0] + 1, np.int64)
         np.cumsum(counts, out=ptr[1:])
         owner = np.repeat(np.arange(ZQ.shape[0]), counts)
@@ -448,7 +451,7 @@ class DyNNIBAL(Miner):
             ex = None
             if exclude is not None:  # global excluded ids -> this tree's local ids
                 ex = [np.searchsorted(part, e)[np.isin(e, part)] for e in exclude]
-            r = self.engine.run(tree, ZQ, counts, beta=ctx.beta, rng=ctx.rng, exclude=ex)
+            r = self.engine.run(tree, ZQ, counts, beta=beta, rng=rng, exclude=ex)
             ids.append(part[r.ids])
             lg.append(r.logits)
             own.append(owner)
@@ -472,7 +475,7 @@ class DyNNIBAL(Miner):
         B = ZQ.shape[0]
         counts, slots = self._counts(B, ctx.rng)
         exclude = self._exclusions(batch)
-        r = self._run(ctx, ZQ, counts, exclude)
+        r = self._run(ctx.beta, ctx.rng, ZQ, counts, exclude)
         ip = int(r.inner_products.sum())
         self.inner_products += ip
         self.last_stats = {"step": int(ctx.step), "inner_products": ip, "distance_evals": int(r.distance_evals.sum()),
@@ -522,19 +525,29 @@ class DyNNIBAL(Miner):
 
     # ------------------------------------------------------------------ probes and accounting
     def distribution(self, ctx, batch):
-        """Per query of the batch, the EXACT law of one of its draws at the current state (no randomness, no state
-        change): ``"mh"``: the law after ``chain_length`` MH states with this query's Alg. 2 clustering
-        (:func:`mh_law`); ``"rejection"``: P~ itself renormalised over the non-excluded targets; ``"paper"``: None
-        (no closed form: measure it by sampling). Costs N inner products per query (probes only)."""
-        if self.tree is None or self.sampler == "paper":
+        """Per query of the batch, the law of one of its draws at the current state (no randomness taken from the
+        run, no state change): ``"mh"``: the EXACT law after ``chain_length`` MH states with this query's Alg. 2
+        partition (:func:`mh_law`); ``"rejection"``: P~ itself renormalised over the non-excluded targets (Alg. 1 is
+        exact); ``"paper"``: no closed form exists, so an ESTIMATE: the frequency of each target among the
+        selections of ``paper_probe_runs`` independent runs of the procedure (own fixed seeds), normalised; its
+        TV to the exact softmax is biased upwards by the sampling noise (about sqrt(support / draws)).
+        Costs N inner products per query (probes only)."""
+        if self.tree is None:
             return None
         beta = ctx.beta
         Z = self.reencoder.representations
         ZQ = self.reencoder.query_representations(batch.Q)
-        LP = beta * (ZQ @ Z.T)
-        out = np.zeros((ZQ.shape[0], ctx.n_targets))
+        B = ZQ.shape[0]
         exclude = self._exclusions(batch)
-        for b in range(ZQ.shape[0]):
+        out = np.zeros((B, ctx.n_targets))
+        if self.sampler == "paper":
+            rng = np.random.default_rng(self.paper_probe_seed)
+            for _ in range(self.paper_probe_runs):
+                r = self._run(beta, rng, ZQ, np.full(B, self.k, np.int64), exclude)
+                np.add.at(out, (np.repeat(np.arange(B), self.k), r.ids), 1.0)
+            return out / out.sum(axis=1, keepdims=True)
+        LP = beta * (ZQ @ Z.T)
+        for b in range(B):
             excl = np.zeros(0, np.int64) if exclude is None else np.unique(np.asarray(exclude[b], np.int64))
             lp = LP[b]
             if self.sampler == "rejection":

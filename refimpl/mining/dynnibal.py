@@ -58,7 +58,7 @@ import numpy as np
 from refimpl._validate import check_int, check_positive
 from refimpl.index.sgtree import DEFAULT_BASE, SGTree
 from refimpl.mining.base import Miner, Negatives, shared_slots
-from refimpl.nystrom import LANDMARK_METHODS, SPLITS, RegressionReEncoder, default_level
+from refimpl.nystrom import LANDMARK_METHODS, SPLITS, RegressionReEncoder, default_level, update_tree
 from refimpl.sampling.bounds import prop6_drift
 from refimpl.sampling.clustering import certify
 from refimpl.sampling.engine import MiningEngine
@@ -370,21 +370,21 @@ class DyNNIBAL(Miner):
             return float(prop6_drift(self.reencode_every, eta, beta, L, M))
         return float(self.U)
 
-    def _follow(self, tree, new, rng, max_move, beta, rec):
-        """The tree follows moved points: update_points (no repair) then Alg. 3 / rebuild_level / nothing."""
-        tree.update_points(np.arange(new.shape[0], dtype=np.int64), new, repair=False)
+    def _follow(self, tree, old, new, rng, max_move, beta, rec):
+        """The tree follows moved points: :func:`refimpl.nystrom.update_tree` (update_points + Alg. 3 maintain(U)),
+        or update_points + rebuild_level + maintain(0)."""
         if self.tree_update == "maintain":
-            U = self.drift_bound(max_move, beta)
-            st = tree.maintain(U, rng=rng)
-            rec["U"] = U
+            st = update_tree(tree, old, new, U=self.drift_bound(max_move, beta), rng=rng)
+            st = {key: v for key, v in st.items() if key not in ("max_move", "n_moved")}
         else:
+            tree.update_points(np.arange(new.shape[0], dtype=np.int64), new, repair=False)
             level = default_level(tree) if self.update_level is None else self.update_level
             moved = tree.rebuild_level(level, rng=rng)
             st = tree.maintain(0.0, rng=rng)
-            st = dict(st, points_reinserted=int(moved + st["points_reinserted"]), level=int(level))
-            rec["U"] = 0.0
+            st = dict(st, points_reinserted=int(moved + st["points_reinserted"]), level=int(level), U=0.0)
         for key, v in st.items():
-            rec[key] = rec.get(key, 0) + v if isinstance(v, (int, float)) and key != "level" else v
+            numeric = isinstance(v, (int, float)) and key not in ("level", "U")
+            rec[key] = rec.get(key, 0) + v if numeric else v
 
     def reencode(self, ctx) -> dict:
         """ApproximateReEncode (Alg. 5: s' encoder calls) then the tree update; returns the update record."""
@@ -400,7 +400,8 @@ class DyNNIBAL(Miner):
             rec.update(U=None, points_reinserted=int(new.shape[0]))
         else:
             for tree, part in zip(self.trees, self.parts):
-                self._follow(tree, new if part is None else new[part], ctx.rng, max_move, ctx.beta, rec)
+                self._follow(tree, old if part is None else old[part], new if part is None else new[part], ctx.rng,
+                             max_move, ctx.beta, rec)
         rec["tree_seconds"] = time.process_time() - t1
         self.reencoded_at.append(int(ctx.step))
         self.tree_updates.append(rec)

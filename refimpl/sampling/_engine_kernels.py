@@ -238,6 +238,25 @@ def refine_upper(points, q, beta, bq, nodes, levels, log_ratio, max_clusters, k,
 
 
 @njit(cache=True)
+def _record(stats, b, log_z, lzlo, lzhi, log_gamma, tv, chain, nc, ip, nd, status, out_ids, out_logits, lo, ids,
+            logits, scale):
+    """Write query b's statistics (columns S_*) and its draws (logits multiplied by ``scale``)."""
+    stats[b, S_LOG_Z] = log_z
+    stats[b, S_LOG_Z_LO] = lzlo
+    stats[b, S_LOG_Z_HI] = lzhi
+    stats[b, S_LOG_GAMMA] = log_gamma
+    stats[b, S_TV] = tv
+    stats[b, S_CHAIN] = chain
+    stats[b, S_CLUSTERS] = nc
+    stats[b, S_INNER] = ip
+    stats[b, S_DIST] = nd
+    stats[b, S_STATUS] = status
+    for t in range(ids.shape[0]):
+        out_ids[lo + t] = ids[t]
+        out_logits[lo + t] = logits[t] * scale
+
+
+@njit(cache=True)
 def engine_kernel(points, Q, qnorm, beta, procedure, counts, out_ptr, excl_ptr, excl_ids, seeds, start_levels, ms,
                   max_frontier, n_top, chain_length, n_chains, temperature, log_tv, max_steps, log_ratio, max_refine,
                   root, base,
@@ -318,19 +337,8 @@ def engine_kernel(points, Q, qnorm, beta, procedure, counts, out_ptr, excl_ptr, 
             lzlo = _lse_terms(sr - eps, fs, nofloat)
             succ = cnt[1] + cnt[3]
             lz = lzhi + np.log(max(succ, 1) / max(cnt[0], 1))
-            stats[b, S_LOG_Z] = min(max(lz, lzlo), lzhi)
-            stats[b, S_LOG_Z_LO] = lzlo
-            stats[b, S_LOG_Z_HI] = lzhi
-            stats[b, S_LOG_GAMMA] = lzhi - lzlo
-            stats[b, S_TV] = 0.0
-            stats[b, S_CHAIN] = 0.0
-            stats[b, S_CLUSTERS] = nc
-            stats[b, S_INNER] = ipr + cnt[2] + excl.shape[0]
-            stats[b, S_DIST] = nd
-            stats[b, S_STATUS] = 1.0 if cnt[4] else 0.0
-            for t in range(c):
-                out_ids[lo + t] = ids[t]
-                out_logits[lo + t] = sids[t]
+            _record(stats, b, min(max(lz, lzlo), lzhi), lzlo, lzhi, lzhi - lzlo, 0.0, 0.0, nc,
+                    ipr + cnt[2] + excl.shape[0], nd, 1.0 if cnt[4] else 0.0, out_ids, out_logits, lo, ids, sids, 1.0)
             continue
         if procedure == MH:
             eps = bq * radii
@@ -353,19 +361,9 @@ def engine_kernel(points, Q, qnorm, beta, procedure, counts, out_ptr, excl_ptr, 
                                                1, s, max(max_steps, s), seeds[b])
             lzprop = lzhat
             lz = lzprop + np.log(max(isum / max(cnt[0], 1), 1e-300))
-            stats[b, S_LOG_Z] = min(max(lz, lzlo), lzhi)
-            stats[b, S_LOG_Z_LO] = lzlo
-            stats[b, S_LOG_Z_HI] = lzhi
-            stats[b, S_LOG_GAMMA] = log_gamma
-            stats[b, S_TV] = np.exp(-(s - 1) / np.exp(min(log_gamma, 700.0)))
-            stats[b, S_CHAIN] = s
-            stats[b, S_CLUSTERS] = nc
-            stats[b, S_INNER] = nc + cnt[2] + excl.shape[0]
-            stats[b, S_DIST] = nd
-            stats[b, S_STATUS] = 1.0 if cnt[4] else 0.0
-            for t in range(c):
-                out_ids[lo + t] = ids[t]
-                out_logits[lo + t] = sids[t]
+            _record(stats, b, min(max(lz, lzlo), lzhi), lzlo, lzhi, log_gamma,
+                    np.exp(-(s - 1) / np.exp(min(log_gamma, 700.0))), s, nc, nc + cnt[2] + excl.shape[0], nd,
+                    1.0 if cnt[4] else 0.0, out_ids, out_logits, lo, ids, sids, 1.0)
             continue
         # PAPER: chains of chain_length states, then the top-scoring distinct final states
         nch = n_chains[b]
@@ -392,16 +390,7 @@ def engine_kernel(points, Q, qnorm, beta, procedure, counts, out_ptr, excl_ptr, 
         for t in range(ns, c):  # fewer distinct states than requested: repeat from the best
             sel[t] = sel[(t - ns) % ns]
             sel_s[t] = sel_s[(t - ns) % ns]
-        stats[b, S_LOG_Z] = np.nan
-        stats[b, S_LOG_Z_LO] = np.nan
-        stats[b, S_LOG_Z_HI] = np.nan
-        stats[b, S_LOG_GAMMA] = np.inf if dropped else np.nan  # dropped clusters: Q = 0 somewhere
-        stats[b, S_TV] = np.nan
-        stats[b, S_CHAIN] = chain_length
-        stats[b, S_CLUSTERS] = nc
-        stats[b, S_INNER] = nc + cnt[2] + excl.shape[0]
-        stats[b, S_DIST] = nd
-        stats[b, S_STATUS] = 1.0 if cnt[4] else 0.0
-        for t in range(c):
-            out_ids[lo + t] = sel[t]
-            out_logits[lo + t] = sel_s[t] * temperature
+        # dropped clusters: Q = 0 on some targets, max P/Q = inf; no bound of any kind otherwise
+        _record(stats, b, np.nan, np.nan, np.nan, np.inf if dropped else np.nan, np.nan, chain_length, nc,
+                nc + cnt[2] + excl.shape[0], nd, 1.0 if cnt[4] else 0.0, out_ids, out_logits, lo, sel, sel_s,
+                temperature)

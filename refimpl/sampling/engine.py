@@ -3,14 +3,16 @@
 A :class:`MiningEngine` runs one of three named procedures over an SG tree for a batch of queries ``Q`` (B, D),
 drawing ``counts[b]`` targets for query b. The clustering, the proposal and the draws of every query happen inside
 one Numba function (:mod:`refimpl.sampling._engine_kernels`); nothing is re-validated per query, the query-free
-tree statistics (suffix radii) are cached per ``tree.version``, and the output buffers are reused across calls.
+tree statistics (suffix radii) are cached per ``tree.version``, and the output buffers are reused across calls
+(the per-query working arrays of the Alg. 2 / MH / Alg. 1 kernels are still allocated per query, inside the call).
 The tree's points may be float32 or float64; logits, log Z bounds, gamma and TV bounds are computed in float64.
 
 Procedures and what each guarantees (P = softmax of ``beta <q, t>`` over the non-excluded targets of the tree):
 
 * ``"rejection"``: Alg. 1 (hierarchical rejection, errata fixed) started from the partition Alg. 2 returns (below)
-  after a certified refinement to Z_hi / Z_lo <= ``rejection_ratio`` (any partition of tree clusters with bounds
-  E_C = s_r + beta ||q|| rho(C) is a valid start; the ratio bounds the expected attempts per draw).
+  after a certified refinement to Z_hi / Z_lo <= max(``rejection_ratio``, |C| / k) (any partition of tree
+  clusters with bounds E_C = s_r + beta ||q|| rho(C) is a valid start; k Z_hi / Z_lo bounds the expected attempts
+  of k draws, balanced against the |C| inner products of the partition, the U-shaped cost of Prop. 3).
   Every draw is an EXACT sample of P (the tree's representations define P: for DyNNIBAL that is the approximate
   softmax P~ of Nyström + regression). ``log_z`` is an estimate clipped to the certified [Z_lo, Z_hi].
 * ``"mh"``: Alg. 2 (deepest level ``m``, 16x finer than Prop. 2's level for ``gamma`` by default; first frontier
@@ -28,7 +30,8 @@ Procedures and what each guarantees (P = softmax of ``beta <q, t>`` over the non
   and its gradient error instead (the training probes do). A forest of trees (the paper's 100 trees merged by
   max unnormalised probability) is :func:`sample_paper` with a list of trees.
 
-Contents: :data:`PROCEDURES`, :class:`EngineResult`, :class:`MiningEngine`, :func:`sample_paper`.
+Contents: :data:`PROCEDURES`, :data:`STARTS`, :class:`EngineResult`, :class:`MiningEngine`, :func:`sample_paper`,
+:func:`prop2_levels`.
 """
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ from refimpl.sampling import _cluster_kernels as CK
 from refimpl.sampling import _engine_kernels as EK
 from refimpl.sampling.clustering import TreeClustering
 
-__all__ = ["PROCEDURES", "EngineResult", "MiningEngine", "sample_paper", "prop2_levels"]
+__all__ = ["PROCEDURES", "STARTS", "EngineResult", "MiningEngine", "sample_paper", "prop2_levels"]
 
 PROCEDURES = ("rejection", "mh", "paper")
 _CODES = {"rejection": EK.REJECTION, "mh": EK.MH, "paper": EK.PAPER}
@@ -136,8 +139,8 @@ class MiningEngine:
         temperature, value unstated); 1 = none.
     tv : the TV target of Eq. 6 when ``chain_length`` is None. max_steps : attempt / chain budget per draw.
     rejection_ratio, max_refine_clusters : "rejection" only: Alg. 2's partition is refined (certified, best
-        first: the cluster with the largest share of Z_hi - Z_lo is split) until Z_hi / Z_lo <= rejection_ratio,
-        which bounds the expected attempts per exact draw, or until max_refine_clusters clusters.
+        first: the cluster with the largest share of Z_hi - Z_lo is split) until Z_hi / Z_lo <= max(rejection_ratio,
+        |C| / draws) (the expected attempts per exact draw are <= Z_hi / Z_lo), or max_refine_clusters clusters.
     start : Alg. 2's first frontier: "prop2" = C_(l) at Prop. 2's level l (as printed; it holds every node of
         level >= l, a fixed fraction of N at a fixed gamma), or "root" (default) = the root, so that the frontier
         cap applies from the top and far regions are finalised as coarse clusters. Either way the output is a

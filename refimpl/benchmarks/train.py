@@ -181,7 +181,7 @@ def main(argv=None) -> int:
         c = time.process_time()
         n_fine = max(1, n // 25)
         branching = (min(50, n_fine), max(1, n_fine // min(50, n_fine)))
-        ds = planted_dataset(n, a.queries, branching=branching, rng=a.seed)
+        ds = planted_dataset(n, a.queries, branching=branching, test_fraction=0.01, rng=a.seed)  # small final eval
         print(f"N = {n}: planted task generated in {time.process_time() - c:.1f} s CPU", flush=True)
         for label, make, kw in _rows(a.per_example_k):
             if label not in want:

@@ -214,8 +214,9 @@ class DyNNIBAL(Miner):
         rebuilt); None: never (Alg. 4 as printed).
     sampler : "rejection" (Alg. 1, exact draws of P~), "mh" (Alg. 2 + Eq. 14, certified gamma and Eq. 6 bound) or
         "paper" (the experiments' procedure; no proposition covers it; no log_q).
-    gamma, m, max_clusters : Alg. 2: target max P/Q (Prop. 2's start level), deepest level (None: 16x finer than
-        the start), frontier cap (Remark 2; None: uncapped).
+    gamma, m, max_clusters, start : Alg. 2: target max P/Q (Prop. 2's level), deepest level (None: 16x finer than
+        Prop. 2's level), frontier cap (Remark 2; None: uncapped), first frontier ("root" or "prop2": C_(l) at
+        Prop. 2's level, as printed; see :class:`refimpl.sampling.engine.MiningEngine`).
     chain_length : states per MH chain; "auto": 10 for "mh", 2 for "paper"; None ("mh"): Eq. 6's length for ``tv``.
     tv : Eq. 6's TV target when ``chain_length`` is None.
     n_top_clusters, n_chains, temperature, n_trees : "paper" only: the closest clusters kept, chains per query
@@ -248,7 +249,7 @@ class DyNNIBAL(Miner):
                  landmarks: str = "uniform", split: str = "symmetric", tree_update: str = "maintain", U="measured",
                  update_level: int | None = None, prop6_eta: float | None = None, prop6_L: float | None = None,
                  prop6_M: float | None = None, base: float | None = None, shared: bool = True,
-                 per_example: bool = False, paper_probe_runs: int = 32):
+                 per_example: bool = False, paper_probe_runs: int = 32, start: str = "root"):
         self.k = check_int("k", k, low=1)
         self.n_landmarks = check_int("n_landmarks", n_landmarks, low=1)
         self.n_samples = check_int("n_samples", n_samples, low=1)
@@ -274,7 +275,7 @@ class DyNNIBAL(Miner):
             raise ValueError("n_trees: a forest is part of sampler='paper' only")
         self.engine = MiningEngine(sampler, gamma=gamma, m=m, max_frontier=max_clusters,
                                    n_top_clusters=n_top_clusters, chain_length=chain_length, n_chains=n_chains,
-                                   temperature=temperature, tv=self.tv)
+                                   temperature=temperature, tv=self.tv, start=start)
         self.gamma, self.m, self.max_clusters = self.engine.gamma, self.engine.m, max_clusters
         self.n_top_clusters, self.n_chains, self.temperature = n_top_clusters, n_chains, self.engine.temperature
         self.n_uniform = check_int("n_uniform", n_uniform, low=0)
@@ -580,4 +581,4 @@ class DyNNIBAL(Miner):
                 "n_uniform": self.n_uniform, "exclude_positives": self.exclude_positives, "ridge": self.ridge,
                 "landmarks": self.landmarks, "split": self.split, "tree_update": self.tree_update, "U": self.U,
                 "update_level": self.update_level, "prop6": self.prop6, "base": self.base, "shared": self.shared,
-                "per_example": self.per_example}
+                "per_example": self.per_example, "start": self.engine.start}

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
+from numba import njit
 
 from refimpl._validate import as_rng, check_features, check_int, check_positive
 
@@ -48,11 +49,7 @@ def hierarchical_points(n: int, dim: int, *, branching=(16, 16), scales=(1.0, 0.
         raise ValueError(f"scales: expected {len(branching) + 1} values (one per level plus the leaf noise), "
                          f"got {len(scales)}")
     gen = as_rng(rng)
-    sd = 1.0 / np.sqrt(dim)
-    centres = gen.normal(0.0, scales[0] * sd, size=(branching[0], dim))
-    for j in range(1, len(branching)):
-        offsets = gen.normal(0.0, scales[j] * sd, size=(centres.shape[0], branching[j], dim))
-        centres = (centres[:, None, :] + offsets).reshape(-1, dim)
+    centres, sd = _mixture_centres(dim, branching, scales, gen)
     leaf = gen.integers(0, centres.shape[0], size=n)
     out = np.empty((n, dim), dtype=dtype)
     step = max(1, 2**22 // dim)  # rows per chunk: the same random stream (and values) as one draw, bounded memory
@@ -155,17 +152,124 @@ def _embed(F, W: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------------
 # The planted task
 # ----------------------------------------------------------------------------------------------------------------
-def _mixture_labels(n, dim, branching, scales, gen):
-    """Hierarchical mixture as in :func:`hierarchical_points`, also returning (coarse, fine) labels per point."""
+def _mixture_centres(dim, branching, scales, gen):
+    """Leaf centres of the hierarchical Gaussian mixture (level j adds N(0, scales[j]^2 I / dim) offsets) and the
+    leaf noise's standard deviation scale 1/sqrt(dim)."""
     sd = 1.0 / np.sqrt(dim)
     centres = gen.normal(0.0, scales[0] * sd, size=(branching[0], dim))
     for j in range(1, len(branching)):
         offsets = gen.normal(0.0, scales[j] * sd, size=(centres.shape[0], branching[j], dim))
         centres = (centres[:, None, :] + offsets).reshape(-1, dim)
+    return centres, sd
+
+
+def _mixture(n, dim, branching, scales, gen):
+    """The hierarchical Gaussian mixture of :func:`hierarchical_points` (not normalised) and each point's leaf."""
+    centres, sd = _mixture_centres(dim, branching, scales, gen)
     leaf = gen.integers(0, centres.shape[0], size=n)
-    pts = centres[leaf] + gen.normal(0.0, scales[-1] * sd, size=(n, dim))
+    return centres[leaf] + gen.normal(0.0, scales[-1] * sd, size=(n, dim)), leaf.astype(np.int64)
+
+
+def _mixture_labels(n, dim, branching, scales, gen):
+    """Unit-norm rows of :func:`_mixture` with their (coarse, fine) labels."""
+    pts, leaf = _mixture(n, dim, branching, scales, gen)
     coarse = leaf // int(np.prod(branching[1:], dtype=np.int64))
-    return _normalize_rows(pts), coarse.astype(np.int64), leaf.astype(np.int64)
+    return _normalize_rows(pts), coarse.astype(np.int64), leaf
+
+
+@njit(cache=True)
+def _dot(a, b):
+    s = 0.0
+    for d in range(a.shape[0]):
+        s += a[d] * b[d]
+    return s
+
+
+@njit(cache=True)
+def _insert(best_s, best_i, s, t):
+    """Insert (s, t) into the descending top list (ties: smaller id first) if it belongs there."""
+    k = best_s.shape[0]
+    if not (s > best_s[k - 1] or (s == best_s[k - 1] and t < best_i[k - 1])):
+        return
+    p = k - 1
+    while p > 0 and (best_s[p - 1] < s or (best_s[p - 1] == s and best_i[p - 1] > t)):
+        best_s[p] = best_s[p - 1]
+        best_i[p] = best_i[p - 1]
+        p -= 1
+    best_s[p] = s
+    best_i[p] = t
+
+
+@njit(cache=True)
+def _exact_top_kernel(Qt, T, UB, members, ptr, k, out):
+    """Exact top-k of <q, t> over all targets for every query, by branch and bound over the planted clusters.
+
+    Cluster f holds the targets ``members[ptr[f]:ptr[f+1]]``; ``UB[b, f]`` = <q_b, c_f> + ||q_b|| r_f bounds every
+    score in it (Cauchy-Schwarz, r_f >= max ||t - c_f||). Clusters are scanned by decreasing bound until k scores
+    are known, then every cluster whose bound reaches the k-th best score (up to a rounding slack) is scanned: the
+    result is the brute-force top k in decreasing score order (ties: smaller id first), written to ``out``."""
+    nq, nf = UB.shape
+    best_s = np.empty(k, np.float64)
+    best_i = np.empty(k, np.int64)
+    done = np.zeros(nf, np.bool_)
+    for b in range(nq):
+        q = Qt[b]
+        best_s[:] = -np.inf
+        best_i[:] = -1
+        done[:] = False
+        filled = 0
+        while filled < k:  # the clusters of largest bound first, until k scores are known
+            f = -1
+            m = -np.inf
+            for g in range(nf):
+                if not done[g] and UB[b, g] > m:
+                    m = UB[b, g]
+                    f = g
+            if f < 0:
+                break
+            done[f] = True
+            for x in range(ptr[f], ptr[f + 1]):
+                t = members[x]
+                _insert(best_s, best_i, _dot(q, T[t]), t)
+                filled += 1
+        for f in range(nf):
+            u = UB[b, f]
+            if done[f] or u + 1e-9 * (abs(u) + 1.0) < best_s[k - 1]:
+                continue
+            for x in range(ptr[f], ptr[f + 1]):
+                t = members[x]
+                _insert(best_s, best_i, _dot(q, T[t]), t)
+        out[b] = best_i
+
+
+def _cluster_stats(T, labels, n_groups):
+    """Per group: ptr into ``members`` (targets sorted by label), centre (mean) and radius (max distance)."""
+    members = np.argsort(labels, kind="stable").astype(np.int64)
+    counts = np.bincount(labels, minlength=n_groups)
+    ptr = np.zeros(n_groups + 1, np.int64)
+    np.cumsum(counts, out=ptr[1:])
+    sums = np.zeros((n_groups, T.shape[1]))
+    np.add.at(sums, labels, T)
+    centres = sums / np.maximum(counts, 1)[:, None]
+    d = np.linalg.norm(T - centres[labels], axis=1)
+    radii = np.zeros(n_groups)
+    np.maximum.at(radii, labels, d)
+    return members, ptr, centres, radii * (1.0 + 1e-12) + 1e-12
+
+
+def _teacher_top(Qt, T, fine, n_fine, k):
+    """Exact top-k targets of every teacher query embedding (rows of ``Qt``) by <q, t>: :func:`_exact_top_kernel`
+    over the planted fine clusters, bounds by BLAS in chunks of queries. Same answer as a full scan."""
+    members, ptr, centres, radii = _cluster_stats(T, fine, n_fine)
+    Qt = np.ascontiguousarray(Qt, dtype=np.float64)
+    T = np.ascontiguousarray(T, dtype=np.float64)
+    out = np.empty((Qt.shape[0], k), np.int64)
+    chunk = max(1, 4_000_000 // max(n_fine, 1))
+    for lo in range(0, Qt.shape[0], chunk):
+        q = Qt[lo:lo + chunk]
+        UB = q @ centres.T + np.linalg.norm(q, axis=1)[:, None] * radii[None, :]
+        _exact_top_kernel(q, T, UB, members, ptr, k, out[lo:lo + chunk])
+    return out
 
 
 def _sparse_tokens(n, vocab, branching, gen, *, coarse_words=4, fine_words=4, own_words=2, vocab_per_cluster=8):
@@ -293,20 +397,23 @@ def planted_dataset(n_targets: int = 6000, n_queries: int = 6000, *, n_features:
         A_t = B_t @ P.T
 
     T = _embed(Y, B_t)
-    pos = np.empty((n_queries, n_positives), dtype=np.int64)
-    chunk = max(1, 2_000_000 // n_targets)
-    top1 = np.empty(n_queries, dtype=np.int64)
-    for lo in range(0, n_queries, chunk):
-        hi = min(n_queries, lo + chunk)
-        Qt = _embed(X[lo:hi], A_t)
-        logits = teacher_beta * (Qt @ T.T)
-        top1[lo:hi] = np.argmax(logits, axis=1)
-        if positives == "sample":
+    Qt_all = _embed(X, A_t)
+    if positives == "argmax":  # exact top-k by branch and bound over the planted clusters (no full scan)
+        pos = _teacher_top(Qt_all, T, fine, int(np.prod(branching, dtype=np.int64)), n_positives)
+        top1 = pos[:, 0].copy()
+    else:  # Gumbel top-k needs every perturbed logit: a full scan in chunks
+        pos = np.empty((n_queries, n_positives), dtype=np.int64)
+        chunk = max(1, 2_000_000 // n_targets)
+        top1 = np.empty(n_queries, dtype=np.int64)
+        for lo in range(0, n_queries, chunk):
+            hi = min(n_queries, lo + chunk)
+            logits = teacher_beta * (Qt_all[lo:hi] @ T.T)
+            top1[lo:hi] = np.argmax(logits, axis=1)
             logits = logits + gen.gumbel(size=logits.shape)
-        idx = np.argpartition(-logits, n_positives - 1, axis=1)[:, :n_positives] if n_positives < n_targets \
-            else np.tile(np.arange(n_targets), (hi - lo, 1))
-        order = np.argsort(-np.take_along_axis(logits, idx, axis=1), axis=1, kind="stable")
-        pos[lo:hi] = np.take_along_axis(idx, order, axis=1)
+            idx = np.argpartition(-logits, n_positives - 1, axis=1)[:, :n_positives] if n_positives < n_targets \
+                else np.tile(np.arange(n_targets), (hi - lo, 1))
+            order = np.argsort(-np.take_along_axis(logits, idx, axis=1), axis=1, kind="stable")
+            pos[lo:hi] = np.take_along_axis(idx, order, axis=1)
     perm = gen.permutation(n_queries)
     test_ids = np.sort(perm[:n_test]).astype(np.int64)
     train_ids = np.sort(perm[n_test:]).astype(np.int64)

@@ -55,7 +55,9 @@ RECALL_KS = (1, 5, 10, 20, 100)
 class TrainResult:
     """What :func:`train` returns.
 
-    history : one dict per step (step, loss, lr, mining (bool), n_negatives).
+    history : one dict per step (step, loss, lr, mining (bool), n_negatives, and the CPU seconds of the step's
+        phases: cpu_mine (the miner, periodic work included), cpu_loss (encoding + loss + gradients),
+        cpu_optimizer (the update and ``miner.observe``)).
     probes : one dict per probe step (step, grad_rel_error, tv).
     evals : one dict per evaluation (step + :func:`evaluate` metrics); the last one is the final evaluation.
     final : final test metrics (R@1..R@100, MRR@10) and accounting: encoder_calls_mining, encoder_calls_loss,
@@ -249,9 +251,10 @@ def _combine(parts, B):
 
 def train(dataset, miner: Miner, *, steps: int = 500, batch_size: int = 128, dim: int = 32, beta: float = 20.0,
           lr: float = 0.01, lr_warmup: int | None = None, lr_decay: bool = True, uniform_warmup: int = 0,
-          n_uniform: int = 0, in_batch: bool = False, log_q_correction: bool = False, probe_every: int = 0,
-          eval_every: int = 0, seed: int = 0, init_scale: float = 1.0, init: str = "independent",
-          tied: bool = False, sparse_updates: bool = True, encoder=None, progress: bool = False,
+          n_uniform: int = 0, uniform_per_example: bool = False, in_batch: bool = False,
+          log_q_correction: bool = False, probe_every: int = 0, eval_every: int = 0, seed: int = 0,
+          init_scale: float = 1.0, init: str = "independent", tied: bool = False, sparse_updates: bool = True,
+          encoder=None, progress: bool = False,
           desc: str | None = None) -> TrainResult:
     """Train a linear dual encoder with ``miner`` (Alg. 4, mini-batch form; see the module docstring).
 
@@ -270,7 +273,8 @@ def train(dataset, miner: Miner, *, steps: int = 500, batch_size: int = 128, dim
         linear decay to 0 at ``steps``.
     uniform_warmup : the first steps use ``Uniform(miner.k)`` negatives only (the paper's warm-up before mining);
         not applied to miners with ``warmup = False`` (Uniform, InBatch, FullSoftmax).
-    n_uniform : uniform negatives added to the mined ones every step (shared, log_q = -log N).
+    n_uniform : uniform negatives added to the mined ones every step (log_q = -log N): shared by the batch, or
+        ``n_uniform`` per example with ``uniform_per_example`` (the paper: 64 uniform per example).
     in_batch : add the batch's positives as shared negatives (always on for :class:`InBatch`).
     log_q_correction : subtract ``log(K q_s(j))`` from the logit of each negative j, K the total number of
         negatives and q_s the proposal of its source (mined, uniform, in-batch): an unbiased estimate of Z (see
@@ -318,15 +322,15 @@ def train(dataset, miner: Miner, *, steps: int = 500, batch_size: int = 128, dim
     ib_log_q = _in_batch_log_q(dataset)
     ctx = MinerContext(enc, Xt_all, rng=rng_miner, in_batch_log_q=ib_log_q)
     opt = Adam(enc.params, lr, warmup_steps=lr_warmup, total_steps=steps if lr_decay else None)
-    warm = Uniform(max(miner.k, 1))
+    warm = Uniform(max(miner.k, 1), per_example=bool(getattr(miner, "per_example", False)))
     use_in_batch = in_batch or miner.in_batch
     batches = _Batches(dataset.train_ids, batch_size, rng_batch)
     res = TrainResult(encoder=enc, config={
         "miner": miner.config(), "steps": steps, "batch_size": batch_size, "dim": enc.dim, "beta": enc.beta,
         "lr": lr, "lr_warmup": lr_warmup, "lr_decay": lr_decay, "uniform_warmup": uniform_warmup,
-        "n_uniform": n_uniform, "in_batch": use_in_batch, "log_q_correction": log_q_correction,
-        "probe_every": probe_every, "seed": seed, "n_targets": n, "init": init, "tied": enc.tied,
-        "sparse_updates": bool(sparse_updates)})
+        "n_uniform": n_uniform, "uniform_per_example": bool(uniform_per_example), "in_batch": use_in_batch,
+        "log_q_correction": log_q_correction, "probe_every": probe_every, "seed": seed, "n_targets": n,
+        "init": init, "tied": enc.tied, "sparse_updates": bool(sparse_updates)})
     bar = None
     if progress:
         from tqdm import tqdm
@@ -340,6 +344,7 @@ def train(dataset, miner: Miner, *, steps: int = 500, batch_size: int = 128, dim
     started = False
     for t in range(steps):
         t0 = time.perf_counter()
+        c0 = time.process_time()
         ctx.step = t
         qids = batches.next()
         Xq = Xq_all[qids]
@@ -356,10 +361,12 @@ def train(dataset, miner: Miner, *, steps: int = 500, batch_size: int = 128, dim
         if log_q_correction and not negs.full and negs.ids.size and negs.log_q is None:
             raise ValueError(f"log_q_correction: miner {miner.name!r} returned negatives without log_q")
         dt_mine = time.perf_counter() - t0
+        cpu_mine = time.process_time() - c0
         probe = probe_every and t % probe_every == 0
         if probe:  # the miner's distribution at this step's state (not timed, no randomness)
             dist = miner.distribution(ctx, batch) if mining else warm.distribution(ctx, batch)
         t1 = time.perf_counter()
+        c1 = time.process_time()
         if negs.full:
             T = ctx.encode_all_targets(purpose="loss")
             loss, dQ, dT = full_softmax_loss(Q, T, pos, beta=enc.beta)
@@ -368,8 +375,8 @@ def train(dataset, miner: Miner, *, steps: int = 500, batch_size: int = 128, dim
         else:
             parts = [(negs.ids, negs.log_q)]
             if n_uniform:
-                parts.append((rng_neg.integers(0, n, size=n_uniform).astype(np.int64),
-                              np.full(n_uniform, -np.log(n))))
+                shape = (len(qids), n_uniform) if uniform_per_example else (n_uniform,)
+                parts.append((rng_neg.integers(0, n, size=shape).astype(np.int64), np.full(shape, -np.log(n))))
             if use_in_batch:
                 ib = np.concatenate(pos)
                 parts.append((ib, ib_log_q[ib]))
@@ -385,6 +392,7 @@ def train(dataset, miner: Miner, *, steps: int = 500, batch_size: int = 128, dim
             n_neg = int(neg_ids.shape[-1])
         grads = enc.gradients(Xq, dQ, Xt_rows, dT, sparse=bool(sparse_updates))
         dt_loss = time.perf_counter() - t1
+        cpu_loss = time.process_time() - c1
         if probe:
             dA, dB = enc.query_vjp(Xq, dQ), enc.target_vjp(Xt_rows, dT)
             E = enc.encode_targets(Xt_all)
@@ -395,13 +403,15 @@ def train(dataset, miner: Miner, *, steps: int = 500, batch_size: int = 128, dim
             res.probes.append({"step": t, "grad_rel_error": gradient_relative_error((dA, dB), (fA, fB)),
                                "tv": float("nan") if dist is None else float(0.5 * np.abs(P - dist).sum(axis=1).mean())})
         t2 = time.perf_counter()
+        c2 = time.process_time()
         lr_used = opt.step(grads)
         ctx.advance()
         ids_enc = inv if not negs.full else np.arange(n)
         miner.observe(ctx, batch, ids_enc, T)
         t_train += dt_mine + dt_loss + (time.perf_counter() - t2)
         res.history.append({"step": t, "loss": float(loss), "lr": lr_used, "mining": bool(mining),
-                            "n_negatives": n_neg})
+                            "n_negatives": n_neg, "cpu_mine": cpu_mine, "cpu_loss": cpu_loss,
+                            "cpu_optimizer": time.process_time() - c2})
         if eval_every and (t + 1) % eval_every == 0 and t + 1 < steps:
             res.evals.append({"step": t + 1, **evaluate(enc, dataset)})
         if bar is not None:

@@ -71,3 +71,16 @@ def test_planted_sampled_positives_follow_the_teacher_softmax():
 def test_planted_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
         planted_dataset(**{**SMALL, **kw})
+
+
+def test_planted_argmax_positives_equal_a_full_scan():
+    """The branch-and-bound teacher top-k (argmax positives) equals the brute-force ranking of every query over all
+    targets (dense and sparse tasks, several positives)."""
+    from refimpl.data import _embed
+
+    for kw in (dict(n_targets=1500, n_queries=400, n_positives=3, branching=(6, 10)),
+               dict(n_targets=800, n_queries=300, n_positives=2, sparse=True, n_features=200, branching=(4, 5))):
+        ds = planted_dataset(**kw, rng=5)
+        S = _embed(ds.query_features, ds.teacher_A) @ _embed(ds.target_features, ds.teacher_B).T
+        ref = np.argsort(-S, axis=1, kind="stable")[:, :kw["n_positives"]]
+        assert np.array_equal(np.stack(ds.positives), ref)

@@ -242,3 +242,27 @@ def test_chunked_evaluation_equals_one_block_and_bounds_memory():
     tracemalloc.stop()
     assert peak < 150e6, peak                 # targets (6.4 MB x a few) + 2^20-score blocks, not 2000 x 200000
     assert 0.0 <= m["R@100"] <= 1.0
+
+
+def test_paper_negative_counts_and_phase_times(ds):
+    """The experiments' counts: k sampled per example shared by the batch (B k shared ids), n_uniform uniform per
+    example, in-batch positives; every step records the CPU seconds of its phases. A DyNNIBAL run with the exact
+    refresh re-initialises Alg. 6 every R mining steps (N encoder calls each)."""
+    from refimpl.mining import DyNNIBAL
+
+    calls = []
+
+    class Spy(StochasticNegativeMining):
+        def mine(self, ctx, batch):
+            negs = super().mine(ctx, batch)
+            calls.append(negs.ids.shape)
+            return negs
+
+    r = train(ds, Spy(4, mem_percent=20, refresh_every=5, per_example=True), steps=6, batch_size=16, dim=8,
+              n_uniform=3, uniform_per_example=True, in_batch=True, seed=0)
+    assert calls and all(c == (16 * 4,) for c in calls)
+    assert all(h["n_negatives"] == 16 * 4 + 3 + 16 for h in r.history)
+    assert all(h["cpu_mine"] >= 0 and h["cpu_loss"] > 0 and h["cpu_optimizer"] >= 0 for h in r.history)
+    mi = DyNNIBAL(4, n_landmarks=8, n_samples=16, reencode_every=2, refresh_every=3, per_example=True)
+    r = train(ds, mi, steps=9, batch_size=16, dim=8, uniform_warmup=1, seed=0)
+    assert mi.refreshed_at == [4, 7] and r.final["encoder_calls_mining"] >= 3 * ds.n_targets

@@ -33,8 +33,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from refimpl._validate import as_rng, check_int, check_positive
+from refimpl.softmax import log_softmax, logsumexp
 
-__all__ = ["Negatives", "Batch", "MinerContext", "Miner", "slot_queries", "mixture_log_q_rows"]
+__all__ = ["Negatives", "Batch", "MinerContext", "Miner", "slot_queries", "shared_slots", "draw_slots",
+           "mixture_log_q_rows", "log_softmax_rows"]
 
 
 @dataclass
@@ -121,10 +123,8 @@ class MinerContext:
 
 
 def log_softmax_rows(S: np.ndarray) -> np.ndarray:
-    m = np.max(S, axis=1, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
-    with np.errstate(divide="ignore"):
-        return S - (m + np.log(np.sum(np.exp(S - m), axis=1, keepdims=True)))
+    """Row-wise log-softmax (:func:`refimpl.softmax.log_softmax` along axis 1)."""
+    return log_softmax(S, axis=1)
 
 
 def slot_queries(n_queries: int, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -132,13 +132,32 @@ def slot_queries(n_queries: int, k: int, rng: np.random.Generator) -> np.ndarray
     return np.resize(rng.permutation(n_queries), k).astype(np.int64)
 
 
+def shared_slots(n_queries: int, k: int, rng: np.random.Generator, per_example: bool) -> np.ndarray:
+    """Query of each shared slot: k per batch (:func:`slot_queries`) or k per example (query b owns slots
+    b k ... b k + k - 1; the paper's setup, every example's draws shared by the whole batch)."""
+    if per_example:
+        return np.repeat(np.arange(n_queries, dtype=np.int64), k)
+    return slot_queries(n_queries, k, rng)
+
+
+def draw_slots(cdf: np.ndarray, slots: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Inverse-CDF draws: column ``searchsorted(cdf[slots[j]], u[j] * cdf[slots[j], -1])`` for every slot j, one
+    vectorised search per query (``cdf`` rows non-decreasing)."""
+    cols = np.empty(slots.size, np.int64)
+    order = np.argsort(slots, kind="stable")
+    ss = slots[order]
+    bounds = np.flatnonzero(np.r_[True, ss[1:] != ss[:-1], True])
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        row = cdf[ss[a]]
+        cols[order[a:b]] = np.searchsorted(row, u[order[a:b]] * row[-1], side="right")
+    return np.minimum(cols, cdf.shape[1] - 1)
+
+
 def mixture_log_q_rows(log_p: np.ndarray, slots: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """log q̄(c) with q̄ = (1/k) Σ_j p_{slots[j]}, evaluated at the drawn columns ``cols``."""
     w = np.bincount(slots, minlength=log_p.shape[0]) / slots.size
     rows = np.flatnonzero(w)
-    lp = log_p[rows][:, cols] + np.log(w[rows])[:, None]
-    m = lp.max(axis=0)
-    return m + np.log(np.exp(lp - m).sum(axis=0))
+    return logsumexp(log_p[rows][:, cols] + np.log(w[rows])[:, None], axis=0)
 
 
 class Miner:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 
 from refimpl._validate import as_rng, check_int, check_positive
-from refimpl.mining.base import Batch, Miner, MinerContext, Negatives, log_softmax_rows, mixture_log_q_rows, slot_queries
+from refimpl.mining.base import (Batch, Miner, MinerContext, Negatives, draw_slots, log_softmax_rows, mixture_log_q_rows,
+                                 shared_slots, slot_queries)
 
 __all__ = ["InBatch", "Uniform", "StochasticNegativeMining", "NegativeCache", "BruteForceTopK", "FullSoftmax"]
 
@@ -36,18 +37,21 @@ class InBatch(Miner):
 class Uniform(Miner):
     """Uniform negatives (paper §5, Table 1 "uniform"): k targets drawn uniformly with replacement.
 
-    ``log_q = -log N`` for every draw (shared or per query). Mem %: 0.
+    ``log_q = -log N`` for every draw (shared or per query). ``per_example``: k draws per example (shared: B k
+    draws for the batch). Mem %: 0.
     """
 
     name = "uniform"
     warmup = False
 
-    def __init__(self, k: int = 64, *, shared: bool = True):
+    def __init__(self, k: int = 64, *, shared: bool = True, per_example: bool = False):
         self.k = check_int("k", k, low=1)
         self.shared = bool(shared)
+        self.per_example = bool(per_example)
 
     def mine(self, ctx, batch):
-        shape = (self.k,) if self.shared else (batch.Q.shape[0], self.k)
+        B = batch.Q.shape[0]
+        shape = ((B * self.k if self.per_example else self.k),) if self.shared else (B, self.k)
         ids = ctx.rng.integers(0, ctx.n_targets, size=shape).astype(np.int64)
         return Negatives(ids, np.full(shape, -np.log(ctx.n_targets)))
 
@@ -55,7 +59,7 @@ class Uniform(Miner):
         return np.full((batch.Q.shape[0], ctx.n_targets), 1.0 / ctx.n_targets)
 
     def config(self):
-        return {"name": self.name, "k": self.k, "shared": self.shared}
+        return {"name": self.name, "k": self.k, "shared": self.shared, "per_example": self.per_example}
 
 
 class StochasticNegativeMining(Miner):
@@ -71,17 +75,20 @@ class StochasticNegativeMining(Miner):
     log_q: the two-stage proposal "uniform pool, then softmax within it" has no closed-form marginal; we report
     ``log q = log p_pool(n) + log(m / N)``, the importance weight for which ``exp(s_n)/q`` is unbiased for Z over
     the draw of the pool (each target is in the pool with probability m/N). Mem %: the pool, ``m`` embeddings.
+    ``per_example``: k draws per example (the paper's setup; shared: the B k draws form one set for the batch).
     """
 
     name = "snm"
 
-    def __init__(self, k: int = 64, *, mem_percent: float = 3.0, refresh_every: int = 100, shared: bool = True):
+    def __init__(self, k: int = 64, *, mem_percent: float = 3.0, refresh_every: int = 100, shared: bool = True,
+                 per_example: bool = False):
         self.k = check_int("k", k, low=1)
         self.mem_percent = check_positive("mem_percent", mem_percent)
         if self.mem_percent > 100:
             raise ValueError(f"mem_percent: must be <= 100, got {mem_percent}")
         self.refresh_every = check_int("refresh_every", refresh_every, low=1)
         self.shared = bool(shared)
+        self.per_example = bool(per_example)
         self.pool = None
         self.pool_emb = None
         self.refreshed_at = []
@@ -108,18 +115,14 @@ class StochasticNegativeMining(Miner):
             self._last = ctx.step
         log_p = self._log_p(ctx, batch.Q)
         cdf = np.cumsum(np.exp(log_p), axis=1)
-        cdf /= cdf[:, -1:]
         offset = np.log(self.pool.size / ctx.n_targets)
         B = batch.Q.shape[0]
         if self.shared:
-            slots = slot_queries(B, self.k, ctx.rng)
-            u = ctx.rng.random(self.k)
-            cols = np.minimum(np.array([np.searchsorted(cdf[b], x, side="right") for b, x in zip(slots, u)],
-                                       dtype=np.int64), self.pool.size - 1)
+            slots = shared_slots(B, self.k, ctx.rng, self.per_example)
+            cols = draw_slots(cdf, slots, ctx.rng.random(slots.size))
             return Negatives(self.pool[cols], mixture_log_q_rows(log_p, slots, cols) + offset)
-        u = ctx.rng.random((B, self.k))
-        cols = np.minimum(np.stack([np.searchsorted(cdf[b], u[b], side="right") for b in range(B)]),
-                          self.pool.size - 1).astype(np.int64)
+        slots = np.repeat(np.arange(B), self.k)
+        cols = draw_slots(cdf, slots, ctx.rng.random(slots.size)).reshape(B, self.k)
         return Negatives(self.pool[cols], np.take_along_axis(log_p, cols, axis=1) + offset)
 
     def distribution(self, ctx, batch):
@@ -132,7 +135,7 @@ class StochasticNegativeMining(Miner):
 
     def config(self):
         return {"name": self.name, "k": self.k, "mem_percent": self.mem_percent,
-                "refresh_every": self.refresh_every, "shared": self.shared}
+                "refresh_every": self.refresh_every, "shared": self.shared, "per_example": self.per_example}
 
 
 class NegativeCache(Miner):

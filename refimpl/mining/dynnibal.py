@@ -57,10 +57,10 @@ import numpy as np
 
 from refimpl._validate import check_int, check_positive
 from refimpl.index.sgtree import DEFAULT_BASE, SGTree
-from refimpl.mining.base import Miner, Negatives, slot_queries
-from refimpl.nystrom import LANDMARK_METHODS, SPLITS, RegressionReEncoder, default_level
+from refimpl.mining.base import Miner, Negatives, shared_slots
+from refimpl.nystrom import LANDMARK_METHODS, SPLITS, RegressionReEncoder, default_level, update_tree
 from refimpl.sampling.bounds import prop6_drift
-from refimpl.sampling.clustering import certify, find_clustering
+from refimpl.sampling.clustering import certify
 from refimpl.sampling.engine import MiningEngine
 from refimpl.softmax import logsumexp
 
@@ -214,8 +214,9 @@ class DyNNIBAL(Miner):
         rebuilt); None: never (Alg. 4 as printed).
     sampler : "rejection" (Alg. 1, exact draws of P~), "mh" (Alg. 2 + Eq. 14, certified gamma and Eq. 6 bound) or
         "paper" (the experiments' procedure; no proposition covers it; no log_q).
-    gamma, m, max_clusters : Alg. 2: target max P/Q (Prop. 2's start level), deepest level (None: 16x finer than
-        the start), frontier cap (Remark 2; None: uncapped).
+    gamma, m, max_clusters, start : Alg. 2: target max P/Q (Prop. 2's level), deepest level (None: 16x finer than
+        Prop. 2's level), frontier cap (Remark 2; None: uncapped), first frontier ("root" or "prop2": C_(l) at
+        Prop. 2's level, as printed; see :class:`refimpl.sampling.engine.MiningEngine`).
     chain_length : states per MH chain; "auto": 10 for "mh", 2 for "paper"; None ("mh"): Eq. 6's length for ``tv``.
     tv : Eq. 6's TV target when ``chain_length`` is None.
     n_top_clusters, n_chains, temperature, n_trees : "paper" only: the closest clusters kept, chains per query
@@ -231,6 +232,7 @@ class DyNNIBAL(Miner):
     base : SG-tree base (None: :data:`refimpl.index.sgtree.DEFAULT_BASE`).
     shared : one set of negatives for the whole batch (slot-mixture log_q) or per query (B, k).
     per_example : k draws per example (True) or k per batch (False).
+    paper_probe_runs : "paper" only: runs of the procedure behind the TV probe's estimate (:meth:`distribution`).
 
     State for inspection: ``reencoder``, ``tree`` (``trees`` for a forest), ``started_at``, ``reencoded_at``,
     ``refreshed_at``, ``tree_updates``, ``last_stats`` (the last mining step: per-query certified log gamma, TV
@@ -247,7 +249,7 @@ class DyNNIBAL(Miner):
                  landmarks: str = "uniform", split: str = "symmetric", tree_update: str = "maintain", U="measured",
                  update_level: int | None = None, prop6_eta: float | None = None, prop6_L: float | None = None,
                  prop6_M: float | None = None, base: float | None = None, shared: bool = True,
-                 per_example: bool = False):
+                 per_example: bool = False, paper_probe_runs: int = 32, start: str = "root"):
         self.k = check_int("k", k, low=1)
         self.n_landmarks = check_int("n_landmarks", n_landmarks, low=1)
         self.n_samples = check_int("n_samples", n_samples, low=1)
@@ -273,7 +275,7 @@ class DyNNIBAL(Miner):
             raise ValueError("n_trees: a forest is part of sampler='paper' only")
         self.engine = MiningEngine(sampler, gamma=gamma, m=m, max_frontier=max_clusters,
                                    n_top_clusters=n_top_clusters, chain_length=chain_length, n_chains=n_chains,
-                                   temperature=temperature, tv=self.tv)
+                                   temperature=temperature, tv=self.tv, start=start)
         self.gamma, self.m, self.max_clusters = self.engine.gamma, self.engine.m, max_clusters
         self.n_top_clusters, self.n_chains, self.temperature = n_top_clusters, n_chains, self.engine.temperature
         self.n_uniform = check_int("n_uniform", n_uniform, low=0)
@@ -310,6 +312,8 @@ class DyNNIBAL(Miner):
         self.base = base
         self.shared = bool(shared)
         self.per_example = bool(per_example)
+        self.paper_probe_runs = check_int("paper_probe_runs", paper_probe_runs, low=1)
+        self.paper_probe_seed = 0x5EED
         self.has_log_q = sampler != "paper"
         self.reencoder = None
         self.trees: list = []
@@ -367,21 +371,21 @@ class DyNNIBAL(Miner):
             return float(prop6_drift(self.reencode_every, eta, beta, L, M))
         return float(self.U)
 
-    def _follow(self, tree, new, rng, max_move, beta, rec):
-        """The tree follows moved points: update_points (no repair) then Alg. 3 / rebuild_level / nothing."""
-        tree.update_points(np.arange(new.shape[0], dtype=np.int64), new, repair=False)
+    def _follow(self, tree, old, new, rng, max_move, beta, rec):
+        """The tree follows moved points: :func:`refimpl.nystrom.update_tree` (update_points + Alg. 3 maintain(U)),
+        or update_points + rebuild_level + maintain(0)."""
         if self.tree_update == "maintain":
-            U = self.drift_bound(max_move, beta)
-            st = tree.maintain(U, rng=rng)
-            rec["U"] = U
+            st = update_tree(tree, old, new, U=self.drift_bound(max_move, beta), rng=rng)
+            st = {key: v for key, v in st.items() if key not in ("max_move", "n_moved")}
         else:
+            tree.update_points(np.arange(new.shape[0], dtype=np.int64), new, repair=False)
             level = default_level(tree) if self.update_level is None else self.update_level
             moved = tree.rebuild_level(level, rng=rng)
             st = tree.maintain(0.0, rng=rng)
-            st = dict(st, points_reinserted=int(moved + st["points_reinserted"]), level=int(level))
-            rec["U"] = 0.0
+            st = dict(st, points_reinserted=int(moved + st["points_reinserted"]), level=int(level), U=0.0)
         for key, v in st.items():
-            rec[key] = rec.get(key, 0) + v if isinstance(v, (int, float)) and key != "level" else v
+            numeric = isinstance(v, (int, float)) and key not in ("level", "U")
+            rec[key] = rec.get(key, 0) + v if numeric else v
 
     def reencode(self, ctx) -> dict:
         """ApproximateReEncode (Alg. 5: s' encoder calls) then the tree update; returns the update record."""
@@ -397,7 +401,8 @@ class DyNNIBAL(Miner):
             rec.update(U=None, points_reinserted=int(new.shape[0]))
         else:
             for tree, part in zip(self.trees, self.parts):
-                self._follow(tree, new if part is None else new[part], ctx.rng, max_move, ctx.beta, rec)
+                self._follow(tree, old if part is None else old[part], new if part is None else new[part], ctx.rng,
+                             max_move, ctx.beta, rec)
         rec["tree_seconds"] = time.process_time() - t1
         self.reencoded_at.append(int(ctx.step))
         self.tree_updates.append(rec)
@@ -430,18 +435,16 @@ class DyNNIBAL(Miner):
         return list(batch.positives) if self.exclude_positives else None
 
     def _counts(self, B, rng):
-        """Draws per query and, for shared per-batch negatives, the slot of each draw."""
-        if self.per_example:
-            return np.full(B, self.k, dtype=np.int64), None
+        """Draws per query and, for shared negatives, the query of each slot (None: per-query output)."""
         if not self.shared:
             return np.full(B, self.k, dtype=np.int64), None
-        slots = slot_queries(B, self.k, rng)
+        slots = shared_slots(B, self.k, rng, self.per_example)
         return np.bincount(slots, minlength=B).astype(np.int64), slots
 
-    def _run(self, ctx, ZQ, counts, exclude):
+    def _run(self, beta, rng, ZQ, counts, exclude):
         """One engine call per tree; a forest's candidates are merged per query by the largest logit."""
         if len(self.trees) == 1:
-            return self.engine.run(self.tree, ZQ, counts, beta=ctx.beta, rng=ctx.rng, exclude=exclude)
+            return self.engine.run(self.tree, ZQ, counts, beta=beta, rng=rng, exclude=exclude)
         ptr = np.zeros(ZQ.shape[0] + 1, np.int64)
         np.cumsum(counts, out=ptr[1:])
         owner = np.repeat(np.arange(ZQ.shape[0]), counts)
@@ -450,7 +453,7 @@ class DyNNIBAL(Miner):
             ex = None
             if exclude is not None:  # global excluded ids -> this tree's local ids
                 ex = [np.searchsorted(part, e)[np.isin(e, part)] for e in exclude]
-            r = self.engine.run(tree, ZQ, counts, beta=ctx.beta, rng=ctx.rng, exclude=ex)
+            r = self.engine.run(tree, ZQ, counts, beta=beta, rng=rng, exclude=ex)
             ids.append(part[r.ids])
             lg.append(r.logits)
             own.append(owner)
@@ -464,6 +467,7 @@ class DyNNIBAL(Miner):
         r.ids, r.logits, r.ptr = ids[keep], lg[keep], ptr
         r.n_clusters = sum(x.n_clusters for x in res)
         r.inner_products = sum(x.inner_products for x in res)
+        r.distance_evals = sum(x.distance_evals for x in res)
         return r
 
     def mine(self, ctx, batch) -> Negatives:
@@ -473,10 +477,11 @@ class DyNNIBAL(Miner):
         B = ZQ.shape[0]
         counts, slots = self._counts(B, ctx.rng)
         exclude = self._exclusions(batch)
-        r = self._run(ctx, ZQ, counts, exclude)
+        r = self._run(ctx.beta, ctx.rng, ZQ, counts, exclude)
         ip = int(r.inner_products.sum())
         self.inner_products += ip
-        self.last_stats = {"step": int(ctx.step), "inner_products": ip, "queries": int(np.count_nonzero(counts)),
+        self.last_stats = {"step": int(ctx.step), "inner_products": ip, "distance_evals": int(r.distance_evals.sum()),
+                           "queries": int(np.count_nonzero(counts)),
                            "mean_clusters": float(np.mean(r.n_clusters[counts > 0])),
                            "log_gamma": r.log_gamma, "tv_bound": r.tv_bound, "chain_length": r.chain_length}
         n = ctx.n_targets
@@ -522,19 +527,29 @@ class DyNNIBAL(Miner):
 
     # ------------------------------------------------------------------ probes and accounting
     def distribution(self, ctx, batch):
-        """Per query of the batch, the EXACT law of one of its draws at the current state (no randomness, no state
-        change): ``"mh"``: the law after ``chain_length`` MH states with this query's Alg. 2 clustering
-        (:func:`mh_law`); ``"rejection"``: P~ itself renormalised over the non-excluded targets; ``"paper"``: None
-        (no closed form: measure it by sampling). Costs N inner products per query (probes only)."""
-        if self.tree is None or self.sampler == "paper":
+        """Per query of the batch, the law of one of its draws at the current state (no randomness taken from the
+        run, no state change): ``"mh"``: the EXACT law after ``chain_length`` MH states with this query's Alg. 2
+        partition (:func:`mh_law`); ``"rejection"``: P~ itself renormalised over the non-excluded targets (Alg. 1 is
+        exact); ``"paper"``: no closed form exists, so an ESTIMATE: the frequency of each target among the
+        selections of ``paper_probe_runs`` independent runs of the procedure (own fixed seeds), normalised; its
+        TV to the exact softmax is biased upwards by the sampling noise (about sqrt(support / draws)).
+        Costs N inner products per query (probes only)."""
+        if self.tree is None:
             return None
         beta = ctx.beta
         Z = self.reencoder.representations
         ZQ = self.reencoder.query_representations(batch.Q)
-        LP = beta * (ZQ @ Z.T)
-        out = np.zeros((ZQ.shape[0], ctx.n_targets))
+        B = ZQ.shape[0]
         exclude = self._exclusions(batch)
-        for b in range(ZQ.shape[0]):
+        out = np.zeros((B, ctx.n_targets))
+        if self.sampler == "paper":
+            rng = np.random.default_rng(self.paper_probe_seed)
+            for _ in range(self.paper_probe_runs):
+                r = self._run(beta, rng, ZQ, np.full(B, self.k, np.int64), exclude)
+                np.add.at(out, (np.repeat(np.arange(B), self.k), r.ids), 1.0)
+            return out / out.sum(axis=1, keepdims=True)
+        LP = beta * (ZQ @ Z.T)
+        for b in range(B):
             excl = np.zeros(0, np.int64) if exclude is None else np.unique(np.asarray(exclude[b], np.int64))
             lp = LP[b]
             if self.sampler == "rejection":
@@ -542,8 +557,7 @@ class DyNNIBAL(Miner):
                 lp[excl] = -np.inf
                 out[b] = np.exp(lp - logsumexp(lp))
                 continue
-            cl = find_clustering(self.tree, ZQ[b], beta=beta, gamma=self.gamma, m=self.m,
-                                 max_clusters=self.max_clusters)
+            cl = self.engine.partition(self.tree, ZQ[b], beta=beta)
             s = self.chain_length
             if s is None:
                 s = certify(self.tree, ZQ[b], cl, beta=beta).chain_length(self.tv)
@@ -567,4 +581,4 @@ class DyNNIBAL(Miner):
                 "n_uniform": self.n_uniform, "exclude_positives": self.exclude_positives, "ridge": self.ridge,
                 "landmarks": self.landmarks, "split": self.split, "tree_update": self.tree_update, "U": self.U,
                 "update_level": self.update_level, "prop6": self.prop6, "base": self.base, "shared": self.shared,
-                "per_example": self.per_example}
+                "per_example": self.per_example, "start": self.engine.start}

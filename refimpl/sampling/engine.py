@@ -3,16 +3,21 @@
 A :class:`MiningEngine` runs one of three named procedures over an SG tree for a batch of queries ``Q`` (B, D),
 drawing ``counts[b]`` targets for query b. The clustering, the proposal and the draws of every query happen inside
 one Numba function (:mod:`refimpl.sampling._engine_kernels`); nothing is re-validated per query, the query-free
-tree statistics (suffix radii) are cached per ``tree.version``, and the output buffers are reused across calls.
+tree statistics (suffix radii) are cached per ``tree.version``, and the output buffers are reused across calls
+(the per-query working arrays of the Alg. 2 / MH / Alg. 1 kernels are still allocated per query, inside the call).
 The tree's points may be float32 or float64; logits, log Z bounds, gamma and TV bounds are computed in float64.
 
 Procedures and what each guarantees (P = softmax of ``beta <q, t>`` over the non-excluded targets of the tree):
 
-* ``"rejection"``: Alg. 1 (hierarchical rejection, errata fixed) from the start level of least estimated cost.
+* ``"rejection"``: Alg. 1 (hierarchical rejection, errata fixed) started from the partition Alg. 2 returns (below)
+  after a certified refinement to Z_hi / Z_lo <= max(``rejection_ratio``, |C| / k) (any partition of tree
+  clusters with bounds E_C = s_r + beta ||q|| rho(C) is a valid start; k Z_hi / Z_lo bounds the expected attempts
+  of k draws, balanced against the |C| inner products of the partition, the U-shaped cost of Prop. 3).
   Every draw is an EXACT sample of P (the tree's representations define P: for DyNNIBAL that is the approximate
   softmax P~ of Nyström + regression). ``log_z`` is an estimate clipped to the certified [Z_lo, Z_hi].
-* ``"mh"``: Alg. 2 (Prop. 2's start level for ``gamma``, deepest level ``m``, the frontier capped to
-  ``max_frontier`` clusters with the excess finalised: Remark 2, still a partition), the Eq. 7 proposal, and one
+* ``"mh"``: Alg. 2 (deepest level ``m``, 16x finer than Prop. 2's level for ``gamma`` by default; first frontier
+  the root, or C_(l) at Prop. 2's level with ``start="prop2"``; the frontier capped to ``max_frontier`` clusters
+  with the excess finalised: Remark 2, still a partition), the Eq. 7 proposal, and one
   independent MH chain (Eq. 14) per draw. Per query the CERTIFIED gamma >= max P/Q (``log_gamma``) and Eq. 6's
   bound exp(-(s - 1)/gamma) >= ||P - law of a draw||_TV (``tv_bound``) are reported; with ``chain_length=None``
   s is Eq. 6's length for ``tv`` (1 + gamma log(1/tv), refused beyond ``max_steps``).
@@ -25,7 +30,8 @@ Procedures and what each guarantees (P = softmax of ``beta <q, t>`` over the non
   and its gradient error instead (the training probes do). A forest of trees (the paper's 100 trees merged by
   max unnormalised probability) is :func:`sample_paper` with a list of trees.
 
-Contents: :data:`PROCEDURES`, :class:`EngineResult`, :class:`MiningEngine`, :func:`sample_paper`.
+Contents: :data:`PROCEDURES`, :data:`STARTS`, :class:`EngineResult`, :class:`MiningEngine`, :func:`sample_paper`,
+:func:`prop2_levels`.
 """
 from __future__ import annotations
 
@@ -37,11 +43,13 @@ import numpy as np
 from refimpl._validate import as_rng, check_int, check_matrix, check_positive
 from refimpl.sampling import _cluster_kernels as CK
 from refimpl.sampling import _engine_kernels as EK
+from refimpl.sampling.clustering import TreeClustering
 
-__all__ = ["PROCEDURES", "EngineResult", "MiningEngine", "sample_paper", "prop2_levels"]
+__all__ = ["PROCEDURES", "STARTS", "EngineResult", "MiningEngine", "sample_paper", "prop2_levels"]
 
 PROCEDURES = ("rejection", "mh", "paper")
 _CODES = {"rejection": EK.REJECTION, "mh": EK.MH, "paper": EK.PAPER}
+STARTS = ("root", "prop2")
 DEFAULT_MAX_STEPS = 10_000_000
 
 
@@ -64,8 +72,9 @@ class EngineResult:
 
     Per query (arrays of shape (B,)): ``log_z`` (estimate, clipped to the certified interval; NaN for "paper"),
     ``log_z_lo`` / ``log_z_hi`` (certified), ``log_gamma`` (certified log max P/Q of the proposal sampled;
-    rejection: log Z_hi/Z_lo of its start level; inf for "paper" when clusters were dropped), ``tv_bound`` (Eq. 6
-    for "mh", 0 for "rejection", NaN for "paper"), ``chain_length``, ``n_clusters``, ``inner_products``.
+    rejection: log Z_hi/Z_lo of its start partition; inf for "paper" when clusters were dropped), ``tv_bound``
+    (Eq. 6 for "mh", 0 for "rejection", NaN for "paper"), ``chain_length``, ``n_clusters``, ``inner_products``,
+    ``distance_evals`` (Alg. 2's distances to the query).
     """
 
     procedure: str
@@ -80,6 +89,7 @@ class EngineResult:
     chain_length: np.ndarray
     n_clusters: np.ndarray
     inner_products: np.ndarray
+    distance_evals: np.ndarray
 
     def of(self, b: int) -> np.ndarray:
         """The ids drawn for query b."""
@@ -128,12 +138,21 @@ class MiningEngine:
     temperature : "paper" only: the chains target exp(beta s / temperature) (the paper's optional lower
         temperature, value unstated); 1 = none.
     tv : the TV target of Eq. 6 when ``chain_length`` is None. max_steps : attempt / chain budget per draw.
+    rejection_ratio, max_refine_clusters : "rejection" only: Alg. 2's partition is refined (certified, best
+        first: the cluster with the largest share of Z_hi - Z_lo is split) until Z_hi / Z_lo <= max(rejection_ratio,
+        |C| / draws) (the expected attempts per exact draw are <= Z_hi / Z_lo), or max_refine_clusters clusters.
+    start : Alg. 2's first frontier: "prop2" = C_(l) at Prop. 2's level l (as printed; it holds every node of
+        level >= l, a fixed fraction of N at a fixed gamma), or "root" (default) = the root, so that the frontier
+        cap applies from the top and far regions are finalised as coarse clusters. Either way the output is a
+        partition and its certified gamma is computed and reported; Prop. 4's premise (every output cluster at
+        level <= l) holds only for "prop2" without a cap.
     """
 
     def __init__(self, procedure: str = "mh", *, gamma: float = 1e6, m: int | None = None,
                  max_frontier: int | None = 100, n_top_clusters: int | None = 10, chain_length: int | None = None,
                  n_chains: int | None = None, temperature: float = 1.0, tv: float = 0.01,
-                 max_steps: int = DEFAULT_MAX_STEPS):
+                 max_steps: int = DEFAULT_MAX_STEPS, start: str = "root", rejection_ratio: float = 4.0,
+                 max_refine_clusters: int = 100_000):
         if procedure not in PROCEDURES:
             raise ValueError(f"procedure: expected one of {PROCEDURES}, got {procedure!r}")
         self.procedure = procedure
@@ -152,6 +171,13 @@ class MiningEngine:
         if self.tv >= 1.0:
             raise ValueError(f"tv: must be in (0, 1), got {tv}")
         self.max_steps = check_int("max_steps", max_steps, low=1)
+        if start not in STARTS:
+            raise ValueError(f"start: expected one of {STARTS}, got {start!r}")
+        self.start = start
+        self.rejection_ratio = check_positive("rejection_ratio", rejection_ratio)
+        if self.rejection_ratio <= 1.0:
+            raise ValueError(f"rejection_ratio: must be > 1, got {rejection_ratio}")
+        self.max_refine_clusters = check_int("max_refine_clusters", max_refine_clusters, low=1)
         self._suf = None  # (tree identity, tree.version, suffix radii)
         self._ids = np.zeros(0, np.int64)
         self._logits = np.zeros(0, np.float64)
@@ -164,6 +190,27 @@ class MiningEngine:
             suf = CK.suffix_radii(n_nodes, ta.node_first_child, ta.node_next_sibling, ta.node_pdist, ta.node_maxd)
             self._suf = (key, suf)
         return self._suf[1]
+
+    def _levels(self, tree, ta, qn, beta):
+        """Alg. 2's first frontier level and deepest level for queries of norms ``qn`` (see ``start`` and ``m``)."""
+        base = float(ta.base)
+        starts = prop2_levels(self.gamma, beta * qn, base)
+        ms = starts - math.ceil(math.log(16.0) / math.log(base)) if self.m is None else np.full(qn.size, self.m)
+        if self.start == "root":
+            starts = np.full(qn.size, int(ta.node_level[int(tree.root)]) + 1, np.int64)
+        return starts.astype(np.int64), np.asarray(ms, dtype=np.int64)
+
+    def partition(self, tree, q, *, beta) -> TreeClustering:
+        """The partition the "mh" procedure proposes from for query ``q`` (D,): Alg. 2 with this engine's start,
+        deepest level and frontier cap (for probes and tests: the same clustering as inside :meth:`run`)."""
+        beta = check_positive("beta", beta)
+        ta = tree.arrays()
+        q = check_matrix("q", np.asarray(q)[None, :], n_cols=int(tree.dim))[0]
+        starts, ms = self._levels(tree, ta, np.array([np.linalg.norm(q)]), beta)
+        nodes, levels, _ = CK.find_clustering_kernel(ta.points, q, int(tree.root), int(starts[0]), int(ms[0]),
+                                                     float(ta.base), self.max_frontier, ta.node_point, ta.node_level,
+                                                     ta.node_first_child, ta.node_next_sibling, ta.node_count)
+        return TreeClustering.from_nodes(tree, nodes, levels)
 
     def run(self, tree, Q, counts, *, beta, rng, exclude=None) -> EngineResult:
         """Draw ``counts[b]`` targets for every query ``Q[b]`` (one compiled call; see the module docstring).
@@ -197,9 +244,7 @@ class MiningEngine:
         suf = self._suffix_radii(tree, ta)
         qn = np.sqrt(np.einsum("ij,ij->i", Q, Q))
         base = float(ta.base)
-        starts = prop2_levels(self.gamma, beta * qn, base)
-        ms = starts - math.ceil(math.log(16.0) / math.log(base)) if self.m is None else np.full(B, self.m, np.int64)
-        ms = ms.astype(np.int64)
+        starts, ms = self._levels(tree, ta, qn, beta)
         ptr = np.zeros(B + 1, np.int64)
         np.cumsum(counts, out=ptr[1:])
         total = int(ptr[-1])
@@ -213,7 +258,8 @@ class MiningEngine:
         seeds = gen.integers(0, 2 ** 62, size=B, dtype=np.int64)
         EK.engine_kernel(ta.points, Q, qn, beta, _CODES[self.procedure], counts, ptr, eptr, eids, seeds, starts, ms,
                          self.max_frontier, self.n_top_clusters, self.chain_length, n_chains, self.temperature,
-                         math.log(self.tv), self.max_steps, int(tree.root), base, ta.node_point, ta.node_level,
+                         math.log(self.tv), self.max_steps, math.log(self.rejection_ratio), self.max_refine_clusters,
+                         int(tree.root), base, ta.node_point, ta.node_level,
                          ta.node_first_child, ta.node_next_sibling, ta.node_count, ta.node_maxd, suf, self._ids,
                          self._logits, self._stats)
         st = self._stats[:B]
@@ -229,7 +275,7 @@ class MiningEngine:
                             st[:, EK.S_LOG_Z].copy(), st[:, EK.S_LOG_Z_LO].copy(), st[:, EK.S_LOG_Z_HI].copy(),
                             st[:, EK.S_LOG_GAMMA].copy(), st[:, EK.S_TV].copy(),
                             st[:, EK.S_CHAIN].astype(np.int64), st[:, EK.S_CLUSTERS].astype(np.int64),
-                            st[:, EK.S_INNER].astype(np.int64))
+                            st[:, EK.S_INNER].astype(np.int64), st[:, EK.S_DIST].astype(np.int64))
 
 
 def sample_paper(tree, Q, k, *, beta, rng, gamma=1e6, m=None, max_frontier=100, n_top_clusters=10, chain_length=2,

@@ -1,0 +1,218 @@
+"""``python -m refimpl bench train``: the CPU time of one steady training step of every miner, in one run.
+
+For each N in ``--sizes`` (default 1e5 and 1e6) the planted task (:func:`refimpl.data.planted_dataset`, fine clusters
+of ~25 near-duplicates) is generated once; each miner then trains the same linear dual encoder
+(:func:`refimpl.training.train`, batch 128, the same seed) through ``--warmup`` uniform-only steps and
+``--steps`` mining steps. From the loop's per-step CPU times (``history``: cpu_mine, cpu_loss, cpu_optimizer) the
+benchmark reports the median over the steady mining steps (no start, no periodic work) of
+
+* mining (the miner's ``mine``), loss (encoding the targets involved, the loss and its gradients), optimiser;
+* for DyNNIBAL, per re-encode: Alg. 5 (``reencode_seconds``) and the tree update (``tree_seconds``), measured on
+  the bench's own re-encodes (``reencode_every=2`` so that they fall inside the window) and amortised over the
+  miner's default period w; for SNM, the pool refresh amortised over its default period;
+* the start (the first mining step: Alg. 6 + tree build for DyNNIBAL, the pool for SNM), once.
+
+Rows: in-batch, uniform, SNM 3%, Negative Cache, brute-force top-k, full softmax, DyNNIBAL with each procedure
+("rejection", "mh", "paper"), and the paper's per-example negative counts (64 sampled per example shared by the
+batch + 64 uniform per example + in-batch) for SNM 3% and DyNNIBAL "paper". ``--sizes 21000000`` (with
+``--dprime 64``) instead builds the tree over N random d'-dim representations and times one re-encode-sized
+update + mining step at that scale, reporting peak RSS (:func:`scale`).
+
+Output: a table on stdout and JSON (``--json``). Timings on a shared machine are noisy: compare ratios within a run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+
+import numpy as np
+
+from refimpl.data import planted_dataset
+from refimpl.mining import (BruteForceTopK, DyNNIBAL, FullSoftmax, InBatch, NegativeCache, StochasticNegativeMining,
+                            Uniform)
+from refimpl.training import train
+
+W_DEFAULT = 25  # DyNNIBAL's default re-encode period (mining steps)
+SNM_PERIOD = 100  # SNM's default refresh period
+
+
+def _rows(per_example_k: int):
+    """(label, miner factory, train kwargs, period, periodic-work kind)."""
+    pe = dict(n_uniform=64, uniform_per_example=True, in_batch=True)
+    dyn = dict(reencode_every=2)
+    return [
+        ("in-batch", lambda: InBatch(), {}),
+        ("uniform", lambda: Uniform(64), {}),
+        ("snm 3%", lambda: StochasticNegativeMining(64, mem_percent=3.0, refresh_every=2), {}),
+        ("negative-cache", lambda: NegativeCache(64), {}),
+        ("brute-force", lambda: BruteForceTopK(64), {}),
+        ("full-softmax", lambda: FullSoftmax(), {}),
+        ("dynnibal rejection", lambda: DyNNIBAL(64, sampler="rejection", **dyn), {}),
+        ("dynnibal mh", lambda: DyNNIBAL(64, sampler="mh", **dyn), {}),
+        ("dynnibal paper", lambda: DyNNIBAL(64, sampler="paper", **dyn), {}),
+        ("snm 3% per-example", lambda: StochasticNegativeMining(per_example_k, mem_percent=3.0, refresh_every=2,
+                                                                per_example=True), pe),
+        ("dynnibal paper per-example", lambda: DyNNIBAL(per_example_k, sampler="paper", per_example=True, **dyn),
+         pe),
+    ]
+
+
+def _median(xs):
+    return float(np.median(xs)) if len(xs) else float("nan")
+
+
+def time_row(ds, make, kw, *, warmup, steps, batch_size, dim, seed):
+    """Train one miner and return its per-phase CPU seconds (module docstring)."""
+    miner = make()
+    res = train(ds, miner, steps=warmup + steps, batch_size=batch_size, dim=dim, uniform_warmup=warmup,
+                seed=seed, lr_warmup=0, lr_decay=False, **kw)
+    hist = [h for h in res.history if h["mining"]]
+    first = hist[0]["step"]
+    periodic = set(getattr(miner, "reencoded_at", [])) | set(getattr(miner, "refreshed_at", []))
+    steady = [h for h in hist if h["step"] != first and h["step"] not in periodic]
+    out = {"mining": _median([h["cpu_mine"] for h in steady]), "loss": _median([h["cpu_loss"] for h in steady]),
+           "optimizer": _median([h["cpu_optimizer"] for h in steady]), "start": hist[0]["cpu_mine"],
+           "steady_steps": len(steady), "n_negatives": int(np.median([h["n_negatives"] for h in steady]))}
+    out["step"] = out["mining"] + out["loss"] + out["optimizer"]
+    amort = 0.0
+    if isinstance(miner, DyNNIBAL):
+        ups = miner.tree_updates
+        out["reencode"] = _median([u["reencode_seconds"] for u in ups])
+        out["tree_update"] = _median([u["tree_seconds"] for u in ups])
+        amort = (out["reencode"] + out["tree_update"]) / W_DEFAULT
+        st = miner.last_stats
+        out["mean_clusters"] = st.get("mean_clusters")
+        out["inner_products_per_query"] = st["inner_products"] / max(st["queries"], 1)
+        lg = np.asarray(st.get("log_gamma"), dtype=float)
+        out["median_log_gamma"] = float(np.median(lg)) if lg.size else None
+        tv = np.asarray(st.get("tv_bound"), dtype=float)
+        out["median_tv_bound"] = float(np.nanmedian(tv)) if tv.size and np.isfinite(tv).any() else None
+    elif isinstance(miner, StochasticNegativeMining):
+        ref = [h["cpu_mine"] for h in hist if h["step"] in periodic]
+        out["refresh"] = max(0.0, _median(ref) - out["mining"])
+        amort = out["refresh"] / SNM_PERIOD
+    out["amortised_step"] = out["step"] + amort
+    return out
+
+
+def scale(n, dprime, *, seed=0, batch=128, k=64):
+    """Scale probe: an SG tree over n random d'-dim representations (unit-norm hierarchical points, float64 as the
+    tree stores them here), one update_points of 1% of them + Alg. 3 maintain, and one batched "paper" and "mh"
+    mining call; CPU seconds and peak RSS."""
+    from refimpl.data import hierarchical_points
+    from refimpl.index.sgtree import SGTree
+    from refimpl.sampling.engine import MiningEngine
+
+    rng = np.random.default_rng(seed)
+    rec = {"N": n, "dprime": dprime}
+    c = time.process_time()
+    Z = hierarchical_points(n, dprime, branching=(64, 64, 32), scales=(1.0, 0.5, 0.25, 0.1), rng=seed)
+    rec["data_seconds"] = time.process_time() - c
+    c = time.process_time()
+    tree = SGTree.build(Z, rng=seed)
+    rec["build_seconds"] = time.process_time() - c
+    rec["rss_after_build_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    ids = np.sort(rng.choice(n, size=n // 100, replace=False))
+    moved = Z[ids] + rng.normal(scale=0.05 / np.sqrt(dprime), size=(ids.size, dprime))
+    moved /= np.linalg.norm(moved, axis=1, keepdims=True)
+    c = time.process_time()
+    tree.update_points(ids, moved, repair=False)
+    tree.maintain(0.0, rng=seed)
+    rec["tree_update_seconds"] = time.process_time() - c
+    Q = hierarchical_points(batch, dprime, branching=(64, 64, 32), scales=(1.0, 0.5, 0.25, 0.1), rng=seed + 1)
+    for proc in ("paper", "mh"):
+        eng = MiningEngine(proc, chain_length=None if proc == "paper" else 10)
+        eng.run(tree, Q[:2], 1, beta=20.0, rng=seed)  # compile
+        c = time.process_time()
+        eng.run(tree, Q, k, beta=20.0, rng=seed)
+        rec[f"mining_{proc}_seconds"] = time.process_time() - c
+    rec["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    return rec
+
+
+def _fmt(x, scale_=1e3):
+    return "-" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x * scale_:.1f}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m refimpl bench train", description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", default="100000,1000000", help="comma-separated N (>= 21000000: the scale probe)")
+    p.add_argument("--queries", type=int, default=20000, help="queries of the planted task")
+    p.add_argument("--warmup", type=int, default=3, help="uniform-only steps before mining")
+    p.add_argument("--steps", type=int, default=7, help="mining steps (the first is the start)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--dim", type=int, default=32, help="embedding dimension D")
+    p.add_argument("--per-example-k", type=int, default=64, help="sampled negatives per example (per-example rows)")
+    p.add_argument("--dprime", type=int, default=64, help="d' of the scale probe")
+    p.add_argument("--rows", default="", help="comma-separated row labels to run (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the results to this JSON file")
+    a = p.parse_args(argv)
+    try:
+        sizes = [int(float(s)) for s in a.sizes.split(",") if s.strip()]
+        if not sizes or min(sizes) < 1000:
+            raise ValueError
+    except ValueError:
+        print(f"error: --sizes: expected comma-separated integers >= 1000, got {a.sizes!r}", file=sys.stderr)
+        return 2
+    for name in ("queries", "warmup", "batch_size", "dim", "per_example_k", "dprime"):
+        if getattr(a, name) < 1:
+            print(f"error: --{name.replace('_', '-')}: must be >= 1", file=sys.stderr)
+            return 2
+    if a.steps < 4:
+        print("error: --steps: must be >= 4 (a start, re-encodes and steady steps)", file=sys.stderr)
+        return 2
+    labels = [r[0] for r in _rows(a.per_example_k)]
+    want = [s.strip() for s in a.rows.split(",") if s.strip()] or labels
+    bad = [w for w in want if w not in labels]
+    if bad:
+        print(f"error: --rows: unknown {bad}; choose from {labels}", file=sys.stderr)
+        return 2
+    out = {"sizes": sizes, "config": vars(a), "results": []}
+    for n in sizes:
+        if n >= 10_000_000:
+            rec = scale(n, a.dprime, seed=a.seed)
+            out["results"].append({"N": n, "row": "scale probe", **rec})
+            print(json.dumps(rec, indent=1))
+            continue
+        c = time.process_time()
+        n_fine = max(1, n // 25)
+        branching = (min(50, n_fine), max(1, n_fine // min(50, n_fine)))
+        ds = planted_dataset(n, a.queries, branching=branching, test_fraction=0.01, rng=a.seed)  # small final eval
+        print(f"N = {n}: planted task generated in {time.process_time() - c:.1f} s CPU", flush=True)
+        for label, make, kw in _rows(a.per_example_k):
+            if label not in want:
+                continue
+            r = time_row(ds, make, kw, warmup=a.warmup, steps=a.steps, batch_size=a.batch_size, dim=a.dim,
+                         seed=a.seed)
+            out["results"].append({"N": n, "row": label, **r})
+            print(f"  {label:28s} step {r['step'] * 1e3:9.1f} ms (mining {r['mining'] * 1e3:.1f})", flush=True)
+        del ds
+    rows = [r for r in out["results"] if r["row"] != "scale probe"]
+    ref = {(r["N"], r["row"]): r for r in rows}
+    print()
+    print("| N | miner | mining | re-encode | tree update | loss | optimiser | step | amortised step | vs SNM 3% | "
+          "vs brute force | start (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        snm = ref.get((r["N"], "snm 3% per-example" if "per-example" in r["row"] else "snm 3%"))
+        bf = ref.get((r["N"], "brute-force"))
+        vs_snm = f"{r['amortised_step'] / snm['amortised_step']:.2f}x" if snm else "-"
+        vs_bf = f"{r['amortised_step'] / bf['amortised_step']:.3f}x" if bf else "-"
+        print(f"| {r['N']:.0e} | {r['row']} | {_fmt(r['mining'])} | {_fmt(r.get('reencode'))} | "
+              f"{_fmt(r.get('tree_update'))} | {_fmt(r['loss'])} | {_fmt(r['optimizer'])} | {_fmt(r['step'])} | "
+              f"{_fmt(r['amortised_step'])} | {vs_snm} | {vs_bf} | {r['start']:.1f} |")
+    print("\n(ms of CPU per step; medians over the steady mining steps; re-encode / tree update per occurrence, "
+          f"amortised over w = {W_DEFAULT} mining steps; SNM's refresh over {SNM_PERIOD})")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(out, fh, indent=1, default=float)
+        print(f"wrote {a.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,138 @@
+"""The batched mining engine (refimpl.sampling.engine): exactness of "rejection", the exact MH law of "mh" (float64
+and float32 points), certificates, repeatability, the experiments' procedure and its forest, bad input."""
+import numpy as np
+import pytest
+
+from refimpl.data import hierarchical_points
+from refimpl.index.sgtree import SGTree
+from refimpl.mining.dynnibal import cluster_labels, mh_law
+from refimpl.sampling.engine import MiningEngine, prop2_levels, sample_paper
+from refimpl.sampling.bounds import prop2_level
+from refimpl.softmax import logsumexp
+from refimpl.testing import ALPHA, chi2_gof, make_bins, required_sample_size
+
+BETA = 8.0
+
+
+@pytest.fixture(scope="module")
+def tree():
+    return SGTree.build(hierarchical_points(1500, 6, branching=(6, 5), rng=3), rng=3)
+
+
+def _queries(n, seed=9):
+    return hierarchical_points(n, 6, branching=(6, 5), rng=seed)
+
+
+def _softmax(tree, q, excl):
+    lp = BETA * (tree.points[: tree.n_targets] @ q)
+    lp[excl] = -np.inf
+    return np.exp(lp - logsumexp(lp))
+
+
+def test_prop2_levels_match_the_scalar_rule():
+    bq = np.array([0.3, 1.0, 7.5, 20.0, 55.0])
+    for base in (1.05, 1.2, 2.0):
+        assert list(prop2_levels(1e6, bq, base)) == [prop2_level(1e6, b, base) for b in bq]
+
+
+def test_rejection_draws_are_exact_through_the_batch():
+    """Alg. 1 from Alg. 2's refined partition, 3 queries in one call, each with its own exclusions: Pearson
+    chi-square of refimpl.testing at alpha = 0.001 with n = required_sample_size(df) draws per query, i.e. power
+    >= 0.99 against any law at TV >= 0.02 on the bins. A law that ignores the exclusions is rejected."""
+    tr = SGTree.build(hierarchical_points(1500, 6, branching=(6, 5), rng=3), rng=3)
+    Q = _queries(3)
+    top = np.argsort(-(tr.points[: tr.n_targets] @ Q[0]))[:2]  # query 0 excludes its two most likely targets
+    excl = [top, np.zeros(0, np.int64), np.array([7])]
+    laws = [_softmax(tr, Q[b], excl[b]) for b in range(3)]
+    n = max(required_sample_size(make_bins(p)[1] - 1) for p in laws)
+    r = MiningEngine("rejection").run(tr, Q, n, beta=BETA, rng=1, exclude=excl)
+    for b in range(3):
+        assert chi2_gof(r.of(b), laws[b])[0] > ALPHA
+        assert np.all(r.log_z_lo[b] <= r.log_z_hi[b]) and r.tv_bound[b] == 0.0
+    lz = logsumexp(BETA * (tr.points[: tr.n_targets] @ Q[0]))  # the certified interval is for Z over all targets
+    assert r.log_z_lo[0] - 1e-9 <= lz <= r.log_z_hi[0] + 1e-9
+    assert chi2_gof(r.of(0), _softmax(tr, Q[0], np.zeros(0, np.int64)))[0] < ALPHA
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_mh_draws_follow_the_exact_chain_law(dtype):
+    """Independent MH from the engine's own Alg. 2 partition (partition()): the draws against mh_law after 2 states
+    (same chi-square harness and power as above); float32 points give the law of the float32 logits. The certified
+    gamma bounds the true max P/Q and Eq. 6's bound is reported."""
+    tr = SGTree.build(hierarchical_points(1500, 6, branching=(6, 5), rng=3), rng=3)
+    tr.points = tr.points.astype(dtype)
+    Q = _queries(2, seed=4)
+    eng = MiningEngine("mh", chain_length=2)
+    pts = tr.points[: tr.n_targets].astype(np.float64)
+    for b in range(2):
+        cl = eng.partition(tr, Q[b], beta=BETA)
+        lp = BETA * (pts @ Q[b])
+        sr = lp[cl.reps]
+        lq = sr[cluster_labels(tr, cl)] - logsumexp(sr + np.log(cl.sizes))
+        law = mh_law(lp, lq, 2)
+        n = required_sample_size(make_bins(law)[1] - 1)
+        r = eng.run(tr, Q[b:b + 1], n, beta=BETA, rng=2 + b)
+        assert chi2_gof(r.ids, law)[0] > ALPHA
+        p = np.exp(lp - logsumexp(lp))
+        assert np.log(np.max(p / np.exp(lq))) <= r.log_gamma[0] + 1e-9
+        assert r.tv_bound[0] == pytest.approx(np.exp(-1.0 / np.exp(r.log_gamma[0])))
+
+
+def test_same_seed_same_draws_every_procedure(tree):
+    Q = _queries(5)
+    for proc in ("rejection", "mh", "paper"):
+        eng = MiningEngine(proc, chain_length=10 if proc == "mh" else None)
+        a = eng.run(tree, Q, [3, 0, 2, 4, 1], beta=BETA, rng=11)
+        b = eng.run(tree, Q, [3, 0, 2, 4, 1], beta=BETA, rng=11)
+        assert np.array_equal(a.ids, b.ids) and list(a.ptr) == [0, 3, 3, 5, 9, 10]
+        assert a.ids.min() >= 0 and a.ids.max() < tree.n_targets
+
+
+def test_paper_procedure_and_forest(tree):
+    """The experiments' procedure keeps the top-scoring distinct chain states (sorted by score, no duplicates when
+    enough are distinct), reports no bound, and a forest merges its trees' candidates by the largest logit."""
+    Q = _queries(4)
+    r = MiningEngine("paper", n_top_clusters=5).run(tree, Q, 3, beta=BETA, rng=0)
+    ids = r.matrix()
+    for b in range(4):
+        s = BETA * (tree.points[ids[b]] @ Q[b])
+        np.testing.assert_allclose(r.logits[3 * b:3 * b + 3], s, rtol=1e-12)
+        assert np.all(np.diff(s) <= 1e-12)
+    assert np.all(np.isinf(r.log_gamma)) and np.all(np.isnan(r.tv_bound))
+    X = tree.points[: tree.n_targets]
+    parts = [np.arange(0, 700), np.arange(700, X.shape[0])]
+    forest = [SGTree.build(X[p], rng=1) for p in parts]
+    ids, lg = sample_paper(forest, Q, 4, beta=BETA, rng=5, id_maps=parts)
+    assert ids.shape == (4, 4)
+    np.testing.assert_allclose(lg, BETA * np.einsum("bkd,bd->bk", X[ids], Q), rtol=1e-12)
+    gen = np.random.default_rng(5)  # the same stream: one engine call per tree, then the merge by max logit
+    eng = MiningEngine("paper")
+    runs = [eng.run(t, Q, 4, beta=BETA, rng=gen) for t in forest]
+    cand = np.concatenate([p[r.matrix()] for p, r in zip(parts, runs)], axis=1)
+    cs = np.concatenate([r.logits.reshape(4, 4) for r in runs], axis=1)
+    best = np.take_along_axis(cand, np.argsort(-cs, axis=1, kind="stable")[:, :4], axis=1)
+    assert np.array_equal(ids, best)
+
+
+@pytest.mark.parametrize("kw, name", [({"procedure": "topk"}, "procedure"), ({"gamma": 1.0}, "gamma"),
+                                      ({"max_frontier": 0}, "max_frontier"), ({"temperature": 0.0}, "temperature"),
+                                      ({"start": "x"}, "start"), ({"tv": 1.0}, "tv"),
+                                      ({"rejection_ratio": 1.0}, "rejection_ratio")])
+def test_bad_knobs(kw, name):
+    with pytest.raises((ValueError, TypeError), match=name):
+        MiningEngine(**kw)
+
+
+def test_bad_run_input(tree):
+    eng = MiningEngine("mh")
+    Q = _queries(2)
+    with pytest.raises(ValueError, match="Q"):
+        eng.run(tree, Q[:, :3], 1, beta=BETA, rng=0)
+    with pytest.raises(ValueError, match="counts"):
+        eng.run(tree, Q, [1, -1], beta=BETA, rng=0)
+    with pytest.raises(ValueError, match="exclude"):
+        eng.run(tree, Q, 1, beta=BETA, rng=0, exclude=[[tree.n_targets]] * 2)
+    with pytest.raises(ValueError, match="beta"):
+        eng.run(tree, Q, 1, beta=0.0, rng=0)
+    with pytest.raises(ValueError, match="chain_length"):
+        MiningEngine("mh", chain_length=None, max_steps=10).run(tree, Q, 1, beta=50.0, rng=0)

@@ -483,7 +483,8 @@ class DyNNIBAL(Miner):
         self.last_stats = {"step": int(ctx.step), "inner_products": ip, "distance_evals": int(r.distance_evals.sum()),
                            "queries": int(np.count_nonzero(counts)),
                            "mean_clusters": float(np.mean(r.n_clusters[counts > 0])),
-                           "log_gamma": r.log_gamma, "tv_bound": r.tv_bound, "chain_length": r.chain_length}
+                           "log_gamma": r.log_gamma[counts > 0], "tv_bound": r.tv_bound[counts > 0],
+                           "chain_length": r.chain_length[counts > 0]}
         n = ctx.n_targets
         beta = ctx.beta
         excl = None if exclude is None else _excluded_logits(exclude, Z, ZQ, beta)

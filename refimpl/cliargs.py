@@ -12,7 +12,7 @@ import os
 import sys
 import tempfile
 
-__all__ = ["ArgumentParser", "integer", "real", "size", "size_list", "real_list", "out_file", "out_dir", "in_dir",
+__all__ = ["ArgumentParser", "integer", "real", "size", "integer_list", "size_list", "real_list", "out_file", "out_dir", "in_dir",
            "choice_list"]
 
 
@@ -92,9 +92,20 @@ def _list_of(item, text, want):
     return [item(p) for p in parts]
 
 
+def integer_list(low: int | None = None, high: int | None = None):
+    """Type for comma-separated integers, each checked like :func:`integer`."""
+    one = integer(low, high)
+
+    def parse(text):
+        return _list_of(one, text, "comma-separated integers")
+
+    parse.__name__ = "integer_list"
+    return parse
+
+
 def size_list(text) -> list[int]:
     """Comma-separated positive integers (``1e5,1e6``)."""
-    return _list_of(size, text, "comma-separated positive integers")
+    return integer_list(1)(text)
 
 
 def real_list(low: float | None = None, *, strict_low: bool = False):

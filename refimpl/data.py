@@ -19,6 +19,7 @@ import scipy.sparse as sp
 from numba import njit
 
 from refimpl._validate import as_rng, check_features, check_int, check_positive
+from refimpl.encoders import LinearDualEncoder
 
 __all__ = ["hierarchical_points", "RetrievalDataset", "planted_dataset"]
 
@@ -106,8 +107,6 @@ class RetrievalDataset:
         """The planted teacher as a :class:`refimpl.encoders.LinearDualEncoder` (unit-norm outputs), or None."""
         if self.teacher_A is None:
             return None
-        from refimpl.encoders import LinearDualEncoder
-
         dim, fq = self.teacher_A.shape
         enc = LinearDualEncoder(fq, self.teacher_B.shape[1], dim, beta=self.teacher_beta, normalize=True, rng=0)
         enc.A[...] = self.teacher_A

@@ -58,6 +58,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from refimpl._validate import as_rng, check_features, check_int, check_matrix, check_positive, check_vector
+from refimpl.index.sgtree import SGTree
+from refimpl.sampling import bounds
 
 __all__ = [
     "Nystrom",
@@ -509,8 +511,6 @@ def build_tree(reencoder, *, base: float | None = None, rng=None):
     """An :class:`~refimpl.index.sgtree.SGTree` over the target representations (App. B.1). The tree stays Euclidean in
     representation space, so the certified bounds of ``refimpl.sampling.bounds`` hold for the approximate logits
     ``beta <z_q, z_t>`` with ``eps = beta ||z_q|| rho`` (``rho`` measured between representations)."""
-    from refimpl.index.sgtree import SGTree
-
     if not isinstance(reencoder, RegressionReEncoder):
         raise TypeError(f"reencoder: expected a RegressionReEncoder, got {type(reencoder).__name__}")
     reencoder._check_ready()
@@ -584,8 +584,6 @@ def query_report(tree, reencoder, q, true_targets, *, beta: float, level: int | 
     ``clustering`` (``tree.clustering(level)``) and ``assignment`` (:func:`cluster_assignment`) may be passed to
     reuse them across queries.
     """
-    from refimpl.sampling import bounds
-
     beta = check_positive("beta", beta)
     q = check_vector("q", q, size=reencoder.nystrom.dim)
     T = check_matrix("true_targets", true_targets, n_rows=reencoder.n_targets, n_cols=reencoder.nystrom.dim)

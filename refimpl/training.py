@@ -41,9 +41,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 from numba import njit
+from tqdm import tqdm
 
 from refimpl._validate import check_ids, check_int, check_positive, csr_arrays
+from refimpl.encoders import LinearDualEncoder
 from refimpl.mining import Batch, Miner, MinerContext, Negatives, Uniform
+from refimpl.optim import Adam
+from refimpl.softmax import full_softmax_grad, full_softmax_loss, gradient_relative_error, sampled_softmax_loss
 from refimpl.text import idf_weights
 
 __all__ = ["TrainResult", "train", "evaluate", "lexical_baseline", "RECALL_KS"]
@@ -285,10 +289,6 @@ def train(dataset, miner: Miner, *, steps: int = 500, batch_size: int = 128, dim
         ``numpy.random.SeedSequence(seed)``; a ``numpy.random.Generator`` is accepted (one integer drawn from it).
     progress : show a tqdm progress bar.
     """
-    from refimpl.encoders import LinearDualEncoder
-    from refimpl.optim import Adam
-    from refimpl.softmax import full_softmax_grad, full_softmax_loss, gradient_relative_error, sampled_softmax_loss
-
     if not hasattr(dataset, "validate") or not hasattr(dataset, "positives"):
         raise TypeError(f"dataset: expected a refimpl.data.RetrievalDataset, got {type(dataset).__name__}")
     if not isinstance(miner, Miner):
@@ -333,8 +333,6 @@ def train(dataset, miner: Miner, *, steps: int = 500, batch_size: int = 128, dim
         "init": init, "tied": enc.tied, "sparse_updates": bool(sparse_updates)})
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=steps, desc=desc or miner.name, leave=False, file=sys.stderr, mininterval=0.5)
     t_setup = time.perf_counter()
     miner.setup(ctx)

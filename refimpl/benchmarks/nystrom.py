@@ -20,15 +20,22 @@ Writes JSON (path printed) and prints a table. ``--quick`` is a small smoke conf
 """
 from __future__ import annotations
 
-import argparse
 import copy
+import ctypes
 import json
 import os
 import time
 
 import numpy as np
+import scipy.linalg  # noqa: F401  (loads SciPy's OpenBLAS, so that _limit_blas_threads sets it too)
 
-from refimpl.nystrom import LANDMARK_METHODS, SPLITS, RegressionReEncoder, softmax_gap
+from refimpl.cliargs import ArgumentParser, integer, integer_list, out_file, real, real_list, size_list
+from refimpl.data import planted_dataset
+from refimpl.encoders import LinearDualEncoder
+from refimpl.nystrom import (LANDMARK_METHODS, SPLITS, RegressionReEncoder, build_tree, cluster_assignment,
+                             default_level, query_report, softmax_gap, update_tree)
+from refimpl.optim import Adam
+from refimpl.softmax import full_softmax_grad
 
 KS = (1, 10, 100)
 
@@ -37,9 +44,6 @@ def _limit_blas_threads(n):
     """Set the thread count of every loaded OpenBLAS (NumPy's and SciPy's) through ctypes. On this shared 2-core
     machine multi-threaded LAPACK (SVD of a 128 x 384 matrix) was measured 10-100x slower than single-threaded
     because of oversubscription; returns the libraries changed."""
-    import ctypes
-    import scipy.linalg  # noqa: F401  (load SciPy's OpenBLAS too)
-
     done = []
     try:
         with open("/proc/self/maps") as fh:
@@ -60,36 +64,34 @@ def _limit_blas_threads(n):
 
 
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m refimpl bench nystrom", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m refimpl bench nystrom", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small smoke configuration")
-    p.add_argument("--out", default=os.path.join("bench_results", "nystrom.json"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-targets", type=int, default=4096)
-    p.add_argument("--n-features", type=int, default=512)
-    p.add_argument("--dim", type=int, default=384, help="student embedding dimension D")
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--pretrain", type=int, default=40, help="Adam steps before the exact encoding (Alg. 6)")
-    p.add_argument("--steps", default="0,5,10,20,40", help="checkpoints w (steps since the exact encoding)")
-    p.add_argument("--interval", type=int, default=5, help="re-encode interval of the chained regression")
-    p.add_argument("--dprimes", default="16,32,64,128,256")
-    p.add_argument("--sprimes", default="32,128,512,2048")
-    p.add_argument("--ridges", default="0,1e-6,1e-4,1e-3,1e-2,1e-1,1")
-    p.add_argument("--d-default", type=int, default=128)
-    p.add_argument("--s-default", type=int, default=512)
-    p.add_argument("--n-eval", type=int, default=1000, help="test queries used for the metrics")
+    p.add_argument("--out", type=out_file, default=os.path.join("bench_results", "nystrom.json"))
+    p.add_argument("--seed", type=integer(0, 2**62), default=0)
+    p.add_argument("--n-targets", type=integer(16), default=4096)
+    p.add_argument("--n-features", type=integer(1, 2**20), default=512)
+    p.add_argument("--dim", type=integer(1, 4096), default=384, help="student embedding dimension D")
+    p.add_argument("--batch", type=integer(1), default=256)
+    p.add_argument("--lr", type=real(0.0, 1e3, strict_low=True), default=1e-3)
+    p.add_argument("--pretrain", type=integer(0), default=40, help="Adam steps before the exact encoding (Alg. 6)")
+    p.add_argument("--steps", type=integer_list(0), default="0,5,10,20,40",
+                   help="checkpoints w (steps since the exact encoding)")
+    p.add_argument("--interval", type=integer(1), default=5, help="re-encode interval of the chained regression")
+    p.add_argument("--dprimes", type=size_list, default="16,32,64,128,256")
+    p.add_argument("--sprimes", type=size_list, default="32,128,512,2048")
+    p.add_argument("--ridges", type=real_list(0.0), default="0,1e-6,1e-4,1e-3,1e-2,1e-1,1")
+    p.add_argument("--d-default", type=integer(1), default=128)
+    p.add_argument("--s-default", type=integer(1), default=512)
+    p.add_argument("--n-eval", type=integer(1), default=1000, help="test queries used for the metrics")
     p.add_argument("--positives", default="argmax", choices=("argmax", "sample"),
                    help="planted positives: the teacher's argmax (R@1 ceiling 1) or a softmax sample")
-    p.add_argument("--blas-threads", type=int, default=1, help="OpenBLAS threads (0: leave as is)")
+    p.add_argument("--blas-threads", type=integer(0, 64), default=1, help="OpenBLAS threads (0: leave as is)")
     if "--quick" in argv:  # smaller defaults; options given explicitly still win
         p.set_defaults(n_targets=1024, n_features=128, dim=96, batch=128, pretrain=10, steps="0,4,8",
                        dprimes="16,32,64", sprimes="32,128", ridges="0,1e-3,1e-1", d_default=32, s_default=128,
                        interval=4, n_eval=200)
     a = p.parse_args(argv)
-    a.steps = sorted({int(x) for x in a.steps.split(",")})
-    a.dprimes = [int(x) for x in a.dprimes.split(",")]
-    a.sprimes = [int(x) for x in a.sprimes.split(",")]
-    a.ridges = [float(x) for x in a.ridges.split(",")]
+    a.steps = sorted(set(a.steps))
     return a
 
 
@@ -118,10 +120,6 @@ class _Trainer:
     """Full-softmax Adam training of a linear dual encoder on the planted task (the gold-standard gradient)."""
 
     def __init__(self, a):
-        from refimpl.data import planted_dataset
-        from refimpl.encoders import LinearDualEncoder
-        from refimpl.optim import Adam
-
         self.ds = ds = planted_dataset(n_targets=a.n_targets, n_queries=max(2000, a.n_targets // 2),
                                        n_features=a.n_features, dim=32, positives=a.positives, rng=a.seed)
         self.enc = LinearDualEncoder(a.n_features, a.n_features, a.dim, beta=20.0, rng=a.seed + 1)
@@ -136,8 +134,6 @@ class _Trainer:
         self.pos_eval = np.array([ds.positives[i][0] for i in ev], dtype=np.int64)
 
     def step(self):
-        from refimpl.softmax import full_softmax_grad
-
         ds = self.ds
         b = self.rng.choice(ds.train_ids, size=min(self.batch, ds.train_ids.size), replace=False)
         loss, dA, dB = full_softmax_grad(self.enc, ds.query_features[b], ds.target_features,
@@ -206,15 +202,6 @@ def _tree_section(res_by_split, s0, sl, beta, base=None, n_queries=50):
     """SG tree over each split's representations: cluster radii, certified vs measured bounds (median over eval
     queries, at the level with >= sqrt(N) clusters), then one regression re-encode to w = wmax followed by
     update_tree (update_points + Alg. 3 maintain) and the same report."""
-    try:
-        from refimpl.nystrom import build_tree, query_report, update_tree
-        import refimpl.index.sgtree  # noqa: F401
-        import refimpl.sampling.bounds  # noqa: F401
-    except ImportError as exc:
-        return {"status": f"pending: {exc}"}
-
-    from refimpl.nystrom import cluster_assignment, default_level
-
     n = next(iter(res_by_split.values())).n_targets
     targets = sorted({max(2, int(np.sqrt(n) / 2)), int(np.ceil(np.sqrt(n))), int(4 * np.sqrt(n))})
 

@@ -22,7 +22,6 @@ Output: a table on stdout and JSON (``--json``). Timings on a shared machine are
 """
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import sys
@@ -30,9 +29,12 @@ import time
 
 import numpy as np
 
-from refimpl.data import planted_dataset
+from refimpl.cliargs import ArgumentParser, integer, integer_list, out_file, size
+from refimpl.data import hierarchical_points, planted_dataset
+from refimpl.index.sgtree import SGTree
 from refimpl.mining import (BruteForceTopK, DyNNIBAL, FullSoftmax, InBatch, NegativeCache, StochasticNegativeMining,
                             Uniform)
+from refimpl.sampling.engine import MiningEngine
 from refimpl.training import train
 
 W_DEFAULT = 25  # DyNNIBAL's default re-encode period (mining steps)
@@ -102,10 +104,6 @@ def scale(n, dprime, *, seed=0, batch=128, k=64):
     """Scale probe: an SG tree over n random d'-dim representations (unit-norm hierarchical points, float64 as the
     tree stores them here), one update_points of 1% of them + Alg. 3 maintain, and one batched "paper" and "mh"
     mining call; CPU seconds and peak RSS."""
-    from refimpl.data import hierarchical_points
-    from refimpl.index.sgtree import SGTree
-    from refimpl.sampling.engine import MiningEngine
-
     rng = np.random.default_rng(seed)
     rec = {"N": n, "dprime": dprime}
     c = time.process_time()
@@ -138,39 +136,27 @@ def _fmt(x, scale_=1e3):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m refimpl bench train", description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", default="100000,1000000", help="comma-separated N (>= 21000000: the scale probe)")
-    p.add_argument("--queries", type=int, default=20000, help="queries of the planted task")
-    p.add_argument("--warmup", type=int, default=3, help="uniform-only steps before mining")
-    p.add_argument("--steps", type=int, default=7, help="mining steps (the first is the start)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--dim", type=int, default=32, help="embedding dimension D")
-    p.add_argument("--per-example-k", type=int, default=64, help="sampled negatives per example (per-example rows)")
-    p.add_argument("--dprime", type=int, default=64, help="d' of the scale probe")
+    p = ArgumentParser(prog="python -m refimpl bench train", description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", type=integer_list(1000), default="100000,1000000",
+                   help="comma-separated N >= 1000 (>= 10000000: the scale probe)")
+    p.add_argument("--queries", type=size, default=20000, help="queries of the planted task")
+    p.add_argument("--warmup", type=size, default=3, help="uniform-only steps before mining")
+    p.add_argument("--steps", type=integer(4), default=7,
+                   help="mining steps (>= 4: a start, re-encodes and steady steps)")
+    p.add_argument("--batch-size", type=size, default=128)
+    p.add_argument("--dim", type=integer(1, 4096), default=32, help="embedding dimension D")
+    p.add_argument("--per-example-k", type=size, default=64, help="sampled negatives per example (per-example rows)")
+    p.add_argument("--dprime", type=integer(1, 4096), default=64, help="d' of the scale probe")
     p.add_argument("--rows", default="", help="comma-separated row labels to run (default: all)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="write the results to this JSON file")
+    p.add_argument("--seed", type=integer(0, 2**62), default=0)
+    p.add_argument("--json", type=out_file, default=None, help="write the results to this JSON file")
     a = p.parse_args(argv)
-    try:
-        sizes = [int(float(s)) for s in a.sizes.split(",") if s.strip()]
-        if not sizes or min(sizes) < 1000:
-            raise ValueError
-    except ValueError:
-        print(f"error: --sizes: expected comma-separated integers >= 1000, got {a.sizes!r}", file=sys.stderr)
-        return 2
-    for name in ("queries", "warmup", "batch_size", "dim", "per_example_k", "dprime"):
-        if getattr(a, name) < 1:
-            print(f"error: --{name.replace('_', '-')}: must be >= 1", file=sys.stderr)
-            return 2
-    if a.steps < 4:
-        print("error: --steps: must be >= 4 (a start, re-encodes and steady steps)", file=sys.stderr)
-        return 2
+    sizes = a.sizes
     labels = [r[0] for r in _rows(a.per_example_k)]
     want = [s.strip() for s in a.rows.split(",") if s.strip()] or labels
     bad = [w for w in want if w not in labels]
     if bad:
-        print(f"error: --rows: unknown {bad}; choose from {labels}", file=sys.stderr)
-        return 2
+        p.error(f"argument --rows: unknown {bad}; choose from {labels}")
     out = {"sizes": sizes, "config": vars(a), "results": []}
     for n in sizes:
         if n >= 10_000_000:

@@ -20,7 +20,6 @@ the ratios measured in the same run.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -30,6 +29,7 @@ import time
 import numpy as np
 from numba import njit
 
+from refimpl.cliargs import ArgumentParser, integer, out_file, real, real_list, size, size_list
 from refimpl.data import hierarchical_points
 from refimpl.index import DEFAULT_BASE, MAX_BASE, MIN_BASE, SGTree, brute_force_topk, dot, prefetch_row, topk
 from refimpl.sampling.bounds import certified_log_max_ratio, cluster_eps, log_partition_bounds
@@ -189,53 +189,28 @@ def bench_bases(n, bases, *, dim, nq, k, seed, n_clusters):
     return rows
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line on stderr, exit 2 (no usage block)
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def _size(text):
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not np.isfinite(v) or v != int(v) or v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(v)
-
-
 def _parse(argv):
-    ap = _Parser(prog="python -m refimpl bench tree", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", default="1e5,1e6", help="comma-separated N (default 1e5,1e6)")
-    ap.add_argument("--dim", type=_size, default=64)
-    ap.add_argument("--queries", type=_size, default=256)
-    ap.add_argument("--k", type=_size, default=10)
-    ap.add_argument("--base", type=float, default=DEFAULT_BASE)
-    ap.add_argument("--bases", default=None, help="compare these bases at N = the first size instead")
-    ap.add_argument("--clusters", type=_size, default=1000)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--check", type=int, default=8, help="queries checked against brute force (>= 0)")
-    ap.add_argument("--block", type=_size, default=65536, help="targets per GEMM block of the NumPy baseline")
+    ap = ArgumentParser(prog="python -m refimpl bench tree", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", type=size_list, default="1e5,1e6", help="comma-separated N (default 1e5,1e6)")
+    ap.add_argument("--dim", type=integer(1, 4096), default=64)
+    ap.add_argument("--queries", type=size, default=256)
+    ap.add_argument("--k", type=size, default=10)
+    ap.add_argument("--base", type=real(MIN_BASE, MAX_BASE), default=DEFAULT_BASE)
+    ap.add_argument("--bases", type=real_list(MIN_BASE), default=None,
+                    help="compare these bases at N = the first size instead")
+    ap.add_argument("--clusters", type=size, default=1000)
+    ap.add_argument("--seed", type=integer(0, 2**62), default=0)
+    ap.add_argument("--check", type=integer(0), default=8, help="queries checked against brute force (>= 0)")
+    ap.add_argument("--block", type=size, default=65536, help="targets per GEMM block of the NumPy baseline")
     ap.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="point storage of the tree")
-    ap.add_argument("--dynamics-max", type=float, default=1e6, help="run the update/maintain part up to this N")
-    ap.add_argument("--out", default="bench_tree.json")
+    ap.add_argument("--dynamics-max", type=real(0.0), default=1e6, help="run the update/maintain part up to this N")
+    ap.add_argument("--out", type=out_file, default="bench_tree.json")
     args = ap.parse_args(argv)
-    try:
-        args.sizes = [_size(s) for s in args.sizes.split(",")]
-        args.bases = None if args.bases is None else [float(b) for b in args.bases.split(",")]
-    except (ValueError, argparse.ArgumentTypeError) as exc:
-        ap.error(f"argument --sizes/--bases: {exc}")
-    for b in [args.base] + (args.bases or []):
-        if not (MIN_BASE <= b <= MAX_BASE):
-            ap.error(f"argument --base/--bases: {b} outside [{MIN_BASE}, {MAX_BASE}]")
+    for b in args.bases or []:
+        if b > MAX_BASE:
+            ap.error(f"argument --bases: {b} outside [{MIN_BASE}, {MAX_BASE}]")
     if args.k > min(args.sizes):
         ap.error(f"argument --k: {args.k} exceeds the smallest size {min(args.sizes)}")
-    if args.seed < 0 or args.check < 0:
-        ap.error("arguments --seed and --check must be >= 0")
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if os.path.isdir(args.out) or not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
-        ap.error(f"argument --out: cannot write {args.out!r}")
     return args
 
 

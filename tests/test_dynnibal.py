@@ -249,10 +249,10 @@ def test_mh_law_matches_sampler_and_rejects_the_wrong_law():
 def test_distribution_is_the_law_of_the_batched_engine_draws(ds, sampler):
     """End to end through the batched engine (one compiled call for the batch): the miner's distribution() row of
     each of 3 queries against n draws of the engine for it, Pearson chi-square of refimpl.testing at alpha = 0.001
-    with n = required_sample_size(df) draws: power >= 0.99 against any law at TV >= 0.02 on the bins. "mh": the
-    exact law after chain_length = 2 states (mh_law); "rejection": P~ itself (Alg. 1 is exact). distribution()
+    with n = required_sample_size(TV, n_bins) draws: power >= 0.99 against any law at TV >= 0.02 on the bins.
+    "mh": the exact law after chain_length = 2 states (mh_law); "rejection": P~ itself (Alg. 1 is exact). distribution()
     must not consume randomness. Same seed, same draws."""
-    from refimpl.testing import ALPHA, chi2_gof, make_bins, required_sample_size
+    from refimpl.testing import ALPHA, TV, chi2_gof, make_bins, required_sample_size
 
     ctx = context(ds)
     mi = DyNNIBAL(8, n_landmarks=16, n_samples=32, chain_length=2, sampler=sampler)
@@ -265,7 +265,7 @@ def test_distribution_is_the_law_of_the_batched_engine_draws(ds, sampler):
     for r in range(3):
         assert dist[r, b.positives[r]].sum() == 0
     zq = mi.reencoder.query_representations(b.Q)
-    n = max(required_sample_size(make_bins(dist[r])[1] - 1) for r in range(3))
+    n = max(required_sample_size(TV, n_bins=make_bins(dist[r])[1]) for r in range(3))
     res = mi.engine.run(mi.tree, zq, n, beta=ctx.beta, rng=7, exclude=b.positives)
     again = mi.engine.run(mi.tree, zq, n, beta=ctx.beta, rng=7, exclude=b.positives)
     assert np.array_equal(res.ids, again.ids)

@@ -9,7 +9,7 @@ from refimpl.mining.dynnibal import cluster_labels, mh_law
 from refimpl.sampling.engine import MiningEngine, prop2_levels, sample_paper
 from refimpl.sampling.bounds import prop2_level
 from refimpl.softmax import logsumexp
-from refimpl.testing import ALPHA, chi2_gof, make_bins, required_sample_size
+from refimpl.testing import ALPHA, TV, chi2_gof, make_bins, required_sample_size
 
 BETA = 8.0
 
@@ -37,14 +37,14 @@ def test_prop2_levels_match_the_scalar_rule():
 
 def test_rejection_draws_are_exact_through_the_batch():
     """Alg. 1 from Alg. 2's refined partition, 3 queries in one call, each with its own exclusions: Pearson
-    chi-square of refimpl.testing at alpha = 0.001 with n = required_sample_size(df) draws per query, i.e. power
-    >= 0.99 against any law at TV >= 0.02 on the bins. A law that ignores the exclusions is rejected."""
+    chi-square of refimpl.testing at alpha = 0.001 with n = required_sample_size(TV, n_bins) draws per query, i.e.
+    power >= 0.99 against any law at TV >= 0.02 on the bins. A law that ignores the exclusions is rejected."""
     tr = SGTree.build(hierarchical_points(1500, 6, branching=(6, 5), rng=3), rng=3)
     Q = _queries(3)
     top = np.argsort(-(tr.points[: tr.n_targets] @ Q[0]))[:2]  # query 0 excludes its two most likely targets
     excl = [top, np.zeros(0, np.int64), np.array([7])]
     laws = [_softmax(tr, Q[b], excl[b]) for b in range(3)]
-    n = max(required_sample_size(make_bins(p)[1] - 1) for p in laws)
+    n = max(required_sample_size(TV, n_bins=make_bins(p)[1]) for p in laws)
     r = MiningEngine("rejection").run(tr, Q, n, beta=BETA, rng=1, exclude=excl)
     for b in range(3):
         assert chi2_gof(r.of(b), laws[b])[0] > ALPHA
@@ -70,7 +70,7 @@ def test_mh_draws_follow_the_exact_chain_law(dtype):
         sr = lp[cl.reps]
         lq = sr[cluster_labels(tr, cl)] - logsumexp(sr + np.log(cl.sizes))
         law = mh_law(lp, lq, 2)
-        n = required_sample_size(make_bins(law)[1] - 1)
+        n = required_sample_size(TV, n_bins=make_bins(law)[1])
         r = eng.run(tr, Q[b:b + 1], n, beta=BETA, rng=2 + b)
         assert chi2_gof(r.ids, law)[0] > ALPHA
         p = np.exp(lp - logsumexp(lp))

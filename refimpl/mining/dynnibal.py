@@ -45,7 +45,7 @@ Prop. 2); ``m`` 16x finer than the start; ``max_clusters`` = 100, the experiment
 ``4 w eta beta L M`` from ``prop6_eta``, ``prop6_L``, ``prop6_M``; its premise, plain SGD, fails for Adam).
 
 Contents: :class:`DyNNIBAL`, :data:`SAMPLERS`, :data:`TREE_UPDATES`, and the exact laws used by the probes and
-tests: :func:`mh_law`, :func:`cluster_labels`, :func:`mixture_log_q`.
+tests: :func:`mh_law`, :func:`cluster_labels` (the sampling layer's, re-exported), :func:`mixture_log_q`.
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ from refimpl.index.sgtree import DEFAULT_BASE, SGTree
 from refimpl.mining.base import Miner, Negatives, shared_slots
 from refimpl.nystrom import LANDMARK_METHODS, SPLITS, RegressionReEncoder, default_level, update_tree
 from refimpl.sampling.bounds import prop6_drift
-from refimpl.sampling.clustering import certify
+from refimpl.sampling.clustering import certify, cluster_labels
 from refimpl.sampling.engine import MiningEngine
 from refimpl.softmax import logsumexp
 
@@ -72,39 +72,6 @@ TREE_UPDATES = ("maintain", "rebuild_level", "rebuild")
 
 # ----------------------------------------------------------------------------------------------------------------
 # helpers (public for tests and probes)
-
-
-def cluster_labels(tree, clustering) -> np.ndarray:
-    """For every target id ``< tree.n_targets``, the index (into ``clustering.nodes``) of its cluster; -1 for removed
-    targets. A TreeClustering of (node, level) pairs is a partition (each node appears at most once); target i (node
-    v_i) lies in cluster (u, L) iff u = v_i, or u is an ancestor of v_i whose child on the path to v_i has level < L
-    (the data model's cluster(u, L)); the first such pair found walking up is its cluster. Vectorised over targets.
-    """
-    n = int(tree.n_targets)
-    nn = max(int(tree.n_nodes), 1)
-    none = np.iinfo(np.int64).min
-    clev = np.full(nn, none, dtype=np.int64)
-    cidx = np.full(nn, -1, dtype=np.int64)
-    clev[clustering.nodes] = clustering.levels
-    cidx[clustering.nodes] = np.arange(clustering.nodes.size)
-    cur = np.asarray(tree.point_node[:n], dtype=np.int64).copy()
-    out = np.full(n, -1, dtype=np.int64)
-    todo = cur >= 0
-    prev_level = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)  # no child yet: own node always qualifies
-    while todo.any():
-        idx = np.flatnonzero(todo)
-        v = cur[idx]
-        L = clev[v]
-        ok = (L != none) & (prev_level[idx] < L)
-        ok |= (L != none) & (prev_level[idx] == np.iinfo(np.int64).max)
-        out[idx[ok]] = cidx[v[ok]]
-        todo[idx[ok]] = False
-        rest = idx[~ok]
-        prev_level[rest] = tree.node_level[cur[rest]]
-        cur[rest] = tree.node_parent[cur[rest]]
-        if rest.size and (cur[rest] < 0).any():
-            raise RuntimeError("cluster_labels: the clustering does not cover every live target")
-    return out
 
 
 def mh_law(log_p, log_q, chain_length, exclude=None) -> np.ndarray:

@@ -1,10 +1,11 @@
 """The batched mining kernel behind :mod:`refimpl.sampling.engine`: one compiled call answers a whole batch.
 
 For every query of the batch, inside one Numba function: the clustering (Alg. 2 with the Remark 2 frontier cap,
-or the start level of Alg. 1), the Eq. 7 proposal, and the draws (Alg. 1, independent MH of Eq. 14, or the
-experiments' procedure). The per-query building blocks are the kernels of :mod:`refimpl.sampling._cluster_kernels`
-(Alg. 2, cluster sizes / certified radii, start-level profile) and :mod:`refimpl.sampling._kernels` (the flat MH
-chains and Alg. 1); this module only adds the batch loop, the certificates and the experiments' selection.
+:func:`refimpl.sampling._cluster_kernels.find_clustering_kernel`), the proposal's certificates, and then ONE call
+of the shared batch samplers of :mod:`refimpl.sampling._kernels` for every query at once: ``alg1_batch`` (Alg. 1)
+or ``flat_batch`` (independent MH of Eq. 14 from the Eq. 7 proposal), the clusterings passed in CSR form. This
+module only adds the certified refinement for Alg. 1 (:func:`refine_upper`), the per-query chain lengths of
+Eq. 6, the experiments' selection and the per-query statistics; it holds no sampler of its own.
 
 Certified quantities (log Z interval, log max P/Q, the Eq. 6 TV bound) are always accumulated in float64, whatever
 the dtype of the tree's points.
@@ -14,8 +15,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from refimpl.sampling._cluster_kernels import cluster_info, find_clustering_kernel
-from refimpl.sampling._kernels import alg1_kernel, flat_kernel
+from refimpl.sampling._cluster_kernels import _dist_q, _dot, _first_below, _grow, cluster_info, find_clustering_kernel
+from refimpl.sampling._kernels import (INNER, LZ_EST, LZ_HI, LZ_LO, STATUS, _log_z_bounds, alg1_batch,
+                                       flat_batch)
 
 # procedure codes (engine.PROCEDURES)
 REJECTION = 0
@@ -34,30 +36,6 @@ S_INNER = 7  # inner products computed for this query
 S_STATUS = 8  # 0 ok, 1 attempt budget exhausted, 2 Eq. 6 chain longer than the budget
 S_DIST = 9  # distance evaluations of Alg. 2
 N_STATS = 10
-
-
-@njit(cache=True)
-def _lse_terms(logs, sizes, shift):
-    """log sum_j sizes[j] exp(logs[j] + shift[j]) (shift may be a zero-length array: no shift), in float64."""
-    n = logs.shape[0]
-    m = -np.inf
-    for j in range(n):
-        v = logs[j] + (shift[j] if shift.shape[0] else 0.0)
-        if v > m:
-            m = v
-    s = 0.0
-    for j in range(n):
-        v = logs[j] + (shift[j] if shift.shape[0] else 0.0)
-        s += sizes[j] * np.exp(v - m)
-    return m + np.log(s)
-
-
-@njit(cache=True)
-def _dot64(points, i, q):
-    s = 0.0
-    for d in range(q.shape[0]):
-        s += np.float64(points[i, d]) * q[d]
-    return s
 
 
 @njit(cache=True)
@@ -106,15 +84,13 @@ def _heap_pop(hp, hi, n):
 
 
 @njit(cache=True)
-def _grow_f(a, n):
-    out = np.empty(2 * n + 16, a.dtype)
-    out[:n] = a[:n]
-    return out
+def _g(a, n):
+    """``a`` grown to twice its size (first ``n`` entries kept)."""
+    return _grow(a, n, 2 * n + 16)
 
 
 @njit(cache=True)
-def refine_upper(points, q, beta, bq, nodes, levels, log_ratio, max_clusters, k, node_point, node_level, first_child,
-                 next_sibling, node_count, node_maxd, suf):
+def refine_upper(T, suf, q, beta, bq, nodes, levels, log_ratio, max_clusters, k):
     """Certified refinement of a partition for Alg. 1 (ours): split, best first, the cluster with the largest share
     |C| e^{s_r} (e^{eps_C} - e^{-eps_C}) of Z_hi - Z_lo until log Z_hi - log Z_lo <= max(``log_ratio``,
     log(|C| / k)) or ``max_clusters`` clusters. The second term balances the two costs of ``k`` exact draws (the
@@ -122,7 +98,9 @@ def refine_upper(points, q, beta, bq, nodes, levels, log_ratio, max_clusters, k,
     already spent on the partition. A split replaces (v, L) by its children at the next occupied level (the nested
     self-child (v, Lc) and the children of level Lc), so the result is still a partition of tree clusters, and
     Z_hi / Z_lo bounds the expected attempts per exact draw (each attempt succeeds with probability Z / Z_hi).
+    ``T`` is the tree's TreeArrays, ``suf`` its suffix radii, ``bq`` = beta ||q||.
     Returns (nodes, levels, sizes, radii, rep logits, inner products)."""
+    points = T.points
     n = nodes.shape[0]
     cap = 2 * n + 16
     nd_ = np.empty(cap, np.int64)
@@ -131,14 +109,13 @@ def refine_upper(points, q, beta, bq, nodes, levels, log_ratio, max_clusters, k,
     rd_ = np.empty(cap, np.float64)
     sr_ = np.empty(cap, np.float64)
     alive = np.empty(cap, np.bool_)
-    sizes, radii, _ = cluster_info(suf, nodes, levels, node_point, node_level, first_child, next_sibling, node_count,
-                                   node_maxd)
+    sizes, radii, _ = cluster_info(T, suf, nodes, levels)
     for j in range(n):
         nd_[j] = nodes[j]
         lv_[j] = levels[j]
         sz_[j] = sizes[j]
         rd_[j] = radii[j]
-        sr_[j] = beta * _dot64(points, node_point[nodes[j]], q)
+        sr_[j] = beta * _dot(points, T.node_point[nodes[j]], q)
         alive[j] = True
     ip = n
     ref = -np.inf
@@ -177,31 +154,27 @@ def refine_upper(points, q, beta, bq, nodes, levels, log_ratio, max_clusters, k,
                 break
         j, nh = _heap_pop(hp, hi, nh)
         v = nd_[j]
-        L = lv_[j]
-        ch = first_child[v]
-        while ch != -1 and node_level[ch] >= L:
-            ch = next_sibling[ch]
+        ch = _first_below(T, v, lv_[j])
         if ch == -1:
             continue
-        Lc = node_level[ch]
+        Lc = T.node_level[ch]
         nk = 1
         kids[0] = v
-        while ch != -1 and node_level[ch] == Lc:
+        while ch != -1 and T.node_level[ch] == Lc:
             if nk == kids.shape[0]:
-                kids = _grow_f(kids, nk)
+                kids = _g(kids, nk)
             kids[nk] = ch
             nk += 1
-            ch = next_sibling[ch]
-        ks, kr, _ = cluster_info(suf, kids[:nk], np.full(nk, Lc, np.int64), node_point, node_level, first_child,
-                                 next_sibling, node_count, node_maxd)
+            ch = T.node_next_sibling[ch]
+        ks, kr, _ = cluster_info(T, suf, kids[:nk], np.full(nk, Lc, np.int64))
         e = bq * rd_[j]
         alive[j] = False
         zhi -= sz_[j] * np.exp(sr_[j] + e - ref)
         zlo -= sz_[j] * np.exp(sr_[j] - e - ref)
         for x in range(nk):
             if n == nd_.shape[0]:
-                nd_, lv_, sz_ = _grow_f(nd_, n), _grow_f(lv_, n), _grow_f(sz_, n)
-                rd_, sr_, alive = _grow_f(rd_, n), _grow_f(sr_, n), _grow_f(alive, n)
+                nd_, lv_, sz_ = _g(nd_, n), _g(lv_, n), _g(sz_, n)
+                rd_, sr_, alive = _g(rd_, n), _g(sr_, n), _g(alive, n)
             nd_[n] = kids[x]
             lv_[n] = Lc
             sz_[n] = ks[x]
@@ -209,7 +182,7 @@ def refine_upper(points, q, beta, bq, nodes, levels, log_ratio, max_clusters, k,
             if x == 0:
                 sr_[n] = sr_[j]
             else:
-                sr_[n] = beta * _dot64(points, node_point[kids[x]], q)
+                sr_[n] = beta * _dot(points, T.node_point[kids[x]], q)
                 ip += 1
             alive[n] = True
             ex = bq * kr[x]
@@ -257,140 +230,191 @@ def _record(stats, b, log_z, lzlo, lzhi, log_gamma, tv, chain, nc, ip, nd, statu
 
 
 @njit(cache=True)
-def engine_kernel(points, Q, qnorm, beta, procedure, counts, out_ptr, excl_ptr, excl_ids, seeds, start_levels, ms,
-                  max_frontier, n_top, chain_length, n_chains, temperature, log_tv, max_steps, log_ratio, max_refine,
-                  root, base,
-                  node_point, node_level, first_child, next_sibling, node_count, node_maxd, suf, out_ids, out_logits,
-                  stats):
+def _top_closest(T, q, nodes, levels, n_top):
+    """The ``n_top`` clusters whose representatives are closest to q (ties: first in the output of Alg. 2)."""
+    nc = nodes.shape[0]
+    dist = np.empty(nc, np.float64)
+    for j in range(nc):
+        dist[j] = _dist_q(T.points, T.node_point[nodes[j]], q)
+    order = np.argsort(dist, kind="mergesort")[:n_top]
+    return nodes[order], levels[order]
+
+
+@njit(cache=True)
+def engine_kernel(T, suf, Q, qnorm, beta, procedure, counts, out_ptr, excl_ptr, excl_ids, seed, sptr, snodes, sidx,
+                  start_levels, ms, max_frontier, n_top, chain_length, n_chains, temperature, log_tv, max_steps,
+                  log_ratio, max_refine, out_ids, out_logits, stats):
     """Draw ``counts[b]`` negatives for every query ``Q[b]`` of a batch (one compiled call).
 
-    Every procedure first runs Alg. 2 (first frontier C_(start_levels[b]), deepest level ``ms[b]``, frontier cap
-    ``max_frontier``, 0 = none). REJECTION: the partition refined (:func:`refine_upper`) until log Z_hi/Z_lo <=
-    ``log_ratio`` or ``max_refine`` clusters, then Alg. 1 started from it (bounds E_C = s_r + beta ||q|| rho(C)),
-    exact draws of the softmax renormalised over the non-excluded targets. MH: then ``counts[b]`` independent chains (Eq. 14) of
-    ``chain_length`` states (0: Eq. 6's length for TV exp(log_tv) from the certified gamma), each started from the
-    Eq. 7 proposal. PAPER: Alg. 2 as for MH, the ``n_top`` clusters whose representatives are closest to the query
-    (0 = all), ``n_chains[b]`` chains of ``chain_length`` states at inverse temperature beta / temperature, and the
-    ``counts[b]`` top-scoring distinct final states (repeated from the best when fewer are distinct).
-    Draws of query b go to ``out_ids[out_ptr[b]:out_ptr[b+1]]`` with their logits beta <q, t>; per-query
-    statistics to ``stats[b]`` (columns S_*). Excluded ids of query b: ``excl_ids[excl_ptr[b]:excl_ptr[b+1]]``.
+    Every procedure first runs Alg. 2 on the tree ``T`` (TreeArrays; ``suf`` its suffix radii) from the first
+    frontier ``snodes[sptr[sidx[b]]:sptr[sidx[b] + 1]]`` = C_(start_levels[b]), deepest level ``ms[b]``, frontier
+    cap ``max_frontier`` (0 = none). REJECTION: the partition refined (:func:`refine_upper`) until
+    log Z_hi/Z_lo <= ``log_ratio`` or ``max_refine`` clusters, then Alg. 1 started from it (bounds
+    E_C = s_r + beta ||q|| rho(C)): exact draws of the softmax renormalised over the non-excluded targets. MH:
+    ``counts[b]`` independent chains (Eq. 14) of ``chain_length`` states (0: Eq. 6's length for TV exp(log_tv)
+    from the certified gamma, per query), each started from the Eq. 7 proposal. PAPER: Alg. 2 as for MH, the
+    ``n_top`` clusters whose representatives are closest to the query (0 = all), ``n_chains[b]`` chains of
+    ``chain_length`` states at inverse temperature beta / temperature, and the ``counts[b]`` top-scoring distinct
+    final states (repeated from the best when fewer are distinct).
+
+    The clusterings of all queries with draws are collected in CSR form and sampled by ONE call of ``alg1_batch``
+    (REJECTION) or ``flat_batch`` (MH, PAPER; algo 1, upper False = Eq. 7) seeded by ``seed``; each query draws
+    max_b counts[b] (PAPER: max_b n_chains[b]) and keeps its first counts[b] (n_chains[b]). If some query's
+    Eq. 6 length exceeds ``max_steps`` (status 2), nothing is drawn. Draws of query b go to
+    ``out_ids[out_ptr[b]:out_ptr[b+1]]`` with their logits beta <q, t>; per-query statistics to ``stats[b]``
+    (columns S_*). Excluded ids of query b: ``excl_ids[excl_ptr[b]:excl_ptr[b+1]]``.
     """
     B = Q.shape[0]
-    empty = np.zeros(0, np.int64)
-    nofloat = np.zeros(0, np.float64)
+    D = Q.shape[1]
+    b_eff = beta / temperature if procedure == PAPER else beta
+    # pass 1: the clustering of every query with draws, in CSR form
+    act = np.empty(B, np.int64)
+    na = 0
+    cap = 256
+    cptr = np.zeros(B + 1, np.int64)
+    cnodes = np.empty(cap, np.int64)
+    clevels = np.empty(cap, np.int64)
+    csizes = np.empty(cap, np.int64)
+    cradii = np.empty(cap, np.float64)
+    chain = np.zeros(B, np.int64)
+    pre_ip = np.zeros(B, np.int64)
+    dropped = np.zeros(B, np.bool_)
+    too_long = False
     for b in range(B):
-        c = counts[b]
-        q = Q[b]
-        bq = beta * qnorm[b]
-        excl = excl_ids[excl_ptr[b]:excl_ptr[b + 1]]
-        lo = out_ptr[b]
         for j in range(N_STATS):
             stats[b, j] = 0.0
+        c = counts[b]
         if c == 0:
             continue
-        # Alg. 2 with the Remark 2 cap
-        nodes, levels, nd = find_clustering_kernel(points, q, root, start_levels[b], ms[b], base, max_frontier,
-                                                   node_point, node_level, first_child, next_sibling, node_count)
-        nc = nodes.shape[0]
-        dropped = False
-        if procedure == PAPER and n_top > 0 and nc > n_top:
-            dropped = True
-            dist = np.empty(nc, np.float64)
-            for j in range(nc):
-                p = node_point[nodes[j]]
-                s = 0.0
-                for d in range(q.shape[0]):
-                    t_ = np.float64(points[p, d]) - q[d]
-                    s += t_ * t_
-                dist[j] = s
-            order = np.argsort(dist, kind="mergesort")[:n_top]
-            nodes = nodes[order]
-            levels = levels[order]
-            nc = n_top
-        sizes, radii, _ = cluster_info(suf, nodes, levels, node_point, node_level, first_child, next_sibling,
-                                       node_count, node_maxd)
-        fs = sizes.astype(np.float64)
-        b_eff = beta / temperature if procedure == PAPER else beta
-        sr = np.empty(nc, np.float64)
-        for j in range(nc):
-            sr[j] = b_eff * _dot64(points, node_point[nodes[j]], q)
-        ref = sr.max()
-        cum = np.empty(nc, np.float64)
-        acc = 0.0
-        for j in range(nc):
-            acc += fs[j] * np.exp(sr[j] - ref)
-            cum[j] = acc
+        q = Q[b]
+        bq = beta * qnorm[b]
+        s0 = sptr[sidx[b]]
+        nodes, levels, nd = find_clustering_kernel(T, q, snodes[s0:sptr[sidx[b] + 1]], start_levels[b], ms[b],
+                                                   max_frontier)
+        stats[b, S_DIST] = nd
+        if procedure == PAPER and n_top > 0 and nodes.shape[0] > n_top:
+            dropped[b] = True
+            nodes, levels = _top_closest(T, q, nodes, levels, n_top)
         if procedure == REJECTION:
-            # Alg. 1 started from Alg. 2's partition after the certified refinement: E_C = s_r + beta ||q|| rho(C)
-            nodes, levels, sizes, radii, sr, ipr = refine_upper(points, q, beta, bq, nodes, levels, log_ratio,
-                                                                max_refine, c, node_point, node_level, first_child,
-                                                                next_sibling, node_count, node_maxd, suf)
-            nc = nodes.shape[0]
-            fs = sizes.astype(np.float64)
-            eps = bq * radii
-            cE = sr + eps
-            cache = 1 << min(max(int(np.ceil(np.log2(128.0 * c))), 10), 18)
-            ids, sids, cnt = alg1_kernel(points, q, beta, bq, base, c, nodes, levels, sizes, cE, sr, node_point,
-                                         node_level, first_child, next_sibling, node_count, node_maxd, excl, 1,
-                                         max_steps, 0, 0, cache, seeds[b])
-            lzhi = _lse_terms(cE, fs, nofloat)
-            lzlo = _lse_terms(sr - eps, fs, nofloat)
-            succ = cnt[1] + cnt[3]
-            lz = lzhi + np.log(max(succ, 1) / max(cnt[0], 1))
-            _record(stats, b, min(max(lz, lzlo), lzhi), lzlo, lzhi, lzhi - lzlo, 0.0, 0.0, nc,
-                    ipr + cnt[2] + excl.shape[0], nd, 1.0 if cnt[4] else 0.0, out_ids, out_logits, lo, ids, sids, 1.0)
-            continue
+            nodes, levels, sizes, radii, _, ipr = refine_upper(T, suf, q, beta, bq, nodes, levels, log_ratio,
+                                                               max_refine, c)
+            pre_ip[b] = ipr
+        else:
+            sizes, radii, _ = cluster_info(T, suf, nodes, levels)
+        nc = nodes.shape[0]
+        stats[b, S_CLUSTERS] = nc
         if procedure == MH:
+            # certified log max P/Q of Eq. 7: max eps_C + log Zhat / Z_lo (needs the representatives' logits)
+            sr = np.empty(nc, np.float64)
+            for j in range(nc):
+                sr[j] = beta * _dot(T.points, T.node_point[nodes[j]], q)
+            pre_ip[b] = nc
             eps = bq * radii
-            lzlo = _lse_terms(sr - eps, fs, nofloat)
-            lzhi = _lse_terms(sr + eps, fs, nofloat)
-            lzhat = ref + np.log(acc)
-            log_gamma = eps.max() + lzhat - lzlo  # certified log max P/Q of Eq. 7 (max eps_C + log Zhat/Z_lo)
+            lzb = np.empty(4, np.float64)
+            _log_z_bounds(sizes, sr, eps, lzb)
+            lzlo = lzb[LZ_LO]
+            _log_z_bounds(sizes, sr, np.zeros(nc), lzb)
+            log_gamma = eps.max() + lzb[LZ_LO] - lzlo
+            stats[b, S_LOG_GAMMA] = log_gamma
             s = chain_length
             if s == 0:
-                g = np.exp(min(log_gamma, 700.0))
-                need = 1.0 + np.ceil(g * (-log_tv) - 1e-12)
+                need = 1.0 + np.ceil(np.exp(min(log_gamma, 700.0)) * (-log_tv) - 1e-12)
                 if need > max_steps:
                     stats[b, S_STATUS] = 2.0
-                    stats[b, S_LOG_GAMMA] = log_gamma
-                    stats[b, S_CLUSTERS] = nc
+                    too_long = True
                     continue
                 s = int(need)
-            ids, sids, cnt, isum = flat_kernel(points, q, beta, c, 1, cum, sr, nodes, levels, sizes, empty, empty,
-                                               node_point, node_level, first_child, next_sibling, node_count, excl,
-                                               1, s, max(max_steps, s), seeds[b])
-            lzprop = lzhat
-            lz = lzprop + np.log(max(isum / max(cnt[0], 1), 1e-300))
-            _record(stats, b, min(max(lz, lzlo), lzhi), lzlo, lzhi, log_gamma,
-                    np.exp(-(s - 1) / np.exp(min(log_gamma, 700.0))), s, nc, nc + cnt[2] + excl.shape[0], nd,
-                    1.0 if cnt[4] else 0.0, out_ids, out_logits, lo, ids, sids, 1.0)
-            continue
-        # PAPER: chains of chain_length states, then the top-scoring distinct final states
-        nch = n_chains[b]
-        ids, sids, cnt, isum = flat_kernel(points, q, b_eff, nch, 1, cum, sr, nodes, levels, sizes, empty, empty,
-                                           node_point, node_level, first_child, next_sibling, node_count, excl, 1,
-                                           chain_length, max(max_steps, chain_length), seeds[b])
-        order = np.argsort(-sids, kind="mergesort")
-        sel = np.empty(c, np.int64)
-        sel_s = np.empty(c, np.float64)
-        ns = 0
-        for x in range(nch):
-            i = ids[order[x]]
-            dup = False
-            for y in range(ns):
-                if sel[y] == i:
-                    dup = True
-                    break
-            if not dup:
-                sel[ns] = i
-                sel_s[ns] = sids[order[x]]
-                ns += 1
-                if ns == c:
-                    break
-        for t in range(ns, c):  # fewer distinct states than requested: repeat from the best
-            sel[t] = sel[(t - ns) % ns]
-            sel_s[t] = sel_s[(t - ns) % ns]
-        # dropped clusters: Q = 0 on some targets, max P/Q = inf; no bound of any kind otherwise
-        _record(stats, b, np.nan, np.nan, np.nan, np.inf if dropped else np.nan, np.nan, chain_length, nc,
-                nc + cnt[2] + excl.shape[0], nd, 1.0 if cnt[4] else 0.0, out_ids, out_logits, lo, sel, sel_s,
-                temperature)
+            chain[b] = s
+        else:
+            chain[b] = chain_length
+        c0 = cptr[na]
+        while c0 + nc > cap:
+            cnodes, clevels, csizes, cradii = _grow(cnodes, c0, 2 * cap), _grow(clevels, c0, 2 * cap), \
+                _grow(csizes, c0, 2 * cap), _grow(cradii, c0, 2 * cap)
+            cap *= 2
+        cnodes[c0:c0 + nc] = nodes
+        clevels[c0:c0 + nc] = levels
+        csizes[c0:c0 + nc] = sizes
+        cradii[c0:c0 + nc] = radii
+        act[na] = b
+        na += 1
+        cptr[na] = c0 + nc
+    if too_long or na == 0:
+        return
+    # pass 2: one batch call over the active queries
+    nclu = cptr[na]
+    creps = np.empty(nclu, np.int64)
+    for j in range(nclu):
+        creps[j] = T.node_point[cnodes[j]]
+    Qa = np.empty((na, D), np.float64)
+    eptr = np.zeros(na + 1, np.int64)
+    kmax = 0
+    steps = max_steps
+    for a in range(na):
+        b = act[a]
+        Qa[a] = Q[b]
+        eptr[a + 1] = eptr[a] + excl_ptr[b + 1] - excl_ptr[b]
+        kmax = max(kmax, n_chains[b] if procedure == PAPER else counts[b])
+        steps = max(steps, chain[b])
+    eids = np.empty(eptr[na], np.int64)
+    for a in range(na):
+        b = act[a]
+        eids[eptr[a]:eptr[a + 1]] = excl_ids[excl_ptr[b]:excl_ptr[b + 1]]
+    if procedure == REJECTION:
+        ids, sids, cnt, lz = alg1_batch(T, suf, Qa, beta, kmax, False, 1.0, cptr[:na + 1], cnodes[:nclu],
+                                        clevels[:nclu], creps, csizes[:nclu], cradii[:nclu], eptr, eids, 1,
+                                        max_steps, False, 0, seed)
+    else:
+        chain_a = np.empty(na, np.int64)
+        for a in range(na):
+            chain_a[a] = chain[act[a]]
+        empty = np.zeros(0, np.int64)
+        ids, sids, cnt, lz = flat_batch(T, suf, Qa, b_eff, kmax, 1, False, False, 1.0, cptr[:na + 1], cnodes[:nclu],
+                                        clevels[:nclu], creps, csizes[:nclu], cradii[:nclu], empty, empty, eptr,
+                                        eids, 1, chain_a, steps, seed)
+    # pass 3: statistics and draws of every active query
+    for a in range(na):
+        b = act[a]
+        c = counts[b]
+        lo = out_ptr[b]
+        ca = cnt[a]
+        nc = cptr[a + 1] - cptr[a]
+        nd = stats[b, S_DIST]
+        ip = pre_ip[b] + ca[INNER]
+        status = 1.0 if ca[STATUS] else 0.0
+        if procedure == REJECTION:
+            _record(stats, b, lz[a, LZ_EST], lz[a, LZ_LO], lz[a, LZ_HI], lz[a, LZ_HI] - lz[a, LZ_LO], 0.0, 0.0, nc,
+                    ip, nd, status, out_ids, out_logits, lo, ids[a, :c], sids[a, :c], 1.0)
+        elif procedure == MH:
+            log_gamma = stats[b, S_LOG_GAMMA]
+            _record(stats, b, lz[a, LZ_EST], lz[a, LZ_LO], lz[a, LZ_HI], log_gamma,
+                    np.exp(-(chain[b] - 1) / np.exp(min(log_gamma, 700.0))), chain[b], nc, ip, nd, status, out_ids,
+                    out_logits, lo, ids[a, :c], sids[a, :c], 1.0)
+        else:
+            # PAPER: the top-scoring distinct final states of the query's n_chains[b] chains
+            nch = n_chains[b]
+            ia = ids[a, :nch]
+            sa = sids[a, :nch]
+            order = np.argsort(-sa, kind="mergesort")
+            sel = np.empty(c, np.int64)
+            sel_s = np.empty(c, np.float64)
+            ns = 0
+            for x in range(nch):
+                i = ia[order[x]]
+                dup = False
+                for y in range(ns):
+                    if sel[y] == i:
+                        dup = True
+                        break
+                if not dup:
+                    sel[ns] = i
+                    sel_s[ns] = sa[order[x]]
+                    ns += 1
+                    if ns == c:
+                        break
+            for t in range(ns, c):  # fewer distinct states than requested: repeat from the best
+                sel[t] = sel[(t - ns) % ns]
+                sel_s[t] = sel_s[(t - ns) % ns]
+            # dropped clusters: Q = 0 on some targets, max P/Q = inf; no bound of any kind otherwise
+            _record(stats, b, np.nan, np.nan, np.nan, np.inf if dropped[b] else np.nan, np.nan, chain_length, nc,
+                    ip, nd, status, out_ids, out_logits, lo, sel, sel_s, temperature)

@@ -2,9 +2,9 @@
 
 A :class:`MiningEngine` runs one of three named procedures over an SG tree for a batch of queries ``Q`` (B, D),
 drawing ``counts[b]`` targets for query b. The clustering, the proposal and the draws of every query happen inside
-one Numba function (:mod:`refimpl.sampling._engine_kernels`); nothing is re-validated per query, the query-free
-tree statistics (suffix radii) are cached per ``tree.version``, and the output buffers are reused across calls
-(the per-query working arrays of the Alg. 2 / MH / Alg. 1 kernels are still allocated per query, inside the call).
+one Numba function (:mod:`refimpl.sampling._engine_kernels`: Alg. 2 per query, then ONE call of the sampling
+layer's batch samplers for all queries); nothing is re-validated per query, the query-free tree statistics (suffix
+radii, the C_(l) of Prop. 2) are cached per ``tree.version``, and the output buffers are reused across calls.
 The tree's points may be float32 or float64; logits, log Z bounds, gamma and TV bounds are computed in float64.
 
 Procedures and what each guarantees (P = softmax of ``beta <q, t>`` over the non-excluded targets of the tree):
@@ -43,7 +43,8 @@ import numpy as np
 from refimpl._validate import as_rng, check_int, check_matrix, check_positive
 from refimpl.sampling import _cluster_kernels as CK
 from refimpl.sampling import _engine_kernels as EK
-from refimpl.sampling.clustering import TreeClustering
+from refimpl.index import Clustering
+from refimpl.sampling.clustering import level_clustering, suffix_radii, tree_clustering
 
 __all__ = ["PROCEDURES", "STARTS", "EngineResult", "MiningEngine", "sample_paper", "prop2_levels"]
 
@@ -178,18 +179,9 @@ class MiningEngine:
         if self.rejection_ratio <= 1.0:
             raise ValueError(f"rejection_ratio: must be > 1, got {rejection_ratio}")
         self.max_refine_clusters = check_int("max_refine_clusters", max_refine_clusters, low=1)
-        self._suf = None  # (tree identity, tree.version, suffix radii)
         self._ids = np.zeros(0, np.int64)
         self._logits = np.zeros(0, np.float64)
         self._stats = np.zeros((0, EK.N_STATS), np.float64)
-
-    def _suffix_radii(self, tree, ta):
-        key = (id(tree), tree.version)
-        if self._suf is None or self._suf[0] != key:
-            n_nodes = int(ta.state[1])
-            suf = CK.suffix_radii(n_nodes, ta.node_first_child, ta.node_next_sibling, ta.node_pdist, ta.node_maxd)
-            self._suf = (key, suf)
-        return self._suf[1]
 
     def _levels(self, tree, ta, qn, beta):
         """Alg. 2's first frontier level and deepest level for queries of norms ``qn`` (see ``start`` and ``m``)."""
@@ -200,17 +192,29 @@ class MiningEngine:
             starts = np.full(qn.size, int(ta.node_level[int(tree.root)]) + 1, np.int64)
         return starts.astype(np.int64), np.asarray(ms, dtype=np.int64)
 
-    def partition(self, tree, q, *, beta) -> TreeClustering:
+    def _frontiers(self, tree, starts):
+        """Alg. 2's first frontiers in CSR form: (sptr, snodes, sidx), query b starts from
+        ``snodes[sptr[sidx[b]]:sptr[sidx[b] + 1]]`` (the root, or the nodes of C_(starts[b]) fetched once per
+        distinct level from the per-version cache of :func:`refimpl.sampling.clustering.level_clustering`)."""
+        if self.start == "root":
+            return np.array([0, 1], np.int64), np.array([int(tree.root)], np.int64), np.zeros(starts.size, np.int64)
+        uniq, sidx = np.unique(starts, return_inverse=True)
+        parts = [np.asarray(level_clustering(tree, int(L)).nodes, np.int64) for L in uniq]
+        sptr = np.zeros(uniq.size + 1, np.int64)
+        np.cumsum([p.size for p in parts], out=sptr[1:])
+        return sptr, np.ascontiguousarray(np.concatenate(parts), np.int64), sidx.astype(np.int64).reshape(-1)
+
+    def partition(self, tree, q, *, beta) -> Clustering:
         """The partition the "mh" procedure proposes from for query ``q`` (D,): Alg. 2 with this engine's start,
         deepest level and frontier cap (for probes and tests: the same clustering as inside :meth:`run`)."""
         beta = check_positive("beta", beta)
         ta = tree.arrays()
         q = check_matrix("q", np.asarray(q)[None, :], n_cols=int(tree.dim))[0]
         starts, ms = self._levels(tree, ta, np.array([np.linalg.norm(q)]), beta)
-        nodes, levels, _ = CK.find_clustering_kernel(ta.points, q, int(tree.root), int(starts[0]), int(ms[0]),
-                                                     float(ta.base), self.max_frontier, ta.node_point, ta.node_level,
-                                                     ta.node_first_child, ta.node_next_sibling, ta.node_count)
-        return TreeClustering.from_nodes(tree, nodes, levels)
+        sptr, snodes, _ = self._frontiers(tree, starts)
+        nodes, levels, nd = CK.find_clustering_kernel(ta, q, snodes, int(starts[0]), int(ms[0]), self.max_frontier)
+        return tree_clustering(tree, nodes, levels, {"distance_evals": int(nd), "start_level": int(starts[0]),
+                                                     "m": int(ms[0])})
 
     def run(self, tree, Q, counts, *, beta, rng, exclude=None) -> EngineResult:
         """Draw ``counts[b]`` targets for every query ``Q[b]`` (one compiled call; see the module docstring).
@@ -220,7 +224,7 @@ class MiningEngine:
         tree : an SGTree (its ``arrays()`` view and ``version`` are used).
         Q : (B, D) queries in the tree's space (float64 or float32; cast to float64).
         counts : (B,) non-negative ints, or one int for every query.
-        beta : inverse temperature of the softmax (> 0). rng : Generator or int seed (one seed per query is drawn
+        beta : inverse temperature of the softmax (> 0). rng : Generator or int seed (one seed for the batch is drawn
             from it, so the same rng gives the same draws).
         exclude : None or a sequence of B id arrays: targets query b must not draw (P renormalised without them).
         """
@@ -241,9 +245,8 @@ class MiningEngine:
         if (counts > 0).any() and np.any(live - np.diff(eptr)[counts > 0] < 1):
             raise ValueError("exclude: excludes every target of some query")
         ta = tree.arrays()
-        suf = self._suffix_radii(tree, ta)
+        suf = suffix_radii(tree)
         qn = np.sqrt(np.einsum("ij,ij->i", Q, Q))
-        base = float(ta.base)
         starts, ms = self._levels(tree, ta, qn, beta)
         ptr = np.zeros(B + 1, np.int64)
         np.cumsum(counts, out=ptr[1:])
@@ -255,13 +258,13 @@ class MiningEngine:
             self._stats = np.empty((max(B, 2 * self._stats.shape[0]), EK.N_STATS), np.float64)
         n_chains = 2 * counts if self.n_chains is None else np.full(B, self.n_chains, np.int64)
         n_chains = np.maximum(n_chains, counts)
-        seeds = gen.integers(0, 2 ** 62, size=B, dtype=np.int64)
-        EK.engine_kernel(ta.points, Q, qn, beta, _CODES[self.procedure], counts, ptr, eptr, eids, seeds, starts, ms,
-                         self.max_frontier, self.n_top_clusters, self.chain_length, n_chains, self.temperature,
-                         math.log(self.tv), self.max_steps, math.log(self.rejection_ratio), self.max_refine_clusters,
-                         int(tree.root), base, ta.node_point, ta.node_level,
-                         ta.node_first_child, ta.node_next_sibling, ta.node_count, ta.node_maxd, suf, self._ids,
-                         self._logits, self._stats)
+        sptr, snodes, sidx = self._frontiers(tree, starts)
+        seed = int(gen.integers(0, 2 ** 62))
+        EK.engine_kernel(ta, suf, Q, qn, beta, _CODES[self.procedure], counts, ptr, eptr, eids, seed, sptr, snodes,
+                         sidx, starts, ms, self.max_frontier, self.n_top_clusters, self.chain_length,
+                         n_chains.astype(np.int64), self.temperature, math.log(self.tv), self.max_steps,
+                         math.log(self.rejection_ratio), self.max_refine_clusters, self._ids, self._logits,
+                         self._stats)
         st = self._stats[:B]
         status = st[:, EK.S_STATUS]
         if np.any(status == 1):

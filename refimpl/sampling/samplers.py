@@ -37,6 +37,7 @@ import numpy as np
 
 from refimpl._validate import as_rng, check_ids, check_int, check_positive
 from refimpl.index import Clustering, TreeArrays
+from refimpl.sampling import _astar as A
 from refimpl.sampling import _kernels as K
 from refimpl.sampling import bounds
 from refimpl.softmax import logsumexp
@@ -511,7 +512,7 @@ def _astar(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z="estimate
     beta, gen, log_z, Q, batched, eptr, eids, k = _tree_args(tree, q, k, beta, rng, log_z, exclude, replace)
     max_pops = check_int("max_pops", max_pops, low=1)
     T = tree.arrays()
-    ids, sids, cnt, lz = K.astar_batch(T, suffix_radii(tree), Q, beta, k, eptr, eids, int(replace), max_pops,
+    ids, sids, cnt, lz = A.astar_batch(T, suffix_radii(tree), Q, beta, k, eptr, eids, int(replace), max_pops,
                                        bool(broken), _seed(gen))
     if cnt[:, K.STATUS].any():
         raise SamplerError(f"sample_astar: no draw after {max_pops} regions popped")

@@ -88,6 +88,8 @@ def check_matrix(name: str, a, *, dtype=np.float64, n_rows: int | None = None, n
         raise ValueError(f"{name}: expected a 2-D array, got shape {arr.shape}")
     if not allow_empty and arr.shape[0] == 0:
         raise ValueError(f"{name}: is empty (0 rows)")
+    if not allow_empty and arr.shape[1] == 0:
+        raise ValueError(f"{name}: has no columns (shape {arr.shape})")
     if n_rows is not None and arr.shape[0] != n_rows:
         raise ValueError(f"{name}: expected {n_rows} rows, got {arr.shape[0]}")
     if n_cols is not None and arr.shape[1] != n_cols:

@@ -343,9 +343,9 @@ def planted_dataset(n_targets: int = 6000, n_queries: int = 6000, *, n_features:
     Parameters are validated (ValueError naming the argument). ``rng``: Generator or int seed; the same seed gives
     the same dataset bit for bit.
     """
-    n_targets = check_int("n_targets", n_targets, low=2)
-    n_queries = check_int("n_queries", n_queries, low=2)
-    n_features = check_int("n_features", n_features, low=2)
+    n_targets = check_int("n_targets", n_targets, low=2, itemsize=8 * 2)
+    n_queries = check_int("n_queries", n_queries, low=2, itemsize=8 * 2)
+    n_features = check_int("n_features", n_features, low=2, itemsize=8)
     dim = check_int("dim", dim, low=1)
     branching = tuple(check_int("branching", b, low=1) for b in branching)
     if len(branching) < 1:

@@ -18,6 +18,8 @@ give finite, correct losses and gradients (probabilities underflow to exactly 0,
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import scipy.sparse as sp
 
@@ -155,10 +157,22 @@ def _pair_softmax(s_pos: np.ndarray, C: np.ndarray):
     return loss, -sum_c / z, e_c / z[:, None]
 
 
+# |logit| limit: beyond it beta <q, t> (or a difference of two logits) can overflow float64
+_LOG_MAX_LOGIT = 690.0
+
+
 def _check_qt(Q, T, beta):
+    """Validated (Q, T, beta); a ValueError naming Q and T when |beta <q, t>| <= beta D max|Q| max|T| could exceed
+    e^690 (the logits, and their differences inside the softmax, would overflow float64 into NaN)."""
     Q = check_matrix("Q", Q)
     T = check_matrix("T", T, n_cols=Q.shape[1])
-    return Q, T, check_positive("beta", beta)
+    beta = check_positive("beta", beta)
+    mq, mt = float(np.abs(Q).max()), float(np.abs(T).max())
+    if mq > 0.0 and mt > 0.0 and (math.log(beta) + math.log(mq) + math.log(mt) + math.log(Q.shape[1])
+                                  > _LOG_MAX_LOGIT):
+        raise ValueError(f"Q, T: logits beta <q, t> can reach {beta:.3g} * {Q.shape[1]} * {mq:.3g} * {mt:.3g}, "
+                         f"beyond float64's range (e^{_LOG_MAX_LOGIT:.0f}); rescale the embeddings")
+    return Q, T, beta
 
 
 def _to_embedding_grads(W, Q: np.ndarray, T: np.ndarray, beta: float):
@@ -420,7 +434,7 @@ def gradient_relative_error(est, ref) -> float:
     ref_t = tuple(ref) if isinstance(ref, (tuple, list)) else (ref,)
     if len(est_t) != len(ref_t):
         raise ValueError(f"est: expected {len(ref_t)} arrays like ref, got {len(est_t)}")
-    num = den = 0.0
+    parts = []
     for j, (e, r) in enumerate(zip(est_t, ref_t)):
         e = np.asarray(e, dtype=np.float64)
         r = np.asarray(r, dtype=np.float64)
@@ -428,8 +442,14 @@ def gradient_relative_error(est, ref) -> float:
             raise ValueError(f"est[{j}]: shape {e.shape} differs from ref[{j}] shape {r.shape}")
         if not (np.all(np.isfinite(e)) and np.all(np.isfinite(r))):
             raise ValueError(f"est[{j}]/ref[{j}]: contains NaN or Inf")
-        num += float(np.sum((e - r) ** 2))
-        den += float(np.sum(r ** 2))
+        parts.append((e, r))
+    # scaled by the largest magnitude so that the squares cannot overflow (gradients near 1e308)
+    scale = max((max(float(np.abs(e).max(initial=0.0)), float(np.abs(r).max(initial=0.0))) for e, r in parts),
+                default=0.0)
+    if scale == 0.0:
+        return 0.0
+    num = sum(float(np.sum((e / scale - r / scale) ** 2)) for e, r in parts)
+    den = sum(float(np.sum((r / scale) ** 2)) for _, r in parts)
     if den == 0.0:
         return 0.0 if num == 0.0 else float("inf")
     return float(np.sqrt(num / den))

@@ -275,7 +275,7 @@ def _source(tree, clustering):
     with an array partition."""
     if isinstance(tree, np.ndarray):
         if not clustering.is_partition:
-            raise ValueError("clustering: a clustering of a tree needs the SGTree, not a points array")
+            raise TypeError("tree: this clustering is of an SGTree; pass that tree, not a points array")
         return check_matrix("tree", tree), None
     _check_tree(tree)
     _check_clustering(clustering, tree)

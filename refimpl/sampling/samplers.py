@@ -93,14 +93,14 @@ def _points(points):
             raise TypeError(f"points: expected a real float array, got dtype {points.dtype}")
     if points.ndim != 2:
         raise ValueError(f"points: expected a 2-D array, got shape {points.shape}")
-    if points.shape[0] == 0:
-        raise ValueError("points: is empty (0 rows)")
+    if points.shape[0] == 0 or points.shape[1] == 0:
+        raise ValueError(f"points: is empty (shape {points.shape})")
     return np.ascontiguousarray(points)
 
 
 def _queries(q, dim):
     """(Q float64 (B, D), batched)."""
-    if isinstance(q, np.ndarray) and q.dtype.kind not in "biuf":
+    if isinstance(q, np.ndarray) and q.dtype.kind not in "iuf":
         raise TypeError(f"q: expected a real float array, got dtype {q.dtype}")
     try:
         arr = np.asarray(q, dtype=np.float64)

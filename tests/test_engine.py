@@ -8,6 +8,7 @@ from refimpl.index.sgtree import SGTree
 from refimpl.mining.dynnibal import cluster_labels, mh_law
 from refimpl.sampling.engine import MiningEngine, prop2_levels, sample_paper
 from refimpl.sampling.bounds import prop2_level
+from refimpl.sampling.clustering import find_clustering
 from refimpl.softmax import logsumexp
 from refimpl.testing import ALPHA, TV, chi2_gof, make_bins, required_sample_size
 
@@ -76,6 +77,22 @@ def test_mh_draws_follow_the_exact_chain_law(dtype):
         p = np.exp(lp - logsumexp(lp))
         assert np.log(np.max(p / np.exp(lq))) <= r.log_gamma[0] + 1e-9
         assert r.tv_bound[0] == pytest.approx(np.exp(-1.0 / np.exp(r.log_gamma[0])))
+
+
+def test_prop2_start_is_alg2_from_c_l_per_query(tree):
+    """start="prop2": each query's Alg. 2 starts from C_(l) at its own Prop. 2 level (queries scaled so that their
+    levels differ); the partition equals the sampling layer's find_clustering, and run() samples from it."""
+    Q = _queries(4) * np.array([0.3, 1.0, 3.0, 1.0])[:, None]
+    levels = prop2_levels(1e6, BETA * np.linalg.norm(Q, axis=1), tree.base)
+    assert len(set(levels.tolist())) >= 3
+    eng = MiningEngine("mh", start="prop2", m=-12, max_frontier=None, chain_length=3)
+    r = eng.run(tree, Q, [2, 1, 0, 3], beta=BETA, rng=0)
+    for b in range(4):
+        cl = eng.partition(tree, Q[b], beta=BETA)
+        ref = find_clustering(tree, Q[b], beta=BETA, gamma=1e6, m=-12)
+        assert sorted(zip(cl.nodes, cl.levels)) == sorted(zip(ref.nodes, ref.levels))
+        assert r.n_clusters[b] == (len(cl) if b != 2 else 0)
+    assert r.ids.size == 6 and np.all(r.chain_length[[0, 1, 3]] == 3)
 
 
 def test_same_seed_same_draws_every_procedure(tree):

@@ -10,8 +10,9 @@ import numpy as np
 
 from refimpl.index.sgtree import SGTree
 from refimpl.nystrom import Nystrom, RegressionReEncoder
-from refimpl.sampling.clustering import certify, find_clustering, level_clustering
-from refimpl.sampling.samplers import sample_cluster_topk_heuristic, sample_exact, sample_mh, sample_rejection
+from refimpl.sampling.clustering import certify, cluster_members, find_clustering, level_clustering
+from refimpl.sampling.engine import sample_paper
+from refimpl.sampling.samplers import sample_exact, sample_mh, sample_rejection
 
 
 def build_tree(X, base, seed, *, given_order=False) -> SGTree:
@@ -24,7 +25,7 @@ def build_tree(X, base, seed, *, given_order=False) -> SGTree:
 def level_clusters(tree, level, *, with_object=False):
     """C_(level): (reps, sizes, radii, list of member arrays) [+ the library's clustering object, for certify/MH]."""
     cl = level_clustering(tree, level)
-    out = (cl.reps.copy(), cl.sizes.copy(), cl.radii.copy(), [cl.members(j) for j in range(len(cl))])
+    out = (cl.reps.copy(), cl.sizes.copy(), cl.radii.copy(), [cluster_members(tree, cl, j) for j in range(len(cl))])
     return out + (cl,) if with_object else out
 
 
@@ -51,7 +52,7 @@ def alg2(tree, q, *, beta, gamma, m=None, max_clusters=None):
     """Alg. 2 (FindClustering) with the frontier capped to ``max_clusters`` and the excess finalised (Remark 2).
     Returns (reps, sizes, members, levels, stats) with stats = distance evaluations, start level, m."""
     cl = find_clustering(tree, q, beta=beta, gamma=gamma, m=m, max_clusters=max_clusters)
-    return (cl.reps.copy(), cl.sizes.copy(), [cl.members(j) for j in range(len(cl))], cl.levels.copy(),
+    return (cl.reps.copy(), cl.sizes.copy(), [cluster_members(tree, cl, j) for j in range(len(cl))], cl.levels.copy(),
             dict(cl.stats), cl)
 
 
@@ -81,12 +82,12 @@ def maintain_library(tree, new_points, U) -> dict:
 
 
 def experiments_procedure(tree, q, k, *, beta, rng, max_clusters, chain_length, gamma=4.0):
-    """The experiments' procedure as the library currently implements it (top clusters, short MH chains, top-scoring
-    targets of all chains): ``sample_cluster_topk_heuristic``. Re-point to ``DyNNIBAL(sampler="paper")``'s sampler
-    once the mining engine lands. Returns the selected target ids: one array per query for a batch (a query can get
-    fewer than k distinct targets)."""
-    ids = sample_cluster_topk_heuristic(tree, q, k, beta=beta, rng=rng, gamma=gamma, max_clusters=max_clusters,
-                                        chain_length=chain_length).ids
+    """The experiments' procedure as ``DyNNIBAL(sampler="paper")`` runs it (:func:`refimpl.sampling.engine.sample_paper`:
+    Alg. 2 with the frontier capped to 100, the ``max_clusters`` clusters closest to the query, MH chains of
+    ``chain_length`` states, the top-scoring distinct final states). Returns the selected target ids: one array per
+    query for a batch."""
+    ids, _ = sample_paper(tree, q, k, beta=beta, rng=rng, gamma=gamma, n_top_clusters=max_clusters,
+                          chain_length=chain_length)
     return [np.asarray(x) for x in ids] if np.ndim(q) == 2 else np.asarray(ids)
 
 

@@ -1,10 +1,11 @@
 """The procedure the experiments ran (paper §5, App. B.1, C.1): no proposition covers it; measured here.
 
 What the paper ran: Alg. 2's clusters with only the closest ones kept (frontier <= 100), MH chains of length 2 (the
-number of chains unstated), then "the top scoring targets from all the chains". Until the mining engine's
-``DyNNIBAL(sampler="paper")`` lands, the library's version is ``sample_cluster_topk_heuristic`` (frontier capped at
-``max_clusters`` with the excess finalised, 2k chains of ``chain_length`` states with Eq. 7's proposal, the k
-top-scoring distinct final states), called through one adapter (proofs_check._library.experiments_procedure).
+number of chains unstated), then "the top scoring targets from all the chains". The library's version is
+``DyNNIBAL(sampler="paper")``'s :func:`refimpl.sampling.engine.sample_paper` (Alg. 2 with the frontier capped at
+100, the ``max_clusters`` clusters closest to the query, 2k chains of ``chain_length`` states with Eq. 7's
+proposal, the k top-scoring distinct final states), called through one adapter
+(proofs_check._library.experiments_procedure).
 
 Measured against the exact softmax P on a planted instance (N = 150 unit targets, D = 8, base 1.3), one query:
 * the law of its single negative (k = 1): empirical TV to P over R1 draws, beside the TV of R1 exact draws (the

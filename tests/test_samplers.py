@@ -288,17 +288,6 @@ def test_k_zero_returns_empty(inst):
         assert r.ids.shape == (0,) and r.ids.dtype == np.int64
 
 
-def test_heuristic_returns_distinct_top_scoring_targets(inst):
-    """The shortcut returns k distinct ids, sorted by decreasing score, drawn from the chains' states; it is not a
-    softmax sampler (see test_samplers_stats.test_negative_control_topk_heuristic_is_not_a_softmax_sampler)."""
-    X, tree, q = inst
-    r = S.sample_cluster_topk_heuristic(tree, q, 5, beta=BETA, rng=1, n_chains=40)
-    s = _logits(X, q)[r.ids]
-    assert len(set(r.ids.tolist())) == len(r.ids) <= 5
-    assert np.all(np.diff(s) <= 1e-12)
-    assert np.all(r.log_q <= 0)
-
-
 def test_mh_batch_with_per_query_exclusion(inst):
     X, tree, _ = inst
     Q = X[[3, 200]]

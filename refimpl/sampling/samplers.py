@@ -10,7 +10,8 @@ gives (k,) results, a batch (B, D) gives (B, k) from ONE compiled call):
 * :func:`sample_astar`: A* sampling over the tree's Gumbel process with the certified bounds (ours). Exact.
 * :func:`sample_mh`: independent Metropolis-Hastings (Eq. 14) with the proposal of Eq. 7 on Alg. 2's clustering;
   chain length from Eq. 6. Approximate, with the certified TV bound in ``stats``.
-* :func:`sample_cluster_topk_heuristic`: the experiments' shortcut. NOT a softmax sampler.
+  (The experiments' shortcut, top clusters + short chains + top scores, is :func:`refimpl.sampling.engine.sample_paper`:
+  NOT a softmax sampler.)
 
 Start level of the rejection samplers (``level``): "auto" (default) picks, per query inside the kernel, the level
 minimising the estimated cost of Prop. 3 (|C_l| inner products + k x estimated attempts per draw); "prop2" uses
@@ -52,7 +53,6 @@ __all__ = [
     "sample_rejection",
     "sample_mh",
     "sample_astar",
-    "sample_cluster_topk_heuristic",
     "default_level",
 ]
 
@@ -588,36 +588,3 @@ def sample_mh(tree, q, k, *, beta, rng, gamma=4.0, m=None, chain_length=None, tv
     return _result(ids, lq, st, batched)
 
 
-def sample_cluster_topk_heuristic(tree, q, k, *, beta, rng, gamma=4.0, m=None, max_clusters=100, n_chains=None,
-                                  chain_length=2):
-    """The experiments' shortcut (the procedure the paper's experiments ran). NOT a softmax sampler.
-
-    Alg. 2 with the frontier capped to the ``max_clusters`` closest clusters (Remark 2), ``n_chains`` (default 2k)
-    independent MH chains of length 2 with the Eq. 7 proposal, then the k top-scoring distinct targets among the
-    chains' final states (fewer if the chains found fewer). The selection by score biases the output towards the
-    highest logits; ``log_q`` is log Q(i) of the cluster proposal (what a log-Q correction would use), not the
-    inclusion probability of the procedure, which has no closed form. Batches give lists (lengths may differ).
-    """
-    beta = check_positive("beta", beta)
-    gen = as_rng(rng)
-    k = check_int("k", k, low=0, high=1 << 40)
-    n_chains = 2 * k if n_chains is None else check_int("n_chains", n_chains, low=1, high=1 << 40)
-    chain_length = check_int("chain_length", chain_length, low=1)
-    _tree(tree)
-    Q, batched = _queries(q, tree.dim)
-    cls = [find_clustering(tree, qb, beta=beta, gamma=gamma, m=m, max_clusters=max_clusters) for qb in Q]
-    ids, _, st = _flat(tree, Q, True, n_chains, beta, gen, None, True, "estimate", 1, False, False, _csr(cls),
-                       None, chain_length, DEFAULT_MAX_ATTEMPTS)
-    out_ids, out_lq = [], []
-    for b, cl in enumerate(cls):  # selecting the top distinct ids of each query: ragged output
-        s = logits(tree.points, ids[b], Q[b], beta)
-        uniq, first = np.unique(ids[b], return_index=True)
-        sel = uniq[np.argsort(-s[first], kind="stable")[:k]].astype(np.int64)
-        sr = logits(tree.points, cl.reps, Q[b], beta)
-        lq = sr[cluster_labels(tree, cl)[sel]] - bounds.log_proposal_normalizer(sr, cl.sizes)
-        out_ids.append(sel)
-        out_lq.append(lq)
-    st["inner_products"] = st["inner_products"] + np.array([len(x) for x in out_ids])
-    if not batched:
-        return SampleResult(out_ids[0], out_lq[0], {key: v[0] for key, v in st.items()})
-    return SampleResult(out_ids, out_lq, st)

@@ -42,8 +42,8 @@ from refimpl.sampling import _astar as A
 from refimpl.sampling import _kernels as K
 from refimpl.sampling import bounds
 from refimpl.softmax import logsumexp
-from refimpl.sampling.clustering import (certify, cluster_labels, find_clustering, level_clustering, logits,
-                                         suffix_radii)
+from refimpl.sampling.clustering import (_check_clustering, certify, cluster_labels, find_clustering,
+                                         level_clustering, logits, suffix_radii)
 
 __all__ = [
     "SampleResult",
@@ -405,9 +405,7 @@ def sample_flat_rejection(source, q, k, *, beta, rng, clustering=None, level="au
         _tree(source)
         Q, batched = _queries(q, source.dim)
         if clustering is not None:
-            if not isinstance(clustering, Clustering):
-                raise TypeError(f"clustering: expected a refimpl.index.Clustering, got {type(clustering).__name__}")
-            clustering.check_tree(source)
+            _check_clustering(clustering, source)
             auto, csr = False, _csr([clustering] * Q.shape[0])
         else:
             auto, csr = _start_levels(source, Q, beta, level)
@@ -563,9 +561,7 @@ def sample_mh(tree, q, k, *, beta, rng, gamma=4.0, m=None, chain_length=None, tv
     _tree(tree)
     Q, batched = _queries(q, tree.dim)
     if clustering is not None:
-        if not isinstance(clustering, Clustering):
-            raise TypeError(f"clustering: expected a refimpl.index.Clustering, got {type(clustering).__name__}")
-        clustering.check_tree(tree)
+        _check_clustering(clustering, tree)
     cls, certs = [], []
     for qb in Q:  # Alg. 2 + refinement is per query (a Python-level best-first search)
         cl = clustering if clustering is not None else find_clustering(

@@ -570,11 +570,11 @@ def sample_mh(tree, q, k, *, beta, rng, gamma=4.0, m=None, chain_length=None, tv
         cert = cl.stats.get("certificate") if clustering is None else None
         certs.append(cert if cert is not None else certify(tree, qb, cl, beta=beta))
         cls.append(cl)
-    s = np.array([chain_length if chain_length is not None else c.chain_length(tv, proposal) for c in certs],
-                 np.int64)
-    if s.max() > max_steps:
-        raise SamplerError(f"sample_mh: chain length {int(s.max())} from Eq. 6 exceeds max_steps={max_steps}; "
+    lengths = [chain_length if chain_length is not None else c.chain_length(tv, proposal) for c in certs]
+    if max(lengths) > max_steps:  # checked on Python ints: Eq. 6 lengths can exceed int64
+        raise SamplerError(f"sample_mh: chain length {max(lengths)} from Eq. 6 exceeds max_steps={max_steps}; "
                            "refine the clustering (larger max_refine_clusters) or pass chain_length")
+    s = np.array(lengths, np.int64)
     ids, lq, st = _flat(tree, Q, batched, k, beta, gen, exclude, replace, log_z, 1, proposal == "upper", False,
                         _csr(cls), None, s, max(max_steps, int(s.max())))
     lg = np.array([c.log_gamma if proposal == "eq7" else c.log_gamma_upper for c in certs])

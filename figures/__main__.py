@@ -5,7 +5,6 @@ its one-line caption) into the output folder (default: this folder).
 """
 from __future__ import annotations
 
-import os
 
 # Timings in the figures are single-threaded for every method: a multi-threaded BLAS matvec on a loaded machine
 # can be 100x slower than a single-threaded one (measured here: 20 ms vs 0.1 ms for 30000 x 16), which would

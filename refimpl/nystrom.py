@@ -52,8 +52,6 @@ work computed from the shapes actually used (encoder: ``2 * nnz * dim`` plus nor
 """
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 import scipy.sparse as sp
 

@@ -28,23 +28,23 @@ A JSON file with every number is written (``--json``).
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import math
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 from numba import njit
 
-from refimpl.data import hierarchical_points, load_text_pairs
+from refimpl.cliargs import ArgumentParser, choice_list, integer, integer_list, out_file, real, size, size_list
+from refimpl.data import hierarchical_points
 from refimpl.index.sgtree import SGTree
 from refimpl.mining import InBatch
 from refimpl.sampling import samplers as S
 from refimpl.sampling.clustering import level_clustering
+from refimpl.text import load_text_pairs
 from refimpl.training import train
 
 SAMPLERS = ("exact", "rejection", "flat", "astar", "mh")
@@ -219,52 +219,22 @@ def _beta_rho(tree, Q, beta, levels):
 
 
 def _parse(argv):
-    ap = argparse.ArgumentParser(prog="python -m refimpl bench sample", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", default="1e5,1e6", help="comma-separated N (default 1e5,1e6)")
-    ap.add_argument("--ks", default="10,64", help="draws per query (default 10,64)")
-    ap.add_argument("--data", default="hierarchical,text", help=f"data sets among {DATA}")
-    ap.add_argument("--dim", type=int, default=64)
-    ap.add_argument("--beta", type=float, default=20.0)
-    ap.add_argument("--queries", type=int, default=64, help="queries, answered as one batch (default 64)")
-    ap.add_argument("--baseline-batches", default="16,64,256", help="query block sizes tried for the baseline")
-    ap.add_argument("--samplers", default=",".join(SAMPLERS))
-    ap.add_argument("--train-steps", type=int, default=300)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", default="bench_sample.json", help="output JSON path")
+    ap = ArgumentParser(prog="python -m refimpl bench sample", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", type=integer_list(2), default="1e5,1e6", help="comma-separated N (default 1e5,1e6)")
+    ap.add_argument("--ks", type=size_list, default="10,64", help="draws per query (default 10,64)")
+    ap.add_argument("--data", type=choice_list(DATA), default="hierarchical,text", help=f"data sets among {DATA}")
+    ap.add_argument("--dim", type=integer(1, 4096), default=64)
+    ap.add_argument("--beta", type=real(0.0, 1e4, strict_low=True), default=20.0)
+    ap.add_argument("--queries", type=size, default=64, help="queries, answered as one batch (default 64)")
+    ap.add_argument("--baseline-batches", type=size_list, default="16,64,256",
+                    help="query block sizes tried for the baseline")
+    ap.add_argument("--samplers", type=choice_list(SAMPLERS), default=",".join(SAMPLERS))
+    ap.add_argument("--train-steps", type=size, default=300)
+    ap.add_argument("--seed", type=integer(0, 2**62), default=0)
+    ap.add_argument("--json", type=out_file, default="bench_sample.json", help="output JSON path")
     args = ap.parse_args(argv)
-
-    def bad(msg):
-        print(f"python -m refimpl bench sample: error: {msg}", file=sys.stderr)
-        raise SystemExit(2)
-
-    def ints(name, text, low):
-        try:
-            vals = [int(float(x)) for x in text.split(",") if x.strip()]
-        except ValueError:
-            bad(f"{name}: expected comma-separated numbers, got {text!r}")
-        if not vals or min(vals) < low:
-            bad(f"{name}: every value must be >= {low}, got {text!r}")
-        return vals
-
-    args.sizes = ints("--sizes", args.sizes, 2)
-    args.ks = ints("--ks", args.ks, 1)
-    args.baseline_batches = ints("--baseline-batches", args.baseline_batches, 1)
-    args.data = [x.strip() for x in args.data.split(",") if x.strip()]
-    args.samplers = [x.strip() for x in args.samplers.split(",") if x.strip()]
-    if not args.data or any(d not in DATA for d in args.data):
-        bad(f"--data: expected names among {DATA}, got {args.data}")
-    if any(s not in SAMPLERS for s in args.samplers):
-        bad(f"--samplers: expected names among {SAMPLERS}, got {args.samplers}")
-    for name in ("dim", "queries", "train_steps"):
-        if getattr(args, name) < 1:
-            bad(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
-    if not (args.beta > 0 and math.isfinite(args.beta)):
-        bad(f"--beta: must be a finite number > 0, got {args.beta}")
     if args.queries > min(args.sizes):
-        bad(f"--queries: {args.queries} exceeds the smallest size {min(args.sizes)}")
-    d = os.path.dirname(os.path.abspath(args.json))
-    if not os.path.isdir(d) or not os.access(d, os.W_OK):
-        bad(f"--json: directory {d} does not exist or is not writable")
+        ap.error(f"argument --queries: {args.queries} exceeds the smallest size {min(args.sizes)}")
     return args
 
 

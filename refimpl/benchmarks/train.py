@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import resource
-import sys
 import time
 
 import numpy as np

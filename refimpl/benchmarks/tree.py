@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import sys
 import time
 
 import numpy as np

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from refimpl._validate import as_rng, check_int, check_positive
+from refimpl._validate import as_rng
 from refimpl.softmax import log_softmax, logsumexp
 
 __all__ = ["Negatives", "Batch", "MinerContext", "Miner", "slot_queries", "shared_slots", "draw_slots",

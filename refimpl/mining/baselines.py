@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from refimpl._validate import as_rng, check_int, check_positive
-from refimpl.mining.base import (Batch, Miner, MinerContext, Negatives, draw_slots, log_softmax_rows, mixture_log_q_rows,
-                                 shared_slots, slot_queries)
+from refimpl._validate import check_int, check_positive
+from refimpl.mining.base import (Miner, Negatives, draw_slots, log_softmax_rows, mixture_log_q_rows, shared_slots,
+                                 slot_queries)
 
 __all__ = ["InBatch", "Uniform", "StochasticNegativeMining", "NegativeCache", "BruteForceTopK", "FullSoftmax"]
 

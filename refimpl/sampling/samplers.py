@@ -42,8 +42,7 @@ from refimpl.sampling import _astar as A
 from refimpl.sampling import _kernels as K
 from refimpl.sampling import bounds
 from refimpl.softmax import logsumexp
-from refimpl.sampling.clustering import (_check_clustering, certify, cluster_labels, find_clustering,
-                                         level_clustering, logits, suffix_radii)
+from refimpl.sampling.clustering import _check_clustering, certify, find_clustering, level_clustering, suffix_radii
 
 __all__ = [
     "SampleResult",

@@ -13,7 +13,6 @@ from refimpl._env import single_threaded_blas  # noqa: E402
 
 single_threaded_blas()
 
-import argparse  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -23,14 +22,15 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 
 from figures import load_all  # noqa: E402
+from refimpl.cliargs import ArgumentParser, integer, out_dir  # noqa: E402
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m figures", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="python -m figures", description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="*", default=None)
-    ap.add_argument("--out", default=str(Path(__file__).parent))
+    ap.add_argument("--out", type=out_dir, default=str(Path(__file__).parent))
     ap.add_argument("--quick", action="store_true", help="small sizes (for tests); the committed PNGs use the default")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=integer(0, 2**62), default=0)
     ap.add_argument("--list", action="store_true")
     args = ap.parse_args(argv)
     mods = load_all()

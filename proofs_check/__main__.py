@@ -10,7 +10,6 @@ small case scale) and exits 0 only when every verdict then DIFFERS from the docu
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from refimpl._env import single_threaded_blas
 
 single_threaded_blas()  # before NumPy is imported (see refimpl._env)
 
+from refimpl.cliargs import ArgumentParser, integer, out_dir, out_file, real  # noqa: E402
 from proofs_check import load_all  # noqa: E402
 from proofs_check._framework import Budget, run_claim  # noqa: E402
 from proofs_check._report import print_self_test, print_table, write_markdown  # noqa: E402
@@ -27,20 +27,28 @@ DEFAULT_REPORT = Path("proofs_check_out") / "REPORT.md"
 SELF_TEST_SCALE = 0.25
 
 
+def _report_path(text):
+    """'' (no report) or a file path whose directory exists or can be created and is writable."""
+    if text == "":
+        return text
+    out_dir(str(Path(text).parent))
+    return out_file(text)
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m proofs_check", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="python -m proofs_check", description=__doc__.splitlines()[0])
     ap.add_argument("--thorough", action="store_true", help="10x the cases of every check")
-    ap.add_argument("--scale", type=float, default=None, help="multiply every check's number of cases")
+    ap.add_argument("--scale", type=real(0.0, 1e4, strict_low=True), default=None,
+                    help="multiply every check's number of cases")
     ap.add_argument("--only", nargs="*", default=None, help="run only these claim keys")
-    ap.add_argument("--seed", type=int, default=20230415)
-    ap.add_argument("--report", default=str(DEFAULT_REPORT), help="Markdown report path ('' to skip)")
+    ap.add_argument("--seed", type=integer(0, 2**62), default=20230415)
+    ap.add_argument("--report", type=_report_path, default=str(DEFAULT_REPORT),
+                    help="Markdown report path ('' to skip)")
     ap.add_argument("--self-test", action="store_true",
                     help="flip every row's premise; expect every verdict to change")
     args = ap.parse_args(argv)
     scale = args.scale if args.scale is not None else (SELF_TEST_SCALE if args.self_test else
                                                        10.0 if args.thorough else 1.0)
-    if scale <= 0:
-        ap.error("--scale must be > 0")
     budget = Budget(scale=scale, thorough=args.thorough, perturb=args.self_test)
     registry = load_all()
     claims = sorted(registry.values(), key=lambda c: (c.order, c.key))

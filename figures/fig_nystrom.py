@@ -1,4 +1,4 @@
-"""Nystrom approximation of the logits and the softmax against the number of landmarks d' (PAPER.md §5).
+"""Nystrom approximation of the logits and the softmax against the number of landmarks d' (paper §4).
 
 Targets and queries are planted hierarchical unit-norm embeddings in D dimensions; ``refimpl.nystrom.Nystrom``
 with the linear kernel approximates <q, t> by <z_q, z_t> = <q, P t> (P: projector onto the span of the landmark

@@ -1,4 +1,4 @@
-"""Training curves and the Table 1 miniature (PAPER.md §7) from ``refimpl.experiments.run_table``.
+"""Training curves and the Table 1 miniature (paper §5) from ``refimpl.experiments.run_table``.
 
 Every miner of ``refimpl.experiments.default_methods`` (in-batch, uniform, DyNNIBAL, SNM at 1/3/10 % memory,
 Negative Cache, brute-force top-k, full softmax) trains the same linear dual encoder on the same planted retrieval

@@ -1,6 +1,6 @@
 """refimpl: the reference implementation of DyNNIBAL (Monath, Zaheer, Allen, McCallum, AISTATS 2023).
 
-The public contract of DESIGN.md is re-exported here. Names are resolved lazily (PEP 562) so that
+The public contract (names that never move for users) is re-exported here. Names are resolved lazily (PEP 562) so that
 ``import refimpl`` is cheap and does not trigger Numba compilation of modules you do not use.
 """
 from __future__ import annotations

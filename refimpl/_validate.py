@@ -1,7 +1,7 @@
 """Input validation and randomness helpers shared by every module.
 
-DESIGN.md principle 5: bad input gets a clear ``ValueError``/``TypeError`` naming the argument, never a silent
-NaN, a crash inside Numba, or a hang. Principle 4: every random function takes ``rng`` (a
+Bad input gets a clear ``ValueError``/``TypeError`` naming the argument, never a silent
+NaN, a crash inside Numba, or a hang. Every random function takes ``rng`` (a
 ``numpy.random.Generator`` or an int seed); :func:`as_rng` is the one place that turns it into a Generator.
 """
 from __future__ import annotations

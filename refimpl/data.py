@@ -2,8 +2,8 @@
 
 - :func:`hierarchical_points` is the point cloud every benchmark and sampler test uses for "the planted
   hierarchical data": a Gaussian mixture of clusters of clusters, optionally projected onto the unit sphere (the
-  paper's regime, A3 of PAPER.md §1).
-- :func:`planted_dataset` is the planted retrieval task of the demo (PAPER.md §7 in miniature): hierarchical
+  paper's regime, A3 of paper §2).
+- :func:`planted_dataset` is the planted retrieval task of the demo (paper §5 in miniature): hierarchical
   targets with near-duplicates inside fine clusters, a planted teacher dual encoder, and queries whose positives
   are drawn from the teacher's softmax (Eq. 1).
 
@@ -307,7 +307,7 @@ def planted_dataset(n_targets: int = 6000, n_queries: int = 6000, *, n_features:
                     branching=(15, 16), scales=(1.0, 0.5, 0.1), query_noise: float = 0.05,
                     teacher_beta: float = 20.0, positives: str = "argmax", n_positives: int = 1,
                     test_fraction: float = 0.2, sparse: bool = False, rng=0) -> RetrievalDataset:
-    """A seeded synthetic retrieval task with a known answer (the planted task of the demo, PAPER.md §7).
+    """A seeded synthetic retrieval task with a known answer (the planted task of the demo, paper §5).
 
     Construction
     ------------

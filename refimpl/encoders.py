@@ -1,8 +1,8 @@
-"""The linear dual encoder of refimpl: PAPER.md §1 with linear maps.
+"""The linear dual encoder of refimpl: paper §2 with linear maps.
 
 Query encoder ``f(x) = n(A x)`` and target encoder ``g(y) = n(B y)``, where ``A`` is ``dim x n_query_features``,
 ``B`` is ``dim x n_target_features`` and ``n`` is L2 normalisation (on by default: the paper's experiments use
-unit-norm outputs, assumption A3 of PAPER.md §1) or the identity. The logit of Eq. 1 is ``s = beta <f(x), g(y)>``;
+unit-norm outputs, assumption A3 of paper §2) or the identity. The logit of Eq. 1 is ``s = beta <f(x), g(y)>``;
 the encoder stores ``beta`` but applies it nowhere: the losses of :mod:`refimpl.softmax` do.
 
 Inputs are dense 2-D arrays or ``scipy.sparse`` CSR matrices (one row per query / target). The sparse forward
@@ -155,7 +155,7 @@ def normalize_vjp(U: np.ndarray, norms: np.ndarray, G: np.ndarray) -> np.ndarray
 
 # --------------------------------------------------------------------------------------------- encoder
 class LinearDualEncoder:
-    """Linear dual encoder ``q = n(A x)``, ``t = n(B y)`` with logits ``beta <q, t>`` (PAPER.md §1, Eq. 1).
+    """Linear dual encoder ``q = n(A x)``, ``t = n(B y)`` with logits ``beta <q, t>`` (paper §2, Eq. 1).
 
     Parameters
     ----------

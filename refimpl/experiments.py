@@ -1,4 +1,4 @@
-"""The paper's Table 1 in miniature (PAPER.md §7): every miner on the same planted task, in the paper's layout.
+"""The paper's Table 1 in miniature (paper §5): every miner on the same planted task, in the paper's layout.
 
 - :func:`demo_main` (``python -m refimpl demo [--quick]``): the default planted task (:func:`refimpl.data.
   planted_dataset` defaults), every available miner, a table (method, Mem %, R@1, R@5, R@10, R@20, R@100) plus the
@@ -11,7 +11,7 @@
   GCIDE reverse-dictionary task (:mod:`refimpl.gcide`).
 - :func:`table_markdown` is the one table formatter of every command.
 
-The common recipe (PAPER.md §6, scaled down): batches of 128 queries, Adam (lr 0.01, 50 warm-up steps, linear
+The common recipe (paper App. C, scaled down): batches of 128 queries, Adam (lr 0.01, 50 warm-up steps, linear
 decay), beta = 20, unit-norm 32-dimensional embeddings; every mining method gets k = 64 mined + 64 uniform
 negatives shared across the batch after a uniform-only warm-up of a quarter of the steps; "uniform" gets 128
 uniform negatives; "in-batch" only the batch's positives; no log-Q correction (as the paper). SNM refreshes every
@@ -128,7 +128,7 @@ def table_markdown(results, *, ks=(1, 5, 10, 20, 100), gap: bool = True, probes:
 
 
 def claims_summary(results) -> str:
-    """The paper's Table 1 claims (PAPER.md §7) checked against this run's numbers, as plain sentences.
+    """The paper's Table 1 claims (paper §5) checked against this run's numbers, as plain sentences.
 
     - "cuts error by half": DyNNIBAL's R@1 gap to brute force vs SNM's at 3% and 10% memory (paper: 1.5 points
       against 3.2-3.9): confirmed here iff DyNNIBAL's gap <= half of the smaller SNM gap.

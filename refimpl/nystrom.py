@@ -1,4 +1,4 @@
-"""Nyström representations and regression re-encoding (PAPER.md §5; paper §4, App. B, Alg. 5-6).
+"""Nyström representations and regression re-encoding (paper §4, App. B, Alg. 5-6).
 
 Notation. ``T`` (N x D) are target embeddings, ``q`` a query embedding, the kernel is the linear one,
 ``k(a, b) = <a, b>``. ``S`` picks d' landmark targets; ``L = S^T T`` (d' x D) holds their embeddings, so
@@ -39,12 +39,7 @@ representations (and the tree) move. We still perform the product as Alg. 5 stat
 
 [unstated in the paper] The ridge penalty: we minimise
 ``(1/s') sum ||y_j - R phi_j||^2 + lam * mean_eig(G) * ||R||_F^2`` with ``G = Phi_J^T Phi_J / s'``, so ``ridge`` is
-dimensionless (relative to the average eigenvalue of the regression inputs' second-moment matrix). The default
-``ridge = 1e-3`` was chosen by measurement (``python -m refimpl bench nystrom``, section ``ridge``; planted task,
-N=4096, D=384, d'=128, 40 Adam steps after the exact encoding): for s' in {512, 2048} every metric is within 0.5% of
-least squares for ridge <= 1e-3, ridge = 1e-2 trades lower mean logit error for higher TV, ridge >= 0.1 is clearly
-worse (TV 0.14 -> 0.28 at 0.1, 0.82 at 1); with s' < d' no ridge rescues the fit (take s' >= 4 d'). The small
-positive default keeps the solve well-posed when the sampled representations are rank-deficient.
+dimensionless; the default 1e-3 was chosen by measurement (``python -m refimpl bench nystrom``, section ``ridge``).
 
 Cost accounting: every operation records encoder calls (rows passed to ``encode_targets``) and floating-point
 work computed from the shapes actually used (encoder: ``2 * nnz * dim`` plus normalisation; products
@@ -172,7 +167,7 @@ def select_landmarks(n_landmarks: int, n_targets: int, *, method: str = "uniform
 
 # ----------------------------------------------------------------------------------------------- Nyström
 class Nystrom:
-    """Nyström approximation of the linear kernel through d' landmark targets (paper §4; PAPER.md §5).
+    """Nyström approximation of the linear kernel through d' landmark targets (paper §4, App. B).
 
     Parameters
     ----------

@@ -1,4 +1,4 @@
-"""Tables 1 and 2 of the paper in miniature, with error bars over seeds (PAPER.md §6-7): ``python -m refimpl reproduce``.
+"""Tables 1 and 2 of the paper in miniature, with error bars over seeds (paper §5, App. C): ``python -m refimpl reproduce``.
 
 The paper's recipe (App. C, Table 3), scaled down: batches of B queries; per training example ``k`` sampled
 negatives shared across the batch (B k per step) plus ``k`` uniform ones; in-batch negatives for every model; a

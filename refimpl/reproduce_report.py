@@ -1,7 +1,7 @@
 """Statistics, merging and reports of the reproduction (:mod:`refimpl.reproduce`): Tables 1-2 with error bars.
 
 Every cell is the mean over seeds ± its standard error ``sd / sqrt(n)`` (:func:`mean_se`); a claim of the paper
-(PAPER.md §7) is judged on its per-seed paired difference ``h_s`` (same seed = same planted task and same training
+(paper §5) is judged on its per-seed paired difference ``h_s`` (same seed = same planted task and same training
 stream for every row) by the two-sided Student-t interval at 95% (:func:`verdict`): "holds" if the interval lies
 above 0, "does not hold" if below, otherwise "cannot tell at n seeds".
 
@@ -93,7 +93,7 @@ def _paired(fin, rows, fn):
 
 
 def claims(runs, task) -> list[dict]:
-    """The paper's claims (PAPER.md §7) on ``task``, each with its per-seed paired values and :func:`verdict`.
+    """The paper's claims (paper §5) on ``task``, each with its per-seed paired values and :func:`verdict`.
 
     - "R@1 gap to brute force halved vs X" (X = in-batch, uniform, SNM 1/3/10%): ``h = gap_X / 2 - gap_DyNNIBAL``
       (points), gap = R@1(brute force) - R@1(row).

@@ -1,6 +1,6 @@
 """Exact log-softmax, and the full / sampled / in-batch / Monte Carlo softmax losses with their gradients.
 
-PAPER.md §1: logits ``s_i = beta <q, t_i>``, softmax ``P(i|x) = exp(s_i)/Z`` (Eq. 1), loss
+Paper §2: logits ``s_i = beta <q, t_i>``, softmax ``P(i|x) = exp(s_i)/Z`` (Eq. 1), loss
 ``L(x, i*) = -s_{i*} + log Z`` (Eq. 2), whose gradient is ``-grad s_{i*} + E_{i~P}[grad s_i]``.
 
 Every loss works on embeddings and returns ``(loss, dQ, dT)``: the mean loss and its exact gradient w.r.t. the
@@ -355,7 +355,7 @@ def in_batch_softmax_loss(Q, T_pos, *, beta: float, target_ids=None, positives=N
 def monte_carlo_softmax_loss(Q, T, positives, samples, *, beta: float):
     """The Monte Carlo gradient of Eq. 2: ``-grad s_ip + (1/k) sum_j grad s_{i n_j}`` with ``n_j ~ P_e``.
 
-    PAPER.md §1: ``grad log Z = E_{i~P}[grad s_i]``; with ``samples[e]`` drawn from the exact softmax of example
+    Paper §2: ``grad log Z = E_{i~P}[grad s_i]``; with ``samples[e]`` drawn from the exact softmax of example
     ``e`` (:func:`pair_log_probs`), the returned gradient is an unbiased estimate of the full-softmax gradient.
     ``samples``: (E, k) row ids, one row per example in :func:`flatten_positives` order. A sample that is another
     positive of the query has probability 0 under ``P_e`` and raises ``ValueError``.

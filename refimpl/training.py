@@ -1,4 +1,4 @@
-"""The training loop (Alg. 4 in mini-batch form, PAPER.md §6), evaluation, and the accounting of every run.
+"""The training loop (Alg. 4 in mini-batch form, paper App. C), evaluation, and the accounting of every run.
 
 :func:`train` trains a :class:`~refimpl.encoders.LinearDualEncoder` on a :class:`~refimpl.data.RetrievalDataset`
 with one miner (:mod:`refimpl.mining`): Adam with learning-rate warm-up and linear decay (:mod:`refimpl.optim`),

@@ -1,4 +1,4 @@
-"""``python -m refimpl bench nystrom``: the error of Nyström + regression re-encoding (PAPER.md §5, Alg. 5-6).
+"""``python -m refimpl bench nystrom``: the error of Nyström + regression re-encoding (paper §4, Alg. 5-6).
 
 Task: ``planted_dataset`` (dense hierarchical features) and a :class:`~refimpl.encoders.LinearDualEncoder`
 trained with Adam on the full softmax (Eq. 2). After ``--pretrain`` steps the targets are encoded exactly (Alg. 6);

@@ -216,7 +216,7 @@ class SGTree:
         m = K.remove_nodes(self.arrays(), arr, out)
         self._insert_ids(out[:m].copy())
 
-    # ------------------------------------------------------------------ dynamics (PAPER.md §4)
+    # ------------------------------------------------------------------ dynamics (paper §3.5)
     def update_points(self, ids, points, *, repair: bool = True) -> None:
         """New embeddings for targets ``ids``. PDIST becomes exact, MAXD/MAXNORM valid upper bounds and MIND a valid
         lower bound at once (so every certified bound holds immediately), touching only the affected paths. With

@@ -1,9 +1,9 @@
-"""Negative miners behind one interface: the baselines of the paper's tables (PAPER.md §7) and the gold standard.
+"""Negative miners behind one interface: the baselines of the paper's tables (paper §5) and the gold standard.
 
 Every miner is driven by :func:`refimpl.training.train` (Alg. 4, mini-batch form) through five hooks:
 
 - ``setup(ctx)``: once, before the first step (the encoder is initialised; e.g. fill a cache).
-- ``start(ctx)``: once, at the first mining step, i.e. after the uniform-only warm-up of PAPER.md §6 (e.g. the
+- ``start(ctx)``: once, at the first mining step, i.e. after the uniform-only warm-up of paper App. C (e.g. the
   initial encoding of Alg. 6 and the tree build).
 - ``mine(ctx, batch) -> Negatives``: every mining step, with the batch's query embeddings under the current encoder.
 - ``observe(ctx, batch, ids, emb)``: after every optimiser step (warm-up included); ``ids``/``emb`` are the targets

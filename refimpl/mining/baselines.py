@@ -1,4 +1,4 @@
-"""The paper's baseline miners (PAPER.md §7) and the exact gold standard, behind the interface of
+"""The paper's baseline miners (paper §5) and the exact gold standard, behind the interface of
 :mod:`refimpl.mining.base`: in-batch, uniform, Stochastic Negative Mining, Negative Cache, brute-force top-k and
 the full softmax.
 """
@@ -66,7 +66,7 @@ class StochasticNegativeMining(Miner):
     """Stochastic Negative Mining (Reddi et al. 2019) as run in the paper (§5, Table 1 "SNM").
 
     "A uniform pool of stale embeddings held on the accelerator, refreshed every 100 or 500 steps; negatives
-    sampled from its softmax" (PAPER.md §7). Here: a pool of ``m = round(mem_percent * N / 100)`` targets drawn
+    sampled from its softmax" (paper §5). Here: a pool of ``m = round(mem_percent * N / 100)`` targets drawn
     uniformly without replacement; at ``start`` and then every ``refresh_every`` steps the pool is re-drawn and
     encoded with the encoder of that moment (``m`` target-encoder calls); between refreshes the stale pool
     embeddings are used as they are (never fresh ones). Each slot draws a pool member from the softmax
@@ -140,7 +140,7 @@ class StochasticNegativeMining(Miner):
 
 class NegativeCache(Miner):
     """Negative Cache (Lindgren et al. 2021, "Efficient training of retrieval models using negative cache"),
-    paper §5, Table 1 "Negative Cache" (FIFO/LRU streaming cache of stale embeddings, PAPER.md §7).
+    paper §5, Table 1 "Negative Cache" (FIFO/LRU streaming cache of stale embeddings, paper §5).
 
     A cache of ``size`` slots holds (target id, stale embedding). It is filled at ``setup`` with ``size`` uniformly
     drawn targets (``size`` target-encoder calls). After every step, the batch's positives stream in with the

@@ -62,7 +62,7 @@ def _violating_cluster(tree):
 
 
 def test_prop1_as_printed_fails_while_maxd_form_holds():
-    """PAPER.md §2 erratum, on a constructed tree. Unit-norm points on the circle, base 1.3: root r (angle 0),
+    """The erratum to Prop. 1, on a constructed tree. Unit-norm points on the circle, base 1.3: root r (angle 0),
     a (angle 1.0, level -1), g (angle 0.6, inserted under a at level -4). Then g moves to angle 1.44, on the far
     side of a: the parent-child covering d(a, g) = 0.437 <= 1.3^-3 and the separation still hold, so the tree is a
     valid SG tree (check_invariants empty, Alg. 3 with U = 0 rebuilds nothing), but g is 1.32 > b^0 from the root:

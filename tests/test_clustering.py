@@ -1,4 +1,4 @@
-"""Clusterings (level, Alg. 2, certified refinement) and their certificates, against brute force (issue 4)."""
+"""Clusterings (level, Alg. 2, certified refinement) and their certificates, against brute force."""
 from __future__ import annotations
 
 import math
@@ -56,7 +56,7 @@ def test_level_clustering_partitions_with_valid_radii(dup):
 
 
 def _alg2_reference(tree, q, start, m, base):
-    """Alg. 2 written directly from PAPER.md (frontier of (node, level) pairs, union fix), in plain Python."""
+    """Alg. 2 written directly from the paper (frontier of (node, level) pairs, union fix), in plain Python."""
     lv = tree.node_level
     root = tree.root
     frontier = [(int(v), start) for v in C.level_clustering(tree, start).nodes]

@@ -1,5 +1,5 @@
 """Sampler API tests against brute force: positive exclusion, batches, without-replacement draws, log_q, stats,
-bad input (issue 4). The distributional tests use the chi-square harness of refimpl.testing (alpha 0.001;
+bad input. The distributional tests use the chi-square harness of refimpl.testing (alpha 0.001;
 the power of each is stated in its docstring)."""
 from __future__ import annotations
 

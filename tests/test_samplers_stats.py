@@ -1,4 +1,4 @@
-"""Statistical exactness tests of the softmax samplers against brute force (issue 4 acceptance).
+"""Statistical exactness tests of the softmax samplers against brute force.
 
 Every goodness-of-fit test here is Pearson's chi-square (refimpl.testing.chi2_gof, at most 100 bins) at
 level ALPHA = 0.001 with N_DRAWS = 64,143 draws: by the noncentral chi-square power computation in

@@ -1,4 +1,4 @@
-"""Certified softmax bounds over a clustering, and the paper's propositions as functions (PAPER.md §3-4).
+"""Certified softmax bounds over a clustering, and the paper's propositions as functions (paper §3-4).
 
 Certified form (exact for any query norm): if every member i of cluster C lies within rho(C) of the representative
 r(C) (rho = MAXD-based radius of :class:`refimpl.index.Clustering`), Cauchy-Schwarz gives
@@ -104,7 +104,7 @@ def certified_log_max_ratio(rep_logits, sizes, eps) -> float:
 
 def prop1_corrected_radius(base, level) -> float:
     """Radius of a level-l cluster implied by parent-child covering alone: sum_{k<=l} b^k = b^(l+1)/(b-1)
-    (PAPER.md §2 erratum). A node's MAXD is usually much smaller and always valid."""
+    (the erratum to Prop. 1). A node's MAXD is usually much smaller and always valid."""
     base = check_positive("base", base)
     if base <= 1:
         raise ValueError(f"base: must be > 1, got {base}")

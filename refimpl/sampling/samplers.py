@@ -37,6 +37,7 @@ import numpy as np
 
 from refimpl._validate import as_rng, check_ids, check_int, check_positive
 from refimpl.index import Clustering, TreeArrays
+from refimpl.sampling import _astar as A
 from refimpl.sampling import _kernels as K
 from refimpl.sampling import bounds
 from refimpl.softmax import logsumexp
@@ -511,7 +512,7 @@ def _astar(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z="estimate
     beta, gen, log_z, Q, batched, eptr, eids, k = _tree_args(tree, q, k, beta, rng, log_z, exclude, replace)
     max_pops = check_int("max_pops", max_pops, low=1)
     T = tree.arrays()
-    ids, sids, cnt, lz = K.astar_batch(T, suffix_radii(tree), Q, beta, k, eptr, eids, int(replace), max_pops,
+    ids, sids, cnt, lz = A.astar_batch(T, suffix_radii(tree), Q, beta, k, eptr, eids, int(replace), max_pops,
                                        bool(broken), _seed(gen))
     if cnt[:, K.STATUS].any():
         raise SamplerError(f"sample_astar: no draw after {max_pops} regions popped")
@@ -573,11 +574,11 @@ def sample_mh(tree, q, k, *, beta, rng, gamma=4.0, m=None, chain_length=None, tv
         cert = cl.stats.get("certificate") if clustering is None else None
         certs.append(cert if cert is not None else certify(tree, qb, cl, beta=beta))
         cls.append(cl)
-    s = np.array([chain_length if chain_length is not None else c.chain_length(tv, proposal) for c in certs],
-                 np.int64)
-    if s.max() > max_steps:
-        raise SamplerError(f"sample_mh: chain length {int(s.max())} from Eq. 6 exceeds max_steps={max_steps}; "
+    lengths = [chain_length if chain_length is not None else c.chain_length(tv, proposal) for c in certs]
+    if max(lengths) > max_steps:  # checked on Python ints: Eq. 6 lengths can exceed int64
+        raise SamplerError(f"sample_mh: chain length {max(lengths)} from Eq. 6 exceeds max_steps={max_steps}; "
                            "refine the clustering (larger max_refine_clusters) or pass chain_length")
+    s = np.array(lengths, np.int64)
     ids, lq, st = _flat(tree, Q, batched, k, beta, gen, exclude, replace, log_z, 1, proposal == "upper", False,
                         _csr(cls), None, s, max(max_steps, int(s.max())))
     lg = np.array([c.log_gamma if proposal == "eq7" else c.log_gamma_upper for c in certs])

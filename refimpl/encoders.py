@@ -182,9 +182,9 @@ class LinearDualEncoder:
     def __init__(self, n_query_features: int, n_target_features: int, dim: int, *, beta: float = 20.0,
                  normalize: bool = True, rng=None, init_scale: float = 1.0, init: str = "independent",
                  tied: bool = False):
-        nq = check_int("n_query_features", n_query_features, low=1)
-        nt = check_int("n_target_features", n_target_features, low=1)
-        self.dim = check_int("dim", dim, low=1)
+        nq = check_int("n_query_features", n_query_features, low=1, itemsize=8)
+        nt = check_int("n_target_features", n_target_features, low=1, itemsize=8)
+        self.dim = check_int("dim", dim, low=1, itemsize=8 * (nq + nt))  # A and B: dim x (nq + nt) float64
         self.beta = beta
         if not isinstance(normalize, (bool, np.bool_)):
             raise TypeError(f"normalize: expected a bool, got {type(normalize).__name__}")

@@ -5,7 +5,8 @@ task of ``python -m refimpl data gcide DIR``; without it a seeded synthetic Zipf
 and :func:`refimpl.training.train` runs with uniform negatives, once with the lazy (sparse) Adam of
 :mod:`refimpl.optim` and, at the sizes in ``--dense-at``, with dense Adam as the reference. The per-step time is
 CPU time (``time.process_time``) of the difference between a run of ``--steps`` steps and a run of
-``--steps // 4`` steps with the same arguments, so that the set-up and the final evaluation (8 test queries) cancel.
+``--steps // 4`` steps with the same arguments, so that the set-up and the final evaluation (8 test queries) cancel
+(median of ``--repeats`` such pairs).
 Reported: ms per step, the dense/lazy ratio at each size, and the lazy 2^20 / 2^16 ratio (independence of
 ``n_features``). Numbers come from one run on a shared machine: compare the ratios.
 """
@@ -42,15 +43,18 @@ def _synthetic(dirname: str, n_targets: int, seed: int) -> None:
 
 
 def _per_step(ds, steps: int, sparse: bool, a) -> float:
-    """CPU seconds per step: (run of ``steps`` - run of ``steps // 4``) / (difference in steps)."""
+    """CPU seconds per step: the median over ``a.repeats`` pairs of (run of ``steps`` - run of ``steps // 4``) /
+    (difference in steps), after one unmeasured run that compiles and warms the caches."""
     short = max(2, steps // 4)
-    cpu = []
-    for s in (2, short, steps):  # the first run only compiles / warms the caches (not measured)
+
+    def cpu(s):
         t = time.process_time()
         train(ds, Uniform(a.k), steps=s, batch_size=a.batch_size, dim=a.dim, lr_warmup=1, seed=a.seed,
               init="shared", sparse_updates=sparse)
-        cpu.append(time.process_time() - t)
-    return (cpu[2] - cpu[1]) / (steps - short)
+        return time.process_time() - t
+
+    cpu(2)
+    return float(np.median([(cpu(steps) - cpu(short)) / (steps - short) for _ in range(a.repeats)]))
 
 
 def main(argv=None) -> int:
@@ -62,6 +66,7 @@ def main(argv=None) -> int:
                    help="sizes at which dense Adam is measured too")
     p.add_argument("--steps", type=integer(8), default=40, help="steps of the long run (lazy)")
     p.add_argument("--dense-steps", type=integer(8), default=8, help="steps of the long run (dense)")
+    p.add_argument("--repeats", type=integer(1), default=3, help="pairs of runs per estimate (median)")
     p.add_argument("--synthetic-targets", type=integer(100), default=50_000)
     p.add_argument("--dim", type=integer(1, 1024), default=64)
     p.add_argument("--batch-size", type=integer(1), default=128)

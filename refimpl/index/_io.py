@@ -5,11 +5,14 @@ directory, fsyncs it, renames it over the target (``os.replace``, atomic on POSI
 failure or a kill at any moment leaves the previous file intact. ``load`` checks, in order: the format marker and
 version; dtypes and shapes; finite points of the declared dtype inside the tree's numerical domain; the base;
 counters; id ranges; levels; links (parents, child lists, one node per live target, the free list); then the
-counts exactly and PDIST, MAXD, MAXNORM, MIND, SEPSLACK against :func:`refimpl.index._kernels.recompute_stats`.
-Every problem is one ValueError naming the file.
+counts exactly and PDIST, MAXD, MAXNORM, MIND, SEPSLACK against :func:`refimpl.index._kernels.recompute_stats`;
+last, a BLAKE2b digest of every stored array (written by ``save``), which catches the changes the checks above
+cannot see (e.g. a base lowered slightly: covering and separation are not required of a saved tree, since
+``update_points(repair=False)`` may leave them broken). Every problem is one ValueError naming the file.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 import zipfile
@@ -23,7 +26,7 @@ from refimpl.index._domain import DTYPES, LEVEL_LIMIT, check_base, check_points
 __all__ = ["save_tree", "load_tree", "NODE_INT", "NODE_FLOAT"]
 
 FORMAT = "refimpl.SGTree"
-VERSION = 3
+VERSION = 4
 NODE_INT = ("node_point", "node_level", "node_parent", "node_first_child", "node_next_sibling", "node_count")
 NODE_FLOAT = ("node_maxd", "node_mind", "node_pdist", "node_maxnorm", "node_sepslack")
 _RTOL = 1e-12  # relative rounding allowance between stored statistics and their recomputation
@@ -34,6 +37,16 @@ def _check_path(path):
         raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}")
     p = os.fspath(path)
     return os.fsdecode(p)
+
+
+def _digest(arrays) -> str:
+    """BLAKE2b over every array (name, dtype, shape, bytes), in name order, except the digest itself."""
+    h = hashlib.blake2b(digest_size=32)
+    for name in sorted(k for k in arrays if k != "digest"):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def _umask() -> int:
@@ -52,6 +65,7 @@ def save_tree(tree, path) -> None:
                   dim=np.array(tree.dim, dtype=np.int64), dtype=np.array(tree.points.dtype.name),
                   state=state.copy(), points=tree.points[:t], point_node=tree.point_node[:t],
                   free_stack=tree.free_stack[: state[FREE_TOP]])
+    arrays["digest"] = np.array(_digest(arrays))
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
@@ -93,6 +107,9 @@ def load_tree(cls, path):
     try:
         tree = _assemble(cls, data)
         _verify(tree)
+        digest = data.get("digest")
+        if digest is None or digest.shape != () or digest.dtype.kind != "U" or str(digest) != _digest(data):
+            raise ValueError("the content digest does not match the stored arrays")
     except (KeyError, IndexError, TypeError, ValueError, OverflowError) as exc:
         raise ValueError(f"path: {path} is a damaged SGTree file ({exc})") from None
     return tree

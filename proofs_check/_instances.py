@@ -2,15 +2,24 @@
 
 Every generator takes an explicit ``numpy.random.Generator``. The oracles are plain NumPy, independent of the
 library's Numba kernels: exact softmax, exact cluster extents, exact law of a proposal / an MH chain.
+
+The goodness-of-fit test here (``required_n``, ``gof``, ``sampler_test``) deliberately does not reuse
+``refimpl.testing``: the checks judge the library, so the yardstick must not be the library's own code (a bug in
+``refimpl.testing`` would otherwise pass both the library's tests and these checks). Both follow the same
+textbook construction (Pearson's statistic on probability-mass bins, power from the noncentral chi-square with
+noncentrality >= 4 n TV^2).
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
+from scipy import stats
 
+from proofs_check._framework import Verdict
 from refimpl.data import hierarchical_points
 from refimpl.index.sgtree import SGTree
+from refimpl.sampling import bounds
 
 KINDS = ("sphere", "hierarchical", "duplicates", "clustered_tight", "line")
 
@@ -133,8 +142,6 @@ def fmt(x, digits=4):
 
 def verdict_printed_vs_corrected(printed_violations: int, corrected_violations: int):
     """HOLDS if the printed statement survived, HOLDS_CORRECTED if only the corrected one did, FAILS otherwise."""
-    from proofs_check._framework import Verdict
-
     if corrected_violations:
         return Verdict.FAILS
     return Verdict.HOLDS if printed_violations == 0 else Verdict.HOLDS_CORRECTED
@@ -180,8 +187,6 @@ def bins_for(p, max_bins=50):
 def required_n(df, tv=TV_DETECT, alpha=ALPHA, power=POWER):
     """Smallest n such that Pearson's test (df) at level alpha detects any alternative at TV >= tv on the bins
     with probability >= power (noncentrality >= 4 n tv^2, since chi^2-divergence >= (2 TV)^2)."""
-    from scipy import stats
-
     crit = stats.chi2.isf(alpha, df)
     lo, hi = 1, 2
     while stats.ncx2.sf(crit, df, 4 * hi * tv * tv) < power:
@@ -215,8 +220,6 @@ def _merge_small(b, exp, min_expected=MIN_EXPECTED):
 
 def gof(samples, p, max_bins=50):
     """Pearson chi-square of samples (ids) against p. Returns (p_value, df). Observing a p = 0 id -> p_value 0."""
-    from scipy import stats
-
     samples = np.asarray(samples).ravel()
     p = np.asarray(p, float) / np.sum(p)
     if np.any(p[samples] == 0):
@@ -251,6 +254,4 @@ def sampler_test(draw, p, max_bins=50):
 def start_level(tree, beta, q_norm=1.0, c=1.5):
     """A fixed start level for the checks: Prop. 2's level for gamma = e^{2c} with beta ||q|| (per-cluster inflation
     about e^c). Independent of the library's default_level, so the checks' cost and instances stay stable."""
-    from refimpl.sampling import bounds
-
     return int(bounds.prop2_level(math.exp(2 * c), beta * max(float(q_norm), 1e-300), float(tree.base)))

@@ -18,6 +18,8 @@ import numpy as np
 
 from proofs_check import _instances as I
 from proofs_check._framework import Budget, Outcome, Verdict, claim
+from proofs_check.check_prop5_prop6 import trained
+from refimpl.softmax import full_softmax_grad
 
 
 @claim("alg3_maintain", paper_ref="Alg. 3, Eq. 10-11 (library's parent-child form)", order=60,
@@ -71,9 +73,6 @@ def check(budget: Budget, rng) -> Outcome:
         if len(lines) < 8:
             lines.append(f"{kind} n={n} D={dim} b={base}: 4 drift rounds, tree depth {tree.depth()}")
     # drift produced by real training: SGD steps of the trained linear dual encoder of the Prop. 5/6 checks
-    from proofs_check.check_prop5_prop6 import trained
-    from refimpl.softmax import full_softmax_grad
-
     ds, enc = trained(11)
     Xq, Xt = np.asarray(ds.query_features), np.asarray(ds.target_features)
     for base, eta in ((1.3, 0.05), (2.0, 0.2)):

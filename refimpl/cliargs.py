@@ -44,9 +44,19 @@ def _parse_int(text: str) -> int:
     return int(x)
 
 
+def _range(low: str | None, high: str | None, *, strict_low: bool) -> str:
+    """' >= 1', ' <= 9', ' in [1, 9]' or ' in (0, 100]': the wording of a range in an error message."""
+    if low is not None and high is not None:
+        return f" in {'(' if strict_low else '['}{low}, {high}]"
+    if low is not None:
+        return f" {'>' if strict_low else '>='} {low}"
+    return f" <= {high}" if high is not None else ""
+
+
 def integer(low: int | None = None, high: int | None = None):
     """Type for an integer in [low, high] (either bound optional)."""
-    want = "an integer" + (f" >= {low}" if low is not None else "") + (f" <= {high}" if high is not None else "")
+    want = "an integer" + _range(f"{low}" if low is not None else None, f"{high}" if high is not None else None,
+                                 strict_low=False)
 
     def parse(text):
         try:
@@ -63,8 +73,8 @@ def integer(low: int | None = None, high: int | None = None):
 
 def real(low: float | None = None, high: float | None = None, *, strict_low: bool = False):
     """Type for a finite real in [low, high] ((low, high] with ``strict_low``)."""
-    want = "a finite number" + ((" > " if strict_low else " >= ") + f"{low:g}" if low is not None else "") + (
-        f" <= {high:g}" if high is not None else "")
+    want = "a finite number" + _range(f"{low:g}" if low is not None else None,
+                                      f"{high:g}" if high is not None else None, strict_low=strict_low)
 
     def parse(text):
         try:

@@ -323,6 +323,11 @@ def sampled_softmax_loss(Q, T, positives, negatives, *, beta: float, log_q=None,
     the expected number of times target ``n_j`` appears among the negatives. Use it when the negatives come from
     several sources (e.g. k_1 mined + k_2 uniform): the textbook correction is then
     ``c_j = log(sum_s k_s q_s(n_j))``, which ``log(k q)`` with a per-source ``q`` does not give.
+
+    Cost: when the negatives overlap across the batch (shared, 1-D or tiled into the 2-D array, as with the
+    experiments' 64 shared + 64 per-example negatives), the logits come from one (B x n_rows) score matrix and the
+    gradients are two GEMMs; few per-query negatives against many rows are gathered instead. Same loss and
+    gradients either way (to rounding).
     """
     Q, T, beta = _check_qt(Q, T, beta)
     n_rows = T.shape[0]

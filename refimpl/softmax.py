@@ -144,17 +144,20 @@ def _pair_softmax(s_pos: np.ndarray, C: np.ndarray):
         cmax = C[np.arange(E), jmax]
         neg_max = cmax > s_pos
         m[neg_max] = cmax[neg_max]
+    e_c = C - m[:, None]
+    np.exp(e_c, out=e_c)
     e_pos = np.exp(s_pos - m)
-    e_c = np.exp(C - m[:, None])
     sum_c = e_c.sum(axis=1)
     rest = sum_c.copy()                          # z - 1, when the positive is the maximal term
-    if neg_max.any():                            # ... else drop the maximal negative's 1 without subtracting
-        e_wo = e_c[neg_max].copy()
-        e_wo[np.arange(e_wo.shape[0]), jmax[neg_max]] = 0.0
-        rest[neg_max] = e_pos[neg_max] + e_wo.sum(axis=1)
+    if neg_max.any():                            # ... else drop the maximal negative's 1 without subtracting:
+        r = np.flatnonzero(neg_max)              # zero it in place, sum, restore (exp(0) = 1 exactly)
+        e_c[r, jmax[r]] = 0.0
+        rest[r] = e_pos[r] + e_c.sum(axis=1)[r]
+        e_c[r, jmax[r]] = 1.0
     z = 1.0 + rest
     loss = (m - s_pos) + np.log1p(rest)
-    return loss, -sum_c / z, e_c / z[:, None]
+    e_c /= z[:, None]
+    return loss, -sum_c / z, e_c
 
 
 # |logit| limit: beyond it beta <q, t> (or a difference of two logits) can overflow float64
@@ -249,20 +252,51 @@ def _check_negatives(negatives, log_q, n_queries: int, n_rows: int):
     return neg, lq
 
 
-def _sampled_core(Q, T, pq, pp, cand, offset, exclude, beta):
-    """Shared by the sampled, in-batch losses: candidates ``cand`` (E x K row ids) with logit offsets / masks."""
-    E = pq.size
+def _dense_scores(n_queries: int, n_rows: int, n_cand: int, dim: int) -> bool:
+    """Which way :func:`_sampled_core` computes the candidate logits: the dense (B x n_rows) score matrix when it
+    holds no more than a third of the gathered (E x K x D) candidate embeddings (then it is also the faster way:
+    GEMMs instead of a gather of E K D floats), else the gather."""
+    return 3 * n_queries * n_rows <= n_cand * dim
+
+
+def _sampled_core(Q, T, pq, pp, cand, offset, excl_keys, beta):
+    """Shared by the sampled and in-batch losses: example e = (pq[e], pp[e]) against the candidate rows
+    ``cand[e]`` (E x K; a broadcast view when the negatives are shared) with logit offsets ``offset`` (E x K or
+    None); the candidate (query q, row r) is masked when ``q * n_rows + r`` is in the sorted ``excl_keys``.
+
+    Two ways to the same numbers (equal up to rounding; tests/test_softmax.py checks it): when the negatives
+    overlap across the batch (shared negatives, tiled or not), ONE score matrix ``S = beta Q T^T`` (B x n_rows), the
+    logits gathered from it, and the gradients as two GEMMs ``dQ = beta W T``, ``dT = beta W^T Q`` with the dense
+    logit-gradient matrix W; otherwise (few candidates against many rows) the candidates' embeddings are gathered
+    and W is sparse. See :func:`_dense_scores`.
+    """
+    E, K = cand.shape
+    B, n_rows = Q.shape[0], T.shape[0]
+    if _dense_scores(B, n_rows, E * K, Q.shape[1]):
+        S = (Q @ T.T) * beta                                            # (B, n_rows)
+        s_pos = S[pq, pp]
+        S.reshape(-1)[excl_keys] = -np.inf
+        flat = (pq * np.int64(n_rows))[:, None] + cand                  # (E, K) indices into S.reshape(-1)
+        C = np.take(S.reshape(-1), flat)
+        if offset is not None:
+            C -= offset
+        loss, g_pos, g_c = _pair_softmax(s_pos, C)
+        W = np.bincount(flat.reshape(-1), weights=g_c.reshape(-1), minlength=B * n_rows)
+        np.add.at(W, pq * np.int64(n_rows) + pp, g_pos)
+        W = W.reshape(B, n_rows)
+        W *= beta / E
+        return float(loss.mean()), W @ T, W.T @ Q
     s_pos = beta * np.einsum("ed,ed->e", Q[pq], T[pp])
     C = beta * np.einsum("ed,ekd->ek", Q[pq], T[cand])
     if offset is not None:
         C -= offset
-    C[exclude] = -np.inf
+    if excl_keys.size:
+        C[_is_positive(excl_keys, pq[:, None], cand, n_rows)] = -np.inf
     loss, g_pos, g_c = _pair_softmax(s_pos, C)
-    K = cand.shape[1]
     rows = np.concatenate([np.repeat(pq, K), pq])
     cols = np.concatenate([cand.reshape(-1), pp])
     vals = np.concatenate([g_c.reshape(-1), g_pos]) / E
-    W = sp.csr_matrix((vals, (rows, cols)), shape=(Q.shape[0], T.shape[0]))   # duplicates are summed
+    W = sp.csr_matrix((vals, (rows, cols)), shape=(B, n_rows))   # duplicates are summed
     dQ, dT = _to_embedding_grads(W, Q, T, beta)
     return float(loss.mean()), dQ, dT
 
@@ -289,6 +323,11 @@ def sampled_softmax_loss(Q, T, positives, negatives, *, beta: float, log_q=None,
     the expected number of times target ``n_j`` appears among the negatives. Use it when the negatives come from
     several sources (e.g. k_1 mined + k_2 uniform): the textbook correction is then
     ``c_j = log(sum_s k_s q_s(n_j))``, which ``log(k q)`` with a per-source ``q`` does not give.
+
+    Cost: when the negatives overlap across the batch (shared, 1-D or tiled into the 2-D array, as with the
+    experiments' 64 shared + 64 per-example negatives), the logits come from one (B x n_rows) score matrix and the
+    gradients are two GEMMs; few per-query negatives against many rows are gathered instead. Same loss and
+    gradients either way (to rounding).
     """
     Q, T, beta = _check_qt(Q, T, beta)
     n_rows = T.shape[0]
@@ -307,11 +346,8 @@ def sampled_softmax_loss(Q, T, positives, negatives, *, beta: float, log_q=None,
     else:
         cand = neg[pq]
         offset = None if c is None else c[pq]
-    if remove_accidental_hits:
-        exclude = _is_positive(_membership(pq, pp, n_rows), pq[:, None], cand, n_rows)
-    else:
-        exclude = np.zeros(cand.shape, dtype=bool)
-    return _sampled_core(Q, T, pq, pp, np.ascontiguousarray(cand), offset, exclude, beta)
+    keys = _membership(pq, pp, n_rows) if remove_accidental_hits else np.zeros(0, dtype=np.int64)
+    return _sampled_core(Q, T, pq, pp, cand, offset, keys, beta)
 
 
 def in_batch_softmax_loss(Q, T_pos, *, beta: float, target_ids=None, positives=None):
@@ -349,7 +385,7 @@ def in_batch_softmax_loss(Q, T_pos, *, beta: float, target_ids=None, positives=N
                 raise TypeError(f"positives[{i}]: ids must be integers, got dtype {ids.dtype}")
             same[i] |= np.isin(tid, ids)
     np.fill_diagonal(same, True)
-    return _sampled_core(Q, T, pq, pq, np.ascontiguousarray(cand), None, same, beta)
+    return _sampled_core(Q, T, pq, pq, cand, None, np.flatnonzero(same), beta)
 
 
 def monte_carlo_softmax_loss(Q, T, positives, samples, *, beta: float):

@@ -378,16 +378,16 @@ def train(dataset, miner: Miner, *, steps: int = 500, batch_size: int = 128, dim
             if use_in_batch:
                 ib = np.concatenate(pos)
                 parts.append((ib, ib_log_q[ib]))
-            neg_ids, neg_lq = _combine(parts, len(qids))
-            inv = np.unique(np.concatenate([batch.positive_ids, neg_ids.reshape(-1)]))
+            # rows of T before the shared groups are tiled (a unique over B k ids, not B^2 k)
+            inv = np.unique(np.concatenate([batch.positive_ids] + [p[0].reshape(-1) for p in parts]))
+            nrow, neg_lq = _combine([(np.searchsorted(inv, ids), lq) for ids, lq in parts], len(qids))
             Xt_rows = Xt_all[inv]
             cached = ctx._all_cache is not None and ctx._all_cache[0] == ctx.version
             T = ctx.encode_targets(inv, purpose="loss") if not cached else ctx._all_cache[1][inv]
             prow = [np.searchsorted(inv, p) for p in pos]
-            nrow = np.searchsorted(inv, neg_ids)
             loss, dQ, dT = sampled_softmax_loss(Q, T, prow, nrow, beta=enc.beta,
                                                 log_expected_count=neg_lq if log_q_correction else None)
-            n_neg = int(neg_ids.shape[-1])
+            n_neg = int(nrow.shape[-1])
         grads = enc.gradients(Xq, dQ, Xt_rows, dT, sparse=bool(sparse_updates))
         dt_loss = time.perf_counter() - t1
         cpu_loss = time.process_time() - c1

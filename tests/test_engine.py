@@ -37,7 +37,8 @@ def test_prop2_levels_match_the_scalar_rule():
 
 
 def test_rejection_draws_are_exact_through_the_batch():
-    """Alg. 1 from Alg. 2's refined partition, 3 queries in one call, each with its own exclusions: Pearson
+    """Alg. 1 from Alg. 2's refined partition, 3 queries in one call, each with its own exclusions and number of
+    draws: Pearson
     chi-square of refimpl.testing at alpha = 0.001 with n = required_sample_size(TV, n_bins) draws per query, i.e.
     power >= 0.99 against any law at TV >= 0.02 on the bins. A law that ignores the exclusions is rejected."""
     tr = SGTree.build(hierarchical_points(1500, 6, branching=(6, 5), rng=3), rng=3)
@@ -46,7 +47,9 @@ def test_rejection_draws_are_exact_through_the_batch():
     excl = [top, np.zeros(0, np.int64), np.array([7])]
     laws = [_softmax(tr, Q[b], excl[b]) for b in range(3)]
     n = max(required_sample_size(TV, n_bins=make_bins(p)[1]) for p in laws)
-    r = MiningEngine("rejection").run(tr, Q, n, beta=BETA, rng=1, exclude=excl)
+    counts = np.array([n, n + 7, n])  # two groups of equal need: one batch-sampler call each
+    r = MiningEngine("rejection").run(tr, Q, counts, beta=BETA, rng=1, exclude=excl)
+    assert [r.of(b).size for b in range(3)] == list(counts)
     for b in range(3):
         assert chi2_gof(r.of(b), laws[b])[0] > ALPHA
         assert np.all(r.log_z_lo[b] <= r.log_z_hi[b]) and r.tv_bound[b] == 0.0

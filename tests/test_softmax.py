@@ -107,6 +107,37 @@ def test_losses_match_brute_force():
         np.testing.assert_allclose(x, y, atol=1e-14)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_dense_score_path_equals_gather_path(seed, monkeypatch):
+    """The shared-negatives fast path (one B x n_rows score matrix, gradients as GEMMs) and the per-candidate
+    gather path give the same loss and gradients (to rounding) on the paper's layout: negatives shared by the
+    batch, tiled next to per-example ones, with log-Q offsets, repeats, accidental hits and several positives."""
+    import refimpl.softmax as S
+    rng = np.random.default_rng(seed)
+    B, n, D = 5, 40, 6
+    Q, T = rng.standard_normal((B, D)), rng.standard_normal((n, D))
+    pos = [rng.choice(n, size=1 + (i % 3 == 1) * 2, replace=False) for i in range(B)]
+    shared = rng.integers(0, n, 12)
+    shared[:3] = pos[0][0]                                          # accidental hits, repeated
+    per_ex = rng.integers(0, n, (B, 4))
+    tiled = np.concatenate([np.tile(shared, (B, 1)), per_ex, np.tile(np.concatenate(pos), (B, 1))], axis=1)
+    calls = []
+    for neg in (shared, tiled):
+        lc = rng.normal(size=neg.shape) - 3
+        for kw in ({}, {"log_expected_count": lc}, {"remove_accidental_hits": False}):
+            calls.append(lambda neg=neg, kw=kw: sampled_softmax_loss(Q, T, pos, neg, beta=2.3, **kw))
+    calls.append(lambda: in_batch_softmax_loss(Q, T[:B], beta=1.7, target_ids=np.array([3, 1, 3, 0, 2]),
+                                               positives=[[3], [1, 0], [3], [0], [2]]))
+    for call in calls:
+        monkeypatch.setattr(S, "_dense_scores", lambda *a: True)
+        dense = call()
+        monkeypatch.setattr(S, "_dense_scores", lambda *a: False)
+        gather = call()
+        assert dense[0] == pytest.approx(gather[0], rel=1e-13)
+        for x, y in zip(dense[1:], gather[1:]):
+            np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-14 * np.abs(y).max())
+
+
 def test_in_batch_semantics():
     rng = np.random.default_rng(2)
     Q, T = rng.standard_normal((4, 3)), rng.standard_normal((4, 3))

@@ -1,9 +1,10 @@
 """The batched mining kernel behind :mod:`refimpl.sampling.engine`: one compiled call answers a whole batch.
 
 For every query of the batch, inside one Numba function: the clustering (Alg. 2 with the Remark 2 frontier cap,
-:func:`refimpl.sampling._cluster_kernels.find_clustering_kernel`), the proposal's certificates, and then ONE call
-of the shared batch samplers of :mod:`refimpl.sampling._kernels` for every query at once: ``alg1_batch`` (Alg. 1)
-or ``flat_batch`` (independent MH of Eq. 14 from the Eq. 7 proposal), the clusterings passed in CSR form. This
+:func:`refimpl.sampling._cluster_kernels.find_clustering_kernel`), the proposal's certificates, and then the
+shared batch samplers of :mod:`refimpl.sampling._kernels`, one call per group of queries needing the same number
+of draws: ``alg1_batch`` (Alg. 1) or ``flat_batch`` (independent MH of Eq. 14 from the Eq. 7 proposal), the
+clusterings passed in CSR form. This
 module only adds the certified refinement for Alg. 1 (:func:`refine_upper`), the per-query chain lengths of
 Eq. 6, the experiments' selection and the per-query statistics; it holds no sampler of its own.
 
@@ -16,8 +17,8 @@ import numpy as np
 from numba import njit
 
 from refimpl.sampling._cluster_kernels import _dist_q, _dot, _first_below, _grow, cluster_info, find_clustering_kernel
-from refimpl.sampling._kernels import (INNER, LZ_EST, LZ_HI, LZ_LO, STATUS, _log_z_bounds, alg1_batch,
-                                       flat_batch)
+from refimpl.sampling._kernels import INNER, LZ_EST, LZ_HI, LZ_LO, NC as NC_SAMPLER, STATUS, _log_z_bounds, \
+    alg1_batch, flat_batch
 
 # procedure codes (engine.PROCEDURES)
 REJECTION = 0
@@ -98,6 +99,9 @@ def refine_upper(T, suf, q, beta, bq, nodes, levels, log_ratio, max_clusters, k)
     already spent on the partition. A split replaces (v, L) by its children at the next occupied level (the nested
     self-child (v, Lc) and the children of level Lc), so the result is still a partition of tree clusters, and
     Z_hi / Z_lo bounds the expected attempts per exact draw (each attempt succeeds with probability Z / Z_hi).
+    A split costs O(children of level Lc): each cluster keeps its first child below its level, and the sizes and
+    radii of the parts follow from it (the size of (v, Lc) is that of (v, L) minus its new children's counts; its
+    radius is min(MAXD(v), suf[first child below Lc]) as in :func:`cluster_info`).
     ``T`` is the tree's TreeArrays, ``suf`` its suffix radii, ``bq`` = beta ||q||.
     Returns (nodes, levels, sizes, radii, rep logits, inner products)."""
     points = T.points
@@ -108,6 +112,7 @@ def refine_upper(T, suf, q, beta, bq, nodes, levels, log_ratio, max_clusters, k)
     sz_ = np.empty(cap, np.int64)
     rd_ = np.empty(cap, np.float64)
     sr_ = np.empty(cap, np.float64)
+    fb_ = np.empty(cap, np.int64)  # first child below the cluster's level (-1: a singleton)
     alive = np.empty(cap, np.bool_)
     sizes, radii, _ = cluster_info(T, suf, nodes, levels)
     for j in range(n):
@@ -115,6 +120,7 @@ def refine_upper(T, suf, q, beta, bq, nodes, levels, log_ratio, max_clusters, k)
         lv_[j] = levels[j]
         sz_[j] = sizes[j]
         rd_[j] = radii[j]
+        fb_[j] = _first_below(T, nodes[j], levels[j])
         sr_[j] = beta * _dot(points, T.node_point[nodes[j]], q)
         alive[j] = True
     ip = n
@@ -135,10 +141,10 @@ def refine_upper(T, suf, q, beta, bq, nodes, levels, log_ratio, max_clusters, k)
             hp, hi, nh = _heap_push(hp, hi, nh, np.log(sz_[j]) + sr_[j] + e + np.log(-np.expm1(-2 * e)), j)
     n_alive = n
     splits = 0
-    kids = np.empty(16, np.int64)
     next_exact = 0
+    log_k = np.log(k)
     while nh > 0 and n_alive < max_clusters:
-        target = max(log_ratio, np.log(n_alive / k))
+        target = max(log_ratio, np.log(n_alive) - log_k)
         if splits >= next_exact or np.log(zhi) - np.log(max(zlo, 1e-300)) <= target:
             # exact sums (running sums drift by cancellation): on a claimed stop, and after 64, 192, 448, ...
             # splits (a geometric schedule keeps the recomputation O(n) in total)
@@ -153,44 +159,56 @@ def refine_upper(T, suf, q, beta, bq, nodes, levels, log_ratio, max_clusters, k)
             if np.log(zhi) - np.log(max(zlo, 1e-300)) <= target:
                 break
         j, nh = _heap_pop(hp, hi, nh)
-        v = nd_[j]
-        ch = _first_below(T, v, lv_[j])
+        ch = fb_[j]
         if ch == -1:
             continue
+        v = nd_[j]
         Lc = T.node_level[ch]
-        nk = 1
-        kids[0] = v
-        while ch != -1 and T.node_level[ch] == Lc:
-            if nk == kids.shape[0]:
-                kids = _g(kids, nk)
-            kids[nk] = ch
-            nk += 1
-            ch = T.node_next_sibling[ch]
-        ks, kr, _ = cluster_info(T, suf, kids[:nk], np.full(nk, Lc, np.int64))
         e = bq * rd_[j]
         alive[j] = False
         zhi -= sz_[j] * np.exp(sr_[j] + e - ref)
         zlo -= sz_[j] * np.exp(sr_[j] - e - ref)
-        for x in range(nk):
+        # the nested self-child (v, Lc) goes last: its size and first child below Lc are known after the scan
+        self_size = sz_[j]
+        nk = 0
+        while True:
+            last = ch == -1 or T.node_level[ch] != Lc
             if n == nd_.shape[0]:
                 nd_, lv_, sz_ = _g(nd_, n), _g(lv_, n), _g(sz_, n)
-                rd_, sr_, alive = _g(rd_, n), _g(sr_, n), _g(alive, n)
-            nd_[n] = kids[x]
+                rd_, sr_, fb_, alive = _g(rd_, n), _g(sr_, n), _g(fb_, n), _g(alive, n)
             lv_[n] = Lc
-            sz_[n] = ks[x]
-            rd_[n] = kr[x]
-            if x == 0:
+            alive[n] = True
+            if last:
+                nd_[n] = v
+                sz_[n] = self_size
+                fb_[n] = ch
+                r = 0.0
+                if ch != -1:
+                    r = min(suf[ch], T.node_maxd[v])
+                rd_[n] = r
                 sr_[n] = sr_[j]
             else:
-                sr_[n] = beta * _dot(points, T.node_point[kids[x]], q)
+                nd_[n] = ch
+                sz_[n] = T.node_count[ch]
+                self_size -= T.node_count[ch]
+                g = T.node_first_child[ch]
+                fb_[n] = g
+                r = 0.0
+                if g != -1:
+                    r = min(suf[g], T.node_maxd[ch])
+                rd_[n] = r
+                sr_[n] = beta * _dot(points, T.node_point[ch], q)
                 ip += 1
-            alive[n] = True
-            ex = bq * kr[x]
-            zhi += ks[x] * np.exp(sr_[n] + ex - ref)
-            zlo += ks[x] * np.exp(sr_[n] - ex - ref)
+            ex = bq * rd_[n]
+            zhi += sz_[n] * np.exp(sr_[n] + ex - ref)
+            zlo += sz_[n] * np.exp(sr_[n] - ex - ref)
             if ex > 0:
-                hp, hi, nh = _heap_push(hp, hi, nh, np.log(ks[x]) + sr_[n] + ex + np.log(-np.expm1(-2 * ex)), n)
+                hp, hi, nh = _heap_push(hp, hi, nh, np.log(sz_[n]) + sr_[n] + ex + np.log(-np.expm1(-2 * ex)), n)
             n += 1
+            nk += 1
+            if last:
+                break
+            ch = T.node_next_sibling[ch]
         n_alive += nk - 1
         splits += 1
     m = 0
@@ -257,10 +275,11 @@ def engine_kernel(T, suf, Q, qnorm, beta, procedure, counts, out_ptr, excl_ptr, 
     ``chain_length`` states at inverse temperature beta / temperature, and the ``counts[b]`` top-scoring distinct
     final states (repeated from the best when fewer are distinct).
 
-    The clusterings of all queries with draws are collected in CSR form and sampled by ONE call of ``alg1_batch``
-    (REJECTION) or ``flat_batch`` (MH, PAPER; algo 1, upper False = Eq. 7) seeded by ``seed``; each query draws
-    max_b counts[b] (PAPER: max_b n_chains[b]) and keeps its first counts[b] (n_chains[b]). If some query's
-    Eq. 6 length exceeds ``max_steps`` (status 2), nothing is drawn. Draws of query b go to
+    The clusterings of all queries with draws are collected in CSR form, the queries ordered by the number of draws
+    they need (counts[b]; PAPER: n_chains[b]), and each group of equal need is sampled by ONE call of
+    ``alg1_batch`` (REJECTION) or ``flat_batch`` (MH, PAPER; algo 1, upper False = Eq. 7) seeded by ``seed + g``
+    (g = the group's rank): no query draws more than it needs. If some query's Eq. 6 length exceeds ``max_steps``
+    (status 2), nothing is drawn. Draws of query b go to
     ``out_ids[out_ptr[b]:out_ptr[b+1]]`` with their logits beta <q, t>; per-query statistics to ``stats[b]``
     (columns S_*). Excluded ids of query b: ``excl_ids[excl_ptr[b]:excl_ptr[b+1]]``.
     """
@@ -280,9 +299,14 @@ def engine_kernel(T, suf, Q, qnorm, beta, procedure, counts, out_ptr, excl_ptr, 
     pre_ip = np.zeros(B, np.int64)
     dropped = np.zeros(B, np.bool_)
     too_long = False
+    # queries in increasing order of the draws they need (stable), so that each distinct number of draws is one
+    # contiguous group of the CSR below and the batch samplers draw exactly that many for the group
+    ndraw = np.empty(B, np.int64)
     for b in range(B):
+        ndraw[b] = n_chains[b] if procedure == PAPER else counts[b]
         for j in range(N_STATS):
             stats[b, j] = 0.0
+    for b in np.argsort(ndraw, kind="mergesort"):
         c = counts[b]
         if c == 0:
             continue
@@ -341,7 +365,7 @@ def engine_kernel(T, suf, Q, qnorm, beta, procedure, counts, out_ptr, excl_ptr, 
         cptr[na] = c0 + nc
     if too_long or na == 0:
         return
-    # pass 2: one batch call over the active queries
+    # pass 2: one batch-sampler call per group of active queries needing the same number of draws
     nclu = cptr[na]
     creps = np.empty(nclu, np.int64)
     for j in range(nclu):
@@ -350,28 +374,50 @@ def engine_kernel(T, suf, Q, qnorm, beta, procedure, counts, out_ptr, excl_ptr, 
     eptr = np.zeros(na + 1, np.int64)
     kmax = 0
     steps = max_steps
+    chain_a = np.empty(na, np.int64)
     for a in range(na):
         b = act[a]
         Qa[a] = Q[b]
         eptr[a + 1] = eptr[a] + excl_ptr[b + 1] - excl_ptr[b]
-        kmax = max(kmax, n_chains[b] if procedure == PAPER else counts[b])
+        kmax = max(kmax, ndraw[b])
         steps = max(steps, chain[b])
+        chain_a[a] = chain[b]
     eids = np.empty(eptr[na], np.int64)
     for a in range(na):
         b = act[a]
         eids[eptr[a]:eptr[a + 1]] = excl_ids[excl_ptr[b]:excl_ptr[b + 1]]
-    if procedure == REJECTION:
-        ids, sids, cnt, lz = alg1_batch(T, suf, Qa, beta, kmax, False, 1.0, cptr[:na + 1], cnodes[:nclu],
-                                        clevels[:nclu], creps, csizes[:nclu], cradii[:nclu], eptr, eids, 1,
-                                        max_steps, False, 0, seed)
-    else:
-        chain_a = np.empty(na, np.int64)
-        for a in range(na):
-            chain_a[a] = chain[act[a]]
-        empty = np.zeros(0, np.int64)
-        ids, sids, cnt, lz = flat_batch(T, suf, Qa, b_eff, kmax, 1, False, False, 1.0, cptr[:na + 1], cnodes[:nclu],
-                                        clevels[:nclu], creps, csizes[:nclu], cradii[:nclu], empty, empty, eptr,
-                                        eids, 1, chain_a, steps, seed)
+    ids = np.full((na, kmax), -1, np.int64)
+    sids = np.zeros((na, kmax), np.float64)
+    cnt = np.zeros((na, NC_SAMPLER), np.int64)
+    lz = np.zeros((na, 4), np.float64)
+    empty = np.zeros(0, np.int64)
+    a0 = 0
+    g = 0
+    while a0 < na:
+        kg = ndraw[act[a0]]
+        a1 = a0 + 1
+        while a1 < na and ndraw[act[a1]] == kg:
+            a1 += 1
+        # the CSR slices keep absolute offsets into cnodes / eids, as the batch samplers index them
+        if procedure == REJECTION:
+            gi, gs, gc, gl = alg1_batch(T, suf, Qa[a0:a1], beta, kg, False, 1.0, cptr[a0:a1 + 1], cnodes, clevels,
+                                        creps, csizes, cradii, eptr[a0:a1 + 1], eids, 1, max_steps, False, 0,
+                                        seed + g)
+        else:
+            gi, gs, gc, gl = flat_batch(T, suf, Qa[a0:a1], b_eff, kg, 1, False, False, 1.0, cptr[a0:a1 + 1], cnodes,
+                                        clevels, creps, csizes, cradii, empty, empty, eptr[a0:a1 + 1], eids, 1,
+                                        chain_a[a0:a1], steps, seed + g)
+        ids[a0:a1, :kg] = gi
+        sids[a0:a1, :kg] = gs
+        cnt[a0:a1] = gc
+        lz[a0:a1] = gl
+        failed = False
+        for a in range(a0, a1):
+            failed = failed or gc[a - a0, STATUS] != 0
+        if failed:  # the caller raises; the later groups are not drawn
+            break
+        a0 = a1
+        g += 1
     # pass 3: statistics and draws of every active query
     for a in range(na):
         b = act[a]

@@ -2,8 +2,9 @@
 
 A :class:`MiningEngine` runs one of three named procedures over an SG tree for a batch of queries ``Q`` (B, D),
 drawing ``counts[b]`` targets for query b. The clustering, the proposal and the draws of every query happen inside
-one Numba function (:mod:`refimpl.sampling._engine_kernels`: Alg. 2 per query, then ONE call of the sampling
-layer's batch samplers for all queries); nothing is re-validated per query, the query-free tree statistics (suffix
+one Numba function (:mod:`refimpl.sampling._engine_kernels`: Alg. 2 per query, then the sampling layer's batch
+samplers, one call per group of queries needing the same number of draws, so no query draws more than it needs);
+nothing is re-validated per query, the query-free tree statistics (suffix
 radii, the C_(l) of Prop. 2) are cached per ``tree.version``, and the output buffers are reused across calls.
 The tree's points may be float32 or float64; logits, log Z bounds, gamma and TV bounds are computed in float64.
 

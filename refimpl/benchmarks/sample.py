@@ -20,8 +20,10 @@ targets, queries in blocks of B_b (best of ``--baseline-batches`` reported), one
 exp(s - beta ||q|| max ||t||) (no max pass needed), masses per chunk of 4,096 targets, then each draw picks a chunk
 by its mass and a row inside it by exp/cumsum over that chunk's recomputed logits (exact up to float32 rounding).
 
-Samplers: ``exact`` (float64 brute force), ``rejection`` (Alg. 1, auto level), ``flat`` (Eq. 3-5, auto level),
-``astar`` (A* sampling over the tree's Gumbel process),
+Targets are generated and stored as float32 (the tree's storage is the same array; every sampler accumulates its
+logits in float64). Samplers: ``exact`` (brute force, ``sample_exact`` on the float32 rows), ``rejection`` (Alg. 1,
+auto level), ``flat`` (Eq. 3-5, auto level), ``astar`` (A* sampling over the tree's Gumbel process),
+``adaptive`` (Eq. 3-5 on an envelope refined per query, shared by its draws),
 ``mh`` (Alg. 2 + certified refinement + Eq. 6 chains; approximate). For Alg. 1 the acceptance rate per attempt and
 the proposal-weighted beta ||q|| rho of its start clusters (what sets it: acceptance ~ e^{-beta rho}) are printed.
 A JSON file with every number is written (``--json``).
@@ -47,7 +49,7 @@ from refimpl.sampling.clustering import level_clustering
 from refimpl.text import load_text_pairs
 from refimpl.training import train
 
-SAMPLERS = ("exact", "rejection", "flat", "astar", "mh")
+SAMPLERS = ("exact", "rejection", "flat", "astar", "adaptive", "mh")
 DATA = ("hierarchical", "text")
 BLOCK = 1 << 16  # targets per GEMM
 CHUNK = 1 << 12  # targets per mass entry: a draw recomputes one chunk
@@ -202,6 +204,8 @@ def _sampler(name, X, tree, Q, k, beta, seed):
         return S.sample_flat_rejection(tree, Q, k, beta=beta, rng=seed)
     if name == "astar":
         return S.sample_astar(tree, Q, k, beta=beta, rng=seed)
+    if name == "adaptive":
+        return S.sample_adaptive(tree, Q, k, beta=beta, rng=seed)
     return S.sample_mh(tree, Q, k, beta=beta, rng=seed, max_refine_clusters=2000)
 
 
@@ -243,7 +247,7 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(args.seed)
     out = {"config": vars(args), "results": []}
     Xw = hierarchical_points(2000, args.dim, rng=1)  # warm-up: Numba compilation, not timed
-    tw = SGTree.build(Xw, rng=1)
+    tw = SGTree.build(Xw, rng=1, dtype=np.float32)
     for name in args.samplers:
         _sampler(name, Xw, tw, Xw[:2], 2, args.beta, 0)
     _numpy_float32_sampler(Xw.astype(np.float32), 1.0, Xw[:2], 2, args.beta, 2, rng)
@@ -257,12 +261,15 @@ def main(argv=None) -> int:
                 continue
             print(f"\n[text] {info} (training {time.process_time() - t0:.0f} s CPU)")
         for n in args.sizes:
-            X = hierarchical_points(n, args.dim, rng=args.seed + n) if base_T is None else _tile(base_T, n, rng)
+            if base_T is None:
+                X = hierarchical_points(n, args.dim, rng=args.seed + n, dtype=np.float32)
+            else:
+                X = _tile(base_T, n, rng).astype(np.float32)
             t0 = time.process_time()
-            tree = SGTree.build(X, rng=args.seed)
+            tree = SGTree.build(X, rng=args.seed, dtype=np.float32, copy=False)  # X is the tree's storage
             build_s = time.process_time() - t0
             ns_ip = _random_read_ns(X, rng)
-            X32 = X.astype(np.float32)
+            X32 = X
             nmax = float(np.linalg.norm(X32, axis=1).max())
             Q = _queries(X, args.queries, rng)
             entry = {"data": data, "N": n, "build_cpu_s": build_s, "ns_per_random_inner_product": ns_ip,

@@ -1,0 +1,305 @@
+"""Numba kernels of adaptive rejection sampling over the SG tree (ours; Eq. 3-5 with a per-query envelope refined
+best first, in the manner of Gilks and Wild's adaptive rejection sampling), behind
+:func:`refimpl.sampling.samplers.sample_adaptive`; one compiled call answers a batch of queries, with the outputs
+and counters of :mod:`refimpl.sampling._kernels`.
+
+A frontier is a partition of the live targets into clusters (v, L) = {p_v} + the subtrees of the children of v
+with level < L. In the tree's pre-order (:func:`preorder`, computed once per tree version) those subtrees are one
+contiguous range, so the u-th member of a cluster is one array read. Each cluster carries the certified bound
+E = min(E_parent, s_v + beta ||q|| rho(v, L)) >= every member's logit (Cauchy-Schwarz with the certified radius
+rho of :func:`refimpl.sampling._cluster_kernels.cluster_info`; a singleton has E = s exactly).
+
+Contents: :func:`preorder`, :func:`adaptive_batch`.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from refimpl.index import N_NODES, ROOT, prefetch_row
+from refimpl.sampling._cluster_kernels import _dot, _grow
+from refimpl.sampling._kernels import (ACCEPTED, ATTEMPTS, EXCL_HITS, INNER, LEVEL, LZ_EST, LZ_EXCL, LZ_HI,
+                                       LZ_LO, N_CLUSTERS, SELECT, STATUS, _exact_draw, _excluded, _lse_add, _outputs,
+                                       _pick)
+
+AHEAD = 8  # proposals generated ahead of their evaluation, their rows prefetched
+
+
+@njit(cache=True)
+def preorder(T):
+    """(order, pos): order[t] = the target at pre-order position t (children in list order), pos[v] = position of
+    node v's representative (-1 for a node not in the tree). The subtree of v occupies [pos[v], pos[v] +
+    node_count[v]). O(N) once per tree version."""
+    n_nodes = T.state[N_NODES]
+    pos = np.full(n_nodes, -1, np.int64)
+    root = T.state[ROOT]
+    if root < 0:
+        return np.zeros(0, np.int64), pos
+    order = np.empty(T.node_count[root], np.int64)
+    t = 0
+    v = root
+    while True:
+        pos[v] = t
+        order[t] = T.node_point[v]
+        t += 1
+        if T.node_first_child[v] != -1:
+            v = T.node_first_child[v]
+            continue
+        while v != root and T.node_next_sibling[v] == -1:
+            v = T.node_parent[v]
+        if v == root:
+            break
+        v = T.node_next_sibling[v]
+    return order, pos
+
+
+@njit(cache=True)
+def _radius(T, suf, v, c):
+    """Certified radius of cluster (v, L) whose first child below L is c: min(MAXD(v), suf[c]); 0 if c = -1."""
+    if c == -1:
+        return 0.0
+    r = suf[c]
+    return T.node_maxd[v] if r > T.node_maxd[v] else r
+
+
+@njit(cache=True)
+def _heap_push(hk, hi, size, key, idx):
+    """Push (key, idx) onto the max-heap (hk, hi); returns the (possibly grown) arrays and the new size."""
+    if size == hk.shape[0]:
+        hk = _grow(hk, size, 2 * size)
+        hi = _grow(hi, size, 2 * size)
+    j = size
+    while j > 0:
+        p = (j - 1) >> 1
+        if hk[p] >= key:
+            break
+        hk[j] = hk[p]
+        hi[j] = hi[p]
+        j = p
+    hk[j] = key
+    hi[j] = idx
+    return hk, hi, size + 1
+
+
+@njit(cache=True)
+def _heap_pop(hk, hi, size):
+    """Remove the top of the max-heap; returns its idx (the heap keeps size - 1 entries)."""
+    top = hi[0]
+    last = size - 1
+    key = hk[last]
+    idx = hi[last]
+    j = 0
+    while True:
+        c = 2 * j + 1
+        if c >= last:
+            break
+        if c + 1 < last and hk[c + 1] > hk[c]:
+            c += 1
+        if hk[c] <= key:
+            break
+        hk[j] = hk[c]
+        hi[j] = hi[c]
+        j = c
+    if last > 0:
+        hk[j] = key
+        hi[j] = idx
+    return top
+
+
+@njit(cache=True)
+def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_attempts, attempt_cost, seed,
+                   broken=False):
+    """Adaptive rejection sampling for every query of ``Q``: refine an envelope best first, then Eq. 3-5.
+
+    Refinement (per query, shared by its k draws): start from the root cluster; repeatedly take the cluster j of
+    largest envelope mass U_j = n_j e^{E_j} and split it into the children of v at the next occupied level Lc
+    (each a whole subtree, bound min(E_j, s_c + beta ||q|| rho)) and the rest (v, Lc) (bound min(E_j, s_v + beta
+    ||q|| rho(v, Lc))); stop when the attempts a split could save, k x attempt_cost x (U_j - n_j e^{s_v}) / Z_hat
+    (Z_hat = sum_j n_j e^{s_v(j)}, Eq. 7), no longer exceed its m inner products, or after N inner products.
+    The rule only sets the cost.
+
+    Sampling (Eq. 3-5): propose cluster j with probability U_j / sum U, a member i uniformly (pre-order range),
+    accept with e^{s_i - E_j} <= 1; a singleton is accepted without an inner product (E = s). Every attempt
+    returns i with probability e^{s_i} / sum U, whatever the envelope, so accepted draws are exact; excluded ids
+    (and, without replacement, earlier draws) are rejected, which conditions the draw exactly on the others.
+    Proposals are generated AHEAD attempts in advance and their rows prefetched: they are iid and independent of
+    the acceptance decisions, so using them later changes nothing in law. A draw whose attempts reach the number
+    N of live targets is made by brute force (``_exact_draw``, exact). LZ_LO / LZ_HI are certified by the final
+    frontier; LZ_EST = log sum U + log(successes / attempts) clipped to them (Eq. 7's Z_hat when k = 0).
+    ``broken`` (a negative control of the tests): bounds without the radius term, E = s_v (not certified).
+    """
+    sl = 0.0 if broken else 1.0  # the radius term's weight in the bounds
+    np.random.seed(seed)
+    B = Q.shape[0]
+    ids, sids, cnt, lz = _outputs(B, k)
+    points = T.points
+    mask = np.zeros(points.shape[0], np.bool_)
+    root = T.state[ROOT]
+    n_live = T.node_count[root]
+    live = np.empty(n_live + 1, np.int64)
+    ls = np.empty(n_live + 1, np.float64)
+    cap = 1024
+    fv = np.empty(cap, np.int64)  # node
+    fa = np.empty(cap, np.int64)  # pre-order start of the members after p_v
+    fc = np.empty(cap, np.int64)  # first child below L (-1: none)
+    fn = np.empty(cap, np.int64)  # size
+    fE = np.empty(cap, np.float64)  # bound exponent
+    fs = np.empty(cap, np.float64)  # representative logit
+    fr = np.empty(cap, np.float64)  # certified radius
+    hk = np.empty(cap, np.float64)
+    hi = np.empty(cap, np.int64)
+    pj = np.empty(AHEAD, np.int64)
+    pi = np.empty(AHEAD, np.int64)
+    for b in range(B):
+        q = Q[b]
+        c = cnt[b]
+        live[0] = -2
+        lze = _excluded(T, q, beta, eids, eptr[b], eptr[b + 1], c)
+        lz[b, LZ_EXCL] = lze
+        bq = beta * np.sqrt(np.sum(q * q))
+        # ---- the envelope: best-first refinement from the root
+        s0 = beta * _dot(points, T.node_point[root], q)
+        c[INNER] += 1
+        ch0 = T.node_first_child[root]
+        fv[0] = root
+        fc[0] = ch0
+        fa[0] = pos[ch0] if ch0 != -1 else pos[root] + 1
+        fn[0] = n_live
+        fs[0] = s0
+        fr[0] = _radius(T, suf, root, ch0)
+        fE[0] = s0 + sl * bq * fr[0]
+        nf = 1
+        Eref = fE[0]
+        zhat = n_live * np.exp(s0 - Eref)
+        hsize = 0
+        if n_live > 1 and k > 0:
+            hk, hi, hsize = _heap_push(hk, hi, hsize, np.log(n_live) + fE[0], 0)
+        spent = 0
+        while hsize > 0:
+            j = hi[0]
+            uj = fn[j] * np.exp(fE[j] - Eref)
+            gain = k * attempt_cost * (uj - fn[j] * np.exp(fs[j] - Eref)) / max(zhat, 1e-300)
+            x = fc[j]
+            Lc = T.node_level[x]
+            m = 0
+            while x != -1 and T.node_level[x] == Lc:
+                m += 1
+                x = T.node_next_sibling[x]
+            if gain <= m or spent + m > n_live:
+                break
+            _heap_pop(hk, hi, hsize)
+            hsize -= 1
+            spent += m
+            v = fv[j]
+            E = fE[j]
+            zhat -= fn[j] * np.exp(fs[j] - Eref)
+            x = fc[j]
+            while x != -1 and T.node_level[x] == Lc:
+                if nf == fv.shape[0]:
+                    cap = 2 * nf
+                    fv = _grow(fv, nf, cap)
+                    fa = _grow(fa, nf, cap)
+                    fc = _grow(fc, nf, cap)
+                    fn = _grow(fn, nf, cap)
+                    fE = _grow(fE, nf, cap)
+                    fs = _grow(fs, nf, cap)
+                    fr = _grow(fr, nf, cap)
+                sx = beta * _dot(points, T.node_point[x], q)
+                cx = T.node_first_child[x]
+                fv[nf] = x
+                fc[nf] = cx
+                fa[nf] = pos[cx] if cx != -1 else pos[x] + 1
+                fn[nf] = T.node_count[x]
+                fs[nf] = sx
+                fr[nf] = _radius(T, suf, x, cx)
+                fE[nf] = min(E, sx + sl * bq * fr[nf])
+                zhat += fn[nf] * np.exp(sx - Eref)
+                if fn[nf] > 1:
+                    hk, hi, hsize = _heap_push(hk, hi, hsize, np.log(fn[nf]) + fE[nf], nf)
+                nf += 1
+                x = T.node_next_sibling[x]
+            # the rest (v, Lc): p_v and the children below Lc
+            fc[j] = x
+            fn[j] = 1 + pos[v] + T.node_count[v] - pos[x] if x != -1 else 1
+            fa[j] = pos[x] if x != -1 else pos[v] + 1
+            fr[j] = _radius(T, suf, v, x)
+            fE[j] = min(E, fs[j] + sl * bq * fr[j])
+            zhat += fn[j] * np.exp(fs[j] - Eref)
+            if fn[j] > 1:
+                hk, hi, hsize = _heap_push(hk, hi, hsize, np.log(fn[j]) + fE[j], j)
+        c[INNER] += spent
+        c[SELECT] += spent
+        c[N_CLUSTERS] = nf
+        c[LEVEL] = T.node_level[root]
+        # ---- certified interval and the proposal
+        lo = -np.inf
+        hi_ = -np.inf
+        cum = np.empty(nf, np.float64)
+        acc = 0.0
+        for j in range(nf):
+            ln = np.log(fn[j])
+            lo = _lse_add(lo, ln + fs[j] - bq * fr[j])
+            hi_ = _lse_add(hi_, ln + fE[j])
+            acc += fn[j] * np.exp(fE[j] - Eref)
+            cum[j] = acc
+        lz[b, LZ_LO] = lo
+        lz[b, LZ_HI] = hi_
+        nb = eptr[b + 1] - eptr[b]
+        buf = np.empty(nb + k, np.int64)
+        buf[:nb] = eids[eptr[b]:eptr[b + 1]]
+        mask[buf[:nb]] = True
+        # ---- the draws: AHEAD proposals in flight (a ring), their rows prefetched
+        for r in range(AHEAD):
+            j = _pick(cum, np.random.random() * cum[-1])
+            u = np.random.randint(0, fn[j])
+            pj[r] = j
+            pi[r] = T.node_point[fv[j]] if u == 0 else order[fa[j] + u - 1]
+            if fn[j] > 1:
+                prefetch_row(points, pi[r])
+        head = 0
+        for t in range(k):
+            attempts = 0
+            while True:
+                if attempts >= max_attempts:
+                    c[STATUS] = 1
+                    return ids, sids, cnt, lz
+                if attempts >= n_live:
+                    ids[b, t], sids[b, t] = _exact_draw(T, q, beta, mask, live, ls, c)
+                    break
+                attempts += 1
+                c[ATTEMPTS] += 1
+                j = pj[head]
+                i = pi[head]
+                jn = _pick(cum, np.random.random() * cum[-1])
+                u = np.random.randint(0, fn[jn])
+                pj[head] = jn
+                pi[head] = T.node_point[fv[jn]] if u == 0 else order[fa[jn] + u - 1]
+                if fn[jn] > 1:
+                    prefetch_row(points, pi[head])
+                head = head + 1 if head + 1 < AHEAD else 0
+                if fn[j] == 1:
+                    s = fs[j]
+                    ok = True
+                else:
+                    s = beta * _dot(points, i, q)
+                    c[INNER] += 1
+                    ok = np.random.random() < np.exp(s - fE[j])
+                if ok:
+                    if mask[i]:
+                        c[EXCL_HITS] += 1
+                        continue
+                    ids[b, t] = i
+                    sids[b, t] = s
+                    c[ACCEPTED] += 1
+                    break
+            if replace == 0:
+                buf[nb] = ids[b, t]
+                mask[ids[b, t]] = True
+                nb += 1
+        mask[buf[:nb]] = False
+        if c[ATTEMPTS] > 0:
+            est = hi_ + np.log(max(c[ACCEPTED] + c[EXCL_HITS], 1) / c[ATTEMPTS])
+        else:
+            est = Eref + np.log(max(zhat, 1e-300))
+        lz[b, LZ_EST] = min(max(est, lo), hi_)
+    return ids, sids, cnt, lz

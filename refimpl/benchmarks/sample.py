@@ -17,7 +17,8 @@ whole batch / B), inner products per query and per draw, the floor = inner produ
 random-row inner product (a Numba loop over random rows with a vectorised float64 dot, measured on the same
 points), the distance to it, and the speedup over the baseline. Baseline: what a NumPy user writes: float32
 targets, queries in blocks of B_b (best of ``--baseline-batches`` reported), one GEMM per block of 65,536 targets,
-exp(s - beta ||q|| max ||t||) (no max pass needed), masses per chunk of 4,096 targets, then each draw picks a chunk
+exp(s - beta ||q|| max ||t||) (no max pass needed), masses per chunk of 4,096 targets (only the (B_b, N / 4,096)
+chunk masses are kept), then each draw picks a chunk
 by its mass and a row inside it by exp/cumsum over that chunk's recomputed logits (exact up to float32 rounding).
 
 Targets are generated and stored as float32 (the tree's storage is the same array; every sampler accumulates its
@@ -115,14 +116,18 @@ def _numpy_float32_sampler(X32, norms_max, Q, k, beta, bs, rng):
         Qb = Q[b0:b0 + bs].astype(np.float32)
         nb = Qb.shape[0]
         shift = (beta * np.linalg.norm(Qb, axis=1) * norms_max).astype(np.float32)[:, None]
-        mass = np.zeros((nb, nch * CHUNK), np.float32)
+        mass = np.zeros((nb, nch), np.float64)
         for j0 in range(0, n, BLOCK):
             S = Qb @ X32[j0:j0 + BLOCK].T
             S *= np.float32(beta)
             S -= shift
             np.exp(S, out=S)
-            mass[:, j0:j0 + S.shape[1]] = S
-        cm = np.cumsum(mass.reshape(nb, nch, CHUNK).sum(axis=2, dtype=np.float64), axis=1)
+            w = S.shape[1]
+            full = w // CHUNK * CHUNK
+            mass[:, j0 // CHUNK:(j0 + full) // CHUNK] = S[:, :full].reshape(nb, -1, CHUNK).sum(axis=2, dtype=np.float64)
+            if full < w:
+                mass[:, (j0 + full) // CHUNK] = S[:, full:].sum(axis=1, dtype=np.float64)
+        cm = np.cumsum(mass, axis=1)
         u = rng.random((nb, k)) * cm[:, -1:]
         ch = np.minimum((cm[:, None, :] <= u[:, :, None]).sum(axis=2), nch - 1)
         for r in range(nb):

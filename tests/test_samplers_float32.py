@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from refimpl.data import hierarchical_points
+from refimpl.index.search import preorder
 from refimpl.index.sgtree import SGTree
 from refimpl.sampling import samplers as S
 from refimpl.sampling.clustering import cluster_members, find_clustering, level_clustering
@@ -144,12 +145,11 @@ def test_negative_control_adaptive_without_radius_fails():
 def test_preorder_ranges_are_the_clusters_members():
     """Every cluster (v, L) of level clusterings is {p_v} + the pre-order range [pos[first child below L],
     pos[v] + count[v]) (the adaptive sampler's O(1) member lookup), on a tree after inserts and removals."""
-    from refimpl.sampling._adaptive import preorder
     from refimpl.sampling._cluster_kernels import _first_below
 
     X, tree, _ = _instance("dynamic", 8)
     T = tree.arrays()
-    order, pos = preorder(T)
+    order, pos = preorder(tree)
     assert np.array_equal(np.sort(order), np.sort(tree.live_ids()))
     lo, hi = tree.level_range()
     for L in range(lo, hi + 1, max(1, (hi - lo) // 6)):

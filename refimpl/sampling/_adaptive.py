@@ -4,53 +4,25 @@ best first, in the manner of Gilks and Wild's adaptive rejection sampling), behi
 and counters of :mod:`refimpl.sampling._kernels`.
 
 A frontier is a partition of the live targets into clusters (v, L) = {p_v} + the subtrees of the children of v
-with level < L. In the tree's pre-order (:func:`preorder`, computed once per tree version) those subtrees are one
-contiguous range, so the u-th member of a cluster is one array read. Each cluster carries the certified bound
-E = min(E_parent, s_v + beta ||q|| rho(v, L)) >= every member's logit (Cauchy-Schwarz with the certified radius
-rho of :func:`refimpl.sampling._cluster_kernels.cluster_info`; a singleton has E = s exactly).
+with level < L. In the tree's pre-order (:func:`refimpl.index.search.preorder`, once per tree version) those
+subtrees are one contiguous range, so the u-th member of a cluster is one array read. Each cluster carries the
+certified bound E = min(E_parent, s_v + beta ||q|| rho(v, L)) >= every member's logit (Cauchy-Schwarz with the
+certified radius rho of :func:`refimpl.sampling._cluster_kernels.cluster_info`; a singleton has E = s exactly).
 
-Contents: :func:`preorder`, :func:`adaptive_batch`.
+Contents: :func:`adaptive_batch`.
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
 
-from refimpl.index import N_NODES, ROOT, prefetch_row
+from refimpl.index import ROOT, prefetch_row
 from refimpl.sampling._cluster_kernels import _dot, _grow
 from refimpl.sampling._kernels import (ACCEPTED, ATTEMPTS, EXCL_HITS, INNER, LEVEL, LZ_EST, LZ_EXCL, LZ_HI,
                                        LZ_LO, N_CLUSTERS, SELECT, STATUS, _exact_draw, _excluded, _lse_add, _outputs,
                                        _pick)
 
 AHEAD = 8  # proposals generated ahead of their evaluation, their rows prefetched
-
-
-@njit(cache=True)
-def preorder(T):
-    """(order, pos): order[t] = the target at pre-order position t (children in list order), pos[v] = position of
-    node v's representative (-1 for a node not in the tree). The subtree of v occupies [pos[v], pos[v] +
-    node_count[v]). O(N) once per tree version."""
-    n_nodes = T.state[N_NODES]
-    pos = np.full(n_nodes, -1, np.int64)
-    root = T.state[ROOT]
-    if root < 0:
-        return np.zeros(0, np.int64), pos
-    order = np.empty(T.node_count[root], np.int64)
-    t = 0
-    v = root
-    while True:
-        pos[v] = t
-        order[t] = T.node_point[v]
-        t += 1
-        if T.node_first_child[v] != -1:
-            v = T.node_first_child[v]
-            continue
-        while v != root and T.node_next_sibling[v] == -1:
-            v = T.node_parent[v]
-        if v == root:
-            break
-        v = T.node_next_sibling[v]
-    return order, pos
 
 
 @njit(cache=True)

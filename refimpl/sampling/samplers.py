@@ -34,13 +34,13 @@ to it, ``log_z="exact"`` pays N inner products per query. ``stats["log_z"]`` hol
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from refimpl._validate import as_rng, check_ids, check_int, check_positive
 from refimpl.index import Clustering, TreeArrays
+from refimpl.index.search import preorder
 from refimpl.sampling import _adaptive as AD
 from refimpl.sampling import _astar as A
 from refimpl.sampling import _kernels as K
@@ -523,19 +523,6 @@ def _astar(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z="estimate
 # ----------------------------------------------------------------------------------------------------------------
 # adaptive rejection
 
-# per tree: (version, order, pos) of its pre-order (a weak reference: dropped with the tree)
-_PREORDER: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _preorder(tree):
-    """(order, pos) of ``tree``'s pre-order at its current version (O(N) once per version, then cached)."""
-    entry = _PREORDER.get(tree)
-    if entry is None or entry[0] != tree.version:
-        entry = (tree.version, *AD.preorder(tree.arrays()))
-        _PREORDER[tree] = entry
-    return entry[1], entry[2]
-
-
 def sample_adaptive(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z="estimate",
                     max_attempts=DEFAULT_MAX_ATTEMPTS):
     """Exact softmax samples by adaptive rejection over the SG tree (ours): Eq. 3-5 with an envelope refined per
@@ -575,7 +562,7 @@ def _adaptive(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z="estim
     """:func:`sample_adaptive`; ``broken=True`` drops the radius from the bounds (E = s_r): a negative control."""
     beta, gen, log_z, Q, batched, eptr, eids, k = _tree_args(tree, q, k, beta, rng, log_z, exclude, replace)
     max_attempts = check_int("max_attempts", max_attempts, low=1)
-    order, pos = _preorder(tree)
+    order, pos = preorder(tree)
     ids, sids, cnt, lz = AD.adaptive_batch(tree.arrays(), suffix_radii(tree), order, pos, Q, beta, k, eptr, eids,
                                            int(replace), max_attempts, ATTEMPT_COST, _seed(gen), bool(broken))
     if cnt[:, K.STATUS].any():

@@ -19,7 +19,8 @@ from numba import njit
 from refimpl.index import ROOT, prefetch_row
 from refimpl.sampling._cluster_kernels import _dot, _grow
 from refimpl.sampling._kernels import (ACCEPTED, ATTEMPTS, EXCL_HITS, INNER, LEVEL, LZ_EST, LZ_EXCL, LZ_HI,
-                                       LZ_LO, N_CLUSTERS, SELECT, STATUS, _exact_draw, _excluded, _lse_add, _outputs)
+                                       LZ_LO, N_CLUSTERS, SELECT, STATUS, _exact_draw, _excluded, _lse_add, _outputs,
+                                       _scratch)
 
 RING = 16  # proposals in flight
 AHEAD = 8  # attempts between a proposal's resolution to a target (row prefetched) and its evaluation
@@ -146,11 +147,8 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
     nnext = T.node_next_sibling
     ncount = T.node_count
     nmaxd = T.node_maxd
-    mask = np.zeros(points.shape[0], np.bool_)
     root = T.state[ROOT]
-    n_live = ncount[root]
-    live = np.empty(n_live + 1, np.int64)
-    ls = np.empty(n_live + 1, np.float64)
+    mask, n_live, live, ls = _scratch(T)
     cap = 1024
     fv = np.empty(cap, np.int64)  # node
     fa = np.empty(cap, np.int64)  # pre-order start of the members after p_v

@@ -299,6 +299,22 @@ def test_mh_batch_with_per_query_exclusion(inst):
         assert not np.isin(r.ids[b], ex[b]).any()
 
 
+@pytest.mark.parametrize("name", ["rejection", "flat", "adaptive"])
+def test_batch_exclusion_with_empty_lists_anywhere(inst, name):
+    """Per-query exclusion lists may be empty for any query (first, middle or last) and without replacement the
+    whole non-excluded set can be drawn: k = N - |excluded| distinct ids per row, none excluded."""
+    X, tree, _ = inst
+    Q = X[[3, 200, 400]]
+    for ex in ([[1, 2], [3], []], [[], [5], [6, 7]], [[], [], [9]]):
+        r = _tree_samplers()[name](tree, Q, 20, rng=4, exclude=ex)
+        for b in range(3):
+            assert not np.isin(r.ids[b], ex[b]).any()
+    n = X.shape[0]
+    r = _tree_samplers()[name](tree, Q[:2], n - 1, rng=5, exclude=[[], [7]], replace=False)
+    assert sorted(r.ids[1]) == [i for i in range(n) if i != 7]
+    assert len(set(r.ids[0])) == n - 1
+
+
 @pytest.mark.parametrize("beta,k", [(1.0, 10), (5.0, 10), (20.0, 10), (20.0, 1000)])
 def test_choose_level_minimises_the_estimated_cost(inst, beta, k):
     """The default start level ("auto") is the argmin over the walked levels of |C_l| + k Z_hi(l)/Z_hat(l)

@@ -122,7 +122,10 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
     (each a whole subtree, bound min(E_j, s_c + beta ||q|| rho)) and the rest (v, Lc) (bound min(E_j, s_v + beta
     ||q|| rho(v, Lc))); stop when the attempts a split could save, k x attempt_cost x (U_j - n_j e^{s_v}) / Z_hat
     (Z_hat = sum_j n_j e^{s_v(j)}, Eq. 7), no longer exceed its m inner products, or after N inner products.
-    The rule only sets the cost.
+    If the refinement's inner products plus the k Z_hi / Z_hat expected attempts reach N (no useful structure
+    around this query), every draw of the query is made by brute force instead (``_exact_draw``: N inner
+    products once, then an inverse CDF per draw). The rule and this switch, decided before any attempt from the
+    envelope alone, only set the cost.
 
     Sampling (Eq. 3-5): propose cluster j with probability U_j / sum U, a member i uniformly (pre-order range),
     accept with e^{s_i - E_j} <= 1; a singleton is accepted without an inner product (E = s). Every attempt
@@ -132,7 +135,8 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
     entries and rows prefetched: they are iid and independent of the acceptance decisions, so using them later
     changes nothing in law. A draw whose attempts reach the number
     N of live targets is made by brute force (``_exact_draw``, exact). LZ_LO / LZ_HI are certified by the final
-    frontier; LZ_EST = log sum U + log(successes / attempts) clipped to them (Eq. 7's Z_hat when k = 0).
+    frontier; LZ_EST = log sum U + log(successes / attempts) clipped to them (Eq. 7's Z_hat when k = 0; the exact
+    log Z when the brute-force path ran).
     ``broken`` (a negative control of the tests): bounds without the radius term, E = s_v (not certified).
     """
     sl = 0.0 if broken else 1.0  # the radius term's weight in the bounds
@@ -258,6 +262,11 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
             hi_ = _lse_add(hi_, ln + fE[j])
             wgt[j] = fn[j] * np.exp(fE[j] - Eref)
         prob, alias = _alias(wgt, nf)
+        # the expected cost of the draws, k Z_hi / Z_hat attempts, against brute force (N inner products, once)
+        sum_u = 0.0
+        for j in range(nf):
+            sum_u += wgt[j]
+        brute = spent + k * attempt_cost * sum_u / max(zhat, 1e-300) >= n_live
         lz[b, LZ_LO] = lo
         lz[b, LZ_HI] = hi_
         nb = eptr[b + 1] - eptr[b]
@@ -277,7 +286,7 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
                     c[STATUS] = 1
                     return ids, sids, cnt, lz
                 done = False
-                if attempts >= n_live:
+                if brute or attempts >= n_live:
                     ids[b, t], sids[b, t] = _exact_draw(T, q, beta, mask, live, ls, c)
                     done = True
                 else:
@@ -329,7 +338,15 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
             head = head + 1 if head + 1 < RING else 0
             step += 1
         mask[buf[:nb]] = False
-        if c[ATTEMPTS] > 0:
+        if live[0] != -2:  # the brute-force path computed every logit: the exact log Z
+            m = -np.inf
+            for x in range(n_live):
+                m = max(m, ls[x])
+            tot = 0.0
+            for x in range(n_live):
+                tot += np.exp(ls[x] - m)
+            est = m + np.log(tot)
+        elif c[ATTEMPTS] > 0:
             est = hi_ + np.log(max(c[ACCEPTED] + c[EXCL_HITS], 1) / c[ATTEMPTS])
         else:
             est = Eref + np.log(max(zhat, 1e-300))

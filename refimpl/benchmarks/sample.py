@@ -329,8 +329,8 @@ def main(argv=None) -> int:
                 for row in rows:
                     note = ""
                     if "acceptance" in row:
-                        note = (f"acceptance {row['acceptance']:.3f}, selection ip {row['selection_ip_per_query']:.0f}, "
-                                f"attempts/draw {row['attempts_per_draw']:.1f}")
+                        note = (f"acceptance {row['acceptance']:.3f}, selection ip "
+                                f"{row['selection_ip_per_query']:.0f}, attempts/draw {row['attempts_per_draw']:.1f}")
                     if "beta_rho_weighted" in row:
                         note += f", weighted beta*rho {row['beta_rho_weighted']:.2f}"
                     if "tv_bound_eq6_max" in row:

@@ -18,7 +18,9 @@ norm data the ball bound is the nearest-neighbour bound and prunes far better (t
 subtree whose radius exceeds the gap between its representative's score and the k-th best score). A node is pruned
 when its bound is below the current k-th best score minus a rounding slack of 1e-9 (||q|| + max||t||)^2, so no true
 top-k target is lost to floating-point error. Best-first order (a max-heap on the bound). The search is bound by
-memory latency (random rows), so the surviving children's rows are prefetched a few ahead. Rows may be stored
+memory latency (random rows), so the surviving children's rows are prefetched a few ahead; a surviving subtree
+of at most ``scan`` targets is scored as one range of the tree's pre-order (:func:`preorder`), without the node
+visits that bound tests inside it would cost. Rows may be stored
 in float32: scores and bounds are accumulated in float64 from the stored values, so they hold exactly as for
 float64 rows.
 """

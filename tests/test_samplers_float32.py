@@ -30,6 +30,23 @@ EXACT_SAMPLERS = {
 }
 
 
+K_ROW = 16  # draws per query row: the regime of the samplers (a handful of negatives per query)
+
+
+def _draws(sampler, tree, q, n, **kw):
+    """n draws for the query q: ceil(n / K_ROW) copies of q answered in ONE call, K_ROW draws each (iid with
+    replacement), so that the adaptive sampler runs its rejection path (with n draws for ONE query, brute force
+    would be the cheaper choice and it would take it). Returns (ids (n,), result)."""
+    rows = -(-n // K_ROW)
+    r = sampler(tree, np.repeat(np.asarray(q, np.float64)[None], rows, axis=0), K_ROW, **kw)
+    return r.ids.ravel()[:n], r
+
+
+def _rejection_path(r):
+    """The adaptive sampler made (almost) every draw by rejection, not by its brute-force switch."""
+    return int(np.sum(r.stats["exact_fallbacks"])) <= 0.01 * r.ids.size
+
+
 def _softmax(X, q, beta, exclude=()):
     s = beta * (np.asarray(X, np.float64) @ q)
     s[list(exclude)] = -np.inf
@@ -52,15 +69,21 @@ def f32():
 
 @pytest.mark.parametrize("name", sorted(EXACT_SAMPLERS))
 def test_float32_batch_with_exclusion_is_exact(f32, name):
-    """A float32 tree, a batch of 2 queries with different exclusions (their top targets), beta = 10: each row of
-    one call follows its own renormalised softmax over the float32 points (chi-square, alpha 0.001, n = 64,143 per
-    row, power >= 0.99 at TV 0.02); no excluded id is drawn."""
+    """A float32 tree, a batch of 2 different queries with different exclusions (their top targets), beta = 10,
+    each repeated as rows of ONE call (K_ROW draws a row): the draws of each query follow its own renormalised
+    softmax over the float32 points (chi-square, alpha 0.001, n = 64,143 per query, power >= 0.99 at TV 0.02);
+    no excluded id is drawn."""
     X, tree, Q, ex = f32
-    r = EXACT_SAMPLERS[name](tree, Q, N_DRAWS, beta=10.0, rng=44, exclude=ex)
-    assert r.ids.shape == (2, N_DRAWS)
+    rows = -(-N_DRAWS // K_ROW)
+    QQ = np.repeat(Q, rows, axis=0)
+    r = EXACT_SAMPLERS[name](tree, QQ, K_ROW, beta=10.0, rng=44, exclude=[ex[0]] * rows + [ex[1]] * rows)
+    assert r.ids.shape == (2 * rows, K_ROW)
+    if name == "adaptive":
+        assert _rejection_path(r)
     for b in range(2):
-        assert not np.isin(r.ids[b], ex[b]).any()
-        assert chi2_gof(r.ids[b], _softmax(X, Q[b], 10.0, ex[b]))[0] > ALPHA, (name, b)
+        ids = r.ids[b * rows:(b + 1) * rows].ravel()[:N_DRAWS]
+        assert not np.isin(ids, ex[b]).any()
+        assert chi2_gof(ids, _softmax(X, Q[b], 10.0, ex[b]))[0] > ALPHA, (name, b)
 
 
 @pytest.mark.parametrize("name", sorted(EXACT_SAMPLERS))
@@ -75,6 +98,8 @@ def test_float32_without_replacement_is_exact(f32, name):
     r = EXACT_SAMPLERS[name](tree, np.repeat(q[None], N_PAIR, axis=0), 2, beta=10.0, rng=45, replace=False,
                              exclude=excl)
     assert np.all(r.ids[:, 0] != r.ids[:, 1]) and not np.isin(r.ids, excl).any()
+    if name == "adaptive":
+        assert _rejection_path(r)
     p = _softmax(X, q, 10.0, excl)
     second = np.zeros_like(p)
     for i in np.flatnonzero(p > 1e-12):
@@ -109,8 +134,8 @@ def test_negative_control_float32_tree_against_float64_points_fails():
     r = S.sample_exact(X, q, N_DRAWS, beta=20.0, rng=48)
     assert chi2_gof(r.ids, _softmax(Xr, q, 20.0))[0] < ALPHA
     tree = SGTree.build(Xr, rng=49, dtype=np.float32)
-    r = S.sample_adaptive(tree, q, N_DRAWS, beta=20.0, rng=48)
-    assert chi2_gof(r.ids, _softmax(Xr, q, 20.0))[0] > ALPHA
+    ids, r = _draws(S.sample_adaptive, tree, q, N_DRAWS, beta=20.0, rng=48)
+    assert _rejection_path(r) and chi2_gof(ids, _softmax(Xr, q, 20.0))[0] > ALPHA
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -123,23 +148,23 @@ GRID = [("unit", 8, 5.0), ("unit", 64, 20.0), ("unit", 2, 1.0), ("nonunit", 8, 2
 
 @pytest.mark.parametrize("kind,dim,beta", GRID)
 def test_adaptive_is_exact(kind, dim, beta):
-    """sample_adaptive matches the softmax (chi-square, alpha 0.001, n = 64,143, power >= 0.99 at TV 0.02) on
-    unit and non-unit norms, exact duplicates and a tree after update_points + maintain; its log Z interval is
-    certified."""
+    """sample_adaptive matches the softmax (chi-square, alpha 0.001, n = 64,143, power >= 0.99 at TV 0.02; K_ROW
+    draws per query row, so the rejection path runs) on unit and non-unit norms, exact duplicates and a tree after
+    update_points + maintain; its log Z interval is certified."""
     X, tree, q = _instance(kind, dim)
-    r = S.sample_adaptive(tree, q, N_DRAWS, beta=beta, rng=50)
-    assert r.stats["accepted"] + r.stats["exact_fallbacks"] == N_DRAWS
-    assert chi2_gof(r.ids, _softmax(X, q, beta))[0] > ALPHA, (kind, dim, beta)
+    ids, r = _draws(S.sample_adaptive, tree, q, N_DRAWS, beta=beta, rng=50)
+    assert np.all(r.stats["accepted"] + r.stats["exact_fallbacks"] == K_ROW) and _rejection_path(r)
+    assert chi2_gof(ids, _softmax(X, q, beta))[0] > ALPHA, (kind, dim, beta)
     lz = np.logaddexp.reduce(beta * X @ q)
-    assert r.stats["log_z_lo"] - 1e-9 <= lz <= r.stats["log_z_hi"] + 1e-9
+    assert np.all(r.stats["log_z_lo"] - 1e-9 <= lz) and np.all(lz <= r.stats["log_z_hi"] + 1e-9)
 
 
 def test_negative_control_adaptive_without_radius_fails():
     """The adaptive sampler with bounds that drop the radius term (E = s_r, not an upper bound) is NOT exact: the
-    same chi-square test rejects it (beta = 20, n = 64,143)."""
+    same chi-square test rejects it (beta = 20, n = 64,143, the rejection path)."""
     X, tree, q = _instance("unit", 8)
-    r = S._adaptive(tree, q, N_DRAWS, beta=20.0, rng=51, broken=True)
-    assert chi2_gof(r.ids, _softmax(X, q, 20.0))[0] < ALPHA
+    ids, r = _draws(lambda *a, **kw: S._adaptive(*a, broken=True, **kw), tree, q, N_DRAWS, beta=20.0, rng=51)
+    assert _rejection_path(r) and chi2_gof(ids, _softmax(X, q, 20.0))[0] < ALPHA
 
 
 def test_preorder_ranges_are_the_clusters_members():
@@ -172,10 +197,10 @@ def test_adaptive_after_mutation_uses_the_new_tree():
     tree.insert(X[600:])
     gone = np.arange(0, 600, 3)
     tree.remove(gone)
-    r = S.sample_adaptive(tree, q, N_DRAWS, beta=5.0, rng=55)
+    ids, r = _draws(S.sample_adaptive, tree, q, N_DRAWS, beta=5.0, rng=55)
     p = _softmax(X, q, 5.0, gone)
-    assert not np.isin(r.ids, gone).any()
-    assert chi2_gof(r.ids, p)[0] > ALPHA
+    assert not np.isin(ids, gone).any() and _rejection_path(r)
+    assert chi2_gof(ids, p)[0] > ALPHA
 
 
 def test_adaptive_switches_to_brute_force_without_structure():

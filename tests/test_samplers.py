@@ -41,6 +41,7 @@ def _tree_samplers():
     return {
         "rejection": lambda tree, q, k, **kw: S.sample_rejection(tree, q, k, beta=BETA, **kw),
         "flat": lambda tree, q, k, **kw: S.sample_flat_rejection(tree, q, k, beta=BETA, **kw),
+        "adaptive": lambda tree, q, k, **kw: S.sample_adaptive(tree, q, k, beta=BETA, **kw),
     }
 
 
@@ -296,6 +297,22 @@ def test_mh_batch_with_per_query_exclusion(inst):
     assert r.ids.shape == (2, 200)
     for b in range(2):
         assert not np.isin(r.ids[b], ex[b]).any()
+
+
+@pytest.mark.parametrize("name", ["rejection", "flat", "adaptive"])
+def test_batch_exclusion_with_empty_lists_anywhere(inst, name):
+    """Per-query exclusion lists may be empty for any query (first, middle or last) and without replacement the
+    whole non-excluded set can be drawn: k = N - |excluded| distinct ids per row, none excluded."""
+    X, tree, _ = inst
+    Q = X[[3, 200, 400]]
+    for ex in ([[1, 2], [3], []], [[], [5], [6, 7]], [[], [], [9]]):
+        r = _tree_samplers()[name](tree, Q, 20, rng=4, exclude=ex)
+        for b in range(3):
+            assert not np.isin(r.ids[b], ex[b]).any()
+    n = X.shape[0]
+    r = _tree_samplers()[name](tree, Q[:2], n - 1, rng=5, exclude=[[], [7]], replace=False)
+    assert sorted(r.ids[1]) == [i for i in range(n) if i != 7]
+    assert len(set(r.ids[0])) == n - 1
 
 
 @pytest.mark.parametrize("beta,k", [(1.0, 10), (5.0, 10), (20.0, 10), (20.0, 1000)])

@@ -40,12 +40,34 @@ def test_topk_prunes_on_hierarchical_data():
     P = hierarchical_points(3000, 32, rng=0)
     Q = hierarchical_points(20, 32, rng=1)
     tree = SGTree.build(P, rng=0)
-    res = topk(tree, Q, 10)
+    res = topk(tree, Q, 10, scan=0)  # pure branch and bound: no pre-order range scans
     assert np.array_equal(res.ids, brute_force_topk(P, Q, 10).ids)
     assert res.stats["inner_products"].mean() < 0.5 * 3000
-    lin = topk(tree, Q, 10, bound="linear")
+    lin = topk(tree, Q, 10, bound="linear", scan=0)
     assert np.array_equal(lin.ids, res.ids)
     assert (lin.stats["inner_products"] >= res.stats["inner_products"]).all()  # the ball bound is never looser
+
+
+@pytest.mark.parametrize("scan", [1, 7, 64, 10**9])
+def test_range_scans_give_the_exact_topk_after_mutations(scan):
+    """Scanning subtrees of <= scan targets as pre-order ranges returns exactly brute force's top-k (same scores,
+    ties by id), on a float32 tree after inserts and removals (the cached pre-order follows the tree's version);
+    scan = 10**9 scores every target once."""
+    P = hierarchical_points(2000, 16, rng=3, dtype=np.float32)
+    tree = SGTree.build(P[:1500], rng=4, dtype=np.float32)
+    Q = hierarchical_points(30, 16, rng=5)
+    topk(tree, Q, 5, scan=scan)
+    tree.insert(P[1500:])
+    gone = np.arange(0, 2000, 7)
+    tree.remove(gone)
+    live = np.setdiff1d(np.arange(2000), gone)
+    res = topk(tree, Q, 17, scan=scan)
+    ref = brute_force_topk(P, Q, 17, ids=live)
+    assert np.array_equal(res.ids, ref.ids) and np.array_equal(res.scores, ref.scores)
+    if scan == 10**9:
+        assert (res.stats["inner_products"] == live.size).all()
+    with pytest.raises(ValueError, match="scan"):
+        topk(tree, Q, 3, scan=-1)
 
 
 def test_ties_broken_by_smaller_id_with_duplicates():

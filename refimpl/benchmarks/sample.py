@@ -17,11 +17,14 @@ whole batch / B), inner products per query and per draw, the floor = inner produ
 random-row inner product (a Numba loop over random rows with a vectorised float64 dot, measured on the same
 points), the distance to it, and the speedup over the baseline. Baseline: what a NumPy user writes: float32
 targets, queries in blocks of B_b (best of ``--baseline-batches`` reported), one GEMM per block of 65,536 targets,
-exp(s - beta ||q|| max ||t||) (no max pass needed), masses per chunk of 4,096 targets, then each draw picks a chunk
+exp(s - beta ||q|| max ||t||) (no max pass needed), masses per chunk of 4,096 targets (only the (B_b, N / 4,096)
+chunk masses are kept), then each draw picks a chunk
 by its mass and a row inside it by exp/cumsum over that chunk's recomputed logits (exact up to float32 rounding).
 
-Samplers: ``exact`` (float64 brute force), ``rejection`` (Alg. 1, auto level), ``flat`` (Eq. 3-5, auto level),
-``astar`` (A* sampling over the tree's Gumbel process),
+Targets are generated and stored as float32 (the tree's storage is the same array; every sampler accumulates its
+logits in float64). Samplers: ``exact`` (brute force, ``sample_exact`` on the float32 rows), ``rejection`` (Alg. 1,
+auto level), ``flat`` (Eq. 3-5, auto level), ``astar`` (A* sampling over the tree's Gumbel process),
+``adaptive`` (Eq. 3-5 on an envelope refined per query, shared by its draws),
 ``mh`` (Alg. 2 + certified refinement + Eq. 6 chains; approximate). For Alg. 1 the acceptance rate per attempt and
 the proposal-weighted beta ||q|| rho of its start clusters (what sets it: acceptance ~ e^{-beta rho}) are printed.
 A JSON file with every number is written (``--json``).
@@ -43,11 +46,12 @@ from refimpl.data import hierarchical_points
 from refimpl.index.sgtree import SGTree
 from refimpl.mining import InBatch
 from refimpl.sampling import samplers as S
-from refimpl.sampling.clustering import level_clustering
+from refimpl.index.search import preorder
+from refimpl.sampling.clustering import level_clustering, suffix_radii
 from refimpl.text import load_text_pairs
 from refimpl.training import train
 
-SAMPLERS = ("exact", "rejection", "flat", "astar", "mh")
+SAMPLERS = ("exact", "rejection", "flat", "astar", "adaptive", "mh")
 DATA = ("hierarchical", "text")
 BLOCK = 1 << 16  # targets per GEMM
 CHUNK = 1 << 12  # targets per mass entry: a draw recomputes one chunk
@@ -113,14 +117,18 @@ def _numpy_float32_sampler(X32, norms_max, Q, k, beta, bs, rng):
         Qb = Q[b0:b0 + bs].astype(np.float32)
         nb = Qb.shape[0]
         shift = (beta * np.linalg.norm(Qb, axis=1) * norms_max).astype(np.float32)[:, None]
-        mass = np.zeros((nb, nch * CHUNK), np.float32)
+        mass = np.zeros((nb, nch), np.float64)
         for j0 in range(0, n, BLOCK):
             S = Qb @ X32[j0:j0 + BLOCK].T
             S *= np.float32(beta)
             S -= shift
             np.exp(S, out=S)
-            mass[:, j0:j0 + S.shape[1]] = S
-        cm = np.cumsum(mass.reshape(nb, nch, CHUNK).sum(axis=2, dtype=np.float64), axis=1)
+            w = S.shape[1]
+            full = w // CHUNK * CHUNK
+            mass[:, j0 // CHUNK:(j0 + full) // CHUNK] = S[:, :full].reshape(nb, -1, CHUNK).sum(axis=2, dtype=np.float64)
+            if full < w:
+                mass[:, (j0 + full) // CHUNK] = S[:, full:].sum(axis=1, dtype=np.float64)
+        cm = np.cumsum(mass, axis=1)
         u = rng.random((nb, k)) * cm[:, -1:]
         ch = np.minimum((cm[:, None, :] <= u[:, :, None]).sum(axis=2), nch - 1)
         for r in range(nb):
@@ -202,6 +210,8 @@ def _sampler(name, X, tree, Q, k, beta, seed):
         return S.sample_flat_rejection(tree, Q, k, beta=beta, rng=seed)
     if name == "astar":
         return S.sample_astar(tree, Q, k, beta=beta, rng=seed)
+    if name == "adaptive":
+        return S.sample_adaptive(tree, Q, k, beta=beta, rng=seed)
     return S.sample_mh(tree, Q, k, beta=beta, rng=seed, max_refine_clusters=2000)
 
 
@@ -243,7 +253,7 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(args.seed)
     out = {"config": vars(args), "results": []}
     Xw = hierarchical_points(2000, args.dim, rng=1)  # warm-up: Numba compilation, not timed
-    tw = SGTree.build(Xw, rng=1)
+    tw = SGTree.build(Xw, rng=1, dtype=np.float32)
     for name in args.samplers:
         _sampler(name, Xw, tw, Xw[:2], 2, args.beta, 0)
     _numpy_float32_sampler(Xw.astype(np.float32), 1.0, Xw[:2], 2, args.beta, 2, rng)
@@ -257,17 +267,26 @@ def main(argv=None) -> int:
                 continue
             print(f"\n[text] {info} (training {time.process_time() - t0:.0f} s CPU)")
         for n in args.sizes:
-            X = hierarchical_points(n, args.dim, rng=args.seed + n) if base_T is None else _tile(base_T, n, rng)
+            if base_T is None:
+                X = hierarchical_points(n, args.dim, rng=args.seed + n, dtype=np.float32)
+            else:
+                X = _tile(base_T, n, rng).astype(np.float32)
             t0 = time.process_time()
-            tree = SGTree.build(X, rng=args.seed)
+            tree = SGTree.build(X, rng=args.seed, dtype=np.float32, copy=False)  # X is the tree's storage
             build_s = time.process_time() - t0
+            t0 = time.process_time()  # per tree version, cached: the suffix radii and the pre-order
+            suffix_radii(tree)
+            preorder(tree)
+            pre_s = time.process_time() - t0
             ns_ip = _random_read_ns(X, rng)
-            X32 = X.astype(np.float32)
+            X32 = X
             nmax = float(np.linalg.norm(X32, axis=1).max())
             Q = _queries(X, args.queries, rng)
-            entry = {"data": data, "N": n, "build_cpu_s": build_s, "ns_per_random_inner_product": ns_ip,
+            entry = {"data": data, "N": n, "build_cpu_s": build_s, "per_version_precompute_cpu_s": pre_s,
+                     "ns_per_random_inner_product": ns_ip,
                      "tree_levels": list(tree.level_range()), "by_k": []}
-            print(f"\n[{data}] N = {n:,}: tree build {build_s:.1f} s CPU, levels {tree.level_range()}, "
+            print(f"\n[{data}] N = {n:,}: tree build {build_s:.1f} s CPU (+ {pre_s:.2f} s once per tree version: "
+                  f"suffix radii, pre-order), levels {tree.level_range()}, "
                   f"{ns_ip:.1f} ns per random-row inner product, beta {args.beta}, D {args.dim}, "
                   f"{args.queries} queries in one batch")
             for k in args.ks:
@@ -286,8 +305,9 @@ def main(argv=None) -> int:
                     ms = 1e3 * (time.process_time() - t) / args.queries
                     ip = float(np.mean(r.stats["inner_products"]))
                     row = {"sampler": name, "ms_per_query": ms, "ip_per_query": ip}
-                    if name in ("rejection", "flat"):
+                    if name in ("rejection", "flat", "adaptive"):
                         row["acceptance"] = float(np.sum(r.stats["accepted"]) / max(np.sum(r.stats["attempts"]), 1))
+                        row["attempts_per_draw"] = float(np.mean(r.stats["attempts"])) / max(k, 1)
                         row["levels"] = np.asarray(r.stats["level"]).tolist()
                         row["exact_fallbacks"] = int(np.sum(r.stats["exact_fallbacks"]))
                         row["selection_ip_per_query"] = float(np.mean(r.stats["selection_inner_products"]))
@@ -309,7 +329,8 @@ def main(argv=None) -> int:
                 for row in rows:
                     note = ""
                     if "acceptance" in row:
-                        note = f"acceptance {row['acceptance']:.3f}, selection ip {row['selection_ip_per_query']:.0f}"
+                        note = (f"acceptance {row['acceptance']:.3f}, selection ip "
+                                f"{row['selection_ip_per_query']:.0f}, attempts/draw {row['attempts_per_draw']:.1f}")
                     if "beta_rho_weighted" in row:
                         note += f", weighted beta*rho {row['beta_rho_weighted']:.2f}"
                     if "tv_bound_eq6_max" in row:

@@ -5,7 +5,8 @@ fresh draws of the same distribution):
 
 * build of a float32 tree (``--dtype``), CPU seconds, depth, nodes, bytes per target (beyond the points too),
   peak resident memory of the process so far (``resource.getrusage``);
-* exact top-``k`` (:func:`refimpl.index.topk`, one call for all queries): CPU ms and inner products per query, and
+* exact top-``k`` (:func:`refimpl.index.topk`, one call for all queries; also with ``scan=0``, pure branch and
+  bound, and the one-off cost of the tree's pre-order): CPU ms and inner products per query, and
   equality with :func:`refimpl.index.brute_force_topk` on ``--check`` queries; its floor: inner products x the
   measured cost of one inner product with a random row (prefetched, vectorised);
 * the strongest NumPy float32 top-k we could write: queries in batches of B (64, 128, 256: the best is reported),
@@ -31,6 +32,7 @@ from numba import njit
 from refimpl.cliargs import ArgumentParser, integer, out_file, real, real_list, size, size_list
 from refimpl.data import hierarchical_points
 from refimpl.index import DEFAULT_BASE, MAX_BASE, MIN_BASE, SGTree, brute_force_topk, dot, prefetch_row, topk
+from refimpl.index.search import preorder
 from refimpl.sampling.bounds import certified_log_max_ratio, cluster_eps, log_partition_bounds
 
 BATCHES = (64, 128, 256)
@@ -120,7 +122,12 @@ def bench_size(n, *, dim, nq, k, base, seed, check, block, dtype, dynamics_max):
     mem = tree.memory_bytes()
     row.update(build_cpu_s=c_build, peak_rss_gib_build=peak_rss_gib(), depth=tree.depth(), nodes=tree.n_nodes,
                bytes_per_target=mem / n, bytes_per_target_beyond_points=(mem - P.nbytes) / n)
+    _, row["preorder_cpu_s"] = _cpu(preorder, tree)  # once per tree version (cached): not in the top-k time
+    res0, c = _cpu(topk, tree, Q, k, scan=0)
+    row["topk_noscan_cpu_ms"] = 1e3 * c / nq
+    row["topk_noscan_inner_products"] = float(res0.stats["inner_products"].mean())
     res, c = _cpu(topk, tree, Q, k)
+    assert np.array_equal(res.ids, res0.ids)
     row["topk_cpu_ms"] = 1e3 * c / nq
     row["topk_inner_products"] = float(res.stats["inner_products"].mean())
     row["topk_inner_products_over_N"] = row["topk_inner_products"] / n
@@ -240,6 +247,9 @@ def main(argv=None) -> int:
                   f"{str(r['exact_equal_brute_force']):>5}", flush=True)
             print(f"{'':9} NumPy ms per query by batch: " + ", ".join(
                 f"B={b}: {v:.2f}" for b, v in r["numpy_cpu_ms"].items()), flush=True)
+            print(f"{'':9} top-k without range scans (scan=0): {r['topk_noscan_cpu_ms']:.3f} ms, "
+                  f"{r['topk_noscan_inner_products']:.0f} inner products per query; pre-order (once per tree "
+                  f"version) {r['preorder_cpu_s']:.2f} s CPU", flush=True)
             for gran in ("cluster", "child"):
                 if f"update1pct_{gran}" in r:
                     u = r[f"update1pct_{gran}"]

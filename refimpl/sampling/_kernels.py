@@ -80,6 +80,15 @@ def _exact_draw(T, q, beta, mask, live, ls, cnt):
 
 
 @njit(cache=True)
+def _scratch(T):
+    """Per-call scratch of a rejection kernel: (mask of excluded / drawn ids (capacity,), number N of live targets,
+    live ids and logits (N + 1,) for ``_exact_draw``, marked unfilled per query by live[0] = -2)."""
+    n_live = T.node_count[T.state[ROOT]] if T.state[ROOT] >= 0 else T.points.shape[0]
+    return (np.zeros(T.points.shape[0], np.bool_), n_live, np.empty(n_live + 1, np.int64),
+            np.empty(n_live + 1, np.float64))
+
+
+@njit(cache=True)
 def _pick(cum, u):
     """Index j with cum[j-1] <= u < cum[j] (cum increasing, u in [0, cum[-1]))."""
     j = np.searchsorted(cum, u, side="right")
@@ -205,10 +214,7 @@ def flat_batch(T, suf, Q, beta, k, algo, upper, auto, attempt_cost, cptr, cnodes
     B = Q.shape[0]
     ids, sids, cnt, lz = _outputs(B, k)
     points = T.points
-    mask = np.zeros(points.shape[0], np.bool_)
-    n_live = T.node_count[T.state[ROOT]] if T.state[ROOT] >= 0 else points.shape[0]
-    live = np.empty(n_live + 1, np.int64)
-    ls = np.empty(n_live + 1, np.float64)
+    mask, n_live, live, ls = _scratch(T)
     for b in range(B):
         q = Q[b]
         c = cnt[b]
@@ -344,10 +350,7 @@ def alg1_batch(T, suf, Q, beta, k, auto, attempt_cost, cptr, cnodes, clevels, cr
     gnself = np.empty(size, np.int64)
     gafter = np.empty(size, np.int64)
     fill = np.zeros(2, np.int64)
-    mask = np.zeros(points.shape[0], np.bool_)
-    n_live = T.node_count[T.state[ROOT]]
-    live = np.empty(n_live + 1, np.int64)
-    ls = np.empty(n_live + 1, np.float64)
+    mask, n_live, live, ls = _scratch(T)
     for b in range(B):
         q = Q[b]
         c = cnt[b]

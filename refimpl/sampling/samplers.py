@@ -8,6 +8,8 @@ gives (k,) results, a batch (B, D) gives (B, k) from ONE compiled call):
 * :func:`sample_flat_rejection`: Eq. 3-5 on a clustering with eps_C = beta ||q|| rho(C). Exact.
 * :func:`sample_rejection`: Alg. 1, hierarchical rejection down the SG tree, errata fixed. Exact.
 * :func:`sample_astar`: A* sampling over the tree's Gumbel process with the certified bounds (ours). Exact.
+* :func:`sample_adaptive`: Eq. 3-5 on an envelope refined best first per query and shared by its k draws (ours).
+  Exact.
 * :func:`sample_mh`: independent Metropolis-Hastings (Eq. 14) with the proposal of Eq. 7 on Alg. 2's clustering;
   chain length from Eq. 6. Approximate, with the certified TV bound in ``stats``.
   (The experiments' shortcut, top clusters + short chains + top scores, is :func:`refimpl.sampling.engine.sample_paper`:
@@ -38,6 +40,8 @@ import numpy as np
 
 from refimpl._validate import as_rng, check_ids, check_int, check_positive
 from refimpl.index import Clustering, TreeArrays
+from refimpl.index.search import preorder
+from refimpl.sampling import _adaptive as AD
 from refimpl.sampling import _astar as A
 from refimpl.sampling import _kernels as K
 from refimpl.sampling import bounds
@@ -52,6 +56,7 @@ __all__ = [
     "sample_rejection",
     "sample_mh",
     "sample_astar",
+    "sample_adaptive",
     "default_level",
 ]
 
@@ -181,10 +186,9 @@ def _tree(tree):
 
 def _available(tree, eptr, eids):
     """Live targets not excluded, per query."""
-    live = (tree.point_node[eids] >= 0).astype(np.int64) if eids.size else _EMPTY
-    per = np.add.reduceat(live, eptr[:-1]) if eids.size else np.zeros(eptr.size - 1, np.int64)
-    per = np.where(np.diff(eptr) > 0, per, 0)
-    return len(tree) - per
+    cum = np.zeros(eids.size + 1, np.int64)
+    np.cumsum(tree.point_node[eids] >= 0, out=cum[1:])
+    return len(tree) - (cum[eptr[1:]] - cum[eptr[:-1]])
 
 
 def _exact_log_z(points, Q, beta, ids=None):
@@ -514,6 +518,56 @@ def _astar(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z="estimate
     if cnt[:, K.STATUS].any():
         raise SamplerError(f"sample_astar: no draw after {max_pops} regions popped")
     return _finish(tree, Q, beta, "exact" if k == 0 else log_z, replace, batched, ids, sids, cnt, lz)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# adaptive rejection
+
+def sample_adaptive(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z="estimate",
+                    max_attempts=DEFAULT_MAX_ATTEMPTS):
+    """Exact softmax samples by adaptive rejection over the SG tree (ours): Eq. 3-5 with an envelope refined per
+    query and shared by its k draws.
+
+    Envelope: a partition of the targets into tree clusters C with certified bounds E_C = min(E_parent,
+    s_r + beta ||q|| rho(C)) >= s_i for i in C (Prop. 1 with the certified radius). Starting from the root, the
+    cluster of largest mass |C| e^{E_C} is split into the children at its next occupied level and the rest, while
+    the attempts this could save over the k draws (k (|C| e^{E_C} - |C| e^{s_r}) / Z_hat, Z_hat of Eq. 7) exceed
+    the split's inner products (the rule sets only the cost). Sampling: propose C with probability
+    |C| e^{E_C} / sum_C' |C'| e^{E_C'}, a member i uniformly, accept with e^{s_i - E_C}. Exact: each attempt returns
+    i with probability e^{s_i} / sum_C' |C'| e^{E_C'}, proportional to P(i) whatever the envelope (which is fixed
+    before the draws), so accepted draws are iid softmax draws; excluded ids and, without replacement, earlier
+    draws are rejected, which conditions each draw exactly on the remaining targets. A refined singleton is
+    accepted without an inner product.
+
+    Parameters
+    ----------
+    tree : SGTree (float64 or float32 points; logits accumulated in float64)
+    q : (D,) or (B, D) float array
+    k : int
+    exclude, replace, log_z : as for :func:`sample_rejection` (``log_z="estimate"``: log Z_hi + log of the
+        acceptance rate, clipped to the certified interval of the final envelope)
+    max_attempts : int
+        Per draw; reaching it raises :class:`SamplerError`.
+
+    Cost per query: the refinement's inner products (``stats["selection_inner_products"]``) plus, per draw,
+    Z_hi / Z attempts of at most one inner product each. ``stats``: attempts, accepted, inner_products,
+    n_clusters (envelope size), log_z, log_z_lo, log_z_hi.
+    """
+    return _adaptive(tree, q, k, beta=beta, rng=rng, exclude=exclude, replace=replace, log_z=log_z,
+                     max_attempts=max_attempts)
+
+
+def _adaptive(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z="estimate",
+              max_attempts=DEFAULT_MAX_ATTEMPTS, broken=False):
+    """:func:`sample_adaptive`; ``broken=True`` drops the radius from the bounds (E = s_r): a negative control."""
+    beta, gen, log_z, Q, batched, eptr, eids, k = _tree_args(tree, q, k, beta, rng, log_z, exclude, replace)
+    max_attempts = check_int("max_attempts", max_attempts, low=1)
+    order, pos = preorder(tree)
+    ids, sids, cnt, lz = AD.adaptive_batch(tree.arrays(), suffix_radii(tree), order, pos, Q, beta, k, eptr, eids,
+                                           int(replace), max_attempts, ATTEMPT_COST, _seed(gen), bool(broken))
+    if cnt[:, K.STATUS].any():
+        raise SamplerError(f"sample_adaptive: no accepted draw after {max_attempts} attempts")
+    return _finish(tree, Q, beta, log_z, replace, batched, ids, sids, cnt, lz)
 
 
 # ----------------------------------------------------------------------------------------------------------------

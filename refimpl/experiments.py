@@ -271,7 +271,8 @@ def reproduce_main(argv=None) -> int:
     """``python -m refimpl reproduce``: Tables 1-2 in miniature with error bars (:mod:`refimpl.reproduce`).
 
     Runs a part (``--tasks/--rows/--seeds``; ``--quick`` for the smoke run) and writes it as JSON + Markdown (+ a
-    figure of R@1 over training) in ``--out-dir``, or merges parts (``--merge PATH...``) into ``merged.*``.
+    figure of R@1 over training) in ``--out-dir``, merges parts (``--merge PATH...``) into ``merged.*``, or prints
+    the part commands of the whole table with their estimated CPU minutes (``--plan CALIBRATION...``).
     Every argument is checked before any work (one line on stderr, exit status 2).
     """
     p = R.parser()
@@ -281,6 +282,18 @@ def reproduce_main(argv=None) -> int:
     except ValueError as exc:
         p.error(str(exc))
     out = sys.stdout
+    if a.plan is not None:
+        try:
+            items = R.plan(RR.load_parts(a.plan), scale, a.seeds, budget_minutes=a.budget, out_dir=a.out_dir,
+                           data_dir=a.data)
+        except ValueError as exc:
+            p.error(f"--plan: {exc}")
+        print(f"# {len(items)} parts, {sum(i['minutes'] for i in items):.0f} CPU minutes in all (estimated from "
+              f"{', '.join(a.plan)}; {scale.steps} steps, seeds {', '.join(map(str, a.seeds))})", file=out)
+        for i in items:
+            flag = "  # OVER BUDGET: one run exceeds it" if i["over_budget"] else ""
+            print(f"{i['command']}  # ~{i['minutes']:.0f} CPU min{flag}", file=out)
+        return 0
     if a.merge is not None:
         result = RR.merge_parts(RR.load_parts(a.merge))
         stem = "merged"

@@ -10,9 +10,9 @@ D-dimensional embeddings; DyNNIBAL with the experiments' procedure (``sampler="p
 the full softmax (Eq. 2).
 
 Negative counts: a miner with shared slots gets ``B k`` of them, dealt ``k`` to each query of the batch (the
-paper's "k per example, shared across the batch"); DyNNIBAL its ``per_example`` knob. Knobs used when the code
-offers them, otherwise recorded as a deviation in the run's notes and the Markdown: ``train(uniform_per_example=)``,
-``BruteForceTopK(refresh_every=)``, ``StochasticNegativeMining(select="top")``.
+paper's "k per example, shared across the batch"); DyNNIBAL its ``per_example`` knob. The ``n_uniform`` uniform negatives
+are dealt per example as well (``train(uniform_per_example=True)``); brute force re-encodes its table of all N
+targets every ``bf_refresh_every`` steps (``BruteForceTopK(refresh_every=)``; the paper does not say how often).
 
 Two tasks: ``planted`` (:func:`refimpl.data.planted_dataset` at N >= 5e5 targets, fine clusters of ~25
 near-duplicates) and ``text`` (any directory in the format of :func:`refimpl.text.load_text_pairs`, e.g. the GCIDE
@@ -31,7 +31,6 @@ import argparse
 import dataclasses
 import datetime
 import hashlib
-import inspect
 import os
 import platform
 import subprocess
@@ -47,13 +46,13 @@ from refimpl.text import load_text_pairs
 from refimpl.training import lexical_baseline, train
 
 __all__ = ["SCHEMA", "Scale", "FULL", "QUICK", "ROWS", "TASKS", "NC_TABLE2", "METRICS", "TABLE1", "TABLE2",
-           "ABLATION", "DEFAULT_ROWS", "run_part", "run_one", "task_key", "machine", "part_stem", "parser",
-           "configure"]
+           "ABLATION", "DEFAULT_ROWS", "run_part", "run_one", "estimate_run", "plan", "task_key", "machine",
+           "part_stem", "parser", "configure"]
 
 SCHEMA = "refimpl.reproduce/1"
 TASKS = ("planted", "text")
 NC_TABLE2 = (0.06, 0.24, 0.96, 3.8, 15.15)  # the paper's Table 2 Negative Cache memories (%)
-METRICS = ("R@1", "R@5", "R@10", "R@20", "R@100", "MRR@10", "MRR@100")
+METRICS = ("R@1", "R@5", "R@10", "R@20", "R@100", "MRR@1", "MRR@10", "MRR@100")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,10 +113,6 @@ QUICK = Scale(planted_n_targets=3000, planted_n_queries=1500, planted_n_test=300
 
 
 # ------------------------------------------------------------------------------------------------ rows
-def _accepts(fn, name: str) -> bool:
-    return name in inspect.signature(fn).parameters
-
-
 def _dynnibal(sampler, landmark_factor=1.0):
     def build(scale, n, B, mining_steps):
         d = max(1, int(round(scale.n_landmarks * landmark_factor)))
@@ -139,15 +134,8 @@ def _dynnibal(sampler, landmark_factor=1.0):
 
 
 def _snm(pct, top=False):
-    def build(scale, n, B, mining_steps):
-        kw = {"mem_percent": pct, "refresh_every": scale.snm_refresh_every}
-        if top:
-            if not _accepts(M.StochasticNegativeMining.__init__, "select"):
-                return None, ["StochasticNegativeMining has no select='top' knob (Reddi et al.'s top-scoring "
-                              "variant); row not run"]
-            kw["select"] = "top"
-        return M.StochasticNegativeMining(B * scale.k, **kw), []
-    return build
+    return lambda scale, n, B, mining_steps: (M.StochasticNegativeMining(
+        B * scale.k, mem_percent=pct, refresh_every=scale.snm_refresh_every, select="top" if top else "sample"), [])
 
 
 def _nc(pct):
@@ -155,16 +143,14 @@ def _nc(pct):
 
 
 def _brute_force(scale, n, B, mining_steps):
-    if _accepts(M.BruteForceTopK.__init__, "refresh_every"):
-        return M.BruteForceTopK(B * scale.k, refresh_every=scale.bf_refresh_every), []
-    return M.BruteForceTopK(B * scale.k), ["BruteForceTopK has no refresh_every knob: all N re-encoded every step"]
+    return M.BruteForceTopK(B * scale.k, refresh_every=scale.bf_refresh_every), []
 
 
 @dataclasses.dataclass(frozen=True)
 class Row:
     """A table row: ``label``, ``paper`` (a row of the paper's tables, else ours), ``build(scale, N, B,
-    mining_steps) -> (miner or None, notes)`` (None: the code lacks what the row needs, said in the notes), ``mined``
-    (the recipe's uniform negatives are added on top; False for in-batch and the full softmax)."""
+    mining_steps) -> (miner, notes)`` (notes: deviations from the recipe), ``mined`` (the recipe's uniform
+    negatives are added on top; False for in-batch and the full softmax)."""
 
     label: str
     paper: bool
@@ -197,10 +183,8 @@ ABLATION = ("dynnibal-half-landmarks", "dynnibal", "dynnibal-double-landmarks")
 # Rows run by default on each task: the planted task carries Table 1 (the paper's NQ table); the text task every row
 # but one, so also Table 2 (the paper's MSMARCO table: Negative Cache at five memories) and the landmark ablation, where
 # the 2^18-dimensional features make d' matter (the planted task's 64 features bound the embeddings' rank by 64).
-# Negative Cache (its draws score every cached embedding for every one of the B k slots) costs work linear in N per
-# step: text only (N ~ 1e5). The full softmax (all N targets encoded and scored every step) is run on request only
-# (--rows full-softmax), on the text task.
-DEFAULT_ROWS = {"planted": tuple(r for r in TABLE1 if r not in ("full-softmax", "nc-6.3")),
+# The full softmax (all N targets encoded and scored every step) is run on request only (--rows full-softmax).
+DEFAULT_ROWS = {"planted": tuple(r for r in TABLE1 if r != "full-softmax"),
                 "text": tuple(r for r in ROWS if r != "full-softmax")}
 
 
@@ -245,16 +229,10 @@ def _recipe(scale: Scale, kind: str, B: int) -> tuple[dict, list]:
           "lr": scale.text_lr if kind == "text" else scale.lr, "lr_warmup": min(scale.lr_warmup, scale.steps - 1),
           "uniform_warmup": int(round(scale.warmup_fraction * scale.steps)), "in_batch": True,
           "eval_every": max(1, scale.steps // scale.eval_points), "beta": 20.0}
-    notes = []
     if kind == "text":
         kw["init"] = "shared"
-    if _accepts(train, "uniform_per_example"):
-        kw.update(n_uniform=scale.n_uniform, uniform_per_example=True)
-    else:
-        kw["n_uniform"] = scale.n_uniform
-        notes.append(f"train has no uniform_per_example: {scale.n_uniform} uniform negatives shared by the batch "
-                     "(the paper: per example)")
-    return kw, notes
+    kw.update(n_uniform=scale.n_uniform, uniform_per_example=True)
+    return kw, []
 
 
 def _dynnibal_timings(miner, encoder, ds) -> dict:
@@ -272,23 +250,49 @@ def _dynnibal_timings(miner, encoder, ds) -> dict:
             "n_refreshes": len(miner.refreshed_at), "n_landmarks": miner.n_landmarks, "n_samples": miner.n_samples}
 
 
-def run_one(ds, kind: str, row: str, seed: int, scale: Scale, *, progress: bool = False) -> dict | None:
-    """Train one row on one dataset with one seed; the run's record (None if the row cannot run here)."""
+def _cpu_profile(res, miner, run_cpu: float) -> dict:
+    """CPU seconds of a run by kind of step (what :func:`plan` extrapolates from).
+
+    warm_step: mean over the uniform-only warm-up steps; first_mining_step: the first mining step (it includes
+    ``miner.start``: the initial encoding, pool or tree build); events: the CPU of every later mining step at which
+    the miner refreshed (SNM pool, brute-force table, DyNNIBAL exact refresh) or re-encoded (DyNNIBAL Alg. 5 + Alg.
+    3); steady_step: median over the other mining steps; mining_step_mean: mean over every mining step but the
+    first (periodic work amortised); eval_each: (run CPU - step CPU) / evaluations (setup included)."""
+    cpu = np.array([h["cpu_mine"] + h["cpu_loss"] + h["cpu_optimizer"] for h in res.history])
+    mining = np.array([h["mining"] for h in res.history])
+    m_steps = np.flatnonzero(mining)
+    later = set(m_steps[1:].tolist())
+    events = {kind: sorted(later & set(getattr(miner, attr, []) or []))
+              for kind, attr in (("refresh", "refreshed_at"), ("reencode", "reencoded_at"))}
+    plain = sorted(later - set(events["refresh"]) - set(events["reencode"]))
+    mean = lambda x: float(np.mean(x)) if len(x) else None
+    return {"warm_steps": int((~mining).sum()), "warm_step": mean(cpu[~mining]), "mining_steps": int(m_steps.size),
+            "first_mining_step": float(cpu[m_steps[0]]) if m_steps.size else None,
+            "steady_step": float(np.median(cpu[plain])) if plain else None,
+            "mining_step_mean": mean(cpu[m_steps[1:]]),
+            "events": {k: [float(cpu[t]) for t in v] for k, v in events.items()},
+            "steps_total": float(cpu.sum()), "eval_each": (run_cpu - float(cpu.sum())) / max(1, len(res.evals))}
+
+
+def run_one(ds, kind: str, row: str, seed: int, scale: Scale, *, progress: bool = False) -> dict:
+    """Train one row on one dataset with one seed; the run's record (final metrics, evaluations over training,
+    configuration, deviations from the recipe, CPU profile :func:`_cpu_profile`, DyNNIBAL's timings)."""
     spec = ROWS[row]
     B = min(scale.batch_size, int(ds.train_ids.size))
     kw, notes = _recipe(scale, kind, B)
     miner, more = spec.build(scale, ds.n_targets, B, scale.steps - kw["uniform_warmup"])
-    if miner is None:
-        return {"row": row, "seed": seed, "unavailable": True, "notes": more}
     notes += more
     if not spec.mined:
         kw["n_uniform"] = 0
         kw.pop("uniform_per_example", None)
     t0, c0 = time.perf_counter(), time.process_time()
     res = train(ds, miner, seed=seed, progress=progress, desc=f"{spec.label} seed {seed}", **kw)
+    run_cpu = time.process_time() - c0
+    prof = _cpu_profile(res, miner, run_cpu)
+    res.final.update(train_cpu=prof["steps_total"], cpu_per_mining_step=prof["mining_step_mean"])
     rec = {"row": row, "seed": seed, "final": res.final, "evals": res.evals, "config": res.config, "notes": notes,
            "teacher_test_r1": ds.metadata.get("teacher_test_r1"), "run_seconds": time.perf_counter() - t0,
-           "run_cpu_seconds": time.process_time() - c0}
+           "run_cpu_seconds": run_cpu, "cpu": prof}
     if isinstance(miner, M.DyNNIBAL):
         rec["dynnibal"] = _dynnibal_timings(miner, res.encoder, ds)
     return rec
@@ -340,29 +344,119 @@ def run_part(tasks, rows, seeds, scale: Scale = FULL, *, data_dir: str | None = 
     t_start = time.perf_counter()
     part = {"schema": SCHEMA, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": command, "commit": _git_commit(), "machine": machine(), "scale": scale.as_dict(),
-            "tasks": {}, "runs": [], "unavailable": []}
+            "tasks": {}, "runs": [], "data_cpu_seconds": {}}
     for task in tasks:
         key = task_key(task, data_dir)
-        datasets = ({s: None for s in seeds} if task == "planted" else {None: _text(scale, data_dir)})
-        for dseed in datasets:
-            ds = datasets[dseed] if task == "text" else _planted(scale, dseed)
+        c0 = time.process_time()
+        text_ds = _text(scale, data_dir) if task == "text" else None
+        cpu_data = time.process_time() - c0
+        for dseed in (seeds if task == "planted" else [None]):
+            c0 = time.process_time()
+            ds = text_ds if task == "text" else _planted(scale, dseed)
+            cpu_data += time.process_time() - c0
             if key not in part["tasks"]:
                 part["tasks"][key] = _task_info(task, ds, scale, data_dir)
             for row in (DEFAULT_ROWS[task] if rows is None else rows):
                 for seed in (seeds if task == "text" else [dseed]):
                     rec = run_one(ds, task, row, seed, scale, progress=progress)
-                    if rec.get("unavailable"):
-                        if not any(u["row"] == row and u["task"] == key for u in part["unavailable"]):
-                            part["unavailable"].append({"task": key, "row": row, "notes": rec["notes"]})
-                        continue
                     rec["task"] = key
                     part["runs"].append(rec)
                     f = rec["final"]
                     log(f"{key} | {ROWS[row].label} | seed {seed}: R@1 {f['R@1']:.3f} R@100 {f['R@100']:.3f} "
                         f"Mem {f['mem_percent']:.3g}% train {f['wall_time']:.1f} s; run {rec['run_seconds']:.1f} s wall, "
                         f"{rec['run_cpu_seconds']:.1f} s CPU")
+        part["data_cpu_seconds"][key] = cpu_data
     part["wall_seconds"] = time.perf_counter() - t_start
     return part
+
+
+# ------------------------------------------------------------------------------------------------ plan
+_COST_FREE = ("steps", "lr_warmup", "eval_points")  # scale fields a calibration may change (cost: extrapolated)
+
+
+def _n_evals(scale: Scale) -> int:
+    e = max(1, scale.steps // scale.eval_points)
+    return 2 + sum(1 for t in range(scale.steps) if (t + 1) % e == 0 and t + 1 < scale.steps)
+
+
+def estimate_run(rec: dict, scale: Scale) -> float:
+    """CPU seconds of ``rec``'s row at ``scale``, extrapolated from its calibration run's profile (:func:`_cpu_profile`).
+
+    ``W warm + M steady + (first - steady) + sum_events count_e (cost_e - steady) + n_eval eval_each``, with W, M
+    the warm-up and mining steps at ``scale``; event counts: DyNNIBAL's exact refresh once, its re-encodes every
+    ``reencode_every`` mining steps, SNM's / brute force's refreshes every ``refresh_every``; an event kind the
+    calibration did not see costs as much as the first mining step's start (an upper bound for a re-encode).
+    """
+    p, cfg = rec["cpu"], rec["config"]["miner"]
+    W = int(round(scale.warmup_fraction * scale.steps)) if p["warm_steps"] else 0
+    M = scale.steps - W
+    steady = p["steady_step"] if p["steady_step"] is not None else p["mining_step_mean"] or 0.0
+    start = max(0.0, (p["first_mining_step"] or 0.0) - steady)
+    est = W * (p["warm_step"] or 0.0) + M * steady + start + _n_evals(scale) * p["eval_each"]
+    for kind in ("refresh", "reencode"):
+        if cfg["name"] == "dynnibal":
+            count = (1 if M >= 2 else 0) if kind == "refresh" else max(0, (M - 1) // cfg["reencode_every"] - 1)
+        elif kind == "refresh" and "refresh_every" in cfg:
+            count = (M - 1) // cfg["refresh_every"]
+        else:
+            continue
+        seen = p["events"].get(kind) or []
+        extra = float(np.mean(seen)) - steady if seen else start
+        est += count * max(0.0, extra)
+    return est
+
+
+def plan(parts, scale: Scale, seeds, *, budget_minutes: float = 60.0, out_dir: str = "results/parts",
+         data_dir: str | None = None) -> list[dict]:
+    """The part commands that together run every default row of every calibrated task for ``seeds`` at ``scale``,
+    each estimated at most ``budget_minutes`` of CPU when possible (a single run over budget gets a part of its own,
+    flagged).
+
+    ``parts``: calibration parts (JSON dicts of :func:`run_part` at ``scale`` except for :data:`_COST_FREE` fields,
+    e.g. ``--steps 80``), each row of a task run once. Per part the estimate is the dataset's CPU (planted: one
+    task per seed; text: one load) plus :func:`estimate_run` of each row. Returns ``[{"task", "rows", "seed",
+    "minutes", "over_budget", "command"}]`` in run order.
+    """
+    cal, data_cpu, data_dirs = {}, {}, {}
+    for part in parts:
+        for f in Scale.__dataclass_fields__:
+            if f not in _COST_FREE and part["scale"].get(f) != getattr(scale, f):
+                raise ValueError(f"plan: calibration {part.get('_file', '<part>')} has {f} = {part['scale'].get(f)}, "
+                                 f"the plan's scale {getattr(scale, f)} (only {', '.join(_COST_FREE)} may differ)")
+        n_sets = {k: len({r["seed"] for r in part["runs"] if r["task"] == k}) if k == "planted" else 1
+                  for k in part["tasks"]}
+        for key, info in part["tasks"].items():
+            data_cpu[key] = part.get("data_cpu_seconds", {}).get(key, 0.0) / max(1, n_sets[key])
+            data_dirs[key] = info.get("data_dir")
+        for r in part["runs"]:
+            cal.setdefault((r["task"], r["row"]), r)
+    if not cal:
+        raise ValueError("plan: the calibration parts hold no runs")
+    out = []
+    for key in data_cpu:
+        kind = "planted" if key == "planted" else "text"
+        rows = [r for r in DEFAULT_ROWS[kind] if (key, r) in cal]
+        missing = [r for r in DEFAULT_ROWS[kind] if (key, r) not in cal]
+        if missing:
+            raise ValueError(f"plan: task {key} has no calibration run of {', '.join(missing)}")
+        cost = {r: estimate_run(cal[(key, r)], scale) for r in rows}
+        for seed in seeds:
+            groups, cur = [], []
+            for r in rows:
+                if cur and data_cpu[key] + sum(cost[x] for x in cur + [r]) > 60 * budget_minutes:
+                    groups.append(cur)
+                    cur = []
+                cur.append(r)
+            groups.append(cur)
+            for g in groups:
+                minutes = (data_cpu[key] + sum(cost[x] for x in g)) / 60
+                cmd = (f"python -m refimpl reproduce --tasks {kind} --rows {','.join(g)} --seeds {seed} "
+                       + (f"--data {data_dir or data_dirs[key]} " if kind == "text" else "")
+                       + (f"--steps {scale.steps} " if scale.steps != FULL.steps else "")
+                       + f"--out-dir {out_dir} --no-progress")
+                out.append({"task": key, "rows": g, "seed": seed, "minutes": minutes,
+                            "over_budget": minutes > budget_minutes, "command": cmd})
+    return out
 
 
 def part_stem(tasks, rows, seeds) -> str:
@@ -390,7 +484,8 @@ def parser() -> ArgumentParser:
     """The arguments of ``python -m refimpl reproduce``, each checked by its type before any work."""
     p = ArgumentParser(prog="python -m refimpl reproduce",
                        description="Tables 1-2 of the paper in miniature with error bars over seeds: run a part "
-                                   "(--tasks/--rows/--seeds) or merge parts (--merge DIR...).")
+                                   "(--tasks/--rows/--seeds), merge parts (--merge PATH...), or print the part "
+                                   "commands of the whole table with their CPU estimates (--plan CALIBRATION...).")
     p.add_argument("--tasks", type=choice_list(TASKS), default=None,
                    help="planted and/or text (default: both, or planted only with --quick and no --data)")
     p.add_argument("--rows", type=choice_list(list(ROWS)), default=None,
@@ -405,6 +500,11 @@ def parser() -> ArgumentParser:
     p.add_argument("--out-dir", type=out_dir, default="reproduce_out", help="where parts and merges are written")
     p.add_argument("--merge", nargs="+", type=str, default=None, metavar="PATH",
                    help="merge the part files (or directories of them) into one table, JSON and figure")
+    p.add_argument("--plan", nargs="+", type=str, default=None, metavar="PATH",
+                   help="print the part commands that make the whole table (default rows, --seeds, --steps), each "
+                        "with its estimated CPU minutes, extrapolated from calibration parts (files or directories; "
+                        "e.g. every default row of each task run once with --steps 80)")
+    p.add_argument("--budget", type=integer(1), default=60, help="--plan: CPU minutes per part (default 60)")
     p.add_argument("--no-figure", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -412,7 +512,22 @@ def parser() -> ArgumentParser:
 
 def configure(a) -> tuple[list, Scale]:
     """Tasks and scale from parsed arguments (rows and seeds filled in); ValueError naming the flag when they
-    cannot work together. With ``--merge`` only ``--out-dir`` and ``--no-figure`` apply: returns (None, None)."""
+    cannot work together. With ``--merge`` only ``--out-dir`` and ``--no-figure`` apply: returns (None, None). With
+    ``--plan``: (None, the scale of the planned parts); ``--seeds``, ``--steps``, ``--data``, ``--out-dir`` and
+    ``--budget`` apply."""
+    if a.plan is not None:
+        mixed = [f for f, v in (("--tasks", a.tasks), ("--rows", a.rows), ("--n-targets", a.n_targets),
+                                ("--merge", a.merge)) if v is not None]
+        if a.quick or mixed:
+            raise ValueError(f"--plan: plans the default rows of the calibrated tasks; it takes no "
+                             f"{(mixed or ['--quick'])[0]}")
+        for m in a.plan:
+            if not os.path.exists(m):
+                raise ValueError(f"--plan: {m}: no such file or directory")
+        a.seeds = [0, 1, 2] if a.seeds is None else a.seeds
+        scale = FULL if a.steps is None else dataclasses.replace(FULL, steps=a.steps,
+                                                                 lr_warmup=min(FULL.lr_warmup, a.steps // 4))
+        return None, scale
     if a.merge is not None:
         mixed = [f for f, v in (("--tasks", a.tasks), ("--rows", a.rows), ("--seeds", a.seeds), ("--data", a.data),
                                 ("--n-targets", a.n_targets), ("--steps", a.steps)) if v is not None]

@@ -98,8 +98,8 @@ class Scale:
     n_samples: int = 512
     reencode_every: int = 25
     snm_refresh_every: int = 10
-    bf_refresh_every: int = 25
-    eval_points: int = 2
+    bf_refresh_every: int = 10
+    eval_points: int = 4
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

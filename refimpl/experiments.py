@@ -284,8 +284,13 @@ def reproduce_main(argv=None) -> int:
     out = sys.stdout
     if a.plan is not None:
         try:
-            items = R.plan(RR.load_parts(a.plan), scale, a.seeds, budget_minutes=a.budget, out_dir=a.out_dir,
-                           data_dir=a.data)
+            cal = RR.load_parts(a.plan)
+            if a.total_budget is not None:
+                steps, _ = R.largest_steps(cal, scale, a.seeds, total_minutes=a.total_budget, budget_minutes=a.budget)
+                if steps is None:
+                    p.error(f"--total-budget: not even 50 steps fit {a.total_budget} CPU minutes")
+                scale = R.with_steps(scale, steps)
+            items = R.plan(cal, scale, a.seeds, budget_minutes=a.budget, out_dir=a.out_dir, data_dir=a.data)
         except ValueError as exc:
             p.error(f"--plan: {exc}")
         print(f"# {len(items)} parts, {sum(i['minutes'] for i in items):.0f} CPU minutes in all (estimated from "

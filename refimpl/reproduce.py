@@ -46,8 +46,8 @@ from refimpl.text import load_text_pairs
 from refimpl.training import lexical_baseline, train
 
 __all__ = ["SCHEMA", "Scale", "FULL", "QUICK", "ROWS", "TASKS", "NC_TABLE2", "METRICS", "TABLE1", "TABLE2",
-           "ABLATION", "DEFAULT_ROWS", "run_part", "run_one", "estimate_run", "plan", "task_key", "machine",
-           "part_stem", "parser", "configure"]
+           "ABLATION", "DEFAULT_ROWS", "run_part", "run_one", "estimate_run", "plan", "largest_steps", "with_steps",
+           "task_key", "machine", "part_stem", "parser", "configure"]
 
 SCHEMA = "refimpl.reproduce/1"
 TASKS = ("planted", "text")
@@ -459,6 +459,25 @@ def plan(parts, scale: Scale, seeds, *, budget_minutes: float = 60.0, out_dir: s
     return out
 
 
+def with_steps(scale: Scale, steps: int) -> Scale:
+    """``scale`` with ``steps`` training steps (the learning-rate warm-up capped at a quarter of them)."""
+    return dataclasses.replace(scale, steps=steps, lr_warmup=min(scale.lr_warmup, steps // 4))
+
+
+def largest_steps(parts, scale: Scale, seeds, *, total_minutes: float, budget_minutes: float = 60.0,
+                  grid=range(50, 5001, 50)) -> tuple[int | None, list]:
+    """The largest step count in ``grid`` whose :func:`plan` fits ``total_minutes`` of CPU in all, no part over
+    ``budget_minutes``: ``(steps, plan)``, or ``(None, [])`` if none fits. The cost grows with the steps, so this is
+    the choice "as many steps as the budget allows" (no result is looked at)."""
+    best = (None, [])
+    for steps in grid:
+        items = plan(parts, with_steps(scale, steps), seeds, budget_minutes=budget_minutes)
+        if sum(i["minutes"] for i in items) > total_minutes or any(i["over_budget"] for i in items):
+            break
+        best = (steps, items)
+    return best
+
+
 def part_stem(tasks, rows, seeds) -> str:
     """File stem of a part, from what it ran (``part-planted-dynnibal+snm-3-s0-1-2``; rows None: ``default``)."""
     r = "default" if rows is None else "all" if set(rows) == set(ROWS) else "+".join(rows)
@@ -505,6 +524,9 @@ def parser() -> ArgumentParser:
                         "with its estimated CPU minutes, extrapolated from calibration parts (files or directories; "
                         "e.g. every default row of each task run once with --steps 80)")
     p.add_argument("--budget", type=integer(1), default=60, help="--plan: CPU minutes per part (default 60)")
+    p.add_argument("--total-budget", type=integer(1), default=None,
+                   help="--plan: choose the largest number of steps (a multiple of 50) whose parts fit this many CPU "
+                        "minutes in all")
     p.add_argument("--no-figure", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -513,8 +535,8 @@ def parser() -> ArgumentParser:
 def configure(a) -> tuple[list, Scale]:
     """Tasks and scale from parsed arguments (rows and seeds filled in); ValueError naming the flag when they
     cannot work together. With ``--merge`` only ``--out-dir`` and ``--no-figure`` apply: returns (None, None). With
-    ``--plan``: (None, the scale of the planned parts); ``--seeds``, ``--steps``, ``--data``, ``--out-dir`` and
-    ``--budget`` apply."""
+    ``--plan``: (None, the scale of the planned parts); ``--seeds``, ``--steps`` or ``--total-budget``, ``--data``,
+    ``--out-dir`` and ``--budget`` apply."""
     if a.plan is not None:
         mixed = [f for f, v in (("--tasks", a.tasks), ("--rows", a.rows), ("--n-targets", a.n_targets),
                                 ("--merge", a.merge)) if v is not None]
@@ -525,9 +547,9 @@ def configure(a) -> tuple[list, Scale]:
             if not os.path.exists(m):
                 raise ValueError(f"--plan: {m}: no such file or directory")
         a.seeds = [0, 1, 2] if a.seeds is None else a.seeds
-        scale = FULL if a.steps is None else dataclasses.replace(FULL, steps=a.steps,
-                                                                 lr_warmup=min(FULL.lr_warmup, a.steps // 4))
-        return None, scale
+        if a.steps is not None and a.total_budget is not None:
+            raise ValueError("--total-budget: chooses the steps itself; give it or --steps, not both")
+        return None, FULL if a.steps is None else with_steps(FULL, a.steps)
     if a.merge is not None:
         mixed = [f for f, v in (("--tasks", a.tasks), ("--rows", a.rows), ("--seeds", a.seeds), ("--data", a.data),
                                 ("--n-targets", a.n_targets), ("--steps", a.steps)) if v is not None]
@@ -550,6 +572,8 @@ def configure(a) -> tuple[list, Scale]:
     if a.n_targets is not None:
         scale = dataclasses.replace(scale, planted_n_targets=a.n_targets,
                                     planted_n_queries=max(scale.planted_n_queries, 2 * scale.planted_n_test))
+    if a.total_budget is not None:
+        raise ValueError("--total-budget: applies to --plan only")
     if a.steps is not None:
-        scale = dataclasses.replace(scale, steps=a.steps, lr_warmup=min(scale.lr_warmup, a.steps // 4))
+        scale = with_steps(scale, a.steps)
     return tasks, scale

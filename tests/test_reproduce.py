@@ -186,6 +186,8 @@ def test_cli_part_then_merge_end_to_end(tmp_path, capsys):
     (["--plan", ".", "--rows", "uniform"], "--plan"),
     (["--plan", ".", "--quick"], "--plan"),
     (["--plan", FIXTURE], "no part file"),
+    (["--plan", ".", "--steps", "100", "--total-budget", "10"], "--total-budget"),
+    (["--quick", "--total-budget", "10"], "--total-budget"),
 ])
 def test_cli_validates_every_argument_before_work(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:
@@ -250,3 +252,16 @@ def test_plan_packs_every_default_row_and_seed_into_parts_within_budget():
         R.plan([bad], scale, [0])
     with pytest.raises(ValueError, match="no calibration run"):
         R.plan([{**part, "runs": runs[:-1]}], scale, [0])
+
+
+def test_largest_steps_is_the_last_step_count_within_the_total():
+    scale = R.FULL
+    runs = [_cal_run("planted", r, {"name": "uniform"}, warm_steps=0, steady=1.0, first=1.0, eval_each=0.0)
+            for r in R.DEFAULT_ROWS["planted"]]  # 1 s per step per row
+    part = {"scale": R.with_steps(scale, 20).as_dict(), "tasks": {"planted": {}}, "data_cpu_seconds": {"planted": 0.0},
+            "runs": runs}
+    n = len(R.DEFAULT_ROWS["planted"])
+    # total CPU minutes = 2 seeds x n rows x steps / 60; the per-part budget (60 min) holds one row of <= 3600 steps
+    steps, items = R.largest_steps([part], scale, [0, 1], total_minutes=2 * n * 425 / 60)
+    assert steps == 400 and sum(i["minutes"] for i in items) == pytest.approx(2 * n * 400 / 60)
+    assert R.largest_steps([part], scale, [0, 1], total_minutes=1)[0] is None

@@ -1,4 +1,5 @@
-"""Tables 1 and 2 of the paper in miniature, with error bars over seeds (paper §5, App. C): ``python -m refimpl reproduce``.
+"""Tables 1 and 2 of the paper in miniature, with error bars over seeds (paper §5, App. C): ``python -m refimpl
+reproduce``.
 
 The paper's recipe (App. C, Table 3), scaled down: batches of B queries; per training example ``k`` sampled
 negatives shared across the batch (B k per step) plus ``k`` uniform ones; in-batch negatives for every model; a
@@ -6,24 +7,25 @@ uniform-only warm-up before mining starts; Adam with learning-rate warm-up and l
 D-dimensional embeddings; DyNNIBAL with the experiments' procedure (``sampler="paper"``) and d' < D landmarks
 (D >= 2 d'), one exact refresh half-way through mining (the paper re-encoded everything once on NQ). Rows marked
 "(ours)" are not in the paper: DyNNIBAL with ``"mh"`` and ``"rejection"``, SNM keeping the top-scoring pool members
-(Reddi et al.'s variant, when the miner offers it), Negative Cache (the authors copied its numbers; we run it) and
-the full softmax (Eq. 2).
+(Reddi et al.'s variant), Negative Cache (the authors copied its numbers; we run it) and the full softmax (Eq. 2).
 
 Negative counts: a miner with shared slots gets ``B k`` of them, dealt ``k`` to each query of the batch (the
-paper's "k per example, shared across the batch"); DyNNIBAL its ``per_example`` knob. The ``n_uniform`` uniform negatives
-are dealt per example as well (``train(uniform_per_example=True)``); brute force re-encodes its table of all N
-targets every ``bf_refresh_every`` steps (``BruteForceTopK(refresh_every=)``; the paper does not say how often).
+paper's "k per example, shared across the batch"); DyNNIBAL its ``per_example`` knob. The ``n_uniform`` uniform
+negatives are dealt per example as well (``train(uniform_per_example=True)``); brute force re-encodes its table of
+all N targets every ``bf_refresh_every`` steps (``BruteForceTopK(refresh_every=)``; the paper does not say how often).
 
 Two tasks: ``planted`` (:func:`refimpl.data.planted_dataset` at N >= 5e5 targets, fine clusters of ~25
 near-duplicates) and ``text`` (any directory in the format of :func:`refimpl.text.load_text_pairs`, e.g. the GCIDE
 reverse dictionary of ``python -m refimpl data gcide DIR``). A run of some tasks x rows x seeds is a *part*; every
-part is written as JSON (schema :data:`SCHEMA`: commit, configuration, machine, one record per run) and parts are
-merged into one set of tables, claims and a figure.
+part is written as JSON (schema :data:`SCHEMA`: commit, configuration, machine, one record per run with its CPU
+profile) and parts are merged into one set of tables, claims and a figure. ``--plan`` turns calibration parts (every
+row once at reduced steps) into the list of part commands of the whole table with their estimated CPU minutes.
 
 Statistics, merging and the reports (tables, verdicts, figure) are in :mod:`refimpl.reproduce_report`.
 
 Contents: :data:`ROWS` (and the row groups of each table), :class:`Scale` with :data:`FULL` and :data:`QUICK`,
-:func:`run_part`, :func:`run_one`, :func:`parser` and :func:`configure` (the command line).
+:func:`run_part`, :func:`run_one`, :func:`estimate_run`, :func:`plan`, :func:`largest_steps`, :func:`parser` and
+:func:`configure` (the command line).
 """
 from __future__ import annotations
 
@@ -62,20 +64,24 @@ class Scale:
     planted_*: the planted task (N targets, queries, test queries, feature dimension). text_max_test: test queries
     kept (a seeded subset of the file's test split; 0 keeps all). steps, batch_size, dim (D), lr, lr_warmup: the
     optimiser (per task: ``text_dim``, ``text_lr``, ``text_n_features``, shared tower initialisation for text).
-    k: sampled negatives per example (B k shared per step); n_uniform: uniform negatives per example (shared across
-    the batch when the training loop cannot draw them per example); warmup_fraction: the uniform-only phase.
-    n_landmarks (d'), n_samples (s'), reencode_every (w): DyNNIBAL; the landmark ablation uses d'/2 and 2 d'.
-    snm_refresh_every, bf_refresh_every: SNM pool refresh and the brute-force full re-encode period (the latter used
-    only when the miner offers the knob; otherwise brute force re-encodes every step). eval_points: evaluations
-    during training besides step 0 (the R@1 curves).
+    k: sampled negatives per example (B k shared per step); n_uniform: uniform negatives per example;
+    warmup_fraction: the uniform-only phase. n_landmarks (d'), n_samples (s'), reencode_every (w): DyNNIBAL; the
+    landmark ablation uses d'/2 and 2 d'. snm_refresh_every, bf_refresh_every: SNM's pool refresh and brute force's
+    full re-encode periods. eval_points: evaluations during training besides step 0 (the R@1 curves).
 
-    Why :data:`FULL` is what it is (the estimates behind it are in the README, with the command that measured
-    them): B = 32 rather than the paper's 128 because the sampled loss gathers a (B, B k, D) array, so its cost
-    grows with B^2; D = 256 and d' = 128 keep D = 2 d' (the paper: 768 and 128) and leave room for the 2 d' = 256
-    ablation point (d' = D: no reduction); s' = 4 d'; one exact refresh half-way through mining. SNM refreshes its
-    pool every 10 steps: the paper's 100-500 steps were a small fraction of a long run, and staleness is set by how
-    far the encoder moves between refreshes. Steps and N were chosen so that a part (one task, its default rows,
-    one seed) fits in an hour of CPU here and all six parts in about four.
+    Why :data:`FULL` is what it is. N = 5e5 planted targets: the smallest the issue allows, since every row's cost
+    grows with N. B = 32 rather than the paper's 128: the sampled loss gathers a (B, B k + k + B, D) array, so
+    its cost grows with B^2. D = 256 and d' = 128 keep D = 2 d' (the paper: 768 and 128) and leave room for the
+    2 d' = 256 ablation point (d' = D: no reduction); s' = 4 d'; one exact refresh half-way through mining (the
+    paper re-encoded everything once on NQ). SNM refreshes its pool every 10 steps: the paper's 100-500 steps were a
+    small fraction of a long run, and staleness is set by how far the encoder moves between refreshes. Brute force
+    re-encodes its table every 10 steps too (the paper does not say how often): re-encoding all N targets costs
+    several times a step, and at the same period as SNM's refresh both mine from equally stale embeddings, brute
+    force from all N of them. The text task's learning rate is the train CLI's GCIDE default, chosen there on
+    uniform negatives, not here. Steps: the largest multiple of 50 for which ``reproduce --plan CALIBRATION
+    --total-budget 240`` (per-step CPU of every row measured by a calibration part at reduced steps, extrapolated
+    by :func:`estimate_run`) keeps the whole table within four hours of CPU and every part within one. No result
+    was looked at to choose any of these.
     """
 
     planted_n_targets: int = 500_000
@@ -89,7 +95,7 @@ class Scale:
     dim: int = 256
     text_dim: int = 256
     lr: float = 0.01
-    text_lr: float = 0.01
+    text_lr: float = 0.03
     lr_warmup: int = 50
     k: int = 64
     n_uniform: int = 64
@@ -328,7 +334,8 @@ def run_part(tasks, rows, seeds, scale: Scale = FULL, *, data_dir: str | None = 
     Parameters
     ----------
     tasks : subset of :data:`TASKS`; ``"text"`` needs ``data_dir`` (targets.tsv, queries.tsv).
-    rows : names in :data:`ROWS` (None: :data:`DEFAULT_ROWS` of each task). seeds : distinct non-negative ints (planted: the seed also draws the task).
+    rows : names in :data:`ROWS` (None: :data:`DEFAULT_ROWS` of each task).
+    seeds : distinct non-negative ints (planted: the seed also draws the task).
     scale : a :class:`Scale`. log : ``print``-like callable for one line per run (None: silent).
     """
     tasks, seeds = list(tasks), [int(s) for s in seeds]
@@ -363,15 +370,15 @@ def run_part(tasks, rows, seeds, scale: Scale = FULL, *, data_dir: str | None = 
                     part["runs"].append(rec)
                     f = rec["final"]
                     log(f"{key} | {ROWS[row].label} | seed {seed}: R@1 {f['R@1']:.3f} R@100 {f['R@100']:.3f} "
-                        f"Mem {f['mem_percent']:.3g}% train {f['wall_time']:.1f} s; run {rec['run_seconds']:.1f} s wall, "
-                        f"{rec['run_cpu_seconds']:.1f} s CPU")
+                        f"Mem {f['mem_percent']:.3g}% train {f['wall_time']:.1f} s; run {rec['run_seconds']:.1f} s "
+                        f"wall, {rec['run_cpu_seconds']:.1f} s CPU")
         part["data_cpu_seconds"][key] = cpu_data
     part["wall_seconds"] = time.perf_counter() - t_start
     return part
 
 
 # ------------------------------------------------------------------------------------------------ plan
-_COST_FREE = ("steps", "lr_warmup", "eval_points")  # scale fields a calibration may change (cost: extrapolated)
+_COST_FREE = ("steps", "lr_warmup", "eval_points", "warmup_fraction", "lr", "text_lr")  # free in a calibration
 
 
 def _n_evals(scale: Scale) -> int:
@@ -380,7 +387,8 @@ def _n_evals(scale: Scale) -> int:
 
 
 def estimate_run(rec: dict, scale: Scale) -> float:
-    """CPU seconds of ``rec``'s row at ``scale``, extrapolated from its calibration run's profile (:func:`_cpu_profile`).
+    """CPU seconds of ``rec``'s row at ``scale``, extrapolated from its calibration run's profile
+    (:func:`_cpu_profile`).
 
     ``W warm + M steady + (first - steady) + sum_events count_e (cost_e - steady) + n_eval eval_each``, with W, M
     the warm-up and mining steps at ``scale``; event counts: DyNNIBAL's exact refresh once, its re-encodes every

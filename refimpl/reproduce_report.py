@@ -213,7 +213,8 @@ def _cost_table(cells) -> str:
         m, se = s.get(key, (float("nan"), float("nan")))
         if not np.isfinite(m):
             return "-"
-        return fmt.format(scale * m) + (" ± " + fmt.format(scale * se) if np.isfinite(se) and se > 0 else "")
+        shown = np.isfinite(se) and se > 1e-9 * max(1.0, abs(m))  # one seed, or the same value for all: no ± part
+        return fmt.format(scale * m) + (" ± " + fmt.format(scale * se) if shown else "")
 
     lines = ["| method | Mem % | target-encoder calls | train CPU (s) | CPU per mining step (ms) | train wall (s) |",
              "|---|---|---|---|---|---|"]

@@ -26,7 +26,8 @@ probes and evaluation.
 Evaluation (:func:`evaluate`) always re-encodes all targets exactly with the final encoder. Recall@k is the fraction
 of test queries with AT LEAST ONE of their positives among the top k targets (queries may have several positives);
 MRR@k (k = 1, 10, 100) is the mean of 1/rank of the first positive within the top k (0 if none); scores are
-computed in bounded blocks. :func:`lexical_baseline` ranks the same data by TF-IDF cosine with no training (the row to beat).
+computed in bounded blocks. :func:`lexical_baseline` ranks the same data by TF-IDF cosine with no training (the
+row to beat).
 
 Repeatability: every random stream derives from ``seed`` (``numpy.random.SeedSequence(seed).spawn``); the same
 seed and arguments give the same history and final encoder bit for bit.

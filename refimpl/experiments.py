@@ -305,10 +305,11 @@ def reproduce_main(argv=None) -> int:
     else:
         print(f"reproduce: tasks {', '.join(tasks)}; rows {', '.join(a.rows or ['default'])}; seeds "
               f"{', '.join(map(str, a.seeds))}; scale {'quick' if a.quick else 'full'} {scale}", file=out, flush=True)
+        stem = R.part_stem(tasks, a.rows, a.seeds)
         result = R.run_part(tasks, a.rows, a.seeds, scale, data_dir=a.data, progress=not a.no_progress,
                             log=lambda line: print(line, file=out, flush=True),
-                            command="python -m refimpl reproduce " + " ".join(argv or sys.argv[2:]))
-        stem = R.part_stem(tasks, a.rows, a.seeds)
+                            command="python -m refimpl reproduce " + " ".join(argv or sys.argv[2:]),
+                            checkpoint=lambda part: RR.write_json(part, a.out_dir, stem))
     paths = RR.write_result(result, a.out_dir, stem, table_markdown, with_figure=not a.no_figure)
     with open(paths[1], encoding="utf-8") as fh:
         print(fh.read(), file=out)

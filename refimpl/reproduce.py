@@ -328,7 +328,7 @@ def machine() -> dict:
 
 
 def run_part(tasks, rows, seeds, scale: Scale = FULL, *, data_dir: str | None = None, progress: bool = False,
-             log=None, command: str = "") -> dict:
+             log=None, command: str = "", checkpoint=None) -> dict:
     """Run ``rows`` x ``seeds`` on every task of ``tasks`` and return the part (a :data:`SCHEMA` dict).
 
     Parameters
@@ -337,6 +337,8 @@ def run_part(tasks, rows, seeds, scale: Scale = FULL, *, data_dir: str | None = 
     rows : names in :data:`ROWS` (None: :data:`DEFAULT_ROWS` of each task).
     seeds : distinct non-negative ints (planted: the seed also draws the task).
     scale : a :class:`Scale`. log : ``print``-like callable for one line per run (None: silent).
+    checkpoint : called with the part after every run (``part["complete"]`` False until the last one), e.g. to
+        save it, so that the finished runs of a part that is killed are kept (a partial part merges like any).
     """
     tasks, seeds = list(tasks), [int(s) for s in seeds]
     rows = None if rows is None else list(rows)
@@ -351,7 +353,7 @@ def run_part(tasks, rows, seeds, scale: Scale = FULL, *, data_dir: str | None = 
     t_start = time.perf_counter()
     part = {"schema": SCHEMA, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": command, "commit": _git_commit(), "machine": machine(), "scale": scale.as_dict(),
-            "tasks": {}, "runs": [], "data_cpu_seconds": {}}
+            "tasks": {}, "runs": [], "data_cpu_seconds": {}, "complete": False}
     for task in tasks:
         key = task_key(task, data_dir)
         c0 = time.process_time()
@@ -368,12 +370,15 @@ def run_part(tasks, rows, seeds, scale: Scale = FULL, *, data_dir: str | None = 
                     rec = run_one(ds, task, row, seed, scale, progress=progress)
                     rec["task"] = key
                     part["runs"].append(rec)
+                    if checkpoint is not None:
+                        checkpoint(part)
                     f = rec["final"]
                     log(f"{key} | {ROWS[row].label} | seed {seed}: R@1 {f['R@1']:.3f} R@100 {f['R@100']:.3f} "
                         f"Mem {f['mem_percent']:.3g}% train {f['wall_time']:.1f} s; run {rec['run_seconds']:.1f} s "
                         f"wall, {rec['run_cpu_seconds']:.1f} s CPU")
         part["data_cpu_seconds"][key] = cpu_data
     part["wall_seconds"] = time.perf_counter() - t_start
+    part["complete"] = True
     return part
 
 
@@ -524,6 +529,9 @@ def parser() -> ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny sizes (the CI smoke run)")
     p.add_argument("--n-targets", type=integer(100), default=None, help="planted task size (default: the scale's)")
     p.add_argument("--steps", type=integer(10), default=None, help="training steps (default: the scale's)")
+    p.add_argument("--eval-points", type=integer(1), default=None,
+                   help="evaluations during training besides step 0 (default: the scale's; fewer make a cheaper "
+                        "calibration part)")
     p.add_argument("--out-dir", type=out_dir, default="reproduce_out", help="where parts and merges are written")
     p.add_argument("--merge", nargs="+", type=str, default=None, metavar="PATH",
                    help="merge the part files (or directories of them) into one table, JSON and figure")
@@ -547,7 +555,7 @@ def configure(a) -> tuple[list, Scale]:
     ``--out-dir`` and ``--budget`` apply."""
     if a.plan is not None:
         mixed = [f for f, v in (("--tasks", a.tasks), ("--rows", a.rows), ("--n-targets", a.n_targets),
-                                ("--merge", a.merge)) if v is not None]
+                                ("--merge", a.merge), ("--eval-points", a.eval_points)) if v is not None]
         if a.quick or mixed:
             raise ValueError(f"--plan: plans the default rows of the calibrated tasks; it takes no "
                              f"{(mixed or ['--quick'])[0]}")
@@ -560,7 +568,8 @@ def configure(a) -> tuple[list, Scale]:
         return None, FULL if a.steps is None else with_steps(FULL, a.steps)
     if a.merge is not None:
         mixed = [f for f, v in (("--tasks", a.tasks), ("--rows", a.rows), ("--seeds", a.seeds), ("--data", a.data),
-                                ("--n-targets", a.n_targets), ("--steps", a.steps)) if v is not None]
+                                ("--n-targets", a.n_targets), ("--steps", a.steps),
+                                ("--eval-points", a.eval_points)) if v is not None]
         if a.quick or mixed:
             raise ValueError(f"--merge: merges finished parts; it takes no {(mixed or ['--quick'])[0]}")
         for m in a.merge:
@@ -584,4 +593,6 @@ def configure(a) -> tuple[list, Scale]:
         raise ValueError("--total-budget: applies to --plan only")
     if a.steps is not None:
         scale = with_steps(scale, a.steps)
+    if a.eval_points is not None:
+        scale = dataclasses.replace(scale, eval_points=a.eval_points)
     return tasks, scale

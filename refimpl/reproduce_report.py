@@ -6,7 +6,7 @@ stream for every row) by the two-sided Student-t interval at 95% (:func:`verdict
 above 0, "does not hold" if below, otherwise "cannot tell at n seeds".
 
 Contents: :func:`mean_se`, :func:`verdict`, :func:`summarize`, :func:`claims`, :func:`load_parts`,
-:func:`merge_parts`, :func:`markdown_report`, :func:`figure`, :func:`write_result`.
+:func:`merge_parts`, :func:`markdown_report`, :func:`figure`, :func:`write_json`, :func:`write_result`.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from scipy import stats
 from refimpl.reproduce import ABLATION, METRICS, ROWS, SCHEMA, TABLE1, TABLE2
 
 __all__ = ["mean_se", "verdict", "summarize", "claims", "load_parts", "merge_parts", "markdown_report", "figure",
-           "write_result", "jsonable"]
+           "write_json", "write_result", "jsonable"]
 
 
 # ------------------------------------------------------------------------------------------------ statistics
@@ -183,7 +183,7 @@ def merge_parts(parts) -> dict:
     for p in parts:
         name = p.get("_file", "<part>")
         merged["parts"].append({k: p.get(k) for k in ("_file", "created", "command", "commit", "machine",
-                                                      "wall_seconds")})
+                                                      "wall_seconds", "complete")})
         for key, info in p["tasks"].items():
             cfg = jsonable((info, p["scale"]))
             if key in merged["tasks"] and jsonable(merged["scales"][key][:2]) != cfg:
@@ -236,6 +236,10 @@ def markdown_report(result: dict, table) -> str:
     out.append(f"Commits: {', '.join(commits)}. Machines: " + "; ".join(sorted({
         f"{p['machine']['platform']}, {p['machine']['cpu_count']} CPUs, "
         f"{(p['machine']['memory_bytes'] or 0) / 2 ** 30:.0f} GiB" for p in parts})) + ".")
+    partial = [str(p.get("_file") or p.get("command")) for p in parts if p.get("complete") is False]
+    if partial:
+        out.append(f"Incomplete parts (stopped before their last run; their finished runs are included): "
+                   f"{', '.join(partial)}.")
     out.append("Cells: mean ± standard error over seeds. R@1 gap to BF: brute force's R@1 minus the row's, in "
                "points, paired by seed. Rows marked (ours) are not the paper's runs. Verdicts: 95% Student-t "
                "interval of the per-seed paired difference.")
@@ -307,16 +311,24 @@ def figure(result: dict, path: str) -> str:
     return path
 
 
-def write_result(result: dict, out_dir: str, stem: str, table, *, with_figure: bool = True) -> list[str]:
-    """Write ``stem.json``, ``stem.md`` (and ``stem.png``) in ``out_dir``; returns the paths."""
+def write_json(result: dict, out_dir: str, stem: str) -> str:
+    """Write ``stem.json`` in ``out_dir`` (strict JSON; a merge gets its summary and claims), atomically: a part
+    checkpointed after every run is never left half-written. Returns the path."""
     os.makedirs(out_dir, exist_ok=True)
-    paths = [os.path.join(out_dir, stem + ext) for ext in (".json", ".md")]
+    path = os.path.join(out_dir, stem + ".json")
     body = {k: v for k, v in result.items() if k != "_file"}
     if "parts" in result:
         body["summary"] = {k: summarize(result["runs"], k) for k in result["tasks"]}
         body["claims"] = {k: claims(result["runs"], k) for k in result["tasks"]}
-    with open(paths[0], "w", encoding="utf-8") as fh:
+    with open(path + ".tmp", "w", encoding="utf-8") as fh:
         json.dump(jsonable(body), fh, indent=1)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def write_result(result: dict, out_dir: str, stem: str, table, *, with_figure: bool = True) -> list[str]:
+    """Write ``stem.json`` (:func:`write_json`), ``stem.md`` (and ``stem.png``) in ``out_dir``; returns the paths."""
+    paths = [write_json(result, out_dir, stem), os.path.join(out_dir, stem + ".md")]
     with open(paths[1], "w", encoding="utf-8") as fh:
         fh.write(f"# Tables 1-2 in miniature ({stem})\n\n" + markdown_report(result, table))
     if with_figure and result["runs"]:

@@ -265,3 +265,15 @@ def test_largest_steps_is_the_last_step_count_within_the_total():
     steps, items = R.largest_steps([part], scale, [0, 1], total_minutes=2 * n * 425 / 60)
     assert steps == 400 and sum(i["minutes"] for i in items) == pytest.approx(2 * n * 400 / 60)
     assert R.largest_steps([part], scale, [0, 1], total_minutes=1)[0] is None
+
+
+def test_checkpoint_after_every_run_keeps_finished_runs(tmp_path):
+    seen = []
+    part = R.run_part(["planted"], ["uniform", "in-batch"], [0, 1], TINY,
+                      checkpoint=lambda p: seen.append((len(p["runs"]), p["complete"])))
+    assert seen == [(1, False), (2, False), (3, False), (4, False)] and part["complete"]
+    path = RR.write_json({**part, "runs": part["runs"][:3], "complete": False}, str(tmp_path), "partial")
+    merged = RR.merge_parts(RR.load_parts([path]))  # a killed part merges with its finished runs
+    assert len(merged["runs"]) == 3 and merged["parts"][0]["complete"] is False
+    assert "Incomplete parts" in RR.markdown_report(merged, table_markdown)
+    assert not os.path.exists(path + ".tmp")

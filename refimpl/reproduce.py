@@ -396,9 +396,10 @@ def estimate_run(rec: dict, scale: Scale) -> float:
     (:func:`_cpu_profile`).
 
     ``W warm + M steady + (first - steady) + sum_events count_e (cost_e - steady) + n_eval eval_each``, with W, M
-    the warm-up and mining steps at ``scale``; event counts: DyNNIBAL's exact refresh once, its re-encodes every
-    ``reencode_every`` mining steps, SNM's / brute force's refreshes every ``refresh_every``; an event kind the
-    calibration did not see costs as much as the first mining step's start (an upper bound for a re-encode).
+    the warm-up and mining steps at ``scale``; event counts from the miners' schedules at ``scale``: DyNNIBAL's one
+    exact refresh half-way and its re-encodes every ``reencode_every`` mining steps since the last of either, SNM's
+    and brute force's refreshes every ``refresh_every``; an event kind the calibration did not see costs as much
+    as the first mining step's start (an upper bound for a re-encode).
     """
     p, cfg = rec["cpu"], rec["config"]["miner"]
     W = int(round(scale.warmup_fraction * scale.steps)) if p["warm_steps"] else 0
@@ -406,13 +407,21 @@ def estimate_run(rec: dict, scale: Scale) -> float:
     steady = p["steady_step"] if p["steady_step"] is not None else p["mining_step_mean"] or 0.0
     start = max(0.0, (p["first_mining_step"] or 0.0) - steady)
     est = W * (p["warm_step"] or 0.0) + M * steady + start + _n_evals(scale) * p["eval_each"]
-    for kind in ("refresh", "reencode"):
-        if cfg["name"] == "dynnibal":
-            count = (1 if M >= 2 else 0) if kind == "refresh" else max(0, (M - 1) // cfg["reencode_every"] - 1)
-        elif kind == "refresh" and "refresh_every" in cfg:
-            count = (M - 1) // cfg["refresh_every"]
-        else:
-            continue
+    counts = {}
+    if cfg["name"] == "dynnibal":  # the schedule of DyNNIBAL._periodic: refresh first, else re-encode
+        R_, w = max(1, (M + 1) // 2), cfg["reencode_every"]  # the recipe: one exact refresh half-way (_dynnibal)
+        last = last_refresh = 0
+        counts = {"refresh": 0, "reencode": 0}
+        for t in range(1, M):
+            if t - last_refresh >= R_:
+                counts["refresh"] += 1
+                last = last_refresh = t
+            elif t - last >= w:
+                counts["reencode"] += 1
+                last = t
+    elif "refresh_every" in cfg:  # SNM's pool, brute force's table
+        counts = {"refresh": (M - 1) // cfg["refresh_every"]}
+    for kind, count in counts.items():
         seen = p["events"].get(kind) or []
         extra = float(np.mean(seen)) - steady if seen else start
         est += count * max(0.0, extra)

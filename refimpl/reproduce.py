@@ -363,6 +363,7 @@ def run_part(tasks, rows, seeds, scale: Scale = FULL, *, data_dir: str | None = 
             c0 = time.process_time()
             ds = text_ds if task == "text" else _planted(scale, dseed)
             cpu_data += time.process_time() - c0
+            part["data_cpu_seconds"][key] = cpu_data
             if key not in part["tasks"]:
                 part["tasks"][key] = _task_info(task, ds, scale, data_dir)
             for row in (DEFAULT_ROWS[task] if rows is None else rows):
@@ -376,7 +377,6 @@ def run_part(tasks, rows, seeds, scale: Scale = FULL, *, data_dir: str | None = 
                     log(f"{key} | {ROWS[row].label} | seed {seed}: R@1 {f['R@1']:.3f} R@100 {f['R@100']:.3f} "
                         f"Mem {f['mem_percent']:.3g}% train {f['wall_time']:.1f} s; run {rec['run_seconds']:.1f} s "
                         f"wall, {rec['run_cpu_seconds']:.1f} s CPU")
-        part["data_cpu_seconds"][key] = cpu_data
     part["wall_seconds"] = time.perf_counter() - t_start
     part["complete"] = True
     return part
@@ -448,7 +448,8 @@ def plan(parts, scale: Scale, seeds, *, budget_minutes: float = 60.0, out_dir: s
         n_sets = {k: len({r["seed"] for r in part["runs"] if r["task"] == k}) if k == "planted" else 1
                   for k in part["tasks"]}
         for key, info in part["tasks"].items():
-            data_cpu[key] = part.get("data_cpu_seconds", {}).get(key, 0.0) / max(1, n_sets[key])
+            per_set = part.get("data_cpu_seconds", {}).get(key, 0.0) / max(1, n_sets[key])
+            data_cpu[key] = max(data_cpu.get(key, 0.0), per_set)
             data_dirs[key] = info.get("data_dir")
         for r in part["runs"]:
             cal.setdefault((r["task"], r["row"]), r)

@@ -90,7 +90,7 @@ class Scale:
     planted_n_features: int = 64
     text_max_test: int = 1_000
     text_n_features: int = 2 ** 18
-    steps: int = 200
+    steps: int = 400
     batch_size: int = 32
     dim: int = 256
     text_dim: int = 256

@@ -271,7 +271,8 @@ def reproduce_main(argv=None) -> int:
     """``python -m refimpl reproduce``: Tables 1-2 in miniature with error bars (:mod:`refimpl.reproduce`).
 
     Runs a part (``--tasks/--rows/--seeds``; ``--quick`` for the smoke run) and writes it as JSON + Markdown (+ a
-    figure of R@1 over training) in ``--out-dir``, or merges parts (``--merge PATH...``) into ``merged.*``.
+    figure of R@1 over training) in ``--out-dir``, merges parts (``--merge PATH...``) into ``merged.*``, or prints
+    the part commands of the whole table with their estimated CPU minutes (``--plan CALIBRATION...``).
     Every argument is checked before any work (one line on stderr, exit status 2).
     """
     p = R.parser()
@@ -281,16 +282,34 @@ def reproduce_main(argv=None) -> int:
     except ValueError as exc:
         p.error(str(exc))
     out = sys.stdout
+    if a.plan is not None:
+        try:
+            cal = RR.load_parts(a.plan)
+            if a.total_budget is not None:
+                steps, _ = R.largest_steps(cal, scale, a.seeds, total_minutes=a.total_budget, budget_minutes=a.budget)
+                if steps is None:
+                    p.error(f"--total-budget: not even 50 steps fit {a.total_budget} CPU minutes")
+                scale = R.with_steps(scale, steps)
+            items = R.plan(cal, scale, a.seeds, budget_minutes=a.budget, out_dir=a.out_dir, data_dir=a.data)
+        except ValueError as exc:
+            p.error(f"--plan: {exc}")
+        print(f"# {len(items)} parts, {sum(i['minutes'] for i in items):.0f} CPU minutes in all (estimated from "
+              f"{', '.join(a.plan)}; {scale.steps} steps, seeds {', '.join(map(str, a.seeds))})", file=out)
+        for i in items:
+            flag = "  # OVER BUDGET: one run exceeds it" if i["over_budget"] else ""
+            print(f"{i['command']}  # ~{i['minutes']:.0f} CPU min{flag}", file=out)
+        return 0
     if a.merge is not None:
         result = RR.merge_parts(RR.load_parts(a.merge))
         stem = "merged"
     else:
         print(f"reproduce: tasks {', '.join(tasks)}; rows {', '.join(a.rows or ['default'])}; seeds "
               f"{', '.join(map(str, a.seeds))}; scale {'quick' if a.quick else 'full'} {scale}", file=out, flush=True)
+        stem = R.part_stem(tasks, a.rows, a.seeds)
         result = R.run_part(tasks, a.rows, a.seeds, scale, data_dir=a.data, progress=not a.no_progress,
                             log=lambda line: print(line, file=out, flush=True),
-                            command="python -m refimpl reproduce " + " ".join(argv or sys.argv[2:]))
-        stem = R.part_stem(tasks, a.rows, a.seeds)
+                            command="python -m refimpl reproduce " + " ".join(argv or sys.argv[2:]),
+                            checkpoint=lambda part: RR.write_json(part, a.out_dir, stem))
     paths = RR.write_result(result, a.out_dir, stem, table_markdown, with_figure=not a.no_figure)
     with open(paths[1], encoding="utf-8") as fh:
         print(fh.read(), file=out)

@@ -1,4 +1,5 @@
-"""Tables 1 and 2 of the paper in miniature, with error bars over seeds (paper §5, App. C): ``python -m refimpl reproduce``.
+"""Tables 1 and 2 of the paper in miniature, with error bars over seeds (paper §5, App. C): ``python -m refimpl
+reproduce``.
 
 The paper's recipe (App. C, Table 3), scaled down: batches of B queries; per training example ``k`` sampled
 negatives shared across the batch (B k per step) plus ``k`` uniform ones; in-batch negatives for every model; a
@@ -6,24 +7,25 @@ uniform-only warm-up before mining starts; Adam with learning-rate warm-up and l
 D-dimensional embeddings; DyNNIBAL with the experiments' procedure (``sampler="paper"``) and d' < D landmarks
 (D >= 2 d'), one exact refresh half-way through mining (the paper re-encoded everything once on NQ). Rows marked
 "(ours)" are not in the paper: DyNNIBAL with ``"mh"`` and ``"rejection"``, SNM keeping the top-scoring pool members
-(Reddi et al.'s variant, when the miner offers it), Negative Cache (the authors copied its numbers; we run it) and
-the full softmax (Eq. 2).
+(Reddi et al.'s variant), Negative Cache (the authors copied its numbers; we run it) and the full softmax (Eq. 2).
 
 Negative counts: a miner with shared slots gets ``B k`` of them, dealt ``k`` to each query of the batch (the
-paper's "k per example, shared across the batch"); DyNNIBAL its ``per_example`` knob. Knobs used when the code
-offers them, otherwise recorded as a deviation in the run's notes and the Markdown: ``train(uniform_per_example=)``,
-``BruteForceTopK(refresh_every=)``, ``StochasticNegativeMining(select="top")``.
+paper's "k per example, shared across the batch"); DyNNIBAL its ``per_example`` knob. The ``n_uniform`` uniform
+negatives are dealt per example as well (``train(uniform_per_example=True)``); brute force re-encodes its table of
+all N targets every ``bf_refresh_every`` steps (``BruteForceTopK(refresh_every=)``; the paper does not say how often).
 
 Two tasks: ``planted`` (:func:`refimpl.data.planted_dataset` at N >= 5e5 targets, fine clusters of ~25
 near-duplicates) and ``text`` (any directory in the format of :func:`refimpl.text.load_text_pairs`, e.g. the GCIDE
 reverse dictionary of ``python -m refimpl data gcide DIR``). A run of some tasks x rows x seeds is a *part*; every
-part is written as JSON (schema :data:`SCHEMA`: commit, configuration, machine, one record per run) and parts are
-merged into one set of tables, claims and a figure.
+part is written as JSON (schema :data:`SCHEMA`: commit, configuration, machine, one record per run with its CPU
+profile) and parts are merged into one set of tables, claims and a figure. ``--plan`` turns calibration parts (every
+row once at reduced steps) into the list of part commands of the whole table with their estimated CPU minutes.
 
 Statistics, merging and the reports (tables, verdicts, figure) are in :mod:`refimpl.reproduce_report`.
 
 Contents: :data:`ROWS` (and the row groups of each table), :class:`Scale` with :data:`FULL` and :data:`QUICK`,
-:func:`run_part`, :func:`run_one`, :func:`parser` and :func:`configure` (the command line).
+:func:`run_part`, :func:`run_one`, :func:`estimate_run`, :func:`plan`, :func:`largest_steps`, :func:`parser` and
+:func:`configure` (the command line).
 """
 from __future__ import annotations
 
@@ -31,7 +33,6 @@ import argparse
 import dataclasses
 import datetime
 import hashlib
-import inspect
 import os
 import platform
 import subprocess
@@ -47,13 +48,13 @@ from refimpl.text import load_text_pairs
 from refimpl.training import lexical_baseline, train
 
 __all__ = ["SCHEMA", "Scale", "FULL", "QUICK", "ROWS", "TASKS", "NC_TABLE2", "METRICS", "TABLE1", "TABLE2",
-           "ABLATION", "DEFAULT_ROWS", "run_part", "run_one", "task_key", "machine", "part_stem", "parser",
-           "configure"]
+           "ABLATION", "DEFAULT_ROWS", "run_part", "run_one", "estimate_run", "plan", "largest_steps", "with_steps",
+           "task_key", "machine", "part_stem", "parser", "configure"]
 
 SCHEMA = "refimpl.reproduce/1"
 TASKS = ("planted", "text")
 NC_TABLE2 = (0.06, 0.24, 0.96, 3.8, 15.15)  # the paper's Table 2 Negative Cache memories (%)
-METRICS = ("R@1", "R@5", "R@10", "R@20", "R@100", "MRR@10", "MRR@100")
+METRICS = ("R@1", "R@5", "R@10", "R@20", "R@100", "MRR@1", "MRR@10", "MRR@100")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,20 +64,24 @@ class Scale:
     planted_*: the planted task (N targets, queries, test queries, feature dimension). text_max_test: test queries
     kept (a seeded subset of the file's test split; 0 keeps all). steps, batch_size, dim (D), lr, lr_warmup: the
     optimiser (per task: ``text_dim``, ``text_lr``, ``text_n_features``, shared tower initialisation for text).
-    k: sampled negatives per example (B k shared per step); n_uniform: uniform negatives per example (shared across
-    the batch when the training loop cannot draw them per example); warmup_fraction: the uniform-only phase.
-    n_landmarks (d'), n_samples (s'), reencode_every (w): DyNNIBAL; the landmark ablation uses d'/2 and 2 d'.
-    snm_refresh_every, bf_refresh_every: SNM pool refresh and the brute-force full re-encode period (the latter used
-    only when the miner offers the knob; otherwise brute force re-encodes every step). eval_points: evaluations
-    during training besides step 0 (the R@1 curves).
+    k: sampled negatives per example (B k shared per step); n_uniform: uniform negatives per example;
+    warmup_fraction: the uniform-only phase. n_landmarks (d'), n_samples (s'), reencode_every (w): DyNNIBAL; the
+    landmark ablation uses d'/2 and 2 d'. snm_refresh_every, bf_refresh_every: SNM's pool refresh and brute force's
+    full re-encode periods. eval_points: evaluations during training besides step 0 (the R@1 curves).
 
-    Why :data:`FULL` is what it is (the estimates behind it are in the README, with the command that measured
-    them): B = 32 rather than the paper's 128 because the sampled loss gathers a (B, B k, D) array, so its cost
-    grows with B^2; D = 256 and d' = 128 keep D = 2 d' (the paper: 768 and 128) and leave room for the 2 d' = 256
-    ablation point (d' = D: no reduction); s' = 4 d'; one exact refresh half-way through mining. SNM refreshes its
-    pool every 10 steps: the paper's 100-500 steps were a small fraction of a long run, and staleness is set by how
-    far the encoder moves between refreshes. Steps and N were chosen so that a part (one task, its default rows,
-    one seed) fits in an hour of CPU here and all six parts in about four.
+    Why :data:`FULL` is what it is. N = 5e5 planted targets: the smallest the issue allows, since every row's cost
+    grows with N. B = 32 rather than the paper's 128: the sampled loss gathers a (B, B k + k + B, D) array, so
+    its cost grows with B^2. D = 256 and d' = 128 keep D = 2 d' (the paper: 768 and 128) and leave room for the
+    2 d' = 256 ablation point (d' = D: no reduction); s' = 4 d'; one exact refresh half-way through mining (the
+    paper re-encoded everything once on NQ). SNM refreshes its pool every 10 steps: the paper's 100-500 steps were a
+    small fraction of a long run, and staleness is set by how far the encoder moves between refreshes. Brute force
+    re-encodes its table every 10 steps too (the paper does not say how often): re-encoding all N targets costs
+    several times a step, and at the same period as SNM's refresh both mine from equally stale embeddings, brute
+    force from all N of them. The text task's learning rate is the train CLI's GCIDE default, chosen there on
+    uniform negatives, not here. Steps: the largest multiple of 50 for which ``reproduce --plan CALIBRATION
+    --total-budget 240`` (per-step CPU of every row measured by a calibration part at reduced steps, extrapolated
+    by :func:`estimate_run`) keeps the whole table within four hours of CPU and every part within one. No result
+    was looked at to choose any of these.
     """
 
     planted_n_targets: int = 500_000
@@ -85,12 +90,12 @@ class Scale:
     planted_n_features: int = 64
     text_max_test: int = 1_000
     text_n_features: int = 2 ** 18
-    steps: int = 200
+    steps: int = 400
     batch_size: int = 32
     dim: int = 256
     text_dim: int = 256
     lr: float = 0.01
-    text_lr: float = 0.01
+    text_lr: float = 0.03
     lr_warmup: int = 50
     k: int = 64
     n_uniform: int = 64
@@ -99,8 +104,8 @@ class Scale:
     n_samples: int = 512
     reencode_every: int = 25
     snm_refresh_every: int = 10
-    bf_refresh_every: int = 25
-    eval_points: int = 2
+    bf_refresh_every: int = 10
+    eval_points: int = 4
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -114,10 +119,6 @@ QUICK = Scale(planted_n_targets=3000, planted_n_queries=1500, planted_n_test=300
 
 
 # ------------------------------------------------------------------------------------------------ rows
-def _accepts(fn, name: str) -> bool:
-    return name in inspect.signature(fn).parameters
-
-
 def _dynnibal(sampler, landmark_factor=1.0):
     def build(scale, n, B, mining_steps):
         d = max(1, int(round(scale.n_landmarks * landmark_factor)))
@@ -139,15 +140,8 @@ def _dynnibal(sampler, landmark_factor=1.0):
 
 
 def _snm(pct, top=False):
-    def build(scale, n, B, mining_steps):
-        kw = {"mem_percent": pct, "refresh_every": scale.snm_refresh_every}
-        if top:
-            if not _accepts(M.StochasticNegativeMining.__init__, "select"):
-                return None, ["StochasticNegativeMining has no select='top' knob (Reddi et al.'s top-scoring "
-                              "variant); row not run"]
-            kw["select"] = "top"
-        return M.StochasticNegativeMining(B * scale.k, **kw), []
-    return build
+    return lambda scale, n, B, mining_steps: (M.StochasticNegativeMining(
+        B * scale.k, mem_percent=pct, refresh_every=scale.snm_refresh_every, select="top" if top else "sample"), [])
 
 
 def _nc(pct):
@@ -155,16 +149,14 @@ def _nc(pct):
 
 
 def _brute_force(scale, n, B, mining_steps):
-    if _accepts(M.BruteForceTopK.__init__, "refresh_every"):
-        return M.BruteForceTopK(B * scale.k, refresh_every=scale.bf_refresh_every), []
-    return M.BruteForceTopK(B * scale.k), ["BruteForceTopK has no refresh_every knob: all N re-encoded every step"]
+    return M.BruteForceTopK(B * scale.k, refresh_every=scale.bf_refresh_every), []
 
 
 @dataclasses.dataclass(frozen=True)
 class Row:
     """A table row: ``label``, ``paper`` (a row of the paper's tables, else ours), ``build(scale, N, B,
-    mining_steps) -> (miner or None, notes)`` (None: the code lacks what the row needs, said in the notes), ``mined``
-    (the recipe's uniform negatives are added on top; False for in-batch and the full softmax)."""
+    mining_steps) -> (miner, notes)`` (notes: deviations from the recipe), ``mined`` (the recipe's uniform
+    negatives are added on top; False for in-batch and the full softmax)."""
 
     label: str
     paper: bool
@@ -197,10 +189,8 @@ ABLATION = ("dynnibal-half-landmarks", "dynnibal", "dynnibal-double-landmarks")
 # Rows run by default on each task: the planted task carries Table 1 (the paper's NQ table); the text task every row
 # but one, so also Table 2 (the paper's MSMARCO table: Negative Cache at five memories) and the landmark ablation, where
 # the 2^18-dimensional features make d' matter (the planted task's 64 features bound the embeddings' rank by 64).
-# Negative Cache (its draws score every cached embedding for every one of the B k slots) costs work linear in N per
-# step: text only (N ~ 1e5). The full softmax (all N targets encoded and scored every step) is run on request only
-# (--rows full-softmax), on the text task.
-DEFAULT_ROWS = {"planted": tuple(r for r in TABLE1 if r not in ("full-softmax", "nc-6.3")),
+# The full softmax (all N targets encoded and scored every step) is run on request only (--rows full-softmax).
+DEFAULT_ROWS = {"planted": tuple(r for r in TABLE1 if r != "full-softmax"),
                 "text": tuple(r for r in ROWS if r != "full-softmax")}
 
 
@@ -245,16 +235,10 @@ def _recipe(scale: Scale, kind: str, B: int) -> tuple[dict, list]:
           "lr": scale.text_lr if kind == "text" else scale.lr, "lr_warmup": min(scale.lr_warmup, scale.steps - 1),
           "uniform_warmup": int(round(scale.warmup_fraction * scale.steps)), "in_batch": True,
           "eval_every": max(1, scale.steps // scale.eval_points), "beta": 20.0}
-    notes = []
     if kind == "text":
         kw["init"] = "shared"
-    if _accepts(train, "uniform_per_example"):
-        kw.update(n_uniform=scale.n_uniform, uniform_per_example=True)
-    else:
-        kw["n_uniform"] = scale.n_uniform
-        notes.append(f"train has no uniform_per_example: {scale.n_uniform} uniform negatives shared by the batch "
-                     "(the paper: per example)")
-    return kw, notes
+    kw.update(n_uniform=scale.n_uniform, uniform_per_example=True)
+    return kw, []
 
 
 def _dynnibal_timings(miner, encoder, ds) -> dict:
@@ -272,23 +256,49 @@ def _dynnibal_timings(miner, encoder, ds) -> dict:
             "n_refreshes": len(miner.refreshed_at), "n_landmarks": miner.n_landmarks, "n_samples": miner.n_samples}
 
 
-def run_one(ds, kind: str, row: str, seed: int, scale: Scale, *, progress: bool = False) -> dict | None:
-    """Train one row on one dataset with one seed; the run's record (None if the row cannot run here)."""
+def _cpu_profile(res, miner, run_cpu: float) -> dict:
+    """CPU seconds of a run by kind of step (what :func:`plan` extrapolates from).
+
+    warm_step: mean over the uniform-only warm-up steps; first_mining_step: the first mining step (it includes
+    ``miner.start``: the initial encoding, pool or tree build); events: the CPU of every later mining step at which
+    the miner refreshed (SNM pool, brute-force table, DyNNIBAL exact refresh) or re-encoded (DyNNIBAL Alg. 5 + Alg.
+    3); steady_step: median over the other mining steps; mining_step_mean: mean over every mining step but the
+    first (periodic work amortised); eval_each: (run CPU - step CPU) / evaluations (setup included)."""
+    cpu = np.array([h["cpu_mine"] + h["cpu_loss"] + h["cpu_optimizer"] for h in res.history])
+    mining = np.array([h["mining"] for h in res.history])
+    m_steps = np.flatnonzero(mining)
+    later = set(m_steps[1:].tolist())
+    events = {kind: sorted(later & set(getattr(miner, attr, []) or []))
+              for kind, attr in (("refresh", "refreshed_at"), ("reencode", "reencoded_at"))}
+    plain = sorted(later - set(events["refresh"]) - set(events["reencode"]))
+    mean = lambda x: float(np.mean(x)) if len(x) else None
+    return {"warm_steps": int((~mining).sum()), "warm_step": mean(cpu[~mining]), "mining_steps": int(m_steps.size),
+            "first_mining_step": float(cpu[m_steps[0]]) if m_steps.size else None,
+            "steady_step": float(np.median(cpu[plain])) if plain else None,
+            "mining_step_mean": mean(cpu[m_steps[1:]]),
+            "events": {k: [float(cpu[t]) for t in v] for k, v in events.items()},
+            "steps_total": float(cpu.sum()), "eval_each": (run_cpu - float(cpu.sum())) / max(1, len(res.evals))}
+
+
+def run_one(ds, kind: str, row: str, seed: int, scale: Scale, *, progress: bool = False) -> dict:
+    """Train one row on one dataset with one seed; the run's record (final metrics, evaluations over training,
+    configuration, deviations from the recipe, CPU profile :func:`_cpu_profile`, DyNNIBAL's timings)."""
     spec = ROWS[row]
     B = min(scale.batch_size, int(ds.train_ids.size))
     kw, notes = _recipe(scale, kind, B)
     miner, more = spec.build(scale, ds.n_targets, B, scale.steps - kw["uniform_warmup"])
-    if miner is None:
-        return {"row": row, "seed": seed, "unavailable": True, "notes": more}
     notes += more
     if not spec.mined:
         kw["n_uniform"] = 0
         kw.pop("uniform_per_example", None)
     t0, c0 = time.perf_counter(), time.process_time()
     res = train(ds, miner, seed=seed, progress=progress, desc=f"{spec.label} seed {seed}", **kw)
+    run_cpu = time.process_time() - c0
+    prof = _cpu_profile(res, miner, run_cpu)
+    res.final.update(train_cpu=prof["steps_total"], cpu_per_mining_step=prof["mining_step_mean"])
     rec = {"row": row, "seed": seed, "final": res.final, "evals": res.evals, "config": res.config, "notes": notes,
            "teacher_test_r1": ds.metadata.get("teacher_test_r1"), "run_seconds": time.perf_counter() - t0,
-           "run_cpu_seconds": time.process_time() - c0}
+           "run_cpu_seconds": run_cpu, "cpu": prof}
     if isinstance(miner, M.DyNNIBAL):
         rec["dynnibal"] = _dynnibal_timings(miner, res.encoder, ds)
     return rec
@@ -318,14 +328,17 @@ def machine() -> dict:
 
 
 def run_part(tasks, rows, seeds, scale: Scale = FULL, *, data_dir: str | None = None, progress: bool = False,
-             log=None, command: str = "") -> dict:
+             log=None, command: str = "", checkpoint=None) -> dict:
     """Run ``rows`` x ``seeds`` on every task of ``tasks`` and return the part (a :data:`SCHEMA` dict).
 
     Parameters
     ----------
     tasks : subset of :data:`TASKS`; ``"text"`` needs ``data_dir`` (targets.tsv, queries.tsv).
-    rows : names in :data:`ROWS` (None: :data:`DEFAULT_ROWS` of each task). seeds : distinct non-negative ints (planted: the seed also draws the task).
+    rows : names in :data:`ROWS` (None: :data:`DEFAULT_ROWS` of each task).
+    seeds : distinct non-negative ints (planted: the seed also draws the task).
     scale : a :class:`Scale`. log : ``print``-like callable for one line per run (None: silent).
+    checkpoint : called with the part after every run (``part["complete"]`` False until the last one), e.g. to
+        save it, so that the finished runs of a part that is killed are kept (a partial part merges like any).
     """
     tasks, seeds = list(tasks), [int(s) for s in seeds]
     rows = None if rows is None else list(rows)
@@ -340,29 +353,152 @@ def run_part(tasks, rows, seeds, scale: Scale = FULL, *, data_dir: str | None = 
     t_start = time.perf_counter()
     part = {"schema": SCHEMA, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": command, "commit": _git_commit(), "machine": machine(), "scale": scale.as_dict(),
-            "tasks": {}, "runs": [], "unavailable": []}
+            "tasks": {}, "runs": [], "data_cpu_seconds": {}, "complete": False}
     for task in tasks:
         key = task_key(task, data_dir)
-        datasets = ({s: None for s in seeds} if task == "planted" else {None: _text(scale, data_dir)})
-        for dseed in datasets:
-            ds = datasets[dseed] if task == "text" else _planted(scale, dseed)
+        c0 = time.process_time()
+        text_ds = _text(scale, data_dir) if task == "text" else None
+        cpu_data = time.process_time() - c0
+        for dseed in (seeds if task == "planted" else [None]):
+            c0 = time.process_time()
+            ds = text_ds if task == "text" else _planted(scale, dseed)
+            cpu_data += time.process_time() - c0
+            part["data_cpu_seconds"][key] = cpu_data
             if key not in part["tasks"]:
                 part["tasks"][key] = _task_info(task, ds, scale, data_dir)
             for row in (DEFAULT_ROWS[task] if rows is None else rows):
                 for seed in (seeds if task == "text" else [dseed]):
                     rec = run_one(ds, task, row, seed, scale, progress=progress)
-                    if rec.get("unavailable"):
-                        if not any(u["row"] == row and u["task"] == key for u in part["unavailable"]):
-                            part["unavailable"].append({"task": key, "row": row, "notes": rec["notes"]})
-                        continue
                     rec["task"] = key
                     part["runs"].append(rec)
+                    if checkpoint is not None:
+                        checkpoint(part)
                     f = rec["final"]
                     log(f"{key} | {ROWS[row].label} | seed {seed}: R@1 {f['R@1']:.3f} R@100 {f['R@100']:.3f} "
-                        f"Mem {f['mem_percent']:.3g}% train {f['wall_time']:.1f} s; run {rec['run_seconds']:.1f} s wall, "
-                        f"{rec['run_cpu_seconds']:.1f} s CPU")
+                        f"Mem {f['mem_percent']:.3g}% train {f['wall_time']:.1f} s; run {rec['run_seconds']:.1f} s "
+                        f"wall, {rec['run_cpu_seconds']:.1f} s CPU")
     part["wall_seconds"] = time.perf_counter() - t_start
+    part["complete"] = True
     return part
+
+
+# ------------------------------------------------------------------------------------------------ plan
+_COST_FREE = ("steps", "lr_warmup", "eval_points", "warmup_fraction", "lr", "text_lr")  # free in a calibration
+
+
+def _n_evals(scale: Scale) -> int:
+    e = max(1, scale.steps // scale.eval_points)
+    return 2 + sum(1 for t in range(scale.steps) if (t + 1) % e == 0 and t + 1 < scale.steps)
+
+
+def estimate_run(rec: dict, scale: Scale) -> float:
+    """CPU seconds of ``rec``'s row at ``scale``, extrapolated from its calibration run's profile
+    (:func:`_cpu_profile`).
+
+    ``W warm + M steady + (first - steady) + sum_events count_e (cost_e - steady) + n_eval eval_each``, with W, M
+    the warm-up and mining steps at ``scale``; event counts from the miners' schedules at ``scale``: DyNNIBAL's one
+    exact refresh half-way and its re-encodes every ``reencode_every`` mining steps since the last of either, SNM's
+    and brute force's refreshes every ``refresh_every``; an event kind the calibration did not see costs as much
+    as the first mining step's start (an upper bound for a re-encode).
+    """
+    p, cfg = rec["cpu"], rec["config"]["miner"]
+    W = int(round(scale.warmup_fraction * scale.steps)) if p["warm_steps"] else 0
+    M = scale.steps - W
+    steady = p["steady_step"] if p["steady_step"] is not None else p["mining_step_mean"] or 0.0
+    start = max(0.0, (p["first_mining_step"] or 0.0) - steady)
+    est = W * (p["warm_step"] or 0.0) + M * steady + start + _n_evals(scale) * p["eval_each"]
+    counts = {}
+    if cfg["name"] == "dynnibal":  # the schedule of DyNNIBAL._periodic: refresh first, else re-encode
+        R_, w = max(1, (M + 1) // 2), cfg["reencode_every"]  # the recipe: one exact refresh half-way (_dynnibal)
+        last = last_refresh = 0
+        counts = {"refresh": 0, "reencode": 0}
+        for t in range(1, M):
+            if t - last_refresh >= R_:
+                counts["refresh"] += 1
+                last = last_refresh = t
+            elif t - last >= w:
+                counts["reencode"] += 1
+                last = t
+    elif "refresh_every" in cfg:  # SNM's pool, brute force's table
+        counts = {"refresh": (M - 1) // cfg["refresh_every"]}
+    for kind, count in counts.items():
+        seen = p["events"].get(kind) or []
+        extra = float(np.mean(seen)) - steady if seen else start
+        est += count * max(0.0, extra)
+    return est
+
+
+def plan(parts, scale: Scale, seeds, *, budget_minutes: float = 60.0, out_dir: str = "results/parts",
+         data_dir: str | None = None) -> list[dict]:
+    """The part commands that together run every default row of every calibrated task for ``seeds`` at ``scale``,
+    each estimated at most ``budget_minutes`` of CPU when possible (a single run over budget gets a part of its own,
+    flagged).
+
+    ``parts``: calibration parts (JSON dicts of :func:`run_part` at ``scale`` except for :data:`_COST_FREE` fields,
+    e.g. ``--steps 80``), each row of a task run once. Per part the estimate is the dataset's CPU (planted: one
+    task per seed; text: one load) plus :func:`estimate_run` of each row. Returns ``[{"task", "rows", "seed",
+    "minutes", "over_budget", "command"}]`` in run order.
+    """
+    cal, data_cpu, data_dirs = {}, {}, {}
+    for part in parts:
+        for f in Scale.__dataclass_fields__:
+            if f not in _COST_FREE and part["scale"].get(f) != getattr(scale, f):
+                raise ValueError(f"plan: calibration {part.get('_file', '<part>')} has {f} = {part['scale'].get(f)}, "
+                                 f"the plan's scale {getattr(scale, f)} (only {', '.join(_COST_FREE)} may differ)")
+        n_sets = {k: len({r["seed"] for r in part["runs"] if r["task"] == k}) if k == "planted" else 1
+                  for k in part["tasks"]}
+        for key, info in part["tasks"].items():
+            per_set = part.get("data_cpu_seconds", {}).get(key, 0.0) / max(1, n_sets[key])
+            data_cpu[key] = max(data_cpu.get(key, 0.0), per_set)
+            data_dirs[key] = info.get("data_dir")
+        for r in part["runs"]:
+            cal.setdefault((r["task"], r["row"]), r)
+    if not cal:
+        raise ValueError("plan: the calibration parts hold no runs")
+    out = []
+    for key in data_cpu:
+        kind = "planted" if key == "planted" else "text"
+        rows = [r for r in DEFAULT_ROWS[kind] if (key, r) in cal]
+        missing = [r for r in DEFAULT_ROWS[kind] if (key, r) not in cal]
+        if missing:
+            raise ValueError(f"plan: task {key} has no calibration run of {', '.join(missing)}")
+        cost = {r: estimate_run(cal[(key, r)], scale) for r in rows}
+        for seed in seeds:
+            groups, cur = [], []
+            for r in rows:
+                if cur and data_cpu[key] + sum(cost[x] for x in cur + [r]) > 60 * budget_minutes:
+                    groups.append(cur)
+                    cur = []
+                cur.append(r)
+            groups.append(cur)
+            for g in groups:
+                minutes = (data_cpu[key] + sum(cost[x] for x in g)) / 60
+                cmd = (f"python -m refimpl reproduce --tasks {kind} --rows {','.join(g)} --seeds {seed} "
+                       + (f"--data {data_dir or data_dirs[key]} " if kind == "text" else "")
+                       + (f"--steps {scale.steps} " if scale.steps != FULL.steps else "")
+                       + f"--out-dir {out_dir} --no-progress")
+                out.append({"task": key, "rows": g, "seed": seed, "minutes": minutes,
+                            "over_budget": minutes > budget_minutes, "command": cmd})
+    return out
+
+
+def with_steps(scale: Scale, steps: int) -> Scale:
+    """``scale`` with ``steps`` training steps (the learning-rate warm-up capped at a quarter of them)."""
+    return dataclasses.replace(scale, steps=steps, lr_warmup=min(scale.lr_warmup, steps // 4))
+
+
+def largest_steps(parts, scale: Scale, seeds, *, total_minutes: float, budget_minutes: float = 60.0,
+                  grid=range(50, 5001, 50)) -> tuple[int | None, list]:
+    """The largest step count in ``grid`` whose :func:`plan` fits ``total_minutes`` of CPU in all, no part over
+    ``budget_minutes``: ``(steps, plan)``, or ``(None, [])`` if none fits. The cost grows with the steps, so this is
+    the choice "as many steps as the budget allows" (no result is looked at)."""
+    best = (None, [])
+    for steps in grid:
+        items = plan(parts, with_steps(scale, steps), seeds, budget_minutes=budget_minutes)
+        if sum(i["minutes"] for i in items) > total_minutes or any(i["over_budget"] for i in items):
+            break
+        best = (steps, items)
+    return best
 
 
 def part_stem(tasks, rows, seeds) -> str:
@@ -390,7 +526,8 @@ def parser() -> ArgumentParser:
     """The arguments of ``python -m refimpl reproduce``, each checked by its type before any work."""
     p = ArgumentParser(prog="python -m refimpl reproduce",
                        description="Tables 1-2 of the paper in miniature with error bars over seeds: run a part "
-                                   "(--tasks/--rows/--seeds) or merge parts (--merge DIR...).")
+                                   "(--tasks/--rows/--seeds), merge parts (--merge PATH...), or print the part "
+                                   "commands of the whole table with their CPU estimates (--plan CALIBRATION...).")
     p.add_argument("--tasks", type=choice_list(TASKS), default=None,
                    help="planted and/or text (default: both, or planted only with --quick and no --data)")
     p.add_argument("--rows", type=choice_list(list(ROWS)), default=None,
@@ -402,9 +539,20 @@ def parser() -> ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny sizes (the CI smoke run)")
     p.add_argument("--n-targets", type=integer(100), default=None, help="planted task size (default: the scale's)")
     p.add_argument("--steps", type=integer(10), default=None, help="training steps (default: the scale's)")
+    p.add_argument("--eval-points", type=integer(1), default=None,
+                   help="evaluations during training besides step 0 (default: the scale's; fewer make a cheaper "
+                        "calibration part)")
     p.add_argument("--out-dir", type=out_dir, default="reproduce_out", help="where parts and merges are written")
     p.add_argument("--merge", nargs="+", type=str, default=None, metavar="PATH",
                    help="merge the part files (or directories of them) into one table, JSON and figure")
+    p.add_argument("--plan", nargs="+", type=str, default=None, metavar="PATH",
+                   help="print the part commands that make the whole table (default rows, --seeds, --steps), each "
+                        "with its estimated CPU minutes, extrapolated from calibration parts (files or directories; "
+                        "e.g. every default row of each task run once with --steps 80)")
+    p.add_argument("--budget", type=integer(1), default=60, help="--plan: CPU minutes per part (default 60)")
+    p.add_argument("--total-budget", type=integer(1), default=None,
+                   help="--plan: choose the largest number of steps (a multiple of 50) whose parts fit this many CPU "
+                        "minutes in all")
     p.add_argument("--no-figure", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -412,10 +560,26 @@ def parser() -> ArgumentParser:
 
 def configure(a) -> tuple[list, Scale]:
     """Tasks and scale from parsed arguments (rows and seeds filled in); ValueError naming the flag when they
-    cannot work together. With ``--merge`` only ``--out-dir`` and ``--no-figure`` apply: returns (None, None)."""
+    cannot work together. With ``--merge`` only ``--out-dir`` and ``--no-figure`` apply: returns (None, None). With
+    ``--plan``: (None, the scale of the planned parts); ``--seeds``, ``--steps`` or ``--total-budget``, ``--data``,
+    ``--out-dir`` and ``--budget`` apply."""
+    if a.plan is not None:
+        mixed = [f for f, v in (("--tasks", a.tasks), ("--rows", a.rows), ("--n-targets", a.n_targets),
+                                ("--merge", a.merge), ("--eval-points", a.eval_points)) if v is not None]
+        if a.quick or mixed:
+            raise ValueError(f"--plan: plans the default rows of the calibrated tasks; it takes no "
+                             f"{(mixed or ['--quick'])[0]}")
+        for m in a.plan:
+            if not os.path.exists(m):
+                raise ValueError(f"--plan: {m}: no such file or directory")
+        a.seeds = [0, 1, 2] if a.seeds is None else a.seeds
+        if a.steps is not None and a.total_budget is not None:
+            raise ValueError("--total-budget: chooses the steps itself; give it or --steps, not both")
+        return None, FULL if a.steps is None else with_steps(FULL, a.steps)
     if a.merge is not None:
         mixed = [f for f, v in (("--tasks", a.tasks), ("--rows", a.rows), ("--seeds", a.seeds), ("--data", a.data),
-                                ("--n-targets", a.n_targets), ("--steps", a.steps)) if v is not None]
+                                ("--n-targets", a.n_targets), ("--steps", a.steps),
+                                ("--eval-points", a.eval_points)) if v is not None]
         if a.quick or mixed:
             raise ValueError(f"--merge: merges finished parts; it takes no {(mixed or ['--quick'])[0]}")
         for m in a.merge:
@@ -435,6 +599,10 @@ def configure(a) -> tuple[list, Scale]:
     if a.n_targets is not None:
         scale = dataclasses.replace(scale, planted_n_targets=a.n_targets,
                                     planted_n_queries=max(scale.planted_n_queries, 2 * scale.planted_n_test))
+    if a.total_budget is not None:
+        raise ValueError("--total-budget: applies to --plan only")
     if a.steps is not None:
-        scale = dataclasses.replace(scale, steps=a.steps, lr_warmup=min(scale.lr_warmup, a.steps // 4))
+        scale = with_steps(scale, a.steps)
+    if a.eval_points is not None:
+        scale = dataclasses.replace(scale, eval_points=a.eval_points)
     return tasks, scale

@@ -6,7 +6,7 @@ stream for every row) by the two-sided Student-t interval at 95% (:func:`verdict
 above 0, "does not hold" if below, otherwise "cannot tell at n seeds".
 
 Contents: :func:`mean_se`, :func:`verdict`, :func:`summarize`, :func:`claims`, :func:`load_parts`,
-:func:`merge_parts`, :func:`markdown_report`, :func:`figure`, :func:`write_result`.
+:func:`merge_parts`, :func:`markdown_report`, :func:`figure`, :func:`write_json`, :func:`write_result`.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from scipy import stats
 from refimpl.reproduce import ABLATION, METRICS, ROWS, SCHEMA, TABLE1, TABLE2
 
 __all__ = ["mean_se", "verdict", "summarize", "claims", "load_parts", "merge_parts", "markdown_report", "figure",
-           "write_result", "jsonable"]
+           "write_json", "write_result", "jsonable"]
 
 
 # ------------------------------------------------------------------------------------------------ statistics
@@ -68,19 +68,18 @@ def _finals(runs, task):
 
 def summarize(runs, task) -> dict:
     """Per row of ``task``: the seeds, and (mean, se) of every metric, Mem %, encoder calls, times, and
-    ``gap_to_bf`` = 100 (R@1 of brute force - R@1 of the row), paired by seed (seeds without brute force skipped);
-    MRR@1 = R@1 (the first positive at rank 1)."""
+    ``gap_to_bf`` = 100 (R@1 of brute force - R@1 of the row), paired by seed (seeds without brute force skipped)."""
     fin = _finals(runs, task)
     bf = fin.get("brute-force", {})
     out = {}
     for row in [r for r in ROWS if r in fin]:
         by_seed = fin[row]
         s = {"seeds": sorted(by_seed), "label": ROWS[row].label}
-        for key in METRICS + ("mem_percent", "encoder_calls", "wall_time", "time_per_step"):
+        for key in METRICS + ("mem_percent", "encoder_calls", "wall_time", "time_per_step", "train_cpu",
+                              "cpu_per_mining_step"):
             vals = [f.get(key) for f in by_seed.values()]
             if any(v is not None for v in vals):
                 s[key] = mean_se(vals)
-        s["MRR@1"] = s["R@1"]
         if bf:
             s["gap_to_bf"] = mean_se([100 * (bf[k]["R@1"] - f["R@1"]) for k, f in by_seed.items() if k in bf])
         out[row] = s
@@ -99,7 +98,8 @@ def claims(runs, task) -> list[dict]:
       (points), gap = R@1(brute force) - R@1(row).
     - memory vs Negative Cache: ``h = MRR@10(DyNNIBAL) - MRR@10(Negative Cache 15.15%)`` (the paper: DyNNIBAL at
       0.76% memory matches it at ~20x less memory); the memory ratio is reported beside it.
-    - steps at most 4x slower than SNM 3%: ``h = 4 t(SNM 3%) - t(DyNNIBAL)``, t = training seconds per step.
+    - steps at most 4x slower than SNM 3%: ``h = 4 t(SNM 3%) - t(DyNNIBAL)``, t = CPU seconds per mining step
+      (periodic work amortised; CPU, not wall time, because the machine may be shared).
     - re-encoding >= 8x faster than the encoder: ``h = t(encode all N) / t(Alg. 5) - 8``.
     - tree update >= 4x faster than a rebuild: ``h = t(build) / t(Alg. 3 update) - 4``.
     Claims whose rows are missing are left out.
@@ -123,7 +123,7 @@ def claims(runs, task) -> list[dict]:
         add("memory-vs-nc", "DyNNIBAL's MRR@10 is at least Negative Cache 15.15%'s", ("dynnibal", "nc-15.15"),
             lambda d, c: d["MRR@10"] - c["MRR@10"], memory_ratio=ratio)
     add("steps-4x-snm", "a DyNNIBAL training step costs at most 4x an SNM 3% step", ("dynnibal", "snm-3"),
-        lambda d, s: 4 * s["time_per_step"] - d["time_per_step"])
+        lambda d, s: 4 * s["cpu_per_mining_step"] - d["cpu_per_mining_step"])
     if "dynnibal" in fin and all(f.get("dyn_reencode_seconds") for f in fin["dynnibal"].values()):
         add("reencode-8x", "an Alg. 5 re-encode is at least 8x faster than encoding every target", ("dynnibal",),
             lambda d: d["dyn_full_encode_seconds"] / d["dyn_reencode_seconds"] - 8)
@@ -178,12 +178,12 @@ def merge_parts(parts) -> dict:
     """One result from several parts: runs concatenated; the same (task, row, seed) twice, or one task under two
     different configurations (scale or task description), is a ValueError naming both files."""
     merged = {"schema": SCHEMA, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "parts": [], "tasks": {}, "runs": [], "unavailable": [], "scales": {}}
+              "parts": [], "tasks": {}, "runs": [], "scales": {}}
     seen: dict = {}
     for p in parts:
         name = p.get("_file", "<part>")
         merged["parts"].append({k: p.get(k) for k in ("_file", "created", "command", "commit", "machine",
-                                                      "wall_seconds")})
+                                                      "wall_seconds", "complete")})
         for key, info in p["tasks"].items():
             cfg = jsonable((info, p["scale"]))
             if key in merged["tasks"] and jsonable(merged["scales"][key][:2]) != cfg:
@@ -197,7 +197,6 @@ def merge_parts(parts) -> dict:
                 raise ValueError(f"merge: {k[0]} / {k[1]} / seed {k[2]} is in both {seen[k]} and {name}")
             seen[k] = name
             merged["runs"].append(r)
-        merged["unavailable"] += [u for u in p.get("unavailable", []) if u not in merged["unavailable"]]
     merged["scales"] = {k: v[1] for k, v in merged["scales"].items()}
     return merged
 
@@ -206,6 +205,24 @@ def merge_parts(parts) -> dict:
 def _cells(summary, rows):
     return [(summary[r]["label"] + (f" (d' {int(summary[r]['dyn'])})" if "dyn" in summary[r] else ""),
              summary[r]) for r in rows if r in summary]
+
+
+def _cost_table(cells) -> str:
+    """Mem %, target-encoder calls, training CPU, CPU per mining step and training wall time of every row."""
+    def cell(s, key, scale, fmt):
+        m, se = s.get(key, (float("nan"), float("nan")))
+        if not np.isfinite(m):
+            return "-"
+        shown = np.isfinite(se) and se > 1e-9 * max(1.0, abs(m))  # one seed, or the same value for all: no ± part
+        return fmt.format(scale * m) + (" ± " + fmt.format(scale * se) if shown else "")
+
+    lines = ["| method | Mem % | target-encoder calls | train CPU (s) | CPU per mining step (ms) | train wall (s) |",
+             "|---|---|---|---|---|---|"]
+    for label, s in cells:
+        lines.append(f"| {label} | {cell(s, 'mem_percent', 1, '{:.3g}')} | {cell(s, 'encoder_calls', 1, '{:,.0f}')} | "
+                     f"{cell(s, 'train_cpu', 1, '{:.1f}')} | {cell(s, 'cpu_per_mining_step', 1e3, '{:.1f}')} | "
+                     f"{cell(s, 'wall_time', 1, '{:.1f}')} |")
+    return "\n".join(lines)
 
 
 def markdown_report(result: dict, table) -> str:
@@ -219,6 +236,10 @@ def markdown_report(result: dict, table) -> str:
     out.append(f"Commits: {', '.join(commits)}. Machines: " + "; ".join(sorted({
         f"{p['machine']['platform']}, {p['machine']['cpu_count']} CPUs, "
         f"{(p['machine']['memory_bytes'] or 0) / 2 ** 30:.0f} GiB" for p in parts})) + ".")
+    partial = [str(p.get("_file") or p.get("command")) for p in parts if p.get("complete") is False]
+    if partial:
+        out.append(f"Incomplete parts (stopped before their last run; their finished runs are included): "
+                   f"{', '.join(partial)}.")
     out.append("Cells: mean ± standard error over seeds. R@1 gap to BF: brute force's R@1 minus the row's, in "
                "points, paired by seed. Rows marked (ours) are not the paper's runs. Verdicts: 95% Student-t "
                "interval of the per-seed paired difference.")
@@ -242,6 +263,8 @@ def markdown_report(result: dict, table) -> str:
         out.append(table(_cells(summ, TABLE2), ks=(), gap=False, probes=False, mrr=(1, 10, 100)))
         out.append("\n### Landmark ablation (DyNNIBAL, sampler 'paper')\n")
         out.append(table(_cells(summ, ABLATION), ks=(1, 100), gap=True, probes=False))
+        out.append("\n### Cost (CPU seconds of this process; wall time also counts other load on the machine)\n")
+        out.append(_cost_table(_cells(summ, [r for r in ROWS if r in summ])))
         cl = claims(result["runs"], key)
         if cl:
             out.append("\n### The paper's claims on this task\n")
@@ -250,9 +273,8 @@ def markdown_report(result: dict, table) -> str:
                 out.append(f"- {c['claim']}: **{c['verdict']}** (h = {c['mean']:+.3g} ± {c['se']:.2g}, 95% "
                            f"interval [{c['lo']:+.3g}, {c['hi']:+.3g}], n = {c['n']}{extra})")
         notes = sorted({n for x in result["runs"] if x["task"] == key for n in x.get("notes", [])})
-        notes += [f"{u['row']}: " + "; ".join(u["notes"]) for u in result.get("unavailable", []) if u["task"] == key]
         if notes:
-            out.append("\nDeviations from the recipe / rows not run:\n" + "\n".join(f"- {n}" for n in notes))
+            out.append("\nDeviations from the recipe:\n" + "\n".join(f"- {n}" for n in notes))
     return "\n".join(out) + "\n"
 
 
@@ -289,16 +311,24 @@ def figure(result: dict, path: str) -> str:
     return path
 
 
-def write_result(result: dict, out_dir: str, stem: str, table, *, with_figure: bool = True) -> list[str]:
-    """Write ``stem.json``, ``stem.md`` (and ``stem.png``) in ``out_dir``; returns the paths."""
+def write_json(result: dict, out_dir: str, stem: str) -> str:
+    """Write ``stem.json`` in ``out_dir`` (strict JSON; a merge gets its summary and claims), atomically: a part
+    checkpointed after every run is never left half-written. Returns the path."""
     os.makedirs(out_dir, exist_ok=True)
-    paths = [os.path.join(out_dir, stem + ext) for ext in (".json", ".md")]
+    path = os.path.join(out_dir, stem + ".json")
     body = {k: v for k, v in result.items() if k != "_file"}
     if "parts" in result:
         body["summary"] = {k: summarize(result["runs"], k) for k in result["tasks"]}
         body["claims"] = {k: claims(result["runs"], k) for k in result["tasks"]}
-    with open(paths[0], "w", encoding="utf-8") as fh:
+    with open(path + ".tmp", "w", encoding="utf-8") as fh:
         json.dump(jsonable(body), fh, indent=1)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def write_result(result: dict, out_dir: str, stem: str, table, *, with_figure: bool = True) -> list[str]:
+    """Write ``stem.json`` (:func:`write_json`), ``stem.md`` (and ``stem.png``) in ``out_dir``; returns the paths."""
+    paths = [write_json(result, out_dir, stem), os.path.join(out_dir, stem + ".md")]
     with open(paths[1], "w", encoding="utf-8") as fh:
         fh.write(f"# Tables 1-2 in miniature ({stem})\n\n" + markdown_report(result, table))
     if with_figure and result["runs"]:

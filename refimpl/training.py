@@ -25,8 +25,9 @@ probes and evaluation.
 
 Evaluation (:func:`evaluate`) always re-encodes all targets exactly with the final encoder. Recall@k is the fraction
 of test queries with AT LEAST ONE of their positives among the top k targets (queries may have several positives);
-MRR@10 is the mean of 1/rank of the first positive within the top 10 (0 if none); scores are computed in bounded
-blocks. :func:`lexical_baseline` ranks the same data by TF-IDF cosine with no training (the row to beat).
+MRR@k (k = 1, 10, 100) is the mean of 1/rank of the first positive within the top k (0 if none); scores are
+computed in bounded blocks. :func:`lexical_baseline` ranks the same data by TF-IDF cosine with no training (the
+row to beat).
 
 Repeatability: every random stream derives from ``seed`` (``numpy.random.SeedSequence(seed).spawn``); the same
 seed and arguments give the same history and final encoder bit for bit.
@@ -50,9 +51,10 @@ from refimpl.optim import Adam
 from refimpl.softmax import full_softmax_grad, full_softmax_loss, gradient_relative_error, sampled_softmax_loss
 from refimpl.text import idf_weights
 
-__all__ = ["TrainResult", "train", "evaluate", "lexical_baseline", "RECALL_KS"]
+__all__ = ["TrainResult", "train", "evaluate", "lexical_baseline", "RECALL_KS", "MRR_KS"]
 
 RECALL_KS = (1, 5, 10, 20, 100)
+MRR_KS = (1, 10, 100)  # the paper's Table 2 (MSMARCO): MRR@1/10/100
 
 
 @dataclass
@@ -64,7 +66,7 @@ class TrainResult:
         cpu_optimizer (the update and ``miner.observe``)).
     probes : one dict per probe step (step, grad_rel_error, tv).
     evals : one dict per evaluation (step + :func:`evaluate` metrics); the last one is the final evaluation.
-    final : final test metrics (R@1..R@100, MRR@10) and accounting: encoder_calls_mining, encoder_calls_loss,
+    final : final test metrics (R@1..R@100, MRR@1/10/100) and accounting: encoder_calls_mining, encoder_calls_loss,
         encoder_calls (their sum), mem_percent, wall_time (training only), time_per_step, final_loss (mean over
         the last 10% of steps), grad_rel_error / tv (means over probes, NaN if none).
     encoder : the trained encoder. config : the arguments of the run.
@@ -108,14 +110,16 @@ def _ranked_top_k(scorer, query_ids, n: int, K: int, chunk: int, max_scores: int
 
 
 def _metrics(top: np.ndarray, query_ids, positives, ks) -> dict:
-    """R@k (any positive in the top k) and MRR@10 from the ranked ids ``top`` (n_queries, K)."""
+    """R@k (any positive in the top k) and MRR@k for k in :data:`MRR_KS` from the ranked ids ``top`` (n_queries,
+    K); K must be at least min(100, N) so that the rank of a first positive within the top 100 is known."""
     K = top.shape[1]
     first = np.empty(query_ids.size, dtype=np.int64)  # 1-based rank of the first positive within top K, K+1 if none
     for r, qid in enumerate(query_ids):
         hit = np.flatnonzero(np.isin(top[r], positives[qid]))
         first[r] = hit[0] + 1 if hit.size else K + 1
     out = {f"R@{k}": float(np.mean(first <= k)) for k in ks}
-    out["MRR@10"] = float(np.mean(np.where(first <= 10, 1.0 / first, 0.0)))
+    for k in MRR_KS:
+        out[f"MRR@{k}"] = float(np.mean(np.where(first <= k, 1.0 / first, 0.0)))
     return out
 
 
@@ -127,19 +131,19 @@ def _eval_args(dataset, query_ids, ks, chunk, max_scores):
     ks = tuple(check_int("ks", k, low=1) for k in ks)
     chunk = check_int("chunk", chunk, low=1)
     max_scores = check_int("max_scores", max_scores, low=1)
-    return ids, ks, chunk, max_scores, min(max(max(ks), 10), dataset.n_targets)
+    return ids, ks, chunk, max_scores, min(max(max(ks), max(MRR_KS)), dataset.n_targets)
 
 
 def evaluate(encoder, dataset, query_ids=None, *, ks=RECALL_KS, chunk: int = 256, max_scores: int = 2 ** 22) -> dict:
-    """Exact retrieval metrics: every target re-encoded with ``encoder``; R@k and MRR@10 over ``query_ids``.
+    """Exact retrieval metrics: every target re-encoded with ``encoder``; R@k and MRR@1/10/100 over ``query_ids``.
 
     Score ``s(q, i) = <f(x_q), g(y_i)>``; a query counts as a hit at k if ANY of its positives is among its k
     highest-scoring targets (equal scores ordered by target id; at the K-th place of a block a tie may keep either
-    target); MRR@10 = mean of 1/rank of the first positive within
-    the top 10 (0 if none). ``query_ids`` defaults to the test split.
+    target); ``MRR@k = mean_q [r_q <= k] / r_q`` with r_q the rank of q's first positive, for k = 1, 10, 100 (the
+    paper's Table 2; MRR@1 = R@1). ``query_ids`` defaults to the test split.
 
     Memory: queries are scored ``chunk`` at a time against blocks of targets, with at most
-    ``max(max_scores, chunk * K)`` scores held at once (K = max(ks, 10)); the (N, dim) target embeddings are the
+    ``max(max_scores, chunk * K)`` scores held at once (K = max(ks, 100)); the (N, dim) target embeddings are the
     only N-sized array (never N x chunk scores).
     """
     ids, ks, chunk, max_scores, K = _eval_args(dataset, query_ids, ks, chunk, max_scores)

@@ -147,8 +147,8 @@ def test_negative_cache_streams_positives_and_refreshes_sampled():
     assert ctx.encoder_calls == {"mining": 10}
 
 
-def test_negative_cache_gumbel_max_follows_cache_softmax():
-    """20000 Gumbel-max draws for one query against the softmax over the 10 cached scores: TV < 0.02 (empirical
+def test_negative_cache_draws_follow_cache_softmax():
+    """20000 inverse-CDF draws for one query against the softmax over the 10 cached scores: TV < 0.02 (empirical
     TV sd ~0.003 here)."""
     ctx, g = _ctx(4)
     c = NegativeCache(20000, size=10, shared=False)

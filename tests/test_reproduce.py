@@ -42,7 +42,7 @@ def test_verdict_holds_does_not_hold_cannot_tell():
 
 def _run(task, row, seed, r1, **extra):
     final = {"R@1": r1, "R@5": r1, "R@10": r1, "R@20": r1, "R@100": r1, "MRR@10": r1, "mem_percent": 1.0,
-             "encoder_calls": 10, "wall_time": 1.0, "time_per_step": extra.pop("tps", 0.01)}
+             "encoder_calls": 10, "wall_time": 1.0, "cpu_per_mining_step": extra.pop("tps", 0.01)}
     return {"task": task, "row": row, "seed": seed, "final": final, "evals": [{"step": 0, "R@1": 0.0},
                                                                            {"step": 10, "R@1": r1}], **extra}
 
@@ -58,7 +58,7 @@ def test_summary_gap_is_paired_by_seed_and_claims_use_paired_differences():
     assert math.isclose(summ["dynnibal"]["gap_to_bf"][0], 100 * np.mean([0.02, 0.01, 0.01]))
     assert summ["snm-3"]["R@1"][0] == pytest.approx(np.mean([0.40, 0.52, 0.30, 0.1]))
     assert summ["snm-3"]["gap_to_bf"][0] == pytest.approx(100 * np.mean([0.10, 0.08, 0.10]))
-    assert summ["dynnibal"]["MRR@1"] == summ["dynnibal"]["R@1"]
+    assert summ["dynnibal"]["MRR@10"] == summ["dynnibal"]["R@1"]  # the fixture sets MRR@10 = R@1
     cl = {c["id"]: c for c in RR.claims(runs, "t")}
     h = cl["gap-halved-vs-snm-3"]["values"]
     assert h == pytest.approx([10 / 2 - 2, 8 / 2 - 1, 10 / 2 - 1])
@@ -87,15 +87,22 @@ def test_part_json_schema(tiny_part, tmp_path):
     assert p["commit"] is None or len(p["commit"]["sha"]) == 40
     assert {"platform", "cpu_count", "memory_bytes", "python", "numpy"} <= set(p["machine"])
     assert p["scale"] == TINY.as_dict()
-    assert len(p["runs"]) == 2 * 4 * 2  # tasks x available rows x seeds
+    assert len(p["runs"]) == 2 * 5 * 2  # tasks x rows x seeds
     for r in p["runs"]:
         assert {"task", "row", "seed", "final", "evals", "config", "notes", "run_seconds"} <= set(r)
         assert r["config"]["in_batch"] and r["evals"][-1]["step"] == TINY.steps
     dyn = [r for r in p["runs"] if r["row"] == "dynnibal"]
     assert all(r["config"]["miner"]["sampler"] == "paper" and r["dynnibal"]["n_refreshes"] == 1 for r in dyn)
     assert all(r["config"]["miner"]["per_example"] for r in dyn)
-    if "select" not in R.inspect.signature(R.M.StochasticNegativeMining.__init__).parameters:
-        assert [u["row"] for u in p["unavailable"]] == ["snm-top-3", "snm-top-3"]  # one note per task
+    top = [r for r in p["runs"] if r["row"] == "snm-top-3"]
+    assert len(top) == 4 and all(r["config"]["miner"]["select"] == "top" for r in top)
+    bf = [r for r in p["runs"] if r["row"] == "brute-force"]
+    assert all(r["config"]["miner"]["refresh_every"] == TINY.bf_refresh_every for r in bf)
+    for r in p["runs"]:  # the CPU profile: every step counted once; MRR@1/10/100 from evaluate
+        c = r["cpu"]
+        assert c["warm_steps"] + c["mining_steps"] == TINY.steps and c["steps_total"] > 0
+        assert r["final"]["train_cpu"] == c["steps_total"] and {"MRR@1", "MRR@10", "MRR@100"} <= set(r["final"])
+    assert set(p["data_cpu_seconds"]) == set(p["tasks"])
     assert "tfidf" in p["tasks"]["text:text_pairs"]
     paths = RR.write_result(p, str(tmp_path), "part", table_markdown, with_figure=True)
     loaded = json.load(open(paths[0]))  # strict JSON: no NaN
@@ -175,6 +182,12 @@ def test_cli_part_then_merge_end_to_end(tmp_path, capsys):
     (["--quick", "--steps", "5"], "--steps"),
     (["--merge", "/nonexistent/part.json"], "--merge"),
     (["--merge", ".", "--rows", "uniform"], "--merge"),
+    (["--plan", "/nonexistent/dir"], "--plan"),
+    (["--plan", ".", "--rows", "uniform"], "--plan"),
+    (["--plan", ".", "--quick"], "--plan"),
+    (["--plan", FIXTURE], "no part file"),
+    (["--plan", ".", "--steps", "100", "--total-budget", "10"], "--total-budget"),
+    (["--quick", "--total-budget", "10"], "--total-budget"),
 ])
 def test_cli_validates_every_argument_before_work(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:
@@ -194,3 +207,73 @@ def test_default_rows_and_part_names():
     many = list(R.ROWS)[:-1]
     assert R.part_stem(["text"], many, [0]) == R.part_stem(["text"], many, [0]) and len(R.part_stem(["text"], many,
                                                                                                      [0])) < 60
+
+
+# ------------------------------------------------------------------------------------------------ plan
+def _cal_run(task, row, miner, warm=0.1, steady=0.2, first=5.0, events=None, eval_each=3.0, warm_steps=5):
+    return {"task": task, "row": row, "seed": 0, "config": {"miner": miner},
+            "cpu": {"warm_steps": warm_steps, "warm_step": warm, "mining_steps": 15, "first_mining_step": first,
+                    "steady_step": steady, "mining_step_mean": steady, "events": events or {},
+                    "steps_total": 0.0, "eval_each": eval_each}}
+
+
+def test_estimate_run_is_the_documented_sum():
+    scale = R.dataclasses.replace(R.FULL, steps=400, warmup_fraction=0.25, eval_points=4, reencode_every=25,
+                                  bf_refresh_every=10)
+    W, M, n_eval = 100, 300, 5  # evaluations at steps 0, 100, 200, 300 and the final one
+    assert R._n_evals(scale) == n_eval
+    uni = _cal_run("planted", "uniform", {"name": "uniform"}, warm_steps=0)
+    assert R.estimate_run(uni, scale) == pytest.approx(400 * 0.2 + 4.8 + n_eval * 3.0)
+    bf = _cal_run("planted", "brute-force", {"name": "brute-force", "refresh_every": 10},
+                  events={"refresh": [2.2, 2.2]})
+    assert R.estimate_run(bf, scale) == pytest.approx(W * 0.1 + M * 0.2 + 4.8 + (299 // 10) * 2.0 + n_eval * 3.0)
+    dyn = _cal_run("planted", "dynnibal", {"name": "dynnibal", "reencode_every": 25}, events={"refresh": [4.2]})
+    # one exact refresh (seen: 4.0 extra); re-encodes not seen in the calibration: costed as the start (4.8 extra)
+    assert R.estimate_run(dyn, scale) == pytest.approx(W * 0.1 + M * 0.2 + 4.8 + 4.0 + (299 // 25 - 1) * 4.8
+                                                       + n_eval * 3.0)
+
+
+def test_plan_packs_every_default_row_and_seed_into_parts_within_budget():
+    scale = R.dataclasses.replace(R.FULL, steps=100)
+    runs = [_cal_run("planted", r, {"name": "uniform"}, warm_steps=0, steady=1.0, first=1.0, eval_each=0.0)
+            for r in R.DEFAULT_ROWS["planted"]]  # 100 s per run
+    part = {"scale": R.dataclasses.replace(scale, steps=20).as_dict(), "tasks": {"planted": {}},
+            "data_cpu_seconds": {"planted": 60.0}, "runs": runs}
+    items = R.plan([part], scale, [0, 1, 2], budget_minutes=6)
+    assert all(i["minutes"] <= 6 for i in items) and not any(i["over_budget"] for i in items)
+    done = sorted((r, i["seed"]) for i in items for r in i["rows"])
+    assert done == sorted((r, s) for r in R.DEFAULT_ROWS["planted"] for s in (0, 1, 2))
+    for i in items:  # each part: 1 min of data + 100 s per row, packed greedily under 6 min
+        assert i["minutes"] == pytest.approx(1 + len(i["rows"]) * 100 / 60)
+        a = R.parser().parse_args(i["command"].split()[4:])
+        assert a.rows == i["rows"] and a.seeds == [i["seed"]] and a.steps == 100 and a.tasks == ["planted"]
+    bad = {**part, "scale": {**part["scale"], "k": 3}}
+    with pytest.raises(ValueError, match="k = 3"):
+        R.plan([bad], scale, [0])
+    with pytest.raises(ValueError, match="no calibration run"):
+        R.plan([{**part, "runs": runs[:-1]}], scale, [0])
+
+
+def test_largest_steps_is_the_last_step_count_within_the_total():
+    scale = R.FULL
+    runs = [_cal_run("planted", r, {"name": "uniform"}, warm_steps=0, steady=1.0, first=1.0, eval_each=0.0)
+            for r in R.DEFAULT_ROWS["planted"]]  # 1 s per step per row
+    part = {"scale": R.with_steps(scale, 20).as_dict(), "tasks": {"planted": {}}, "data_cpu_seconds": {"planted": 0.0},
+            "runs": runs}
+    n = len(R.DEFAULT_ROWS["planted"])
+    # total CPU minutes = 2 seeds x n rows x steps / 60; the per-part budget (60 min) holds one row of <= 3600 steps
+    steps, items = R.largest_steps([part], scale, [0, 1], total_minutes=2 * n * 425 / 60)
+    assert steps == 400 and sum(i["minutes"] for i in items) == pytest.approx(2 * n * 400 / 60)
+    assert R.largest_steps([part], scale, [0, 1], total_minutes=1)[0] is None
+
+
+def test_checkpoint_after_every_run_keeps_finished_runs(tmp_path):
+    seen = []
+    part = R.run_part(["planted"], ["uniform", "in-batch"], [0, 1], TINY,
+                      checkpoint=lambda p: seen.append((len(p["runs"]), p["complete"])))
+    assert seen == [(1, False), (2, False), (3, False), (4, False)] and part["complete"]
+    path = RR.write_json({**part, "runs": part["runs"][:3], "complete": False}, str(tmp_path), "partial")
+    merged = RR.merge_parts(RR.load_parts([path]))  # a killed part merges with its finished runs
+    assert len(merged["runs"]) == 3 and merged["parts"][0]["complete"] is False
+    assert "Incomplete parts" in RR.markdown_report(merged, table_markdown)
+    assert not os.path.exists(path + ".tmp")

@@ -7,10 +7,51 @@ from __future__ import annotations
 import numpy as np
 
 from refimpl._validate import check_int, check_positive
-from refimpl.mining.base import (Miner, Negatives, draw_slots, log_softmax_rows, mixture_log_q_rows, shared_slots,
-                                 slot_queries)
+from refimpl.mining.base import Miner, Negatives, draw_slots, log_softmax_rows, mixture_log_q_rows, shared_slots
 
 __all__ = ["InBatch", "Uniform", "StochasticNegativeMining", "NegativeCache", "BruteForceTopK", "FullSoftmax"]
+
+
+def _softmax_draws(log_p, k, rng, shared, per_example):
+    """Draws of the rows' softmaxes ``exp(log_p)`` (B, C) by inverse CDF (:func:`draw_slots`, O(B C + k log C)).
+
+    shared: one 1-D set, slot j drawn from row ``b_j`` (:func:`shared_slots`), with the slot-mixture log q̄;
+    otherwise (B, k) per-row draws with their own log p. Returns (columns, log q).
+    """
+    cdf = np.cumsum(np.exp(log_p), axis=1)
+    if shared:
+        slots = shared_slots(log_p.shape[0], k, rng, per_example)
+        cols = draw_slots(cdf, slots, rng.random(slots.size))
+        return cols, mixture_log_q_rows(log_p, slots, cols)
+    B = log_p.shape[0]
+    cols = draw_slots(cdf, np.repeat(np.arange(B), k), rng.random(B * k)).reshape(B, k)
+    return cols, np.take_along_axis(log_p, cols, axis=1)
+
+
+def _ranked_top(S, k):
+    """Per row, the column indices of the ``min(k, C)`` largest entries of ``S`` (B, C), best first (stable)."""
+    k = min(k, S.shape[1])
+    idx = np.argpartition(-S, k - 1, axis=1)[:, :k] if k < S.shape[1] else np.tile(np.arange(S.shape[1]),
+                                                                                     (S.shape[0], 1))
+    order = np.argsort(-np.take_along_axis(S, idx, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(idx, order, axis=1).astype(np.int64)
+
+
+def _top_slots(S, k, rng):
+    """k distinct shared columns of ``S`` (B, C; -inf = excluded): round-robin over a random order of the rows,
+    each row contributing its next-best column not already taken (fewer than k if too few finite entries)."""
+    order = rng.permutation(S.shape[0])
+    top = _ranked_top(S, k)
+    chosen, seen = [], set()
+    for r in range(top.shape[1]):
+        for b in order:
+            t = int(top[b, r])
+            if t not in seen and np.isfinite(S[b, t]):
+                seen.add(t)
+                chosen.append(t)
+                if len(chosen) == k:
+                    return np.array(chosen, dtype=np.int64)
+    return np.array(chosen, dtype=np.int64)
 
 
 class InBatch(Miner):
@@ -69,20 +110,33 @@ class StochasticNegativeMining(Miner):
     sampled from its softmax" (paper §5). Here: a pool of ``m = round(mem_percent * N / 100)`` targets drawn
     uniformly without replacement; at ``start`` and then every ``refresh_every`` steps the pool is re-drawn and
     encoded with the encoder of that moment (``m`` target-encoder calls); between refreshes the stale pool
-    embeddings are used as they are (never fresh ones). Each slot draws a pool member from the softmax
-    ``exp(beta <q, t_stale>)`` over the pool (with replacement).
+    embeddings are used as they are (never fresh ones).
 
-    log_q: the two-stage proposal "uniform pool, then softmax within it" has no closed-form marginal; we report
-    ``log q = log p_pool(n) + log(m / N)``, the importance weight for which ``exp(s_n)/q`` is unbiased for Z over
-    the draw of the pool (each target is in the pool with probability m/N). Mem %: the pool, ``m`` embeddings.
-    ``per_example``: k draws per example (the paper's setup; shared: the B k draws form one set for the batch).
+    ``select="sample"`` (the paper's SNM, default): each slot draws a pool member from the softmax
+    ``p_pool(n | q) = exp(beta <q, t_stale_n>) / sum_{n' in pool} exp(beta <q, t_stale_n'>)`` (with replacement,
+    by inverse CDF). log_q: the two-stage proposal "uniform pool, then softmax within it" has no closed-form
+    marginal; we report ``log q = log p_pool(n) + log(m / N)``, the importance weight for which ``exp(s_n)/q`` is
+    unbiased for Z over the draw of the pool (each target is in the pool with probability m/N).
+
+    ``select="top"`` (Reddi et al.'s own variant, stronger): the slots of query q take q's highest stale scores
+    ``<q, t_stale_n>`` among the pool members that are not q's positives, best first; shared slots are filled
+    round-robin over a random order of the batch's queries, each query contributing its next-best member not already
+    taken (as :class:`BruteForceTopK`, restricted to the pool). Deterministic given the pool: no sampling
+    distribution (``log_q`` None; log-Q correction is refused).
+
+    Mem %: the pool, ``m`` embeddings. ``per_example``: k draws per example (the paper's setup; shared: the B k
+    draws form one set for the batch).
     """
 
     name = "snm"
 
-    def __init__(self, k: int = 64, *, mem_percent: float = 3.0, refresh_every: int = 100, shared: bool = True,
-                 per_example: bool = False):
+    def __init__(self, k: int = 64, *, mem_percent: float = 3.0, refresh_every: int = 100, select: str = "sample",
+                 shared: bool = True, per_example: bool = False):
         self.k = check_int("k", k, low=1)
+        if select not in ("sample", "top"):
+            raise ValueError(f"select: expected 'sample' or 'top', got {select!r}")
+        self.select = select
+        self.has_log_q = select == "sample"
         self.mem_percent = check_positive("mem_percent", mem_percent)
         if self.mem_percent > 100:
             raise ValueError(f"mem_percent: must be <= 100, got {mem_percent}")
@@ -109,24 +163,36 @@ class StochasticNegativeMining(Miner):
     def _log_p(self, ctx, Q):
         return log_softmax_rows(ctx.beta * (Q @ self.pool_emb.T))
 
+    def _pool_scores(self, batch):
+        """(B, m) stale scores ``<q, t_stale>`` with every query's own positives set to -inf."""
+        S = batch.Q @ self.pool_emb.T
+        m = self.pool.size
+        for b, p in enumerate(batch.positives):
+            cols = np.minimum(np.searchsorted(self.pool, p), m - 1)  # the pool is sorted
+            S[b, cols[self.pool[cols] == p]] = -np.inf
+        return S
+
     def mine(self, ctx, batch):
         if ctx.step - self._last >= self.refresh_every:
             self.refresh(ctx)
             self._last = ctx.step
-        log_p = self._log_p(ctx, batch.Q)
-        cdf = np.cumsum(np.exp(log_p), axis=1)
-        offset = np.log(self.pool.size / ctx.n_targets)
         B = batch.Q.shape[0]
-        if self.shared:
-            slots = shared_slots(B, self.k, ctx.rng, self.per_example)
-            cols = draw_slots(cdf, slots, ctx.rng.random(slots.size))
-            return Negatives(self.pool[cols], mixture_log_q_rows(log_p, slots, cols) + offset)
-        slots = np.repeat(np.arange(B), self.k)
-        cols = draw_slots(cdf, slots, ctx.rng.random(slots.size)).reshape(B, self.k)
-        return Negatives(self.pool[cols], np.take_along_axis(log_p, cols, axis=1) + offset)
+        if self.select == "top":
+            S = self._pool_scores(batch)
+            if self.shared:
+                return Negatives(self.pool[_top_slots(S, self.k, ctx.rng)], None)
+            return Negatives(self.pool[_ranked_top(S, self.k)], None)
+        cols, log_q = _softmax_draws(self._log_p(ctx, batch.Q), self.k, ctx.rng, self.shared, self.per_example)
+        return Negatives(self.pool[cols], log_q + np.log(self.pool.size / ctx.n_targets))
 
     def distribution(self, ctx, batch):
+        """``p_pool`` on the pool (``select="sample"``), or uniform over each query's own top k pool members
+        (``"top"``, as :meth:`BruteForceTopK.distribution`); 0 outside the pool."""
         out = np.zeros((batch.Q.shape[0], ctx.n_targets))
+        if self.select == "top":
+            top = _ranked_top(self._pool_scores(batch), self.k)
+            np.put_along_axis(out, self.pool[top], 1.0 / top.shape[1], axis=1)
+            return out
         out[:, self.pool] = np.exp(self._log_p(ctx, batch.Q))
         return out
 
@@ -135,7 +201,8 @@ class StochasticNegativeMining(Miner):
 
     def config(self):
         return {"name": self.name, "k": self.k, "mem_percent": self.mem_percent,
-                "refresh_every": self.refresh_every, "shared": self.shared, "per_example": self.per_example}
+                "refresh_every": self.refresh_every, "select": self.select, "shared": self.shared,
+                "per_example": self.per_example}
 
 
 class NegativeCache(Miner):
@@ -147,8 +214,9 @@ class NegativeCache(Miner):
     embeddings computed for the loss (no extra encoder call), and every cached target that was encoded for the
     loss (the sampled negatives) has its embedding refreshed. Eviction: ``policy="fifo"`` replaces the slot
     inserted longest ago (a refresh does not move an entry); ``policy="lru"`` replaces the slot least recently
-    inserted, refreshed or sampled. Negatives: each slot draws ``argmax_c (beta <q, e_c> + G_c)`` with i.i.d.
-    Gumbel noise G (Gumbel-max = a draw from the softmax over cached scores, with replacement).
+    inserted, refreshed or sampled. Negatives: each slot draws a cached entry c from the softmax over the cached
+    scores, ``exp(beta <q, e_c>) / sum_c' exp(beta <q, e_c'>)``, with replacement, by inverse CDF (shared slots
+    round-robin over a random order of the batch's queries, as every shared miner).
 
     log_q: the softmax over the cache, conditional on the cache content (the cache is filled by the data stream,
     so no marginal proposal exists; with log-Q correction the estimator is consistent only for the cached
@@ -231,17 +299,8 @@ class NegativeCache(Miner):
         return log_softmax_rows(S)
 
     def mine(self, ctx, batch):
-        log_p = self._log_p(ctx, batch.Q)
-        B = batch.Q.shape[0]
-        if self.shared:
-            slots = slot_queries(B, self.k, ctx.rng)
-            g = ctx.rng.gumbel(size=(self.k, self.slot_ids.size))
-            cols = np.argmax(log_p[slots] + g, axis=1).astype(np.int64)
-            ids, log_q = self.slot_ids[cols], mixture_log_q_rows(log_p, slots, cols)
-        else:
-            g = ctx.rng.gumbel(size=(B, self.k, self.slot_ids.size))
-            cols = np.argmax(log_p[:, None, :] + g, axis=2).astype(np.int64)
-            ids, log_q = self.slot_ids[cols], np.take_along_axis(log_p, cols, axis=1)
+        cols, log_q = _softmax_draws(self._log_p(ctx, batch.Q), self.k, ctx.rng, self.shared, False)
+        ids = self.slot_ids[cols]
         if self.policy == "lru":
             for s in np.unique(cols):
                 self._touch(int(s))
@@ -269,19 +328,25 @@ class NegativeCache(Miner):
 class BruteForceTopK(Miner):
     """Exhaustive brute-force top-k (paper §5, Table 1 "exhaustive brute force"): the oracle miner.
 
-    Every step all N targets are encoded with the current encoder (N target-encoder calls, reused for the loss)
-    and each query's k highest fresh logits among the targets that are not its positives are its negatives.
-    Shared: the k slots are filled round-robin over a random query order, each query contributing its next-best
-    negative not already taken. No sampling distribution (``log_q`` None; log-Q correction is refused). Mem %: 100
-    (all N fresh embeddings resident). Ties between equal logits are broken by ``numpy.argpartition``.
+    A table of all N target embeddings is encoded with the encoder of that moment (N target-encoder calls) at the
+    first mining step and then every ``refresh_every`` steps; each query's k highest logits ``<q, t_n>`` over the
+    table, among the targets that are not its positives, are its negatives. ``refresh_every=1`` (default): the
+    table is fresh every step (and reused for the loss: no extra calls); ``R > 1``: between refreshes the stale
+    table is used as it is (how often the paper re-encoded it is unstated), so the cost of a step is one (B, N)
+    scoring instead of N encodings. Shared: the k slots are filled round-robin over a random query order, each
+    query contributing its next-best negative not already taken. No sampling distribution (``log_q`` None; log-Q
+    correction is refused). Mem %: 100 (all N embeddings resident). Ties between equal logits: ``numpy.argpartition``.
     """
 
     name = "brute-force"
     has_log_q = False
 
-    def __init__(self, k: int = 64, *, shared: bool = True):
+    def __init__(self, k: int = 64, *, refresh_every: int = 1, shared: bool = True):
         self.k = check_int("k", k, low=1)
+        self.refresh_every = check_int("refresh_every", refresh_every, low=1)
         self.shared = bool(shared)
+        self.table = None
+        self.refreshed_at = []
 
     @staticmethod
     def ranked(S: np.ndarray, positives, k: int) -> np.ndarray:
@@ -289,34 +354,26 @@ class BruteForceTopK(Miner):
         S = S.copy()
         for b, p in enumerate(positives):
             S[b, p] = -np.inf
-        k = min(k, S.shape[1])
-        idx = np.argpartition(-S, k - 1, axis=1)[:, :k] if k < S.shape[1] else np.tile(np.arange(S.shape[1]),
-                                                                                         (S.shape[0], 1))
-        order = np.argsort(-np.take_along_axis(S, idx, axis=1), axis=1, kind="stable")
-        return np.take_along_axis(idx, order, axis=1).astype(np.int64)
+        return _ranked_top(S, k)
+
+    def _table(self, ctx):
+        if self.table is None or ctx.step - self.refreshed_at[-1] >= self.refresh_every:
+            self.table = ctx.encode_all_targets(purpose="mining")
+            self.refreshed_at.append(ctx.step)
+        return self.table
 
     def mine(self, ctx, batch):
-        E = ctx.encode_all_targets(purpose="mining")
-        S = batch.Q @ E.T
-        B = S.shape[0]
+        S = batch.Q @ self._table(ctx).T
         if not self.shared:
             return Negatives(self.ranked(S, batch.positives, self.k), None)
-        order = ctx.rng.permutation(B)
-        top = self.ranked(S, batch.positives, self.k)
-        chosen, seen = [], set()
-        for r in range(top.shape[1]):
-            for b in order:
-                t = int(top[b, r])
-                if t not in seen and np.isfinite(S[b, t]):
-                    seen.add(t)
-                    chosen.append(t)
-                    if len(chosen) == self.k:
-                        return Negatives(np.array(chosen, dtype=np.int64), None)
-        return Negatives(np.array(chosen, dtype=np.int64), None)
+        for b, p in enumerate(batch.positives):
+            S[b, p] = -np.inf
+        return Negatives(_top_slots(S, self.k, ctx.rng), None)
 
     def distribution(self, ctx, batch):
-        """The (deterministic) negatives as a distribution: uniform over each query's own top k."""
-        E = ctx.peek_all_targets()
+        """The (deterministic) negatives as a distribution: uniform over each query's own top k in the table the
+        miner ranks with (fresh embeddings before the first mining step)."""
+        E = self.table if self.table is not None else ctx.peek_all_targets()
         top = self.ranked(batch.Q @ E.T, batch.positives, self.k)
         out = np.zeros((top.shape[0], ctx.n_targets))
         np.put_along_axis(out, top, 1.0 / top.shape[1], axis=1)
@@ -326,7 +383,7 @@ class BruteForceTopK(Miner):
         return float(ctx.n_targets)
 
     def config(self):
-        return {"name": self.name, "k": self.k, "shared": self.shared}
+        return {"name": self.name, "k": self.k, "refresh_every": self.refresh_every, "shared": self.shared}
 
 
 class FullSoftmax(Miner):

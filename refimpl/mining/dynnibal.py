@@ -435,6 +435,8 @@ class DyNNIBAL(Miner):
         r.n_clusters = sum(x.n_clusters for x in res)
         r.inner_products = sum(x.inner_products for x in res)
         r.distance_evals = sum(x.distance_evals for x in res)
+        r.attempts = sum(x.attempts for x in res)
+        r.exact_draws = sum(x.exact_draws for x in res)
         return r
 
     def mine(self, ctx, batch) -> Negatives:

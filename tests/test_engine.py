@@ -1,5 +1,6 @@
 """The batched mining engine (refimpl.sampling.engine): exactness of "rejection" (and a negative control), the
-exact MH law of "mh" (float64 and float32 points), certificates, repeatability, the experiments' procedure and its forest, bad input."""
+exact MH law of "mh" (float64 and float32 points), certificates, repeatability, the experiments' procedure and its
+forest, bad input."""
 import numpy as np
 import pytest
 

@@ -21,7 +21,8 @@ Procedures and what each guarantees (P = softmax of ``beta <q, t>`` over the non
   pay for itself (refinement plus expected attempts >= N), the query's draws are made by brute force (still
   exact; ``exact_draws``). Alg. 2 is not run. ``log_z`` is an estimate (Z_hi x the acceptance rate) clipped to the
   envelope's certified [Z_lo, Z_hi] (over all live targets); ``log_gamma`` = log Z_hi / Z_lo bounds the envelope's
-  max P/Q and the expected attempts per draw (Z_hi / Z; with exclusions Z_hi / Z over the non-excluded targets). Alg. 1 as printed (hierarchical rejection, errata fixed) remains available as
+  max P/Q and the expected attempts per draw (Z_hi / Z; with exclusions Z_hi / Z over the non-excluded targets).
+  Alg. 1 as printed (hierarchical rejection, errata fixed) remains available as
   :func:`refimpl.sampling.samplers.sample_rejection`.
 * ``"mh"``: Alg. 2 (deepest level ``m``, 16x finer than Prop. 2's level for ``gamma`` by default; first frontier
   the root, or C_(l) at Prop. 2's level with ``start="prop2"``; the frontier capped to ``max_frontier`` clusters
@@ -139,8 +140,8 @@ class MiningEngine:
 
     Parameters
     ----------
-    procedure : "rejection" (exact: Eq. 3-5 on a refined envelope), "mh" (Alg. 2 + Eq. 14, certified gamma and Eq. 6 bound) or "paper"
-        (the experiments' procedure, no guarantee).
+    procedure : "rejection" (exact: Eq. 3-5 on a refined envelope with Prop. 1's bounds), "mh" (Alg. 2 + Eq. 14,
+        certified gamma and Eq. 6 bound) or "paper" (the experiments' procedure, no guarantee).
     gamma : Alg. 2's target max P/Q; its start level is Prop. 2's l = max{l : b^l <= log(gamma)/(2 beta ||q||)}.
     m : Alg. 2's deepest level; None: 16x finer than the start (l - ceil(log_b 16)), per query.
     max_frontier : Remark 2's cap on Alg. 2's frontier (the excess is finalised; the output stays a partition);

@@ -20,6 +20,7 @@ _EXPORTS = {
     # samplers.py
     "sample_exact": "sampling.samplers",
     "sample_rejection": "sampling.samplers",
+    "sample_adaptive": "sampling.samplers",
     "sample_mh": "sampling.samplers",
     "topk": "index.search",
     # nystrom.py

@@ -250,8 +250,9 @@ def test_distribution_is_the_law_of_the_batched_engine_draws(ds, sampler):
     """End to end through the batched engine (one compiled call for the batch): the miner's distribution() row of
     each of 3 queries against n draws of the engine for it, Pearson chi-square of refimpl.testing at alpha = 0.001
     with n = required_sample_size(TV, n_bins) draws: power >= 0.99 against any law at TV >= 0.02 on the bins.
-    "mh": the exact law after chain_length = 2 states (mh_law); "rejection": P~ itself (Alg. 1 is exact). distribution()
-    must not consume randomness. Same seed, same draws."""
+    "mh": the exact law after chain_length = 2 states (mh_law); "rejection": P~ itself (its draws are exact; 16
+    draws per row, so its rejection path runs, asserted). distribution() must not consume randomness. Same seed,
+    same draws."""
     from refimpl.testing import ALPHA, TV, chi2_gof, make_bins, required_sample_size
 
     ctx = context(ds)
@@ -266,15 +267,21 @@ def test_distribution_is_the_law_of_the_batched_engine_draws(ds, sampler):
         assert dist[r, b.positives[r]].sum() == 0
     zq = mi.reencoder.query_representations(b.Q)
     n = max(required_sample_size(TV, n_bins=make_bins(dist[r])[1]) for r in range(3))
-    res = mi.engine.run(mi.tree, zq, n, beta=ctx.beta, rng=7, exclude=b.positives)
-    again = mi.engine.run(mi.tree, zq, n, beta=ctx.beta, rng=7, exclude=b.positives)
+    rows = -(-n // 16)  # each query as rows of 16 draws (the mining regime: "rejection" runs its rejection path)
+    zz = np.repeat(zq, rows, axis=0)
+    ex = [p for p in b.positives for _ in range(rows)]
+    res = mi.engine.run(mi.tree, zz, 16, beta=ctx.beta, rng=7, exclude=ex)
+    again = mi.engine.run(mi.tree, zz, 16, beta=ctx.beta, rng=7, exclude=ex)
     assert np.array_equal(res.ids, again.ids)
+    if sampler == "rejection":
+        assert res.exact_draws.sum() == 0
+    draws = res.matrix().reshape(3, -1)[:, :n]
     for r in range(3):
-        assert chi2_gof(res.of(r), dist[r])[0] > ALPHA
+        assert chi2_gof(draws[r], dist[r])[0] > ALPHA
     # negative control: the same law with mass moved onto the excluded positives is rejected by the same test
     wrong = dist[1].copy()
     wrong[b.positives[1]] = wrong.max()
-    assert chi2_gof(res.of(1), wrong / wrong.sum())[0] < ALPHA
+    assert chi2_gof(draws[1], wrong / wrong.sum())[0] < ALPHA
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -1,5 +1,6 @@
-"""The batched mining engine (refimpl.sampling.engine): exactness of "rejection", the exact MH law of "mh" (float64
-and float32 points), certificates, repeatability, the experiments' procedure and its forest, bad input."""
+"""The batched mining engine (refimpl.sampling.engine): exactness of "rejection" (and a negative control), the
+exact MH law of "mh" (float64 and float32 points), certificates, repeatability, the experiments' procedure and its
+forest, bad input."""
 import numpy as np
 import pytest
 
@@ -36,26 +37,61 @@ def test_prop2_levels_match_the_scalar_rule():
         assert list(prop2_levels(1e6, bq, base)) == [prop2_level(1e6, b, base) for b in bq]
 
 
+K_ROW = 16  # draws per query row: the engine's regime (a handful of negatives per query)
+
+
+def _rejection_rows(eng, tr, Q, excl, n, beta, rng):
+    """n draws for every query of Q through ONE engine call: each query repeated as ceil(n / K_ROW) rows with its
+    exclusions, K_ROW draws a row, except query 1's rows, which draw K_ROW + 1 (two groups of equal need, one
+    batch-sampler call each). With n draws for ONE row the adaptive sampler would rightly choose brute force;
+    K_ROW a row makes it run its rejection path. Returns (per-query draws (n,), result, rows per query)."""
+    rows = -(-n // K_ROW)
+    QQ = np.repeat(Q, rows, axis=0)
+    counts = np.full(QQ.shape[0], K_ROW)
+    if Q.shape[0] > 1:
+        counts[rows:2 * rows] = K_ROW + 1
+    r = eng.run(tr, QQ, counts, beta=beta, rng=rng, exclude=[e for e in excl for _ in range(rows)])
+    draws = [np.concatenate([r.of(x) for x in range(b * rows, (b + 1) * rows)])[:n] for b in range(Q.shape[0])]
+    return draws, r, rows
+
+
 def test_rejection_draws_are_exact_through_the_batch():
-    """Alg. 1 from Alg. 2's refined partition, 3 queries in one call, each with its own exclusions and number of
-    draws: Pearson
-    chi-square of refimpl.testing at alpha = 0.001 with n = required_sample_size(TV, n_bins) draws per query, i.e.
-    power >= 0.99 against any law at TV >= 0.02 on the bins. A law that ignores the exclusions is rejected."""
+    """"rejection" (the adaptive sampler's Eq. 3-5 rejection inside the engine's call), 3 queries, each with its own
+    exclusions, repeated as rows of ONE call (K_ROW draws a row, so that the rejection path runs; asserted): the
+    draws of each query against its renormalised softmax by the Pearson chi-square of refimpl.testing at
+    alpha = 0.001 with n = required_sample_size(TV, n_bins) draws per query, i.e. power >= 0.99 against any law at
+    TV >= 0.02 on the bins. A law that ignores the exclusions is rejected. The certified log Z interval holds."""
     tr = SGTree.build(hierarchical_points(1500, 6, branching=(6, 5), rng=3), rng=3)
     Q = _queries(3)
     top = np.argsort(-(tr.points[: tr.n_targets] @ Q[0]))[:2]  # query 0 excludes its two most likely targets
     excl = [top, np.zeros(0, np.int64), np.array([7])]
     laws = [_softmax(tr, Q[b], excl[b]) for b in range(3)]
     n = max(required_sample_size(TV, n_bins=make_bins(p)[1]) for p in laws)
-    counts = np.array([n, n + 7, n])  # two groups of equal need: one batch-sampler call each
-    r = MiningEngine("rejection").run(tr, Q, counts, beta=BETA, rng=1, exclude=excl)
-    assert [r.of(b).size for b in range(3)] == list(counts)
+    draws, r, rows = _rejection_rows(MiningEngine("rejection"), tr, Q, excl, n, BETA, 1)
+    assert r.exact_draws.sum() == 0 and np.all(r.attempts >= np.diff(r.ptr)) and np.all(r.distance_evals == 0)
+    assert np.all(r.inner_products < len(tr)) and np.all(r.tv_bound == 0.0)
     for b in range(3):
-        assert chi2_gof(r.of(b), laws[b])[0] > ALPHA
-        assert np.all(r.log_z_lo[b] <= r.log_z_hi[b]) and r.tv_bound[b] == 0.0
-    lz = logsumexp(BETA * (tr.points[: tr.n_targets] @ Q[0]))  # the certified interval is for Z over all targets
-    assert r.log_z_lo[0] - 1e-9 <= lz <= r.log_z_hi[0] + 1e-9
-    assert chi2_gof(r.of(0), _softmax(tr, Q[0], np.zeros(0, np.int64)))[0] < ALPHA
+        assert chi2_gof(draws[b], laws[b])[0] > ALPHA
+        lz = logsumexp(BETA * (tr.points[: tr.n_targets] @ Q[b]))  # the certified interval is for Z over all targets
+        sl = slice(b * rows, (b + 1) * rows)
+        assert np.all(r.log_z_lo[sl] - 1e-9 <= lz) and np.all(lz <= r.log_z_hi[sl] + 1e-9)
+        assert np.all((r.log_z_lo[sl] <= r.log_z[sl]) & (r.log_z[sl] <= r.log_z_hi[sl]))
+        np.testing.assert_allclose(r.log_gamma[sl], r.log_z_hi[sl] - r.log_z_lo[sl])
+    assert chi2_gof(draws[0], _softmax(tr, Q[0], np.zeros(0, np.int64)))[0] < ALPHA
+
+
+def test_negative_control_rejection_without_radius_fails():
+    """The engine's "rejection" with bounds that drop the radius term (E_C = s_r, not an upper bound on the
+    cluster's logits; the private switch ``_broken``) is NOT exact: the same chi-square test (alpha = 0.001,
+    n = required_sample_size(TV, n_bins), power >= 0.99 at TV 0.02) rejects it, on its rejection path."""
+    tr = SGTree.build(hierarchical_points(1500, 6, branching=(6, 5), rng=3), rng=3)
+    Q = _queries(1)
+    law = _softmax(tr, Q[0], np.zeros(0, np.int64))
+    n = required_sample_size(TV, n_bins=make_bins(law)[1])
+    eng = MiningEngine("rejection")
+    eng._broken = True
+    draws, r, _ = _rejection_rows(eng, tr, Q, [np.zeros(0, np.int64)], n, BETA, 2)
+    assert r.exact_draws.sum() == 0 and chi2_gof(draws[0], law)[0] < ALPHA
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -136,8 +172,7 @@ def test_paper_procedure_and_forest(tree):
 
 @pytest.mark.parametrize("kw, name", [({"procedure": "topk"}, "procedure"), ({"gamma": 1.0}, "gamma"),
                                       ({"max_frontier": 0}, "max_frontier"), ({"temperature": 0.0}, "temperature"),
-                                      ({"start": "x"}, "start"), ({"tv": 1.0}, "tv"),
-                                      ({"rejection_ratio": 1.0}, "rejection_ratio")])
+                                      ({"start": "x"}, "start"), ({"tv": 1.0}, "tv")])
 def test_bad_knobs(kw, name):
     with pytest.raises((ValueError, TypeError), match=name):
         MiningEngine(**kw)

@@ -10,8 +10,10 @@ Per run, driven by :func:`refimpl.training.train`:
 * every mining step (``mine``): query representations ``z_q`` (:meth:`~refimpl.nystrom.Nystrom.transform_queries`)
   and ONE call of the batched engine (:class:`refimpl.sampling.engine.MiningEngine`) for the whole batch, which
   samples the approximate softmax ``P~(i|x) ∝ exp(beta <z_q, z_t_i>)`` by ``sampler``:
-  ``"rejection"`` (Alg. 1: exact draws of P~), ``"mh"`` (Alg. 2 with the Remark 2 frontier cap + Eq. 7 + independent
-  MH chains, Eq. 14: certified gamma and Eq. 6 TV bound per query in ``last_stats``), or ``"paper"`` (the
+  ``"rejection"`` (exact draws of P~: rejection sampling, Eq. 3-5, on an envelope of tree clusters refined per
+  query, each cluster's bound that of Prop. 1; Alg. 1 as printed is
+  :func:`refimpl.sampling.samplers.sample_rejection`), ``"mh"`` (Alg. 2 with the Remark 2 frontier cap + Eq. 7 +
+  independent MH chains, Eq. 14: certified gamma and Eq. 6 TV bound per query in ``last_stats``), or ``"paper"`` (the
   experiments' procedure: top-k closest clusters, chains of length 2, top-scoring states, optional temperature and
   forest; no proposition covers it and it has no ``log_q``). The query's own positives are excluded by default.
 * every ``w`` mining steps (``reencode_every``): Alg. 5 (s' targets encoded, kernel ridge regression, every
@@ -179,8 +181,10 @@ class DyNNIBAL(Miner):
     reencode_every : w, mining steps between Alg. 5 re-encodes (each followed by the tree update).
     refresh_every : R, mining steps between exact refreshes (every target re-encoded, Alg. 6 again, tree(s)
         rebuilt); None: never (Alg. 4 as printed).
-    sampler : "rejection" (Alg. 1, exact draws of P~), "mh" (Alg. 2 + Eq. 14, certified gamma and Eq. 6 bound) or
-        "paper" (the experiments' procedure; no proposition covers it; no log_q).
+    sampler : "rejection" (exact draws of P~: Eq. 3-5 rejection on a per-query refined envelope with Prop. 1's
+        bounds, the sampler of :func:`refimpl.sampling.samplers.sample_adaptive`; Alg. 1 as printed is
+        :func:`refimpl.sampling.samplers.sample_rejection`), "mh" (Alg. 2 + Eq. 14, certified gamma and Eq. 6
+        bound) or "paper" (the experiments' procedure; no proposition covers it; no log_q).
     gamma, m, max_clusters, start : Alg. 2: target max P/Q (Prop. 2's level), deepest level (None: 16x finer than
         Prop. 2's level), frontier cap (Remark 2; None: uncapped), first frontier ("root" or "prop2": C_(l) at
         Prop. 2's level, as printed; see :class:`refimpl.sampling.engine.MiningEngine`).
@@ -435,6 +439,8 @@ class DyNNIBAL(Miner):
         r.n_clusters = sum(x.n_clusters for x in res)
         r.inner_products = sum(x.inner_products for x in res)
         r.distance_evals = sum(x.distance_evals for x in res)
+        r.attempts = sum(x.attempts for x in res)
+        r.exact_draws = sum(x.exact_draws for x in res)
         return r
 
     def mine(self, ctx, batch) -> Negatives:
@@ -497,7 +503,7 @@ class DyNNIBAL(Miner):
     def distribution(self, ctx, batch):
         """Per query of the batch, the law of one of its draws at the current state (no randomness taken from the
         run, no state change): ``"mh"``: the EXACT law after ``chain_length`` MH states with this query's Alg. 2
-        partition (:func:`mh_law`); ``"rejection"``: P~ itself renormalised over the non-excluded targets (Alg. 1 is
+        partition (:func:`mh_law`); ``"rejection"``: P~ itself renormalised over the non-excluded targets (its draws are
         exact); ``"paper"``: no closed form exists, so an ESTIMATE: the frequency of each target among the
         selections of ``paper_probe_runs`` independent runs of the procedure (own fixed seeds), normalised; its
         TV to the exact softmax is biased upwards by the sampling noise (about sqrt(support / draws)).

@@ -1,12 +1,13 @@
 """The batched mining kernel behind :mod:`refimpl.sampling.engine`: one compiled call answers a whole batch.
 
-For every query of the batch, inside one Numba function: the clustering (Alg. 2 with the Remark 2 frontier cap,
-:func:`refimpl.sampling._cluster_kernels.find_clustering_kernel`), the proposal's certificates, and then the
-shared batch samplers of :mod:`refimpl.sampling._kernels`, one call per group of queries needing the same number
-of draws: ``alg1_batch`` (Alg. 1) or ``flat_batch`` (independent MH of Eq. 14 from the Eq. 7 proposal), the
-clusterings passed in CSR form. This
-module only adds the certified refinement for Alg. 1 (:func:`refine_upper`), the per-query chain lengths of
-Eq. 6, the experiments' selection and the per-query statistics; it holds no sampler of its own.
+For every query of the batch, inside one Numba function, the shared batch samplers of the sampling layer, one call
+per group of queries needing the same number of draws: for "rejection", ``adaptive_batch``
+(:mod:`refimpl.sampling._adaptive`: exact rejection sampling, Eq. 3-5, on an envelope of tree clusters refined per
+query from the root, each cluster's bound that of Prop. 1 with the certified radius); for "mh" and "paper", Alg. 2
+with the Remark 2 frontier cap (:func:`refimpl.sampling._cluster_kernels.find_clustering_kernel`), the proposal's
+certificates, then ``flat_batch`` (independent MH of Eq. 14 from the Eq. 7 proposal) on the clusterings in CSR form.
+This module only adds the per-query chain lengths of Eq. 6, the experiments' selection and the per-query
+statistics; it holds no sampler of its own.
 
 Certified quantities (log Z interval, log max P/Q, the Eq. 6 TV bound) are always accumulated in float64, whatever
 the dtype of the tree's points.
@@ -16,9 +17,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from refimpl.sampling._cluster_kernels import _dist_q, _dot, _first_below, _grow, cluster_info, find_clustering_kernel
-from refimpl.sampling._kernels import INNER, LZ_EST, LZ_HI, LZ_LO, NC as NC_SAMPLER, STATUS, _log_z_bounds, \
-    alg1_batch, flat_batch
+from refimpl.sampling._adaptive import adaptive_batch
+from refimpl.sampling._cluster_kernels import _dist_q, _dot, _grow, cluster_info, find_clustering_kernel
+from refimpl.sampling._kernels import ATTEMPTS, EXACT, INNER, LZ_EST, LZ_HI, LZ_LO, N_CLUSTERS, NC as NC_SAMPLER, \
+    STATUS, _log_z_bounds, flat_batch
 
 # procedure codes (engine.PROCEDURES)
 REJECTION = 0
@@ -29,203 +31,16 @@ PAPER = 2
 S_LOG_Z = 0  # log Z estimate, clipped to [S_LOG_Z_LO, S_LOG_Z_HI]
 S_LOG_Z_LO = 1
 S_LOG_Z_HI = 2
-S_LOG_GAMMA = 3  # certified log max P/Q of the proposal sampled (rejection: log Z_hi / Z_lo of the partition)
+S_LOG_GAMMA = 3  # certified log max P/Q of the proposal sampled (rejection: log Z_hi / Z_lo of the envelope)
 S_TV = 4  # Eq. 6 bound for "mh" (exp(-(s - 1)/gamma)); 0 for exact draws; NaN for "paper" (no bound exists)
 S_CHAIN = 5  # chain length used (states)
 S_CLUSTERS = 6  # clusters of the proposal
 S_INNER = 7  # inner products computed for this query
 S_STATUS = 8  # 0 ok, 1 attempt budget exhausted, 2 Eq. 6 chain longer than the budget
-S_DIST = 9  # distance evaluations of Alg. 2
-N_STATS = 10
-
-
-@njit(cache=True)
-def _heap_push(hp, hi, n, p, i):
-    """Push (p, i) on the max-heap (hp priorities, hi items) holding n entries; returns the new arrays and n."""
-    if n == hp.shape[0]:
-        hp2 = np.empty(2 * n + 16, np.float64)
-        hi2 = np.empty(2 * n + 16, np.int64)
-        hp2[:n] = hp[:n]
-        hi2[:n] = hi[:n]
-        hp, hi = hp2, hi2
-    x = n
-    hp[x] = p
-    hi[x] = i
-    while x > 0:
-        par = (x - 1) // 2
-        if hp[par] >= hp[x]:
-            break
-        hp[par], hp[x] = hp[x], hp[par]
-        hi[par], hi[x] = hi[x], hi[par]
-        x = par
-    return hp, hi, n + 1
-
-
-@njit(cache=True)
-def _heap_pop(hp, hi, n):
-    """Pop the item of largest priority; returns (item, n - 1)."""
-    top = hi[0]
-    n -= 1
-    hp[0] = hp[n]
-    hi[0] = hi[n]
-    x = 0
-    while True:
-        l = 2 * x + 1
-        if l >= n:
-            break
-        c = l
-        if l + 1 < n and hp[l + 1] > hp[l]:
-            c = l + 1
-        if hp[x] >= hp[c]:
-            break
-        hp[c], hp[x] = hp[x], hp[c]
-        hi[c], hi[x] = hi[x], hi[c]
-        x = c
-    return top, n
-
-
-@njit(cache=True)
-def _g(a, n):
-    """``a`` grown to twice its size (first ``n`` entries kept)."""
-    return _grow(a, n, 2 * n + 16)
-
-
-@njit(cache=True)
-def refine_upper(T, suf, q, beta, bq, nodes, levels, log_ratio, max_clusters, k):
-    """Certified refinement of a partition for Alg. 1 (ours): split, best first, the cluster with the largest share
-    |C| e^{s_r} (e^{eps_C} - e^{-eps_C}) of Z_hi - Z_lo until log Z_hi - log Z_lo <= max(``log_ratio``,
-    log(|C| / k)) or ``max_clusters`` clusters. The second term balances the two costs of ``k`` exact draws (the
-    U-shaped cost of Prop. 3): the expected attempts k Z_hi / Z <= k Z_hi / Z_lo against the |C| inner products
-    already spent on the partition. A split replaces (v, L) by its children at the next occupied level (the nested
-    self-child (v, Lc) and the children of level Lc), so the result is still a partition of tree clusters, and
-    Z_hi / Z_lo bounds the expected attempts per exact draw (each attempt succeeds with probability Z / Z_hi).
-    A split costs O(children of level Lc): each cluster keeps its first child below its level, and the sizes and
-    radii of the parts follow from it (the size of (v, Lc) is that of (v, L) minus its new children's counts; its
-    radius is min(MAXD(v), suf[first child below Lc]) as in :func:`cluster_info`).
-    ``T`` is the tree's TreeArrays, ``suf`` its suffix radii, ``bq`` = beta ||q||.
-    Returns (nodes, levels, sizes, radii, rep logits, inner products)."""
-    points = T.points
-    n = nodes.shape[0]
-    cap = 2 * n + 16
-    nd_ = np.empty(cap, np.int64)
-    lv_ = np.empty(cap, np.int64)
-    sz_ = np.empty(cap, np.int64)
-    rd_ = np.empty(cap, np.float64)
-    sr_ = np.empty(cap, np.float64)
-    fb_ = np.empty(cap, np.int64)  # first child below the cluster's level (-1: a singleton)
-    alive = np.empty(cap, np.bool_)
-    sizes, radii, _ = cluster_info(T, suf, nodes, levels)
-    for j in range(n):
-        nd_[j] = nodes[j]
-        lv_[j] = levels[j]
-        sz_[j] = sizes[j]
-        rd_[j] = radii[j]
-        fb_[j] = _first_below(T, nodes[j], levels[j])
-        sr_[j] = beta * _dot(points, T.node_point[nodes[j]], q)
-        alive[j] = True
-    ip = n
-    ref = -np.inf
-    for j in range(n):
-        if sr_[j] + bq * rd_[j] > ref:
-            ref = sr_[j] + bq * rd_[j]
-    hp = np.empty(n + 16, np.float64)
-    hi = np.empty(n + 16, np.int64)
-    nh = 0
-    zhi = 0.0
-    zlo = 0.0
-    for j in range(n):
-        e = bq * rd_[j]
-        zhi += sz_[j] * np.exp(sr_[j] + e - ref)
-        zlo += sz_[j] * np.exp(sr_[j] - e - ref)
-        if e > 0:
-            hp, hi, nh = _heap_push(hp, hi, nh, np.log(sz_[j]) + sr_[j] + e + np.log(-np.expm1(-2 * e)), j)
-    n_alive = n
-    splits = 0
-    next_exact = 0
-    log_k = np.log(k)
-    while nh > 0 and n_alive < max_clusters:
-        target = max(log_ratio, np.log(n_alive) - log_k)
-        if splits >= next_exact or np.log(zhi) - np.log(max(zlo, 1e-300)) <= target:
-            # exact sums (running sums drift by cancellation): on a claimed stop, and after 64, 192, 448, ...
-            # splits (a geometric schedule keeps the recomputation O(n) in total)
-            next_exact = 2 * splits + 64
-            zhi = 0.0
-            zlo = 0.0
-            for j in range(n):
-                if alive[j]:
-                    e = bq * rd_[j]
-                    zhi += sz_[j] * np.exp(sr_[j] + e - ref)
-                    zlo += sz_[j] * np.exp(sr_[j] - e - ref)
-            if np.log(zhi) - np.log(max(zlo, 1e-300)) <= target:
-                break
-        j, nh = _heap_pop(hp, hi, nh)
-        ch = fb_[j]
-        if ch == -1:
-            continue
-        v = nd_[j]
-        Lc = T.node_level[ch]
-        e = bq * rd_[j]
-        alive[j] = False
-        zhi -= sz_[j] * np.exp(sr_[j] + e - ref)
-        zlo -= sz_[j] * np.exp(sr_[j] - e - ref)
-        # the nested self-child (v, Lc) goes last: its size and first child below Lc are known after the scan
-        self_size = sz_[j]
-        nk = 0
-        while True:
-            last = ch == -1 or T.node_level[ch] != Lc
-            if n == nd_.shape[0]:
-                nd_, lv_, sz_ = _g(nd_, n), _g(lv_, n), _g(sz_, n)
-                rd_, sr_, fb_, alive = _g(rd_, n), _g(sr_, n), _g(fb_, n), _g(alive, n)
-            lv_[n] = Lc
-            alive[n] = True
-            if last:
-                nd_[n] = v
-                sz_[n] = self_size
-                fb_[n] = ch
-                r = 0.0
-                if ch != -1:
-                    r = min(suf[ch], T.node_maxd[v])
-                rd_[n] = r
-                sr_[n] = sr_[j]
-            else:
-                nd_[n] = ch
-                sz_[n] = T.node_count[ch]
-                self_size -= T.node_count[ch]
-                g = T.node_first_child[ch]
-                fb_[n] = g
-                r = 0.0
-                if g != -1:
-                    r = min(suf[g], T.node_maxd[ch])
-                rd_[n] = r
-                sr_[n] = beta * _dot(points, T.node_point[ch], q)
-                ip += 1
-            ex = bq * rd_[n]
-            zhi += sz_[n] * np.exp(sr_[n] + ex - ref)
-            zlo += sz_[n] * np.exp(sr_[n] - ex - ref)
-            if ex > 0:
-                hp, hi, nh = _heap_push(hp, hi, nh, np.log(sz_[n]) + sr_[n] + ex + np.log(-np.expm1(-2 * ex)), n)
-            n += 1
-            nk += 1
-            if last:
-                break
-            ch = T.node_next_sibling[ch]
-        n_alive += nk - 1
-        splits += 1
-    m = 0
-    for j in range(n):
-        if alive[j]:
-            m += 1
-    on = np.empty(m, np.int64)
-    ol = np.empty(m, np.int64)
-    osz = np.empty(m, np.int64)
-    ord_ = np.empty(m, np.float64)
-    osr = np.empty(m, np.float64)
-    m = 0
-    for j in range(n):
-        if alive[j]:
-            on[m], ol[m], osz[m], ord_[m], osr[m] = nd_[j], lv_[j], sz_[j], rd_[j], sr_[j]
-            m += 1
-    return on, ol, osz, ord_, osr, ip
+S_DIST = 9  # distance evaluations of Alg. 2 (0 for "rejection", which does not run it)
+S_ATTEMPTS = 10  # rejection attempts ("rejection") or proposals made by the MH chains ("mh", "paper")
+S_EXACT = 11  # "rejection": draws made by brute force (the adaptive sampler's switch; still exact)
+N_STATS = 12
 
 
 @njit(cache=True)
@@ -259,26 +74,29 @@ def _top_closest(T, q, nodes, levels, n_top):
 
 
 @njit(cache=True)
-def engine_kernel(T, suf, Q, qnorm, beta, procedure, counts, out_ptr, excl_ptr, excl_ids, seed, sptr, snodes, sidx,
-                  start_levels, ms, max_frontier, n_top, chain_length, n_chains, temperature, log_tv, max_steps,
-                  log_ratio, max_refine, out_ids, out_logits, stats):
+def engine_kernel(T, suf, order, pos, Q, qnorm, beta, procedure, counts, out_ptr, excl_ptr, excl_ids, seed, sptr,
+                  snodes, sidx, start_levels, ms, max_frontier, n_top, chain_length, n_chains, temperature, log_tv,
+                  max_steps, attempt_cost, broken, out_ids, out_logits, stats):
     """Draw ``counts[b]`` negatives for every query ``Q[b]`` of a batch (one compiled call).
 
-    Every procedure first runs Alg. 2 on the tree ``T`` (TreeArrays; ``suf`` its suffix radii) from the first
-    frontier ``snodes[sptr[sidx[b]]:sptr[sidx[b] + 1]]`` = C_(start_levels[b]), deepest level ``ms[b]``, frontier
-    cap ``max_frontier`` (0 = none). REJECTION: the partition refined (:func:`refine_upper`) until
-    log Z_hi/Z_lo <= ``log_ratio`` or ``max_refine`` clusters, then Alg. 1 started from it (bounds
-    E_C = s_r + beta ||q|| rho(C)): exact draws of the softmax renormalised over the non-excluded targets. MH:
-    ``counts[b]`` independent chains (Eq. 14) of ``chain_length`` states (0: Eq. 6's length for TV exp(log_tv)
-    from the certified gamma, per query), each started from the Eq. 7 proposal. PAPER: Alg. 2 as for MH, the
-    ``n_top`` clusters whose representatives are closest to the query (0 = all), ``n_chains[b]`` chains of
-    ``chain_length`` states at inverse temperature beta / temperature, and the ``counts[b]`` top-scoring distinct
-    final states (repeated from the best when fewer are distinct).
+    ``T`` is the tree (TreeArrays; ``suf`` its suffix radii; ``order``, ``pos`` its pre-order,
+    :func:`refimpl.index.search.preorder`, used by REJECTION only). REJECTION: ``adaptive_batch`` (exact rejection
+    sampling of the softmax renormalised over the non-excluded targets, Eq. 3-5, with an envelope refined per query
+    from the root and shared by its draws; cluster bounds s_r + beta ||q|| rho(C), Prop. 1; ``attempt_cost`` sets
+    its refinement rule; ``broken`` drops the radius term, a negative control of the tests); no Alg. 2. MH and
+    PAPER first run Alg. 2 from the first frontier ``snodes[sptr[sidx[b]]:sptr[sidx[b] + 1]]`` =
+    C_(start_levels[b]), deepest level ``ms[b]``, frontier cap ``max_frontier`` (0 = none). MH: ``counts[b]``
+    independent chains (Eq. 14) of ``chain_length`` states (0: Eq. 6's length for TV exp(log_tv) from the
+    certified gamma, per query), each started from the Eq. 7 proposal. PAPER: the ``n_top`` clusters of Alg. 2's
+    output whose representatives are closest to the query (0 = all), ``n_chains[b]`` chains of ``chain_length``
+    states at inverse temperature beta / temperature, and the ``counts[b]`` top-scoring distinct final states
+    (repeated from the best when fewer are distinct).
 
-    The clusterings of all queries with draws are collected in CSR form, the queries ordered by the number of draws
-    they need (counts[b]; PAPER: n_chains[b]), and each group of equal need is sampled by ONE call of
-    ``alg1_batch`` (REJECTION) or ``flat_batch`` (MH, PAPER; algo 1, upper False = Eq. 7) seeded by ``seed + g``
-    (g = the group's rank): no query draws more than it needs. If some query's Eq. 6 length exceeds ``max_steps``
+    The queries with draws are ordered by the number of draws they need (counts[b]; PAPER: n_chains[b]), their
+    clusterings (MH, PAPER) collected in CSR form, and each group of equal need is sampled by ONE call of
+    ``adaptive_batch`` (REJECTION, with replacement, at most ``max_steps`` attempts per draw) or ``flat_batch``
+    (MH, PAPER; algo 1, upper False = Eq. 7) seeded by ``seed + g`` (g = the group's rank): no query draws more
+    than it needs. If some query's Eq. 6 length exceeds ``max_steps``
     (status 2), nothing is drawn. Draws of query b go to
     ``out_ids[out_ptr[b]:out_ptr[b+1]]`` with their logits beta <q, t>; per-query statistics to ``stats[b]``
     (columns S_*). Excluded ids of query b: ``excl_ids[excl_ptr[b]:excl_ptr[b+1]]``.
@@ -310,6 +128,11 @@ def engine_kernel(T, suf, Q, qnorm, beta, procedure, counts, out_ptr, excl_ptr, 
         c = counts[b]
         if c == 0:
             continue
+        if procedure == REJECTION:  # no clustering: the adaptive sampler refines its own envelope from the root
+            act[na] = b
+            na += 1
+            cptr[na] = cptr[na - 1]
+            continue
         q = Q[b]
         bq = beta * qnorm[b]
         s0 = sptr[sidx[b]]
@@ -319,12 +142,7 @@ def engine_kernel(T, suf, Q, qnorm, beta, procedure, counts, out_ptr, excl_ptr, 
         if procedure == PAPER and n_top > 0 and nodes.shape[0] > n_top:
             dropped[b] = True
             nodes, levels = _top_closest(T, q, nodes, levels, n_top)
-        if procedure == REJECTION:
-            nodes, levels, sizes, radii, _, ipr = refine_upper(T, suf, q, beta, bq, nodes, levels, log_ratio,
-                                                               max_refine, c)
-            pre_ip[b] = ipr
-        else:
-            sizes, radii, _ = cluster_info(T, suf, nodes, levels)
+        sizes, radii, _ = cluster_info(T, suf, nodes, levels)
         nc = nodes.shape[0]
         stats[b, S_CLUSTERS] = nc
         if procedure == MH:
@@ -400,9 +218,8 @@ def engine_kernel(T, suf, Q, qnorm, beta, procedure, counts, out_ptr, excl_ptr, 
             a1 += 1
         # the CSR slices keep absolute offsets into cnodes / eids, as the batch samplers index them
         if procedure == REJECTION:
-            gi, gs, gc, gl = alg1_batch(T, suf, Qa[a0:a1], beta, kg, False, 1.0, cptr[a0:a1 + 1], cnodes, clevels,
-                                        creps, csizes, cradii, eptr[a0:a1 + 1], eids, 1, max_steps, False, 0,
-                                        seed + g)
+            gi, gs, gc, gl = adaptive_batch(T, suf, order, pos, Qa[a0:a1], beta, kg, eptr[a0:a1 + 1], eids, 1,
+                                            max_steps, attempt_cost, seed + g, broken)
         else:
             gi, gs, gc, gl = flat_batch(T, suf, Qa[a0:a1], b_eff, kg, 1, False, False, 1.0, cptr[a0:a1 + 1], cnodes,
                                         clevels, creps, csizes, cradii, empty, empty, eptr[a0:a1 + 1], eids, 1,
@@ -428,9 +245,13 @@ def engine_kernel(T, suf, Q, qnorm, beta, procedure, counts, out_ptr, excl_ptr, 
         nd = stats[b, S_DIST]
         ip = pre_ip[b] + ca[INNER]
         status = 1.0 if ca[STATUS] else 0.0
+        stats[b, S_ATTEMPTS] = ca[ATTEMPTS]
         if procedure == REJECTION:
-            _record(stats, b, lz[a, LZ_EST], lz[a, LZ_LO], lz[a, LZ_HI], lz[a, LZ_HI] - lz[a, LZ_LO], 0.0, 0.0, nc,
-                    ip, nd, status, out_ids, out_logits, lo, ids[a, :c], sids[a, :c], 1.0)
+            # the envelope's proposal has max P/Q <= Z_hi / Z_lo (its certified interval), which also bounds the
+            # expected attempts per draw
+            stats[b, S_EXACT] = ca[EXACT]
+            _record(stats, b, lz[a, LZ_EST], lz[a, LZ_LO], lz[a, LZ_HI], lz[a, LZ_HI] - lz[a, LZ_LO], 0.0, 0.0,
+                    ca[N_CLUSTERS], ip, nd, status, out_ids, out_logits, lo, ids[a, :c], sids[a, :c], 1.0)
         elif procedure == MH:
             log_gamma = stats[b, S_LOG_GAMMA]
             _record(stats, b, lz[a, LZ_EST], lz[a, LZ_LO], lz[a, LZ_HI], log_gamma,

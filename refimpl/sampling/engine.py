@@ -1,21 +1,29 @@
-"""The batched mining engine: every query of a batch answered by ONE compiled call (paper §3, Alg. 1-2, Eq. 6-7, 14).
+"""The batched mining engine: every query of a batch answered by ONE compiled call (paper §3, Eq. 3-7, 14, Alg. 2).
 
 A :class:`MiningEngine` runs one of three named procedures over an SG tree for a batch of queries ``Q`` (B, D),
-drawing ``counts[b]`` targets for query b. The clustering, the proposal and the draws of every query happen inside
-one Numba function (:mod:`refimpl.sampling._engine_kernels`: Alg. 2 per query, then the sampling layer's batch
-samplers, one call per group of queries needing the same number of draws, so no query draws more than it needs);
-nothing is re-validated per query, the query-free tree statistics (suffix
-radii, the C_(l) of Prop. 2) are cached per ``tree.version``, and the output buffers are reused across calls.
+drawing ``counts[b]`` targets for query b. The clustering or envelope, the proposal and the draws of every query
+happen inside one Numba function (:mod:`refimpl.sampling._engine_kernels`: the sampling layer's batch samplers,
+one call per group of queries needing the same number of draws, so no query draws more than it needs); nothing is
+re-validated per query, the query-free tree statistics (suffix radii, the pre-order, the C_(l) of Prop. 2) are
+cached per ``tree.version``, and the output buffers are reused across calls.
 The tree's points may be float32 or float64; logits, log Z bounds, gamma and TV bounds are computed in float64.
 
 Procedures and what each guarantees (P = softmax of ``beta <q, t>`` over the non-excluded targets of the tree):
 
-* ``"rejection"``: Alg. 1 (hierarchical rejection, errata fixed) started from the partition Alg. 2 returns (below)
-  after a certified refinement to Z_hi / Z_lo <= max(``rejection_ratio``, |C| / k) (any partition of tree
-  clusters with bounds E_C = s_r + beta ||q|| rho(C) is a valid start; k Z_hi / Z_lo bounds the expected attempts
-  of k draws, balanced against the |C| inner products of the partition, the U-shaped cost of Prop. 3).
-  Every draw is an EXACT sample of P (the tree's representations define P: for DyNNIBAL that is the approximate
-  softmax P~ of Nyström + regression). ``log_z`` is an estimate clipped to the certified [Z_lo, Z_hi].
+* ``"rejection"``: exact rejection sampling of P (Eq. 3-5) on an envelope refined per query: the adaptive sampler
+  of :func:`refimpl.sampling.samplers.sample_adaptive` (kernel ``adaptive_batch``), run inside the engine's call.
+  From the root, the tree cluster of largest envelope mass |C| e^{E_C} is split while the attempts this saves over
+  the query's draws exceed the split's inner products; E_C = min(E_parent, s_r + beta ||q|| rho(C)) is Prop. 1's
+  bound with the certified radius rho(C). An attempt proposes C with probability |C| e^{E_C} / sum |C'| e^{E_C'},
+  a member i uniformly, and accepts it with probability e^{s_i - E_C}, so every accepted draw is an EXACT sample of P
+  whatever the envelope (the tree's representations define P: for DyNNIBAL that is the approximate softmax P~ of
+  Nystrom + regression); excluded ids are rejected, which renormalises P over the rest. When the envelope cannot
+  pay for itself (refinement plus expected attempts >= N), the query's draws are made by brute force (still
+  exact; ``exact_draws``). Alg. 2 is not run. ``log_z`` is an estimate (Z_hi x the acceptance rate) clipped to the
+  envelope's certified [Z_lo, Z_hi] (over all live targets); ``log_gamma`` = log Z_hi / Z_lo bounds the envelope's
+  max P/Q and the expected attempts per draw (Z_hi / Z; with exclusions Z_hi / Z over the non-excluded targets).
+  Alg. 1 as printed (hierarchical rejection, errata fixed) remains available as
+  :func:`refimpl.sampling.samplers.sample_rejection`.
 * ``"mh"``: Alg. 2 (deepest level ``m``, 16x finer than Prop. 2's level for ``gamma`` by default; first frontier
   the root, or C_(l) at Prop. 2's level with ``start="prop2"``; the frontier capped to ``max_frontier`` clusters
   with the excess finalised: Remark 2, still a partition), the Eq. 7 proposal, and one
@@ -45,7 +53,9 @@ from refimpl._validate import as_rng, check_int, check_matrix, check_positive
 from refimpl.sampling import _cluster_kernels as CK
 from refimpl.sampling import _engine_kernels as EK
 from refimpl.index import Clustering
+from refimpl.index.search import preorder
 from refimpl.sampling.clustering import level_clustering, suffix_radii, tree_clustering
+from refimpl.sampling.samplers import ATTEMPT_COST
 
 __all__ = ["PROCEDURES", "STARTS", "EngineResult", "MiningEngine", "sample_paper", "prop2_levels"]
 
@@ -53,6 +63,7 @@ PROCEDURES = ("rejection", "mh", "paper")
 _CODES = {"rejection": EK.REJECTION, "mh": EK.MH, "paper": EK.PAPER}
 STARTS = ("root", "prop2")
 DEFAULT_MAX_STEPS = 10_000_000
+_EMPTY = np.zeros(0, np.int64)
 
 
 def prop2_levels(gamma, beta_q, base) -> np.ndarray:
@@ -92,6 +103,8 @@ class EngineResult:
     n_clusters: np.ndarray
     inner_products: np.ndarray
     distance_evals: np.ndarray
+    attempts: np.ndarray
+    exact_draws: np.ndarray
 
     def of(self, b: int) -> np.ndarray:
         """The ids drawn for query b."""
@@ -127,8 +140,8 @@ class MiningEngine:
 
     Parameters
     ----------
-    procedure : "rejection" (Alg. 1, exact), "mh" (Alg. 2 + Eq. 14, certified gamma and Eq. 6 bound) or "paper"
-        (the experiments' procedure, no guarantee).
+    procedure : "rejection" (exact: Eq. 3-5 on a refined envelope with Prop. 1's bounds), "mh" (Alg. 2 + Eq. 14,
+        certified gamma and Eq. 6 bound) or "paper" (the experiments' procedure, no guarantee).
     gamma : Alg. 2's target max P/Q; its start level is Prop. 2's l = max{l : b^l <= log(gamma)/(2 beta ||q||)}.
     m : Alg. 2's deepest level; None: 16x finer than the start (l - ceil(log_b 16)), per query.
     max_frontier : Remark 2's cap on Alg. 2's frontier (the excess is finalised; the output stays a partition);
@@ -140,9 +153,6 @@ class MiningEngine:
     temperature : "paper" only: the chains target exp(beta s / temperature) (the paper's optional lower
         temperature, value unstated); 1 = none.
     tv : the TV target of Eq. 6 when ``chain_length`` is None. max_steps : attempt / chain budget per draw.
-    rejection_ratio, max_refine_clusters : "rejection" only: Alg. 2's partition is refined (certified, best
-        first: the cluster with the largest share of Z_hi - Z_lo is split) until Z_hi / Z_lo <= max(rejection_ratio,
-        |C| / draws) (the expected attempts per exact draw are <= Z_hi / Z_lo), or max_refine_clusters clusters.
     start : Alg. 2's first frontier: "prop2" = C_(l) at Prop. 2's level l (as printed; it holds every node of
         level >= l, a fixed fraction of N at a fixed gamma), or "root" (default) = the root, so that the frontier
         cap applies from the top and far regions are finalised as coarse clusters. Either way the output is a
@@ -153,8 +163,7 @@ class MiningEngine:
     def __init__(self, procedure: str = "mh", *, gamma: float = 1e6, m: int | None = None,
                  max_frontier: int | None = 100, n_top_clusters: int | None = 10, chain_length: int | None = None,
                  n_chains: int | None = None, temperature: float = 1.0, tv: float = 0.01,
-                 max_steps: int = DEFAULT_MAX_STEPS, start: str = "root", rejection_ratio: float = 4.0,
-                 max_refine_clusters: int = 100_000):
+                 max_steps: int = DEFAULT_MAX_STEPS, start: str = "root"):
         if procedure not in PROCEDURES:
             raise ValueError(f"procedure: expected one of {PROCEDURES}, got {procedure!r}")
         self.procedure = procedure
@@ -176,10 +185,7 @@ class MiningEngine:
         if start not in STARTS:
             raise ValueError(f"start: expected one of {STARTS}, got {start!r}")
         self.start = start
-        self.rejection_ratio = check_positive("rejection_ratio", rejection_ratio)
-        if self.rejection_ratio <= 1.0:
-            raise ValueError(f"rejection_ratio: must be > 1, got {rejection_ratio}")
-        self.max_refine_clusters = check_int("max_refine_clusters", max_refine_clusters, low=1)
+        self._broken = False  # "rejection" without the radius term in its bounds: a negative control of the tests
         self._ids = np.zeros(0, np.int64)
         self._logits = np.zeros(0, np.float64)
         self._stats = np.zeros((0, EK.N_STATS), np.float64)
@@ -261,11 +267,11 @@ class MiningEngine:
         n_chains = np.maximum(n_chains, counts)
         sptr, snodes, sidx = self._frontiers(tree, starts)
         seed = int(gen.integers(0, 2 ** 62))
-        EK.engine_kernel(ta, suf, Q, qn, beta, _CODES[self.procedure], counts, ptr, eptr, eids, seed, sptr, snodes,
-                         sidx, starts, ms, self.max_frontier, self.n_top_clusters, self.chain_length,
+        order, pos = preorder(tree) if self.procedure == "rejection" else (_EMPTY, _EMPTY)
+        EK.engine_kernel(ta, suf, order, pos, Q, qn, beta, _CODES[self.procedure], counts, ptr, eptr, eids, seed,
+                         sptr, snodes, sidx, starts, ms, self.max_frontier, self.n_top_clusters, self.chain_length,
                          n_chains.astype(np.int64), self.temperature, math.log(self.tv), self.max_steps,
-                         math.log(self.rejection_ratio), self.max_refine_clusters, self._ids, self._logits,
-                         self._stats)
+                         ATTEMPT_COST, self._broken, self._ids, self._logits, self._stats)
         st = self._stats[:B]
         status = st[:, EK.S_STATUS]
         if np.any(status == 1):
@@ -279,7 +285,8 @@ class MiningEngine:
                             st[:, EK.S_LOG_Z].copy(), st[:, EK.S_LOG_Z_LO].copy(), st[:, EK.S_LOG_Z_HI].copy(),
                             st[:, EK.S_LOG_GAMMA].copy(), st[:, EK.S_TV].copy(),
                             st[:, EK.S_CHAIN].astype(np.int64), st[:, EK.S_CLUSTERS].astype(np.int64),
-                            st[:, EK.S_INNER].astype(np.int64), st[:, EK.S_DIST].astype(np.int64))
+                            st[:, EK.S_INNER].astype(np.int64), st[:, EK.S_DIST].astype(np.int64),
+                            st[:, EK.S_ATTEMPTS].astype(np.int64), st[:, EK.S_EXACT].astype(np.int64))
 
 
 def sample_paper(tree, Q, k, *, beta, rng, gamma=1e6, m=None, max_frontier=100, n_top_clusters=10, chain_length=2,

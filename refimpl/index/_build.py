@@ -1,5 +1,9 @@
 """Numba kernels of the batch construction of :mod:`refimpl.index.sgtree`: the divisive build and the rebuild of
-emptied clusters (Alg. 3, rebuild_level). Same conventions as :mod:`refimpl.index._kernels` (one TreeArrays ``T``)."""
+emptied clusters (Alg. 3, rebuild_level). Same conventions as :mod:`refimpl.index._kernels` (one TreeArrays ``T``).
+
+Memory locality: a task whose segment is small enough (``gather`` rows, default :data:`GATHER_BYTES` of rows) has
+its rows copied once into a contiguous buffer, and its whole subtree is built from that buffer; the distances are
+computed from the same stored values, so the tree is identical to the one built without gathering."""
 from __future__ import annotations
 
 import math
@@ -8,27 +12,104 @@ import numpy as np
 from numba import njit
 
 from refimpl.index._arrays import N_DIST, ROOT
-from refimpl.index._distance import prefetch_row
+from refimpl.index._distance import dist, prefetch_row
 from refimpl.index._kernels import INF, _alloc, _link_child, duplicate_level, insert_one, level_ceil, tdist, tsqnorm
 
 PF = 4  # rows prefetched ahead in the scans (memory-level parallelism)
+GATHER_BYTES = 1 << 20  # a gathered segment's rows (fits in a core's L2 cache)
+GATHER_MIN = 32  # smaller segments are not worth a gather
+GEMM_MIN_KIDS = 8  # the assignment step goes through a matrix product from this many kids of a group...
+GEMM_MAX_KIDS = 1 << 14  # ... up to this many (their float64 rows are copied)
+GEMM_BLOCK = 128  # points per matrix product
+
+
+def gather_rows(points) -> int:
+    """Largest segment (in rows) gathered into a contiguous buffer by :func:`batch_place` for this point matrix."""
+    return max(GATHER_MIN, GATHER_BYTES // max(1, points.shape[1] * points.itemsize))
 
 
 @njit(cache=True)
-def batch_place(T, v, L, xs, dv):
+def _assign_filtered(P, s, e, k, kids, krow, rad, rw, dv, sqv, lab, dbest, cnt, pdist, kmat, ksq, xblk, bidx):
+    """The assignment step of :func:`batch_place` (nearest covering member of the group, self winning ties) with
+    the same result, for many kids: one matrix product per block of points gives every squared distance
+    ||x||^2 + ||c||^2 - 2<x, c> up to a proven rounding bound, and only the kids that could win (approximate
+    squared distance <= tau^2 + bound, tau = min(rad, d(x, p_u))) get their exact distance, in the same order and
+    with the same comparisons as the plain scan. Rounding bound: every sum has at most D + 2 terms of magnitude
+    <= ||x||^2 + ||c||^2, so |error| <= 2 gamma_(D+2) (||x||^2 + ||c||^2) (gamma_n = n u / (1 - n u), u = 2^-53)
+    for the product and the same for the exact distance; we use 8 (D + 4) u (||x||^2 + ||c||^2 + tau^2).
+    Returns the number of exact distances computed."""
+    D = P.shape[1]
+    eps = 8.0 * (D + 4) * 2.0 ** -53
+    for q in range(k):
+        r = krow[q]
+        a = 0.0
+        for j in range(D):
+            y = np.float64(P[r, j])
+            kmat[q, j] = y
+            a += y * y
+        ksq[q] = a
+    nd = 0
+    i = s
+    while i < e:
+        nb = 0
+        while i < e and nb < xblk.shape[0]:
+            if lab[i] != -1:
+                r = rw[i]
+                for j in range(D):
+                    xblk[nb, j] = P[r, j]
+                bidx[nb] = i
+                nb += 1
+            i += 1
+        if nb == 0:
+            break
+        G = np.dot(xblk[:nb], kmat[:k].T)
+        for b in range(nb):
+            t = bidx[b]
+            if dv[t] <= rad:
+                best = 0
+                bd = dv[t]
+            else:
+                best = -1
+                bd = INF
+            tau = bd if bd < rad else rad
+            t2 = tau * tau
+            xs2 = sqv[t]
+            for q in range(k):
+                approx = xs2 + ksq[q] - 2.0 * G[b, q]
+                if approx > t2 + eps * (xs2 + ksq[q] + t2):
+                    continue  # d(x, c) > tau: c neither covers x nor beats the current best
+                lb = abs(dv[t] - pdist[kids[q]])
+                if lb > rad or lb >= bd:
+                    continue
+                dc = dist(P, rw[t], P, krow[q])
+                nd += 1
+                if dc <= rad and dc < bd:
+                    bd = dc
+                    best = q + 1
+            lab[t] = best
+            dbest[t] = bd
+            cnt[best] += 1
+    return nd
+
+
+@njit(cache=True)
+def batch_place(T, v, L, xs, dv, gather, max_kids):
     """Divisive batch construction: place the targets xs (with dv[i] = d(xs[i], p_v) <= b^L) in cluster (v, L).
 
     Same invariants as repeated insertion (it is insertion in a coarse-to-fine order): for the current cluster
     (u, L) with point set S, l* = the first level at which some point of S leaves the self-child's cover
-    (capped at L-1); a greedy net (scan order) of the T.points not covered by the self-child at l* becomes the new
+    (capped at L-1); a greedy net (scan order) of the points not covered by the self-child at l* becomes the new
     children of level l* (pairwise and from p_u > b^l*, so separated; covering d <= b^(l*+1) by the choice of l*);
     every other point goes to the nearest covering member of the group, the self-child winning ties; recurse.
     Identical copies of p_u become duplicate children below all others. Counts and MAXD are exact (every point's
-    distance to every ancestor is computed on the way down), MIND exact. xs and dv are scratch (reordered)."""
+    distance to every ancestor is computed on the way down), MIND exact. xs and dv are scratch (reordered).
+    Speed only (the tree is the same whatever they are): a task of at most ``gather`` points (>= 2) is built from
+    a contiguous copy of its rows (0: never); a group of GEMM_MIN_KIDS to ``max_kids`` new children is assigned by
+    :func:`_assign_filtered` (0: never)."""
     n = xs.shape[0]
     if n == 0:
         return
-    # ancestors above v (the caller detached these T.points from v's subtree: counts only, MAXD stays valid)
+    # ancestors above v (the caller detached these points from v's subtree: counts only, MAXD stays valid)
     sqv = np.empty(n)  # squared norms, permuted along with xs and dv
     for i in range(n):
         if i + PF < n:
@@ -41,30 +122,43 @@ def batch_place(T, v, L, xs, dv):
             if sqv[i] > T.node_maxnorm[a]:
                 T.node_maxnorm[a] = sqv[i]
         a = T.node_parent[a]
+    rw = xs.copy()  # row of each point in the row source of its task (T.points: the target id)
     lab = np.empty(n, dtype=np.int64)
     dbest = np.empty(n)
-    tmp_x = np.empty(n, dtype=np.int64)
-    tmp_d = np.empty(n)
-    tmp_s = np.empty(n)
+    tmp = np.empty((n, 2), dtype=np.int64)
+    tmp_d = np.empty((n, 2))
     kids = np.empty(n, dtype=np.int64)
+    krow = np.empty(n, dtype=np.int64)
     cnt = np.empty(n + 2, dtype=np.int64)
-    # task stack: node, level, start, end
-    st_v = np.empty(n + 1, dtype=np.int64)
-    st_l = np.empty(n + 1, dtype=np.int64)
-    st_s = np.empty(n + 1, dtype=np.int64)
-    st_e = np.empty(n + 1, dtype=np.int64)
-    top = 0
-    st_v[0] = v
-    st_l[0] = L
-    st_s[0] = 0
-    st_e[0] = n
+    st = np.empty((n + 1, 4), dtype=np.int64)  # task stack: node, level, start, end
+    g = min(gather, n)
+    kmat = np.empty((min(n, max_kids), T.points.shape[1]))  # kid rows (float64) of the filtered assignment
+    ksq = np.empty(kmat.shape[0])
+    xblk = np.empty((GEMM_BLOCK, T.points.shape[1]))
+    bidx = np.empty(GEMM_BLOCK, dtype=np.int64)
+    buf = np.empty((max(g, 1), T.points.shape[1]), dtype=T.points.dtype)
+    st[0, 0] = v
+    st[0, 1] = L
+    st[0, 2] = 0
+    st[0, 3] = n
     top = 1
+    local = False  # the task at stack index lo and every task it pushes read their rows from buf
+    lo = 0
     while top > 0:
         top -= 1
-        u = st_v[top]
-        lev = st_l[top]
-        s = st_s[top]
-        e = st_e[top]
+        u, lev, s, e = st[top, 0], st[top, 1], st[top, 2], st[top, 3]
+        if local and top < lo:
+            local = False
+        if not local and 2 <= e - s <= g:  # gather the segment's rows; its whole subtree is built from buf
+            for i in range(s, e):
+                if i + PF < e:
+                    prefetch_row(T.points, xs[i + PF])
+                for j in range(T.points.shape[1]):
+                    buf[i - s, j] = T.points[xs[i], j]
+                rw[i] = i - s
+            local = True
+            lo = top
+        P = buf if local else T.points
         T.node_count[u] += e - s
         tail = T.node_first_child[u]
         if tail != -1:
@@ -86,6 +180,9 @@ def batch_place(T, v, L, xs, dv):
                 t = xs[i]
                 xs[i] = xs[j]
                 xs[j] = t
+                t = rw[i]
+                rw[i] = rw[j]
+                rw[j] = t
                 td = dv[i]
                 dv[i] = dv[j]
                 dv[j] = td
@@ -105,25 +202,23 @@ def batch_place(T, v, L, xs, dv):
             if ls > lev - 1:
                 ls = lev - 1
             rad = math.pow(T.base, ls)
-            # greedy net of the T.points the self-child does not cover
+            # greedy net of the points the self-child does not cover
             k = 0
             gmin = INF
             for i in range(s, e):
                 lab[i] = 0
                 if i + PF < e and dv[i + PF] > rad:
-                    prefetch_row(T.points, xs[i + PF])
+                    prefetch_row(P, rw[i + PF])
                 if dv[i] > rad:
-                    x = xs[i]
                     far = True
                     xmin = INF  # lower bound of x's distance to the kids (exact where computed): for MIND
                     for q in range(k):
-                        c = kids[q]
-                        lb = abs(dv[i] - T.node_pdist[c])
+                        lb = abs(dv[i] - T.node_pdist[kids[q]])
                         if lb > rad:
                             if lb < xmin:
                                 xmin = lb
                             continue
-                        dc = tdist(T, x, T.node_point[c])
+                        dc = dist(P, rw[i], P, krow[q])
                         T.state[N_DIST] += 1
                         if dc < xmin:
                             xmin = dc
@@ -135,7 +230,7 @@ def batch_place(T, v, L, xs, dv):
                             gmin = xmin
                         if dv[i] < gmin:
                             gmin = dv[i]
-                        c = _alloc(T, x, ls, u, dv[i])
+                        c = _alloc(T, xs[i], ls, u, dv[i])
                         # append at the tail of u's child list (levels only decrease along the self-chain)
                         if tail == -1:
                             T.node_first_child[u] = c
@@ -143,6 +238,7 @@ def batch_place(T, v, L, xs, dv):
                             T.node_next_sibling[tail] = c
                         tail = c
                         kids[k] = c
+                        krow[k] = rw[i]
                         k += 1
                         lab[i] = -1
             if gmin < T.node_mind[u]:
@@ -152,57 +248,62 @@ def batch_place(T, v, L, xs, dv):
             # assignment: nearest covering member of the group (self wins ties)
             for q in range(k + 2):
                 cnt[q] = 0
-            for i in range(s, e):
-                if i + PF < e and lab[i + PF] != -1:
-                    prefetch_row(T.points, xs[i + PF])
-                if lab[i] == -1:
-                    continue
-                x = xs[i]
-                if dv[i] <= rad:
-                    best = 0
-                    bd = dv[i]
-                else:
-                    best = -1
-                    bd = INF
-                for q in range(k):
-                    c = kids[q]
-                    lb = abs(dv[i] - T.node_pdist[c])
-                    if lb > rad or lb >= bd:
+            if GEMM_MIN_KIDS <= k <= kmat.shape[0]:
+                T.state[N_DIST] += _assign_filtered(P, s, e, k, kids, krow, rad, rw, dv, sqv, lab, dbest, cnt,
+                                                    T.node_pdist, kmat, ksq, xblk, bidx)
+            else:
+                for i in range(s, e):
+                    if i + PF < e and lab[i + PF] != -1:
+                        prefetch_row(P, rw[i + PF])
+                    if lab[i] == -1:
                         continue
-                    dc = tdist(T, x, T.node_point[c])
-                    T.state[N_DIST] += 1
-                    if dc <= rad and dc < bd:
-                        bd = dc
-                        best = q + 1
-                lab[i] = best
-                dbest[i] = bd
-                cnt[best] += 1
+                    if dv[i] <= rad:
+                        best = 0
+                        bd = dv[i]
+                    else:
+                        best = -1
+                        bd = INF
+                    for q in range(k):
+                        lb = abs(dv[i] - T.node_pdist[kids[q]])
+                        if lb > rad or lb >= bd:
+                            continue
+                        dc = dist(P, rw[i], P, krow[q])
+                        T.state[N_DIST] += 1
+                        if dc <= rad and dc < bd:
+                            bd = dc
+                            best = q + 1
+                    lab[i] = best
+                    dbest[i] = bd
+                    cnt[best] += 1
             # counting sort: self first, then child 1..k (child reps themselves dropped)
-            off = np.empty(k + 1, dtype=np.int64)
             acc = s
             for q in range(k + 1):
-                off[q] = acc
-                acc += cnt[q]
-            pos = off.copy()
+                c = cnt[q]
+                cnt[q] = acc
+                acc += c
             for i in range(s, e):
                 q = lab[i]
                 if q == -1:
                     continue
-                tmp_x[pos[q]] = xs[i]
-                tmp_d[pos[q]] = dbest[i]
-                tmp_s[pos[q]] = sqv[i]
-                pos[q] += 1
+                p = cnt[q]
+                tmp[p, 0] = xs[i]
+                tmp[p, 1] = rw[i]
+                tmp_d[p, 0] = dbest[i]
+                tmp_d[p, 1] = sqv[i]
+                cnt[q] = p + 1
             for i in range(s, acc):
-                xs[i] = tmp_x[i]
-                dv[i] = tmp_d[i]
-                sqv[i] = tmp_s[i]
+                xs[i] = tmp[i, 0]
+                rw[i] = tmp[i, 1]
+                dv[i] = tmp_d[i, 0]
+                sqv[i] = tmp_d[i, 1]
+            # cnt[q] is now the end of bucket q: child q+1 owns [cnt[q], cnt[q+1])
             for q in range(k):
-                st_v[top] = kids[q]
-                st_l[top] = ls
-                st_s[top] = off[q + 1]
-                st_e[top] = off[q + 1] + cnt[q + 1]
+                st[top, 0] = kids[q]
+                st[top, 1] = ls
+                st[top, 2] = cnt[q]
+                st[top, 3] = cnt[q + 1]
                 top += 1
-            e = s + cnt[0]
+            e = cnt[0]
             lev = ls
         # duplicates of p_u: one duplicate level (an existing duplicate child's, else below every child of u)
         if ndup_start < e0:
@@ -214,9 +315,9 @@ def batch_place(T, v, L, xs, dv):
 
 
 @njit(cache=True)
-def batch_build(T, perm):
+def batch_build(T, perm, gather, max_kids):
     """Build over the targets perm (empty tree): root = perm[0] at level ceil(log_b max distance), then
-    :func:`batch_place` with the remaining T.points in perm order (the greedy nets scan in this order)."""
+    :func:`batch_place` with the remaining points in perm order (the greedy nets scan in this order)."""
     n = perm.shape[0]
     r = _alloc(T, perm[0], 0, -1, 0.0)
     T.state[ROOT] = r
@@ -224,18 +325,20 @@ def batch_build(T, perm):
     dv = np.empty(n - 1)
     dmax = 0.0
     for i in range(n - 1):
+        if i + PF < n - 1:
+            prefetch_row(T.points, xs[i + PF])
         dv[i] = tdist(T, xs[i], perm[0])
         if dv[i] > dmax:
             dmax = dv[i]
     if dmax > 0.0:
         T.node_level[r] = level_ceil(dmax, T.base)
-    batch_place(T, r, T.node_level[r], xs, dv)
+    batch_place(T, r, T.node_level[r], xs, dv, gather, max_kids)
 
 
 @njit(cache=True)
-def rebuild_segments(T, out, starts, start_levels, m):
+def rebuild_segments(T, out, starts, start_levels, m, gather, max_kids):
     """Reinsert the m targets detached by :func:`detach_clusters`: each run of equal starts (v, l) is rebuilt by
-    :func:`batch_place` under the same representative with the T.points still within b^l of it; the others (and
+    :func:`batch_place` under the same representative with the points still within b^l of it; the others (and
     runs whose start was freed) are inserted from the root afterwards."""
     rest = np.empty(m, dtype=np.int64)
     nrest = 0
@@ -264,7 +367,7 @@ def rebuild_segments(T, out, starts, start_levels, m):
                 else:
                     rest[nrest] = out[t]
                     nrest += 1
-            batch_place(T, v, lev, xs[:k], dv[:k])
+            batch_place(T, v, lev, xs[:k], dv[:k], gather, max_kids)
         i = j
     for t in range(nrest):
         insert_one(T, rest[t], -1, 0, 0)

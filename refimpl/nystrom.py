@@ -547,7 +547,8 @@ def update_tree(tree, old_representations, new_representations, *, U: float | No
     Parameters
     ----------
     tree : SGTree whose rows are the old representations.
-    old_representations, new_representations : (n_targets, d') finite arrays (float32 kept as float32).
+    old_representations, new_representations : (n_targets, d') finite arrays (float32 kept as float32); old None:
+        the tree's own rows (no second copy is held).
     U : drift bound for Alg. 3; default ``2 max_i ||z'_i - z_i||``, the measured bound on how much any pairwise
         distance changed (the role of Prop. 6's U).
     rng : Generator or int seed (Alg. 3's rebuild order, or the rebuild's root and scan order).
@@ -563,30 +564,37 @@ def update_tree(tree, old_representations, new_representations, *, U: float | No
     """
     if not isinstance(tree, SGTree):
         raise TypeError(f"tree: expected an SGTree, got {type(tree).__name__}")
-    old = _representation_matrix("old_representations", old_representations, n_rows=tree.n_targets,
-                                 n_cols=tree.dim)
+    if old_representations is None:
+        old = tree.points[: tree.n_targets]
+    else:
+        old = _representation_matrix("old_representations", old_representations, n_rows=tree.n_targets,
+                                     n_cols=tree.dim)
     new = _representation_matrix("new_representations", new_representations, n_rows=old.shape[0],
                                  n_cols=old.shape[1])
     frac = check_positive("rebuild_fraction", rebuild_fraction, allow_zero=True)
-    if old.dtype != new.dtype:
-        old = old.astype(np.float64)
-        new = new.astype(np.float64)
     moves = np.empty(old.shape[0])
-    _row_moves(old, new, moves)
+    if old.dtype == new.dtype:
+        _row_moves(old, new, moves)
+    else:
+        _row_moves(old.astype(np.float64), new.astype(np.float64), moves)
     if not np.isfinite(moves).all():
         raise ValueError("old_representations, new_representations: a move ||z' - z|| overflows float64 "
                          "(magnitudes beyond the tree's domain)")
     move = float(np.sqrt(moves.max()))
     U = 2.0 * move if U is None else check_positive("U", U, allow_zero=True)
-    ids = np.flatnonzero(moves > 0).astype(np.int64)  # unchanged rows need no update
+    moved = moves > 0  # unchanged rows need no update
+    del moves, old  # a rebuild needs neither (with copy=False and old=None the old rows are freed before it)
+    n_moved = int(np.count_nonzero(moved))
     live = len(tree)
-    if ids.size and ids.size >= frac * live:
+    if n_moved and n_moved >= frac * live:
+        del moved
         tree.rebuild(new, rng=rng, copy=copy)
         stats = {"method": "rebuild", "clusters_rebuilt": 1, "subtrees_reinserted": 0, "points_reinserted": live}
     else:
+        ids = np.flatnonzero(moved).astype(np.int64)
         tree.update_points(ids, new[ids], repair=False)
         stats = {"method": "maintain", **tree.maintain(U, rng=rng)}
-    return {"U": U, "max_move": move, "n_moved": int(ids.size), **stats}
+    return {"U": U, "max_move": move, "n_moved": n_moved, **stats}
 
 
 def cluster_assignment(tree, clustering) -> np.ndarray:

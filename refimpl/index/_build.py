@@ -122,15 +122,16 @@ def batch_place(T, v, L, xs, dv, gather, max_kids):
             if sqv[i] > T.node_maxnorm[a]:
                 T.node_maxnorm[a] = sqv[i]
         a = T.node_parent[a]
-    rw = xs.copy()  # row of each point in the row source of its task (T.points: the target id)
-    lab = np.empty(n, dtype=np.int64)
+    # int32 scratch (ids, nodes, positions < 2^31: SGTree's capacity limit) to halve the build's extra memory
+    rw = xs.astype(np.int32)  # row of each point in the row source of its task (T.points: the target id)
+    lab = np.empty(n, dtype=np.int32)
     dbest = np.empty(n)
-    tmp = np.empty((n, 2), dtype=np.int64)
+    tmp = np.empty((n, 2), dtype=np.int32)
     tmp_d = np.empty((n, 2))
-    kids = np.empty(n, dtype=np.int64)
-    krow = np.empty(n, dtype=np.int64)
-    cnt = np.empty(n + 2, dtype=np.int64)
-    st = np.empty((n + 1, 4), dtype=np.int64)  # task stack: node, level, start, end
+    kids = np.empty(n, dtype=np.int32)
+    krow = np.empty(n, dtype=np.int32)
+    cnt = np.empty(n + 2, dtype=np.int32)
+    st = np.empty((n + 1, 4), dtype=np.int32)  # task stack: node, level, start, end
     g = min(gather, n)
     kmat = np.empty((min(n, max_kids), T.points.shape[1]))  # kid rows (float64) of the filtered assignment
     ksq = np.empty(kmat.shape[0])
@@ -317,11 +318,12 @@ def batch_place(T, v, L, xs, dv, gather, max_kids):
 @njit(cache=True)
 def batch_build(T, perm, gather, max_kids):
     """Build over the targets perm (empty tree): root = perm[0] at level ceil(log_b max distance), then
-    :func:`batch_place` with the remaining points in perm order (the greedy nets scan in this order)."""
+    :func:`batch_place` with the remaining points in perm order (the greedy nets scan in this order). perm is
+    scratch (reordered)."""
     n = perm.shape[0]
     r = _alloc(T, perm[0], 0, -1, 0.0)
     T.state[ROOT] = r
-    xs = perm[1:].copy()
+    xs = perm[1:]  # scratch (reordered)
     dv = np.empty(n - 1)
     dmax = 0.0
     for i in range(n - 1):

@@ -43,6 +43,7 @@ from refimpl._validate import as_rng, check_ids, check_int, check_positive
 __all__ = ["SGTree", "Clustering", "DEFAULT_BASE", "MIN_BASE", "MAX_BASE", "MAX_ABS", "MIN_ABS", "LEVEL_LIMIT"]
 
 DEFAULT_BASE = 1.2
+MAX_TARGETS = 2**31 - 3  # target ids, node ids and positions fit the batch kernels' int32 scratch
 _VERSIONS = itertools.count(1)  # tree versions: process-wide, strictly increasing
 _NODE_INT = _io.NODE_INT
 _NODE_FLOAT = _io.NODE_FLOAT
@@ -126,6 +127,8 @@ class SGTree:
 
     def _reserve(self, extra_targets: int, extra_nodes: int) -> None:
         need_t = self.n_targets + extra_targets
+        if max(need_t, self.n_nodes + extra_nodes) > MAX_TARGETS:
+            raise ValueError(f"points: an SGTree holds at most {MAX_TARGETS} targets (the kernels' int32 scratch)")
         if need_t > self.points.shape[0]:
             cap = max(need_t, 2 * self.points.shape[0])
             pts = np.zeros((cap, self.dim), dtype=self.points.dtype)
@@ -212,13 +215,13 @@ class SGTree:
                 pn[: self.n_targets] = self.point_node[: self.n_targets]
                 self.point_node = pn
         self.version = next(_VERSIONS)
-        ids = self.live_ids()
+        perm = as_rng(rng).permutation(self.live_ids())
         self.point_node[:] = -1
         self._state[ROOT] = -1
         self._state[N_NODES] = 0
         self._state[FREE_TOP] = 0
-        if ids.size:
-            KB.batch_build(self.arrays(), as_rng(rng).permutation(ids), *self._tuning())
+        if perm.size:
+            KB.batch_build(self.arrays(), perm, *self._tuning())
 
     def _insert_ids(self, xs, starts=None, start_levels=None) -> None:
         self.version = next(_VERSIONS)

@@ -592,7 +592,8 @@ def update_tree(tree, old_representations, new_representations, *, U: float | No
         stats = {"method": "rebuild", "clusters_rebuilt": 1, "subtrees_reinserted": 0, "points_reinserted": live}
     else:
         ids = np.flatnonzero(moved).astype(np.int64)
-        tree.update_points(ids, new[ids], repair=False)
+        if ids.size:
+            tree.update_points(ids, new[ids], repair=False)
         stats = {"method": "maintain", **tree.maintain(U, rng=rng)}
     return {"U": U, "max_move": move, "n_moved": n_moved, **stats}
 

@@ -18,7 +18,7 @@ from refimpl.index._kernels import INF, _alloc, _link_child, duplicate_level, in
 PF = 4  # rows prefetched ahead in the scans (memory-level parallelism)
 GATHER_BYTES = 1 << 20  # a gathered segment's rows (fits in a core's L2 cache)
 GATHER_MIN = 32  # smaller segments are not worth a gather
-GEMM_MIN_KIDS = 8  # the assignment step goes through a matrix product from this many kids of a group...
+GEMM_MIN_KIDS = 2  # the assignment step goes through a matrix product from this many kids of a group...
 GEMM_MAX_KIDS = 1 << 14  # ... up to this many (their float64 rows are copied)
 GEMM_BLOCK = 128  # points per matrix product
 

@@ -522,11 +522,19 @@ def _row_moves(old, new, out):
         out[i] = sqdist(old, i, new, i)
 
 
-def _representation_matrix(name, a, n_rows=None, n_cols=None):
-    """A finite 2-D real array, kept in float32 when it is float32 (no float64 copy of N x d' representations)."""
-    raw = np.asarray(a) if not sp.issparse(a) else a
-    dtype = np.float32 if getattr(raw, "dtype", None) == np.float32 else np.float64
-    return check_matrix(name, raw, dtype=dtype, n_rows=n_rows, n_cols=n_cols)
+def _representation_matrix(name, a, n_rows, n_cols):
+    """``a`` as a C-contiguous (n_rows, n_cols) real array, float32 kept as float32 (no float64 copy of N x d'
+    representations). Finiteness is left to :func:`update_tree` (its row moves are NaN / Inf exactly where a row
+    is not finite), so that the representations are scanned once."""
+    if sp.issparse(a):
+        raise TypeError(f"{name}: expected a dense 2-D array, got a scipy.sparse matrix")
+    raw = np.asarray(a)
+    if raw.dtype.kind not in "fiu":
+        raise TypeError(f"{name}: expected real numbers (float or int), got dtype {raw.dtype}")
+    arr = np.ascontiguousarray(raw, dtype=np.float32 if raw.dtype == np.float32 else np.float64)
+    if arr.ndim != 2 or arr.shape != (n_rows, n_cols):
+        raise ValueError(f"{name}: expected shape ({n_rows}, {n_cols}) (one row per target id), got {arr.shape}")
+    return arr
 
 
 def update_tree(tree, old_representations, new_representations, *, U: float | None = None, rng=None,
@@ -578,7 +586,11 @@ def update_tree(tree, old_representations, new_representations, *, U: float | No
     else:
         _row_moves(old.astype(np.float64), new.astype(np.float64), moves)
     if not np.isfinite(moves).all():
-        raise ValueError("old_representations, new_representations: a move ||z' - z|| overflows float64 "
+        i = int(np.flatnonzero(~np.isfinite(moves))[0])
+        for name, arr in (("old_representations", old), ("new_representations", new)):
+            if not np.isfinite(arr[i]).all():
+                raise ValueError(f"{name}: contains NaN or Inf (row {i})")
+        raise ValueError(f"old_representations, new_representations: the move of row {i} overflows float64 "
                          "(magnitudes beyond the tree's domain)")
     move = float(np.sqrt(moves.max()))
     U = 2.0 * move if U is None else check_positive("U", U, allow_zero=True)

@@ -161,6 +161,15 @@ def test_update_tree_bad_input():
         update_tree(tree, None, Z, rebuild_fraction=-1)
     with pytest.raises(TypeError, match="tree"):
         update_tree(Z, None, Z)
+    with pytest.raises(TypeError, match="new_representations"):
+        update_tree(tree, None, Z > 0)
+    bad = Z.copy()
+    bad[7, 0] = np.inf
+    with pytest.raises(ValueError, match="old_representations: contains NaN or Inf"):
+        update_tree(tree, bad, Z)
+    with pytest.raises(ValueError, match="overflows"):
+        update_tree(tree, Z * 1e160, -Z * 1e160)
+    assert tree.check_invariants() == [] and np.array_equal(tree.points[:200], Z)  # untouched by the refusals
 
 
 def test_bench_scale_smoke(tmp_path, capsys):

@@ -1,9 +1,15 @@
-"""Numba kernels of the batch construction of :mod:`refimpl.index.sgtree`: the divisive build and the rebuild of
-emptied clusters (Alg. 3, rebuild_level). Same conventions as :mod:`refimpl.index._kernels` (one TreeArrays ``T``).
+"""Numba kernels of the batch construction of :mod:`refimpl.index.sgtree`: the divisive build (``build``,
+``rebuild``) and the rebuild of emptied clusters (Alg. 3, rebuild_level). Same conventions as
+:mod:`refimpl.index._kernels` (one TreeArrays ``T``).
 
-Memory locality: a task whose segment is small enough (``gather`` rows, default :data:`GATHER_BYTES` of rows) has
-its rows copied once into a contiguous buffer, and its whole subtree is built from that buffer; the distances are
-computed from the same stored values, so the tree is identical to the one built without gathering."""
+Two speed paths, neither of which changes the tree (tested array by array against the plain scan):
+
+* locality: a task whose segment has at most ``gather`` points has its rows copied once into a contiguous buffer,
+  and its whole subtree is built from that buffer (the same stored values, so the same distances);
+* the assignment step (nearest covering member of a group) gets, for a block of points, every squared distance to
+  the group's new children from one matrix product, with a proven rounding bound, and computes the exact distance
+  only for the children that could win (:func:`_assign_filtered`).
+"""
 from __future__ import annotations
 
 import math
@@ -17,7 +23,7 @@ from refimpl.index._kernels import INF, _alloc, _link_child, duplicate_level, in
 
 PF = 4  # rows prefetched ahead in the scans (memory-level parallelism)
 GATHER_BYTES = 1 << 20  # a gathered segment's rows (fits in a core's L2 cache)
-GATHER_MIN = 32  # smaller segments are not worth a gather
+GATHER_MIN = 32  # the gather threshold in rows is at least this (very wide rows)
 GEMM_MIN_KIDS = 2  # the assignment step goes through a matrix product from this many kids of a group...
 GEMM_MAX_KIDS = 1 << 14  # ... up to this many (their float64 rows are copied)
 GEMM_BLOCK = 128  # points per matrix product

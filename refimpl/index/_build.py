@@ -8,7 +8,7 @@ Two speed paths, neither of which changes the tree (tested array by array agains
   and its whole subtree is built from that buffer (the same stored values, so the same distances);
 * the assignment step (nearest covering member of a group) gets, for a block of points, every squared distance to
   the group's new children from one matrix product, with a proven rounding bound, and computes the exact distance
-  only for the children that could win (:func:`_assign_filtered`).
+  only for the children that could win (the filter of :func:`_assign`).
 """
 from __future__ import annotations
 
@@ -35,40 +35,48 @@ def gather_rows(points) -> int:
 
 
 @njit(cache=True)
-def _assign_filtered(P, s, e, k, kids, krow, rad, rw, dv, sqv, lab, dbest, cnt, pdist, kmat, ksq, xblk, bidx):
-    """The assignment step of :func:`batch_place` (nearest covering member of the group, self winning ties) with
-    the same result, for many kids: one matrix product per block of points gives every squared distance
-    ||x||^2 + ||c||^2 - 2<x, c> up to a proven rounding bound, and only the kids that could win (approximate
-    squared distance <= tau^2 + bound, tau = min(rad, d(x, p_u))) get their exact distance, in the same order and
-    with the same comparisons as the plain scan. Rounding bound: every sum has at most D + 2 terms of magnitude
-    <= ||x||^2 + ||c||^2, so |error| <= 2 gamma_(D+2) (||x||^2 + ||c||^2) (gamma_n = n u / (1 - n u), u = 2^-53)
-    for the product and the same for the exact distance; we use 8 (D + 4) u (||x||^2 + ||c||^2 + tau^2).
-    Returns the number of exact distances computed."""
+def _assign(P, s, e, k, kids, krow, rad, rw, dv, sqv, lab, dbest, cnt, pdist, kmat, ksq, xblk, bidx):
+    """The assignment step of :func:`batch_place`: every point of [s, e) that is not a new child (lab != -1) goes
+    to the nearest covering member of the group (self = 0 when d(x, p_u) <= rad, child q = q + 1 when
+    d(x, c_q) <= rad), the first one winning ties; lab, dbest (its distance) and cnt (bucket sizes) are filled.
+
+    Candidates are pruned by the triangle inequality |d(x, p_u) - PDIST(c)| and, with GEMM_MIN_KIDS <= k <= rows of
+    kmat, by a matrix product: one product per block of points gives every ||x||^2 + ||c||^2 - 2<x, c> up to a
+    proven rounding bound, and only children with that value <= tau^2 + bound (tau = min(rad, current best)) can
+    win. Both prunings only skip children that cannot win, so the result is that of the plain scan. Bound: each
+    sum has at most D + 2 terms of magnitude <= ||x||^2 + ||c||^2, so the product's error and the exact
+    distance's are each <= 2 gamma_(D+2) (||x||^2 + ||c||^2) (gamma_n = n u / (1 - n u), u = 2^-53); we use
+    8 (D + 4) u (||x||^2 + ||c||^2 + tau^2). Returns the number of exact distances computed."""
     D = P.shape[1]
     eps = 8.0 * (D + 4) * 2.0 ** -53
-    for q in range(k):
-        r = krow[q]
-        a = 0.0
-        for j in range(D):
-            y = np.float64(P[r, j])
-            kmat[q, j] = y
-            a += y * y
-        ksq[q] = a
+    filt = GEMM_MIN_KIDS <= k <= kmat.shape[0]
+    if filt:
+        for q in range(k):
+            r = krow[q]
+            a = 0.0
+            for j in range(D):
+                y = np.float64(P[r, j])
+                kmat[q, j] = y
+                a += y * y
+            ksq[q] = a
+    G = np.zeros((1, 1))
     nd = 0
     i = s
     while i < e:
         nb = 0
         while i < e and nb < xblk.shape[0]:
+            if i + PF < e and lab[i + PF] != -1:
+                prefetch_row(P, rw[i + PF])
             if lab[i] != -1:
-                r = rw[i]
-                for j in range(D):
-                    xblk[nb, j] = P[r, j]
+                if filt:
+                    r = rw[i]
+                    for j in range(D):
+                        xblk[nb, j] = P[r, j]
                 bidx[nb] = i
                 nb += 1
             i += 1
-        if nb == 0:
-            break
-        G = np.dot(xblk[:nb], kmat[:k].T)
+        if filt and nb > 0:
+            G = np.dot(xblk[:nb], kmat[:k].T)
         for b in range(nb):
             t = bidx[b]
             if dv[t] <= rad:
@@ -81,8 +89,7 @@ def _assign_filtered(P, s, e, k, kids, krow, rad, rw, dv, sqv, lab, dbest, cnt, 
             t2 = tau * tau
             xs2 = sqv[t]
             for q in range(k):
-                approx = xs2 + ksq[q] - 2.0 * G[b, q]
-                if approx > t2 + eps * (xs2 + ksq[q] + t2):
+                if filt and xs2 + ksq[q] - 2.0 * G[b, q] > t2 + eps * (xs2 + ksq[q] + t2):
                     continue  # d(x, c) > tau: c neither covers x nor beats the current best
                 lb = abs(dv[t] - pdist[kids[q]])
                 if lb > rad or lb >= bd:
@@ -111,7 +118,7 @@ def batch_place(T, v, L, xs, dv, gather, max_kids):
     distance to every ancestor is computed on the way down), MIND exact. xs and dv are scratch (reordered).
     Speed only (the tree is the same whatever they are): a task of at most ``gather`` points (>= 2) is built from
     a contiguous copy of its rows (0: never); a group of GEMM_MIN_KIDS to ``max_kids`` new children is assigned by
-    :func:`_assign_filtered` (0: never)."""
+    the filter of :func:`_assign` (0: never)."""
     n = xs.shape[0]
     if n == 0:
         return
@@ -255,33 +262,8 @@ def batch_place(T, v, L, xs, dv, gather, max_kids):
             # assignment: nearest covering member of the group (self wins ties)
             for q in range(k + 2):
                 cnt[q] = 0
-            if GEMM_MIN_KIDS <= k <= kmat.shape[0]:
-                T.state[N_DIST] += _assign_filtered(P, s, e, k, kids, krow, rad, rw, dv, sqv, lab, dbest, cnt,
-                                                    T.node_pdist, kmat, ksq, xblk, bidx)
-            else:
-                for i in range(s, e):
-                    if i + PF < e and lab[i + PF] != -1:
-                        prefetch_row(P, rw[i + PF])
-                    if lab[i] == -1:
-                        continue
-                    if dv[i] <= rad:
-                        best = 0
-                        bd = dv[i]
-                    else:
-                        best = -1
-                        bd = INF
-                    for q in range(k):
-                        lb = abs(dv[i] - T.node_pdist[kids[q]])
-                        if lb > rad or lb >= bd:
-                            continue
-                        dc = dist(P, rw[i], P, krow[q])
-                        T.state[N_DIST] += 1
-                        if dc <= rad and dc < bd:
-                            bd = dc
-                            best = q + 1
-                    lab[i] = best
-                    dbest[i] = bd
-                    cnt[best] += 1
+            T.state[N_DIST] += _assign(P, s, e, k, kids, krow, rad, rw, dv, sqv, lab, dbest, cnt, T.node_pdist, kmat,
+                                       ksq, xblk, bidx)
             # counting sort: self first, then child 1..k (child reps themselves dropped)
             acc = s
             for q in range(k + 1):

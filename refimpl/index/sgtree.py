@@ -16,7 +16,8 @@ Definitions (the paper's erratum, §4):
 * Separation: the explicit child group of cluster (v, l+1) (p_v and its children of level l) is pairwise >= b^l
   apart, except identical points (a copy of p_v goes to :func:`refimpl.index._kernels.duplicate_level`).
 * Insertion (Zaheer et al. 2019): descend into the nearest covering child that is strictly nearer than p_v, else
-  attach at the first level where the self-child no longer covers. The batch build does the same coarse-to-fine.
+  attach at the first level where the self-child no longer covers. The batch build does the same coarse-to-fine;
+  ``rebuild`` runs it again in place over the live targets (after a re-encode has moved them all).
 * Alg. 3 (``maintain``) with Eq. 10/11 in this covering form; ``granularity="child"`` cuts only the offending
   children and reinserts them under (v, l+1).
 

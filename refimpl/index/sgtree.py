@@ -318,8 +318,8 @@ class SGTree:
         their subtrees and their points reinserted under (v, l+1) (from the root when out of reach); the rest of
         the group is kept. ``granularity="cluster"`` (Alg. 3 exactly as printed): a cluster (v, l+1) whose child
         group fails is emptied and rebuilt under p_v, with everything below it in v; every cluster of level l with
-        b^l <= U too. Both leave a valid tree. Measured by ``python -m refimpl bench tree`` at N = 1e6 (1 % of the
-        targets moved, U = 0): "child" is 16.6x cheaper than a full build, "cluster" 2.9x (the paper reports ~4x)."""
+        b^l <= U too. Both leave a valid tree; ``python -m refimpl bench tree`` times both against a full build.
+        When most targets moved, :meth:`rebuild` is the cheaper way to the same guarantee."""
         U = check_positive("U", U, allow_zero=True)
         if granularity not in ("cluster", "child"):
             raise ValueError(f"granularity: expected 'cluster' or 'child', got {granularity!r}")

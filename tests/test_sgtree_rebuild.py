@@ -185,7 +185,11 @@ def test_bench_scale_smoke(tmp_path, capsys):
     assert rec["tree_bytes_per_target"] <= 150 and rec["peak_rss_gib"] > 0
     assert [m["draws_per_query"] for m in rec["mining"]] == [1, 4, 1]
     assert "| N | d' |" in capsys.readouterr().out
-    for bad in (["--n", "10"], ["--scales", "1,2"], ["--n", "2000", "--batch", "3000"], ["--move", "-1"]):
+    assert main(["--n", "5000", "--batch", "8", "--k", "4", "--update", "inplace", "--json", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["update_method"] == "update_points + rebuild" and rec["n_moved"] == 5000
+    for bad in (["--n", "10"], ["--scales", "1,2"], ["--n", "2000", "--batch", "3000"], ["--move", "-1"],
+                ["--update", "x"]):
         with pytest.raises(SystemExit) as e:
             main(bad)
         assert e.value.code == 2

@@ -8,7 +8,9 @@ One run, one process, CPU seconds (``time.process_time``) and peak resident memo
 3. re-encode: a move of every representation as Alg. 5 makes it, ``z' = M z`` with one d' x d' matrix
    ``M = I + move G / sqrt(d')`` (G standard normal), computed in chunks into a new float32 array;
 4. tree update: :func:`refimpl.nystrom.update_tree` with the tree's own rows as the old ones (every target moved:
-   its rebuild path) and the new array adopted by the tree;
+   its rebuild path) and the new array adopted by the tree; or, with ``--update inplace`` (no second copy of the
+   points: for a machine without room for it), the new rows in chunks through ``update_points(repair=False)`` and
+   then :meth:`~refimpl.index.SGTree.rebuild` (more work: the statistics of every moved node are updated first);
 5. mining: DyNNIBAL's batched engine (:class:`refimpl.sampling.engine.MiningEngine`, built by
    :class:`refimpl.mining.DyNNIBAL` with its defaults) on ``--batch`` queries near random targets: "paper" with one
    draw per query (the shared negatives, >= 64 per batch) and with ``--k`` draws per query (the paper's
@@ -16,7 +18,7 @@ One run, one process, CPU seconds (``time.process_time``) and peak resident memo
    once per tree version; the second is a steady step. Both are reported.
 
 Output: a table on stdout and JSON (``--json``). The tree's bytes per target beyond the points are reported too.
-Memory: the points (N d' 4 bytes) twice during the update, the tree's arrays and the build's scratch.
+Memory: the points (N d' 4 bytes; twice during a "copy" update), the tree's arrays and the build's scratch.
 """
 from __future__ import annotations
 
@@ -57,6 +59,29 @@ def reencode_like(points, move: float, rng) -> np.ndarray:
     return out
 
 
+def _update_in_place(tree, move, rng, seed):
+    """The re-encode and tree update without a second copy of the points: each chunk of new rows goes to the tree
+    by ``update_points(repair=False)`` (statistics kept valid), then ``rebuild``. Returns (stats, re-encode CPU s,
+    tree update CPU s)."""
+    n, d = tree.n_targets, tree.dim
+    M = np.eye(d) + move * rng.standard_normal((d, d)) / np.sqrt(d)
+    t_re = t_up = 0.0
+    max_move = 0.0
+    for s in range(0, n, CHUNK):
+        ids = np.arange(s, min(n, s + CHUNK), dtype=np.int64)
+        c = time.process_time()
+        rows = (tree.points[ids] @ M.T).astype(np.float32)
+        max_move = max(max_move, float(np.sqrt(np.max(np.sum((rows - tree.points[ids]) ** 2, axis=1)))))
+        t_re += time.process_time() - c
+        c = time.process_time()
+        tree.update_points(ids, rows, repair=False)
+        t_up += time.process_time() - c
+    c = time.process_time()
+    tree.rebuild(rng=seed)
+    t_up += time.process_time() - c
+    return {"method": "update_points + rebuild", "max_move": max_move, "n_moved": n}, t_re, t_up
+
+
 def _engines():
     """(label, engine, draws per query) of the mining rows (DyNNIBAL's own engine configuration)."""
     return [("paper, 1 draw/query", DyNNIBAL(64, sampler="paper").engine, 1),
@@ -73,7 +98,7 @@ def _warm_up(dprime, branching, scales):
         eng.run(tree, Z[:4].astype(np.float64), c or 2, beta=20.0, rng=1)
 
 
-def run(n, dprime, *, branching, scales, batch, k, beta, move, seed, log=print) -> dict:
+def run(n, dprime, *, branching, scales, batch, k, beta, move, seed, update="copy", log=print) -> dict:
     """The five steps of the module docstring; returns the record (CPU seconds, GiB)."""
     rng = np.random.default_rng(seed)
     rec = {"N": n, "dprime": dprime, "branching": list(branching), "scales": list(scales), "batch": batch, "k": k,
@@ -89,10 +114,13 @@ def run(n, dprime, *, branching, scales, batch, k, beta, move, seed, log=print) 
     rec["tree_bytes_per_target"] = (tree.memory_bytes() - tree.points.nbytes) / n
     rec["depth"] = tree.depth()
     log(f"build: {rec['build_seconds']:.1f} s CPU, peak RSS {rec['rss_after_build_gib']:.2f} GiB", flush=True)
-    new, rec["reencode_seconds"] = _cpu(reencode_like, tree.points[:n], move, rng)
-    st, rec["tree_update_seconds"] = _cpu(update_tree, tree, None, new, rng=seed, copy=False)
-    del new  # adopted by the tree
-    rec.update(update_method=st["method"], max_move=st["max_move"], n_moved=st["n_moved"],
+    if update == "copy":
+        new, rec["reencode_seconds"] = _cpu(reencode_like, tree.points[:n], move, rng)
+        st, rec["tree_update_seconds"] = _cpu(update_tree, tree, None, new, rng=seed, copy=False)
+        del new  # adopted by the tree
+    else:
+        st, rec["reencode_seconds"], rec["tree_update_seconds"] = _update_in_place(tree, move, rng, seed)
+    rec.update(update=update, update_method=st["method"], max_move=st["max_move"], n_moved=st["n_moved"],
                rss_after_update_gib=peak_rss_gib())
     log(f"re-encode {rec['reencode_seconds']:.1f} s, tree update {rec['tree_update_seconds']:.1f} s CPU "
         f"({st['method']}), peak RSS {rec['rss_after_update_gib']:.2f} GiB", flush=True)
@@ -138,6 +166,9 @@ def main(argv=None) -> int:
     p.add_argument("--beta", type=real(0.0, strict_low=True), default=20.0)
     p.add_argument("--move", type=real(0.0), default=0.1, help="scale of the re-encode's matrix perturbation")
     p.add_argument("--seed", type=integer(0, 2**62), default=0)
+    p.add_argument("--update", choices=("copy", "inplace"), default="copy",
+                   help="copy: update_tree with the new array (two copies of the points at once); inplace: chunks "
+                        "through update_points, then rebuild (one copy)")
     p.add_argument("--json", type=out_file, default=None, help="write the record to this JSON file")
     a = p.parse_args(argv)
     if len(a.scales) != len(a.branching) + 1:
@@ -145,7 +176,7 @@ def main(argv=None) -> int:
     if a.batch > a.n:
         p.error(f"argument --batch: at most --n = {a.n}")
     rec = run(a.n, a.dprime, branching=tuple(a.branching), scales=tuple(a.scales), batch=a.batch, k=a.k,
-              beta=a.beta, move=a.move, seed=a.seed)
+              beta=a.beta, move=a.move, seed=a.seed, update=a.update)
     print()
     print(table(rec))
     print("\n(CPU seconds of this process, one BLAS thread; peak RSS = ru_maxrss)")

@@ -49,9 +49,10 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
+from numba import njit
 
 from refimpl._validate import as_rng, check_features, check_int, check_matrix, check_positive, check_vector
-from refimpl.index.sgtree import SGTree
+from refimpl.index import SGTree, sqdist
 from refimpl.sampling import bounds
 
 __all__ = [
@@ -511,20 +512,102 @@ def build_tree(reencoder, *, base: float | None = None, rng=None):
     return SGTree.build(reencoder.representations, rng=rng, **kw)
 
 
-def update_tree(tree, old_representations, new_representations, *, U: float | None = None, rng=None) -> dict:
-    """After a re-encode: move every target to its new representation (``update_points`` without repair) and run
-    Alg. 3 (``maintain(U)``). Default ``U = 2 max_i ||z'_i - z_i||``, the measured bound on how much any pairwise
-    distance changed (the role of Prop. 6's U). Only rows that changed are passed to ``update_points``.
-    Returns ``{"U", "max_move", "n_moved", **maintain statistics}``."""
-    old = check_matrix("old_representations", old_representations)
-    new = check_matrix("new_representations", new_representations, n_rows=old.shape[0], n_cols=old.shape[1])
-    moves = np.linalg.norm(new - old, axis=1)
-    move = float(moves.max())
+REBUILD_FRACTION = 0.5  # update_tree rebuilds the tree when at least this share of the live targets moved
+
+
+@njit(cache=True)
+def _row_moves(old, new, out):
+    """out[i] = ||new[i] - old[i]||^2 (float64 sums; NaN or Inf wherever a row is not finite)."""
+    for i in range(old.shape[0]):
+        out[i] = sqdist(old, i, new, i)
+
+
+def _representation_matrix(name, a, n_rows, n_cols):
+    """``a`` as a C-contiguous (n_rows, n_cols) real array, float32 kept as float32 (no float64 copy of N x d'
+    representations). Finiteness is left to :func:`update_tree` (its row moves are NaN / Inf exactly where a row
+    is not finite), so that the representations are scanned once."""
+    if sp.issparse(a):
+        raise TypeError(f"{name}: expected a dense 2-D array, got a scipy.sparse matrix")
+    raw = np.asarray(a)
+    if raw.dtype.kind not in "fiu":
+        raise TypeError(f"{name}: expected real numbers (float or int), got dtype {raw.dtype}")
+    arr = np.ascontiguousarray(raw, dtype=np.float32 if raw.dtype == np.float32 else np.float64)
+    if arr.ndim != 2 or arr.shape != (n_rows, n_cols):
+        raise ValueError(f"{name}: expected shape ({n_rows}, {n_cols}) (one row per target id), got {arr.shape}")
+    return arr
+
+
+def update_tree(tree, old_representations, new_representations, *, U: float | None = None, rng=None,
+                rebuild_fraction: float = REBUILD_FRACTION, copy: bool = True) -> dict:
+    """After a re-encode (Alg. 4: ApproximateReEncode, then UpdateSGTree): make ``tree`` an exactly valid SG tree
+    over ``new_representations`` again.
+
+    Two ways, chosen by the number of moved rows (rows equal to the old ones are not moved):
+
+    * fewer than ``rebuild_fraction`` of the live targets moved: ``update_points`` (statistics made valid for the
+      new points) then Alg. 3 ``maintain(U)``, which cuts and reinserts exactly the subtrees that the drift broke
+      and keeps the rest with a margin ``U`` for further drift (Eq. 10/11);
+    * otherwise (a re-encode moves every target): :meth:`SGTree.rebuild` over the new rows, a fresh batch build.
+      After a re-encode Alg. 3 would reinsert almost every target anyway (``U`` exceeds the radii of the lower
+      levels, and the moves themselves break most of their covering), so the rebuild gives the same guarantee
+      (every invariant of a built tree, all statistics exact) for less work.
+
+    Parameters
+    ----------
+    tree : SGTree whose rows are the old representations.
+    old_representations, new_representations : (n_targets, d') finite arrays (float32 kept as float32); old None:
+        the tree's own rows (no second copy is held).
+    U : drift bound for Alg. 3; default ``2 max_i ||z'_i - z_i||``, the measured bound on how much any pairwise
+        distance changed (the role of Prop. 6's U).
+    rng : Generator or int seed (Alg. 3's rebuild order, or the rebuild's root and scan order).
+    rebuild_fraction : share of moved live targets from which the tree is rebuilt, in [0, 1] (0: always rebuild;
+        above 1: never).
+    copy : with False and a rebuild, ``new_representations`` (C-contiguous, of the tree's dtype) becomes the tree's
+        storage without a copy (for data near the memory limit; the caller must not modify it afterwards).
+
+    Returns
+    -------
+    dict with ``U``, ``max_move``, ``n_moved``, ``method`` ("maintain" or "rebuild") and the counts
+    ``clusters_rebuilt``, ``subtrees_reinserted``, ``points_reinserted``.
+    """
+    if not isinstance(tree, SGTree):
+        raise TypeError(f"tree: expected an SGTree, got {type(tree).__name__}")
+    if old_representations is None:
+        old = tree.points[: tree.n_targets]
+    else:
+        old = _representation_matrix("old_representations", old_representations, n_rows=tree.n_targets,
+                                     n_cols=tree.dim)
+    new = _representation_matrix("new_representations", new_representations, n_rows=old.shape[0],
+                                 n_cols=old.shape[1])
+    frac = check_positive("rebuild_fraction", rebuild_fraction, allow_zero=True)
+    moves = np.empty(old.shape[0])
+    if old.dtype == new.dtype:
+        _row_moves(old, new, moves)
+    else:
+        _row_moves(old.astype(np.float64), new.astype(np.float64), moves)
+    if not np.isfinite(moves).all():
+        i = int(np.flatnonzero(~np.isfinite(moves))[0])
+        for name, arr in (("old_representations", old), ("new_representations", new)):
+            if not np.isfinite(arr[i]).all():
+                raise ValueError(f"{name}: contains NaN or Inf (row {i})")
+        raise ValueError(f"old_representations, new_representations: the move of row {i} overflows float64 "
+                         "(magnitudes beyond the tree's domain)")
+    move = float(np.sqrt(moves.max()))
     U = 2.0 * move if U is None else check_positive("U", U, allow_zero=True)
-    ids = np.flatnonzero(moves > 0).astype(np.int64)  # unchanged rows need no update
-    tree.update_points(ids, new[ids], repair=False)
-    stats = tree.maintain(U, rng=rng)
-    return {"U": U, "max_move": move, "n_moved": int(ids.size), **stats}
+    moved = moves > 0  # unchanged rows need no update
+    del moves, old  # a rebuild needs neither (with copy=False and old=None the old rows are freed before it)
+    n_moved = int(np.count_nonzero(moved))
+    live = len(tree)
+    if n_moved and n_moved >= frac * live:
+        del moved
+        tree.rebuild(new, rng=rng, copy=copy)
+        stats = {"method": "rebuild", "clusters_rebuilt": 1, "subtrees_reinserted": 0, "points_reinserted": live}
+    else:
+        ids = np.flatnonzero(moved).astype(np.int64)
+        if ids.size:
+            tree.update_points(ids, new[ids], repair=False)
+        stats = {"method": "maintain", **tree.maintain(U, rng=rng)}
+    return {"U": U, "max_move": move, "n_moved": n_moved, **stats}
 
 
 def cluster_assignment(tree, clustering) -> np.ndarray:

@@ -16,7 +16,8 @@ Definitions (the paper's erratum, §4):
 * Separation: the explicit child group of cluster (v, l+1) (p_v and its children of level l) is pairwise >= b^l
   apart, except identical points (a copy of p_v goes to :func:`refimpl.index._kernels.duplicate_level`).
 * Insertion (Zaheer et al. 2019): descend into the nearest covering child that is strictly nearer than p_v, else
-  attach at the first level where the self-child no longer covers. The batch build does the same coarse-to-fine.
+  attach at the first level where the self-child no longer covers. The batch build does the same coarse-to-fine;
+  ``rebuild`` runs it again in place over the live targets (after a re-encode has moved them all).
 * Alg. 3 (``maintain``) with Eq. 10/11 in this covering form; ``granularity="child"`` cuts only the offending
   children and reinserts them under (v, l+1).
 
@@ -33,7 +34,7 @@ import numpy as np
 from refimpl.index import _build as KB
 from refimpl.index import _io
 from refimpl.index import _kernels as K
-from refimpl.index._arrays import N_NODES, ROOT, TreeArrays
+from refimpl.index._arrays import FREE_TOP, N_NODES, ROOT, TreeArrays
 from refimpl.index._domain import (LEVEL_LIMIT, MAX_ABS, MAX_BASE, MIN_ABS, MIN_BASE, check_base, check_dtype,
                                    check_level, check_points)
 from refimpl.index.check import check_tree
@@ -43,6 +44,7 @@ from refimpl._validate import as_rng, check_ids, check_int, check_positive
 __all__ = ["SGTree", "Clustering", "DEFAULT_BASE", "MIN_BASE", "MAX_BASE", "MAX_ABS", "MIN_ABS", "LEVEL_LIMIT"]
 
 DEFAULT_BASE = 1.2
+MAX_TARGETS = 2**31 - 3  # target ids, node ids and positions fit the batch kernels' int32 scratch
 _VERSIONS = itertools.count(1)  # tree versions: process-wide, strictly increasing
 _NODE_INT = _io.NODE_INT
 _NODE_FLOAT = _io.NODE_FLOAT
@@ -119,8 +121,15 @@ class SGTree:
                           self.node_mind, self.node_pdist, self.node_maxnorm, self.node_sepslack, self.free_stack,
                           self._state, self.base)
 
+    def _tuning(self) -> tuple[int, int]:
+        """(gather, max_kids) of the batch kernels (:func:`refimpl.index._build.batch_place`): speed only, the
+        tree built does not depend on them."""
+        return KB.gather_rows(self.points), KB.GEMM_MAX_KIDS
+
     def _reserve(self, extra_targets: int, extra_nodes: int) -> None:
         need_t = self.n_targets + extra_targets
+        if max(need_t, self.n_nodes + extra_nodes) > MAX_TARGETS:
+            raise ValueError(f"points: an SGTree holds at most {MAX_TARGETS} targets (the kernels' int32 scratch)")
         if need_t > self.points.shape[0]:
             cap = max(need_t, 2 * self.points.shape[0])
             pts = np.zeros((cap, self.dim), dtype=self.points.dtype)
@@ -169,13 +178,51 @@ class SGTree:
         tree.point_node = np.full(pts.shape[0], -1, dtype=np.int64)
         tree._reserve(0, pts.shape[0])
         tree.n_targets = pts.shape[0]
-        perm = as_rng(rng).permutation(pts.shape[0]) if order == "random" else np.arange(pts.shape[0])
-        perm = perm.astype(np.int64)
+        ids = np.arange(pts.shape[0], dtype=np.int64)
+        perm = as_rng(rng).permutation(ids) if order == "random" else ids
         if method == "insert":
             tree._insert_ids(perm)
         else:
-            KB.batch_build(tree.arrays(), perm)
+            KB.batch_build(tree.arrays(), perm, *tree._tuning())
         return tree
+
+    def rebuild(self, points=None, *, rng=None, copy: bool = True) -> None:
+        """A fresh batch build (as :meth:`build`, random order) over the live targets, in place: the ids stay, the
+        nodes are renumbered. With ``points`` the targets first move to their new rows.
+
+        After a re-encode (Alg. 5) every representation moves, and ``update_points`` + Alg. 3 would detach and
+        reinsert almost every target anyway; this skips the statistics update and the marking pass. The result
+        satisfies every invariant of a built tree (strong covering included); Alg. 3's drift margin is not needed
+        by it, since no old part is kept.
+
+        Parameters
+        ----------
+        points : None (rebuild over the current rows) or an (n_targets, D) matrix whose row i is the new point of
+            target i (rows of removed targets are stored but unused); validated like :meth:`build`'s.
+        rng : Generator or int seed (root and scan order).
+        copy : with False, a C-contiguous ``points`` already of the tree's dtype becomes the tree's storage
+            without a copy (the caller must not modify it afterwards).
+        """
+        if points is not None:
+            pts = check_points("points", points, self.dim, dtype=self.dtype)
+            if pts.shape[0] != self.n_targets:
+                raise ValueError(f"points: expected {self.n_targets} rows (one per target id), got {pts.shape[0]}")
+            if not copy:
+                self.points = pts
+            elif pts is not self.points:
+                self.points[: self.n_targets] = pts
+            if self.points.shape[0] != self.point_node.shape[0]:  # adopted storage: capacities stay equal
+                pn = np.full(self.points.shape[0], -1, dtype=np.int64)
+                pn[: self.n_targets] = self.point_node[: self.n_targets]
+                self.point_node = pn
+        self.version = next(_VERSIONS)
+        perm = as_rng(rng).permutation(self.live_ids())
+        self.point_node[:] = -1
+        self._state[ROOT] = -1
+        self._state[N_NODES] = 0
+        self._state[FREE_TOP] = 0
+        if perm.size:
+            KB.batch_build(self.arrays(), perm, *self._tuning())
 
     def _insert_ids(self, xs, starts=None, start_levels=None) -> None:
         self.version = next(_VERSIONS)
@@ -250,7 +297,7 @@ class SGTree:
             order = np.lexsort((key, _run_ids(starts[:m], slev[:m])))
             out[:m], starts[:m], slev[:m] = out[:m][order], starts[:m][order], slev[:m][order]
         self._reserve(0, m)
-        KB.rebuild_segments(self.arrays(), out, starts, slev, m)
+        KB.rebuild_segments(self.arrays(), out, starts, slev, m, *self._tuning())
         return m
 
     def rebuild_level(self, level: int, *, rng=None) -> int:
@@ -271,8 +318,8 @@ class SGTree:
         their subtrees and their points reinserted under (v, l+1) (from the root when out of reach); the rest of
         the group is kept. ``granularity="cluster"`` (Alg. 3 exactly as printed): a cluster (v, l+1) whose child
         group fails is emptied and rebuilt under p_v, with everything below it in v; every cluster of level l with
-        b^l <= U too. Both leave a valid tree. Measured by ``python -m refimpl bench tree`` at N = 1e6 (1 % of the
-        targets moved, U = 0): "child" is 16.6x cheaper than a full build, "cluster" 2.9x (the paper reports ~4x)."""
+        b^l <= U too. Both leave a valid tree; ``python -m refimpl bench tree`` times both against a full build.
+        When most targets moved, :meth:`rebuild` is the cheaper way to the same guarantee."""
         U = check_positive("U", U, allow_zero=True)
         if granularity not in ("cluster", "child"):
             raise ValueError(f"granularity: expected 'cluster' or 'child', got {granularity!r}")

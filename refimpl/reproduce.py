@@ -130,7 +130,8 @@ def _dynnibal(sampler, landmark_factor=1.0):
         if s < scale.n_samples:
             notes.append(f"s' = {scale.n_samples} clamped to N = {n}")
         miner = M.DyNNIBAL(scale.k, per_example=True, sampler=sampler, n_landmarks=d, n_samples=s,
-                           reencode_every=scale.reencode_every, refresh_every=max(1, (mining_steps + 1) // 2))
+                           reencode_every=scale.reencode_every, refresh_every=max(1, (mining_steps + 1) // 2),
+                           tree_update="maintain")  # Alg. 4 as printed: Alg. 3 after every re-encode
         if sampler == "paper":
             notes.append(f"DyNNIBAL 'paper': temperature {miner.temperature:g} and {miner.n_trees} tree(s), top "
                          f"{miner.n_top_clusters} clusters (the paper: a lower temperature and the top-k, both "

@@ -68,7 +68,7 @@ def test_reencode_and_maintain_every_w_steps_and_encoder_calls(ds, monkeypatch):
 
     monkeypatch.setattr(RegressionReEncoder, "reencode", spy_re)
     monkeypatch.setattr(SGTree, "maintain", spy_m)
-    mi = DyNNIBAL(16, n_landmarks=24, n_samples=64, reencode_every=5)
+    mi = DyNNIBAL(16, n_landmarks=24, n_samples=64, reencode_every=5, tree_update="maintain")
     orig_start = mi.start
 
     def start(ctx):
@@ -82,10 +82,25 @@ def test_reencode_and_maintain_every_w_steps_and_encoder_calls(ds, monkeypatch):
     assert [s for s, _ in calls["maintain"]] == [8, 13, 18, 23]
     assert [u["step"] for u in mi.tree_updates] == [8, 13, 18, 23]
     for (_, U), rec in zip(calls["maintain"], mi.tree_updates):
-        assert U == pytest.approx(2 * rec["max_move"]) and U > 0
+        assert U == pytest.approx(2 * rec["max_move"]) and U > 0 and rec["method"] == "maintain"
     assert res.final["encoder_calls_mining"] == N + 4 * 64
     assert [h["kind"] for h in mi.reencoder.history] == ["initial"] + ["regression"] * 4
     # the tree follows the representations and is a valid SG tree after Alg. 3
+    np.testing.assert_array_equal(mi.tree.points[:N], mi.reencoder.representations)
+    assert mi.tree.check_invariants() == []
+
+
+def test_auto_tree_update_rebuilds_after_a_reencode_and_keeps_a_valid_tree(ds, monkeypatch):
+    """The default tree_update="auto": a re-encode moves every representation, so the tree is rebuilt (Alg. 3 is
+    never called) and is a valid SG tree over the new representations."""
+    calls = []
+    orig_m = SGTree.maintain
+    monkeypatch.setattr(SGTree, "maintain", lambda self, U, **kw: calls.append(U) or orig_m(self, U, **kw))
+    mi = DyNNIBAL(16, n_landmarks=24, n_samples=64, reencode_every=5)
+    run(ds, mi, steps=14)
+    assert [u["step"] for u in mi.tree_updates] == [8, 13] and calls == []
+    for rec in mi.tree_updates:
+        assert rec["method"] == "rebuild" and rec["U"] == pytest.approx(2 * rec["max_move"]) and rec["U"] > 0
     np.testing.assert_array_equal(mi.tree.points[:N], mi.reencoder.representations)
     assert mi.tree.check_invariants() == []
 

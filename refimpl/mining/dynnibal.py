@@ -60,7 +60,8 @@ import numpy as np
 from refimpl._validate import check_int, check_positive
 from refimpl.index.sgtree import DEFAULT_BASE, SGTree
 from refimpl.mining.base import Miner, Negatives, shared_slots
-from refimpl.nystrom import LANDMARK_METHODS, SPLITS, RegressionReEncoder, default_level, update_tree
+from refimpl.nystrom import (LANDMARK_METHODS, REBUILD_FRACTION, SPLITS, RegressionReEncoder, default_level,
+                             update_tree)
 from refimpl.sampling.bounds import prop6_drift
 from refimpl.sampling.clustering import certify, cluster_labels
 from refimpl.sampling.engine import MiningEngine
@@ -69,7 +70,7 @@ from refimpl.softmax import logsumexp
 __all__ = ["DyNNIBAL", "SAMPLERS", "TREE_UPDATES", "mh_law", "cluster_labels", "mixture_log_q"]
 
 SAMPLERS = ("rejection", "mh", "paper")
-TREE_UPDATES = ("maintain", "rebuild_level", "rebuild")
+TREE_UPDATES = ("auto", "maintain", "rebuild_level", "rebuild")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -196,7 +197,9 @@ class DyNNIBAL(Miner):
     n_uniform : uniform negatives appended by the miner itself (log_q = -log N); prefer ``train(n_uniform=...)``.
     exclude_positives : each query's draws exclude its own positives (P~ renormalised over the rest).
     ridge, landmarks, split : :class:`refimpl.nystrom.RegressionReEncoder` knobs (``landmarks`` = its ``method``).
-    tree_update : "maintain" (update_points + Alg. 3 ``maintain(U)``), "rebuild_level" (update_points +
+    tree_update : "auto" (:func:`refimpl.nystrom.update_tree`: Alg. 3 when few representations moved, a fresh
+        batch build when most did, as after every re-encode; both leave an exactly valid tree), "maintain" (Alg. 4
+        as printed: update_points + Alg. 3 ``maintain(U)`` whatever moved), "rebuild_level" (update_points +
         ``rebuild_level(update_level)`` + ``maintain(0)``) or "rebuild" (a new tree).
     U : "measured" (2 max_i ||z'_i - z_i||), "prop6" (with ``prop6_eta``, ``prop6_L``, ``prop6_M``) or a float >= 0.
     update_level : level for "rebuild_level" (None: ``nystrom.default_level``).
@@ -217,7 +220,7 @@ class DyNNIBAL(Miner):
                  max_clusters: int | None = 100, chain_length="auto", tv: float = 0.01,
                  n_top_clusters: int | None = 10, n_chains: int | None = None, temperature: float = 1.0,
                  n_trees: int = 1, n_uniform: int = 0, exclude_positives: bool = True, ridge: float = 1e-3,
-                 landmarks: str = "uniform", split: str = "symmetric", tree_update: str = "maintain", U="measured",
+                 landmarks: str = "uniform", split: str = "symmetric", tree_update: str = "auto", U="measured",
                  update_level: int | None = None, prop6_eta: float | None = None, prop6_L: float | None = None,
                  prop6_M: float | None = None, base: float | None = None, shared: bool = True,
                  per_example: bool = False, paper_probe_runs: int = 32, start: str = "root"):
@@ -343,10 +346,11 @@ class DyNNIBAL(Miner):
         return float(self.U)
 
     def _follow(self, tree, old, new, rng, max_move, beta, rec):
-        """The tree follows moved points: :func:`refimpl.nystrom.update_tree` (update_points + Alg. 3 maintain(U)),
-        or update_points + rebuild_level + maintain(0)."""
-        if self.tree_update == "maintain":
-            st = update_tree(tree, old, new, U=self.drift_bound(max_move, beta), rng=rng)
+        """The tree follows moved points: :func:`refimpl.nystrom.update_tree` ("auto": Alg. 3 or a rebuild by the
+        share of moved points; "maintain": Alg. 3 always), or update_points + rebuild_level + maintain(0)."""
+        if self.tree_update in ("auto", "maintain"):
+            frac = REBUILD_FRACTION if self.tree_update == "auto" else 2.0  # a share > 1: Alg. 3 whatever moved
+            st = update_tree(tree, old, new, U=self.drift_bound(max_move, beta), rng=rng, rebuild_fraction=frac)
             st = {key: v for key, v in st.items() if key not in ("max_move", "n_moved")}
         else:
             tree.update_points(np.arange(new.shape[0], dtype=np.int64), new, repair=False)

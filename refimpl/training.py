@@ -179,6 +179,15 @@ def _tfidf(X, idf):
     return sp.csr_matrix(sp.diags(1.0 / norms) @ Y)
 
 
+def _shared_csr(dataset, what: str):
+    """``(query_features, target_features)`` when both are CSR over the same columns (one featuriser), else a
+    ValueError starting with ``what``."""
+    Xq, Xt = dataset.query_features, dataset.target_features
+    if not (sp.issparse(Xq) and sp.issparse(Xt)) or Xq.shape[1] != Xt.shape[1]:
+        raise ValueError(f"{what} needs CSR query and target features over the same columns")
+    return Xq, Xt
+
+
 def lexical_baseline(dataset, query_ids=None, *, ks=RECALL_KS, chunk: int = 256, max_scores: int = 2 ** 22) -> dict:
     """The TF-IDF cosine ranking of the same hashed features, no training: the row a trained model must beat.
 
@@ -186,9 +195,7 @@ def lexical_baseline(dataset, query_ids=None, *, ks=RECALL_KS, chunk: int = 256,
     ``x_j idf_j`` and L2-normalised; score ``s(q, i) = <x~_q, y~_i>``; metrics, ties and memory as
     :func:`evaluate`. Needs CSR features with the same columns on both sides (one featuriser).
     """
-    Xq, Xt = dataset.query_features, dataset.target_features
-    if not (sp.issparse(Xq) and sp.issparse(Xt)) or Xq.shape[1] != Xt.shape[1]:
-        raise ValueError("dataset: the lexical baseline needs CSR query and target features over the same columns")
+    Xq, Xt = _shared_csr(dataset, "dataset: the lexical baseline")
     ids, ks, chunk, max_scores, K = _eval_args(dataset, query_ids, ks, chunk, max_scores)
     idf = idf_weights(Xt)
     Tt = sp.csr_matrix(_tfidf(Xt, idf).T)
@@ -208,10 +215,7 @@ def _input_weights(kind, dataset):
         return None
     if kind != "idf":
         raise ValueError(f"input_weights: expected None or 'idf', got {kind!r}")
-    Xq, Xt = dataset.query_features, dataset.target_features
-    if not (sp.issparse(Xq) and sp.issparse(Xt)) or Xq.shape[1] != Xt.shape[1]:
-        raise ValueError("input_weights: 'idf' needs CSR query and target features over the same columns")
-    return idf_weights(Xt)
+    return idf_weights(_shared_csr(dataset, "input_weights: 'idf'")[1])
 
 
 def _in_batch_log_q(dataset) -> np.ndarray:

@@ -130,6 +130,12 @@ def test_train_main_on_text_fixture(capsys, tmp_path):
     saved = json.loads(out.read_text())
     assert set(saved) == {"final", "baseline_tfidf", "beat_baseline", "config"}
     assert saved["config"]["init"] == "shared" and saved["config"]["sparse_updates"] is True
+    assert saved["config"]["in_batch"] is True and saved["config"]["input_weights"] == "idf"  # the text defaults
+    rc = train_main(["--data", FIX, "--miner", "uniform", "--steps", "3", "--batch-size", "4", "--k", "4",
+                     "--n-features", "512", "--dim", "8", "--no-progress", "--json", str(out), "--no-in-batch",
+                     "--input-weights", "none"])
+    saved = json.loads(out.read_text())
+    assert rc == 0 and saved["config"]["in_batch"] is False and saved["config"]["input_weights"] is None
 
 
 def test_log_q_offsets_of_mixed_sources_estimate_z_without_bias():

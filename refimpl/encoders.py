@@ -15,6 +15,12 @@ initial logit ``beta <n(R x), n(R y)>`` is a random projection of the feature ov
 (Johnson-Lindenstrauss); ``tied=True`` keeps one matrix for both towers (a Siamese encoder, ``params == [A]``, the
 gradient is the sum of both towers' gradients).
 
+Fixed input weights (``query_weights``, ``target_weights``): optional positive per-feature weights ``w`` applied to
+the input before the linear map, ``f(x) = n(A (w * x))`` (e.g. inverse document frequencies, so that a shared
+random start projects the TF-IDF vector); they are part of the model, not trained, and every encoding and gradient
+uses them. With Adam they also set how fast a feature's weights move relative to the others (Adam's step is
+invariant to a gradient's scale, so the change of ``A[:, j] w_j`` per step is proportional to ``w_j``).
+
 Sparse gradients: :meth:`LinearDualEncoder.gradients` returns, for CSR inputs, only the columns the batch touches
 as ``(cols, values)`` pairs (the format of :class:`refimpl.optim.ColumnGrad`), at a cost independent of the number
 of features.
@@ -34,7 +40,8 @@ import numpy as np
 import scipy.sparse as sp
 from numba import njit
 
-from refimpl._validate import (as_rng, check_features, check_int, check_matrix, check_positive, csr_arrays)
+from refimpl._validate import (as_rng, check_features, check_int, check_matrix, check_positive, check_vector,
+                               csr_arrays)
 
 __all__ = ["LinearDualEncoder", "normalize_rows", "normalize_vjp"]
 
@@ -169,6 +176,8 @@ class LinearDualEncoder:
     init : ``"independent"`` (``A`` and ``B`` drawn separately) or ``"shared"`` (``B`` starts as a copy of ``A``;
         needs ``n_query_features == n_target_features``).
     tied : one matrix for both towers (``B is A``; ``params == [A]``; needs equal feature counts).
+    query_weights, target_weights : None or a (n_query_features,) / (n_target_features,) array of positive finite
+        fixed input weights ``w`` (module docstring): ``f(x) = n(A (w * x))``, ``g(y) = n(B (w' * y))``.
 
     Attributes
     ----------
@@ -181,7 +190,7 @@ class LinearDualEncoder:
 
     def __init__(self, n_query_features: int, n_target_features: int, dim: int, *, beta: float = 20.0,
                  normalize: bool = True, rng=None, init_scale: float = 1.0, init: str = "independent",
-                 tied: bool = False):
+                 tied: bool = False, query_weights=None, target_weights=None):
         nq = check_int("n_query_features", n_query_features, low=1, itemsize=8)
         nt = check_int("n_target_features", n_target_features, low=1, itemsize=8)
         self.dim = check_int("dim", dim, low=1, itemsize=8 * (nq + nt))  # A and B: dim x (nq + nt) float64
@@ -197,6 +206,8 @@ class LinearDualEncoder:
         if (init == "shared" or tied) and nq != nt:
             raise ValueError(f"{'tied' if tied else 'init'}: one matrix for both towers needs n_query_features == "
                              f"n_target_features, got {nq} and {nt}")
+        self.query_weights = _check_weights("query_weights", query_weights, nq)
+        self.target_weights = _check_weights("target_weights", target_weights, nt)
         gen = as_rng(rng)
         self.A = np.asfortranarray(gen.standard_normal((self.dim, nq)) * (init_scale / np.sqrt(nq)))
         if tied:
@@ -241,6 +252,7 @@ class LinearDualEncoder:
         new.normalize = self.normalize
         new.A = np.array(self.A, dtype=np.float64, copy=True)
         new.B = new.A if self.tied else np.array(self.B, dtype=np.float64, copy=True)
+        new.query_weights, new.target_weights = self.query_weights, self.target_weights  # fixed, read-only
         return new
 
     def __repr__(self) -> str:
@@ -270,6 +282,13 @@ class LinearDualEncoder:
         """``(X used, U or Z, norms or None)``; under normalisation ``X`` is row-rescaled (module docstring)."""
         W = self._weights(name)
         X = check_features(arg, X, n_cols=W.shape[1])
+        w = self.query_weights if name == "A" else self.target_weights
+        if w is not None:
+            if sp.issparse(X):
+                X = X.copy()
+                X.data = X.data * w[X.indices]
+            else:
+                X = X * w
         if self.normalize:
             X = _rescale_rows(X)
         Z = self._linear(W, X)
@@ -351,6 +370,17 @@ class LinearDualEncoder:
             vals[np.searchsorted(cols, gB[0])] += gB[1].T
             return [(cols, vals.T)]
         return [_densify(gA, self.A.shape) + _densify(gB, self.A.shape)]
+
+
+def _check_weights(name: str, w, n: int):
+    """None, or a read-only float64 copy of ``w`` checked to be (n,), finite and positive."""
+    if w is None:
+        return None
+    w = check_vector(name, w, size=n).copy()
+    if not np.all(w > 0):
+        raise ValueError(f"{name}: input weights must be positive")
+    w.flags.writeable = False
+    return w
 
 
 def _densify(g, shape) -> np.ndarray:

@@ -10,7 +10,10 @@ files that :func:`refimpl.text.load_text_pairs` reads:
 - a seeded split puts about ``test_fraction`` of the queries in the test set, choosing only queries all of whose
   positives keep at least one training query (every test target is seen in training);
 - the target's text is, by default, its headword followed by its *training* definitions (``target_text="entry"``:
-  the entry as known at training time, never a test definition), or the headword alone (``"headword"``).
+  the entry as known at training time, never a test definition), or the headword alone (``"headword"``);
+- ``validation=True`` writes the task to choose settings on: the test queries are left out entirely and the
+  training queries are split again by the same procedure, the held-out part written as the ``test`` split (and
+  left out of the targets' text), so that nothing is ever tuned on the test split.
 
 The package's license file and an attribution note are written beside the data. Contents: :func:`convert_gcide`,
 :func:`gcide_files`.
@@ -49,9 +52,14 @@ is copied here verbatim as LICENSE.{package}.
 
 Conversion: {n_targets} targets (headwords), {n_queries} queries (distinct definitions; {n_multi} with several
 positive headwords), {n_train} train / {n_test} test, seed {seed}, test_fraction {test_fraction},
-target_text {target_text!r}. Every test target has at least one training query.
+target_text {target_text!r}, validation {validation}. Every test target has at least one training query.{note}
 Files: targets.tsv (target_id<TAB>text), queries.tsv (split<TAB>target_ids<TAB>text).
 """
+
+
+_VALIDATION_NOTE = """
+This is the VALIDATION task: the test queries of the task with the same seed are left out entirely, and its
+"test" split is held out from the training queries (for choosing settings; never tune on the real test split)."""
 
 
 def gcide_files():
@@ -134,7 +142,8 @@ def _write_atomic(path: str, lines) -> None:
         raise
 
 
-def convert_gcide(out_dir, *, test_fraction: float = 0.05, target_text: str = "entry", seed=0) -> dict:
+def convert_gcide(out_dir, *, test_fraction: float = 0.05, target_text: str = "entry", seed=0,
+                  validation: bool = False) -> dict:
     """Write ``out_dir/targets.tsv``, ``out_dir/queries.tsv``, the license and attribution (module docstring).
 
     Parameters
@@ -143,12 +152,17 @@ def convert_gcide(out_dir, *, test_fraction: float = 0.05, target_text: str = "e
     test_fraction : wanted fraction of test queries, in (0, 0.5]; fewer when too few queries qualify.
     target_text : ``"entry"`` (headword + its training definitions) or ``"headword"``.
     seed : int seed or Generator of the split.
+    validation : write the validation task of the same ``seed`` instead: the test queries of the task above are
+        dropped, and a second split (the same procedure and ``test_fraction``, from the same random stream) of its
+        training queries gives the ``test`` split of the files written (a target's text then excludes it).
 
     Returns the counts written (targets, queries, train, test, queries with several positives).
     """
     test_fraction = check_positive("test_fraction", test_fraction)
     if not 0.0 < test_fraction <= 0.5:
         raise ValueError(f"test_fraction: must be in (0, 0.5], got {test_fraction}")
+    if not isinstance(validation, (bool, np.bool_)):
+        raise TypeError(f"validation: expected a bool, got {type(validation).__name__}")
     if target_text not in ("entry", "headword"):
         raise ValueError(f"target_text: expected 'entry' or 'headword', got {target_text!r}")
     gen = as_rng(seed)
@@ -169,6 +183,10 @@ def convert_gcide(out_dir, *, test_fraction: float = 0.05, target_text: str = "e
     texts = list(by_text)
     positives = [np.array(sorted(set(by_text[t])), dtype=np.int64) for t in texts]
     test = _split(positives, len(heads), test_fraction, gen)
+    if validation:  # the test split is set aside unseen; the training queries are split again
+        keep = np.flatnonzero(~test)
+        texts, positives = [texts[i] for i in keep], [positives[i] for i in keep]
+        test = _split(positives, len(heads), test_fraction, gen)
     train_defs: list[list[str]] = [[] for _ in heads]
     for t, p, is_test in zip(texts, positives, test):
         if not is_test:
@@ -188,5 +206,7 @@ def convert_gcide(out_dir, *, test_fraction: float = 0.05, target_text: str = "e
         shutil.copyfile(license_file, os.path.join(out_dir, f"LICENSE.{GCIDE_PACKAGE}"))
     _write_atomic(os.path.join(out_dir, "README.txt"),
                   [_ATTRIBUTION.format(**meta, **stats, seed=seed if isinstance(seed, int) else "generator",
-                                       test_fraction=test_fraction, target_text=target_text)])
+                                       test_fraction=test_fraction, target_text=target_text,
+                                       validation=bool(validation),
+                                       note=_VALIDATION_NOTE if validation else "")])
     return stats

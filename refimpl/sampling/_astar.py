@@ -8,6 +8,7 @@ import numpy as np
 from numba import njit
 
 from refimpl.index import ROOT
+from refimpl.sampling._adaptive import _heap_pop, _heap_push
 from refimpl.sampling._cluster_kernels import _first_below
 from refimpl.sampling._kernels import (ACCEPTED, ATTEMPTS, LZ_EST, LZ_EXCL, LZ_HI, LZ_LO, STATUS, _excluded, _logit,
                                        _lse_add, _outputs)
@@ -22,67 +23,36 @@ def _trunc_gumbel(loc, bound):
 
 
 @njit(cache=True)
-def _hpush(hu, hdat, hf, size, u, v, L, new, n, G, E, s, eps):
-    """Push region (v, L, new, n) with Gumbel max G, bound E, representative logit s, radius term eps (members'
-    logits lie in [s - eps, E]) and key u onto the max-heap."""
-    if size == hu.shape[0]:
-        cap = 2 * size
-        t = np.empty(cap, np.float64)
-        t[:size] = hu[:size]
-        hu = t
+def _push_region(hk, hi, hs, rdat, rf, nreg, u, v, L, new, n, G, E, s, eps):
+    """Store region (v, L, new, n) with Gumbel max G, bound E, representative logit s and radius term eps (members'
+    logits lie in [s - eps, E]) as region ``nreg``, and push it with key u onto the max-heap of region indices
+    (:func:`refimpl.sampling._adaptive._heap_push`); the arrays double when full. Returns them and the new sizes."""
+    if nreg == rdat.shape[0]:
+        cap = 2 * nreg
         t2 = np.empty((cap, 4), np.int64)
-        t2[:size] = hdat[:size]
-        hdat = t2
+        t2[:nreg] = rdat[:nreg]
+        rdat = t2
         t3 = np.empty((cap, 4), np.float64)
-        t3[:size] = hf[:size]
-        hf = t3
-    j = size
-    while j > 0:
-        p = (j - 1) >> 1
-        if hu[p] >= u:
-            break
-        hu[j] = hu[p]
-        hdat[j] = hdat[p]
-        hf[j] = hf[p]
-        j = p
-    hu[j] = u
-    hdat[j, 0] = v
-    hdat[j, 1] = L
-    hdat[j, 2] = new
-    hdat[j, 3] = n
-    hf[j, 0] = G
-    hf[j, 1] = E
-    hf[j, 2] = s
-    hf[j, 3] = eps
-    return hu, hdat, hf, size + 1
-
-
-@njit(cache=True)
-def _hpop(hu, hdat, hf, size):
-    """Remove the top of the heap into slot ``size - 1`` (returned index); the heap keeps ``size - 1`` entries."""
-    last = size - 1
-    u, d0, d1, d2, d3 = hu[last], hdat[last, 0], hdat[last, 1], hdat[last, 2], hdat[last, 3]
-    f0, f1, f2, f3 = hf[last, 0], hf[last, 1], hf[last, 2], hf[last, 3]
-    # swap the top into the last slot, then sift the old last element down from the root
-    hu[last], hdat[last], hf[last] = hu[0], hdat[0].copy(), hf[0].copy()
-    j = 0
-    while True:
-        c = 2 * j + 1
-        if c >= last:
-            break
-        if c + 1 < last and hu[c + 1] > hu[c]:
-            c += 1
-        if hu[c] <= u:
-            break
-        hu[j] = hu[c]
-        hdat[j] = hdat[c]
-        hf[j] = hf[c]
-        j = c
-    if last > 0:
-        hu[j] = u
-        hdat[j, 0], hdat[j, 1], hdat[j, 2], hdat[j, 3] = d0, d1, d2, d3
-        hf[j, 0], hf[j, 1], hf[j, 2], hf[j, 3] = f0, f1, f2, f3
-    return last
+        t3[:nreg] = rf[:nreg]
+        rf = t3
+    if hs + 1 >= hk.shape[0]:
+        cap = 2 * hk.shape[0]
+        t = np.empty(cap, np.float64)
+        t[:hs] = hk[:hs]
+        hk = t
+        t4 = np.empty(cap, np.int64)
+        t4[:hs] = hi[:hs]
+        hi = t4
+    rdat[nreg, 0] = v
+    rdat[nreg, 1] = L
+    rdat[nreg, 2] = new
+    rdat[nreg, 3] = n
+    rf[nreg, 0] = G
+    rf[nreg, 1] = E
+    rf[nreg, 2] = s
+    rf[nreg, 3] = eps
+    hs = _heap_push(hk, hi, hs, u, nreg)
+    return hk, hi, hs, rdat, rf, nreg + 1
 
 
 @njit(cache=True)
@@ -116,9 +86,10 @@ def astar_batch(T, suf, Q, beta, k, eptr, eids, replace, max_pops, broken, seed)
     vals = np.empty(size, np.float64)
     fill = np.zeros(1, np.int64)
     mask = np.zeros(points.shape[0], np.bool_)
-    hu = np.empty(256, np.float64)
-    hdat = np.empty((256, 4), np.int64)
-    hf = np.empty((256, 4), np.float64)
+    hk = np.empty(256, np.float64)
+    hi = np.empty(256, np.int64)
+    rdat = np.empty((256, 4), np.int64)
+    rf = np.empty((256, 4), np.float64)
     for b in range(B):
         q = Q[b]
         c = cnt[b]
@@ -136,20 +107,21 @@ def astar_batch(T, suf, Q, beta, k, eptr, eids, replace, max_pops, broken, seed)
         for t in range(k):
             G = np.log(n_all) - np.log(-np.log(np.random.random()))
             hs = 0
+            nreg = 0
             ldrop = -np.inf  # log mass of the singletons dropped (excluded or drawn): exact logits
-            hu, hdat, hf, hs = _hpush(hu, hdat, hf, hs, G + E_root, root, T.node_level[root] + 1, 1, n_all, G,
-                                      E_root, s_root, e_root)
+            hk, hi, hs, rdat, rf, nreg = _push_region(hk, hi, hs, rdat, rf, nreg, G + E_root, root,
+                                                      T.node_level[root] + 1, 1, n_all, G, E_root, s_root, e_root)
             pops = 0
             while True:
                 if hs == 0 or pops >= max_pops:
                     c[STATUS] = 1
                     return ids, sids, cnt, lz
-                x = _hpop(hu, hdat, hf, hs)
+                x = _heap_pop(hk, hi, hs)
                 hs -= 1
                 pops += 1
                 c[ATTEMPTS] += 1
-                v, L, new, n = hdat[x, 0], hdat[x, 1], hdat[x, 2], hdat[x, 3]
-                G, E, sv = hf[x, 0], hf[x, 1], hf[x, 2]
+                v, L, new, n = rdat[x, 0], rdat[x, 1], rdat[x, 2], rdat[x, 3]
+                G, E, sv = rf[x, 0], rf[x, 1], rf[x, 2]
                 if n == 1 and new == 1:
                     # singletons are pushed with their exact value G + s: on top, it is the Gumbel argmax
                     ids[b, t] = T.node_point[v]
@@ -157,16 +129,17 @@ def astar_batch(T, suf, Q, beta, k, eptr, eids, replace, max_pops, broken, seed)
                     c[ACCEPTED] += 1
                     if t == k - 1:  # the final frontier partitions the targets: log Z bounds and estimate
                         lo = _lse_add(ldrop, sv)
-                        hi = lo
                         est = lo
+                        up = lo
                         for y in range(hs):
-                            ln = np.log(hdat[y, 3])
-                            lo = _lse_add(lo, ln + hf[y, 2] - hf[y, 3])
-                            hi = _lse_add(hi, ln + hf[y, 1])
-                            est = _lse_add(est, ln + hf[y, 2])
+                            ry = hi[y]
+                            ln = np.log(rdat[ry, 3])
+                            lo = _lse_add(lo, ln + rf[ry, 2] - rf[ry, 3])
+                            up = _lse_add(up, ln + rf[ry, 1])
+                            est = _lse_add(est, ln + rf[ry, 2])
                         lz[b, LZ_LO] = lo
-                        lz[b, LZ_HI] = hi
-                        lz[b, LZ_EST] = min(max(est, lo), hi)
+                        lz[b, LZ_HI] = up
+                        lz[b, LZ_EST] = min(max(est, lo), up)
                     break
                 # split (v, L) into {p_v} (if counted), the nested self part (v, Lc) and the children at level Lc
                 ch = _first_below(T, v, L)
@@ -184,7 +157,8 @@ def astar_batch(T, suf, Q, beta, k, eptr, eids, replace, max_pops, broken, seed)
                     Gp = G if u == 0 else _trunc_gumbel(0.0, G)
                     u -= 1
                     if not mask[T.node_point[v]]:
-                        hu, hdat, hf, hs = _hpush(hu, hdat, hf, hs, Gp + sv, v, L, 1, 1, Gp, sv, sv, 0.0)
+                        hk, hi, hs, rdat, rf, nreg = _push_region(hk, hi, hs, rdat, rf, nreg, Gp + sv, v, L, 1, 1,
+                                                                  Gp, sv, sv, 0.0)
                     else:
                         ldrop = _lse_add(ldrop, sv)
                 # part 1: the nested self part (members of the children below Lc)
@@ -194,7 +168,8 @@ def astar_batch(T, suf, Q, beta, k, eptr, eids, replace, max_pops, broken, seed)
                     if r > T.node_maxd[v]:
                         r = T.node_maxd[v]
                     Ep = min(E, sv + bq * r)
-                    hu, hdat, hf, hs = _hpush(hu, hdat, hf, hs, Gp + Ep, v, Lc, 0, nself, Gp, Ep, sv, bq * r)
+                    hk, hi, hs, rdat, rf, nreg = _push_region(hk, hi, hs, rdat, rf, nreg, Gp + Ep, v, Lc, 0, nself,
+                                                              Gp, Ep, sv, bq * r)
                 u -= nself
                 # the children at level Lc
                 x2 = ch
@@ -206,13 +181,14 @@ def astar_batch(T, suf, Q, beta, k, eptr, eids, replace, max_pops, broken, seed)
                     Ep = sc if m == 1 else min(E, sc + bq * T.node_maxd[x2])
                     if m == 1:
                         if not mask[T.node_point[x2]]:
-                            hu, hdat, hf, hs = _hpush(hu, hdat, hf, hs, Gp + sc, x2, T.node_level[x2], 1, 1, Gp,
-                                                      sc, sc, 0.0)
+                            hk, hi, hs, rdat, rf, nreg = _push_region(hk, hi, hs, rdat, rf, nreg, Gp + sc, x2,
+                                                                      T.node_level[x2], 1, 1, Gp, sc, sc, 0.0)
                         else:
                             ldrop = _lse_add(ldrop, sc)
                     else:
-                        hu, hdat, hf, hs = _hpush(hu, hdat, hf, hs, Gp + Ep, x2, T.node_level[x2], 1, m, Gp, Ep,
-                                                  sc, bq * T.node_maxd[x2])
+                        hk, hi, hs, rdat, rf, nreg = _push_region(hk, hi, hs, rdat, rf, nreg, Gp + Ep, x2,
+                                                                  T.node_level[x2], 1, m, Gp, Ep, sc,
+                                                                  bq * T.node_maxd[x2])
                     x2 = T.node_next_sibling[x2]
             if replace == 0:
                 buf[nb] = ids[b, t]

@@ -61,7 +61,8 @@ METRICS = ("R@1", "R@5", "R@10", "R@20", "R@100", "MRR@1", "MRR@10", "MRR@100")
 class Scale:
     """Sizes and knobs of one reproduction (both tasks). Every field is recorded in each part's JSON.
 
-    planted_*: the planted task (N targets, queries, test queries, feature dimension). text_max_test: test queries
+    planted_*: the planted task (N targets, queries, test queries, feature dimension, the planted teacher's
+    embedding dimension). text_max_test: test queries
     kept (a seeded subset of the file's test split; 0 keeps all). steps, batch_size, dim (D), lr, lr_warmup: the
     optimiser (per task: ``text_dim``, ``text_lr``, ``text_n_features``, shared tower initialisation for text).
     k: sampled negatives per example (B k shared per step); n_uniform: uniform negatives per example;
@@ -72,7 +73,11 @@ class Scale:
     Why :data:`FULL` is what it is. N = 5e5 planted targets: the smallest the issue allows, since every row's cost
     grows with N. B = 32 rather than the paper's 128: the sampled loss gathers a (B, B k + k + B, D) array, so
     its cost grows with B^2. D = 256 and d' = 128 keep D = 2 d' (the paper: 768 and 128) and leave room for the
-    2 d' = 256 ablation point (d' = D: no reduction); s' = 4 d'; one exact refresh half-way through mining (the
+    2 d' = 256 ablation point (d' = D: no reduction). The planted task has 512 features and a teacher of dimension
+    256, so that the student's embeddings can have rank D and d' = 128 landmarks are a real reduction (with 64
+    features the embeddings had rank <= 64); and so that the task is not saturated: with 64 features and a teacher
+    of dimension 32, uniform negatives reached R@1 0.99 (seeds 0-2), against 0.75 here (in-batch 0.56; seed 0,
+    the only rows looked at for this choice). s' = 4 d'; one exact refresh half-way through mining (the
     paper re-encoded everything once on NQ). SNM refreshes its pool every 10 steps: the paper's 100-500 steps were a
     small fraction of a long run, and staleness is set by how far the encoder moves between refreshes. Brute force
     re-encodes its table every 10 steps too (the paper does not say how often): re-encoding all N targets costs
@@ -80,14 +85,17 @@ class Scale:
     force from all N of them. The text task's learning rate is the train CLI's GCIDE default, chosen there on
     uniform negatives, not here. Steps: the largest multiple of 50 for which ``reproduce --plan CALIBRATION
     --total-budget 240`` (per-step CPU of every row measured by a calibration part at reduced steps, extrapolated
-    by :func:`estimate_run`) keeps the whole table within four hours of CPU and every part within one. No result
-    was looked at to choose any of these.
+    by :func:`estimate_run`) keeps the whole table within four hours of CPU and every part within one (400 was
+    computed from calibration parts with the earlier 64-feature planted task; recalibrate with ``--plan`` before a
+    full run). Apart from the uniform and in-batch rows named above, no result was looked at to choose any of
+    these.
     """
 
     planted_n_targets: int = 500_000
     planted_n_queries: int = 20_000
     planted_n_test: int = 1_000
-    planted_n_features: int = 64
+    planted_n_features: int = 512
+    planted_teacher_dim: int = 256
     text_max_test: int = 1_000
     text_n_features: int = 2 ** 18
     steps: int = 400
@@ -113,6 +121,7 @@ class Scale:
 
 FULL = Scale()
 QUICK = Scale(planted_n_targets=3000, planted_n_queries=1500, planted_n_test=300, planted_n_features=32,
+              planted_teacher_dim=32,
               text_max_test=300, text_n_features=2 ** 12, steps=40, batch_size=32, dim=32, text_dim=32, lr_warmup=4,
               k=4, n_uniform=4, n_landmarks=8, n_samples=32, reencode_every=5, snm_refresh_every=10,
               bf_refresh_every=5, eval_points=2)
@@ -206,6 +215,7 @@ def _planted(scale: Scale, seed: int) -> RetrievalDataset:
     n_fine = max(1, n // 25)  # fine clusters of ~25 near-duplicates, as the demo's task
     coarse = min(50, n_fine)
     return planted_dataset(n, scale.planted_n_queries, n_features=scale.planted_n_features,
+                           dim=scale.planted_teacher_dim,
                            branching=(coarse, max(1, n_fine // coarse)),
                            test_fraction=scale.planted_n_test / scale.planted_n_queries, rng=seed)
 

@@ -17,8 +17,9 @@ Per run, driven by :func:`refimpl.training.train`:
   experiments' procedure: top-k closest clusters, chains of length 2, top-scoring states, optional temperature and
   forest; no proposition covers it and it has no ``log_q``). The query's own positives are excluded by default.
 * every ``w`` mining steps (``reencode_every``): Alg. 5 (s' targets encoded, kernel ridge regression, every
-  representation refreshed), then the tree follows the moved representations (``update_points`` + Alg. 3
-  ``maintain(U)``, or ``rebuild_level``, or a rebuild). Every ``refresh_every`` mining steps (off by default, the
+  representation refreshed), then the tree follows the moved representations: by default Alg. 3
+  (``update_points`` + ``maintain(U)``) when few moved and a fresh batch build when most did, as after a re-encode
+  (``tree_update="auto"``); ``"maintain"`` is Alg. 3 always, as printed; or ``rebuild_level``, or a rebuild. Every ``refresh_every`` mining steps (off by default, the
   faithful Alg. 4; the paper did it once on NQ), an exact refresh: every target re-encoded, Nyström and the
   regression re-initialised (Alg. 6 again) and the tree(s) rebuilt.
 

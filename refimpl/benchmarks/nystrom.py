@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import copy
 import ctypes
-import json
 import os
 import time
 
 import numpy as np
 import scipy.linalg  # noqa: F401  (loads SciPy's OpenBLAS, so that _limit_blas_threads sets it too)
 
+from refimpl.benchmarks import write_json
 from refimpl.cliargs import ArgumentParser, integer, integer_list, out_file, real, real_list, size_list
 from refimpl.data import planted_dataset
 from refimpl.encoders import LinearDualEncoder
@@ -354,9 +354,7 @@ def main(argv=None) -> int:
                    "wall_regression_s": float(np.median(t_reg)) if t_reg else None,
                    "wall_full_s": float(np.median(t_full)) if t_full else None}
     out["runtime_s"] = time.time() - t_start
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w") as fh:
-        json.dump(out, fh, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o))
+    write_json(a.out, out)
     _print(out, a)
     print(f"\nJSON written to {os.path.abspath(a.out)}")
     return 0

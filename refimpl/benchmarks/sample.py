@@ -41,6 +41,7 @@ import time
 import numpy as np
 from numba import njit
 
+from refimpl.benchmarks import write_json
 from refimpl.cliargs import ArgumentParser, choice_list, integer, integer_list, out_file, real, size, size_list
 from refimpl.data import hierarchical_points
 from refimpl.index.sgtree import SGTree
@@ -340,8 +341,7 @@ def main(argv=None) -> int:
                           f"{row['x_floor']:8.2f}  {note}")
             out["results"].append(entry)
             del tree, X, X32
-            with open(args.json, "w") as fh:
-                json.dump(out, fh, indent=1, default=float)
+            write_json(args.json, out)
     print(f"\nJSON written to {args.json}")
     return 0
 

@@ -22,12 +22,12 @@ Memory: the points (N d' 4 bytes; twice during a "copy" update), the tree's arra
 """
 from __future__ import annotations
 
-import json
 import resource
 import time
 
 import numpy as np
 
+from refimpl.benchmarks import write_json
 from refimpl.cliargs import ArgumentParser, integer, out_file, real, real_list, size, size_list
 from refimpl.data import hierarchical_points
 from refimpl.index import SGTree
@@ -181,8 +181,7 @@ def main(argv=None) -> int:
     print(table(rec))
     print("\n(CPU seconds of this process, one BLAS thread; peak RSS = ru_maxrss)")
     if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(rec, fh, indent=1, default=float)
+        write_json(a.json, rec)
         print(f"wrote {a.json}")
     return 0
 

@@ -12,13 +12,13 @@ Reported: ms per step, the dense/lazy ratio at each size, and the lazy 2^20 / 2^
 """
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
 
 import numpy as np
 
+from refimpl.benchmarks import write_json
 from refimpl.cliargs import ArgumentParser, in_dir, integer, out_file, size_list
 from refimpl.mining import Uniform
 from refimpl.text import load_text_pairs
@@ -104,7 +104,6 @@ def main(argv=None) -> int:
         ratio = f"{r['dense_over_lazy']:.1f}x" if "dense_over_lazy" in r else "-"
         print(f"| 2^{int(np.log2(r['n_features']))} | {r['lazy_ms_per_step']:.1f} | {dense} | {ratio} |")
     print(f"lazy per-step time, largest / smallest n_features: {out['lazy_max_over_min']:.2f}x")
-    with open(a.json, "w") as fh:
-        json.dump(out, fh, indent=1)
+    write_json(a.json, out)
     print(f"wrote {a.json}")
     return 0

@@ -23,11 +23,11 @@ per-example, and over brute force's), the :data:`ACCEPTANCE` targets checked on 
 """
 from __future__ import annotations
 
-import json
 import time
 
 import numpy as np
 
+from refimpl.benchmarks import write_json
 from refimpl.cliargs import ArgumentParser, integer, integer_list, out_file, size
 from refimpl.data import planted_dataset
 from refimpl.mining import (BruteForceTopK, DyNNIBAL, FullSoftmax, InBatch, NegativeCache, StochasticNegativeMining,
@@ -195,8 +195,7 @@ def main(argv=None) -> int:
                   f"{'holds' if c['holds'] else 'FAILS'}; amortised {c['amortised_ratio']:.3f}x")
     out["acceptance"] = checks
     if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(out, fh, indent=1, default=float)
+        write_json(a.json, out)
         print(f"wrote {a.json}")
     return 0
 

@@ -21,7 +21,6 @@ the ratios measured in the same run.
 """
 from __future__ import annotations
 
-import json
 import os
 import resource
 import time
@@ -29,6 +28,7 @@ import time
 import numpy as np
 from numba import njit
 
+from refimpl.benchmarks import write_json
 from refimpl.cliargs import ArgumentParser, integer, out_file, real, real_list, size, size_list
 from refimpl.data import hierarchical_points
 from refimpl.index import DEFAULT_BASE, MAX_BASE, MIN_BASE, SGTree, brute_force_topk, dot, prefetch_row, topk
@@ -259,8 +259,7 @@ def main(argv=None) -> int:
                           "reinserted", flush=True)
         out["sizes"] = rows
     out["loadavg_end"] = os.getloadavg()
-    with open(args.out, "w") as fh:
-        json.dump(out, fh, indent=1)
+    write_json(args.out, out)
     print(f"JSON written to {args.out}")
     return 0
 

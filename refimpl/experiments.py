@@ -38,10 +38,10 @@ from refimpl.cliargs import ArgumentParser, choice_list, in_dir, integer, out_di
 from refimpl.data import planted_dataset
 from refimpl.gcide import convert_gcide
 from refimpl.text import describe_skipped, load_text_pairs
-from refimpl.training import lexical_baseline, train
+from refimpl.training import TEXT_DEFAULTS, lexical_baseline, train
 
 __all__ = ["demo_main", "reproduce_main", "train_main", "data_main", "run_table", "table_markdown", "default_methods",
-           "claims_summary", "TEXT_DEFAULTS"]
+           "claims_summary"]
 
 
 def default_methods(*, k: int = 64, refresh_every: int = 10, cache_percent: float = 6.3):
@@ -287,15 +287,20 @@ def reproduce_main(argv=None) -> int:
         try:
             cal = RR.load_parts(a.plan)
             if a.total_budget is not None:
-                steps, _ = R.largest_steps(cal, scale, a.seeds, total_minutes=a.total_budget, budget_minutes=a.budget)
-                if steps is None:
-                    p.error(f"--total-budget: not even 50 steps fit {a.total_budget} CPU minutes")
-                scale = R.with_steps(scale, steps)
-            items = R.plan(cal, scale, a.seeds, budget_minutes=a.budget, out_dir=a.out_dir, data_dir=a.data)
+                chosen = R.largest_steps(cal, scale, a.seeds, total_minutes=a.total_budget, budget_minutes=a.budget,
+                                         out_dir=a.out_dir, data_dir=a.data)
+                short = [k for k, (steps, _) in chosen.items() if steps is None]
+                if short:
+                    p.error(f"--total-budget: not even 50 steps of task {short[0]} fit its share "
+                            f"({a.total_budget / len(chosen):.0f} CPU minutes)")
+                items = [i for _, task_items in chosen.values() for i in task_items]
+            else:
+                items = R.plan(cal, scale, a.seeds, budget_minutes=a.budget, out_dir=a.out_dir, data_dir=a.data)
         except ValueError as exc:
             p.error(f"--plan: {exc}")
+        steps = ", ".join(f"{k} {s}" for k, s in dict.fromkeys((i["task"], i["steps"]) for i in items))
         print(f"# {len(items)} parts, {sum(i['minutes'] for i in items):.0f} CPU minutes in all (estimated from "
-              f"{', '.join(a.plan)}; {scale.steps} steps, seeds {', '.join(map(str, a.seeds))})", file=out)
+              f"{', '.join(a.plan)}; steps: {steps}; seeds {', '.join(map(str, a.seeds))})", file=out)
         for i in items:
             flag = "  # OVER BUDGET: one run exceeds it" if i["over_budget"] else ""
             print(f"{i['command']}  # ~{i['minutes']:.0f} CPU min{flag}", file=out)
@@ -319,20 +324,6 @@ def reproduce_main(argv=None) -> int:
 
 
 # ------------------------------------------------------------------------------------------- text CLI: train, data
-# The train CLI's defaults for text, chosen on the GCIDE VALIDATION task (convert_gcide(validation=True): training
-# queries split again, the test split never used), R@1/10/100 on 2,000 held-out validation queries (README):
-# - dim 256: dim 64 fits the training pairs (training R@1 > 0.9) but generalises far less (validation R@100 0.17
-#   vs 0.26 at 256, otherwise equal runs); 256 dims untied = 4 matrices of 256 x 2^18 (3.2 GB with Adam's moments).
-# - in-batch negatives on: free (the positives are encoded anyway); R@10 .131 -> .159, R@100 .256 -> .304.
-# - IDF input weights: R@1 .033 -> .043 (tied towers, 3,000 steps), none of R@10 / R@100 lower.
-# - untied towers with a shared start: tied towers were lower on R@10 / R@100 (.126 / .244 vs .159 / .304).
-# - init_scale 1 (learned weights dominate): 50 (a random-projection channel that learning corrects) traded
-#   R@10 / R@100 (.141 / .288) for R@1 (.054 vs .051).
-# - batch 256 x 3,000 steps: at equal examples seen, batch 128 x 6,000 steps gave .060 / .160 / .308 and batch
-#   256 (twice the in-batch negatives) .059 / .168 / .326; validation R@10 / R@100 are flat after ~2,000 steps.
-# - lr 0.03 and beta 20 (the paper's) were kept, not searched.
-TEXT_DEFAULTS = {"steps": 3000, "batch_size": 256, "dim": 256, "lr": 0.03, "k": 64, "n_features": 2 ** 18,
-                 "init": "shared", "tied": False, "init_scale": 1.0, "in_batch": True, "input_weights": "idf"}
 
 
 def _fail(prog: str, exc) -> int:

@@ -45,7 +45,7 @@ from refimpl.cliargs import ArgumentParser, choice_list, in_dir, integer, out_di
 from refimpl.data import RetrievalDataset, planted_dataset
 from refimpl.index.sgtree import SGTree
 from refimpl.text import load_text_pairs
-from refimpl.training import lexical_baseline, train
+from refimpl.training import TEXT_DEFAULTS, lexical_baseline, train
 
 __all__ = ["SCHEMA", "Scale", "FULL", "QUICK", "ROWS", "TASKS", "NC_TABLE2", "METRICS", "TABLE1", "TABLE2",
            "ABLATION", "DEFAULT_ROWS", "run_part", "run_one", "estimate_run", "plan", "largest_steps", "with_steps",
@@ -62,33 +62,36 @@ class Scale:
     """Sizes and knobs of one reproduction (both tasks). Every field is recorded in each part's JSON.
 
     planted_*: the planted task (N targets, queries, test queries, feature dimension, the planted teacher's
-    embedding dimension). text_max_test: test queries
-    kept (a seeded subset of the file's test split; 0 keeps all). steps, batch_size, dim (D), lr, lr_warmup: the
-    optimiser (per task: ``text_dim``, ``text_lr``, ``text_n_features``, shared tower initialisation for text).
+    embedding dimension). text_max_test: test queries kept (a seeded subset of the file's test split; 0 keeps all);
+    the other ``text_*`` fields: the text model and its optimiser, by default the train CLI's
+    (:data:`refimpl.training.TEXT_DEFAULTS`: hashed features, batch, dimension, learning rate, tower start and
+    tying, fixed input weights). steps, batch_size, dim (D), lr, lr_warmup: the planted task's optimiser (steps
+    and lr_warmup shared by both tasks).
     k: sampled negatives per example (B k shared per step); n_uniform: uniform negatives per example;
     warmup_fraction: the uniform-only phase. n_landmarks (d'), n_samples (s'), reencode_every (w): DyNNIBAL; the
     landmark ablation uses d'/2 and 2 d'. snm_refresh_every, bf_refresh_every: SNM's pool refresh and brute force's
     full re-encode periods. eval_points: evaluations during training besides step 0 (the R@1 curves).
 
     Why :data:`FULL` is what it is. N = 5e5 planted targets: the smallest the issue allows, since every row's cost
-    grows with N. B = 32 rather than the paper's 128: the sampled loss gathers a (B, B k + k + B, D) array, so
-    its cost grows with B^2. D = 256 and d' = 128 keep D = 2 d' (the paper: 768 and 128) and leave room for the
-    2 d' = 256 ablation point (d' = D: no reduction). The planted task has 512 features and a teacher of dimension
-    256, so that the student's embeddings can have rank D and d' = 128 landmarks are a real reduction (with 64
-    features the embeddings had rank <= 64); and so that the task is not saturated: with 64 features and a teacher
-    of dimension 32, uniform negatives reached R@1 0.99 (seeds 0-2), against 0.75 here (in-batch 0.56; seed 0,
-    the only rows looked at for this choice). s' = 4 d'; one exact refresh half-way through mining (the
-    paper re-encoded everything once on NQ). SNM refreshes its pool every 10 steps: the paper's 100-500 steps were a
-    small fraction of a long run, and staleness is set by how far the encoder moves between refreshes. Brute force
-    re-encodes its table every 10 steps too (the paper does not say how often): re-encoding all N targets costs
-    several times a step, and at the same period as SNM's refresh both mine from equally stale embeddings, brute
-    force from all N of them. The text task's learning rate is the train CLI's GCIDE default, chosen there on
-    uniform negatives, not here. Steps: the largest multiple of 50 for which ``reproduce --plan CALIBRATION
-    --total-budget 240`` (per-step CPU of every row measured by a calibration part at reduced steps, extrapolated
-    by :func:`estimate_run`) keeps the whole table within four hours of CPU and every part within one (400 was
-    computed from calibration parts with the earlier 64-feature planted task; recalibrate with ``--plan`` before a
-    full run). Apart from the uniform and in-batch rows named above, no result was looked at to choose any of
-    these.
+    grows with N. B = 32 rather than the paper's 128: the sampled loss gathers a (B, B k + k + B, D) array, so its
+    cost grows with B^2. D = 256 and d' = 128 keep D = 2 d' (the paper: 768 and 128) and leave room for the 2 d' =
+    256 ablation point (d' = D: no reduction). The planted task has 512 features and a teacher of dimension 256, so
+    that the student's embeddings can have rank D and d' = 128 landmarks are a real reduction (with 64 features the
+    embeddings had rank <= 64); and so that the task is not saturated: with 64 features and a teacher of dimension
+    32, uniform negatives reached R@1 0.99 (seeds 0-2), against 0.75 here (in-batch 0.56; seed 0, the only rows
+    looked at for this choice). s' = 4 d'; one exact refresh half-way through mining (the paper re-encoded
+    everything once on NQ). SNM refreshes its pool every 10 steps: the paper's 100-500 steps were a small fraction
+    of a long run, and staleness is set by how far the encoder moves between refreshes. Brute force re-encodes its
+    table every 10 steps too (the paper does not say how often): re-encoding all N targets costs several times a
+    step, and at the same period as SNM's refresh both mine from equally stale embeddings, brute force from all N of
+    them. The text task's model, batch and learning rate are the train CLI's defaults, chosen there on a validation
+    split with uniform and in-batch negatives, not here (with the planted task's B = 32 and 400 steps the text model
+    learned almost nothing in calibration: R@1 0.000-0.003). Steps: the largest multiple of 50 for which ``reproduce
+    --plan CALIBRATION --total-budget 240`` (per-step CPU of every row measured by a calibration part at reduced
+    steps, extrapolated by :func:`estimate_run`) keeps the whole table within four hours of CPU and every part
+    within one (400 was computed from calibration parts with the earlier 64-feature planted task; recalibrate with
+    ``--plan`` before a full run). Apart from the uniform and in-batch rows named above, no result was looked at to
+    choose any of these.
     """
 
     planted_n_targets: int = 500_000
@@ -97,13 +100,18 @@ class Scale:
     planted_n_features: int = 512
     planted_teacher_dim: int = 256
     text_max_test: int = 1_000
-    text_n_features: int = 2 ** 18
+    text_n_features: int = TEXT_DEFAULTS["n_features"]
+    text_batch_size: int = TEXT_DEFAULTS["batch_size"]
+    text_dim: int = TEXT_DEFAULTS["dim"]
+    text_lr: float = TEXT_DEFAULTS["lr"]
+    text_init: str = TEXT_DEFAULTS["init"]
+    text_tied: bool = TEXT_DEFAULTS["tied"]
+    text_init_scale: float = TEXT_DEFAULTS["init_scale"]
+    text_input_weights: str | None = TEXT_DEFAULTS["input_weights"]
     steps: int = 400
     batch_size: int = 32
     dim: int = 256
-    text_dim: int = 256
     lr: float = 0.01
-    text_lr: float = 0.03
     lr_warmup: int = 50
     k: int = 64
     n_uniform: int = 64
@@ -122,7 +130,8 @@ class Scale:
 FULL = Scale()
 QUICK = Scale(planted_n_targets=3000, planted_n_queries=1500, planted_n_test=300, planted_n_features=32,
               planted_teacher_dim=32,
-              text_max_test=300, text_n_features=2 ** 12, steps=40, batch_size=32, dim=32, text_dim=32, lr_warmup=4,
+              text_max_test=300, text_n_features=2 ** 12, text_batch_size=32, steps=40, batch_size=32, dim=32,
+              text_dim=32, lr_warmup=4,
               k=4, n_uniform=4, n_landmarks=8, n_samples=32, reencode_every=5, snm_refresh_every=10,
               bf_refresh_every=5, eval_points=2)
 
@@ -247,7 +256,8 @@ def _recipe(scale: Scale, kind: str, B: int) -> tuple[dict, list]:
           "uniform_warmup": int(round(scale.warmup_fraction * scale.steps)), "in_batch": True,
           "eval_every": max(1, scale.steps // scale.eval_points), "beta": 20.0}
     if kind == "text":
-        kw["init"] = "shared"
+        kw.update(init=scale.text_init, tied=scale.text_tied, init_scale=scale.text_init_scale,
+                  input_weights=scale.text_input_weights)
     kw.update(n_uniform=scale.n_uniform, uniform_per_example=True)
     return kw, []
 
@@ -295,7 +305,7 @@ def run_one(ds, kind: str, row: str, seed: int, scale: Scale, *, progress: bool 
     """Train one row on one dataset with one seed; the run's record (final metrics, evaluations over training,
     configuration, deviations from the recipe, CPU profile :func:`_cpu_profile`, DyNNIBAL's timings)."""
     spec = ROWS[row]
-    B = min(scale.batch_size, int(ds.train_ids.size))
+    B = min(scale.text_batch_size if kind == "text" else scale.batch_size, int(ds.train_ids.size))
     kw, notes = _recipe(scale, kind, B)
     miner, more = spec.build(scale, ds.n_targets, B, scale.steps - kw["uniform_warmup"])
     notes += more
@@ -440,15 +450,15 @@ def estimate_run(rec: dict, scale: Scale) -> float:
 
 
 def plan(parts, scale: Scale, seeds, *, budget_minutes: float = 60.0, out_dir: str = "results/parts",
-         data_dir: str | None = None) -> list[dict]:
-    """The part commands that together run every default row of every calibrated task for ``seeds`` at ``scale``,
-    each estimated at most ``budget_minutes`` of CPU when possible (a single run over budget gets a part of its own,
-    flagged).
+         data_dir: str | None = None, tasks=None) -> list[dict]:
+    """The part commands that together run every default row of every calibrated task (or of the task keys in
+    ``tasks``) for ``seeds`` at ``scale``, each estimated at most ``budget_minutes`` of CPU when possible (a single
+    run over budget gets a part of its own, flagged).
 
     ``parts``: calibration parts (JSON dicts of :func:`run_part` at ``scale`` except for :data:`_COST_FREE` fields,
     e.g. ``--steps 80``), each row of a task run once. Per part the estimate is the dataset's CPU (planted: one
     task per seed; text: one load) plus :func:`estimate_run` of each row. Returns ``[{"task", "rows", "seed",
-    "minutes", "over_budget", "command"}]`` in run order.
+    "steps", "minutes", "over_budget", "command"}]`` in run order.
     """
     cal, data_cpu, data_dirs = {}, {}, {}
     for part in parts:
@@ -468,6 +478,8 @@ def plan(parts, scale: Scale, seeds, *, budget_minutes: float = 60.0, out_dir: s
         raise ValueError("plan: the calibration parts hold no runs")
     out = []
     for key in data_cpu:
+        if tasks is not None and key not in tasks:
+            continue
         kind = "planted" if key == "planted" else "text"
         rows = [r for r in DEFAULT_ROWS[kind] if (key, r) in cal]
         missing = [r for r in DEFAULT_ROWS[kind] if (key, r) not in cal]
@@ -486,9 +498,9 @@ def plan(parts, scale: Scale, seeds, *, budget_minutes: float = 60.0, out_dir: s
                 minutes = (data_cpu[key] + sum(cost[x] for x in g)) / 60
                 cmd = (f"python -m refimpl reproduce --tasks {kind} --rows {','.join(g)} --seeds {seed} "
                        + (f"--data {data_dir or data_dirs[key]} " if kind == "text" else "")
-                       + (f"--steps {scale.steps} " if scale.steps != FULL.steps else "")
+                       + f"--steps {scale.steps} "
                        + f"--out-dir {out_dir} --no-progress")
-                out.append({"task": key, "rows": g, "seed": seed, "minutes": minutes,
+                out.append({"task": key, "rows": g, "seed": seed, "steps": scale.steps, "minutes": minutes,
                             "over_budget": minutes > budget_minutes, "command": cmd})
     return out
 
@@ -499,17 +511,27 @@ def with_steps(scale: Scale, steps: int) -> Scale:
 
 
 def largest_steps(parts, scale: Scale, seeds, *, total_minutes: float, budget_minutes: float = 60.0,
-                  grid=range(50, 5001, 50)) -> tuple[int | None, list]:
-    """The largest step count in ``grid`` whose :func:`plan` fits ``total_minutes`` of CPU in all, no part over
-    ``budget_minutes``: ``(steps, plan)``, or ``(None, [])`` if none fits. The cost grows with the steps, so this is
-    the choice "as many steps as the budget allows" (no result is looked at)."""
-    best = (None, [])
-    for steps in grid:
-        items = plan(parts, with_steps(scale, steps), seeds, budget_minutes=budget_minutes)
-        if sum(i["minutes"] for i in items) > total_minutes or any(i["over_budget"] for i in items):
-            break
-        best = (steps, items)
-    return best
+                  grid=range(50, 5001, 50), out_dir: str = "results/parts", data_dir: str | None = None) -> dict:
+    """Per calibrated task, the largest step count in ``grid`` whose :func:`plan` fits an equal share of
+    ``total_minutes`` of CPU (``total_minutes`` / number of tasks), no part over ``budget_minutes``: ``{task key:
+    (steps, plan items)}``, ``(None, [])`` for a task where none fits. The cost grows with the steps, so this is the
+    choice "as many steps as the budget allows" (no result is looked at); each task's parts run at their own step
+    count (a part holds one task). ``out_dir``, ``data_dir``: as in :func:`plan`."""
+    keys = list(dict.fromkeys(r["task"] for p in parts for r in p["runs"]))
+    if not keys:
+        raise ValueError("plan: the calibration parts hold no runs")
+    share = total_minutes / len(keys)
+    out = {}
+    for key in keys:
+        best = (None, [])
+        for steps in grid:
+            items = plan(parts, with_steps(scale, steps), seeds, budget_minutes=budget_minutes, tasks=[key],
+                         out_dir=out_dir, data_dir=data_dir)
+            if sum(i["minutes"] for i in items) > share or any(i["over_budget"] for i in items):
+                break
+            best = (steps, items)
+        out[key] = best
+    return out
 
 
 def part_stem(tasks, rows, seeds) -> str:

@@ -262,9 +262,20 @@ def test_largest_steps_is_the_last_step_count_within_the_total():
             "runs": runs}
     n = len(R.DEFAULT_ROWS["planted"])
     # total CPU minutes = 2 seeds x n rows x steps / 60; the per-part budget (60 min) holds one row of <= 3600 steps
-    steps, items = R.largest_steps([part], scale, [0, 1], total_minutes=2 * n * 425 / 60)
+    steps, items = R.largest_steps([part], scale, [0, 1], total_minutes=2 * n * 425 / 60)["planted"]
     assert steps == 400 and sum(i["minutes"] for i in items) == pytest.approx(2 * n * 400 / 60)
-    assert R.largest_steps([part], scale, [0, 1], total_minutes=1)[0] is None
+    assert all(i["steps"] == 400 and "--steps 400" in i["command"] for i in items)
+    assert R.largest_steps([part], scale, [0, 1], total_minutes=1)["planted"][0] is None
+    # two tasks share the total equally; each gets its own step count (text here costs 2 s per step per row)
+    text_runs = [_cal_run("text:t", r, {"name": "uniform"}, warm_steps=0, steady=2.0, first=2.0, eval_each=0.0)
+                 for r in R.DEFAULT_ROWS["text"]]
+    text = {"scale": part["scale"], "tasks": {"text:t": {"data_dir": "/d/t"}}, "data_cpu_seconds": {"text:t": 0.0},
+            "runs": text_runs}
+    m = len(R.DEFAULT_ROWS["text"])
+    both = R.largest_steps([part, text], scale, [0, 1], total_minutes=2 * 2 * n * 425 / 60)
+    assert both["planted"][0] == 400
+    assert both["text:t"][0] == (2 * n * 425 // (2 * m * 2)) // 50 * 50
+    assert all("--steps" in i["command"] and "--data /d/t" in i["command"] for i in both["text:t"][1])
 
 
 def test_checkpoint_after_every_run_keeps_finished_runs(tmp_path):

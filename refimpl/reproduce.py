@@ -405,6 +405,10 @@ def run_part(tasks, rows, seeds, scale: Scale = FULL, *, data_dir: str | None = 
 
 # ------------------------------------------------------------------------------------------------ plan
 _COST_FREE = ("steps", "lr_warmup", "eval_points", "warmup_fraction", "lr", "text_lr")  # free in a calibration
+# Fields that one task kind does not read (a calibration of the planted task stays valid when a text field changes)
+_OTHER_TASK_FIELDS = {"planted": {f for f in Scale.__dataclass_fields__ if f.startswith("text_")},
+                      "text": {f for f in Scale.__dataclass_fields__ if f.startswith("planted_")}
+                      | {"batch_size", "dim", "lr"}}
 
 
 def _n_evals(scale: Scale) -> int:
@@ -462,8 +466,11 @@ def plan(parts, scale: Scale, seeds, *, budget_minutes: float = 60.0, out_dir: s
     """
     cal, data_cpu, data_dirs = {}, {}, {}
     for part in parts:
+        kinds = {"planted" if k == "planted" else "text" for k in part["tasks"]}
         for f in Scale.__dataclass_fields__:
-            if f not in _COST_FREE and part["scale"].get(f) != getattr(scale, f):
+            if f in _COST_FREE or all(f in _OTHER_TASK_FIELDS[k] for k in kinds):
+                continue
+            if part["scale"].get(f) != getattr(scale, f):
                 raise ValueError(f"plan: calibration {part.get('_file', '<part>')} has {f} = {part['scale'].get(f)}, "
                                  f"the plan's scale {getattr(scale, f)} (only {', '.join(_COST_FREE)} may differ)")
         n_sets = {k: len({r["seed"] for r in part["runs"] if r["task"] == k}) if k == "planted" else 1

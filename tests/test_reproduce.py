@@ -250,6 +250,10 @@ def test_plan_packs_every_default_row_and_seed_into_parts_within_budget():
     bad = {**part, "scale": {**part["scale"], "k": 3}}
     with pytest.raises(ValueError, match="k = 3"):
         R.plan([bad], scale, [0])
+    # a field the planted task does not read may differ; one it reads may not
+    assert R.plan([{**part, "scale": {**part["scale"], "text_dim": 7}}], scale, [0]) == R.plan([part], scale, [0])
+    with pytest.raises(ValueError, match="planted_n_features = 7"):
+        R.plan([{**part, "scale": {**part["scale"], "planted_n_features": 7}}], scale, [0])
     with pytest.raises(ValueError, match="no calibration run"):
         R.plan([{**part, "runs": runs[:-1]}], scale, [0])
 

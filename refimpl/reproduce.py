@@ -48,8 +48,8 @@ from refimpl.text import load_text_pairs
 from refimpl.training import TEXT_DEFAULTS, lexical_baseline, train
 
 __all__ = ["SCHEMA", "Scale", "FULL", "QUICK", "ROWS", "TASKS", "NC_TABLE2", "METRICS", "TABLE1", "TABLE2",
-           "ABLATION", "DEFAULT_ROWS", "run_part", "run_one", "estimate_run", "plan", "largest_steps", "with_steps",
-           "task_key", "machine", "part_stem", "parser", "configure"]
+           "ABLATION", "DEFAULT_ROWS", "run_part", "run_one", "task_scale", "estimate_run", "plan", "largest_steps",
+           "with_steps", "task_key", "machine", "part_stem", "parser", "configure"]
 
 SCHEMA = "refimpl.reproduce/1"
 TASKS = ("planted", "text")
@@ -65,8 +65,8 @@ class Scale:
     embedding dimension). text_max_test: test queries kept (a seeded subset of the file's test split; 0 keeps all);
     the other ``text_*`` fields: the text model and its optimiser, by default the train CLI's
     (:data:`refimpl.training.TEXT_DEFAULTS`: hashed features, batch, dimension, learning rate, tower start and
-    tying, fixed input weights). steps, batch_size, dim (D), lr, lr_warmup: the planted task's optimiser (steps
-    and lr_warmup shared by both tasks).
+    tying, fixed input weights), and the text task's ``k`` and ``n_uniform`` (:func:`task_scale`). steps,
+    batch_size, dim (D), lr, lr_warmup: the planted task's optimiser (steps and lr_warmup shared by both tasks).
     k: sampled negatives per example (B k shared per step); n_uniform: uniform negatives per example;
     warmup_fraction: the uniform-only phase. n_landmarks (d'), n_samples (s'), reencode_every (w): DyNNIBAL; the
     landmark ablation uses d'/2 and 2 d'. snm_refresh_every, bf_refresh_every: SNM's pool refresh and brute force's
@@ -104,6 +104,8 @@ class Scale:
     text_batch_size: int = TEXT_DEFAULTS["batch_size"]
     text_dim: int = TEXT_DEFAULTS["dim"]
     text_lr: float = TEXT_DEFAULTS["lr"]
+    text_k: int = 64
+    text_n_uniform: int = 64
     text_init: str = TEXT_DEFAULTS["init"]
     text_tied: bool = TEXT_DEFAULTS["tied"]
     text_init_scale: float = TEXT_DEFAULTS["init_scale"]
@@ -130,10 +132,9 @@ class Scale:
 FULL = Scale()
 QUICK = Scale(planted_n_targets=3000, planted_n_queries=1500, planted_n_test=300, planted_n_features=32,
               planted_teacher_dim=32,
-              text_max_test=300, text_n_features=2 ** 12, text_batch_size=32, steps=40, batch_size=32, dim=32,
-              text_dim=32, lr_warmup=4,
-              k=4, n_uniform=4, n_landmarks=8, n_samples=32, reencode_every=5, snm_refresh_every=10,
-              bf_refresh_every=5, eval_points=2)
+              text_max_test=300, text_n_features=2 ** 12, text_batch_size=32, text_dim=32, text_k=4, text_n_uniform=4,
+              steps=40, batch_size=32, dim=32, lr_warmup=4, k=4, n_uniform=4, n_landmarks=8, n_samples=32,
+              reencode_every=5, snm_refresh_every=10, bf_refresh_every=5, eval_points=2)
 
 
 # ------------------------------------------------------------------------------------------------ rows
@@ -249,10 +250,20 @@ def _task_info(kind, ds, scale, data_dir):
 
 
 # ------------------------------------------------------------------------------------------------ running
+def task_scale(scale: Scale, kind: str) -> Scale:
+    """``scale`` as one task reads it: for ``"text"`` the batch, dimension, learning rate and negative counts are the
+    ``text_*`` fields (so every row and the recipe read ``batch_size``, ``dim``, ``lr``, ``k``, ``n_uniform``)."""
+    if kind != "text":
+        return scale
+    return dataclasses.replace(scale, batch_size=scale.text_batch_size, dim=scale.text_dim, lr=scale.text_lr,
+                               k=scale.text_k, n_uniform=scale.text_n_uniform)
+
+
 def _recipe(scale: Scale, kind: str, B: int) -> tuple[dict, list]:
-    """Training arguments of the recipe (uniform negatives per example when the loop offers it) and deviations."""
-    kw = {"steps": scale.steps, "batch_size": B, "dim": scale.text_dim if kind == "text" else scale.dim,
-          "lr": scale.text_lr if kind == "text" else scale.lr, "lr_warmup": min(scale.lr_warmup, scale.steps - 1),
+    """Training arguments of the recipe (uniform negatives per example when the loop offers it) and deviations;
+    ``scale`` as :func:`task_scale` gives it."""
+    kw = {"steps": scale.steps, "batch_size": B, "dim": scale.dim, "lr": scale.lr,
+          "lr_warmup": min(scale.lr_warmup, scale.steps - 1),
           "uniform_warmup": int(round(scale.warmup_fraction * scale.steps)), "in_batch": True,
           "eval_every": max(1, scale.steps // scale.eval_points), "beta": 20.0}
     if kind == "text":
@@ -305,7 +316,8 @@ def run_one(ds, kind: str, row: str, seed: int, scale: Scale, *, progress: bool 
     """Train one row on one dataset with one seed; the run's record (final metrics, evaluations over training,
     configuration, deviations from the recipe, CPU profile :func:`_cpu_profile`, DyNNIBAL's timings)."""
     spec = ROWS[row]
-    B = min(scale.text_batch_size if kind == "text" else scale.batch_size, int(ds.train_ids.size))
+    scale = task_scale(scale, kind)
+    B = min(scale.batch_size, int(ds.train_ids.size))
     kw, notes = _recipe(scale, kind, B)
     miner, more = spec.build(scale, ds.n_targets, B, scale.steps - kw["uniform_warmup"])
     notes += more
@@ -408,7 +420,7 @@ _COST_FREE = ("steps", "lr_warmup", "eval_points", "warmup_fraction", "lr", "tex
 # Fields that one task kind does not read (a calibration of the planted task stays valid when a text field changes)
 _OTHER_TASK_FIELDS = {"planted": {f for f in Scale.__dataclass_fields__ if f.startswith("text_")},
                       "text": {f for f in Scale.__dataclass_fields__ if f.startswith("planted_")}
-                      | {"batch_size", "dim", "lr"}}
+                      | {"batch_size", "dim", "lr", "k", "n_uniform"}}
 
 
 def _n_evals(scale: Scale) -> int:

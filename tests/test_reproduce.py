@@ -12,9 +12,20 @@ from refimpl.experiments import reproduce_main, table_markdown
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "text_pairs")
 TINY = R.Scale(planted_n_targets=400, planted_n_queries=300, planted_n_test=60, planted_n_features=16,
-               text_max_test=0, text_n_features=2 ** 10, steps=12, batch_size=16, dim=16, text_dim=16, lr_warmup=2,
+               text_max_test=0, text_n_features=2 ** 10, text_batch_size=16, text_dim=16, text_k=2, text_n_uniform=2,
+               steps=12, batch_size=16, dim=16, lr_warmup=2,
                k=2, n_uniform=2, n_landmarks=4, n_samples=16, reencode_every=3, snm_refresh_every=4,
                bf_refresh_every=3, eval_points=2)
+
+
+def test_task_scale_gives_the_text_task_its_own_batch_dimension_and_negatives():
+    s = R.dataclasses.replace(TINY, text_batch_size=8, text_dim=12, text_lr=0.5, text_k=3, text_n_uniform=5)
+    t = R.task_scale(s, "text")
+    assert (t.batch_size, t.dim, t.lr, t.k, t.n_uniform) == (8, 12, 0.5, 3, 5)
+    assert R.task_scale(s, "planted") is s
+    kw, _ = R._recipe(t, "text", 8)
+    assert kw["batch_size"] == 8 and kw["dim"] == 12 and kw["n_uniform"] == 5
+    assert kw["input_weights"] == s.text_input_weights and kw["init"] == s.text_init
 
 
 # ------------------------------------------------------------------------------------------------ statistics

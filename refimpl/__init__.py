@@ -21,6 +21,7 @@ _EXPORTS = {
     "sample_exact": "sampling.samplers",
     "sample_rejection": "sampling.samplers",
     "sample_adaptive": "sampling.samplers",
+    "sample_astar": "sampling.samplers",
     "sample_mh": "sampling.samplers",
     "topk": "index.search",
     # nystrom.py

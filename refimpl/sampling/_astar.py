@@ -14,7 +14,6 @@ from refimpl.sampling._kernels import (ACCEPTED, ATTEMPTS, LZ_EST, LZ_EXCL, LZ_H
                                        _lse_add, _outputs)
 
 
-
 @njit(cache=True)
 def _trunc_gumbel(loc, bound):
     """A Gumbel(loc) variable conditioned to be < bound: -log(e^-bound + e^-g), g ~ Gumbel(loc)."""

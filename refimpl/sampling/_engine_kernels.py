@@ -3,7 +3,7 @@
 For every query of the batch, inside one Numba function, the shared batch samplers of the sampling layer, one call
 per group of queries needing the same number of draws: for "rejection", ``adaptive_batch``
 (:mod:`refimpl.sampling._adaptive`: exact rejection sampling, Eq. 3-5, on an envelope of tree clusters refined per
-query from the root, each cluster's bound that of Prop. 1 with the certified radius); for "mh" and "paper", Alg. 2
+query from a start level scored by the caller's GEMM, with certified cluster bounds); for "mh" and "paper", Alg. 2
 with the Remark 2 frontier cap (:func:`refimpl.sampling._cluster_kernels.find_clustering_kernel`), the proposal's
 certificates, then ``flat_batch`` (independent MH of Eq. 14 from the Eq. 7 proposal) on the clusterings in CSR form.
 This module only adds the per-query chain lengths of Eq. 6, the experiments' selection and the per-query
@@ -76,13 +76,14 @@ def _top_closest(T, q, nodes, levels, n_top):
 @njit(cache=True)
 def engine_kernel(T, suf, order, pos, Q, qnorm, beta, procedure, counts, out_ptr, excl_ptr, excl_ids, seed, sptr,
                   snodes, sidx, start_levels, ms, max_frontier, n_top, chain_length, n_chains, temperature, log_tv,
-                  max_steps, attempt_cost, broken, out_ids, out_logits, stats):
+                  max_steps, attempt_cost, F0, S0, margin, NB, broken, out_ids, out_logits, stats):
     """Draw ``counts[b]`` negatives for every query ``Q[b]`` of a batch (one compiled call).
 
     ``T`` is the tree (TreeArrays; ``suf`` its suffix radii; ``order``, ``pos`` its pre-order,
     :func:`refimpl.index.search.preorder`, used by REJECTION only). REJECTION: ``adaptive_batch`` (exact rejection
     sampling of the softmax renormalised over the non-excluded targets, Eq. 3-5, with an envelope refined per query
-    from the root and shared by its draws; cluster bounds s_r + beta ||q|| rho(C), Prop. 1; ``attempt_cost`` sets
+    from the start frontier ``F0`` (logits ``S0[b]`` from the caller's GEMM, rounding ``margin``, norm bounds
+    ``NB``) and shared by its draws; certified cluster bounds (Prop. 1 and the norm bound); ``attempt_cost`` sets
     its refinement rule; ``broken`` drops the radius term, a negative control of the tests); no Alg. 2. MH and
     PAPER first run Alg. 2 from the first frontier ``snodes[sptr[sidx[b]]:sptr[sidx[b] + 1]]`` =
     C_(start_levels[b]), deepest level ``ms[b]``, frontier cap ``max_frontier`` (0 = none). MH: ``counts[b]``
@@ -128,7 +129,7 @@ def engine_kernel(T, suf, order, pos, Q, qnorm, beta, procedure, counts, out_ptr
         c = counts[b]
         if c == 0:
             continue
-        if procedure == REJECTION:  # no clustering: the adaptive sampler refines its own envelope from the root
+        if procedure == REJECTION:  # no clustering: the adaptive sampler refines its own envelope
             act[na] = b
             na += 1
             cptr[na] = cptr[na - 1]
@@ -193,9 +194,12 @@ def engine_kernel(T, suf, order, pos, Q, qnorm, beta, procedure, counts, out_ptr
     kmax = 0
     steps = max_steps
     chain_a = np.empty(na, np.int64)
+    S0a = np.empty((na if procedure == REJECTION else 0, S0.shape[1]), np.float64)
     for a in range(na):
         b = act[a]
         Qa[a] = Q[b]
+        if procedure == REJECTION:
+            S0a[a] = S0[b]
         eptr[a + 1] = eptr[a] + excl_ptr[b + 1] - excl_ptr[b]
         kmax = max(kmax, ndraw[b])
         steps = max(steps, chain[b])
@@ -219,7 +223,8 @@ def engine_kernel(T, suf, order, pos, Q, qnorm, beta, procedure, counts, out_ptr
         # the CSR slices keep absolute offsets into cnodes / eids, as the batch samplers index them
         if procedure == REJECTION:
             gi, gs, gc, gl = adaptive_batch(T, suf, order, pos, Qa[a0:a1], beta, kg, eptr[a0:a1 + 1], eids, 1,
-                                            max_steps, attempt_cost, seed + g, broken)
+                                            max_steps, attempt_cost, seed + g, F0, S0a[a0:a1], margin, NB,
+                                            broken)
         else:
             gi, gs, gc, gl = flat_batch(T, suf, Qa[a0:a1], b_eff, kg, 1, False, False, 1.0, cptr[a0:a1 + 1], cnodes,
                                         clevels, creps, csizes, cradii, empty, empty, eptr[a0:a1 + 1], eids, 1,

@@ -23,8 +23,8 @@ from refimpl.index import N_NODES, ROOT
 from refimpl.sampling._cluster_kernels import _dot, _first_below, _member, cluster_info, level_profile
 
 # per-query counters
-ATTEMPTS, ACCEPTED, INNER, EXCL_HITS, STATUS, RESTARTS, FALLBACKS, LEVEL, N_CLUSTERS, SELECT, EXACT = range(11)
-NC = 11
+ATTEMPTS, ACCEPTED, INNER, EXCL_HITS, STATUS, RESTARTS, FALLBACKS, LEVEL, N_CLUSTERS, SELECT, EXACT, LUMPED = range(12)
+NC = 12
 # columns of the per-query log-normaliser output
 LZ_EST, LZ_LO, LZ_HI, LZ_EXCL = range(4)
 

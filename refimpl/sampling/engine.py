@@ -12,9 +12,11 @@ Procedures and what each guarantees (P = softmax of ``beta <q, t>`` over the non
 
 * ``"rejection"``: exact rejection sampling of P (Eq. 3-5) on an envelope refined per query: the adaptive sampler
   of :func:`refimpl.sampling.samplers.sample_adaptive` (kernel ``adaptive_batch``), run inside the engine's call.
-  From the root, the tree cluster of largest envelope mass |C| e^{E_C} is split while the attempts this saves over
-  the query's draws exceed the split's inner products; E_C = min(E_parent, s_r + beta ||q|| rho(C)) is Prop. 1's
-  bound with the certified radius rho(C). An attempt proposes C with probability |C| e^{E_C} / sum |C'| e^{E_C'},
+  From C_(l) (the deepest level with at most 5% of N clusters, its representatives scored for the batch by ONE
+  GEMM; start clusters of negligible mass lumped into one tail entry), the tree cluster of largest envelope mass
+  |C| e^{E_C} is split while the attempts this saves over the query's draws exceed the split's inner products;
+  E_C >= every member's logit is the least of Prop. 1's bound s_r + beta ||q|| rho(C) (certified radius), a bound
+  through the members' norms, and the parent's. An attempt proposes C with probability |C| e^{E_C} / sum |C'| e^{E_C'},
   a member i uniformly, and accepts it with probability e^{s_i - E_C}, so every accepted draw is an EXACT sample of P
   whatever the envelope (the tree's representations define P: for DyNNIBAL that is the approximate softmax P~ of
   Nystrom + regression); excluded ids are rejected, which renormalises P over the rest. When the envelope cannot
@@ -55,7 +57,7 @@ from refimpl.sampling import _engine_kernels as EK
 from refimpl.index import Clustering
 from refimpl.index.search import preorder
 from refimpl.sampling.clustering import level_clustering, suffix_radii, tree_clustering
-from refimpl.sampling.samplers import ATTEMPT_COST
+from refimpl.sampling.samplers import ATTEMPT_COST, adaptive_start
 
 __all__ = ["PROCEDURES", "STARTS", "EngineResult", "MiningEngine", "sample_paper", "prop2_levels"]
 
@@ -64,6 +66,9 @@ _CODES = {"rejection": EK.REJECTION, "mh": EK.MH, "paper": EK.PAPER}
 STARTS = ("root", "prop2")
 DEFAULT_MAX_STEPS = 10_000_000
 _EMPTY = np.zeros(0, np.int64)
+_NO_START = (_EMPTY, _EMPTY, _EMPTY, _EMPTY, np.zeros(0), np.zeros(0), np.zeros(0), np.int64(0))  # unused by
+_NO_NB = (np.zeros(0), np.zeros(0))  # "mh" and "paper"
+_NO_S0 = np.zeros((0, 0), np.float64)
 
 
 def prop2_levels(gamma, beta_q, base) -> np.ndarray:
@@ -267,11 +272,18 @@ class MiningEngine:
         n_chains = np.maximum(n_chains, counts)
         sptr, snodes, sidx = self._frontiers(tree, starts)
         seed = int(gen.integers(0, 2 ** 62))
-        order, pos = preorder(tree) if self.procedure == "rejection" else (_EMPTY, _EMPTY)
+        if self.procedure == "rejection":  # the adaptive sampler's start frontier, scored by one GEMM
+            order, pos = preorder(tree)
+            F0, R, margin, NB = adaptive_start(tree)
+            S0 = np.empty((B, R.shape[0]), np.float64)
+            act = counts > 0
+            S0[act] = beta * (Q[act] @ R.T)
+        else:
+            order, pos, F0, S0, margin, NB = _EMPTY, _EMPTY, _NO_START, _NO_S0, 0.0, _NO_NB
         EK.engine_kernel(ta, suf, order, pos, Q, qn, beta, _CODES[self.procedure], counts, ptr, eptr, eids, seed,
                          sptr, snodes, sidx, starts, ms, self.max_frontier, self.n_top_clusters, self.chain_length,
                          n_chains.astype(np.int64), self.temperature, math.log(self.tv), self.max_steps,
-                         ATTEMPT_COST, self._broken, self._ids, self._logits, self._stats)
+                         ATTEMPT_COST, F0, S0, margin, NB, self._broken, self._ids, self._logits, self._stats)
         st = self._stats[:B]
         status = st[:, EK.S_STATUS]
         if np.any(status == 1):

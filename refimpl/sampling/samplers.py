@@ -39,14 +39,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from refimpl._validate import as_rng, check_ids, check_int, check_positive
-from refimpl.index import Clustering, TreeArrays
+from refimpl.index import N_NODES, Clustering, TreeArrays
 from refimpl.index.search import preorder
 from refimpl.sampling import _adaptive as AD
 from refimpl.sampling import _astar as A
 from refimpl.sampling import _kernels as K
 from refimpl.sampling import bounds
 from refimpl.softmax import logsumexp
-from refimpl.sampling.clustering import _check_clustering, certify, find_clustering, level_clustering, suffix_radii
+from refimpl.sampling.clustering import (_check_clustering, _tree_cache, certify, find_clustering, level_clustering,
+                                         suffix_radii)
 
 __all__ = [
     "SampleResult",
@@ -63,6 +64,7 @@ __all__ = [
 DEFAULT_MAX_ATTEMPTS = 10_000_000
 DEFAULT_C = 1.5
 ATTEMPT_COST = 1.0  # one attempt of a rejection sampler, in inner products, in Prop. 3's cost of a start level
+START_FRACTION = 0.05  # the adaptive sampler starts from the deepest C_(l) with at most this share of N clusters
 _EMPTY = np.zeros(0, np.int64)
 
 
@@ -226,7 +228,8 @@ def _tree_stats(cnt, lz, log_z_used):
     return {"attempts": cnt[:, K.ATTEMPTS], "proposals": cnt[:, K.ATTEMPTS], "accepted": cnt[:, K.ACCEPTED],
             "restarts": cnt[:, K.RESTARTS], "inner_products": cnt[:, K.INNER], "excluded_hits": cnt[:, K.EXCL_HITS],
             "fallbacks": cnt[:, K.FALLBACKS], "level": cnt[:, K.LEVEL], "n_clusters": cnt[:, K.N_CLUSTERS],
-            "selection_inner_products": cnt[:, K.SELECT], "exact_fallbacks": cnt[:, K.EXACT], "log_z": log_z_used, "log_z_lo": lz[:, K.LZ_LO],
+            "selection_inner_products": cnt[:, K.SELECT], "exact_fallbacks": cnt[:, K.EXACT],
+            "lumped_clusters": cnt[:, K.LUMPED], "log_z": log_z_used, "log_z_lo": lz[:, K.LZ_LO],
             "log_z_hi": lz[:, K.LZ_HI]}
 
 
@@ -523,21 +526,63 @@ def _astar(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z="estimate
 # ----------------------------------------------------------------------------------------------------------------
 # adaptive rejection
 
+
+def adaptive_start(tree, fraction=START_FRACTION):
+    """The start frontier of the adaptive sampler: C_(l) at the deepest level l with |C_(l)| <= fraction x N (the
+    root alone if none), cached per tree version.
+
+    Returns (F0, R, margin): F0 the clusters' arrays for the kernel (nodes, first child below l, pre-order start,
+    sizes, certified radii, l), R (|C_(l)|, D) float64 their representatives' rows, so that one GEMM
+    ``beta * Q @ R.T`` scores them for a batch, and margin = 2 gamma_D max_i ||t_i|| (gamma_D = D u / (1 - D u),
+    u = 2^-53): beta ||q|| margin bounds the rounding of two float64 dot products of D terms (the GEMM's and the
+    kernel's), and is added to every bound of a cluster of more than one target.
+    """
+    entry = _tree_cache(tree)
+    key = ("adaptive_start", float(fraction))
+    out = entry.get(key)
+    if out is None:
+        ta = tree.arrays()
+        n_nodes = int(ta.state[N_NODES])
+        alive = ta.node_point[:n_nodes] >= 0
+        lv = ta.node_level[:n_nodes][alive]
+        root_level = int(ta.node_level[int(tree.root)])
+        levels, counts = np.unique(lv, return_counts=True)  # ascending levels
+        above = np.cumsum(counts[::-1])[::-1]  # nodes with level >= levels[i]: |C_(levels[i])|
+        ok = levels[above <= max(1.0, fraction * len(tree))]
+        L = int(ok.min()) if ok.size else root_level + 1
+        nodes = np.ascontiguousarray(level_clustering(tree, L).nodes, np.int64)
+        order, pos = preorder(tree)
+        NB = AD.norm_suffix(ta, order)
+        F0, R = AD.start_frontier(ta, suffix_radii(tree), NB[1], pos, nodes, L)
+        D = R.shape[1]
+        u = 2.0 ** -53
+        live = tree.live_ids()
+        pts = np.asarray(tree.points)[live]
+        rmax = float(np.sqrt(np.max(np.einsum("ij,ij->i", pts, pts)))) if live.size else 0.0
+        out = (F0, R, 2.0 * D * u / (1.0 - D * u) * rmax * (1.0 + 1e-6), NB)
+        entry[key] = out
+    return out
+
+
 def sample_adaptive(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z="estimate",
-                    max_attempts=DEFAULT_MAX_ATTEMPTS):
+                    max_attempts=DEFAULT_MAX_ATTEMPTS, start_fraction=START_FRACTION):
     """Exact softmax samples by adaptive rejection over the SG tree (ours): Eq. 3-5 with an envelope refined per
     query and shared by its k draws.
 
-    Envelope: a partition of the targets into tree clusters C with certified bounds E_C = min(E_parent,
-    s_r + beta ||q|| rho(C)) >= s_i for i in C (Prop. 1 with the certified radius). Starting from the root, the
+    Envelope: a partition of the targets into tree clusters C with certified bounds E_C >= s_i for i in C: the
+    least of Prop. 1's s_r + beta ||q|| rho(C) (certified radius), beta ||q|| M_C and
+    beta (||q||^2 + M_C^2 - (||q - t_r|| - rho(C))^2) / 2 (M_C >= the members' norms; expand ||q - t_i||^2), and
+    of the parent's bound. It starts from C_(l), the deepest level with at most ``start_fraction`` x N clusters
+    (:func:`adaptive_start`), whose representatives are scored for the whole batch by ONE float64 GEMM; start
+    clusters whose bound is below max_r s_r - log(100 N) are lumped into one tail entry (mass <= Z / 100). Then the
     cluster of largest mass |C| e^{E_C} is split into the children at its next occupied level and the rest, while
     the attempts this could save over the k draws (k (|C| e^{E_C} - |C| e^{s_r}) / Z_hat, Z_hat of Eq. 7) exceed
-    the split's inner products (the rule sets only the cost). Sampling: propose C with probability
-    |C| e^{E_C} / sum_C' |C'| e^{E_C'}, a member i uniformly, accept with e^{s_i - E_C}. Exact: each attempt returns
-    i with probability e^{s_i} / sum_C' |C'| e^{E_C'}, proportional to P(i) whatever the envelope (which is fixed
-    before the draws), so accepted draws are iid softmax draws; excluded ids and, without replacement, earlier
-    draws are rejected, which conditions each draw exactly on the remaining targets. A refined singleton is
-    accepted without an inner product.
+    the split's inner products (the level, the tail and this rule set only the cost). Sampling: propose C with
+    probability |C| e^{E_C} / sum_C' |C'| e^{E_C'}, a member i uniformly, accept with e^{s_i - E_C}. Exact: each
+    attempt returns i with probability e^{s_i} / sum_C' |C'| e^{E_C'}, proportional to P(i) whatever the
+    envelope (which is fixed before the draws), so accepted draws are iid softmax draws; excluded ids and, without
+    replacement, earlier draws are rejected, which conditions each draw exactly on the remaining targets. A
+    refined singleton is accepted without an inner product.
 
     Parameters
     ----------
@@ -548,23 +593,29 @@ def sample_adaptive(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z=
         acceptance rate, clipped to the certified interval of the final envelope)
     max_attempts : int
         Per draw; reaching it raises :class:`SamplerError`.
+    start_fraction : float > 0
+        The start level's share of N clusters (>= 1: every target its own start cluster; tiny: the root).
 
-    Cost per query: the refinement's inner products (``stats["selection_inner_products"]``) plus, per draw,
-    Z_hi / Z attempts of at most one inner product each. ``stats``: attempts, accepted, inner_products,
-    n_clusters (envelope size), log_z, log_z_lo, log_z_hi.
+    Cost per query: |C_(l)| GEMM inner products and the refinement's (together
+    ``stats["selection_inner_products"]``) plus, per draw, Z_hi / Z attempts of at most one inner product each.
+    ``stats``: attempts, accepted, inner_products (the GEMM's included), n_clusters (envelope size),
+    lumped_clusters (start clusters in the tail), log_z, log_z_lo, log_z_hi.
     """
     return _adaptive(tree, q, k, beta=beta, rng=rng, exclude=exclude, replace=replace, log_z=log_z,
-                     max_attempts=max_attempts)
+                     max_attempts=max_attempts, start_fraction=start_fraction)
 
 
 def _adaptive(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z="estimate",
-              max_attempts=DEFAULT_MAX_ATTEMPTS, broken=False):
+              max_attempts=DEFAULT_MAX_ATTEMPTS, start_fraction=START_FRACTION, broken=False):
     """:func:`sample_adaptive`; ``broken=True`` drops the radius from the bounds (E = s_r): a negative control."""
     beta, gen, log_z, Q, batched, eptr, eids, k = _tree_args(tree, q, k, beta, rng, log_z, exclude, replace)
     max_attempts = check_int("max_attempts", max_attempts, low=1)
+    start_fraction = check_positive("start_fraction", start_fraction)
     order, pos = preorder(tree)
+    F0, R, margin, NB = adaptive_start(tree, start_fraction)
     ids, sids, cnt, lz = AD.adaptive_batch(tree.arrays(), suffix_radii(tree), order, pos, Q, beta, k, eptr, eids,
-                                           int(replace), max_attempts, ATTEMPT_COST, _seed(gen), bool(broken))
+                                           int(replace), max_attempts, ATTEMPT_COST, _seed(gen), F0,
+                                           beta * (Q @ R.T), margin, NB, bool(broken))
     if cnt[:, K.STATUS].any():
         raise SamplerError(f"sample_adaptive: no accepted draw after {max_attempts} attempts")
     return _finish(tree, Q, beta, log_z, replace, batched, ids, sids, cnt, lz)

@@ -21,13 +21,11 @@ from numba import njit
 
 from refimpl.index import N_NODES, prefetch_row
 from refimpl.sampling._cluster_kernels import _dot, _grow
-from refimpl.sampling._kernels import (ACCEPTED, ATTEMPTS, EXCL_HITS, INNER, LEVEL, LUMPED, LZ_EST, LZ_EXCL,
-                                       LZ_HI, LZ_LO, N_CLUSTERS, SELECT, STATUS, _exact_draw, _excluded, _outputs,
+from refimpl.sampling._kernels import (ACCEPTED, AHEAD, ATTEMPTS, EXCL_HITS, INNER, LEVEL, LUMPED, LZ_EST, LZ_EXCL,
+                                       LZ_HI, LZ_LO, N_CLUSTERS, RING, SELECT, STATUS, _exact_draw, _excluded, _outputs,
                                        _scratch)
 
-RING = 16  # proposals in flight
 TAIL = 0.01  # bound on the share of the envelope's mass in the tail of lumped start clusters, relative to Z
-AHEAD = 8  # attempts between a proposal's resolution to a target (row prefetched) and its evaluation
 
 
 @njit(cache=True, fastmath={"contract", "reassoc"})

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from refimpl.index import N_NODES, ROOT
+from refimpl.index import N_NODES, ROOT, prefetch_row
 
 EPS = 2.0 ** -52  # float64 unit roundoff (x2)
 
@@ -146,7 +146,8 @@ def find_clustering_kernel(T, q, start_nodes, start_level, m, max_clusters):
     Frontier F_l = C_(start_level) (``start_nodes``). For k = start_level, ..., m + 1 every frontier cluster (v, k)
     is replaced by its children at level k - 1 (the self-child (v, k - 1) and the children c with level k - 1); a
     child F with ||q - t_F|| > b^k + b^m is final (goes to the output), the others form F_{k-1}. Returns output
-    U F_m as arrays (nodes, levels) and the number of distance evaluations. Remark 2: with max_clusters > 0 the
+    U F_m as arrays (nodes, levels, distances ||q - p_v|| of their representatives) and the number of distance
+    evaluations. Remark 2: with max_clusters > 0 the
     frontier keeps only its max_clusters closest members; the others are finalised at their current level, so
     the result is always a partition of the targets.
     """
@@ -162,6 +163,7 @@ def find_clustering_kernel(T, q, start_nodes, start_level, m, max_clusters):
     cap = 64 + 2 * nf
     out_nodes = np.empty(cap, np.int64)
     out_levels = np.empty(cap, np.int64)
+    out_d = np.empty(cap, np.float64)
     nout = 0
     k = start_level
     root = T.state[ROOT]
@@ -173,6 +175,11 @@ def find_clustering_kernel(T, q, start_nodes, start_level, m, max_clusters):
         nn = 0
         new = np.empty(16 + 2 * nf, np.int64)
         newd = np.empty(16 + 2 * nf, np.float64)
+        for j in range(nf):  # the rows of every child at k - 1 requested before the first distance
+            c = _first_below(T, fr[j], k)
+            while c != -1 and T.node_level[c] == k - 1:
+                prefetch_row(points, T.node_point[c])
+                c = T.node_next_sibling[c]
         for j in range(nf):
             v = fr[j]
             cand = v
@@ -184,8 +191,10 @@ def find_clustering_kernel(T, q, start_nodes, start_level, m, max_clusters):
                     if nout == cap:
                         cap *= 2
                         out_nodes, out_levels = _grow(out_nodes, nout, cap), _grow(out_levels, nout, cap)
+                        out_d = _grow(out_d, nout, cap)
                     out_nodes[nout] = cand
                     out_levels[nout] = k - 1
+                    out_d[nout] = cd
                     nout += 1
                 else:
                     if nn == new.shape[0]:
@@ -212,8 +221,10 @@ def find_clustering_kernel(T, q, start_nodes, start_level, m, max_clusters):
                     if nout == cap:
                         cap *= 2
                         out_nodes, out_levels = _grow(out_nodes, nout, cap), _grow(out_levels, nout, cap)
+                        out_d = _grow(out_d, nout, cap)
                     out_nodes[nout] = new[o]
                     out_levels[nout] = k - 1
+                    out_d[nout] = newd[o]
                     nout += 1
             new = keep
             newd = keepd
@@ -228,7 +239,10 @@ def find_clustering_kernel(T, q, start_nodes, start_level, m, max_clusters):
     res_l[:nout] = out_levels[:nout]
     res_n[nout:] = fr[:nf]
     res_l[nout:] = k
-    return res_n, res_l, nd
+    res_d = np.empty(nout + nf, np.float64)
+    res_d[:nout] = out_d[:nout]
+    res_d[nout:] = frd[:nf]
+    return res_n, res_l, res_d, nd
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import numpy as np
 from numba import njit
 
 from refimpl.sampling._adaptive import adaptive_batch
-from refimpl.sampling._cluster_kernels import _dist_q, _dot, _grow, cluster_info, find_clustering_kernel
+from refimpl.sampling._cluster_kernels import _dot, _grow, cluster_info, find_clustering_kernel
 from refimpl.sampling._kernels import ATTEMPTS, EXACT, INNER, LZ_EST, LZ_HI, LZ_LO, N_CLUSTERS, NC as NC_SAMPLER, \
     STATUS, _log_z_bounds, flat_batch
 
@@ -63,13 +63,10 @@ def _record(stats, b, log_z, lzlo, lzhi, log_gamma, tv, chain, nc, ip, nd, statu
 
 
 @njit(cache=True)
-def _top_closest(T, q, nodes, levels, n_top):
-    """The ``n_top`` clusters whose representatives are closest to q (ties: first in the output of Alg. 2)."""
-    nc = nodes.shape[0]
-    dist = np.empty(nc, np.float64)
-    for j in range(nc):
-        dist[j] = _dist_q(T.points, T.node_point[nodes[j]], q)
-    order = np.argsort(dist, kind="mergesort")[:n_top]
+def _top_closest(nodes, levels, dists, n_top):
+    """The ``n_top`` clusters whose representatives are closest to q (``dists``: their distances from Alg. 2;
+    ties: first in the output of Alg. 2)."""
+    order = np.argsort(dists, kind="mergesort")[:n_top]
     return nodes[order], levels[order]
 
 
@@ -80,10 +77,10 @@ def engine_kernel(T, suf, order, pos, Q, qnorm, beta, procedure, counts, out_ptr
     """Draw ``counts[b]`` negatives for every query ``Q[b]`` of a batch (one compiled call).
 
     ``T`` is the tree (TreeArrays; ``suf`` its suffix radii; ``order``, ``pos`` its pre-order,
-    :func:`refimpl.index.search.preorder`, used by REJECTION only). REJECTION: ``adaptive_batch`` (exact rejection
-    sampling of the softmax renormalised over the non-excluded targets, Eq. 3-5, with an envelope refined per query
-    from the start frontier ``F0`` (logits ``S0[b]`` from the caller's GEMM, rounding ``margin``, norm bounds
-    ``NB``) and shared by its draws; certified cluster bounds (Prop. 1 and the norm bound); ``attempt_cost`` sets
+    :func:`refimpl.index.search.preorder`: the clusters' members as ranges). REJECTION: ``adaptive_batch`` (exact
+    rejection sampling of the softmax renormalised over the non-excluded targets, Eq. 3-5, with an envelope refined
+    per query from the start frontier ``F0`` (logits ``S0[b]`` from the caller's GEMM, rounding ``margin``, norm
+    bounds ``NB``) and shared by its draws; certified cluster bounds (Prop. 1 and the norm bound); ``attempt_cost`` sets
     its refinement rule; ``broken`` drops the radius term, a negative control of the tests); no Alg. 2. MH and
     PAPER first run Alg. 2 from the first frontier ``snodes[sptr[sidx[b]]:sptr[sidx[b] + 1]]`` =
     C_(start_levels[b]), deepest level ``ms[b]``, frontier cap ``max_frontier`` (0 = none). MH: ``counts[b]``
@@ -137,12 +134,12 @@ def engine_kernel(T, suf, order, pos, Q, qnorm, beta, procedure, counts, out_ptr
         q = Q[b]
         bq = beta * qnorm[b]
         s0 = sptr[sidx[b]]
-        nodes, levels, nd = find_clustering_kernel(T, q, snodes[s0:sptr[sidx[b] + 1]], start_levels[b], ms[b],
-                                                   max_frontier)
+        nodes, levels, dists, nd = find_clustering_kernel(T, q, snodes[s0:sptr[sidx[b] + 1]], start_levels[b],
+                                                          ms[b], max_frontier)
         stats[b, S_DIST] = nd
         if procedure == PAPER and n_top > 0 and nodes.shape[0] > n_top:
             dropped[b] = True
-            nodes, levels = _top_closest(T, q, nodes, levels, n_top)
+            nodes, levels = _top_closest(nodes, levels, dists, n_top)
         sizes, radii, _ = cluster_info(T, suf, nodes, levels)
         nc = nodes.shape[0]
         stats[b, S_CLUSTERS] = nc
@@ -227,7 +224,8 @@ def engine_kernel(T, suf, order, pos, Q, qnorm, beta, procedure, counts, out_ptr
                                             broken)
         else:
             gi, gs, gc, gl = flat_batch(T, suf, Qa[a0:a1], b_eff, kg, 1, False, False, 1.0, cptr[a0:a1 + 1], cnodes,
-                                        clevels, creps, csizes, cradii, empty, empty, eptr[a0:a1 + 1], eids, 1,
+                                        clevels, creps, csizes, cradii, empty, empty, order, pos, eptr[a0:a1 + 1],
+                                        eids, 1,
                                         chain_a[a0:a1], steps, seed + g)
         ids[a0:a1, :kg] = gi
         sids[a0:a1, :kg] = gs

@@ -19,14 +19,16 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from refimpl.index import N_NODES, ROOT
-from refimpl.sampling._cluster_kernels import _dot, _first_below, _member, cluster_info, level_profile
+from refimpl.index import N_NODES, ROOT, prefetch_row
+from refimpl.sampling._cluster_kernels import _dot, _first_below, cluster_info, level_profile
 
 # per-query counters
 ATTEMPTS, ACCEPTED, INNER, EXCL_HITS, STATUS, RESTARTS, FALLBACKS, LEVEL, N_CLUSTERS, SELECT, EXACT, LUMPED = range(12)
 NC = 12
 # columns of the per-query log-normaliser output
 LZ_EST, LZ_LO, LZ_HI, LZ_EXCL = range(4)
+RING = 16  # proposals in flight (their pre-order entries, then their rows, prefetched)
+AHEAD = 8  # proposals between one's resolution to a target (row prefetched) and its evaluation
 
 # ----------------------------------------------------------------------------------------------------------------
 # small helpers
@@ -195,9 +197,22 @@ def _log_z_bounds(sizes, s, eps, lz_out):
 # flat proposals: rejection (Eq. 3-5) and independent Metropolis-Hastings (Eq. 14)
 
 
+@njit(cache=True, inline="always")
+def _propose(cum, sizes, nodes, fa, mptr, members, node_point):
+    """One proposal of Q (cluster j with probability cum-increment / cum[-1], a member uniformly): (j, p) with p
+    the member's pre-order position, or -1 - its id (a representative, or a member of an array partition)."""
+    j = _pick(cum, np.random.random() * cum[-1])
+    u = np.random.randint(0, sizes[j])
+    if mptr.shape[0] > 0:
+        return j, -1 - members[mptr[j] + u]
+    if u == 0:
+        return j, -1 - node_point[nodes[j]]
+    return j, fa[j] + u - 1
+
+
 @njit(cache=True)
-def flat_batch(T, suf, Q, beta, k, algo, upper, auto, attempt_cost, cptr, cnodes, clevels, creps, csizes, cradii, mptr, members,
-               eptr, eids, replace, chain_length, max_steps, seed):
+def flat_batch(T, suf, Q, beta, k, algo, upper, auto, attempt_cost, cptr, cnodes, clevels, creps, csizes, cradii,
+               mptr, members, order, pos, eptr, eids, replace, chain_length, max_steps, seed):
     """Flat rejection (algo 0) or independent MH (algo 1) over a clustering, for every query of ``Q``.
 
     Cluster j has log-weight lw[j] per member: s_r + eps_C (``upper``) or s_r (Eq. 7). algo 0, Eq. 3-5 with
@@ -206,7 +221,8 @@ def flat_batch(T, suf, Q, beta, k, algo, upper, auto, attempt_cost, cptr, cnodes
     ``chain_length[b]`` states, the first drawn from Q, each next proposal accepted with
     min(1, exp((s_y' - lw_y') - (s_y - lw_y))); the final state of each chain is returned. Excluded ids have
     P = 0 (never accepted); without replacement the drawn ids join them. Members: ``members[mptr[j]..]`` for an
-    array partition (mptr non-empty), else the u-th member of the tree cluster (nodes[j], levels[j]). A rejection
+    array partition (mptr non-empty), else the u-th member of the tree cluster (nodes[j], levels[j]) in the tree's
+    pre-order ``order`` / ``pos`` (:func:`refimpl.index.search.preorder`): p_v, then one contiguous range. A rejection
     draw (or an MH chain that has not reached an allowed state) after N proposals is made by ``_exact_draw``.
     LZ_EST is the importance-sampling estimate log(Z_prop mean e^{s_i - lw_j}) clipped to [LZ_LO, LZ_HI].
     """
@@ -215,6 +231,10 @@ def flat_batch(T, suf, Q, beta, k, algo, upper, auto, attempt_cost, cptr, cnodes
     ids, sids, cnt, lz = _outputs(B, k)
     points = T.points
     mask, n_live, live, ls = _scratch(T)
+    rj = np.empty(RING, np.int64)  # the ring of proposals: cluster, pre-order position (or -1 - id), target
+    rp = np.empty(RING, np.int64)
+    ri = np.empty(RING, np.int64)
+    order2 = order.reshape(order.shape[0], 1)  # a 2-D view, for prefetch_row
     for b in range(B):
         q = Q[b]
         c = cnt[b]
@@ -225,6 +245,10 @@ def flat_batch(T, suf, Q, beta, k, algo, upper, auto, attempt_cost, cptr, cnodes
                                                        csizes, cradii, lze, c)
         nc = nodes.shape[0]
         c[N_CLUSTERS] = nc
+        fa = np.empty(nc if mptr.shape[0] == 0 else 0, np.int64)  # pre-order start of the members after p_v
+        for j in range(fa.shape[0]):
+            x = _first_below(T, nodes[j], levels[j])
+            fa[j] = pos[x] if x != -1 else 0
         bq = beta * np.sqrt(np.sum(q * q))
         eps = bq * radii
         _log_z_bounds(sizes, sr, eps, lz[b])
@@ -240,6 +264,16 @@ def flat_batch(T, suf, Q, beta, k, algo, upper, auto, attempt_cost, cptr, cnodes
         buf[:nb] = eids[eptr[b]:eptr[b + 1]]
         mask[buf[:nb]] = True
         isum = 0.0
+        # the proposals (iid from Q, independent of the acceptances) are generated RING ahead: at each use, slot
+        # head is refilled (its pre-order entry prefetched) and slot head + AHEAD resolved (its row prefetched)
+        for h in range(RING):
+            rj[h], rp[h] = _propose(cum, sizes, nodes, fa, mptr, members, T.node_point)
+            if rp[h] >= 0:
+                prefetch_row(order2, rp[h])
+        for h in range(AHEAD):
+            ri[h] = -1 - rp[h] if rp[h] < 0 else order[rp[h]]
+            prefetch_row(points, ri[h])
+        head = 0
         for t in range(k):
             steps = 0
             y = -1
@@ -253,9 +287,15 @@ def flat_batch(T, suf, Q, beta, k, algo, upper, auto, attempt_cost, cptr, cnodes
                     y, sy = _exact_draw(T, q, beta, mask, live, ls, c)
                     break
                 steps += 1
-                j = _pick(cum, np.random.random() * cum[-1])
-                u = np.random.randint(0, sizes[j])
-                i = members[mptr[j] + u] if mptr.shape[0] > 0 else _member(T, nodes[j], levels[j], u)
+                j = rj[head]
+                i = ri[head]
+                rj[head], rp[head] = _propose(cum, sizes, nodes, fa, mptr, members, T.node_point)
+                if rp[head] >= 0:
+                    prefetch_row(order2, rp[head])
+                r = head + AHEAD if head + AHEAD < RING else head + AHEAD - RING
+                ri[r] = -1 - rp[r] if rp[r] < 0 else order[rp[r]]
+                prefetch_row(points, ri[r])
+                head = head + 1 if head + 1 < RING else 0
                 c[ATTEMPTS] += 1
                 s = beta * _dot(points, i, q)
                 c[INNER] += 1

@@ -356,7 +356,7 @@ def find_clustering(tree, q, *, beta, gamma, m=None, max_clusters=None, refine=F
     m = default_m(level, base) if m is None else check_int("m", m, low=-(1 << 40), high=level)
     mc = 0 if max_clusters is None else check_int("max_clusters", max_clusters, low=1)
     start = level_clustering(tree, level).nodes
-    nodes, levels, nd = K.find_clustering_kernel(T, q, start, level, m, mc)
+    nodes, levels, _, nd = K.find_clustering_kernel(T, q, start, level, m, mc)
     cl = tree_clustering(tree, nodes, levels, {"distance_evals": int(nd), "start_level": level, "m": m})
     if refine:
         cl = refine_clustering(tree, q, cl, beta=beta, gamma=gamma, proposal=proposal,

@@ -224,7 +224,7 @@ class MiningEngine:
         q = check_matrix("q", np.asarray(q)[None, :], n_cols=int(tree.dim))[0]
         starts, ms = self._levels(tree, ta, np.array([np.linalg.norm(q)]), beta)
         sptr, snodes, _ = self._frontiers(tree, starts)
-        nodes, levels, nd = CK.find_clustering_kernel(ta, q, snodes, int(starts[0]), int(ms[0]), self.max_frontier)
+        nodes, levels, _, nd = CK.find_clustering_kernel(ta, q, snodes, int(starts[0]), int(ms[0]), self.max_frontier)
         return tree_clustering(tree, nodes, levels, {"distance_evals": int(nd), "start_level": int(starts[0]),
                                                      "m": int(ms[0])})
 
@@ -272,14 +272,14 @@ class MiningEngine:
         n_chains = np.maximum(n_chains, counts)
         sptr, snodes, sidx = self._frontiers(tree, starts)
         seed = int(gen.integers(0, 2 ** 62))
+        order, pos = preorder(tree)
         if self.procedure == "rejection":  # the adaptive sampler's start frontier, scored by one GEMM
-            order, pos = preorder(tree)
             F0, R, margin, NB = adaptive_start(tree)
             S0 = np.empty((B, R.shape[0]), np.float64)
             act = counts > 0
             S0[act] = beta * (Q[act] @ R.T)
         else:
-            order, pos, F0, S0, margin, NB = _EMPTY, _EMPTY, _NO_START, _NO_S0, 0.0, _NO_NB
+            F0, S0, margin, NB = _NO_START, _NO_S0, 0.0, _NO_NB
         EK.engine_kernel(ta, suf, order, pos, Q, qn, beta, _CODES[self.procedure], counts, ptr, eptr, eids, seed,
                          sptr, snodes, sidx, starts, ms, self.max_frontier, self.n_top_clusters, self.chain_length,
                          n_chains.astype(np.int64), self.temperature, math.log(self.tv), self.max_steps,

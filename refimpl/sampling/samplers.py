@@ -352,16 +352,17 @@ def _flat(source, Q, batched, k, beta, gen, exclude, replace, log_z, algo, upper
     if partition is not None:
         points = _points(source)
         T, suf, n = _points_only(points), np.zeros(0), points.shape[0]
-        mptr, members = partition.mptr, partition.members
+        mptr, members, order, pos = partition.mptr, partition.members, _EMPTY, _EMPTY
     else:
         T, suf, n = source.arrays(), suffix_radii(source), int(source.n_targets)
         mptr, members = _EMPTY, _EMPTY
+        order, pos = preorder(source)
     eptr, eids = _exclusions(exclude, Q.shape[0], batched, n)
     avail = (n - np.diff(eptr)) if partition is not None else _available(source, eptr, eids)
     k = _check_k(k, avail, replace)
     cl = np.broadcast_to(np.asarray(chain_length, np.int64), (Q.shape[0],)).copy()
-    ids, sids, cnt, lz = K.flat_batch(T, suf, Q, beta, k, algo, upper, auto, ATTEMPT_COST, *csr, mptr, members, eptr, eids,
-                                      int(replace), cl, max_steps, _seed(gen))
+    ids, sids, cnt, lz = K.flat_batch(T, suf, Q, beta, k, algo, upper, auto, ATTEMPT_COST, *csr, mptr, members,
+                                      order, pos, eptr, eids, int(replace), cl, max_steps, _seed(gen))
     if cnt[:, K.STATUS].any():
         raise SamplerError(f"flat {'rejection' if algo == 0 else 'MH'}: no accepted draw after {max_steps} "
                            "proposals; use a finer clustering")

@@ -41,7 +41,7 @@ def _tree_samplers():
     return {
         "rejection": lambda tree, q, k, **kw: S.sample_rejection(tree, q, k, beta=BETA, **kw),
         "flat": lambda tree, q, k, **kw: S.sample_flat_rejection(tree, q, k, beta=BETA, **kw),
-        "adaptive": lambda tree, q, k, **kw: S.sample_adaptive(tree, q, k, beta=BETA, **kw),
+        "adaptive": lambda tree, q, k, **kw: S.sample_adaptive(tree, q, k, beta=BETA, start_clusters=30, **kw),
     }
 
 

@@ -12,7 +12,7 @@ Procedures and what each guarantees (P = softmax of ``beta <q, t>`` over the non
 
 * ``"rejection"``: exact rejection sampling of P (Eq. 3-5) on an envelope refined per query: the adaptive sampler
   of :func:`refimpl.sampling.samplers.sample_adaptive` (kernel ``adaptive_batch``), run inside the engine's call.
-  From C_(l) (the deepest level with at most 5% of N clusters, its representatives scored for the batch by ONE
+  From C_(l) (the deepest level with at most 32 sqrt(N) clusters, its representatives scored for the batch by ONE
   GEMM; start clusters of negligible mass lumped into one tail entry), the tree cluster of largest envelope mass
   |C| e^{E_C} is split while the attempts this saves over the query's draws exceed the split's inner products;
   E_C >= every member's logit is the least of Prop. 1's bound s_r + beta ||q|| rho(C) (certified radius), a bound
@@ -163,12 +163,14 @@ class MiningEngine:
         cap applies from the top and far regions are finalised as coarse clusters. Either way the output is a
         partition and its certified gamma is computed and reported; Prop. 4's premise (every output cluster at
         level <= l) holds only for "prop2" without a cap.
+    start_clusters : "rejection" only: the largest size of the adaptive sampler's start level (None: 32 sqrt(N);
+        :func:`refimpl.sampling.samplers.sample_adaptive`); it sets only the cost.
     """
 
     def __init__(self, procedure: str = "mh", *, gamma: float = 1e6, m: int | None = None,
                  max_frontier: int | None = 100, n_top_clusters: int | None = 10, chain_length: int | None = None,
                  n_chains: int | None = None, temperature: float = 1.0, tv: float = 0.01,
-                 max_steps: int = DEFAULT_MAX_STEPS, start: str = "root"):
+                 max_steps: int = DEFAULT_MAX_STEPS, start: str = "root", start_clusters: float | None = None):
         if procedure not in PROCEDURES:
             raise ValueError(f"procedure: expected one of {PROCEDURES}, got {procedure!r}")
         self.procedure = procedure
@@ -190,6 +192,7 @@ class MiningEngine:
         if start not in STARTS:
             raise ValueError(f"start: expected one of {STARTS}, got {start!r}")
         self.start = start
+        self.start_clusters = None if start_clusters is None else check_positive("start_clusters", start_clusters)
         self._broken = False  # "rejection" without the radius term in its bounds: a negative control of the tests
         self._ids = np.zeros(0, np.int64)
         self._logits = np.zeros(0, np.float64)
@@ -274,7 +277,7 @@ class MiningEngine:
         seed = int(gen.integers(0, 2 ** 62))
         order, pos = preorder(tree)
         if self.procedure == "rejection":  # the adaptive sampler's start frontier, scored by one GEMM
-            F0, R, margin, NB = adaptive_start(tree)
+            F0, R, margin, NB = adaptive_start(tree, self.start_clusters)
             S0 = np.empty((B, R.shape[0]), np.float64)
             act = counts > 0
             S0[act] = beta * (Q[act] @ R.T)

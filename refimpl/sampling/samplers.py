@@ -64,7 +64,7 @@ __all__ = [
 DEFAULT_MAX_ATTEMPTS = 10_000_000
 DEFAULT_C = 1.5
 ATTEMPT_COST = 1.0  # one attempt of a rejection sampler, in inner products, in Prop. 3's cost of a start level
-START_FRACTION = 0.05  # the adaptive sampler starts from the deepest C_(l) with at most this share of N clusters
+START_SQRT = 32.0  # the adaptive sampler starts from the deepest C_(l) with at most START_SQRT sqrt(N) clusters
 _EMPTY = np.zeros(0, np.int64)
 
 
@@ -528,9 +528,9 @@ def _astar(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z="estimate
 # adaptive rejection
 
 
-def adaptive_start(tree, fraction=START_FRACTION):
-    """The start frontier of the adaptive sampler: C_(l) at the deepest level l with |C_(l)| <= fraction x N (the
-    root alone if none), cached per tree version.
+def adaptive_start(tree, max_clusters=None):
+    """The start frontier of the adaptive sampler: C_(l) at the deepest level l with |C_(l)| <= ``max_clusters``
+    (None: START_SQRT sqrt(N), sublinear in N; the root alone if no level fits), cached per tree version.
 
     Returns (F0, R, margin): F0 the clusters' arrays for the kernel (nodes, first child below l, pre-order start,
     sizes, certified radii, l), R (|C_(l)|, D) float64 their representatives' rows, so that one GEMM
@@ -539,7 +539,9 @@ def adaptive_start(tree, fraction=START_FRACTION):
     kernel's), and is added to every bound of a cluster of more than one target.
     """
     entry = _tree_cache(tree)
-    key = ("adaptive_start", float(fraction))
+    if max_clusters is None:
+        max_clusters = START_SQRT * math.sqrt(len(tree))
+    key = ("adaptive_start", float(max_clusters))
     out = entry.get(key)
     if out is None:
         ta = tree.arrays()
@@ -549,7 +551,7 @@ def adaptive_start(tree, fraction=START_FRACTION):
         root_level = int(ta.node_level[int(tree.root)])
         levels, counts = np.unique(lv, return_counts=True)  # ascending levels
         above = np.cumsum(counts[::-1])[::-1]  # nodes with level >= levels[i]: |C_(levels[i])|
-        ok = levels[above <= max(1.0, fraction * len(tree))]
+        ok = levels[above <= max(1.0, max_clusters)]
         L = int(ok.min()) if ok.size else root_level + 1
         nodes = np.ascontiguousarray(level_clustering(tree, L).nodes, np.int64)
         order, pos = preorder(tree)
@@ -566,14 +568,14 @@ def adaptive_start(tree, fraction=START_FRACTION):
 
 
 def sample_adaptive(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z="estimate",
-                    max_attempts=DEFAULT_MAX_ATTEMPTS, start_fraction=START_FRACTION):
+                    max_attempts=DEFAULT_MAX_ATTEMPTS, start_clusters=None):
     """Exact softmax samples by adaptive rejection over the SG tree (ours): Eq. 3-5 with an envelope refined per
     query and shared by its k draws.
 
     Envelope: a partition of the targets into tree clusters C with certified bounds E_C >= s_i for i in C: the
     least of Prop. 1's s_r + beta ||q|| rho(C) (certified radius), beta ||q|| M_C and
     beta (||q||^2 + M_C^2 - (||q - t_r|| - rho(C))^2) / 2 (M_C >= the members' norms; expand ||q - t_i||^2), and
-    of the parent's bound. It starts from C_(l), the deepest level with at most ``start_fraction`` x N clusters
+    of the parent's bound. It starts from C_(l), the deepest level with at most ``start_clusters`` clusters
     (:func:`adaptive_start`), whose representatives are scored for the whole batch by ONE float64 GEMM; start
     clusters whose bound is below max_r s_r - log(100 N) are lumped into one tail entry (mass <= Z / 100). Then the
     cluster of largest mass |C| e^{E_C} is split into the children at its next occupied level and the rest, while
@@ -594,32 +596,37 @@ def sample_adaptive(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z=
         acceptance rate, clipped to the certified interval of the final envelope)
     max_attempts : int
         Per draw; reaching it raises :class:`SamplerError`.
-    start_fraction : float > 0
-        The start level's share of N clusters (>= 1: every target its own start cluster; tiny: the root).
+    start_clusters : float > 0, optional
+        The start level's largest size (default 32 sqrt(N); >= N: every target its own start cluster; < 2: the
+        root). The level, the tail and the refinement rule set only the cost, never the law.
 
     Cost per query: |C_(l)| GEMM inner products and the refinement's (together
     ``stats["selection_inner_products"]``) plus, per draw, Z_hi / Z attempts of at most one inner product each.
-    ``stats``: attempts, accepted, inner_products (the GEMM's included), n_clusters (envelope size),
-    lumped_clusters (start clusters in the tail), log_z, log_z_lo, log_z_hi.
+    ``stats``: attempts, accepted, inner_products (the GEMM's included), gemm_inner_products, n_clusters
+    (envelope size), lumped_clusters (start clusters in the tail), log_z, log_z_lo, log_z_hi.
     """
     return _adaptive(tree, q, k, beta=beta, rng=rng, exclude=exclude, replace=replace, log_z=log_z,
-                     max_attempts=max_attempts, start_fraction=start_fraction)
+                     max_attempts=max_attempts, start_clusters=start_clusters)
 
 
 def _adaptive(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z="estimate",
-              max_attempts=DEFAULT_MAX_ATTEMPTS, start_fraction=START_FRACTION, broken=False):
+              max_attempts=DEFAULT_MAX_ATTEMPTS, start_clusters=None, broken=False):
     """:func:`sample_adaptive`; ``broken=True`` drops the radius from the bounds (E = s_r): a negative control."""
     beta, gen, log_z, Q, batched, eptr, eids, k = _tree_args(tree, q, k, beta, rng, log_z, exclude, replace)
     max_attempts = check_int("max_attempts", max_attempts, low=1)
-    start_fraction = check_positive("start_fraction", start_fraction)
+    if start_clusters is not None:
+        start_clusters = check_positive("start_clusters", start_clusters)
     order, pos = preorder(tree)
-    F0, R, margin, NB = adaptive_start(tree, start_fraction)
+    F0, R, margin, NB = adaptive_start(tree, start_clusters)
     ids, sids, cnt, lz = AD.adaptive_batch(tree.arrays(), suffix_radii(tree), order, pos, Q, beta, k, eptr, eids,
                                            int(replace), max_attempts, ATTEMPT_COST, _seed(gen), F0,
                                            beta * (Q @ R.T), margin, NB, bool(broken))
     if cnt[:, K.STATUS].any():
         raise SamplerError(f"sample_adaptive: no accepted draw after {max_attempts} attempts")
-    return _finish(tree, Q, beta, log_z, replace, batched, ids, sids, cnt, lz)
+    res = _finish(tree, Q, beta, log_z, replace, batched, ids, sids, cnt, lz)
+    g = np.full(Q.shape[0], R.shape[0], np.int64)  # the start level's inner products, computed by the GEMM
+    res.stats["gemm_inner_products"] = g if batched else g[0]
+    return res
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import numpy as np
 from numba import njit
 
 from refimpl.index import N_NODES, prefetch_row
-from refimpl.sampling._cluster_kernels import _dot, _grow
+from refimpl.sampling._cluster_kernels import _dot, _grow, _heap_pop, _heap_push
 from refimpl.sampling._kernels import (ACCEPTED, AHEAD, ATTEMPTS, EXCL_HITS, INNER, LEVEL, LUMPED, LZ_EST, LZ_EXCL,
                                        LZ_HI, LZ_LO, N_CLUSTERS, RING, SELECT, STATUS, _exact_draw, _excluded, _outputs,
                                        _scratch)
@@ -47,47 +47,6 @@ def _radius(maxd, suf, v, c):
         return 0.0
     r = suf[c]
     return maxd[v] if r > maxd[v] else r
-
-
-@njit(cache=True, inline="always")
-def _heap_push(hk, hi, size, key, idx):
-    """Push (key, idx) onto the max-heap hk[:size], hi[:size] (capacity > size); returns the new size."""
-    j = size
-    while j > 0:
-        p = (j - 1) >> 1
-        if hk[p] >= key:
-            break
-        hk[j] = hk[p]
-        hi[j] = hi[p]
-        j = p
-    hk[j] = key
-    hi[j] = idx
-    return size + 1
-
-
-@njit(cache=True, inline="always")
-def _heap_pop(hk, hi, size):
-    """Remove the top of the max-heap; returns its idx (the heap keeps size - 1 entries)."""
-    top = hi[0]
-    last = size - 1
-    key = hk[last]
-    idx = hi[last]
-    j = 0
-    while True:
-        c = 2 * j + 1
-        if c >= last:
-            break
-        if c + 1 < last and hk[c + 1] > hk[c]:
-            c += 1
-        if hk[c] <= key:
-            break
-        hk[j] = hk[c]
-        hi[j] = hi[c]
-        j = c
-    if last > 0:
-        hk[j] = key
-        hi[j] = idx
-    return top
 
 
 @njit(cache=True)

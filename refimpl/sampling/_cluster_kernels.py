@@ -8,7 +8,8 @@ distances accumulate in float64.
 
 Contents: ``_dot`` / ``_dist_q`` (the row kernels), ``_first_below``, ``_member`` (u-th member of a cluster),
 ``suffix_radii`` and ``cluster_info`` (sizes and certified radii), ``find_clustering_kernel`` (Alg. 2),
-``level_profile`` (the start level of least estimated cost, Prop. 3).
+``refine_kernel`` (the certified refinement), ``level_profile`` (the start level of least estimated cost, Prop. 3),
+and the index max-heap ``_heap_push`` / ``_heap_pop`` of the sampling kernels.
 """
 from __future__ import annotations
 
@@ -29,6 +30,47 @@ def _grow(a, n, cap):
     out = np.empty(cap, a.dtype)
     out[:n] = a[:n]
     return out
+
+
+@njit(cache=True, inline="always")
+def _heap_push(hk, hi, size, key, idx):
+    """Push (key, idx) onto the max-heap hk[:size], hi[:size] (capacity > size); returns the new size."""
+    j = size
+    while j > 0:
+        p = (j - 1) >> 1
+        if hk[p] >= key:
+            break
+        hk[j] = hk[p]
+        hi[j] = hi[p]
+        j = p
+    hk[j] = key
+    hi[j] = idx
+    return size + 1
+
+
+@njit(cache=True, inline="always")
+def _heap_pop(hk, hi, size):
+    """Remove the top of the max-heap; returns its idx (the heap keeps size - 1 entries)."""
+    top = hi[0]
+    last = size - 1
+    key = hk[last]
+    idx = hi[last]
+    j = 0
+    while True:
+        c = 2 * j + 1
+        if c >= last:
+            break
+        if c + 1 < last and hk[c + 1] > hk[c]:
+            c += 1
+        if hk[c] <= key:
+            break
+        hk[j] = hk[c]
+        hi[j] = hi[c]
+        j = c
+    if last > 0:
+        hk[j] = key
+        hi[j] = idx
+    return top
 
 
 @njit(cache=True, fastmath={"contract", "reassoc"})
@@ -243,6 +285,138 @@ def find_clustering_kernel(T, q, start_nodes, start_level, m, max_clusters):
     res_d[:nout] = out_d[:nout]
     res_d[nout:] = frd[:nf]
     return res_n, res_l, res_d, nd
+
+
+@njit(cache=True)
+def _refine_sums(fs, fn, fe, alive, nf, ref, out):
+    """out = [Z_hat, Z_lo, Z_hi] / e^ref over the alive clusters (sum_j n_j e^{s_j (-/+ eps_j)})."""
+    out[:] = 0.0
+    for j in range(nf):
+        if alive[j]:
+            out[0] += fn[j] * np.exp(fs[j] - ref)
+            out[1] += fn[j] * np.exp(fs[j] - fe[j] - ref)
+            out[2] += fn[j] * np.exp(fs[j] + fe[j] - ref)
+
+
+@njit(cache=True)
+def refine_kernel(T, suf, q, beta, nodes, levels, sr, sizes, radii, log_gamma, upper, max_clusters):
+    """Certified refinement of the clustering (nodes, levels) (rep logits ``sr``, ``sizes``, ``radii``) for q: see
+    :func:`refimpl.sampling.clustering.refine_clustering` (best first by eps_C for Eq. 7, by
+    |C| e^{s_r} (e^{eps_C} - e^{-eps_C}) for the upper proposal, until the certified log max P/Q <= ``log_gamma``
+    or ``max_clusters`` clusters). Returns (nodes, levels, rep logits, sizes, radii, inner products computed
+    including the start's, splits)."""
+    bq = beta * np.sqrt(np.sum(q * q))
+    n0 = nodes.shape[0]
+    cap = max(64, 2 * n0)
+    fv = np.empty(cap, np.int64)
+    fl = np.empty(cap, np.int64)
+    fs = np.empty(cap, np.float64)
+    fn = np.empty(cap, np.int64)
+    fr = np.empty(cap, np.float64)
+    fe = np.empty(cap, np.float64)
+    alive = np.ones(cap, np.bool_)
+    hk = np.empty(cap, np.float64)
+    hi = np.empty(cap, np.int64)
+    ref = -np.inf
+    for j in range(n0):
+        fv[j] = nodes[j]
+        fl[j] = levels[j]
+        fs[j] = sr[j]
+        fn[j] = sizes[j]
+        fr[j] = radii[j]
+        fe[j] = bq * radii[j]
+        ref = max(ref, fs[j] + fe[j])
+    nf = n0
+    sums = np.empty(3, np.float64)
+    _refine_sums(fs, fn, fe, alive, nf, ref, sums)
+    hsize = 0
+    for j in range(n0):
+        if fe[j] > 0:
+            key = fe[j] if not upper else fn[j] * np.exp(fs[j] - ref) * (np.exp(fe[j]) - np.exp(-fe[j]))
+            hsize = _heap_push(hk, hi, hsize, key, j)
+    n_alive = n0
+    ip = n0
+    splits = 0
+    while hsize > 0 and n_alive < max_clusters:
+        if upper:
+            bound = np.log(max(sums[2], 1e-300)) - np.log(max(sums[1], 1e-300))
+        else:
+            bound = fe[hi[0]] + np.log(max(sums[0], 1e-300)) - np.log(max(sums[1], 1e-300))
+        if bound <= log_gamma:
+            break
+        j = _heap_pop(hk, hi, hsize)
+        hsize -= 1
+        v = fv[j]
+        c = _first_below(T, v, fl[j])
+        if c == -1:
+            continue
+        Lc = T.node_level[c]
+        m = 1
+        x = c
+        while x != -1 and T.node_level[x] == Lc:
+            m += 1
+            x = T.node_next_sibling[x]
+        if nf + m > fv.shape[0]:
+            cap = 2 * (nf + m)
+            fv, fl, fs, fn = _grow(fv, nf, cap), _grow(fl, nf, cap), _grow(fs, nf, cap), _grow(fn, nf, cap)
+            fr, fe, alive = _grow(fr, nf, cap), _grow(fe, nf, cap), _grow(alive, nf, cap)
+            hk, hi = _grow(hk, hsize, cap), _grow(hi, hsize, cap)
+        alive[j] = False
+        sums[0] -= fn[j] * np.exp(fs[j] - ref)
+        sums[1] -= fn[j] * np.exp(fs[j] - fe[j] - ref)
+        sums[2] -= fn[j] * np.exp(fs[j] + fe[j] - ref)
+        x = v
+        for t in range(m):  # the nested self-child (v, Lc), then the children at level Lc
+            if t == 0:
+                sx = fs[j]
+            else:
+                x = c if t == 1 else T.node_next_sibling[x]
+                sx = beta * _dot(T.points, T.node_point[x], q)
+                ip += 1
+            size = T.node_count[x]
+            y = T.node_first_child[x]
+            while y != -1 and T.node_level[y] >= Lc:
+                size -= T.node_count[y]
+                y = T.node_next_sibling[y]
+            r = 0.0
+            if y != -1:
+                r = min(suf[y], T.node_maxd[x])
+            fv[nf] = x
+            fl[nf] = Lc
+            fs[nf] = sx
+            fn[nf] = size
+            fr[nf] = r
+            fe[nf] = bq * r
+            alive[nf] = True
+            sums[0] += size * np.exp(sx - ref)
+            sums[1] += size * np.exp(sx - fe[nf] - ref)
+            sums[2] += size * np.exp(sx + fe[nf] - ref)
+            if fe[nf] > 0:
+                key = fe[nf] if not upper else size * np.exp(sx - ref) * (np.exp(fe[nf]) - np.exp(-fe[nf]))
+                hsize = _heap_push(hk, hi, hsize, key, nf)
+            nf += 1
+        n_alive += m - 1
+        splits += 1
+        if splits % 64 == 0:  # the running sums recomputed exactly (cancellation)
+            _refine_sums(fs, fn, fe, alive, nf, ref, sums)
+    na = 0
+    for j in range(nf):
+        na += alive[j]
+    on = np.empty(na, np.int64)
+    ol = np.empty(na, np.int64)
+    osr = np.empty(na, np.float64)
+    osz = np.empty(na, np.int64)
+    orad = np.empty(na, np.float64)
+    t = 0
+    for j in range(nf):
+        if alive[j]:
+            on[t] = fv[j]
+            ol[t] = fl[j]
+            osr[t] = fs[j]
+            osz[t] = fn[j]
+            orad[t] = fr[j]
+            t += 1
+    return on, ol, osr, osz, orad, ip, splits
 
 
 # ----------------------------------------------------------------------------------------------------------------

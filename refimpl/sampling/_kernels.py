@@ -20,7 +20,8 @@ import numpy as np
 from numba import njit
 
 from refimpl.index import N_NODES, ROOT, prefetch_row
-from refimpl.sampling._cluster_kernels import _dot, _first_below, cluster_info, level_profile
+from refimpl.sampling._cluster_kernels import (_dot, _first_below, _grow, cluster_info, find_clustering_kernel,
+                                               level_profile, refine_kernel)
 
 # per-query counters
 ATTEMPTS, ACCEPTED, INNER, EXCL_HITS, STATUS, RESTARTS, FALLBACKS, LEVEL, N_CLUSTERS, SELECT, EXACT, LUMPED = range(12)
@@ -334,6 +335,94 @@ def flat_batch(T, suf, Q, beta, k, algo, upper, auto, attempt_cost, cptr, cnodes
         est = log_zprop + np.log(max(isum / max(c[ATTEMPTS], 1), 1e-300))
         lz[b, LZ_EST] = min(max(est, lz[b, LZ_LO]), lz[b, LZ_HI])
     return ids, sids, cnt, lz
+
+
+@njit(cache=True)
+def mh_batch(T, suf, order, pos, Q, beta, k, sptr, snodes, sidx, start_levels, ms, max_frontier, refine, upper,
+             log_gamma, max_refine, gnodes, glevels, chain_length, log_tv, max_steps, eptr, eids, replace, seed):
+    """Independent MH (Eq. 14) for every query of ``Q`` with its own certified clustering, in one call.
+
+    Per query b: the clustering is Alg. 2 (:func:`find_clustering_kernel` from the frontier
+    ``snodes[sptr[sidx[b]]:sptr[sidx[b] + 1]]`` = C_(start_levels[b]), deepest level ``ms[b]``, frontier cap
+    ``max_frontier``, 0 = none), then when ``refine`` the certified refinement (:func:`refine_kernel`, target
+    ``log_gamma``, at most ``max_refine`` clusters); or, when ``gnodes`` is not empty, the given clustering (gnodes,
+    glevels) for every query. Its certificate: eps_C = beta ||q|| rho(C), log Z_lo / Z_hi, and the certified
+    log max P/Q (Eq. 7: max eps_C + log Z_hat - log Z_lo; ``upper``: log Z_hi - log Z_lo). Chain length:
+    ``chain_length`` (> 0) or Eq. 6's 1 + ceil(gamma log(1/tv)) (``log_tv`` = log tv); if one exceeds ``max_steps``
+    nothing is drawn (too_long). Then ``flat_batch`` (algo 1) on the clusterings in CSR form.
+    Returns (ids, logits, counters, log-normalisers as flat_batch; per query: certified log gamma, chain length,
+    inner products of the clustering's logits and refinement; too_long).
+    """
+    B = Q.shape[0]
+    cap = 256
+    cptr = np.zeros(B + 1, np.int64)
+    cnodes = np.empty(cap, np.int64)
+    clevels = np.empty(cap, np.int64)
+    csizes = np.empty(cap, np.int64)
+    cradii = np.empty(cap, np.float64)
+    lg = np.zeros(B, np.float64)
+    chain = np.zeros(B, np.int64)
+    cip = np.zeros(B, np.int64)
+    lzb = np.empty(4, np.float64)
+    too_long = False
+    for b in range(B):
+        q = Q[b]
+        if gnodes.shape[0] > 0:
+            nodes, levels = gnodes, glevels
+        else:
+            s0 = sptr[sidx[b]]
+            nodes, levels, _, nd = find_clustering_kernel(T, q, snodes[s0:sptr[sidx[b] + 1]], start_levels[b],
+                                                          ms[b], max_frontier)
+        sizes, radii, _ = cluster_info(T, suf, nodes, levels)
+        nc = nodes.shape[0]
+        sr = np.empty(nc, np.float64)
+        for j in range(nc):
+            sr[j] = beta * _dot(T.points, T.node_point[nodes[j]], q)
+        ip = nc
+        if refine and gnodes.shape[0] == 0:
+            nodes, levels, sr, sizes, radii, ip, _ = refine_kernel(T, suf, q, beta, nodes, levels, sr, sizes, radii,
+                                                                   log_gamma, upper, max_refine)
+            nc = nodes.shape[0]
+        cip[b] = ip
+        eps = beta * np.sqrt(np.sum(q * q)) * radii
+        _log_z_bounds(sizes, sr, eps, lzb)
+        lo = lzb[LZ_LO]
+        if upper:
+            lg[b] = lzb[LZ_HI] - lo
+        else:
+            _log_z_bounds(sizes, sr, np.zeros(nc), lzb)
+            lg[b] = eps.max() + lzb[LZ_HI] - lo
+        if chain_length > 0:
+            chain[b] = chain_length
+        else:
+            need = 1.0 + max(0.0, np.ceil(np.exp(min(lg[b], 700.0)) * (-log_tv) - 1e-12))
+            if need > max_steps:
+                too_long = True
+                chain[b] = max_steps + 1
+                continue
+            chain[b] = int(need)
+        c0 = cptr[b]
+        while c0 + nc > cap:
+            cap *= 2
+            cnodes, clevels = _grow(cnodes, c0, cap), _grow(clevels, c0, cap)
+            csizes, cradii = _grow(csizes, c0, cap), _grow(cradii, c0, cap)
+        cnodes[c0:c0 + nc] = nodes
+        clevels[c0:c0 + nc] = levels
+        csizes[c0:c0 + nc] = sizes
+        cradii[c0:c0 + nc] = radii
+        cptr[b + 1] = c0 + nc
+    if too_long:
+        ids, sids, cnt, lz = _outputs(B, k)
+        return ids, sids, cnt, lz, lg, chain, cip, True
+    nclu = cptr[B]
+    creps = np.empty(nclu, np.int64)
+    for j in range(nclu):
+        creps[j] = T.node_point[cnodes[j]]
+    empty = np.zeros(0, np.int64)
+    ids, sids, cnt, lz = flat_batch(T, suf, Q, beta, k, 1, upper, False, 1.0, cptr, cnodes[:nclu], clevels[:nclu],
+                                    creps, csizes[:nclu], cradii[:nclu], empty, empty, order, pos, eptr, eids,
+                                    replace, chain, max(max_steps, chain.max()), seed)
+    return ids, sids, cnt, lz, lg, chain, cip, False
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ from refimpl.sampling import _engine_kernels as EK
 from refimpl.index import Clustering
 from refimpl.index.search import preorder
 from refimpl.sampling.clustering import level_clustering, suffix_radii, tree_clustering
+from refimpl.sampling.bounds import prop2_levels
 from refimpl.sampling.samplers import ATTEMPT_COST, adaptive_start
 
 __all__ = ["PROCEDURES", "STARTS", "EngineResult", "MiningEngine", "sample_paper", "prop2_levels"]
@@ -69,19 +70,6 @@ _EMPTY = np.zeros(0, np.int64)
 _NO_START = (_EMPTY, _EMPTY, _EMPTY, _EMPTY, np.zeros(0), np.zeros(0), np.zeros(0), np.int64(0))  # unused by
 _NO_NB = (np.zeros(0), np.zeros(0))  # "mh" and "paper"
 _NO_S0 = np.zeros((0, 0), np.float64)
-
-
-def prop2_levels(gamma, beta_q, base) -> np.ndarray:
-    """Prop. 2's start level for every query at once: l_b = max{l in Z : b^l <= log(gamma) / (2 beta ||q_b||)}.
-
-    ``beta_q`` (B,) holds beta ||q_b|| (the query norm folded into beta; identical to the paper for unit queries).
-    Same value as :func:`refimpl.sampling.bounds.prop2_level` query by query, vectorised.
-    """
-    x = math.log(gamma) / (2.0 * np.maximum(np.asarray(beta_q, dtype=np.float64), 1e-300))
-    lv = np.floor(np.log(x) / math.log(base)).astype(np.int64)
-    lv += (base ** (lv + 1.0) <= x).astype(np.int64)
-    lv -= (base ** lv.astype(np.float64) > x).astype(np.int64)
-    return lv
 
 
 @dataclass

@@ -46,7 +46,7 @@ from refimpl.sampling import _astar as A
 from refimpl.sampling import _kernels as K
 from refimpl.sampling import bounds
 from refimpl.softmax import logsumexp
-from refimpl.sampling.clustering import (_check_clustering, _tree_cache, certify, find_clustering, level_clustering,
+from refimpl.sampling.clustering import (_check_clustering, _tree_cache, level_clustering,
                                          suffix_radii)
 
 __all__ = [
@@ -655,8 +655,8 @@ def sample_mh(tree, q, k, *, beta, rng, gamma=4.0, m=None, chain_length=None, tv
     chain_length : int, optional
     tv : float in (0, 1)
 
-    The clusterings are built per query (Alg. 2 and its refinement), the chains of the whole batch in one
-    compiled call.
+    One compiled call for the whole batch: every query's clustering (Alg. 2 and its certified refinement, or the
+    given one), its certificate and chain length, and the chains.
     """
     beta = check_positive("beta", beta)
     gamma = check_positive("gamma", gamma)
@@ -671,28 +671,60 @@ def sample_mh(tree, q, k, *, beta, rng, gamma=4.0, m=None, chain_length=None, tv
         raise ValueError(f"tv: must be in (0, 1), got {tv}")
     max_steps = check_int("max_steps", max_steps, low=1)
     _tree(tree)
+    if gamma <= 1.0:
+        raise ValueError(f"gamma: must be > 1, got {gamma}")
     Q, batched = _queries(q, tree.dim)
+    T = tree.arrays()
+    order, pos = preorder(tree)
+    gnodes = glevels = _EMPTY
+    sptr, snodes = np.zeros(2, np.int64), _EMPTY
+    sidx = starts = ms = np.zeros(Q.shape[0], np.int64)
     if clustering is not None:
         _check_clustering(clustering, tree)
-    cls, certs = [], []
-    for qb in Q:  # Alg. 2 + refinement is per query (a Python-level best-first search)
-        cl = clustering if clustering is not None else find_clustering(
-            tree, qb, beta=beta, gamma=gamma, m=m, max_clusters=max_clusters, refine=refine, proposal=proposal,
-            max_refine_clusters=max_refine_clusters)
-        cert = cl.stats.get("certificate") if clustering is None else None
-        certs.append(cert if cert is not None else certify(tree, qb, cl, beta=beta))
-        cls.append(cl)
-    lengths = [chain_length if chain_length is not None else c.chain_length(tv, proposal) for c in certs]
-    if max(lengths) > max_steps:  # checked on Python ints: Eq. 6 lengths can exceed int64
-        raise SamplerError(f"sample_mh: chain length {max(lengths)} from Eq. 6 exceeds max_steps={max_steps}; "
-                           "refine the clustering (larger max_refine_clusters) or pass chain_length")
-    s = np.array(lengths, np.int64)
-    ids, lq, st = _flat(tree, Q, batched, k, beta, gen, exclude, replace, log_z, 1, proposal == "upper", False,
-                        _csr(cls), None, s, max(max_steps, int(s.max())))
-    lg = np.array([c.log_gamma if proposal == "eq7" else c.log_gamma_upper for c in certs])
-    st.update(chain_length=s, log_gamma=lg, tv_bound=np.exp(-(s - 1) / np.exp(lg)),
-              refine_inner_products=np.array([c.inner_products for c in certs], np.int64))
-    st["inner_products"] = st["inner_products"] + st["refine_inner_products"]
-    return _result(ids, lq, st, batched)
+        if clustering.is_partition:
+            raise ValueError("clustering: sample_mh needs tree clusters, got an array partition")
+        gnodes = np.ascontiguousarray(clustering.nodes, np.int64)
+        glevels = np.ascontiguousarray(clustering.levels, np.int64)
+    else:  # Alg. 2's start level (Prop. 2, capped above the root) and deepest level, per query
+        base = float(tree.base)
+        qn = np.sqrt(np.einsum("ij,ij->i", Q, Q))
+        starts = np.minimum(bounds.prop2_levels(gamma, beta * np.maximum(qn, 1e-300), base),
+                            int(tree.node_level[tree.root]) + 1).astype(np.int64)
+        if m is None:
+            ms = starts - math.ceil(math.log(16.0) / math.log(base))
+        else:
+            ms = np.full(Q.shape[0], check_int("m", m, low=-(1 << 40), high=int(starts.min())), np.int64)
+        uniq, sidx = np.unique(starts, return_inverse=True)
+        parts = [np.asarray(level_clustering(tree, int(L)).nodes, np.int64) for L in uniq]
+        sptr = np.zeros(uniq.size + 1, np.int64)
+        np.cumsum([x.size for x in parts], out=sptr[1:])
+        snodes = np.ascontiguousarray(np.concatenate(parts), np.int64)
+        sidx = sidx.astype(np.int64).reshape(-1)
+    if chain_length is not None and chain_length > max_steps:
+        raise SamplerError(f"sample_mh: chain length {chain_length} exceeds max_steps={max_steps}")
+    mc = 0 if max_clusters is None else check_int("max_clusters", max_clusters, low=1)
+    mr = (1 << 62) if max_refine_clusters is None else check_int("max_refine_clusters", max_refine_clusters, low=1)
+    n = int(tree.n_targets)
+    eptr, eids = _exclusions(exclude, Q.shape[0], batched, n)
+    k = _check_k(k, _available(tree, eptr, eids), replace)
+    ids, sids, cnt, lz, lg, s, cip, too_long = K.mh_batch(
+        T, suffix_radii(tree), order, pos, Q, beta, k, sptr, snodes, sidx, starts, np.asarray(ms, np.int64), mc,
+        bool(refine), proposal == "upper", math.log(gamma), mr, gnodes, glevels,
+        0 if chain_length is None else chain_length, math.log(tv), max_steps, eptr, eids, int(replace), _seed(gen))
+    if too_long:
+        raise SamplerError(f"sample_mh: the chain length of Eq. 6 (certified log gamma {lg.max():.3g}) exceeds "
+                           f"max_steps={max_steps}; refine the clustering (larger max_refine_clusters) or pass "
+                           "chain_length")
+    if cnt[:, K.STATUS].any():
+        raise SamplerError(f"flat MH: no accepted draw after {max_steps} proposals; use a finer clustering")
+    lzu = lz[:, K.LZ_EST].copy()
+    if log_z == "exact":
+        lzu = _exact_log_z(T.points, Q, beta, tree.live_ids())
+        cnt[:, K.INNER] += len(tree)
+    st = _tree_stats(cnt, lz, lzu)
+    st.update(chain_length=s, log_gamma=lg, tv_bound=np.exp(-(s - 1) / np.exp(np.minimum(lg, 700.0))),
+              refine_inner_products=cip)
+    st["inner_products"] = st["inner_products"] + cip
+    return _result(ids, _log_q(sids, lzu, lz[:, K.LZ_EXCL], replace), st, batched)
 
 

@@ -20,7 +20,8 @@ import numpy as np
 from numba import njit
 
 from refimpl.index import N_NODES, prefetch_row
-from refimpl.sampling._cluster_kernels import _dot, _grow, _heap_pop, _heap_push
+from refimpl.sampling._cluster_kernels import (_cluster_geometry, _dot, _grow, _heap_pop, _heap_push,
+                                               sibling_suffix_max)
 from refimpl.sampling._kernels import (ACCEPTED, AHEAD, ATTEMPTS, EXCL_HITS, INNER, LEVEL, LUMPED, LZ_EST, LZ_EXCL,
                                        LZ_HI, LZ_LO, N_CLUSTERS, RING, SELECT, STATUS, _exact_draw, _excluded, _outputs,
                                        _scratch)
@@ -112,10 +113,7 @@ def norm_suffix(T, order):
     """Per node v: subn[v] = max ||t|| over v's subtree, and sufn[v] = max of subn over v and the siblings after it
     (query-independent, O(N) once per tree version; a cluster (v, L) whose first child below L is c has every
     member's norm <= max(||p_v||, sufn[c])). ``order`` is the tree's pre-order of targets."""
-    n_nodes = T.state[N_NODES]
-    subn = np.zeros(n_nodes, np.float64)
-    sufn = np.zeros(n_nodes, np.float64)
-    kids = np.empty(64, np.int64)
+    subn = np.zeros(T.state[N_NODES], np.float64)
     for p in range(order.shape[0] - 1, -1, -1):  # reverse pre-order: every child before its parent
         i = order[p]
         v = T.point_node[i]
@@ -124,22 +122,12 @@ def norm_suffix(T, order):
             x = np.float64(T.points[i, d])
             m2 += x * x
         m = np.sqrt(m2) * (1.0 + 2.0 ** -50)  # rounded up
-        nk = 0
         c = T.node_first_child[v]
         while c != -1:
-            if nk == kids.shape[0]:
-                kids = _grow(kids, nk, 2 * nk)
-            kids[nk] = c
-            nk += 1
+            m = max(m, subn[c])
             c = T.node_next_sibling[c]
-        run = 0.0
-        for j in range(nk - 1, -1, -1):  # the suffix maxima, from the last sibling
-            c = kids[j]
-            if subn[c] > run:
-                run = subn[c]
-            sufn[c] = run
-        subn[v] = m if m > run else run
-    return subn, sufn
+        subn[v] = m
+    return subn, sibling_suffix_max(T, subn)
 
 
 @njit(cache=True)
@@ -177,15 +165,11 @@ def start_frontier(T, suf, sufn, pos, nodes, L):
     R = np.empty((nc, T.points.shape[1]), np.float64)
     for j in range(nc):
         v = nodes[j]
-        x = T.node_first_child[v]
-        size = T.node_count[v]
-        while x != -1 and T.node_level[x] >= L:
-            size -= T.node_count[x]
-            x = T.node_next_sibling[x]
+        size, x, r, _ = _cluster_geometry(T, suf, v, L)
         fc[j] = x
         fa[j] = pos[x] if x != -1 else pos[v] + 1
         fn[j] = size
-        fr[j] = _radius(T.node_maxd, suf, v, x)
+        fr[j] = r
         r2 = 0.0
         for d in range(R.shape[1]):
             R[j, d] = T.points[T.node_point[v], d]

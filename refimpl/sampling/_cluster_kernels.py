@@ -124,13 +124,10 @@ def _member(T, v, L, u):
 
 
 @njit(cache=True)
-def suffix_radii(T):
-    """suf[c] = max over c and the siblings after it of PDIST + MAXD (query-independent, O(N) once per tree version).
-
-    For a cluster (v, L) whose first child below level L is c, rho(v, L) = min(MAXD(v), suf[c]) (0 without such
-    a child): a valid bound on the distance from p_v to any member, never b^L."""
+def sibling_suffix_max(T, val):
+    """out[c] = max of ``val`` over node c and the siblings after it in its parent's child list (O(N))."""
     n_nodes = T.state[N_NODES]
-    suf = np.zeros(n_nodes, np.float64)
+    out = np.zeros(n_nodes, np.float64)
     stack = np.empty(64, np.int64)
     for v in range(n_nodes):
         m = 0
@@ -144,11 +141,37 @@ def suffix_radii(T):
         run = 0.0
         for j in range(m - 1, -1, -1):
             c = stack[j]
-            d = T.node_pdist[c] + T.node_maxd[c]
-            if d > run:
-                run = d
-            suf[c] = run
-    return suf
+            if val[c] > run:
+                run = val[c]
+            out[c] = run
+    return out
+
+
+@njit(cache=True)
+def suffix_radii(T):
+    """suf[c] = max over c and the siblings after it of PDIST + MAXD (query-independent, O(N) once per tree version).
+
+    For a cluster (v, L) whose first child below level L is c, rho(v, L) = min(MAXD(v), suf[c]) (0 without such
+    a child): a valid bound on the distance from p_v to any member, never b^L."""
+    n_nodes = T.state[N_NODES]
+    return sibling_suffix_max(T, T.node_pdist[:n_nodes] + T.node_maxd[:n_nodes])
+
+
+@njit(cache=True, inline="always")
+def _cluster_geometry(T, suf, v, L):
+    """Cluster (v, L): (size, first child below L (-1: none), certified radius min(MAXD(v), suf[that child]) (0
+    without one), children scanned)."""
+    size = T.node_count[v]
+    c = T.node_first_child[v]
+    m = 0
+    while c != -1 and T.node_level[c] >= L:
+        size -= T.node_count[c]
+        m += 1
+        c = T.node_next_sibling[c]
+    r = 0.0
+    if c != -1:
+        r = min(suf[c], T.node_maxd[v])
+    return size, c, r, m
 
 
 @njit(cache=True)
@@ -163,21 +186,8 @@ def cluster_info(T, suf, nodes, levels):
     radii = np.empty(n, np.float64)
     nd = 0
     for j in range(n):
-        v = nodes[j]
-        L = levels[j]
-        s = T.node_count[v]
-        c = T.node_first_child[v]
-        while c != -1 and T.node_level[c] >= L:
-            s -= T.node_count[c]
-            nd += 1
-            c = T.node_next_sibling[c]
-        r = 0.0
-        if c != -1:
-            r = suf[c]
-            if r > T.node_maxd[v]:
-                r = T.node_maxd[v]
-        sizes[j] = s
-        radii[j] = r
+        sizes[j], _, radii[j], m = _cluster_geometry(T, suf, nodes[j], levels[j])
+        nd += m
     return sizes, radii, nd
 
 
@@ -373,14 +383,7 @@ def refine_kernel(T, suf, q, beta, nodes, levels, sr, sizes, radii, log_gamma, u
                 x = c if t == 1 else T.node_next_sibling[x]
                 sx = beta * _dot(T.points, T.node_point[x], q)
                 ip += 1
-            size = T.node_count[x]
-            y = T.node_first_child[x]
-            while y != -1 and T.node_level[y] >= Lc:
-                size -= T.node_count[y]
-                y = T.node_next_sibling[y]
-            r = 0.0
-            if y != -1:
-                r = min(suf[y], T.node_maxd[x])
+            size, _, r, _ = _cluster_geometry(T, suf, x, Lc)
             fv[nf] = x
             fl[nf] = Lc
             fs[nf] = sx

@@ -18,9 +18,9 @@ import numpy as np
 from numba import njit
 
 from refimpl.sampling._adaptive import adaptive_batch
-from refimpl.sampling._cluster_kernels import _dot, _grow, cluster_info, find_clustering_kernel
+from refimpl.sampling._cluster_kernels import _dot, cluster_info, find_clustering_kernel
 from refimpl.sampling._kernels import ATTEMPTS, EXACT, INNER, LZ_EST, LZ_HI, LZ_LO, N_CLUSTERS, NC as NC_SAMPLER, \
-    STATUS, _log_z_bounds, flat_batch
+    STATUS, _csr_new, _csr_put, _log_z_bounds, flat_batch
 
 # procedure codes (engine.PROCEDURES)
 REJECTION = 0
@@ -105,12 +105,8 @@ def engine_kernel(T, suf, order, pos, Q, qnorm, beta, procedure, counts, out_ptr
     # pass 1: the clustering of every query with draws, in CSR form
     act = np.empty(B, np.int64)
     na = 0
-    cap = 256
-    cptr = np.zeros(B + 1, np.int64)
-    cnodes = np.empty(cap, np.int64)
-    clevels = np.empty(cap, np.int64)
-    csizes = np.empty(cap, np.int64)
-    cradii = np.empty(cap, np.float64)
+    csr = _csr_new(B)
+    cptr = csr[0]
     chain = np.zeros(B, np.int64)
     pre_ip = np.zeros(B, np.int64)
     dropped = np.zeros(B, np.bool_)
@@ -167,20 +163,12 @@ def engine_kernel(T, suf, order, pos, Q, qnorm, beta, procedure, counts, out_ptr
             chain[b] = s
         else:
             chain[b] = chain_length
-        c0 = cptr[na]
-        while c0 + nc > cap:
-            cnodes, clevels, csizes, cradii = _grow(cnodes, c0, 2 * cap), _grow(clevels, c0, 2 * cap), \
-                _grow(csizes, c0, 2 * cap), _grow(cradii, c0, 2 * cap)
-            cap *= 2
-        cnodes[c0:c0 + nc] = nodes
-        clevels[c0:c0 + nc] = levels
-        csizes[c0:c0 + nc] = sizes
-        cradii[c0:c0 + nc] = radii
+        csr = _csr_put(csr, na, nodes, levels, sizes, radii)
         act[na] = b
         na += 1
-        cptr[na] = c0 + nc
     if too_long or na == 0:
         return
+    cptr, cnodes, clevels, csizes, cradii = csr
     # pass 2: one batch-sampler call per group of active queries needing the same number of draws
     nclu = cptr[na]
     creps = np.empty(nclu, np.int64)

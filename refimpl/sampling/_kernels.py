@@ -338,6 +338,34 @@ def flat_batch(T, suf, Q, beta, k, algo, upper, auto, attempt_cost, cptr, cnodes
 
 
 @njit(cache=True)
+def _csr_new(B):
+    """Empty CSR clusterings of B queries: (cptr (B + 1,), nodes, levels, sizes, radii) with a growable capacity."""
+    return (np.zeros(B + 1, np.int64), np.empty(256, np.int64), np.empty(256, np.int64), np.empty(256, np.int64),
+            np.empty(256, np.float64))
+
+
+@njit(cache=True)
+def _csr_put(csr, a, nodes, levels, sizes, radii):
+    """Append the clustering of entry ``a`` (cptr[a] set, cptr[a + 1] written) to ``csr``; returns the CSR (its
+    arrays doubled when full)."""
+    cptr, cnodes, clevels, csizes, cradii = csr
+    c0 = cptr[a]
+    nc = nodes.shape[0]
+    cap = cnodes.shape[0]
+    if c0 + nc > cap:
+        while c0 + nc > cap:
+            cap *= 2
+        cnodes, clevels = _grow(cnodes, c0, cap), _grow(clevels, c0, cap)
+        csizes, cradii = _grow(csizes, c0, cap), _grow(cradii, c0, cap)
+    cnodes[c0:c0 + nc] = nodes
+    clevels[c0:c0 + nc] = levels
+    csizes[c0:c0 + nc] = sizes
+    cradii[c0:c0 + nc] = radii
+    cptr[a + 1] = c0 + nc
+    return cptr, cnodes, clevels, csizes, cradii
+
+
+@njit(cache=True)
 def mh_batch(T, suf, order, pos, Q, beta, k, sptr, snodes, sidx, start_levels, ms, max_frontier, refine, upper,
              log_gamma, max_refine, gnodes, glevels, chain_length, log_tv, max_steps, eptr, eids, replace, seed):
     """Independent MH (Eq. 14) for every query of ``Q`` with its own certified clustering, in one call.
@@ -354,12 +382,7 @@ def mh_batch(T, suf, order, pos, Q, beta, k, sptr, snodes, sidx, start_levels, m
     inner products of the clustering's logits and refinement; too_long).
     """
     B = Q.shape[0]
-    cap = 256
-    cptr = np.zeros(B + 1, np.int64)
-    cnodes = np.empty(cap, np.int64)
-    clevels = np.empty(cap, np.int64)
-    csizes = np.empty(cap, np.int64)
-    cradii = np.empty(cap, np.float64)
+    csr = _csr_new(B)
     lg = np.zeros(B, np.float64)
     chain = np.zeros(B, np.int64)
     cip = np.zeros(B, np.int64)
@@ -401,19 +424,11 @@ def mh_batch(T, suf, order, pos, Q, beta, k, sptr, snodes, sidx, start_levels, m
                 chain[b] = max_steps + 1
                 continue
             chain[b] = int(need)
-        c0 = cptr[b]
-        while c0 + nc > cap:
-            cap *= 2
-            cnodes, clevels = _grow(cnodes, c0, cap), _grow(clevels, c0, cap)
-            csizes, cradii = _grow(csizes, c0, cap), _grow(cradii, c0, cap)
-        cnodes[c0:c0 + nc] = nodes
-        clevels[c0:c0 + nc] = levels
-        csizes[c0:c0 + nc] = sizes
-        cradii[c0:c0 + nc] = radii
-        cptr[b + 1] = c0 + nc
+        csr = _csr_put(csr, b, nodes, levels, sizes, radii)
     if too_long:
         ids, sids, cnt, lz = _outputs(B, k)
         return ids, sids, cnt, lz, lg, chain, cip, True
+    cptr, cnodes, clevels, csizes, cradii = csr
     nclu = cptr[B]
     creps = np.empty(nclu, np.int64)
     for j in range(nclu):

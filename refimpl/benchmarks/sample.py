@@ -16,8 +16,8 @@ batch by every sampler. Per N, per k in ``--ks``, reported per sampler: CPU ms p
 whole batch / B), inner products per query and per draw, the floor = inner products x the measured cost of one
 random-row inner product (a Numba loop over random rows with a vectorised float64 dot, measured on the same
 points; the adaptive sampler's start-level inner products, computed by one float64 GEMM, at the measured cost of
-a GEMM inner product instead), the distance to it, and the speedup over the baseline. Baseline: what a NumPy user writes: float32
-targets, queries in blocks of B_b (best of ``--baseline-batches`` reported), one GEMM per block of 65,536 targets,
+a GEMM inner product instead), the distance to it, and the speedup over the baseline. Baseline: what a NumPy
+user writes: float32 targets, queries in blocks of B_b (best of ``--baseline-batches`` reported), one GEMM per block of 65,536 targets,
 exp(s - beta ||q|| max ||t||) (no max pass needed), masses per chunk of 4,096 targets (only the (B_b, N / 4,096)
 chunk masses are kept), then each draw picks a chunk
 by its mass and a row inside it by exp/cumsum over that chunk's recomputed logits (exact up to float32 rounding).
@@ -25,7 +25,7 @@ by its mass and a row inside it by exp/cumsum over that chunk's recomputed logit
 Targets are generated and stored as float32 (the tree's storage is the same array; every sampler accumulates its
 logits in float64). Samplers: ``exact`` (brute force, ``sample_exact`` on the float32 rows), ``rejection`` (Alg. 1,
 auto level), ``flat`` (Eq. 3-5, auto level), ``astar`` (A* sampling over the tree's Gumbel process),
-``adaptive`` (Eq. 3-5 on an envelope refined per query, shared by its draws),
+``adaptive`` (Eq. 3-5 on an envelope refined per query from a start level scored by one GEMM, shared by its draws),
 ``mh`` (Alg. 2 + certified refinement + Eq. 6 chains; approximate). For Alg. 1 the acceptance rate per attempt and
 the proposal-weighted beta ||q|| rho of its start clusters (what sets it: acceptance ~ e^{-beta rho}) are printed.
 A JSON file with every number is written (``--json``).

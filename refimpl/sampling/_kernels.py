@@ -1,6 +1,7 @@
 """Batched Numba sampling kernels behind :mod:`refimpl.sampling.samplers` (paper §3): flat rejection (Eq. 3-5),
-independent MH (Eq. 14) and Alg. 1; one compiled call answers a batch of queries (A* sampling:
-:mod:`refimpl.sampling._astar`).
+independent MH (Eq. 14), the batch of :func:`refimpl.sampling.samplers.sample_mh` (``mh_batch``: each query's Alg. 2
+clustering, certified refinement and certificate, then the chains) and Alg. 1; one compiled call answers a batch of
+queries (A* sampling: :mod:`refimpl.sampling._astar`).
 
 Every kernel takes the tree as one :class:`refimpl.index.TreeArrays` ``T`` and a (B, D) float64 query batch ``Q``.
 Per query it picks the start clustering itself (``level_profile`` of Prop. 3 when ``auto``; otherwise the

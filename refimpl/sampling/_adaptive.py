@@ -27,6 +27,7 @@ from refimpl.sampling._kernels import (ACCEPTED, AHEAD, ATTEMPTS, EXCL_HITS, INN
                                        _scratch)
 
 TAIL = 0.01  # bound on the share of the envelope's mass in the tail of lumped start clusters, relative to Z
+REFINE_SHARE = 0.25  # the refinement stops after this share of N inner products (each costs several brute-force ones)
 
 
 @njit(cache=True, fastmath={"contract", "reassoc"})
@@ -196,7 +197,7 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
     U_j = n_j e^{E_j} and split it into the children of v at the next occupied level Lc (each a whole subtree,
     bound min(E_j, its own)) and the rest (v, Lc) (bound min(E_j, its own)); stop when the attempts a split could
     save, k x attempt_cost x (U_j - n_j e^{s_v}) / Z_hat (Z_hat = sum_j n_j e^{s_v(j)}, Eq. 7, over the refined
-    clusters), no longer exceed its m inner products, or after N inner products.
+    clusters), no longer exceed its m inner products, or after REFINE_SHARE x N inner products.
     If the refinement's inner products plus the k Z_hi / Z_hat expected attempts reach N (no useful structure
     around this query), every draw of the query is made by brute force instead (``_exact_draw``: N inner
     products once, then an inverse CDF per draw). The rule and this switch, decided before any attempt from the
@@ -209,8 +210,10 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
     others. Entries are drawn by an alias table when the expected attempts exceed 1/8 of the entries, otherwise by
     a binary search in the cumulative masses (no table to build). Proposals are generated RING attempts in
     advance, their pre-order entries and rows prefetched: they are iid and independent of the acceptance
-    decisions, so using them later changes nothing in law. A draw whose attempts reach the number N of live
-    targets is made by brute force (``_exact_draw``, exact). LZ_LO (the refined clusters' certified lower sums)
+    decisions, so using them later changes nothing in law. Once the query's refinement inner products and attempts
+    reach the number N of live targets, its remaining draws (the current one included) are made by brute force
+    (``_exact_draw``): still exact, as the switch is a stopping time of the iid attempts (a draw not yet accepted
+    is, conditionally, a draw from P). LZ_LO (the refined clusters' certified lower sums)
     and LZ_HI (sum U) are certified; LZ_EST = log sum U + log(successes / attempts) clipped to them (Eq. 7's
     Z_hat when k = 0; the exact log Z when the brute-force path ran). Counters: INNER counts the GEMM's |F0|
     inner products too; LUMPED the start clusters in the tail.
@@ -316,7 +319,7 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
                 prefetch_row(points, npt[x])
                 m += 1
                 x = nnext[x]
-            if gain <= m or spent + m > n_live:
+            if gain <= m or spent + m > REFINE_SHARE * n_live:
                 break
             _heap_pop(hk, hi, hsize)
             hsize -= 1
@@ -420,7 +423,7 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
                     c[STATUS] = 1
                     return ids, sids, cnt, lz
                 done = False
-                if brute or attempts >= n_live:
+                if brute or spent + c[ATTEMPTS] >= n_live:  # the query's work reached N: brute force
                     ids[b, t], sids[b, t] = _exact_draw(T, q, beta, mask, live, ls, c)
                     done = True
                 else:
@@ -447,6 +450,7 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
                     if replace == 0:
                         buf[nb] = ids[b, t]
                         mask[ids[b, t]] = True
+                        ls[1, ls.shape[1] - 1] = np.nan
                         nb += 1
                     t += 1
                     attempts = 0
@@ -487,10 +491,10 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
         if live[0] != -2:  # the brute-force path computed every logit: the exact log Z
             m = -np.inf
             for x in range(n_live):
-                m = max(m, ls[x])
+                m = max(m, ls[0, x])
             tot = 0.0
             for x in range(n_live):
-                tot += np.exp(ls[x] - m)
+                tot += np.exp(ls[0, x] - m)
             est = m + np.log(tot)
         elif c[ATTEMPTS] > 0:
             est = hi_ + np.log(max(c[ACCEPTED] + c[EXCL_HITS], 1) / c[ATTEMPTS])

@@ -40,56 +40,53 @@ AHEAD = 8  # proposals between one's resolution to a target (row prefetched) and
 def _exact_draw(T, q, beta, mask, live, ls, cnt):
     """One exact draw from the softmax over the live targets not marked in ``mask`` (brute force, inverse CDF).
 
-    ``live``/``ls`` hold the live ids and their logits, filled on first use for the query (N inner products, once):
-    the fallback of a rejection sampler whose attempts for one draw exceed the number of live targets. Accepted
-    rejection draws and these draws both follow P exactly, so the mixture does too."""
+    ``live`` holds the live ids, ``ls[0]`` their logits (N inner products, once per query: filled on first use,
+    marked unfilled by live[0] = -2), ``ls[1]`` the cumulative softmax masses of the unmarked ones (built once and
+    kept while ``ls[1, -1]`` is not NaN; a caller that marks an id in ``mask`` sets it to NaN), so that each further
+    draw is a binary search. The fallback of a rejection sampler whose attempts reach the number of live targets:
+    accepted rejection draws and these draws both follow P exactly, so the mixture does too."""
+    n = live.shape[0] - 1
+    lg = ls[0]
+    cum = ls[1]
     if live[0] == -2:
-        n = 0
+        k = 0
         tree = T.state[ROOT] >= 0  # else an array partition: every row is live
         for v in range(T.state[N_NODES] if tree else T.points.shape[0]):
             i = T.node_point[v] if tree else v
             if i >= 0:
-                live[n] = i
-                ls[n] = beta * _dot(T.points, i, q)
-                n += 1
-        cnt[INNER] += n
-        live[n:] = -1
-    m = -np.inf
-    for j in range(live.shape[0]):
-        i = live[j]
-        if i < 0:
-            break
-        if not mask[i] and ls[j] > m:
-            m = ls[j]
-    tot = 0.0
-    for j in range(live.shape[0]):
-        i = live[j]
-        if i < 0:
-            break
-        if not mask[i]:
-            tot += np.exp(ls[j] - m)
-    u = np.random.random() * tot
-    last = -1
-    for j in range(live.shape[0]):
-        i = live[j]
-        if i < 0:
-            break
-        if not mask[i]:
-            last = j
-            u -= np.exp(ls[j] - m)
-            if u < 0:
-                break
+                live[k] = i
+                lg[k] = beta * _dot(T.points, i, q)
+                k += 1
+        cnt[INNER] += k
+        live[k:] = -1
+        cum[n] = np.nan
+    if np.isnan(cum[n]):
+        m = -np.inf
+        for j in range(n):
+            if not mask[live[j]] and lg[j] > m:
+                m = lg[j]
+        tot = 0.0
+        for j in range(n):
+            if not mask[live[j]]:
+                tot += np.exp(lg[j] - m)
+            cum[j] = tot
+        cum[n] = tot
+    j = np.searchsorted(cum[:n], np.random.random() * cum[n], side="right")
+    if j >= n:  # rounding: the last unmarked target
+        j = n - 1
+        while mask[live[j]]:
+            j -= 1
     cnt[EXACT] += 1
-    return live[last], ls[last]
+    return live[j], lg[j]
 
 
 @njit(cache=True)
 def _scratch(T):
     """Per-call scratch of a rejection kernel: (mask of excluded / drawn ids (capacity,), number N of live targets,
-    live ids and logits (N + 1,) for ``_exact_draw``, marked unfilled per query by live[0] = -2)."""
+    live ids (N + 1,) and logits / cumulative masses (2, N + 1) for ``_exact_draw``)."""
     n_live = T.node_count[T.state[ROOT]] if T.state[ROOT] >= 0 else T.points.shape[0]
     return (np.zeros(T.points.shape[0], np.bool_), n_live, np.empty(n_live + 1, np.int64),
-            np.empty(n_live + 1, np.float64))
+            np.empty((2, n_live + 1), np.float64))
 
 
 @njit(cache=True)
@@ -330,6 +327,7 @@ def flat_batch(T, suf, Q, beta, k, algo, upper, auto, attempt_cost, cptr, cnodes
             if replace == 0:
                 buf[nb] = y
                 mask[y] = True
+                ls[1, ls.shape[1] - 1] = np.nan
                 nb += 1
         mask[buf[:nb]] = False
         log_zprop = ref + np.log(cum[-1])
@@ -646,6 +644,7 @@ def alg1_batch(T, suf, Q, beta, k, auto, attempt_cost, cptr, cnodes, clevels, cr
             if replace == 0:
                 buf[nb] = ids[b, t]
                 mask[ids[b, t]] = True
+                ls[1, ls.shape[1] - 1] = np.nan
                 nb += 1
         mask[buf[:nb]] = False
         lhi = lz[b, LZ_HI]

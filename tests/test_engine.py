@@ -67,7 +67,7 @@ def test_rejection_draws_are_exact_through_the_batch():
     excl = [top, np.zeros(0, np.int64), np.array([7])]
     laws = [_softmax(tr, Q[b], excl[b]) for b in range(3)]
     n = max(required_sample_size(TV, n_bins=make_bins(p)[1]) for p in laws)
-    draws, r, rows = _rejection_rows(MiningEngine("rejection"), tr, Q, excl, n, BETA, 1)
+    draws, r, rows = _rejection_rows(MiningEngine("rejection", start_clusters=40), tr, Q, excl, n, BETA, 1)
     assert r.exact_draws.sum() == 0 and np.all(r.attempts >= np.diff(r.ptr)) and np.all(r.distance_evals == 0)
     assert np.all(r.inner_products < len(tr)) and np.all(r.tv_bound == 0.0)
     for b in range(3):
@@ -88,7 +88,7 @@ def test_negative_control_rejection_without_radius_fails():
     Q = _queries(1)
     law = _softmax(tr, Q[0], np.zeros(0, np.int64))
     n = required_sample_size(TV, n_bins=make_bins(law)[1])
-    eng = MiningEngine("rejection")
+    eng = MiningEngine("rejection", start_clusters=40)
     eng._broken = True
     draws, r, _ = _rejection_rows(eng, tr, Q, [np.zeros(0, np.int64)], n, BETA, 2)
     assert r.exact_draws.sum() == 0 and chi2_gof(draws[0], law)[0] < ALPHA

@@ -12,6 +12,7 @@ from refimpl.sampling import samplers as S
 from refimpl.testing import ALPHA, TV, chi2_gof, required_sample_size
 from refimpl.data import hierarchical_points
 from refimpl.index.sgtree import SGTree
+from refimpl.sampling.clustering import find_clustering
 
 N_DRAWS = required_sample_size(TV)  # 64,143: power >= 0.99 against TV >= 0.02 at alpha = 0.001
 BETA = 5.0
@@ -41,7 +42,7 @@ def _tree_samplers():
     return {
         "rejection": lambda tree, q, k, **kw: S.sample_rejection(tree, q, k, beta=BETA, **kw),
         "flat": lambda tree, q, k, **kw: S.sample_flat_rejection(tree, q, k, beta=BETA, **kw),
-        "adaptive": lambda tree, q, k, **kw: S.sample_adaptive(tree, q, k, beta=BETA, **kw),
+        "adaptive": lambda tree, q, k, **kw: S.sample_adaptive(tree, q, k, beta=BETA, start_clusters=30, **kw),
     }
 
 
@@ -297,6 +298,25 @@ def test_mh_batch_with_per_query_exclusion(inst):
     assert r.ids.shape == (2, 200)
     for b in range(2):
         assert not np.isin(r.ids[b], ex[b]).any()
+
+
+@pytest.mark.parametrize("gamma,proposal", [(4.0, "eq7"), (1e3, "eq7"), (4.0, "upper")])
+def test_mh_batch_certifies_what_find_clustering_certifies(inst, gamma, proposal):
+    """The batch kernel of sample_mh builds, for every query, the clustering find_clustering(refine=True) builds
+    (Alg. 2 from Prop. 2's level, the certified refinement): the same certified log gamma, Eq. 6 chain length and
+    TV bound, query by query, for queries of different norms (different start levels) in one call."""
+    X, tree, _ = inst
+    Q = X[[3, 200, 451]] * np.array([[1.0], [0.5], [2.0]])
+    r = S.sample_mh(tree, Q, 5, beta=BETA, rng=8, gamma=gamma, proposal=proposal, max_refine_clusters=300)
+    for b in range(3):
+        cl = find_clustering(tree, Q[b], beta=BETA, gamma=gamma, refine=True, proposal=proposal,
+                             max_refine_clusters=300)
+        c = cl.stats["certificate"]
+        lg = c.log_gamma if proposal == "eq7" else c.log_gamma_upper
+        assert r.stats["log_gamma"][b] == pytest.approx(lg, rel=1e-9, abs=1e-9)
+        assert r.stats["chain_length"][b] == c.chain_length(0.01, proposal)
+        assert r.stats["refine_inner_products"][b] == cl.stats["inner_products"]
+        assert r.stats["tv_bound"][b] == pytest.approx(c.mh_tv_bound(r.stats["chain_length"][b], proposal))
 
 
 @pytest.mark.parametrize("name", ["rejection", "flat", "adaptive"])

@@ -26,10 +26,11 @@ EXACT_SAMPLERS = {
     "flat": S.sample_flat_rejection,
     "rejection": S.sample_rejection,
     "astar": S.sample_astar,
-    "adaptive": S.sample_adaptive,
+    "adaptive": lambda *a, **kw: S.sample_adaptive(*a, start_clusters=START, **kw),
 }
 
 
+START = 30  # the adaptive sampler's start level (at most 30 clusters), so that its refinement runs
 K_ROW = 16  # draws per query row: the regime of the samplers (a handful of negatives per query)
 
 
@@ -134,7 +135,7 @@ def test_negative_control_float32_tree_against_float64_points_fails():
     r = S.sample_exact(X, q, N_DRAWS, beta=20.0, rng=48)
     assert chi2_gof(r.ids, _softmax(Xr, q, 20.0))[0] < ALPHA
     tree = SGTree.build(Xr, rng=49, dtype=np.float32)
-    ids, r = _draws(S.sample_adaptive, tree, q, N_DRAWS, beta=20.0, rng=48)
+    ids, r = _draws(EXACT_SAMPLERS["adaptive"], tree, q, N_DRAWS, beta=20.0, rng=48)
     assert _rejection_path(r) and chi2_gof(ids, _softmax(Xr, q, 20.0))[0] > ALPHA
 
 
@@ -152,10 +153,23 @@ def test_adaptive_is_exact(kind, dim, beta):
     draws per query row, so the rejection path runs) on unit and non-unit norms, exact duplicates and a tree after
     update_points + maintain; its log Z interval is certified."""
     X, tree, q = _instance(kind, dim)
-    ids, r = _draws(S.sample_adaptive, tree, q, N_DRAWS, beta=beta, rng=50)
+    ids, r = _draws(EXACT_SAMPLERS["adaptive"], tree, q, N_DRAWS, beta=beta, rng=50)
     assert np.all(r.stats["accepted"] + r.stats["exact_fallbacks"] == K_ROW) and _rejection_path(r)
     assert chi2_gof(ids, _softmax(X, q, beta))[0] > ALPHA, (kind, dim, beta)
     lz = np.logaddexp.reduce(beta * X @ q)
+    assert np.all(r.stats["log_z_lo"] - 1e-9 <= lz) and np.all(lz <= r.stats["log_z_hi"] + 1e-9)
+
+
+@pytest.mark.parametrize("kind,start", [("unit", 300), ("nonunit", 1000), ("dynamic", 1000)])
+def test_adaptive_start_frontier_and_tail_are_exact(kind, start):
+    """sample_adaptive started from a deep level (up to every target a start cluster, scored by one GEMM), with
+    start clusters lumped into the tail, matches the softmax (chi-square, alpha 0.001, n = 64,143, power >= 0.99 at
+    TV 0.02; beta = 20, D = 8, unit and non-unit norms, a tree after update_points + maintain)."""
+    X, tree, q = _instance(kind, 8)
+    ids, r = _draws(S.sample_adaptive, tree, q, N_DRAWS, beta=20.0, rng=56, start_clusters=start)
+    assert np.all(r.stats["lumped_clusters"] > 0) and _rejection_path(r)
+    assert chi2_gof(ids, _softmax(X, q, 20.0))[0] > ALPHA, kind
+    lz = np.logaddexp.reduce(20.0 * X @ q)
     assert np.all(r.stats["log_z_lo"] - 1e-9 <= lz) and np.all(lz <= r.stats["log_z_hi"] + 1e-9)
 
 
@@ -163,7 +177,8 @@ def test_negative_control_adaptive_without_radius_fails():
     """The adaptive sampler with bounds that drop the radius term (E = s_r, not an upper bound) is NOT exact: the
     same chi-square test rejects it (beta = 20, n = 64,143, the rejection path)."""
     X, tree, q = _instance("unit", 8)
-    ids, r = _draws(lambda *a, **kw: S._adaptive(*a, broken=True, **kw), tree, q, N_DRAWS, beta=20.0, rng=51)
+    ids, r = _draws(lambda *a, **kw: S._adaptive(*a, broken=True, start_clusters=START, **kw), tree, q, N_DRAWS,
+                    beta=20.0, rng=51)
     assert _rejection_path(r) and chi2_gof(ids, _softmax(X, q, 20.0))[0] < ALPHA
 
 
@@ -197,7 +212,7 @@ def test_adaptive_after_mutation_uses_the_new_tree():
     tree.insert(X[600:])
     gone = np.arange(0, 600, 3)
     tree.remove(gone)
-    ids, r = _draws(S.sample_adaptive, tree, q, N_DRAWS, beta=5.0, rng=55)
+    ids, r = _draws(EXACT_SAMPLERS["adaptive"], tree, q, N_DRAWS, beta=5.0, rng=55)
     p = _softmax(X, q, 5.0, gone)
     assert not np.isin(ids, gone).any() and _rejection_path(r)
     assert chi2_gof(ids, p)[0] > ALPHA

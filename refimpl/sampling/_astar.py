@@ -8,11 +8,9 @@ import numpy as np
 from numba import njit
 
 from refimpl.index import ROOT
-from refimpl.sampling._adaptive import _heap_pop, _heap_push
-from refimpl.sampling._cluster_kernels import _first_below
+from refimpl.sampling._cluster_kernels import _first_below, _heap_pop, _heap_push
 from refimpl.sampling._kernels import (ACCEPTED, ATTEMPTS, LZ_EST, LZ_EXCL, LZ_HI, LZ_LO, STATUS, _excluded, _logit,
                                        _lse_add, _outputs)
-
 
 
 @njit(cache=True)
@@ -26,7 +24,8 @@ def _trunc_gumbel(loc, bound):
 def _push_region(hk, hi, hs, rdat, rf, nreg, u, v, L, new, n, G, E, s, eps):
     """Store region (v, L, new, n) with Gumbel max G, bound E, representative logit s and radius term eps (members'
     logits lie in [s - eps, E]) as region ``nreg``, and push it with key u onto the max-heap of region indices
-    (:func:`refimpl.sampling._adaptive._heap_push`); the arrays double when full. Returns them and the new sizes."""
+    (:func:`refimpl.sampling._cluster_kernels._heap_push`); the arrays double when full. Returns them and the new
+    sizes."""
     if nreg == rdat.shape[0]:
         cap = 2 * nreg
         t2 = np.empty((cap, 4), np.int64)

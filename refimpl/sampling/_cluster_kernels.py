@@ -8,14 +8,15 @@ distances accumulate in float64.
 
 Contents: ``_dot`` / ``_dist_q`` (the row kernels), ``_first_below``, ``_member`` (u-th member of a cluster),
 ``suffix_radii`` and ``cluster_info`` (sizes and certified radii), ``find_clustering_kernel`` (Alg. 2),
-``level_profile`` (the start level of least estimated cost, Prop. 3).
+``refine_kernel`` (the certified refinement), ``level_profile`` (the start level of least estimated cost, Prop. 3),
+and the index max-heap ``_heap_push`` / ``_heap_pop`` of the sampling kernels.
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
 
-from refimpl.index import N_NODES, ROOT
+from refimpl.index import N_NODES, ROOT, prefetch_row
 
 EPS = 2.0 ** -52  # float64 unit roundoff (x2)
 
@@ -29,6 +30,47 @@ def _grow(a, n, cap):
     out = np.empty(cap, a.dtype)
     out[:n] = a[:n]
     return out
+
+
+@njit(cache=True, inline="always")
+def _heap_push(hk, hi, size, key, idx):
+    """Push (key, idx) onto the max-heap hk[:size], hi[:size] (capacity > size); returns the new size."""
+    j = size
+    while j > 0:
+        p = (j - 1) >> 1
+        if hk[p] >= key:
+            break
+        hk[j] = hk[p]
+        hi[j] = hi[p]
+        j = p
+    hk[j] = key
+    hi[j] = idx
+    return size + 1
+
+
+@njit(cache=True, inline="always")
+def _heap_pop(hk, hi, size):
+    """Remove the top of the max-heap; returns its idx (the heap keeps size - 1 entries)."""
+    top = hi[0]
+    last = size - 1
+    key = hk[last]
+    idx = hi[last]
+    j = 0
+    while True:
+        c = 2 * j + 1
+        if c >= last:
+            break
+        if c + 1 < last and hk[c + 1] > hk[c]:
+            c += 1
+        if hk[c] <= key:
+            break
+        hk[j] = hk[c]
+        hi[j] = hi[c]
+        j = c
+    if last > 0:
+        hk[j] = key
+        hi[j] = idx
+    return top
 
 
 @njit(cache=True, fastmath={"contract", "reassoc"})
@@ -82,13 +124,10 @@ def _member(T, v, L, u):
 
 
 @njit(cache=True)
-def suffix_radii(T):
-    """suf[c] = max over c and the siblings after it of PDIST + MAXD (query-independent, O(N) once per tree version).
-
-    For a cluster (v, L) whose first child below level L is c, rho(v, L) = min(MAXD(v), suf[c]) (0 without such
-    a child): a valid bound on the distance from p_v to any member, never b^L."""
+def sibling_suffix_max(T, val):
+    """out[c] = max of ``val`` over node c and the siblings after it in its parent's child list (O(N))."""
     n_nodes = T.state[N_NODES]
-    suf = np.zeros(n_nodes, np.float64)
+    out = np.zeros(n_nodes, np.float64)
     stack = np.empty(64, np.int64)
     for v in range(n_nodes):
         m = 0
@@ -102,11 +141,37 @@ def suffix_radii(T):
         run = 0.0
         for j in range(m - 1, -1, -1):
             c = stack[j]
-            d = T.node_pdist[c] + T.node_maxd[c]
-            if d > run:
-                run = d
-            suf[c] = run
-    return suf
+            if val[c] > run:
+                run = val[c]
+            out[c] = run
+    return out
+
+
+@njit(cache=True)
+def suffix_radii(T):
+    """suf[c] = max over c and the siblings after it of PDIST + MAXD (query-independent, O(N) once per tree version).
+
+    For a cluster (v, L) whose first child below level L is c, rho(v, L) = min(MAXD(v), suf[c]) (0 without such
+    a child): a valid bound on the distance from p_v to any member, never b^L."""
+    n_nodes = T.state[N_NODES]
+    return sibling_suffix_max(T, T.node_pdist[:n_nodes] + T.node_maxd[:n_nodes])
+
+
+@njit(cache=True, inline="always")
+def _cluster_geometry(T, suf, v, L):
+    """Cluster (v, L): (size, first child below L (-1: none), certified radius min(MAXD(v), suf[that child]) (0
+    without one), children scanned)."""
+    size = T.node_count[v]
+    c = T.node_first_child[v]
+    m = 0
+    while c != -1 and T.node_level[c] >= L:
+        size -= T.node_count[c]
+        m += 1
+        c = T.node_next_sibling[c]
+    r = 0.0
+    if c != -1:
+        r = min(suf[c], T.node_maxd[v])
+    return size, c, r, m
 
 
 @njit(cache=True)
@@ -121,21 +186,8 @@ def cluster_info(T, suf, nodes, levels):
     radii = np.empty(n, np.float64)
     nd = 0
     for j in range(n):
-        v = nodes[j]
-        L = levels[j]
-        s = T.node_count[v]
-        c = T.node_first_child[v]
-        while c != -1 and T.node_level[c] >= L:
-            s -= T.node_count[c]
-            nd += 1
-            c = T.node_next_sibling[c]
-        r = 0.0
-        if c != -1:
-            r = suf[c]
-            if r > T.node_maxd[v]:
-                r = T.node_maxd[v]
-        sizes[j] = s
-        radii[j] = r
+        sizes[j], _, radii[j], m = _cluster_geometry(T, suf, nodes[j], levels[j])
+        nd += m
     return sizes, radii, nd
 
 
@@ -146,7 +198,8 @@ def find_clustering_kernel(T, q, start_nodes, start_level, m, max_clusters):
     Frontier F_l = C_(start_level) (``start_nodes``). For k = start_level, ..., m + 1 every frontier cluster (v, k)
     is replaced by its children at level k - 1 (the self-child (v, k - 1) and the children c with level k - 1); a
     child F with ||q - t_F|| > b^k + b^m is final (goes to the output), the others form F_{k-1}. Returns output
-    U F_m as arrays (nodes, levels) and the number of distance evaluations. Remark 2: with max_clusters > 0 the
+    U F_m as arrays (nodes, levels, distances ||q - p_v|| of their representatives) and the number of distance
+    evaluations. Remark 2: with max_clusters > 0 the
     frontier keeps only its max_clusters closest members; the others are finalised at their current level, so
     the result is always a partition of the targets.
     """
@@ -162,6 +215,7 @@ def find_clustering_kernel(T, q, start_nodes, start_level, m, max_clusters):
     cap = 64 + 2 * nf
     out_nodes = np.empty(cap, np.int64)
     out_levels = np.empty(cap, np.int64)
+    out_d = np.empty(cap, np.float64)
     nout = 0
     k = start_level
     root = T.state[ROOT]
@@ -173,6 +227,11 @@ def find_clustering_kernel(T, q, start_nodes, start_level, m, max_clusters):
         nn = 0
         new = np.empty(16 + 2 * nf, np.int64)
         newd = np.empty(16 + 2 * nf, np.float64)
+        for j in range(nf):  # the rows of every child at k - 1 requested before the first distance
+            c = _first_below(T, fr[j], k)
+            while c != -1 and T.node_level[c] == k - 1:
+                prefetch_row(points, T.node_point[c])
+                c = T.node_next_sibling[c]
         for j in range(nf):
             v = fr[j]
             cand = v
@@ -184,8 +243,10 @@ def find_clustering_kernel(T, q, start_nodes, start_level, m, max_clusters):
                     if nout == cap:
                         cap *= 2
                         out_nodes, out_levels = _grow(out_nodes, nout, cap), _grow(out_levels, nout, cap)
+                        out_d = _grow(out_d, nout, cap)
                     out_nodes[nout] = cand
                     out_levels[nout] = k - 1
+                    out_d[nout] = cd
                     nout += 1
                 else:
                     if nn == new.shape[0]:
@@ -212,8 +273,10 @@ def find_clustering_kernel(T, q, start_nodes, start_level, m, max_clusters):
                     if nout == cap:
                         cap *= 2
                         out_nodes, out_levels = _grow(out_nodes, nout, cap), _grow(out_levels, nout, cap)
+                        out_d = _grow(out_d, nout, cap)
                     out_nodes[nout] = new[o]
                     out_levels[nout] = k - 1
+                    out_d[nout] = newd[o]
                     nout += 1
             new = keep
             newd = keepd
@@ -228,7 +291,135 @@ def find_clustering_kernel(T, q, start_nodes, start_level, m, max_clusters):
     res_l[:nout] = out_levels[:nout]
     res_n[nout:] = fr[:nf]
     res_l[nout:] = k
-    return res_n, res_l, nd
+    res_d = np.empty(nout + nf, np.float64)
+    res_d[:nout] = out_d[:nout]
+    res_d[nout:] = frd[:nf]
+    return res_n, res_l, res_d, nd
+
+
+@njit(cache=True)
+def _refine_sums(fs, fn, fe, alive, nf, ref, out):
+    """out = [Z_hat, Z_lo, Z_hi] / e^ref over the alive clusters (sum_j n_j e^{s_j (-/+ eps_j)})."""
+    out[:] = 0.0
+    for j in range(nf):
+        if alive[j]:
+            out[0] += fn[j] * np.exp(fs[j] - ref)
+            out[1] += fn[j] * np.exp(fs[j] - fe[j] - ref)
+            out[2] += fn[j] * np.exp(fs[j] + fe[j] - ref)
+
+
+@njit(cache=True)
+def refine_kernel(T, suf, q, beta, nodes, levels, sr, sizes, radii, log_gamma, upper, max_clusters):
+    """Certified refinement of the clustering (nodes, levels) (rep logits ``sr``, ``sizes``, ``radii``) for q: see
+    :func:`refimpl.sampling.clustering.refine_clustering` (best first by eps_C for Eq. 7, by
+    |C| e^{s_r} (e^{eps_C} - e^{-eps_C}) for the upper proposal, until the certified log max P/Q <= ``log_gamma``
+    or ``max_clusters`` clusters). Returns (nodes, levels, rep logits, sizes, radii, inner products computed
+    including the start's, splits)."""
+    bq = beta * np.sqrt(np.sum(q * q))
+    n0 = nodes.shape[0]
+    cap = max(64, 2 * n0)
+    fv = np.empty(cap, np.int64)
+    fl = np.empty(cap, np.int64)
+    fs = np.empty(cap, np.float64)
+    fn = np.empty(cap, np.int64)
+    fr = np.empty(cap, np.float64)
+    fe = np.empty(cap, np.float64)
+    alive = np.ones(cap, np.bool_)
+    hk = np.empty(cap, np.float64)
+    hi = np.empty(cap, np.int64)
+    ref = -np.inf
+    for j in range(n0):
+        fv[j] = nodes[j]
+        fl[j] = levels[j]
+        fs[j] = sr[j]
+        fn[j] = sizes[j]
+        fr[j] = radii[j]
+        fe[j] = bq * radii[j]
+        ref = max(ref, fs[j] + fe[j])
+    nf = n0
+    sums = np.empty(3, np.float64)
+    _refine_sums(fs, fn, fe, alive, nf, ref, sums)
+    hsize = 0
+    for j in range(n0):
+        if fe[j] > 0:
+            key = fe[j] if not upper else fn[j] * np.exp(fs[j] - ref) * (np.exp(fe[j]) - np.exp(-fe[j]))
+            hsize = _heap_push(hk, hi, hsize, key, j)
+    n_alive = n0
+    ip = n0
+    splits = 0
+    while hsize > 0 and n_alive < max_clusters:
+        if upper:
+            bound = np.log(max(sums[2], 1e-300)) - np.log(max(sums[1], 1e-300))
+        else:
+            bound = fe[hi[0]] + np.log(max(sums[0], 1e-300)) - np.log(max(sums[1], 1e-300))
+        if bound <= log_gamma:
+            break
+        j = _heap_pop(hk, hi, hsize)
+        hsize -= 1
+        v = fv[j]
+        c = _first_below(T, v, fl[j])
+        if c == -1:
+            continue
+        Lc = T.node_level[c]
+        m = 1
+        x = c
+        while x != -1 and T.node_level[x] == Lc:
+            m += 1
+            x = T.node_next_sibling[x]
+        if nf + m > fv.shape[0]:
+            cap = 2 * (nf + m)
+            fv, fl, fs, fn = _grow(fv, nf, cap), _grow(fl, nf, cap), _grow(fs, nf, cap), _grow(fn, nf, cap)
+            fr, fe, alive = _grow(fr, nf, cap), _grow(fe, nf, cap), _grow(alive, nf, cap)
+            hk, hi = _grow(hk, hsize, cap), _grow(hi, hsize, cap)
+        alive[j] = False
+        sums[0] -= fn[j] * np.exp(fs[j] - ref)
+        sums[1] -= fn[j] * np.exp(fs[j] - fe[j] - ref)
+        sums[2] -= fn[j] * np.exp(fs[j] + fe[j] - ref)
+        x = v
+        for t in range(m):  # the nested self-child (v, Lc), then the children at level Lc
+            if t == 0:
+                sx = fs[j]
+            else:
+                x = c if t == 1 else T.node_next_sibling[x]
+                sx = beta * _dot(T.points, T.node_point[x], q)
+                ip += 1
+            size, _, r, _ = _cluster_geometry(T, suf, x, Lc)
+            fv[nf] = x
+            fl[nf] = Lc
+            fs[nf] = sx
+            fn[nf] = size
+            fr[nf] = r
+            fe[nf] = bq * r
+            alive[nf] = True
+            sums[0] += size * np.exp(sx - ref)
+            sums[1] += size * np.exp(sx - fe[nf] - ref)
+            sums[2] += size * np.exp(sx + fe[nf] - ref)
+            if fe[nf] > 0:
+                key = fe[nf] if not upper else size * np.exp(sx - ref) * (np.exp(fe[nf]) - np.exp(-fe[nf]))
+                hsize = _heap_push(hk, hi, hsize, key, nf)
+            nf += 1
+        n_alive += m - 1
+        splits += 1
+        if splits % 64 == 0:  # the running sums recomputed exactly (cancellation)
+            _refine_sums(fs, fn, fe, alive, nf, ref, sums)
+    na = 0
+    for j in range(nf):
+        na += alive[j]
+    on = np.empty(na, np.int64)
+    ol = np.empty(na, np.int64)
+    osr = np.empty(na, np.float64)
+    osz = np.empty(na, np.int64)
+    orad = np.empty(na, np.float64)
+    t = 0
+    for j in range(nf):
+        if alive[j]:
+            on[t] = fv[j]
+            ol[t] = fl[j]
+            osr[t] = fs[j]
+            osz[t] = fn[j]
+            orad[t] = fr[j]
+            t += 1
+    return on, ol, osr, osz, orad, ip, splits
 
 
 # ----------------------------------------------------------------------------------------------------------------

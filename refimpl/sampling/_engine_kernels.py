@@ -3,7 +3,7 @@
 For every query of the batch, inside one Numba function, the shared batch samplers of the sampling layer, one call
 per group of queries needing the same number of draws: for "rejection", ``adaptive_batch``
 (:mod:`refimpl.sampling._adaptive`: exact rejection sampling, Eq. 3-5, on an envelope of tree clusters refined per
-query from the root, each cluster's bound that of Prop. 1 with the certified radius); for "mh" and "paper", Alg. 2
+query from a start level scored by the caller's GEMM, with certified cluster bounds); for "mh" and "paper", Alg. 2
 with the Remark 2 frontier cap (:func:`refimpl.sampling._cluster_kernels.find_clustering_kernel`), the proposal's
 certificates, then ``flat_batch`` (independent MH of Eq. 14 from the Eq. 7 proposal) on the clusterings in CSR form.
 This module only adds the per-query chain lengths of Eq. 6, the experiments' selection and the per-query
@@ -18,9 +18,9 @@ import numpy as np
 from numba import njit
 
 from refimpl.sampling._adaptive import adaptive_batch
-from refimpl.sampling._cluster_kernels import _dist_q, _dot, _grow, cluster_info, find_clustering_kernel
+from refimpl.sampling._cluster_kernels import _dot, cluster_info, find_clustering_kernel
 from refimpl.sampling._kernels import ATTEMPTS, EXACT, INNER, LZ_EST, LZ_HI, LZ_LO, N_CLUSTERS, NC as NC_SAMPLER, \
-    STATUS, _log_z_bounds, flat_batch
+    STATUS, _csr_new, _csr_put, _log_z_bounds, flat_batch
 
 # procedure codes (engine.PROCEDURES)
 REJECTION = 0
@@ -63,26 +63,24 @@ def _record(stats, b, log_z, lzlo, lzhi, log_gamma, tv, chain, nc, ip, nd, statu
 
 
 @njit(cache=True)
-def _top_closest(T, q, nodes, levels, n_top):
-    """The ``n_top`` clusters whose representatives are closest to q (ties: first in the output of Alg. 2)."""
-    nc = nodes.shape[0]
-    dist = np.empty(nc, np.float64)
-    for j in range(nc):
-        dist[j] = _dist_q(T.points, T.node_point[nodes[j]], q)
-    order = np.argsort(dist, kind="mergesort")[:n_top]
+def _top_closest(nodes, levels, dists, n_top):
+    """The ``n_top`` clusters whose representatives are closest to q (``dists``: their distances from Alg. 2;
+    ties: first in the output of Alg. 2)."""
+    order = np.argsort(dists, kind="mergesort")[:n_top]
     return nodes[order], levels[order]
 
 
 @njit(cache=True)
 def engine_kernel(T, suf, order, pos, Q, qnorm, beta, procedure, counts, out_ptr, excl_ptr, excl_ids, seed, sptr,
                   snodes, sidx, start_levels, ms, max_frontier, n_top, chain_length, n_chains, temperature, log_tv,
-                  max_steps, attempt_cost, broken, out_ids, out_logits, stats):
+                  max_steps, attempt_cost, F0, S0, margin, NB, broken, out_ids, out_logits, stats):
     """Draw ``counts[b]`` negatives for every query ``Q[b]`` of a batch (one compiled call).
 
     ``T`` is the tree (TreeArrays; ``suf`` its suffix radii; ``order``, ``pos`` its pre-order,
-    :func:`refimpl.index.search.preorder`, used by REJECTION only). REJECTION: ``adaptive_batch`` (exact rejection
-    sampling of the softmax renormalised over the non-excluded targets, Eq. 3-5, with an envelope refined per query
-    from the root and shared by its draws; cluster bounds s_r + beta ||q|| rho(C), Prop. 1; ``attempt_cost`` sets
+    :func:`refimpl.index.search.preorder`: the clusters' members as ranges). REJECTION: ``adaptive_batch`` (exact
+    rejection sampling of the softmax renormalised over the non-excluded targets, Eq. 3-5, with an envelope refined
+    per query from the start frontier ``F0`` (logits ``S0[b]`` from the caller's GEMM, rounding ``margin``, norm
+    bounds ``NB``) and shared by its draws; certified cluster bounds (Prop. 1 and the norm bound); ``attempt_cost`` sets
     its refinement rule; ``broken`` drops the radius term, a negative control of the tests); no Alg. 2. MH and
     PAPER first run Alg. 2 from the first frontier ``snodes[sptr[sidx[b]]:sptr[sidx[b] + 1]]`` =
     C_(start_levels[b]), deepest level ``ms[b]``, frontier cap ``max_frontier`` (0 = none). MH: ``counts[b]``
@@ -107,12 +105,8 @@ def engine_kernel(T, suf, order, pos, Q, qnorm, beta, procedure, counts, out_ptr
     # pass 1: the clustering of every query with draws, in CSR form
     act = np.empty(B, np.int64)
     na = 0
-    cap = 256
-    cptr = np.zeros(B + 1, np.int64)
-    cnodes = np.empty(cap, np.int64)
-    clevels = np.empty(cap, np.int64)
-    csizes = np.empty(cap, np.int64)
-    cradii = np.empty(cap, np.float64)
+    csr = _csr_new(B)
+    cptr = csr[0]
     chain = np.zeros(B, np.int64)
     pre_ip = np.zeros(B, np.int64)
     dropped = np.zeros(B, np.bool_)
@@ -128,7 +122,7 @@ def engine_kernel(T, suf, order, pos, Q, qnorm, beta, procedure, counts, out_ptr
         c = counts[b]
         if c == 0:
             continue
-        if procedure == REJECTION:  # no clustering: the adaptive sampler refines its own envelope from the root
+        if procedure == REJECTION:  # no clustering: the adaptive sampler refines its own envelope
             act[na] = b
             na += 1
             cptr[na] = cptr[na - 1]
@@ -136,12 +130,12 @@ def engine_kernel(T, suf, order, pos, Q, qnorm, beta, procedure, counts, out_ptr
         q = Q[b]
         bq = beta * qnorm[b]
         s0 = sptr[sidx[b]]
-        nodes, levels, nd = find_clustering_kernel(T, q, snodes[s0:sptr[sidx[b] + 1]], start_levels[b], ms[b],
-                                                   max_frontier)
+        nodes, levels, dists, nd = find_clustering_kernel(T, q, snodes[s0:sptr[sidx[b] + 1]], start_levels[b],
+                                                          ms[b], max_frontier)
         stats[b, S_DIST] = nd
         if procedure == PAPER and n_top > 0 and nodes.shape[0] > n_top:
             dropped[b] = True
-            nodes, levels = _top_closest(T, q, nodes, levels, n_top)
+            nodes, levels = _top_closest(nodes, levels, dists, n_top)
         sizes, radii, _ = cluster_info(T, suf, nodes, levels)
         nc = nodes.shape[0]
         stats[b, S_CLUSTERS] = nc
@@ -169,20 +163,12 @@ def engine_kernel(T, suf, order, pos, Q, qnorm, beta, procedure, counts, out_ptr
             chain[b] = s
         else:
             chain[b] = chain_length
-        c0 = cptr[na]
-        while c0 + nc > cap:
-            cnodes, clevels, csizes, cradii = _grow(cnodes, c0, 2 * cap), _grow(clevels, c0, 2 * cap), \
-                _grow(csizes, c0, 2 * cap), _grow(cradii, c0, 2 * cap)
-            cap *= 2
-        cnodes[c0:c0 + nc] = nodes
-        clevels[c0:c0 + nc] = levels
-        csizes[c0:c0 + nc] = sizes
-        cradii[c0:c0 + nc] = radii
+        csr = _csr_put(csr, na, nodes, levels, sizes, radii)
         act[na] = b
         na += 1
-        cptr[na] = c0 + nc
     if too_long or na == 0:
         return
+    cptr, cnodes, clevels, csizes, cradii = csr
     # pass 2: one batch-sampler call per group of active queries needing the same number of draws
     nclu = cptr[na]
     creps = np.empty(nclu, np.int64)
@@ -193,9 +179,12 @@ def engine_kernel(T, suf, order, pos, Q, qnorm, beta, procedure, counts, out_ptr
     kmax = 0
     steps = max_steps
     chain_a = np.empty(na, np.int64)
+    S0a = np.empty((na if procedure == REJECTION else 0, S0.shape[1]), np.float64)
     for a in range(na):
         b = act[a]
         Qa[a] = Q[b]
+        if procedure == REJECTION:
+            S0a[a] = S0[b]
         eptr[a + 1] = eptr[a] + excl_ptr[b + 1] - excl_ptr[b]
         kmax = max(kmax, ndraw[b])
         steps = max(steps, chain[b])
@@ -219,10 +208,12 @@ def engine_kernel(T, suf, order, pos, Q, qnorm, beta, procedure, counts, out_ptr
         # the CSR slices keep absolute offsets into cnodes / eids, as the batch samplers index them
         if procedure == REJECTION:
             gi, gs, gc, gl = adaptive_batch(T, suf, order, pos, Qa[a0:a1], beta, kg, eptr[a0:a1 + 1], eids, 1,
-                                            max_steps, attempt_cost, seed + g, broken)
+                                            max_steps, attempt_cost, seed + g, F0, S0a[a0:a1], margin, NB,
+                                            broken)
         else:
             gi, gs, gc, gl = flat_batch(T, suf, Qa[a0:a1], b_eff, kg, 1, False, False, 1.0, cptr[a0:a1 + 1], cnodes,
-                                        clevels, creps, csizes, cradii, empty, empty, eptr[a0:a1 + 1], eids, 1,
+                                        clevels, creps, csizes, cradii, empty, empty, order, pos, eptr[a0:a1 + 1],
+                                        eids, 1,
                                         chain_a[a0:a1], steps, seed + g)
         ids[a0:a1, :kg] = gi
         sids[a0:a1, :kg] = gs

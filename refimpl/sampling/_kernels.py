@@ -1,6 +1,7 @@
 """Batched Numba sampling kernels behind :mod:`refimpl.sampling.samplers` (paper §3): flat rejection (Eq. 3-5),
-independent MH (Eq. 14) and Alg. 1; one compiled call answers a batch of queries (A* sampling:
-:mod:`refimpl.sampling._astar`).
+independent MH (Eq. 14), the batch of :func:`refimpl.sampling.samplers.sample_mh` (``mh_batch``: each query's Alg. 2
+clustering, certified refinement and certificate, then the chains) and Alg. 1; one compiled call answers a batch of
+queries (A* sampling: :mod:`refimpl.sampling._astar`).
 
 Every kernel takes the tree as one :class:`refimpl.index.TreeArrays` ``T`` and a (B, D) float64 query batch ``Q``.
 Per query it picks the start clustering itself (``level_profile`` of Prop. 3 when ``auto``; otherwise the
@@ -19,14 +20,17 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from refimpl.index import N_NODES, ROOT
-from refimpl.sampling._cluster_kernels import _dot, _first_below, _member, cluster_info, level_profile
+from refimpl.index import N_NODES, ROOT, prefetch_row
+from refimpl.sampling._cluster_kernels import (_dot, _first_below, _grow, cluster_info, find_clustering_kernel,
+                                               level_profile, refine_kernel)
 
 # per-query counters
-ATTEMPTS, ACCEPTED, INNER, EXCL_HITS, STATUS, RESTARTS, FALLBACKS, LEVEL, N_CLUSTERS, SELECT, EXACT = range(11)
-NC = 11
+ATTEMPTS, ACCEPTED, INNER, EXCL_HITS, STATUS, RESTARTS, FALLBACKS, LEVEL, N_CLUSTERS, SELECT, EXACT, LUMPED = range(12)
+NC = 12
 # columns of the per-query log-normaliser output
 LZ_EST, LZ_LO, LZ_HI, LZ_EXCL = range(4)
+RING = 16  # proposals in flight (their pre-order entries, then their rows, prefetched)
+AHEAD = 8  # proposals between one's resolution to a target (row prefetched) and its evaluation
 
 # ----------------------------------------------------------------------------------------------------------------
 # small helpers
@@ -36,56 +40,53 @@ LZ_EST, LZ_LO, LZ_HI, LZ_EXCL = range(4)
 def _exact_draw(T, q, beta, mask, live, ls, cnt):
     """One exact draw from the softmax over the live targets not marked in ``mask`` (brute force, inverse CDF).
 
-    ``live``/``ls`` hold the live ids and their logits, filled on first use for the query (N inner products, once):
-    the fallback of a rejection sampler whose attempts for one draw exceed the number of live targets. Accepted
-    rejection draws and these draws both follow P exactly, so the mixture does too."""
+    ``live`` holds the live ids, ``ls[0]`` their logits (N inner products, once per query: filled on first use,
+    marked unfilled by live[0] = -2), ``ls[1]`` the cumulative softmax masses of the unmarked ones (built once and
+    kept while ``ls[1, -1]`` is not NaN; a caller that marks an id in ``mask`` sets it to NaN), so that each further
+    draw is a binary search. The fallback of a rejection sampler whose attempts reach the number of live targets:
+    accepted rejection draws and these draws both follow P exactly, so the mixture does too."""
+    n = live.shape[0] - 1
+    lg = ls[0]
+    cum = ls[1]
     if live[0] == -2:
-        n = 0
+        k = 0
         tree = T.state[ROOT] >= 0  # else an array partition: every row is live
         for v in range(T.state[N_NODES] if tree else T.points.shape[0]):
             i = T.node_point[v] if tree else v
             if i >= 0:
-                live[n] = i
-                ls[n] = beta * _dot(T.points, i, q)
-                n += 1
-        cnt[INNER] += n
-        live[n:] = -1
-    m = -np.inf
-    for j in range(live.shape[0]):
-        i = live[j]
-        if i < 0:
-            break
-        if not mask[i] and ls[j] > m:
-            m = ls[j]
-    tot = 0.0
-    for j in range(live.shape[0]):
-        i = live[j]
-        if i < 0:
-            break
-        if not mask[i]:
-            tot += np.exp(ls[j] - m)
-    u = np.random.random() * tot
-    last = -1
-    for j in range(live.shape[0]):
-        i = live[j]
-        if i < 0:
-            break
-        if not mask[i]:
-            last = j
-            u -= np.exp(ls[j] - m)
-            if u < 0:
-                break
+                live[k] = i
+                lg[k] = beta * _dot(T.points, i, q)
+                k += 1
+        cnt[INNER] += k
+        live[k:] = -1
+        cum[n] = np.nan
+    if np.isnan(cum[n]):
+        m = -np.inf
+        for j in range(n):
+            if not mask[live[j]] and lg[j] > m:
+                m = lg[j]
+        tot = 0.0
+        for j in range(n):
+            if not mask[live[j]]:
+                tot += np.exp(lg[j] - m)
+            cum[j] = tot
+        cum[n] = tot
+    j = np.searchsorted(cum[:n], np.random.random() * cum[n], side="right")
+    if j >= n:  # rounding: the last unmarked target
+        j = n - 1
+        while mask[live[j]]:
+            j -= 1
     cnt[EXACT] += 1
-    return live[last], ls[last]
+    return live[j], lg[j]
 
 
 @njit(cache=True)
 def _scratch(T):
     """Per-call scratch of a rejection kernel: (mask of excluded / drawn ids (capacity,), number N of live targets,
-    live ids and logits (N + 1,) for ``_exact_draw``, marked unfilled per query by live[0] = -2)."""
+    live ids (N + 1,) and logits / cumulative masses (2, N + 1) for ``_exact_draw``)."""
     n_live = T.node_count[T.state[ROOT]] if T.state[ROOT] >= 0 else T.points.shape[0]
     return (np.zeros(T.points.shape[0], np.bool_), n_live, np.empty(n_live + 1, np.int64),
-            np.empty(n_live + 1, np.float64))
+            np.empty((2, n_live + 1), np.float64))
 
 
 @njit(cache=True)
@@ -195,9 +196,22 @@ def _log_z_bounds(sizes, s, eps, lz_out):
 # flat proposals: rejection (Eq. 3-5) and independent Metropolis-Hastings (Eq. 14)
 
 
+@njit(cache=True, inline="always")
+def _propose(cum, sizes, nodes, fa, mptr, members, node_point):
+    """One proposal of Q (cluster j with probability cum-increment / cum[-1], a member uniformly): (j, p) with p
+    the member's pre-order position, or -1 - its id (a representative, or a member of an array partition)."""
+    j = _pick(cum, np.random.random() * cum[-1])
+    u = np.random.randint(0, sizes[j])
+    if mptr.shape[0] > 0:
+        return j, -1 - members[mptr[j] + u]
+    if u == 0:
+        return j, -1 - node_point[nodes[j]]
+    return j, fa[j] + u - 1
+
+
 @njit(cache=True)
-def flat_batch(T, suf, Q, beta, k, algo, upper, auto, attempt_cost, cptr, cnodes, clevels, creps, csizes, cradii, mptr, members,
-               eptr, eids, replace, chain_length, max_steps, seed):
+def flat_batch(T, suf, Q, beta, k, algo, upper, auto, attempt_cost, cptr, cnodes, clevels, creps, csizes, cradii,
+               mptr, members, order, pos, eptr, eids, replace, chain_length, max_steps, seed):
     """Flat rejection (algo 0) or independent MH (algo 1) over a clustering, for every query of ``Q``.
 
     Cluster j has log-weight lw[j] per member: s_r + eps_C (``upper``) or s_r (Eq. 7). algo 0, Eq. 3-5 with
@@ -206,7 +220,8 @@ def flat_batch(T, suf, Q, beta, k, algo, upper, auto, attempt_cost, cptr, cnodes
     ``chain_length[b]`` states, the first drawn from Q, each next proposal accepted with
     min(1, exp((s_y' - lw_y') - (s_y - lw_y))); the final state of each chain is returned. Excluded ids have
     P = 0 (never accepted); without replacement the drawn ids join them. Members: ``members[mptr[j]..]`` for an
-    array partition (mptr non-empty), else the u-th member of the tree cluster (nodes[j], levels[j]). A rejection
+    array partition (mptr non-empty), else the u-th member of the tree cluster (nodes[j], levels[j]) in the tree's
+    pre-order ``order`` / ``pos`` (:func:`refimpl.index.search.preorder`): p_v, then one contiguous range. A rejection
     draw (or an MH chain that has not reached an allowed state) after N proposals is made by ``_exact_draw``.
     LZ_EST is the importance-sampling estimate log(Z_prop mean e^{s_i - lw_j}) clipped to [LZ_LO, LZ_HI].
     """
@@ -215,6 +230,10 @@ def flat_batch(T, suf, Q, beta, k, algo, upper, auto, attempt_cost, cptr, cnodes
     ids, sids, cnt, lz = _outputs(B, k)
     points = T.points
     mask, n_live, live, ls = _scratch(T)
+    rj = np.empty(RING, np.int64)  # the ring of proposals: cluster, pre-order position (or -1 - id), target
+    rp = np.empty(RING, np.int64)
+    ri = np.empty(RING, np.int64)
+    order2 = order.reshape(order.shape[0], 1)  # a 2-D view, for prefetch_row
     for b in range(B):
         q = Q[b]
         c = cnt[b]
@@ -225,6 +244,10 @@ def flat_batch(T, suf, Q, beta, k, algo, upper, auto, attempt_cost, cptr, cnodes
                                                        csizes, cradii, lze, c)
         nc = nodes.shape[0]
         c[N_CLUSTERS] = nc
+        fa = np.empty(nc if mptr.shape[0] == 0 else 0, np.int64)  # pre-order start of the members after p_v
+        for j in range(fa.shape[0]):
+            x = _first_below(T, nodes[j], levels[j])
+            fa[j] = pos[x] if x != -1 else 0
         bq = beta * np.sqrt(np.sum(q * q))
         eps = bq * radii
         _log_z_bounds(sizes, sr, eps, lz[b])
@@ -240,6 +263,16 @@ def flat_batch(T, suf, Q, beta, k, algo, upper, auto, attempt_cost, cptr, cnodes
         buf[:nb] = eids[eptr[b]:eptr[b + 1]]
         mask[buf[:nb]] = True
         isum = 0.0
+        # the proposals (iid from Q, independent of the acceptances) are generated RING ahead: at each use, slot
+        # head is refilled (its pre-order entry prefetched) and slot head + AHEAD resolved (its row prefetched)
+        for h in range(RING):
+            rj[h], rp[h] = _propose(cum, sizes, nodes, fa, mptr, members, T.node_point)
+            if rp[h] >= 0:
+                prefetch_row(order2, rp[h])
+        for h in range(AHEAD):
+            ri[h] = -1 - rp[h] if rp[h] < 0 else order[rp[h]]
+            prefetch_row(points, ri[h])
+        head = 0
         for t in range(k):
             steps = 0
             y = -1
@@ -253,9 +286,15 @@ def flat_batch(T, suf, Q, beta, k, algo, upper, auto, attempt_cost, cptr, cnodes
                     y, sy = _exact_draw(T, q, beta, mask, live, ls, c)
                     break
                 steps += 1
-                j = _pick(cum, np.random.random() * cum[-1])
-                u = np.random.randint(0, sizes[j])
-                i = members[mptr[j] + u] if mptr.shape[0] > 0 else _member(T, nodes[j], levels[j], u)
+                j = rj[head]
+                i = ri[head]
+                rj[head], rp[head] = _propose(cum, sizes, nodes, fa, mptr, members, T.node_point)
+                if rp[head] >= 0:
+                    prefetch_row(order2, rp[head])
+                r = head + AHEAD if head + AHEAD < RING else head + AHEAD - RING
+                ri[r] = -1 - rp[r] if rp[r] < 0 else order[rp[r]]
+                prefetch_row(points, ri[r])
+                head = head + 1 if head + 1 < RING else 0
                 c[ATTEMPTS] += 1
                 s = beta * _dot(points, i, q)
                 c[INNER] += 1
@@ -288,12 +327,116 @@ def flat_batch(T, suf, Q, beta, k, algo, upper, auto, attempt_cost, cptr, cnodes
             if replace == 0:
                 buf[nb] = y
                 mask[y] = True
+                ls[1, ls.shape[1] - 1] = np.nan
                 nb += 1
         mask[buf[:nb]] = False
         log_zprop = ref + np.log(cum[-1])
         est = log_zprop + np.log(max(isum / max(c[ATTEMPTS], 1), 1e-300))
         lz[b, LZ_EST] = min(max(est, lz[b, LZ_LO]), lz[b, LZ_HI])
     return ids, sids, cnt, lz
+
+
+@njit(cache=True)
+def _csr_new(B):
+    """Empty CSR clusterings of B queries: (cptr (B + 1,), nodes, levels, sizes, radii) with a growable capacity."""
+    return (np.zeros(B + 1, np.int64), np.empty(256, np.int64), np.empty(256, np.int64), np.empty(256, np.int64),
+            np.empty(256, np.float64))
+
+
+@njit(cache=True)
+def _csr_put(csr, a, nodes, levels, sizes, radii):
+    """Append the clustering of entry ``a`` (cptr[a] set, cptr[a + 1] written) to ``csr``; returns the CSR (its
+    arrays doubled when full)."""
+    cptr, cnodes, clevels, csizes, cradii = csr
+    c0 = cptr[a]
+    nc = nodes.shape[0]
+    cap = cnodes.shape[0]
+    if c0 + nc > cap:
+        while c0 + nc > cap:
+            cap *= 2
+        cnodes, clevels = _grow(cnodes, c0, cap), _grow(clevels, c0, cap)
+        csizes, cradii = _grow(csizes, c0, cap), _grow(cradii, c0, cap)
+    cnodes[c0:c0 + nc] = nodes
+    clevels[c0:c0 + nc] = levels
+    csizes[c0:c0 + nc] = sizes
+    cradii[c0:c0 + nc] = radii
+    cptr[a + 1] = c0 + nc
+    return cptr, cnodes, clevels, csizes, cradii
+
+
+@njit(cache=True)
+def mh_batch(T, suf, order, pos, Q, beta, k, sptr, snodes, sidx, start_levels, ms, max_frontier, refine, upper,
+             log_gamma, max_refine, gnodes, glevels, chain_length, log_tv, max_steps, eptr, eids, replace, seed):
+    """Independent MH (Eq. 14) for every query of ``Q`` with its own certified clustering, in one call.
+
+    Per query b: the clustering is Alg. 2 (:func:`find_clustering_kernel` from the frontier
+    ``snodes[sptr[sidx[b]]:sptr[sidx[b] + 1]]`` = C_(start_levels[b]), deepest level ``ms[b]``, frontier cap
+    ``max_frontier``, 0 = none), then when ``refine`` the certified refinement (:func:`refine_kernel`, target
+    ``log_gamma``, at most ``max_refine`` clusters); or, when ``gnodes`` is not empty, the given clustering (gnodes,
+    glevels) for every query. Its certificate: eps_C = beta ||q|| rho(C), log Z_lo / Z_hi, and the certified
+    log max P/Q (Eq. 7: max eps_C + log Z_hat - log Z_lo; ``upper``: log Z_hi - log Z_lo). Chain length:
+    ``chain_length`` (> 0) or Eq. 6's 1 + ceil(gamma log(1/tv)) (``log_tv`` = log tv); if one exceeds ``max_steps``
+    nothing is drawn (too_long). Then ``flat_batch`` (algo 1) on the clusterings in CSR form.
+    Returns (ids, logits, counters, log-normalisers as flat_batch; per query: certified log gamma, chain length,
+    inner products of the clustering's logits and refinement; too_long).
+    """
+    B = Q.shape[0]
+    csr = _csr_new(B)
+    lg = np.zeros(B, np.float64)
+    chain = np.zeros(B, np.int64)
+    cip = np.zeros(B, np.int64)
+    lzb = np.empty(4, np.float64)
+    too_long = False
+    for b in range(B):
+        q = Q[b]
+        if gnodes.shape[0] > 0:
+            nodes, levels = gnodes, glevels
+        else:
+            s0 = sptr[sidx[b]]
+            nodes, levels, _, nd = find_clustering_kernel(T, q, snodes[s0:sptr[sidx[b] + 1]], start_levels[b],
+                                                          ms[b], max_frontier)
+        sizes, radii, _ = cluster_info(T, suf, nodes, levels)
+        nc = nodes.shape[0]
+        sr = np.empty(nc, np.float64)
+        for j in range(nc):
+            sr[j] = beta * _dot(T.points, T.node_point[nodes[j]], q)
+        ip = nc
+        if refine and gnodes.shape[0] == 0:
+            nodes, levels, sr, sizes, radii, ip, _ = refine_kernel(T, suf, q, beta, nodes, levels, sr, sizes, radii,
+                                                                   log_gamma, upper, max_refine)
+            nc = nodes.shape[0]
+        cip[b] = ip
+        eps = beta * np.sqrt(np.sum(q * q)) * radii
+        _log_z_bounds(sizes, sr, eps, lzb)
+        lo = lzb[LZ_LO]
+        if upper:
+            lg[b] = lzb[LZ_HI] - lo
+        else:
+            _log_z_bounds(sizes, sr, np.zeros(nc), lzb)
+            lg[b] = eps.max() + lzb[LZ_HI] - lo
+        if chain_length > 0:
+            chain[b] = chain_length
+        else:
+            need = 1.0 + max(0.0, np.ceil(np.exp(min(lg[b], 700.0)) * (-log_tv) - 1e-12))
+            if need > max_steps:
+                too_long = True
+                chain[b] = max_steps + 1
+                continue
+            chain[b] = int(need)
+        csr = _csr_put(csr, b, nodes, levels, sizes, radii)
+    if too_long:
+        ids, sids, cnt, lz = _outputs(B, k)
+        return ids, sids, cnt, lz, lg, chain, cip, True
+    cptr, cnodes, clevels, csizes, cradii = csr
+    nclu = cptr[B]
+    creps = np.empty(nclu, np.int64)
+    for j in range(nclu):
+        creps[j] = T.node_point[cnodes[j]]
+    empty = np.zeros(0, np.int64)
+    ids, sids, cnt, lz = flat_batch(T, suf, Q, beta, k, 1, upper, False, 1.0, cptr, cnodes[:nclu], clevels[:nclu],
+                                    creps, csizes[:nclu], cradii[:nclu], empty, empty, order, pos, eptr, eids,
+                                    replace, chain, max(max_steps, chain.max()), seed)
+    return ids, sids, cnt, lz, lg, chain, cip, False
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -501,6 +644,7 @@ def alg1_batch(T, suf, Q, beta, k, auto, attempt_cost, cptr, cnodes, clevels, cr
             if replace == 0:
                 buf[nb] = ids[b, t]
                 mask[ids[b, t]] = True
+                ls[1, ls.shape[1] - 1] = np.nan
                 nb += 1
         mask[buf[:nb]] = False
         lhi = lz[b, LZ_HI]

@@ -22,7 +22,7 @@ from refimpl._validate import check_int, check_positive
 from refimpl.softmax import logsumexp
 
 __all__ = ["cluster_eps", "log_partition_bounds", "certified_log_max_ratio", "log_proposal_normalizer",
-           "prop1_ratio_bound", "prop1_corrected_radius", "prop2_level", "prop6_drift"]
+           "prop1_ratio_bound", "prop1_corrected_radius", "prop2_level", "prop2_levels", "prop6_drift"]
 
 
 def _vec(name, a, *, n=None, positive=False, nonneg=False):
@@ -100,6 +100,19 @@ def certified_log_max_ratio(rep_logits, sizes, eps) -> float:
     lo, _ = log_partition_bounds(s, sizes, e)
     with np.errstate(over="ignore", invalid="ignore"):
         return float(_finite("eps", e.max() + log_proposal_normalizer(s, sizes) - lo))
+
+
+def prop2_levels(gamma, beta_q, base) -> np.ndarray:
+    """Prop. 2's start level for every query at once: l_b = max{l in Z : b^l <= log(gamma) / (2 beta ||q_b||)}.
+
+    ``beta_q`` (B,) holds beta ||q_b|| (the query norm folded into beta; identical to the paper for unit queries).
+    Same value as :func:`prop2_level` query by query, vectorised.
+    """
+    x = math.log(gamma) / (2.0 * np.maximum(np.asarray(beta_q, dtype=np.float64), 1e-300))
+    lv = np.floor(np.log(x) / math.log(base)).astype(np.int64)
+    lv += (base ** (lv + 1.0) <= x).astype(np.int64)
+    lv -= (base ** lv.astype(np.float64) > x).astype(np.int64)
+    return lv
 
 
 def prop1_corrected_radius(base, level) -> float:

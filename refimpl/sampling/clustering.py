@@ -18,7 +18,6 @@ Contents: :func:`suffix_radii` (per tree version), :func:`tree_clustering`, :fun
 """
 from __future__ import annotations
 
-import heapq
 import math
 import weakref
 from dataclasses import dataclass
@@ -356,25 +355,12 @@ def find_clustering(tree, q, *, beta, gamma, m=None, max_clusters=None, refine=F
     m = default_m(level, base) if m is None else check_int("m", m, low=-(1 << 40), high=level)
     mc = 0 if max_clusters is None else check_int("max_clusters", max_clusters, low=1)
     start = level_clustering(tree, level).nodes
-    nodes, levels, nd = K.find_clustering_kernel(T, q, start, level, m, mc)
+    nodes, levels, _, nd = K.find_clustering_kernel(T, q, start, level, m, mc)
     cl = tree_clustering(tree, nodes, levels, {"distance_evals": int(nd), "start_level": level, "m": m})
     if refine:
         cl = refine_clustering(tree, q, cl, beta=beta, gamma=gamma, proposal=proposal,
                                max_clusters=max_refine_clusters)
     return cl
-
-
-def _split(T, v, L):
-    """Children of cluster (v, L) at the next occupied level: [(v, Lc)] + [(c, Lc) for c at level Lc], or None."""
-    c = K._first_below(T, v, L)
-    if c == -1:
-        return None
-    Lc = int(T.node_level[c])
-    out = [v]
-    while c != -1 and T.node_level[c] == Lc:
-        out.append(int(c))
-        c = T.node_next_sibling[c]
-    return np.array(out, np.int64), Lc
 
 
 def refine_clustering(tree, q, clustering, *, beta, gamma, proposal="eq7", max_clusters=None) -> Clustering:
@@ -406,85 +392,16 @@ def refine_clustering(tree, q, clustering, *, beta, gamma, proposal="eq7", max_c
     _check_tree(tree)
     _check_clustering(clustering, tree)
     T = tree.arrays()
-    points = T.points
-    q = check_vector("q", q, size=points.shape[1])
-    qn = float(np.linalg.norm(q))
-    suf = suffix_radii(tree)
+    q = check_vector("q", q, size=T.points.shape[1])
     log_g = math.log(gamma)
-    nodes = list(map(int, clustering.nodes))
-    levels = list(map(int, clustering.levels))
-    s = list(logits(points, clustering.reps, q, beta))
-    sizes = list(map(int, clustering.sizes))
-    eps = list(bounds.cluster_eps(beta, qn, clustering.radii))
-    ip = len(nodes)
-    alive = [True] * len(nodes)
-    ref = max(si + ei for si, ei in zip(s, eps))
-
-    def prio(j):
-        if proposal == "eq7":
-            return -eps[j]
-        return -sizes[j] * math.exp(s[j] - ref) * (math.exp(eps[j]) - math.exp(-eps[j]))
-
-    def sums():
-        sa, na, ea = np.array(s), np.array(sizes, float), np.array(eps)
-        idx = np.flatnonzero(alive)
-        return sa[idx], na[idx], ea[idx]
-
-    heap = [(prio(j), j) for j in range(len(nodes)) if eps[j] > 0]
-    heapq.heapify(heap)
-    n_alive = len(nodes)
-    zh = sum(sizes[j] * math.exp(s[j] - ref) for j in range(len(nodes)))
-    zlo = sum(sizes[j] * math.exp(s[j] - eps[j] - ref) for j in range(len(nodes)))
-    zhi = sum(sizes[j] * math.exp(s[j] + eps[j] - ref) for j in range(len(nodes)))
-
-    def bound():
-        if proposal == "eq7":
-            me = -heap[0][0] if heap else 0.0
-            return me + math.log(max(zh, 1e-300)) - math.log(max(zlo, 1e-300))
-        return math.log(max(zhi, 1e-300)) - math.log(max(zlo, 1e-300))
-
-    splits = 0
-    while heap and bound() > log_g and n_alive < max_clusters:
-        _, j = heapq.heappop(heap)
-        sp = _split(T, nodes[j], levels[j])
-        if sp is None:
-            continue
-        kids, Lc = sp
-        ks, kr, _ = K.cluster_info(T, suf, kids, np.full(kids.shape[0], Lc, np.int64))
-        kl = np.empty(kids.shape[0])
-        kl[0] = s[j]
-        if kids.shape[0] > 1:
-            kl[1:] = logits(points, T.node_point[kids[1:]], q, beta)
-            ip += kids.shape[0] - 1
-        ke = bounds.cluster_eps(beta, qn, kr)
-        alive[j] = False
-        zh -= sizes[j] * math.exp(s[j] - ref)
-        zlo -= sizes[j] * math.exp(s[j] - eps[j] - ref)
-        zhi -= sizes[j] * math.exp(s[j] + eps[j] - ref)
-        for x in range(kids.shape[0]):
-            nodes.append(int(kids[x]))
-            levels.append(Lc)
-            s.append(float(kl[x]))
-            sizes.append(int(ks[x]))
-            eps.append(float(ke[x]))
-            alive.append(True)
-            jj = len(nodes) - 1
-            zh += sizes[jj] * math.exp(s[jj] - ref)
-            zlo += sizes[jj] * math.exp(s[jj] - eps[jj] - ref)
-            zhi += sizes[jj] * math.exp(s[jj] + eps[jj] - ref)
-            if eps[jj] > 0:
-                heapq.heappush(heap, (prio(jj), jj))
-        n_alive += kids.shape[0] - 1
-        splits += 1
-        if splits % 64 == 0:  # recompute the running sums exactly (cancellation)
-            sa, na, ea = sums()
-            zh = float(np.sum(na * np.exp(sa - ref)))
-            zlo = float(np.sum(na * np.exp(sa - ea - ref)))
-            zhi = float(np.sum(na * np.exp(sa + ea - ref)))
-    idx = np.flatnonzero(alive)
-    out = tree_clustering(tree, np.array(nodes, np.int64)[idx], np.array(levels, np.int64)[idx], clustering.stats)
-    sa, na, ea = sums()
-    cert = _certificate(sa, na, ea, ip, tree.version)
-    out.stats.update(certificate=cert, splits=splits, inner_products=ip,
+    nodes, levels, sr, sizes, radii, ip, splits = K.refine_kernel(
+        T, suffix_radii(tree), q, beta, np.ascontiguousarray(clustering.nodes, np.int64),
+        np.ascontiguousarray(clustering.levels, np.int64), logits(T.points, clustering.reps, q, beta),
+        np.ascontiguousarray(clustering.sizes, np.int64), np.ascontiguousarray(clustering.radii, np.float64), log_g,
+        proposal == "upper", max_clusters)
+    out = tree_clustering(tree, nodes, levels, clustering.stats)
+    cert = _certificate(sr, sizes.astype(np.float64), bounds.cluster_eps(beta, float(np.linalg.norm(q)), radii),
+                        int(ip), tree.version)
+    out.stats.update(certificate=cert, splits=int(splits), inner_products=int(ip),
                      certified=(cert.log_gamma if proposal == "eq7" else cert.log_gamma_upper) <= log_g + 1e-9)
     return out

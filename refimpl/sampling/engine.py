@@ -12,9 +12,11 @@ Procedures and what each guarantees (P = softmax of ``beta <q, t>`` over the non
 
 * ``"rejection"``: exact rejection sampling of P (Eq. 3-5) on an envelope refined per query: the adaptive sampler
   of :func:`refimpl.sampling.samplers.sample_adaptive` (kernel ``adaptive_batch``), run inside the engine's call.
-  From the root, the tree cluster of largest envelope mass |C| e^{E_C} is split while the attempts this saves over
-  the query's draws exceed the split's inner products; E_C = min(E_parent, s_r + beta ||q|| rho(C)) is Prop. 1's
-  bound with the certified radius rho(C). An attempt proposes C with probability |C| e^{E_C} / sum |C'| e^{E_C'},
+  From C_(l) (the deepest level with at most 32 sqrt(N) clusters, its representatives scored for the batch by ONE
+  GEMM; start clusters of negligible mass lumped into one tail entry), the tree cluster of largest envelope mass
+  |C| e^{E_C} is split while the attempts this saves over the query's draws exceed the split's inner products;
+  E_C >= every member's logit is the least of Prop. 1's bound s_r + beta ||q|| rho(C) (certified radius), a bound
+  through the members' norms, and the parent's. An attempt proposes C with probability |C| e^{E_C} / sum |C'| e^{E_C'},
   a member i uniformly, and accepts it with probability e^{s_i - E_C}, so every accepted draw is an EXACT sample of P
   whatever the envelope (the tree's representations define P: for DyNNIBAL that is the approximate softmax P~ of
   Nystrom + regression); excluded ids are rejected, which renormalises P over the rest. When the envelope cannot
@@ -55,7 +57,8 @@ from refimpl.sampling import _engine_kernels as EK
 from refimpl.index import Clustering
 from refimpl.index.search import preorder
 from refimpl.sampling.clustering import level_clustering, suffix_radii, tree_clustering
-from refimpl.sampling.samplers import ATTEMPT_COST
+from refimpl.sampling.bounds import prop2_levels
+from refimpl.sampling.samplers import ATTEMPT_COST, adaptive_start
 
 __all__ = ["PROCEDURES", "STARTS", "EngineResult", "MiningEngine", "sample_paper", "prop2_levels"]
 
@@ -64,19 +67,9 @@ _CODES = {"rejection": EK.REJECTION, "mh": EK.MH, "paper": EK.PAPER}
 STARTS = ("root", "prop2")
 DEFAULT_MAX_STEPS = 10_000_000
 _EMPTY = np.zeros(0, np.int64)
-
-
-def prop2_levels(gamma, beta_q, base) -> np.ndarray:
-    """Prop. 2's start level for every query at once: l_b = max{l in Z : b^l <= log(gamma) / (2 beta ||q_b||)}.
-
-    ``beta_q`` (B,) holds beta ||q_b|| (the query norm folded into beta; identical to the paper for unit queries).
-    Same value as :func:`refimpl.sampling.bounds.prop2_level` query by query, vectorised.
-    """
-    x = math.log(gamma) / (2.0 * np.maximum(np.asarray(beta_q, dtype=np.float64), 1e-300))
-    lv = np.floor(np.log(x) / math.log(base)).astype(np.int64)
-    lv += (base ** (lv + 1.0) <= x).astype(np.int64)
-    lv -= (base ** lv.astype(np.float64) > x).astype(np.int64)
-    return lv
+_NO_START = (_EMPTY, _EMPTY, _EMPTY, _EMPTY, np.zeros(0), np.zeros(0), np.zeros(0), np.int64(0))  # unused by
+_NO_NB = (np.zeros(0), np.zeros(0))  # "mh" and "paper"
+_NO_S0 = np.zeros((0, 0), np.float64)
 
 
 @dataclass
@@ -158,12 +151,14 @@ class MiningEngine:
         cap applies from the top and far regions are finalised as coarse clusters. Either way the output is a
         partition and its certified gamma is computed and reported; Prop. 4's premise (every output cluster at
         level <= l) holds only for "prop2" without a cap.
+    start_clusters : "rejection" only: the largest size of the adaptive sampler's start level (None: 32 sqrt(N);
+        :func:`refimpl.sampling.samplers.sample_adaptive`); it sets only the cost.
     """
 
     def __init__(self, procedure: str = "mh", *, gamma: float = 1e6, m: int | None = None,
                  max_frontier: int | None = 100, n_top_clusters: int | None = 10, chain_length: int | None = None,
                  n_chains: int | None = None, temperature: float = 1.0, tv: float = 0.01,
-                 max_steps: int = DEFAULT_MAX_STEPS, start: str = "root"):
+                 max_steps: int = DEFAULT_MAX_STEPS, start: str = "root", start_clusters: float | None = None):
         if procedure not in PROCEDURES:
             raise ValueError(f"procedure: expected one of {PROCEDURES}, got {procedure!r}")
         self.procedure = procedure
@@ -185,6 +180,7 @@ class MiningEngine:
         if start not in STARTS:
             raise ValueError(f"start: expected one of {STARTS}, got {start!r}")
         self.start = start
+        self.start_clusters = None if start_clusters is None else check_positive("start_clusters", start_clusters)
         self._broken = False  # "rejection" without the radius term in its bounds: a negative control of the tests
         self._ids = np.zeros(0, np.int64)
         self._logits = np.zeros(0, np.float64)
@@ -219,7 +215,7 @@ class MiningEngine:
         q = check_matrix("q", np.asarray(q)[None, :], n_cols=int(tree.dim))[0]
         starts, ms = self._levels(tree, ta, np.array([np.linalg.norm(q)]), beta)
         sptr, snodes, _ = self._frontiers(tree, starts)
-        nodes, levels, nd = CK.find_clustering_kernel(ta, q, snodes, int(starts[0]), int(ms[0]), self.max_frontier)
+        nodes, levels, _, nd = CK.find_clustering_kernel(ta, q, snodes, int(starts[0]), int(ms[0]), self.max_frontier)
         return tree_clustering(tree, nodes, levels, {"distance_evals": int(nd), "start_level": int(starts[0]),
                                                      "m": int(ms[0])})
 
@@ -267,11 +263,18 @@ class MiningEngine:
         n_chains = np.maximum(n_chains, counts)
         sptr, snodes, sidx = self._frontiers(tree, starts)
         seed = int(gen.integers(0, 2 ** 62))
-        order, pos = preorder(tree) if self.procedure == "rejection" else (_EMPTY, _EMPTY)
+        order, pos = preorder(tree)
+        if self.procedure == "rejection":  # the adaptive sampler's start frontier, scored by one GEMM
+            F0, R, margin, NB = adaptive_start(tree, self.start_clusters)
+            S0 = np.empty((B, R.shape[0]), np.float64)
+            act = counts > 0
+            S0[act] = beta * (Q[act] @ R.T)
+        else:
+            F0, S0, margin, NB = _NO_START, _NO_S0, 0.0, _NO_NB
         EK.engine_kernel(ta, suf, order, pos, Q, qn, beta, _CODES[self.procedure], counts, ptr, eptr, eids, seed,
                          sptr, snodes, sidx, starts, ms, self.max_frontier, self.n_top_clusters, self.chain_length,
                          n_chains.astype(np.int64), self.temperature, math.log(self.tv), self.max_steps,
-                         ATTEMPT_COST, self._broken, self._ids, self._logits, self._stats)
+                         ATTEMPT_COST, F0, S0, margin, NB, self._broken, self._ids, self._logits, self._stats)
         st = self._stats[:B]
         status = st[:, EK.S_STATUS]
         if np.any(status == 1):

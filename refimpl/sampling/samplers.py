@@ -39,14 +39,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from refimpl._validate import as_rng, check_ids, check_int, check_positive
-from refimpl.index import Clustering, TreeArrays
+from refimpl.index import N_NODES, Clustering, TreeArrays
 from refimpl.index.search import preorder
 from refimpl.sampling import _adaptive as AD
 from refimpl.sampling import _astar as A
 from refimpl.sampling import _kernels as K
 from refimpl.sampling import bounds
 from refimpl.softmax import logsumexp
-from refimpl.sampling.clustering import _check_clustering, certify, find_clustering, level_clustering, suffix_radii
+from refimpl.sampling.clustering import (_check_clustering, _tree_cache, level_clustering,
+                                         suffix_radii)
 
 __all__ = [
     "SampleResult",
@@ -63,6 +64,7 @@ __all__ = [
 DEFAULT_MAX_ATTEMPTS = 10_000_000
 DEFAULT_C = 1.5
 ATTEMPT_COST = 1.0  # one attempt of a rejection sampler, in inner products, in Prop. 3's cost of a start level
+START_SQRT = 32.0  # the adaptive sampler starts from the deepest C_(l) with at most START_SQRT sqrt(N) clusters
 _EMPTY = np.zeros(0, np.int64)
 
 
@@ -226,7 +228,8 @@ def _tree_stats(cnt, lz, log_z_used):
     return {"attempts": cnt[:, K.ATTEMPTS], "proposals": cnt[:, K.ATTEMPTS], "accepted": cnt[:, K.ACCEPTED],
             "restarts": cnt[:, K.RESTARTS], "inner_products": cnt[:, K.INNER], "excluded_hits": cnt[:, K.EXCL_HITS],
             "fallbacks": cnt[:, K.FALLBACKS], "level": cnt[:, K.LEVEL], "n_clusters": cnt[:, K.N_CLUSTERS],
-            "selection_inner_products": cnt[:, K.SELECT], "exact_fallbacks": cnt[:, K.EXACT], "log_z": log_z_used, "log_z_lo": lz[:, K.LZ_LO],
+            "selection_inner_products": cnt[:, K.SELECT], "exact_fallbacks": cnt[:, K.EXACT],
+            "lumped_clusters": cnt[:, K.LUMPED], "log_z": log_z_used, "log_z_lo": lz[:, K.LZ_LO],
             "log_z_hi": lz[:, K.LZ_HI]}
 
 
@@ -349,16 +352,17 @@ def _flat(source, Q, batched, k, beta, gen, exclude, replace, log_z, algo, upper
     if partition is not None:
         points = _points(source)
         T, suf, n = _points_only(points), np.zeros(0), points.shape[0]
-        mptr, members = partition.mptr, partition.members
+        mptr, members, order, pos = partition.mptr, partition.members, _EMPTY, _EMPTY
     else:
         T, suf, n = source.arrays(), suffix_radii(source), int(source.n_targets)
         mptr, members = _EMPTY, _EMPTY
+        order, pos = preorder(source)
     eptr, eids = _exclusions(exclude, Q.shape[0], batched, n)
     avail = (n - np.diff(eptr)) if partition is not None else _available(source, eptr, eids)
     k = _check_k(k, avail, replace)
     cl = np.broadcast_to(np.asarray(chain_length, np.int64), (Q.shape[0],)).copy()
-    ids, sids, cnt, lz = K.flat_batch(T, suf, Q, beta, k, algo, upper, auto, ATTEMPT_COST, *csr, mptr, members, eptr, eids,
-                                      int(replace), cl, max_steps, _seed(gen))
+    ids, sids, cnt, lz = K.flat_batch(T, suf, Q, beta, k, algo, upper, auto, ATTEMPT_COST, *csr, mptr, members,
+                                      order, pos, eptr, eids, int(replace), cl, max_steps, _seed(gen))
     if cnt[:, K.STATUS].any():
         raise SamplerError(f"flat {'rejection' if algo == 0 else 'MH'}: no accepted draw after {max_steps} "
                            "proposals; use a finer clustering")
@@ -523,21 +527,65 @@ def _astar(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z="estimate
 # ----------------------------------------------------------------------------------------------------------------
 # adaptive rejection
 
+
+def adaptive_start(tree, max_clusters=None):
+    """The start frontier of the adaptive sampler: C_(l) at the deepest level l with |C_(l)| <= ``max_clusters``
+    (None: START_SQRT sqrt(N), sublinear in N; the root alone if no level fits), cached per tree version.
+
+    Returns (F0, R, margin): F0 the clusters' arrays for the kernel (nodes, first child below l, pre-order start,
+    sizes, certified radii, l), R (|C_(l)|, D) float64 their representatives' rows, so that one GEMM
+    ``beta * Q @ R.T`` scores them for a batch, and margin = 2 gamma_D max_i ||t_i|| (gamma_D = D u / (1 - D u),
+    u = 2^-53): beta ||q|| margin bounds the rounding of two float64 dot products of D terms (the GEMM's and the
+    kernel's), and is added to every bound of a cluster of more than one target.
+    """
+    entry = _tree_cache(tree)
+    if max_clusters is None:
+        max_clusters = START_SQRT * math.sqrt(len(tree))
+    key = ("adaptive_start", float(max_clusters))
+    out = entry.get(key)
+    if out is None:
+        ta = tree.arrays()
+        n_nodes = int(ta.state[N_NODES])
+        alive = ta.node_point[:n_nodes] >= 0
+        lv = ta.node_level[:n_nodes][alive]
+        root_level = int(ta.node_level[int(tree.root)])
+        levels, counts = np.unique(lv, return_counts=True)  # ascending levels
+        above = np.cumsum(counts[::-1])[::-1]  # nodes with level >= levels[i]: |C_(levels[i])|
+        ok = levels[above <= max(1.0, max_clusters)]
+        L = int(ok.min()) if ok.size else root_level + 1
+        nodes = np.ascontiguousarray(level_clustering(tree, L).nodes, np.int64)
+        order, pos = preorder(tree)
+        NB = AD.norm_suffix(ta, order)
+        F0, R = AD.start_frontier(ta, suffix_radii(tree), NB[1], pos, nodes, L)
+        D = R.shape[1]
+        u = 2.0 ** -53
+        live = tree.live_ids()
+        pts = np.asarray(tree.points)[live]
+        rmax = float(np.sqrt(np.max(np.einsum("ij,ij->i", pts, pts)))) if live.size else 0.0
+        out = (F0, R, 2.0 * D * u / (1.0 - D * u) * rmax * (1.0 + 1e-6), NB)
+        entry[key] = out
+    return out
+
+
 def sample_adaptive(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z="estimate",
-                    max_attempts=DEFAULT_MAX_ATTEMPTS):
+                    max_attempts=DEFAULT_MAX_ATTEMPTS, start_clusters=None):
     """Exact softmax samples by adaptive rejection over the SG tree (ours): Eq. 3-5 with an envelope refined per
     query and shared by its k draws.
 
-    Envelope: a partition of the targets into tree clusters C with certified bounds E_C = min(E_parent,
-    s_r + beta ||q|| rho(C)) >= s_i for i in C (Prop. 1 with the certified radius). Starting from the root, the
+    Envelope: a partition of the targets into tree clusters C with certified bounds E_C >= s_i for i in C: the
+    least of Prop. 1's s_r + beta ||q|| rho(C) (certified radius), beta ||q|| M_C and
+    beta (||q||^2 + M_C^2 - (||q - t_r|| - rho(C))^2) / 2 (M_C >= the members' norms; expand ||q - t_i||^2), and
+    of the parent's bound. It starts from C_(l), the deepest level with at most ``start_clusters`` clusters
+    (:func:`adaptive_start`), whose representatives are scored for the whole batch by ONE float64 GEMM; start
+    clusters whose bound is below max_r s_r - log(100 N) are lumped into one tail entry (mass <= Z / 100). Then the
     cluster of largest mass |C| e^{E_C} is split into the children at its next occupied level and the rest, while
     the attempts this could save over the k draws (k (|C| e^{E_C} - |C| e^{s_r}) / Z_hat, Z_hat of Eq. 7) exceed
-    the split's inner products (the rule sets only the cost). Sampling: propose C with probability
-    |C| e^{E_C} / sum_C' |C'| e^{E_C'}, a member i uniformly, accept with e^{s_i - E_C}. Exact: each attempt returns
-    i with probability e^{s_i} / sum_C' |C'| e^{E_C'}, proportional to P(i) whatever the envelope (which is fixed
-    before the draws), so accepted draws are iid softmax draws; excluded ids and, without replacement, earlier
-    draws are rejected, which conditions each draw exactly on the remaining targets. A refined singleton is
-    accepted without an inner product.
+    the split's inner products (the level, the tail and this rule set only the cost). Sampling: propose C with
+    probability |C| e^{E_C} / sum_C' |C'| e^{E_C'}, a member i uniformly, accept with e^{s_i - E_C}. Exact: each
+    attempt returns i with probability e^{s_i} / sum_C' |C'| e^{E_C'}, proportional to P(i) whatever the
+    envelope (which is fixed before the draws), so accepted draws are iid softmax draws; excluded ids and, without
+    replacement, earlier draws are rejected, which conditions each draw exactly on the remaining targets. A
+    refined singleton is accepted without an inner product.
 
     Parameters
     ----------
@@ -548,26 +596,37 @@ def sample_adaptive(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z=
         acceptance rate, clipped to the certified interval of the final envelope)
     max_attempts : int
         Per draw; reaching it raises :class:`SamplerError`.
+    start_clusters : float > 0, optional
+        The start level's largest size (default 32 sqrt(N); >= N: every target its own start cluster; < 2: the
+        root). The level, the tail and the refinement rule set only the cost, never the law.
 
-    Cost per query: the refinement's inner products (``stats["selection_inner_products"]``) plus, per draw,
-    Z_hi / Z attempts of at most one inner product each. ``stats``: attempts, accepted, inner_products,
-    n_clusters (envelope size), log_z, log_z_lo, log_z_hi.
+    Cost per query: |C_(l)| GEMM inner products and the refinement's (together
+    ``stats["selection_inner_products"]``) plus, per draw, Z_hi / Z attempts of at most one inner product each.
+    ``stats``: attempts, accepted, inner_products (the GEMM's included), gemm_inner_products, n_clusters
+    (envelope size), lumped_clusters (start clusters in the tail), log_z, log_z_lo, log_z_hi.
     """
     return _adaptive(tree, q, k, beta=beta, rng=rng, exclude=exclude, replace=replace, log_z=log_z,
-                     max_attempts=max_attempts)
+                     max_attempts=max_attempts, start_clusters=start_clusters)
 
 
 def _adaptive(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z="estimate",
-              max_attempts=DEFAULT_MAX_ATTEMPTS, broken=False):
+              max_attempts=DEFAULT_MAX_ATTEMPTS, start_clusters=None, broken=False):
     """:func:`sample_adaptive`; ``broken=True`` drops the radius from the bounds (E = s_r): a negative control."""
     beta, gen, log_z, Q, batched, eptr, eids, k = _tree_args(tree, q, k, beta, rng, log_z, exclude, replace)
     max_attempts = check_int("max_attempts", max_attempts, low=1)
+    if start_clusters is not None:
+        start_clusters = check_positive("start_clusters", start_clusters)
     order, pos = preorder(tree)
+    F0, R, margin, NB = adaptive_start(tree, start_clusters)
     ids, sids, cnt, lz = AD.adaptive_batch(tree.arrays(), suffix_radii(tree), order, pos, Q, beta, k, eptr, eids,
-                                           int(replace), max_attempts, ATTEMPT_COST, _seed(gen), bool(broken))
+                                           int(replace), max_attempts, ATTEMPT_COST, _seed(gen), F0,
+                                           beta * (Q @ R.T), margin, NB, bool(broken))
     if cnt[:, K.STATUS].any():
         raise SamplerError(f"sample_adaptive: no accepted draw after {max_attempts} attempts")
-    return _finish(tree, Q, beta, log_z, replace, batched, ids, sids, cnt, lz)
+    res = _finish(tree, Q, beta, log_z, replace, batched, ids, sids, cnt, lz)
+    g = np.full(Q.shape[0], R.shape[0], np.int64)  # the start level's inner products, computed by the GEMM
+    res.stats["gemm_inner_products"] = g if batched else g[0]
+    return res
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -596,8 +655,8 @@ def sample_mh(tree, q, k, *, beta, rng, gamma=4.0, m=None, chain_length=None, tv
     chain_length : int, optional
     tv : float in (0, 1)
 
-    The clusterings are built per query (Alg. 2 and its refinement), the chains of the whole batch in one
-    compiled call.
+    One compiled call for the whole batch: every query's clustering (Alg. 2 and its certified refinement, or the
+    given one), its certificate and chain length, and the chains.
     """
     beta = check_positive("beta", beta)
     gamma = check_positive("gamma", gamma)
@@ -612,28 +671,60 @@ def sample_mh(tree, q, k, *, beta, rng, gamma=4.0, m=None, chain_length=None, tv
         raise ValueError(f"tv: must be in (0, 1), got {tv}")
     max_steps = check_int("max_steps", max_steps, low=1)
     _tree(tree)
+    if gamma <= 1.0:
+        raise ValueError(f"gamma: must be > 1, got {gamma}")
     Q, batched = _queries(q, tree.dim)
+    T = tree.arrays()
+    order, pos = preorder(tree)
+    gnodes = glevels = _EMPTY
+    sptr, snodes = np.zeros(2, np.int64), _EMPTY
+    sidx = starts = ms = np.zeros(Q.shape[0], np.int64)
     if clustering is not None:
         _check_clustering(clustering, tree)
-    cls, certs = [], []
-    for qb in Q:  # Alg. 2 + refinement is per query (a Python-level best-first search)
-        cl = clustering if clustering is not None else find_clustering(
-            tree, qb, beta=beta, gamma=gamma, m=m, max_clusters=max_clusters, refine=refine, proposal=proposal,
-            max_refine_clusters=max_refine_clusters)
-        cert = cl.stats.get("certificate") if clustering is None else None
-        certs.append(cert if cert is not None else certify(tree, qb, cl, beta=beta))
-        cls.append(cl)
-    lengths = [chain_length if chain_length is not None else c.chain_length(tv, proposal) for c in certs]
-    if max(lengths) > max_steps:  # checked on Python ints: Eq. 6 lengths can exceed int64
-        raise SamplerError(f"sample_mh: chain length {max(lengths)} from Eq. 6 exceeds max_steps={max_steps}; "
-                           "refine the clustering (larger max_refine_clusters) or pass chain_length")
-    s = np.array(lengths, np.int64)
-    ids, lq, st = _flat(tree, Q, batched, k, beta, gen, exclude, replace, log_z, 1, proposal == "upper", False,
-                        _csr(cls), None, s, max(max_steps, int(s.max())))
-    lg = np.array([c.log_gamma if proposal == "eq7" else c.log_gamma_upper for c in certs])
-    st.update(chain_length=s, log_gamma=lg, tv_bound=np.exp(-(s - 1) / np.exp(lg)),
-              refine_inner_products=np.array([c.inner_products for c in certs], np.int64))
-    st["inner_products"] = st["inner_products"] + st["refine_inner_products"]
-    return _result(ids, lq, st, batched)
+        if clustering.is_partition:
+            raise ValueError("clustering: sample_mh needs tree clusters, got an array partition")
+        gnodes = np.ascontiguousarray(clustering.nodes, np.int64)
+        glevels = np.ascontiguousarray(clustering.levels, np.int64)
+    else:  # Alg. 2's start level (Prop. 2, capped above the root) and deepest level, per query
+        base = float(tree.base)
+        qn = np.sqrt(np.einsum("ij,ij->i", Q, Q))
+        starts = np.minimum(bounds.prop2_levels(gamma, beta * np.maximum(qn, 1e-300), base),
+                            int(tree.node_level[tree.root]) + 1).astype(np.int64)
+        if m is None:
+            ms = starts - math.ceil(math.log(16.0) / math.log(base))
+        else:
+            ms = np.full(Q.shape[0], check_int("m", m, low=-(1 << 40), high=int(starts.min())), np.int64)
+        uniq, sidx = np.unique(starts, return_inverse=True)
+        parts = [np.asarray(level_clustering(tree, int(L)).nodes, np.int64) for L in uniq]
+        sptr = np.zeros(uniq.size + 1, np.int64)
+        np.cumsum([x.size for x in parts], out=sptr[1:])
+        snodes = np.ascontiguousarray(np.concatenate(parts), np.int64)
+        sidx = sidx.astype(np.int64).reshape(-1)
+    if chain_length is not None and chain_length > max_steps:
+        raise SamplerError(f"sample_mh: chain length {chain_length} exceeds max_steps={max_steps}")
+    mc = 0 if max_clusters is None else check_int("max_clusters", max_clusters, low=1)
+    mr = (1 << 62) if max_refine_clusters is None else check_int("max_refine_clusters", max_refine_clusters, low=1)
+    n = int(tree.n_targets)
+    eptr, eids = _exclusions(exclude, Q.shape[0], batched, n)
+    k = _check_k(k, _available(tree, eptr, eids), replace)
+    ids, sids, cnt, lz, lg, s, cip, too_long = K.mh_batch(
+        T, suffix_radii(tree), order, pos, Q, beta, k, sptr, snodes, sidx, starts, np.asarray(ms, np.int64), mc,
+        bool(refine), proposal == "upper", math.log(gamma), mr, gnodes, glevels,
+        0 if chain_length is None else chain_length, math.log(tv), max_steps, eptr, eids, int(replace), _seed(gen))
+    if too_long:
+        raise SamplerError(f"sample_mh: the chain length of Eq. 6 (certified log gamma {lg.max():.3g}) exceeds "
+                           f"max_steps={max_steps}; refine the clustering (larger max_refine_clusters) or pass "
+                           "chain_length")
+    if cnt[:, K.STATUS].any():
+        raise SamplerError(f"flat MH: no accepted draw after {max_steps} proposals; use a finer clustering")
+    lzu = lz[:, K.LZ_EST].copy()
+    if log_z == "exact":
+        lzu = _exact_log_z(T.points, Q, beta, tree.live_ids())
+        cnt[:, K.INNER] += len(tree)
+    st = _tree_stats(cnt, lz, lzu)
+    st.update(chain_length=s, log_gamma=lg, tv_bound=np.exp(-(s - 1) / np.exp(np.minimum(lg, 700.0))),
+              refine_inner_products=cip)
+    st["inner_products"] = st["inner_products"] + cip
+    return _result(ids, _log_q(sids, lzu, lz[:, K.LZ_EXCL], replace), st, batched)
 
 

@@ -44,13 +44,12 @@ from refimpl.cliargs import (ArgumentParser, choice_list, in_dir, integer, integ
                              size_list)
 from refimpl.data import hierarchical_points
 from refimpl.index.sgtree import SGTree
-from refimpl.experiments import TEXT_DEFAULTS
 from refimpl.mining import make_miner
 from refimpl.sampling import samplers as S
 from refimpl.index.search import preorder
 from refimpl.sampling.clustering import level_clustering, suffix_radii
 from refimpl.text import load_text_pairs
-from refimpl.training import train
+from refimpl.training import TEXT_DEFAULTS, train
 
 SAMPLERS = ("exact", "rejection", "flat", "astar", "adaptive", "mh")
 DATA = ("hierarchical", "text")
@@ -160,7 +159,7 @@ def _numpy_float32_sampler(X32, norms_max, Q, k, beta, bs, rng):
 
 def _text_embeddings(data_dir, steps, seed, cache):
     """Unit-norm target embeddings of the encoder ``python -m refimpl train --data DIR --miner uniform`` trains (the
-    text defaults, :data:`refimpl.experiments.TEXT_DEFAULTS`, ``steps`` steps) on DIR/targets.tsv + queries.tsv (the
+    text defaults, :data:`refimpl.training.TEXT_DEFAULTS`, ``steps`` steps) on DIR/targets.tsv + queries.tsv (the
     GCIDE reverse dictionary: ``python -m refimpl data gcide DIR``); loaded from ``cache`` (.npz) when it holds
     them, else trained and written there. Returns (embeddings (M, dim) float64, description)."""
     if cache and os.path.exists(cache):

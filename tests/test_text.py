@@ -250,3 +250,50 @@ def test_gcide_missing_package_is_one_clear_line(monkeypatch, tmp_path, capsys):
         assert run(argv) == 2
         err = capsys.readouterr().err
         assert msg in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def _quoted_task(tmp_path):
+    t, q = tmp_path / "targets.tsv", tmp_path / "queries.tsv"
+    t.write_text("a\tcat : a small feline ; a pet that purrs\nb\tdog : a loyal canine ; barks at night\n"
+                 "c\tcow : gives milk ; concatenate cats\n", encoding="utf-8")
+    q.write_text("train\ta\tA small feline.\ntrain\tb,c\tbarks at night\ntrain\tc\tcat\ntest\ta\tpurring pet\n"
+                 "train\tb\tsomething else\ntest\tb\ta loyal canine\n", encoding="utf-8")
+    return str(t), str(q)
+
+
+def test_quoted_training_queries_get_the_target_text_without_the_quote(tmp_path):
+    """A training query whose tokens occur contiguously in its positive target's text gets a training row of that
+    text with the quote cut out (every occurrence, token boundaries only, no bigram across a cut); unquoted pairs,
+    other positives of the same query and test queries keep the target's own row (-1)."""
+    t, q = _quoted_task(tmp_path)
+    d = load_text_pairs(t, q, n_features=1 << 20, cut_quoted_queries=True)
+    assert [r.tolist() for r in d.pair_rows] == [[0], [1, -1], [-1], [-1], [-1], [-1]]
+    assert d.metadata["quoted_pairs"] == 2 and d.pair_features.shape == (2, 1 << 20)
+    col = lambda g: int.from_bytes(hashlib.blake2b(g.encode(), digest_size=8).digest(), "little") % (1 << 20)
+    grams = ["cat", "a", "pet", "that", "purrs", "a pet", "pet that", "that purrs"]
+    assert sorted(d.pair_features[0].indices) == sorted({col(g) for g in grams})   # no "cat a", no "small"
+    assert np.isclose(np.linalg.norm(d.pair_features[0].data), 1.0)
+    grams = ["dog", "a", "loyal", "canine", "dog a", "a loyal", "loyal canine"]
+    assert sorted(d.pair_features[1].indices) == sorted({col(g) for g in grams})
+    np.testing.assert_array_equal(d.target_features.toarray(),
+                                  load_text_pairs(t, q, n_features=1 << 20).target_features.toarray())
+    plain = load_text_pairs(t, q, n_features=64)
+    assert plain.pair_rows is None and plain.pair_features is None and plain.metadata["quoted_pairs"] == 0
+    with pytest.raises(TypeError, match="cut_quoted_queries"):
+        load_text_pairs(t, q, n_features=64, cut_quoted_queries="yes")
+
+
+def test_dataset_checks_pair_rows(tmp_path):
+    t, q = _quoted_task(tmp_path)
+    d = load_text_pairs(t, q, n_features=64, cut_quoted_queries=True)
+    rows = [r.copy() for r in d.pair_rows]
+    for bad, msg in [(dict(pair_rows=None), "give both or neither"),
+                     (dict(pair_rows=rows[:-1]), "one array per query"),
+                     (dict(pair_rows=rows[:1] + [np.array([1])] + rows[2:]), r"pair_rows\[1\]"),
+                     (dict(pair_rows=rows[:3] + [np.array([0])] + rows[4:]), "a test query has no training rows"),
+                     (dict(pair_rows=rows[:1] + [np.array([2, -1])] + rows[2:]), r"in \[-1, 2\)"),
+                     (dict(pair_features=d.pair_features[:, :32]), "pair_features")]:
+        fields = dict(query_features=d.query_features, target_features=d.target_features, positives=d.positives,
+                      train_ids=d.train_ids, test_ids=d.test_ids, pair_features=d.pair_features, pair_rows=rows)
+        with pytest.raises(ValueError, match=msg):
+            RetrievalDataset(**{**fields, **bad}).validate()

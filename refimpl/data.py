@@ -81,10 +81,6 @@ class RetrievalDataset:
         :attr:`teacher`.
     metadata : generator parameters and diagnostics (cluster labels, teacher statistics, file paths ...).
     target_names : the external target ids of a text dataset (None for planted data).
-    pair_features, pair_rows : None, or the training rows of quoted pairs (:func:`refimpl.text.load_text_pairs`):
-        ``pair_features`` (n_pairs, n_target_features), same kind as ``target_features``, and ``pair_rows`` one int64
-        array per query aligned with ``positives`` (the row of ``pair_features`` that stands for that positive
-        target in training, or -1 for the target's own row); only training queries have rows.
     """
 
     query_features: object
@@ -97,8 +93,6 @@ class RetrievalDataset:
     teacher_beta: float | None = None
     metadata: dict = field(default_factory=dict)
     target_names: list | None = None
-    pair_features: object = None
-    pair_rows: list | None = None
 
     @property
     def n_targets(self) -> int:
@@ -140,26 +134,7 @@ class RetrievalDataset:
                 raise ValueError(f"{name}: query ids must be integers in [0, {nq})")
         if np.intersect1d(self.train_ids, self.test_ids).size:
             raise ValueError("train_ids, test_ids: the split overlaps")
-        if (self.pair_features is None) != (self.pair_rows is None):
-            raise ValueError("pair_features, pair_rows: give both or neither")
-        if self.pair_rows is not None:
-            self._validate_pairs()
         return self
-
-    def _validate_pairs(self) -> None:
-        self.pair_features = check_features("pair_features", self.pair_features,
-                                            n_cols=self.target_features.shape[1])
-        n_pairs, nq = self.pair_features.shape[0], self.n_queries
-        if len(self.pair_rows) != nq:
-            raise ValueError(f"pair_rows: expected one array per query ({nq}), got {len(self.pair_rows)}")
-        test = np.zeros(nq, dtype=bool)
-        test[self.test_ids] = True
-        for i, (r, p) in enumerate(zip(self.pair_rows, self.positives)):
-            r = np.asarray(r)
-            if r.shape != np.shape(p) or not np.issubdtype(r.dtype, np.integer) or r.min() < -1 or r.max() >= n_pairs:
-                raise ValueError(f"pair_rows[{i}]: expected {np.size(p)} integers in [-1, {n_pairs}) (one per positive)")
-            if test[i] and r.max() >= 0:
-                raise ValueError(f"pair_rows[{i}]: a test query has no training rows")
 
 
 def _normalize_rows(M: np.ndarray) -> np.ndarray:

@@ -332,8 +332,7 @@ def reproduce_main(argv=None) -> int:
 #   256 (twice the in-batch negatives) .059 / .168 / .326; validation R@10 / R@100 are flat after ~2,000 steps.
 # - lr 0.03 and beta 20 (the paper's) were kept, not searched.
 TEXT_DEFAULTS = {"steps": 3000, "batch_size": 256, "dim": 256, "lr": 0.03, "k": 64, "n_features": 2 ** 18,
-                 "init": "shared", "tied": False, "init_scale": 1.0, "in_batch": True, "input_weights": "idf",
-                 "cut_quoted_queries": True}
+                 "init": "shared", "tied": False, "init_scale": 1.0, "in_batch": True, "input_weights": "idf"}
 
 
 def _fail(prog: str, exc) -> int:
@@ -400,9 +399,6 @@ def train_main(argv=None) -> int:
                    help="initial weights ~ N(0, s^2 / n_features) (relative to the Adam step size --lr)")
     t.add_argument("--input-weights", choices=("idf", "none"), default=d["input_weights"],
                    help="fixed input weights of both towers: the targets' IDF (f(x) = n(A (idf * x))) or none")
-    t.add_argument("--cut-quoted-queries", action=BooleanOptionalAction, default=d["cut_quoted_queries"],
-                   help="train a query quoted in its positive target's text against that text with the quote cut "
-                        "out (refimpl.text.load_text_pairs)")
     t.add_argument("--optimizer", choices=("lazy", "dense"), default="lazy",
                    help="lazy Adam on the touched feature columns, or dense Adam on all (refimpl.optim)")
     t.add_argument("--on-bad-lines", choices=("error", "skip"), default="error",
@@ -420,8 +416,7 @@ def train_main(argv=None) -> int:
                              reencode_every=a.reencode_every, sampler=a.sampler, chain_length=a.chain_length,
                              gamma=a.gamma)
         ds = load_text_pairs(os.path.join(a.data, "targets.tsv"), os.path.join(a.data, "queries.tsv"),
-                             n_features=a.n_features, on_bad_lines=a.on_bad_lines,
-                             cut_quoted_queries=a.cut_quoted_queries)
+                             n_features=a.n_features, on_bad_lines=a.on_bad_lines)
     except (ValueError, TypeError) as exc:
         return _fail(prog, exc)
     skipped = describe_skipped(ds.metadata)

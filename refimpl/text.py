@@ -21,7 +21,7 @@ import scipy.sparse as sp
 from refimpl._validate import check_features, check_int
 from refimpl.data import RetrievalDataset
 
-__all__ = ["tokenize", "hash_features", "quoted_pairs", "idf_weights", "load_text_pairs", "describe_skipped"]
+__all__ = ["tokenize", "hash_features", "idf_weights", "load_text_pairs", "describe_skipped"]
 
 _TOKEN = re.compile(r"\w+", re.UNICODE)
 _BOM = b"\xef\xbb\xbf"
@@ -52,17 +52,11 @@ def hash_features(texts, n_features: int = 2 ** 18, *, bigrams: bool = True, nor
     Returns a (n, F) float64 CSR matrix with sorted indices.
     """
     n_features = check_int("n_features", n_features, low=1)
-    return _hash_rows(([tokenize(text)] for text in texts), n_features, bigrams, normalize)
-
-
-def _hash_rows(rows, n_features: int, bigrams: bool, normalize: bool):
-    """:func:`hash_features` of rows given as lists of token segments: bigrams never cross a segment boundary."""
     cache: dict[str, int] = {}
     indptr, indices, data = [0], [], []
-    for segments in rows:
-        grams = [g for toks in segments for g in toks]
-        if bigrams:
-            grams += [f"{a} {b}" for toks in segments for a, b in zip(toks, toks[1:])]
+    for text in texts:
+        toks = tokenize(text)
+        grams = toks + ([f"{a} {b}" for a, b in zip(toks, toks[1:])] if bigrams else [])
         row: dict[int, int] = {}
         for g in grams:
             h = cache.get(g)
@@ -78,40 +72,6 @@ def _hash_rows(rows, n_features: int, bigrams: bool, normalize: bool):
         indptr.append(len(indices))
     return sp.csr_matrix((np.asarray(data, dtype=np.float64), np.asarray(indices, dtype=np.int64),
                           np.asarray(indptr, dtype=np.int64)), shape=(len(indptr) - 1, n_features))
-
-
-def _without(target_tokens: list[str], query_tokens: list[str]):
-    """The segments of ``target_tokens`` left when every occurrence of the token sequence ``query_tokens`` (at token
-    boundaries) is cut out, or None when it does not occur."""
-    t, q = " " + " ".join(target_tokens) + " ", " " + " ".join(query_tokens) + " "
-    if q not in t:
-        return None
-    return [piece.split() for piece in t.split(q)]
-
-
-def quoted_pairs(target_texts, query_texts, positives, query_ids):
-    """The training pairs whose query is quoted in its positive target's text, and that text without the quote.
-
-    For each query ``i`` in ``query_ids`` and each positive ``p`` of it, the pair is quoted when the token sequence
-    of query ``i`` (:func:`tokenize`) occurs contiguously in the tokens of target ``p``'s text (as when a dictionary
-    entry lists the definition used as its query). Returns ``(rows, segments)``: ``rows[i]`` an int64 array aligned
-    with ``positives[i]`` (the pair's number in ``segments``, or -1 for an unquoted pair or a query not in
-    ``query_ids``), and ``segments[r]`` the token segments of target ``p``'s text with every occurrence of the query
-    cut out (a bigram never spans a cut).
-    """
-    target_tokens: dict[int, list[str]] = {}
-    rows = [np.full(len(p), -1, dtype=np.int64) for p in positives]
-    segments = []
-    for i in np.asarray(query_ids, dtype=np.int64):
-        qtok = tokenize(query_texts[i])
-        for j, p in enumerate(positives[i]):
-            if p not in target_tokens:
-                target_tokens[p] = tokenize(target_texts[p])
-            cut = _without(target_tokens[p], qtok) if qtok else None
-            if cut is not None:
-                rows[i][j] = len(segments)
-                segments.append(cut)
-    return rows, segments
 
 
 def idf_weights(X) -> np.ndarray:
@@ -168,8 +128,7 @@ def _short(text: str, n: int = 40) -> str:
 
 
 def load_text_pairs(targets_tsv, queries_tsv, *, n_features: int = 2 ** 18, bigrams: bool = True,
-                    normalize: bool = True, on_bad_lines: str = "error",
-                    cut_quoted_queries: bool = False) -> RetrievalDataset:
+                    normalize: bool = True, on_bad_lines: str = "error") -> RetrievalDataset:
     """Read a text retrieval task and featurise it with :func:`hash_features`.
 
     Formats (UTF-8, a leading byte-order mark accepted, one record per line, blank lines ignored, ``\\r\\n``
@@ -184,17 +143,9 @@ def load_text_pairs(targets_tsv, queries_tsv, *, n_features: int = 2 ** 18, bigr
     has no word (e.g. ``"; "``) carries nothing to rank with: it is left out and counted in
     ``metadata["no_word_queries"]`` (line numbers), in either mode.
 
-    A training query quoted verbatim in its positive target's text (e.g. a dictionary entry listing the definition
-    that is its query) is matched by its own words, which no test query can be (a test query is never part of the
-    targets' text when the targets were written from training data alone). With ``cut_quoted_queries`` such a pair
-    gets its own target row for training, the target's text with the query cut out (:func:`quoted_pairs`), in
-    ``pair_features`` / ``pair_rows`` of the dataset (see :class:`~refimpl.data.RetrievalDataset`); the targets'
-    features used for retrieval are unchanged. ``metadata["quoted_pairs"]`` counts such pairs.
-
     Parameters
     ----------
     targets_tsv, queries_tsv : paths. n_features, bigrams, normalize : the featuriser (:func:`hash_features`).
-    cut_quoted_queries : build the training rows of quoted pairs described above.
     on_bad_lines : ``"error"``: the first bad line raises ``ValueError("<file>:<line>: <reason>")`` (one line);
         ``"skip"``: bad lines are left out and listed in ``metadata["bad_lines"]`` as ``(file, line, reason)``.
         Bad lines: invalid UTF-8, wrong number of fields, empty or duplicate target id, unknown split, empty or
@@ -246,17 +197,12 @@ def load_text_pairs(targets_tsv, queries_tsv, *, n_features: int = 2 ** 18, bigr
                          f"(got {train_ids.size} and {test_ids.size})")
     Xt = hash_features(texts, n_features, bigrams=bigrams, normalize=normalize)
     Xq = hash_features(qtexts, n_features, bigrams=bigrams, normalize=normalize)
-    if not isinstance(cut_quoted_queries, (bool, np.bool_)):
-        raise TypeError(f"cut_quoted_queries: expected a bool, got {type(cut_quoted_queries).__name__}")
-    pair_rows, segments = quoted_pairs(texts, qtexts, positives, train_ids) if cut_quoted_queries else (None, [])
-    pair_features = _hash_rows(segments, n_features, bigrams, normalize) if segments else None
     meta = {"kind": "text", "targets_tsv": targets_tsv, "queries_tsv": queries_tsv, "n_features": n_features,
             "bigrams": bigrams, "n_targets": len(names), "n_queries": len(qtexts), "on_bad_lines": on_bad_lines,
             "bad_lines": [(targets_tsv, ln, r) for ln, r in tfile.bad] + [(queries_tsv, ln, r) for ln, r in qfile.bad],
-            "no_word_queries": no_words, "quoted_pairs": len(segments)}
+            "no_word_queries": no_words}
     return RetrievalDataset(query_features=Xq, target_features=Xt, positives=positives, train_ids=train_ids,
-                            test_ids=test_ids, metadata=meta, target_names=names, pair_features=pair_features,
-                            pair_rows=pair_rows if segments else None).validate()
+                            test_ids=test_ids, metadata=meta, target_names=names).validate()
 
 
 def describe_skipped(metadata: dict) -> str | None:

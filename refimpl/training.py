@@ -273,39 +273,6 @@ def _combine(parts, B):
     return np.concatenate(ids, axis=1), np.concatenate(offs, axis=1) if has_q else None
 
 
-def _pair_positives(dataset, ctx, qids, T, Xt_rows, prow, nrow, neg_lq):
-    """The loss's rows with every quoted pair's own training row (``dataset.pair_rows``) standing for its positive.
-
-    The pair rows are encoded and appended to ``T`` / ``Xt_rows``; in query i's positives, the row of a quoted
-    target is replaced by the pair's row, and so is every negative of query i that is that target's own row (one
-    that would otherwise be an unmasked copy of the positive): the loss removes it as an accidental hit. The
-    negatives become per-query (B, k) when some were replaced. Returns ``(T, Xt_rows, prow, nrow, neg_lq)``.
-    """
-    rows = [dataset.pair_rows[q] for q in qids]
-    sel = np.concatenate(rows)
-    sel = sel[sel >= 0]
-    if sel.size == 0:
-        return T, Xt_rows, prow, nrow, neg_lq
-    P = dataset.pair_features[sel]
-    ctx.count("loss", P.shape[0])
-    base = T.shape[0]
-    T = np.vstack([T, ctx.encoder.encode_targets(P)])
-    Xt_rows = sp.vstack([Xt_rows, P], format="csr") if sp.issparse(Xt_rows) else np.vstack([Xt_rows, P])
-    B = len(qids)
-    nrow = np.array(nrow if nrow.ndim == 2 else np.tile(nrow, (B, 1)))
-    if neg_lq is not None and neg_lq.ndim == 1:
-        neg_lq = np.tile(neg_lq, (B, 1))
-    new_prow, nxt = [], base
-    for i, (pr, r) in enumerate(zip(prow, rows)):
-        pr = pr.copy()
-        for j in np.flatnonzero(r >= 0):
-            nrow[i][nrow[i] == pr[j]] = nxt
-            pr[j] = nxt
-            nxt += 1
-        new_prow.append(pr)
-    return T, Xt_rows, new_prow, nrow, neg_lq
-
-
 def train(dataset, miner: Miner, *, steps: int = 500, batch_size: int = 128, dim: int = 32, beta: float = 20.0,
           lr: float = 0.01, lr_warmup: int | None = None, lr_decay: bool = True, uniform_warmup: int = 0,
           n_uniform: int = 0, uniform_per_example: bool = False, in_batch: bool = False,
@@ -443,8 +410,6 @@ def train(dataset, miner: Miner, *, steps: int = 500, batch_size: int = 128, dim
             cached = ctx._all_cache is not None and ctx._all_cache[0] == ctx.version
             T = ctx.encode_targets(inv, purpose="loss") if not cached else ctx._all_cache[1][inv]
             prow = [np.searchsorted(inv, p) for p in pos]
-            if dataset.pair_rows is not None:
-                T, Xt_rows, prow, nrow, neg_lq = _pair_positives(dataset, ctx, qids, T, Xt_rows, prow, nrow, neg_lq)
             loss, dQ, dT = sampled_softmax_loss(Q, T, prow, nrow, beta=enc.beta,
                                                 log_expected_count=neg_lq if log_q_correction else None)
             n_neg = int(nrow.shape[-1])
@@ -465,7 +430,7 @@ def train(dataset, miner: Miner, *, steps: int = 500, batch_size: int = 128, dim
         lr_used = opt.step(grads)
         ctx.advance()
         ids_enc = inv if not negs.full else np.arange(n)
-        miner.observe(ctx, batch, ids_enc, T[:ids_enc.size])
+        miner.observe(ctx, batch, ids_enc, T)
         t_train += dt_mine + dt_loss + (time.perf_counter() - t2)
         res.history.append({"step": t, "loss": float(loss), "lr": lr_used, "mining": bool(mining),
                             "n_negatives": n_neg, "cpu_mine": cpu_mine, "cpu_loss": cpu_loss,

@@ -295,29 +295,3 @@ def test_idf_input_weights_reach_the_encoder_and_bad_ones_are_refused(ds):
         train(tx, Uniform(3), steps=2, input_weights="bm25")
     with pytest.raises(ValueError, match="input_weights: 'idf' needs CSR"):
         train(ds, Uniform(3), steps=2, input_weights="idf")
-
-
-def test_quoted_pairs_train_against_their_cut_rows_and_mask_the_full_row(tmp_path):
-    """With in-batch negatives over three quoted pairs, the step-0 loss is the sampled softmax whose positive is
-    each pair's cut row and whose negatives are the other targets' own rows: the query's own full row (a copy of
-    its positive with the quote) is masked, not pushed away. A mined own row (brute force) is masked too."""
-    from refimpl.encoders import LinearDualEncoder
-    from refimpl.text import load_text_pairs
-
-    (tmp_path / "targets.tsv").write_text("a\tcat : small feline ; pet that purrs\nb\tdog : loyal canine ; barks\n"
-                                          "c\tcow : gives milk ; horned\n", encoding="utf-8")
-    (tmp_path / "queries.tsv").write_text("train\ta\tsmall feline\ntrain\tb\tbarks\ntrain\tc\tgives milk\n"
-                                          "test\ta\tpurring pet\n", encoding="utf-8")
-    tx = load_text_pairs(str(tmp_path / "targets.tsv"), str(tmp_path / "queries.tsv"), n_features=256,
-                         cut_quoted_queries=True)
-    enc = LinearDualEncoder(256, 256, 8, rng=3, init="shared")
-    r = train(tx, InBatch(), steps=2, batch_size=3, lr_warmup=1, encoder=enc)
-    Q = enc.encode_queries(tx.query_features[:3])
-    S = enc.beta * Q @ enc.encode_targets(tx.target_features).T
-    sp_ = enc.beta * np.einsum("ij,ij->i", Q, enc.encode_targets(tx.pair_features[[0, 1, 2]]))
-    neg = np.where(np.eye(3, dtype=bool), -np.inf, S)
-    want = np.mean(-sp_ + np.logaddexp(sp_, np.logaddexp.reduce(neg, axis=1)))
-    assert r.history[0]["loss"] == pytest.approx(want, rel=1e-12)
-    assert r.final["encoder_calls_loss"] == 2 * (3 + 3)
-    b = train(tx, BruteForceTopK(2), steps=3, batch_size=3, lr_warmup=1, encoder=enc)
-    assert np.isfinite(b.history[-1]["loss"]) and b.history[0]["n_negatives"] == 2

@@ -366,7 +366,9 @@ def train_main(argv=None) -> int:
     p.add_argument("--n-uniform", type=integer(0), default=0, help="uniform negatives added to the mined ones")
     p.add_argument("--in-batch", action=BooleanOptionalAction, default=d["in_batch"],
                    help="add the batch's positives as negatives (free: already encoded)")
-    p.add_argument("--log-q", action="store_true", help="log-Q correction")
+    p.add_argument("--log-q", action=BooleanOptionalAction, default=None,
+                   help="log-Q correction of every negative's logit by its proposal (mined, uniform, in-batch); "
+                        "default: on when the miner samples from a known proposal (off for top-k miners)")
     p.add_argument("--uniform-warmup", type=integer(0), default=0, help="steps with uniform negatives before mining")
     p.add_argument("--mem-percent", type=real(0.0, 100.0, strict_low=True), default=None,
                    help="SNM pool / cache size as %% of N")
@@ -406,6 +408,9 @@ def train_main(argv=None) -> int:
                              policy=a.policy, n_landmarks=a.n_landmarks, n_samples=a.n_samples,
                              reencode_every=a.reencode_every, sampler=a.sampler, chain_length=a.chain_length,
                              gamma=a.gamma)
+        if a.log_q and not miner.has_log_q:
+            raise ValueError(f"--log-q: miner {a.miner!r} has no sampling distribution (log-Q undefined)")
+        log_q = (d["log_q_correction"] and miner.has_log_q) if a.log_q is None else a.log_q
         ds = load_text_pairs(os.path.join(a.data, "targets.tsv"), os.path.join(a.data, "queries.tsv"),
                              n_features=a.n_features, on_bad_lines=a.on_bad_lines)
     except (ValueError, TypeError) as exc:
@@ -414,12 +419,12 @@ def train_main(argv=None) -> int:
     if skipped:
         print(f"warning: {skipped}", file=sys.stderr)
     print(f"data: {ds.n_targets} targets, {ds.train_ids.size} train / {ds.test_ids.size} test queries; "
-          f"miner: {miner.config()}", flush=True)
+          f"miner: {miner.config()}; log-Q correction {'on' if log_q else 'off'}", flush=True)
     base = lexical_baseline(ds)
     try:
         res = train(ds, miner, steps=a.steps, batch_size=min(a.batch_size, ds.train_ids.size), dim=a.dim,
                     beta=a.beta, lr=a.lr, lr_warmup=a.lr_warmup, uniform_warmup=a.uniform_warmup,
-                    n_uniform=a.n_uniform, in_batch=a.in_batch, log_q_correction=a.log_q,
+                    n_uniform=a.n_uniform, in_batch=a.in_batch, log_q_correction=log_q,
                     probe_every=a.probe_every, seed=a.seed, init=a.init, tied=a.tied, init_scale=a.init_scale,
                     input_weights=None if a.input_weights == "none" else a.input_weights,
                     sparse_updates=a.optimizer == "lazy", progress=not a.no_progress)

@@ -136,6 +136,12 @@ def test_train_main_on_text_fixture(capsys, tmp_path):
                      "--input-weights", "none"])
     saved = json.loads(out.read_text())
     assert rc == 0 and saved["config"]["in_batch"] is False and saved["config"]["input_weights"] is None
+    assert saved["config"]["log_q_correction"] is True          # the default for a miner with a proposal
+    for miner, extra, want in [("brute-force", [], False), ("uniform", ["--no-log-q"], False)]:
+        rc = train_main(["--data", FIX, "--miner", miner, "--steps", "3", "--batch-size", "4", "--k", "4",
+                         "--n-features", "512", "--dim", "8", "--no-progress", "--json", str(out)] + extra)
+        assert rc == 0 and json.loads(out.read_text())["config"]["log_q_correction"] is want
+    assert "log-Q correction off" in capsys.readouterr().out
 
 
 def test_log_q_offsets_of_mixed_sources_estimate_z_without_bias():
@@ -197,6 +203,7 @@ def test_train_cli_passes_dynnibal_knobs_and_reports_bad_ones_cleanly(capsys):
     (["--json", "/nonexistent-dir/x.json"], "argument --json: directory '/nonexistent-dir' of"),
     (["--json", "/tmp"], "argument --json: must be a file path"),
     (["--tied", "--init", "independent"], "--tied"),
+    (["--miner", "brute-force", "--log-q"], "--log-q: miner 'brute-force' has no sampling distribution"),
 ])
 def test_train_cli_rejects_every_bad_argument_up_front(capsys, extra, msg, monkeypatch):
     """One line on stderr, exit 2, no traceback, and no work done (the loader is never reached)."""

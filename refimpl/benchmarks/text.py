@@ -2,7 +2,11 @@
 
 For each ``n_features`` in ``--sizes`` (default 2^16, 2^18, 2^20) the text task (``--data DIR``, e.g. the GCIDE
 task of ``python -m refimpl data gcide DIR``; without it a seeded synthetic Zipf-vocabulary task) is featurised
-and :func:`refimpl.training.train` runs with uniform negatives, once with the lazy (sparse) Adam of
+and :func:`refimpl.training.train` runs with uniform negatives and the ``train`` command's text model
+(:data:`refimpl.training.TEXT_DEFAULTS`: towers, input weights, in-batch negatives, log-Q correction, learning
+rate) at ``--dim`` 64 and ``--batch-size`` 128 (the configuration of the dense reference; at the ``train``
+default dimension, 2^20 columns would not fit in memory: 6 matrices of dim x 2^20 float64), once with the lazy
+(sparse) Adam of
 :mod:`refimpl.optim` and, at the sizes in ``--dense-at``, with dense Adam as the reference. The per-step time is
 CPU time (``time.process_time``) of the difference between a run of ``--steps`` steps and a run of
 ``--steps // 4`` steps with the same arguments, so that the set-up and the final evaluation (8 test queries) cancel
@@ -22,7 +26,7 @@ from refimpl.benchmarks import write_json
 from refimpl.cliargs import ArgumentParser, in_dir, integer, out_file, size_list
 from refimpl.mining import Uniform
 from refimpl.text import load_text_pairs
-from refimpl.training import train
+from refimpl.training import TEXT_DEFAULTS, train
 
 
 def _synthetic(dirname: str, n_targets: int, seed: int) -> None:
@@ -41,6 +45,10 @@ def _synthetic(dirname: str, n_targets: int, seed: int) -> None:
                 fq.write(f"{'test' if s and i % 20 == 0 else 'train'}\tt{i}\t{' '.join(q)}\n")
 
 
+_MODEL = {k: TEXT_DEFAULTS[k] for k in ("lr", "init", "tied", "init_scale", "in_batch", "input_weights",
+                                        "log_q_correction")}
+
+
 def _per_step(ds, steps: int, sparse: bool, a) -> float:
     """CPU seconds per step: the median over ``a.repeats`` pairs of (run of ``steps`` - run of ``steps // 4``) /
     (difference in steps), after one unmeasured run that compiles and warms the caches."""
@@ -49,7 +57,7 @@ def _per_step(ds, steps: int, sparse: bool, a) -> float:
     def cpu(s):
         t = time.process_time()
         train(ds, Uniform(a.k), steps=s, batch_size=a.batch_size, dim=a.dim, lr_warmup=1, seed=a.seed,
-              init="shared", sparse_updates=sparse)
+              sparse_updates=sparse, **_MODEL)
         return time.process_time() - t
 
     cpu(2)
@@ -69,7 +77,7 @@ def main(argv=None) -> int:
     p.add_argument("--synthetic-targets", type=integer(100), default=50_000)
     p.add_argument("--dim", type=integer(1, 1024), default=64)
     p.add_argument("--batch-size", type=integer(1), default=128)
-    p.add_argument("--k", type=integer(1), default=64)
+    p.add_argument("--k", type=integer(1), default=TEXT_DEFAULTS["k"])
     p.add_argument("--seed", type=integer(0, 2**63 - 1), default=0)
     p.add_argument("--json", type=out_file, default="bench_text.json")
     a = p.parse_args(argv)
@@ -96,7 +104,7 @@ def main(argv=None) -> int:
         print(f"n_features={n_features}: {row}", flush=True)
     lazy = {r["n_features"]: r["lazy_ms_per_step"] for r in rows}
     out = {"data": a.data or f"synthetic ({a.synthetic_targets} targets)", "dim": a.dim,
-           "batch_size": a.batch_size, "k": a.k, "rows": rows,
+           "batch_size": a.batch_size, "k": a.k, "model": _MODEL, "rows": rows,
            "lazy_max_over_min": max(lazy.values()) / min(lazy.values())}
     print("\n| n_features | lazy Adam (ms/step, CPU) | dense Adam (ms/step, CPU) | dense / lazy |\n|---|---|---|---|")
     for r in rows:

@@ -86,7 +86,8 @@ class Scale:
     step, and at the same period as SNM's refresh both mine from equally stale embeddings, brute force from all N of
     them. The text task's model, batch and learning rate are the train CLI's defaults, chosen there on a validation
     split with uniform and in-batch negatives, not here (with the planted task's B = 32 and 400 steps the text model
-    learned almost nothing in calibration: R@1 0.000-0.003). Steps: the largest multiple of 50 for which ``reproduce
+    learned almost nothing in calibration: R@1 0.000-0.003); its log-Q correction is not: the recipe (Alg. 4) has
+    none, for every row. Steps: the largest multiple of 50 for which ``reproduce
     --plan CALIBRATION --total-budget 240`` (per-step CPU of every row measured by a calibration part at reduced
     steps, extrapolated by :func:`estimate_run`) keeps the whole table within four hours of CPU and every part
     within one (400 was computed from calibration parts with the earlier 64-feature planted task; recalibrate with

@@ -170,7 +170,8 @@ def _text_embeddings(data_dir, steps, seed, cache):
                          n_features=d["n_features"])
     res = train(ds, make_miner("uniform", k=d["k"]), steps=steps, batch_size=min(d["batch_size"], ds.train_ids.size),
                 dim=d["dim"], beta=20.0, lr=d["lr"], in_batch=d["in_batch"], init=d["init"], tied=d["tied"],
-                init_scale=d["init_scale"], input_weights=d["input_weights"], sparse_updates=True, seed=seed,
+                init_scale=d["init_scale"], input_weights=d["input_weights"],
+                log_q_correction=d["log_q_correction"], sparse_updates=True, seed=seed,
                 progress=False)
     T = np.ascontiguousarray(res.encoder.encode_targets(ds.target_features), dtype=np.float64)
     f = res.final

@@ -87,12 +87,12 @@ class Scale:
     them. The text task's model, batch and learning rate are the train CLI's defaults, chosen there on a validation
     split with uniform and in-batch negatives, not here (with the planted task's B = 32 and 400 steps the text model
     learned almost nothing in calibration: R@1 0.000-0.003); its log-Q correction is not: the recipe (Alg. 4) has
-    none, for every row. Steps, per task: the largest multiple of 50 for which ``reproduce
-    --plan CALIBRATION --total-budget 240`` (per-step CPU of every row measured by a calibration part at reduced
-    steps, extrapolated by :func:`estimate_run`) keeps the task's half of the table within two hours of CPU and
-    every part within one: 700 for the planted task (the default here; calibrated at 80 steps); the text task's
-    count is chosen the same way when it is calibrated (``--steps`` on its parts). Apart from the uniform and in-batch rows named above, no result was looked at to
-    choose any of these.
+    none, for every row. Steps, per task: the largest multiple of 50 for which ``reproduce --plan CALIBRATION
+    --total-budget 240`` (per-step CPU of every row measured by a calibration part at reduced steps, extrapolated by
+    :func:`estimate_run`) keeps the task's half of the table within two hours of CPU and every part within one: 700
+    for the planted task (the default here; calibrated at 80 steps); the text task's count is chosen the same way
+    when it is calibrated (``--steps`` on its parts). Apart from the uniform and in-batch rows named above, no
+    result was looked at to choose any of these.
     """
 
     planted_n_targets: int = 500_000

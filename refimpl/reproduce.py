@@ -65,8 +65,9 @@ class Scale:
     embedding dimension). text_max_test: test queries kept (a seeded subset of the file's test split; 0 keeps all);
     the other ``text_*`` fields: the text model and its optimiser, by default the train CLI's
     (:data:`refimpl.training.TEXT_DEFAULTS`: hashed features, batch, dimension, learning rate, tower start and
-    tying, fixed input weights), and the text task's ``k`` and ``n_uniform`` (:func:`task_scale`). steps,
-    batch_size, dim (D), lr, lr_warmup: the planted task's optimiser (steps and lr_warmup shared by both tasks).
+    tying, fixed input weights), and the text task's ``k``, ``n_uniform`` and ``steps`` (:func:`task_scale`).
+    steps, batch_size, dim (D), lr, lr_warmup: the planted task's optimiser (lr_warmup shared by both tasks;
+    ``--steps`` sets both tasks' steps).
     k: sampled negatives per example (B k shared per step); n_uniform: uniform negatives per example;
     warmup_fraction: the uniform-only phase. n_landmarks (d'), n_samples (s'), reencode_every (w): DyNNIBAL; the
     landmark ablation uses d'/2 and 2 d'. snm_refresh_every, bf_refresh_every: SNM's pool refresh and brute force's
@@ -84,14 +85,18 @@ class Scale:
     of a long run, and staleness is set by how far the encoder moves between refreshes. Brute force re-encodes its
     table every 10 steps too (the paper does not say how often): re-encoding all N targets costs several times a
     step, and at the same period as SNM's refresh both mine from equally stale embeddings, brute force from all N of
-    them. The text task's model, batch and learning rate are the train CLI's defaults, chosen there on a validation
-    split with uniform and in-batch negatives, not here (with the planted task's B = 32 and 400 steps the text model
+    them. The text task's model and learning rate are the train CLI's defaults, chosen there on a validation split
+    with uniform and in-batch negatives, not here (with the planted task's B = 32 and 400 steps the text model
     learned almost nothing in calibration: R@1 0.000-0.003); its log-Q correction is not: the recipe (Alg. 4) has
-    none, for every row. Steps, per task: the largest multiple of 50 for which ``reproduce --plan CALIBRATION
-    --total-budget 240`` (per-step CPU of every row measured by a calibration part at reduced steps, extrapolated by
-    :func:`estimate_run`) keeps the task's half of the table within two hours of CPU and every part within one: 700
-    for the planted task (the default here; calibrated at 80 steps); the text task's count is chosen the same way
-    when it is calibrated (``--steps`` on its parts). Apart from the uniform and in-batch rows named above, no
+    none, for every row. Its batch and per-example counts are not the CLI's either: a text target row costs about
+    0.1 ms of CPU per step (hashed 2^18 features into dimension 384, forward, backward and lazy Adam), so the
+    recipe's 64 sampled + 64 uniform per example at the CLI's B = 256 (33,000 target rows a step) cost 1.8 s a
+    uniform step, and the text half of the budget would have bought about 60 steps. B = 128 with 4 + 4 per example
+    (the B k = 512 sampled ones shared by the batch, + 4 uniform per example + in-batch: about 1,200 target rows)
+    costs 0.13 s; the planted task keeps the paper's 64 + 64. Steps, per task: the largest multiple of 50 for which
+    ``reproduce --plan CALIBRATION --total-budget 120`` (per-step CPU of every row measured by a calibration part at
+    80 steps, seed 0, extrapolated by :func:`estimate_run`) keeps the task's half of a four-hour table within two
+    hours of CPU and every part within one: 700 for the planted task (``steps``), 500 for the text task (``text_steps``). Apart from the uniform and in-batch rows named above, no
     result was looked at to choose any of these.
     """
 
@@ -111,6 +116,7 @@ class Scale:
     text_tied: bool = TEXT_DEFAULTS["tied"]
     text_init_scale: float = TEXT_DEFAULTS["init_scale"]
     text_input_weights: str | None = TEXT_DEFAULTS["input_weights"]
+    text_steps: int = 500
     steps: int = 700
     batch_size: int = 32
     dim: int = 256
@@ -134,7 +140,7 @@ FULL = Scale()
 QUICK = Scale(planted_n_targets=3000, planted_n_queries=1500, planted_n_test=300, planted_n_features=32,
               planted_teacher_dim=32,
               text_max_test=300, text_n_features=2 ** 12, text_batch_size=32, text_dim=32, text_k=4, text_n_uniform=4,
-              steps=40, batch_size=32, dim=32, lr_warmup=4, k=4, n_uniform=4, n_landmarks=8, n_samples=32,
+              text_steps=40, steps=40, batch_size=32, dim=32, lr_warmup=4, k=4, n_uniform=4, n_landmarks=8, n_samples=32,
               reencode_every=5, snm_refresh_every=10, bf_refresh_every=5, eval_points=2)
 
 
@@ -255,12 +261,13 @@ def _task_info(kind, ds, scale, data_dir):
 
 # ------------------------------------------------------------------------------------------------ running
 def task_scale(scale: Scale, kind: str) -> Scale:
-    """``scale`` as one task reads it: for ``"text"`` the batch, dimension, learning rate and negative counts are the
-    ``text_*`` fields (so every row and the recipe read ``batch_size``, ``dim``, ``lr``, ``k``, ``n_uniform``)."""
+    """``scale`` as one task reads it: for ``"text"`` the batch, dimension, learning rate, negative counts and steps
+    are the ``text_*`` fields (so every row and the recipe read ``batch_size``, ``dim``, ``lr``, ``k``,
+    ``n_uniform``, ``steps``)."""
     if kind != "text":
         return scale
     return dataclasses.replace(scale, batch_size=scale.text_batch_size, dim=scale.text_dim, lr=scale.text_lr,
-                               k=scale.text_k, n_uniform=scale.text_n_uniform)
+                               k=scale.text_k, n_uniform=scale.text_n_uniform, steps=scale.text_steps)
 
 
 def _recipe(scale: Scale, kind: str, B: int) -> tuple[dict, list]:
@@ -420,11 +427,11 @@ def run_part(tasks, rows, seeds, scale: Scale = FULL, *, data_dir: str | None = 
 
 
 # ------------------------------------------------------------------------------------------------ plan
-_COST_FREE = ("steps", "lr_warmup", "eval_points", "warmup_fraction", "lr", "text_lr")  # free in a calibration
+_COST_FREE = ("steps", "text_steps", "lr_warmup", "eval_points", "warmup_fraction", "lr", "text_lr")  # free in a calibration
 # Fields that one task kind does not read (a calibration of the planted task stays valid when a text field changes)
 _OTHER_TASK_FIELDS = {"planted": {f for f in Scale.__dataclass_fields__ if f.startswith("text_")},
                       "text": {f for f in Scale.__dataclass_fields__ if f.startswith("planted_")}
-                      | {"batch_size", "dim", "lr", "k", "n_uniform"}}
+                      | {"batch_size", "dim", "lr", "k", "n_uniform", "steps"}}
 
 
 def _n_evals(scale: Scale) -> int:
@@ -508,7 +515,8 @@ def plan(parts, scale: Scale, seeds, *, budget_minutes: float = 60.0, out_dir: s
         missing = [r for r in DEFAULT_ROWS[kind] if (key, r) not in cal]
         if missing:
             raise ValueError(f"plan: task {key} has no calibration run of {', '.join(missing)}")
-        cost = {r: estimate_run(cal[(key, r)], scale) for r in rows}
+        ts = task_scale(scale, kind)
+        cost = {r: estimate_run(cal[(key, r)], ts) for r in rows}
         for seed in seeds:
             groups, cur = [], []
             for r in rows:
@@ -521,16 +529,17 @@ def plan(parts, scale: Scale, seeds, *, budget_minutes: float = 60.0, out_dir: s
                 minutes = (data_cpu[key] + sum(cost[x] for x in g)) / 60
                 cmd = (f"python -m refimpl reproduce --tasks {kind} --rows {','.join(g)} --seeds {seed} "
                        + (f"--data {data_dir or data_dirs[key]} " if kind == "text" else "")
-                       + f"--steps {scale.steps} "
+                       + f"--steps {ts.steps} "
                        + f"--out-dir {out_dir} --no-progress")
-                out.append({"task": key, "rows": g, "seed": seed, "steps": scale.steps, "minutes": minutes,
+                out.append({"task": key, "rows": g, "seed": seed, "steps": ts.steps, "minutes": minutes,
                             "over_budget": minutes > budget_minutes, "command": cmd})
     return out
 
 
 def with_steps(scale: Scale, steps: int) -> Scale:
-    """``scale`` with ``steps`` training steps (the learning-rate warm-up capped at a quarter of them)."""
-    return dataclasses.replace(scale, steps=steps, lr_warmup=min(scale.lr_warmup, steps // 4))
+    """``scale`` with ``steps`` training steps on every task (the learning-rate warm-up capped at a quarter of
+    them)."""
+    return dataclasses.replace(scale, steps=steps, text_steps=steps, lr_warmup=min(scale.lr_warmup, steps // 4))
 
 
 def largest_steps(parts, scale: Scale, seeds, *, total_minutes: float, budget_minutes: float = 60.0,

@@ -13,7 +13,7 @@ from refimpl.experiments import reproduce_main, table_markdown
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "text_pairs")
 TINY = R.Scale(planted_n_targets=400, planted_n_queries=300, planted_n_test=60, planted_n_features=16,
                text_max_test=0, text_n_features=2 ** 10, text_batch_size=16, text_dim=16, text_k=2, text_n_uniform=2,
-               steps=12, batch_size=16, dim=16, lr_warmup=2,
+               text_steps=10, steps=12, batch_size=16, dim=16, lr_warmup=2,
                k=2, n_uniform=2, n_landmarks=4, n_samples=16, reencode_every=3, snm_refresh_every=4,
                bf_refresh_every=3, eval_points=2)
 
@@ -92,6 +92,10 @@ def tiny_part():
                       TINY, data_dir=FIXTURE)
 
 
+def _steps(run):
+    return TINY.steps if run["task"] == "planted" else TINY.text_steps  # each task its own step count
+
+
 def test_part_json_schema(tiny_part, tmp_path):
     p = tiny_part
     assert p["schema"] == R.SCHEMA and set(p["tasks"]) == {"planted", "text:text_pairs"}
@@ -101,7 +105,7 @@ def test_part_json_schema(tiny_part, tmp_path):
     assert len(p["runs"]) == 2 * 5 * 2  # tasks x rows x seeds
     for r in p["runs"]:
         assert {"task", "row", "seed", "final", "evals", "config", "notes", "run_seconds"} <= set(r)
-        assert r["config"]["in_batch"] and r["evals"][-1]["step"] == TINY.steps
+        assert r["config"]["in_batch"] and r["evals"][-1]["step"] == _steps(r)
     dyn = [r for r in p["runs"] if r["row"] == "dynnibal"]
     assert all(r["config"]["miner"]["sampler"] == "paper" and r["dynnibal"]["n_refreshes"] == 1 for r in dyn)
     assert all(r["config"]["miner"]["per_example"] for r in dyn)
@@ -111,7 +115,7 @@ def test_part_json_schema(tiny_part, tmp_path):
     assert all(r["config"]["miner"]["refresh_every"] == TINY.bf_refresh_every for r in bf)
     for r in p["runs"]:  # the CPU profile: every step counted once; MRR@1/10/100 from evaluate
         c = r["cpu"]
-        assert c["warm_steps"] + c["mining_steps"] == TINY.steps and c["steps_total"] > 0
+        assert c["warm_steps"] + c["mining_steps"] == _steps(r) and c["steps_total"] > 0
         assert r["final"]["train_cpu"] == c["steps_total"] and {"MRR@1", "MRR@10", "MRR@100"} <= set(r["final"])
     assert set(p["data_cpu_seconds"]) == set(p["tasks"])
     assert "tfidf" in p["tasks"]["text:text_pairs"]

@@ -17,7 +17,8 @@ Contents: :func:`norm_suffix`, :func:`start_frontier`, :func:`adaptive_batch`.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import intrinsic
 
 from refimpl.index import N_NODES, prefetch_row
 from refimpl.sampling._cluster_kernels import (_cluster_geometry, _dot, _grow, _heap_pop, _heap_push,
@@ -93,20 +94,63 @@ def _bound(s, bq, qn2, beta, rho, rn2, M, tau, sl):
     radius rho and member norms <= M: the least of Prop. 1's s + beta ||q|| rho (Cauchy-Schwarz), beta ||q|| M, and
     beta (||q||^2 + M^2 - dl^2) / 2 with dl = max(0, ||q - r|| - rho) <= ||q - t|| (expand ||q - t||^2), plus the
     rounding margin ``tau`` (and 16 u beta (||q||^2 + ||r||^2 + M^2) for the last). ``sl`` = 0: s (the tests'
-    negative control)."""
-    if sl == 0.0:
-        return s
-    e = s + bq * rho
-    b2 = bq * M
-    if b2 < e:
-        e = b2
-    d2 = qn2 + rn2 - 2.0 * s / beta
-    dl = np.sqrt(d2) - rho if d2 > 0.0 else -rho
-    if dl > 0.0:
-        b3 = 0.5 * beta * (qn2 + M * M - dl * dl) + 16.0 * 2.0 ** -53 * beta * (qn2 + rn2 + M * M)
-        if b3 < e:
-            e = b3
-    return e + tau
+    negative control). Branch-free (min, max, a select), so that a loop over clusters vectorises; with dl = 0 the
+    third bound is >= the second (AM-GM) and still valid."""
+    dl = max(np.sqrt(max(qn2 + rn2 - 2.0 * s / beta, 0.0)) - rho, 0.0)
+    b3 = 0.5 * beta * (qn2 + M * M - dl * dl) + 16.0 * 2.0 ** -53 * beta * (qn2 + rn2 + M * M)
+    e = min(s + bq * rho, bq * M, b3) + tau
+    return e if sl != 0.0 else s
+
+
+@intrinsic
+def _as_float64(typingctx, n):
+    """The float64 whose bits are the int64 ``n`` (an LLVM bitcast; no memory round trip, so loops vectorise)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.float64))
+
+    return types.float64(types.int64), codegen
+
+
+_LN2_HI = 6.93147180369123816490e-01  # ln 2 split so that n ln2_hi is exact for |n| < 2^11 (Cody-Waite)
+_LN2_LO = 1.90821492927058770002e-10
+_INV_LN2 = 1.44269504088896338700e+00
+EXP_REL = 1e-15  # a bound on |_exp(x) / e^x - 1| for -700 <= x <= 709 (tested); the certified sums allow for it
+
+
+@njit(cache=True, fastmath={"contract"}, inline="always")
+def _exp(x):
+    """e^x for x <= 709 (0 for x < -700, including -inf; NaN stays NaN), relative error < EXP_REL, inline and
+    branch-free so that a loop over an array vectorises (libm's exp is one scalar call per element).
+    e^x = 2^n e^r with n = round(x / ln 2), r = (x - n ln2_hi) - n ln2_lo (|r| <= ln 2 / 2, Cody-Waite reduction),
+    e^r by its degree-13 Taylor polynomial (remainder < |r|^14 / 14! < 5e-18 relative) in Horner form, and 2^n
+    built from its exponent bits. Compiled without reassociation, which would undo the reduction."""
+    xc = -700.0 if x < -700.0 else x
+    n = np.floor(xc * _INV_LN2 + 0.5)
+    r = (xc - n * _LN2_HI) - n * _LN2_LO
+    p = 1.0 / 6227020800.0
+    p = p * r + 1.0 / 479001600.0
+    p = p * r + 1.0 / 39916800.0
+    p = p * r + 1.0 / 3628800.0
+    p = p * r + 1.0 / 362880.0
+    p = p * r + 1.0 / 40320.0
+    p = p * r + 1.0 / 5040.0
+    p = p * r + 1.0 / 720.0
+    p = p * r + 1.0 / 120.0
+    p = p * r + 1.0 / 24.0
+    p = p * r + 1.0 / 6.0
+    p = p * r + 0.5
+    p = p * r + 1.0
+    p = p * r + 1.0
+    return 0.0 if x < -700.0 else p * _as_float64((np.int64(n) + 1023) << 52)
+
+
+@njit(cache=True, fastmath={"contract", "reassoc"})
+def _sum(a, n):
+    """sum(a[:n]) (reassociation allowed: the loop vectorises; rounding only)."""
+    t = 0.0
+    for j in range(n):
+        t += a[j]
+    return t
 
 
 @njit(cache=True)
@@ -131,23 +175,24 @@ def norm_suffix(T, order):
     return subn, sibling_suffix_max(T, subn)
 
 
-@njit(cache=True)
-def _log_z_lo(fn, fs, fr, nf, bq, tau, shift):
-    """log Z_lo = log sum_j n_j e^{s_j - beta ||q|| rho_j - tau} over the clusters j < nf (singletons: e^{s_j}),
-    summed relative to ``shift`` (>= every term's exponent), recomputed relative to its largest term if that
-    underflows."""
-    tot = 0.0
+@njit(cache=True, fastmath={"contract"})
+def _log_z_lo(fn, fs, fr, nf, bq, tau, shift, ex):
+    """log Z_lo = log sum_j n_j e^{s_j - beta ||q|| rho_j - tau} over the clusters j < nf (singletons: e^{s_j};
+    s_j = -inf: no term), summed relative to ``shift`` (>= every term's exponent), recomputed relative to its
+    largest term if that underflows. The exponentials by :func:`_exp` into the scratch ``ex`` (>= nf), the sum
+    shrunk by (1 - EXP_REL) so that it stays below the exact one."""
     for j in range(nf):
-        tot += fn[j] * np.exp((fs[j] - bq * fr[j] - tau if fn[j] > 1 else fs[j]) - shift)
-    if tot > 0.0:
-        return shift + np.log(tot)
-    m = -np.inf
-    for j in range(nf):
-        m = max(m, np.log(fn[j]) + (fs[j] - bq * fr[j] - tau if fn[j] > 1 else fs[j]))
-    tot = 0.0
-    for j in range(nf):
-        tot += fn[j] * np.exp((fs[j] - bq * fr[j] - tau if fn[j] > 1 else fs[j]) - m)
-    return m + np.log(tot)
+        ex[j] = fn[j] * _exp((fs[j] - bq * fr[j] - tau if fn[j] > 1 else fs[j]) - shift)
+    tot = _sum(ex, nf)
+    if not tot > 0.0:
+        m = -np.inf
+        for j in range(nf):
+            m = max(m, np.log(fn[j]) + (fs[j] - bq * fr[j] - tau if fn[j] > 1 else fs[j]))
+        for j in range(nf):
+            ex[j] = fn[j] * _exp((fs[j] - bq * fr[j] - tau if fn[j] > 1 else fs[j]) - m)
+        shift = m
+        tot = _sum(ex, nf)
+    return shift + np.log(tot * (1.0 - EXP_REL))
 
 
 @njit(cache=True)
@@ -246,8 +291,18 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
     fq = np.empty(cap, np.float64)  # ||p_v||^2
     hk = np.empty(cap, np.float64)
     hi = np.empty(cap, np.int64)
-    wgt = np.empty(cap, np.float64)
+    wgt = np.empty(cap, np.float64)  # envelope masses n_j e^{E_j - Eref} (the proposal's weights)
     cw = np.empty(cap, np.float64)
+    ex = np.empty(cap, np.float64)  # scratch for exponentials
+    sp = np.empty(cap, np.int64)  # the start clusters split by the query's refinement (restored after it)
+    # entries j < nc0 are the start clusters (between queries: as in F0; per query fE, fs rewritten and the split
+    # ones restored afterwards), refined clusters follow
+    fv[:nc0] = f0v
+    fc[:nc0] = f0c
+    fa[:nc0] = f0a
+    fn[:nc0] = f0s
+    fr[:nc0] = f0r
+    fq[:nc0] = f0q
     tj = np.empty(max(nc0, 1), np.int64)  # the tail: start clusters lumped, cumulative sizes
     tcum = np.empty(max(nc0, 1), np.int64)
     rj = np.empty(RING, np.int64)  # the ring of proposals: cluster, pre-order position (or -1 - id), target
@@ -271,47 +326,40 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
         for j in range(nc0):
             smax = max(smax, s0[j])
         Etail = smax - np.log(n_live / TAIL)
-        Eref = -np.inf
-        nf = 0
-        nt = 0
-        for j in range(nc0):
+        for j in range(nc0):  # branch-free: vectorised; a lumped start cluster gets E = s = -inf (mass 0)
             sj = s0[j]
-            if f0s[j] > 1:
-                E = _bound(sj, bq, qn2, beta, f0r[j], f0q[j], f0m[j], tau, sl)
-            else:
-                E = sj
-            if E <= Etail:
-                tj[nt] = j
-                tcum[nt] = f0s[j] if nt == 0 else tcum[nt - 1] + f0s[j]
-                nt += 1
-                continue
-            fv[nf] = f0v[j]
-            fc[nf] = f0c[j]
-            fa[nf] = f0a[j]
-            fn[nf] = f0s[j]
-            fs[nf] = sj
-            fr[nf] = f0r[j]
-            fq[nf] = f0q[j]
-            fE[nf] = E
-            Eref = max(Eref, E)
-            nf += 1
-        zhat = 0.0
-        for j in range(nf):
-            zhat += fn[j] * np.exp(fs[j] - Eref)
+            E = _bound(sj, bq, qn2, beta, f0r[j], f0q[j], f0m[j], tau, sl) if f0s[j] > 1 else sj
+            fE[j] = E if E > Etail else -np.inf
+            fs[j] = sj if E > Etail else -np.inf
+        Eref = -np.inf
+        for j in range(nc0):
+            Eref = max(Eref, fE[j])
+        nt = 0
+        tt = 0
+        for j in range(nc0):  # the tail's start clusters and cumulative sizes (written always, kept if lumped)
+            lump = fE[j] == -np.inf
+            tj[nt] = j
+            tt += f0s[j] if lump else 0
+            tcum[nt] = tt
+            nt += 1 if lump else 0
+        nf = nc0
+        for j in range(nc0):
+            wgt[j] = f0s[j] * _exp(fE[j] - Eref)
+            ex[j] = f0s[j] * _exp(fs[j] - Eref)
+        zhat = _sum(ex, nc0)
         c[INNER] += nc0
         c[SELECT] += nc0
         hsize = 0
         if k > 0:  # clusters whose whole mass cannot repay one inner product are never split: not queued
             thr = zhat / (k * attempt_cost)
-            for j in range(nf):
-                u = fn[j] * np.exp(fE[j] - Eref)
-                if fn[j] > 1 and u > thr:
-                    hsize = _heap_push(hk, hi, hsize, np.log(fn[j]) + fE[j], j)
+            for j in range(nc0):
+                if f0s[j] > 1 and wgt[j] > thr:
+                    hsize = _heap_push(hk, hi, hsize, wgt[j], j)  # heap key: the mass n_j e^{E_j - Eref}
         spent = 0
+        nsp = 0
         while hsize > 0:
             j = hi[0]
-            uj = fn[j] * np.exp(fE[j] - Eref)
-            gain = k * attempt_cost * (uj - fn[j] * np.exp(fs[j] - Eref)) / max(zhat, 1e-300)
+            gain = k * attempt_cost * (hk[0] - fn[j] * _exp(fs[j] - Eref)) / max(zhat, 1e-300)
             x = fc[j]
             Lc = nlev[x]
             m = 0
@@ -324,9 +372,12 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
             _heap_pop(hk, hi, hsize)
             hsize -= 1
             spent += m
+            if j < nc0:
+                sp[nsp] = j
+                nsp += 1
             v = fv[j]
             E = fE[j]
-            zhat -= fn[j] * np.exp(fs[j] - Eref)
+            zhat -= fn[j] * _exp(fs[j] - Eref)
             x = fc[j]
             while x != -1 and nlev[x] == Lc:
                 if nf + 1 >= fv.shape[0]:  # one slot kept for the tail
@@ -339,8 +390,10 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
                     fs = _grow(fs, nf, cap)
                     fr = _grow(fr, nf, cap)
                     fq = _grow(fq, nf, cap)
-                    wgt = np.empty(cap, np.float64)
+                    wgt = _grow(wgt, nc0, cap)
                     cw = np.empty(cap, np.float64)
+                    ex = np.empty(cap, np.float64)
+                    sp = _grow(sp, nsp, cap)  # a split adds at least one cluster: nsp < nf
                     hk = _grow(hk, hsize, cap)  # the heap holds at most one entry per frontier cluster
                     hi = _grow(hi, hsize, cap)
                 sx, rx2 = _dot2(points, npt[x], q)
@@ -355,9 +408,9 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
                 fq[nf] = rx2
                 fE[nf] = min(E, _bound(sx, bq, qn2, beta, fr[nf], rx2, subn[x], tau, sl)) if fn[nf] > 1 \
                     else min(E, sx)
-                zhat += fn[nf] * np.exp(sx - Eref)
+                zhat += fn[nf] * _exp(sx - Eref)
                 if fn[nf] > 1:
-                    hsize = _heap_push(hk, hi, hsize, np.log(fn[nf]) + fE[nf], nf)
+                    hsize = _heap_push(hk, hi, hsize, fn[nf] * _exp(fE[nf] - Eref), nf)
                 nf += 1
                 x = nnext[x]
             # the rest (v, Lc): p_v and the children below Lc
@@ -370,12 +423,12 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
                 fE[j] = min(E, _bound(fs[j], bq, qn2, beta, fr[j], fq[j], max(rn, sufn[x]), tau, sl))
             else:
                 fE[j] = min(E, fs[j])
-            zhat += fn[j] * np.exp(fs[j] - Eref)
+            zhat += fn[j] * _exp(fs[j] - Eref)
             if fn[j] > 1:
-                hsize = _heap_push(hk, hi, hsize, np.log(fn[j]) + fE[j], j)
+                hsize = _heap_push(hk, hi, hsize, fn[j] * _exp(fE[j] - Eref), j)
         c[INNER] += spent
         c[SELECT] += spent
-        c[N_CLUSTERS] = nf + nt
+        c[N_CLUSTERS] = nf  # the lumped start clusters included
         c[LUMPED] = nt
         jt = -1  # the tail as one more proposal entry (bound Etail, never accepted without an inner product)
         if nt > 0:
@@ -386,22 +439,31 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
             fr[jt] = 0.0
         nprop = nf + 1 if nt > 0 else nf
         c[LEVEL] = level0
-        # ---- certified interval and the proposal (an alias table over the frontier)
-        sum_u = 0.0
-        for j in range(nprop):
-            wgt[j] = fn[j] * np.exp(fE[j] - Eref)
-            sum_u += wgt[j]
-            cw[j] = sum_u
-        hi_ = Eref + np.log(sum_u)
-        lo = _log_z_lo(fn, fs, fr, nf, bq, tau, Eref)  # the refined clusters only (the tail's share dropped)
+        # ---- certified interval and the proposal. The masses of the start clusters not split are those computed
+        # before the refinement; a lumped one has mass 0 (never proposed: an alias slot of weight 0 has prob 0, a
+        # binary search in cw never lands on a repeated value). Every term of sum U is n_j _exp(E_j - Eref) and
+        # the largest is >= 1 (E_j = Eref), so (1 + EXP_REL) sum U >= the exact sum (_exp's error; terms below
+        # e^-700 are 0 and weigh less than that)
+        for x in range(nsp):
+            j = sp[x]
+            wgt[j] = fn[j] * _exp(fE[j] - Eref)
+        for j in range(nc0, nprop):
+            wgt[j] = fn[j] * _exp(fE[j] - Eref)
+        sum_u = _sum(wgt, nprop)
+        hi_ = Eref + np.log(sum_u * (1.0 + EXP_REL))
+        lo = _log_z_lo(fn, fs, fr, nf, bq, tau, Eref, ex)  # the refined clusters only (the tail's share dropped)
         # the expected number of attempts, k Z_hi / Z_hat: an alias table (O(1) a proposal) when they are many,
         # else a binary search in the cumulative masses cw (no O(clusters) table to build)
         expected = k * attempt_cost * sum_u / max(zhat, 1e-300)
         use_alias = expected * 8 > nprop
+        wtot = 0.0  # the binary search's total: cw[nprop - 1]
         if use_alias:
             prob, alias = _alias(wgt, nprop)
         else:
             prob, alias = wgt[:0], hi[:0]
+            for j in range(nprop):
+                wtot += wgt[j]
+                cw[j] = wtot
         # against brute force (N inner products, once)
         brute = spent + expected >= n_live
         lz[b, LZ_LO] = lo
@@ -468,7 +530,7 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
                 if np.random.random() >= prob[j]:
                     j = alias[j]
             else:
-                j = min(np.searchsorted(cw[:nprop], np.random.random() * sum_u, side="right"), nprop - 1)
+                j = min(np.searchsorted(cw[:nprop], np.random.random() * wtot, side="right"), nprop - 1)
             u = np.random.randint(0, fn[j])
             rj[head] = j
             if j == jt:  # a tail member: its start cluster by the cumulative sizes, then its position
@@ -488,6 +550,12 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
             head = head + 1 if head + 1 < RING else 0
             step += 1
         mask[buf[:nb]] = False
+        for x in range(nsp):  # the split start clusters back to F0 for the next query (fE, fs are rewritten)
+            j = sp[x]
+            fc[j] = f0c[j]
+            fn[j] = f0s[j]
+            fa[j] = f0a[j]
+            fr[j] = f0r[j]
         if live[0] != -2:  # the brute-force path computed every logit: the exact log Z
             m = -np.inf
             for x in range(n_live):

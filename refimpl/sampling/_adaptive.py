@@ -154,6 +154,33 @@ def _sum(a, n):
 
 
 @njit(cache=True)
+def _max(a, n):
+    """max(a[:n]) (-inf for n = 0; no NaN in a), in four independent chains (one chain waits on every compare)."""
+    m0 = -np.inf
+    m1 = -np.inf
+    m2 = -np.inf
+    m3 = -np.inf
+    j = 0
+    while j + 4 <= n:
+        m0 = max(m0, a[j])
+        m1 = max(m1, a[j + 1])
+        m2 = max(m2, a[j + 2])
+        m3 = max(m3, a[j + 3])
+        j += 4
+    while j < n:
+        m0 = max(m0, a[j])
+        j += 1
+    return max(max(m0, m1), max(m2, m3))
+
+
+@njit(cache=True, fastmath={"contract"})
+def _masses(fn, x, shift, out, j0, j1):
+    """out[j] = n_j e^{x_j - shift} for j0 <= j < j1 (:func:`_exp`: the loop vectorises; x_j = -inf: 0)."""
+    for j in range(j0, j1):
+        out[j] = fn[j] * _exp(x[j] - shift)
+
+
+@njit(cache=True)
 def norm_suffix(T, order):
     """Per node v: subn[v] = max ||t|| over v's subtree, and sufn[v] = max of subn over v and the siblings after it
     (query-independent, O(N) once per tree version; a cluster (v, L) whose first child below L is c has every
@@ -193,6 +220,18 @@ def _log_z_lo(fn, fs, fr, nf, bq, tau, shift, ex):
         shift = m
         tot = _sum(ex, nf)
     return shift + np.log(tot * (1.0 - EXP_REL))
+
+
+@njit(cache=True, fastmath={"contract"})
+def _start_bounds(s0, f0s, f0r, f0q, f0m, bq, qn2, beta, tau, sl, Etail, fE, fs):
+    """The start clusters' bounds and logits for one query: fE[j] = E_j (:func:`_bound`; a singleton E_j = s_j)
+    and fs[j] = s_j, both -inf if E_j <= Etail (the cluster is lumped into the tail: mass 0 in the envelope).
+    One branch-free loop (it vectorises)."""
+    for j in range(s0.shape[0]):
+        sj = s0[j]
+        E = _bound(sj, bq, qn2, beta, f0r[j], f0q[j], f0m[j], tau, sl) if f0s[j] > 1 else sj
+        fE[j] = E if E > Etail else -np.inf
+        fs[j] = sj if E > Etail else -np.inf
 
 
 @njit(cache=True)
@@ -322,18 +361,9 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
         # Z >= e^{smax} (smax: the largest representative logit, a member's): the start clusters whose bound is
         # <= Etail = smax - log(N / TAIL) are lumped into one tail of bound Etail and mass <= TAIL Z, never refined
         s0 = S0[b]
-        smax = -np.inf
-        for j in range(nc0):
-            smax = max(smax, s0[j])
-        Etail = smax - np.log(n_live / TAIL)
-        for j in range(nc0):  # branch-free: vectorised; a lumped start cluster gets E = s = -inf (mass 0)
-            sj = s0[j]
-            E = _bound(sj, bq, qn2, beta, f0r[j], f0q[j], f0m[j], tau, sl) if f0s[j] > 1 else sj
-            fE[j] = E if E > Etail else -np.inf
-            fs[j] = sj if E > Etail else -np.inf
-        Eref = -np.inf
-        for j in range(nc0):
-            Eref = max(Eref, fE[j])
+        Etail = _max(s0, nc0) - np.log(n_live / TAIL)
+        _start_bounds(s0, f0s, f0r, f0q, f0m, bq, qn2, beta, tau, sl, Etail, fE, fs)
+        Eref = _max(fE, nc0)
         nt = 0
         tt = 0
         for j in range(nc0):  # the tail's start clusters and cumulative sizes (written always, kept if lumped)
@@ -343,9 +373,8 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
             tcum[nt] = tt
             nt += 1 if lump else 0
         nf = nc0
-        for j in range(nc0):
-            wgt[j] = f0s[j] * _exp(fE[j] - Eref)
-            ex[j] = f0s[j] * _exp(fs[j] - Eref)
+        _masses(fn, fE, Eref, wgt, 0, nc0)  # U_j: the heap's keys and the proposal's weights
+        _masses(fn, fs, Eref, ex, 0, nc0)
         zhat = _sum(ex, nc0)
         c[INNER] += nc0
         c[SELECT] += nc0
@@ -447,8 +476,7 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
         for x in range(nsp):
             j = sp[x]
             wgt[j] = fn[j] * _exp(fE[j] - Eref)
-        for j in range(nc0, nprop):
-            wgt[j] = fn[j] * _exp(fE[j] - Eref)
+        _masses(fn, fE, Eref, wgt, nc0, nprop)
         sum_u = _sum(wgt, nprop)
         hi_ = Eref + np.log(sum_u * (1.0 + EXP_REL))
         lo = _log_z_lo(fn, fs, fr, nf, bq, tau, Eref, ex)  # the refined clusters only (the tail's share dropped)

@@ -10,7 +10,9 @@ certified bound E >= every member's logit (:func:`_bound`: the least of Prop. 1'
 the certified radius rho of :func:`refimpl.sampling._cluster_kernels.cluster_info`, beta ||q|| M and
 beta (||q||^2 + M^2 - (||q - p_v|| - rho)^2) / 2, M a bound on the members' norms from :func:`norm_suffix`;
 a singleton has E = s exactly). The envelope starts from a level C_(l) whose representatives the caller scores
-for the whole batch by one GEMM (:func:`start_frontier`).
+for the whole batch by one GEMM (:func:`start_frontier`). The per-query pass over the start clusters is made of
+branch-free loops that the compiler vectorises: the bounds (:func:`_start_bounds`) and the envelope's masses by an
+inline exponential (:func:`_exp`; libm's exp is one scalar call per element).
 
 Contents: :func:`norm_suffix`, :func:`start_frontier`, :func:`adaptive_batch`.
 """
@@ -275,7 +277,8 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
     plus the rounding margin beta ||q|| ``margin`` of two float64 dot products, for clusters of more than one
     target). Z >= e^{smax}, smax the largest representative logit, so the start clusters with E_j <= Etail = smax -
     log(N / TAIL) are lumped into one tail entry of bound Etail and mass <= TAIL Z (never refined; a tail member is
-    found by a binary search in the clusters' cumulative sizes). ``NB`` = (subn, sufn) of :func:`norm_suffix`.
+    found by a binary search in the clusters' cumulative sizes); they keep their frontier slots with E = s = -inf,
+    so mass 0: never queued, never proposed. ``NB`` = (subn, sufn) of :func:`norm_suffix`.
 
     Refinement (per query, shared by its k draws): repeatedly take the cluster j of largest envelope mass
     U_j = n_j e^{E_j} and split it into the children of v at the next occupied level Lc (each a whole subtree,
@@ -289,7 +292,8 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
 
     Sampling (Eq. 3-5): propose entry j (a cluster or the tail) with probability U_j / sum U, a member i uniformly
     (pre-order range), accept with e^{s_i - E_j} <= 1; a singleton is accepted without an inner product (E = s).
-    Every attempt returns i with probability e^{s_i} / sum U, whatever the envelope, so accepted draws are exact;
+    Every attempt returns i with probability e^{s_i} / sum U, whatever the envelope, so accepted draws are exact
+    (up to the floating-point rounding of the weights U_j, computed by :func:`_exp` within EXP_REL, like libm's);
     excluded ids (and, without replacement, earlier draws) are rejected, which conditions the draw exactly on the
     others. Entries are drawn by an alias table when the expected attempts exceed 1/8 of the entries, otherwise by
     a binary search in the cumulative masses (no table to build). Proposals are generated RING attempts in
@@ -297,10 +301,10 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
     decisions, so using them later changes nothing in law. Once the query's refinement inner products and attempts
     reach the number N of live targets, its remaining draws (the current one included) are made by brute force
     (``_exact_draw``): still exact, as the switch is a stopping time of the iid attempts (a draw not yet accepted
-    is, conditionally, a draw from P). LZ_LO (the refined clusters' certified lower sums)
-    and LZ_HI (sum U) are certified; LZ_EST = log sum U + log(successes / attempts) clipped to them (Eq. 7's
-    Z_hat when k = 0; the exact log Z when the brute-force path ran). Counters: INNER counts the GEMM's |F0|
-    inner products too; LUMPED the start clusters in the tail.
+    is, conditionally, a draw from P). LZ_LO (the refined clusters' certified lower sums, times 1 - EXP_REL)
+    and LZ_HI (sum U, times 1 + EXP_REL) are certified; LZ_EST = log sum U + log(successes / attempts) clipped to
+    them (Eq. 7's Z_hat when k = 0; the exact log Z when the brute-force path ran). Counters: INNER counts the
+    GEMM's |F0| inner products too; LUMPED the start clusters in the tail.
     ``broken`` (a negative control of the tests): bounds E = s_v (no radius term; not certified).
     """
     sl = 0.0 if broken else 1.0  # the radius term's weight in the bounds

@@ -146,7 +146,7 @@ def test_binary_search_never_lands_on_a_zero_weight():
 
 @pytest.mark.parametrize("k", [2, 64])
 def test_adaptive_with_lumped_start_clusters_is_exact(k):
-    """sample_adaptive from a start level of up to 300 clusters, about half of them lumped into the tail (mass 0
+    """sample_adaptive from a start level of up to 300 clusters, more than half of them lumped into the tail (mass 0
     in the envelope), with k = 2 draws per query row (proposals by binary search) and k = 64 (by the alias table):
     the softmax (chi-square, alpha 0.001, n = 64,143, power >= 0.99 at TV 0.02; beta = 20, D = 8), certified and
     finite log Z bounds, and no brute-force draw."""

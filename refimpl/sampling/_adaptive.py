@@ -10,14 +10,17 @@ certified bound E >= every member's logit (:func:`_bound`: the least of Prop. 1'
 the certified radius rho of :func:`refimpl.sampling._cluster_kernels.cluster_info`, beta ||q|| M and
 beta (||q||^2 + M^2 - (||q - p_v|| - rho)^2) / 2, M a bound on the members' norms from :func:`norm_suffix`;
 a singleton has E = s exactly). The envelope starts from a level C_(l) whose representatives the caller scores
-for the whole batch by one GEMM (:func:`start_frontier`).
+for the whole batch by one GEMM (:func:`start_frontier`). The per-query pass over the start clusters is made of
+branch-free loops that the compiler vectorises: the bounds (:func:`_start_bounds`) and the envelope's masses by an
+inline exponential (:func:`_exp`; libm's exp is one scalar call per element).
 
 Contents: :func:`norm_suffix`, :func:`start_frontier`, :func:`adaptive_batch`.
 """
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import intrinsic
 
 from refimpl.index import N_NODES, prefetch_row
 from refimpl.sampling._cluster_kernels import (_cluster_geometry, _dot, _grow, _heap_pop, _heap_push,
@@ -93,20 +96,90 @@ def _bound(s, bq, qn2, beta, rho, rn2, M, tau, sl):
     radius rho and member norms <= M: the least of Prop. 1's s + beta ||q|| rho (Cauchy-Schwarz), beta ||q|| M, and
     beta (||q||^2 + M^2 - dl^2) / 2 with dl = max(0, ||q - r|| - rho) <= ||q - t|| (expand ||q - t||^2), plus the
     rounding margin ``tau`` (and 16 u beta (||q||^2 + ||r||^2 + M^2) for the last). ``sl`` = 0: s (the tests'
-    negative control)."""
-    if sl == 0.0:
-        return s
-    e = s + bq * rho
-    b2 = bq * M
-    if b2 < e:
-        e = b2
-    d2 = qn2 + rn2 - 2.0 * s / beta
-    dl = np.sqrt(d2) - rho if d2 > 0.0 else -rho
-    if dl > 0.0:
-        b3 = 0.5 * beta * (qn2 + M * M - dl * dl) + 16.0 * 2.0 ** -53 * beta * (qn2 + rn2 + M * M)
-        if b3 < e:
-            e = b3
-    return e + tau
+    negative control). Branch-free (min, max, a select), so that a loop over clusters vectorises; with dl = 0 the
+    third bound is >= the second (AM-GM) and still valid."""
+    dl = max(np.sqrt(max(qn2 + rn2 - 2.0 * s / beta, 0.0)) - rho, 0.0)
+    b3 = 0.5 * beta * (qn2 + M * M - dl * dl) + 16.0 * 2.0 ** -53 * beta * (qn2 + rn2 + M * M)
+    e = min(s + bq * rho, bq * M, b3) + tau
+    return e if sl != 0.0 else s
+
+
+@intrinsic
+def _as_float64(typingctx, n):
+    """The float64 whose bits are the int64 ``n`` (an LLVM bitcast; no memory round trip, so loops vectorise)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.float64))
+
+    return types.float64(types.int64), codegen
+
+
+_LN2_HI = 6.93147180369123816490e-01  # ln 2 split so that n ln2_hi is exact for |n| < 2^11 (Cody-Waite)
+_LN2_LO = 1.90821492927058770002e-10
+_INV_LN2 = 1.44269504088896338700e+00
+EXP_REL = 1e-15  # a bound on |_exp(x) / e^x - 1| for -700 <= x <= 709 (tested); the certified sums allow for it
+
+
+@njit(cache=True, fastmath={"contract"}, inline="always")
+def _exp(x):
+    """e^x for x <= 709 (0 for x < -700, including -inf; NaN stays NaN), relative error < EXP_REL, inline and
+    branch-free so that a loop over an array vectorises (libm's exp is one scalar call per element).
+    e^x = 2^n e^r with n = round(x / ln 2), r = (x - n ln2_hi) - n ln2_lo (|r| <= ln 2 / 2, Cody-Waite reduction),
+    e^r by its degree-13 Taylor polynomial (remainder < |r|^14 / 14! < 5e-18 relative) in Horner form, and 2^n
+    built from its exponent bits. Compiled without reassociation, which would undo the reduction."""
+    xc = -700.0 if x < -700.0 else x
+    n = np.floor(xc * _INV_LN2 + 0.5)
+    r = (xc - n * _LN2_HI) - n * _LN2_LO
+    p = 1.0 / 6227020800.0
+    p = p * r + 1.0 / 479001600.0
+    p = p * r + 1.0 / 39916800.0
+    p = p * r + 1.0 / 3628800.0
+    p = p * r + 1.0 / 362880.0
+    p = p * r + 1.0 / 40320.0
+    p = p * r + 1.0 / 5040.0
+    p = p * r + 1.0 / 720.0
+    p = p * r + 1.0 / 120.0
+    p = p * r + 1.0 / 24.0
+    p = p * r + 1.0 / 6.0
+    p = p * r + 0.5
+    p = p * r + 1.0
+    p = p * r + 1.0
+    return 0.0 if x < -700.0 else p * _as_float64((np.int64(n) + 1023) << 52)
+
+
+@njit(cache=True, fastmath={"contract", "reassoc"})
+def _sum(a, n):
+    """sum(a[:n]) (reassociation allowed: the loop vectorises; rounding only)."""
+    t = 0.0
+    for j in range(n):
+        t += a[j]
+    return t
+
+
+@njit(cache=True)
+def _max(a, n):
+    """max(a[:n]) (-inf for n = 0; no NaN in a), in four independent chains (one chain waits on every compare)."""
+    m0 = -np.inf
+    m1 = -np.inf
+    m2 = -np.inf
+    m3 = -np.inf
+    j = 0
+    while j + 4 <= n:
+        m0 = max(m0, a[j])
+        m1 = max(m1, a[j + 1])
+        m2 = max(m2, a[j + 2])
+        m3 = max(m3, a[j + 3])
+        j += 4
+    while j < n:
+        m0 = max(m0, a[j])
+        j += 1
+    return max(max(m0, m1), max(m2, m3))
+
+
+@njit(cache=True, fastmath={"contract"})
+def _masses(fn, x, shift, out, j0, j1):
+    """out[j] = n_j e^{x_j - shift} for j0 <= j < j1 (:func:`_exp`: the loop vectorises; x_j = -inf: 0)."""
+    for j in range(j0, j1):
+        out[j] = fn[j] * _exp(x[j] - shift)
 
 
 @njit(cache=True)
@@ -131,23 +204,36 @@ def norm_suffix(T, order):
     return subn, sibling_suffix_max(T, subn)
 
 
-@njit(cache=True)
-def _log_z_lo(fn, fs, fr, nf, bq, tau, shift):
-    """log Z_lo = log sum_j n_j e^{s_j - beta ||q|| rho_j - tau} over the clusters j < nf (singletons: e^{s_j}),
-    summed relative to ``shift`` (>= every term's exponent), recomputed relative to its largest term if that
-    underflows."""
-    tot = 0.0
+@njit(cache=True, fastmath={"contract"})
+def _log_z_lo(fn, fs, fr, nf, bq, tau, shift, ex):
+    """log Z_lo = log sum_j n_j e^{s_j - beta ||q|| rho_j - tau} over the clusters j < nf (singletons: e^{s_j};
+    s_j = -inf: no term), summed relative to ``shift`` (>= every term's exponent), recomputed relative to its
+    largest term if that underflows. The exponentials by :func:`_exp` into the scratch ``ex`` (>= nf), the sum
+    shrunk by (1 - EXP_REL) so that it stays below the exact one."""
     for j in range(nf):
-        tot += fn[j] * np.exp((fs[j] - bq * fr[j] - tau if fn[j] > 1 else fs[j]) - shift)
-    if tot > 0.0:
-        return shift + np.log(tot)
-    m = -np.inf
-    for j in range(nf):
-        m = max(m, np.log(fn[j]) + (fs[j] - bq * fr[j] - tau if fn[j] > 1 else fs[j]))
-    tot = 0.0
-    for j in range(nf):
-        tot += fn[j] * np.exp((fs[j] - bq * fr[j] - tau if fn[j] > 1 else fs[j]) - m)
-    return m + np.log(tot)
+        ex[j] = fn[j] * _exp((fs[j] - bq * fr[j] - tau if fn[j] > 1 else fs[j]) - shift)
+    tot = _sum(ex, nf)
+    if not tot > 0.0:
+        m = -np.inf
+        for j in range(nf):
+            m = max(m, np.log(fn[j]) + (fs[j] - bq * fr[j] - tau if fn[j] > 1 else fs[j]))
+        for j in range(nf):
+            ex[j] = fn[j] * _exp((fs[j] - bq * fr[j] - tau if fn[j] > 1 else fs[j]) - m)
+        shift = m
+        tot = _sum(ex, nf)
+    return shift + np.log(tot * (1.0 - EXP_REL))
+
+
+@njit(cache=True, fastmath={"contract"})
+def _start_bounds(s0, f0s, f0r, f0q, f0m, bq, qn2, beta, tau, sl, Etail, fE, fs):
+    """The start clusters' bounds and logits for one query: fE[j] = E_j (:func:`_bound`; a singleton E_j = s_j)
+    and fs[j] = s_j, both -inf if E_j <= Etail (the cluster is lumped into the tail: mass 0 in the envelope).
+    One branch-free loop (it vectorises)."""
+    for j in range(s0.shape[0]):
+        sj = s0[j]
+        E = _bound(sj, bq, qn2, beta, f0r[j], f0q[j], f0m[j], tau, sl) if f0s[j] > 1 else sj
+        fE[j] = E if E > Etail else -np.inf
+        fs[j] = sj if E > Etail else -np.inf
 
 
 @njit(cache=True)
@@ -191,7 +277,8 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
     plus the rounding margin beta ||q|| ``margin`` of two float64 dot products, for clusters of more than one
     target). Z >= e^{smax}, smax the largest representative logit, so the start clusters with E_j <= Etail = smax -
     log(N / TAIL) are lumped into one tail entry of bound Etail and mass <= TAIL Z (never refined; a tail member is
-    found by a binary search in the clusters' cumulative sizes). ``NB`` = (subn, sufn) of :func:`norm_suffix`.
+    found by a binary search in the clusters' cumulative sizes); they keep their frontier slots with E = s = -inf,
+    so mass 0: never queued, never proposed. ``NB`` = (subn, sufn) of :func:`norm_suffix`.
 
     Refinement (per query, shared by its k draws): repeatedly take the cluster j of largest envelope mass
     U_j = n_j e^{E_j} and split it into the children of v at the next occupied level Lc (each a whole subtree,
@@ -205,7 +292,8 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
 
     Sampling (Eq. 3-5): propose entry j (a cluster or the tail) with probability U_j / sum U, a member i uniformly
     (pre-order range), accept with e^{s_i - E_j} <= 1; a singleton is accepted without an inner product (E = s).
-    Every attempt returns i with probability e^{s_i} / sum U, whatever the envelope, so accepted draws are exact;
+    Every attempt returns i with probability e^{s_i} / sum U, whatever the envelope, so accepted draws are exact
+    (up to the floating-point rounding of the weights U_j, computed by :func:`_exp` within EXP_REL, like libm's);
     excluded ids (and, without replacement, earlier draws) are rejected, which conditions the draw exactly on the
     others. Entries are drawn by an alias table when the expected attempts exceed 1/8 of the entries, otherwise by
     a binary search in the cumulative masses (no table to build). Proposals are generated RING attempts in
@@ -213,10 +301,10 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
     decisions, so using them later changes nothing in law. Once the query's refinement inner products and attempts
     reach the number N of live targets, its remaining draws (the current one included) are made by brute force
     (``_exact_draw``): still exact, as the switch is a stopping time of the iid attempts (a draw not yet accepted
-    is, conditionally, a draw from P). LZ_LO (the refined clusters' certified lower sums)
-    and LZ_HI (sum U) are certified; LZ_EST = log sum U + log(successes / attempts) clipped to them (Eq. 7's
-    Z_hat when k = 0; the exact log Z when the brute-force path ran). Counters: INNER counts the GEMM's |F0|
-    inner products too; LUMPED the start clusters in the tail.
+    is, conditionally, a draw from P). LZ_LO (the refined clusters' certified lower sums, times 1 - EXP_REL)
+    and LZ_HI (sum U, times 1 + EXP_REL) are certified; LZ_EST = log sum U + log(successes / attempts) clipped to
+    them (Eq. 7's Z_hat when k = 0; the exact log Z when the brute-force path ran). Counters: INNER counts the
+    GEMM's |F0| inner products too; LUMPED the start clusters in the tail.
     ``broken`` (a negative control of the tests): bounds E = s_v (no radius term; not certified).
     """
     sl = 0.0 if broken else 1.0  # the radius term's weight in the bounds
@@ -246,8 +334,18 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
     fq = np.empty(cap, np.float64)  # ||p_v||^2
     hk = np.empty(cap, np.float64)
     hi = np.empty(cap, np.int64)
-    wgt = np.empty(cap, np.float64)
+    wgt = np.empty(cap, np.float64)  # envelope masses n_j e^{E_j - Eref} (the proposal's weights)
     cw = np.empty(cap, np.float64)
+    ex = np.empty(cap, np.float64)  # scratch for exponentials
+    sp = np.empty(cap, np.int64)  # the start clusters split by the query's refinement (restored after it)
+    # entries j < nc0 are the start clusters (between queries: as in F0; per query fE, fs rewritten and the split
+    # ones restored afterwards), refined clusters follow
+    fv[:nc0] = f0v
+    fc[:nc0] = f0c
+    fa[:nc0] = f0a
+    fn[:nc0] = f0s
+    fr[:nc0] = f0r
+    fq[:nc0] = f0q
     tj = np.empty(max(nc0, 1), np.int64)  # the tail: start clusters lumped, cumulative sizes
     tcum = np.empty(max(nc0, 1), np.int64)
     rj = np.empty(RING, np.int64)  # the ring of proposals: cluster, pre-order position (or -1 - id), target
@@ -267,51 +365,34 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
         # Z >= e^{smax} (smax: the largest representative logit, a member's): the start clusters whose bound is
         # <= Etail = smax - log(N / TAIL) are lumped into one tail of bound Etail and mass <= TAIL Z, never refined
         s0 = S0[b]
-        smax = -np.inf
-        for j in range(nc0):
-            smax = max(smax, s0[j])
-        Etail = smax - np.log(n_live / TAIL)
-        Eref = -np.inf
-        nf = 0
+        Etail = _max(s0, nc0) - np.log(n_live / TAIL)
+        _start_bounds(s0, f0s, f0r, f0q, f0m, bq, qn2, beta, tau, sl, Etail, fE, fs)
+        Eref = _max(fE, nc0)
         nt = 0
-        for j in range(nc0):
-            sj = s0[j]
-            if f0s[j] > 1:
-                E = _bound(sj, bq, qn2, beta, f0r[j], f0q[j], f0m[j], tau, sl)
-            else:
-                E = sj
-            if E <= Etail:
-                tj[nt] = j
-                tcum[nt] = f0s[j] if nt == 0 else tcum[nt - 1] + f0s[j]
-                nt += 1
-                continue
-            fv[nf] = f0v[j]
-            fc[nf] = f0c[j]
-            fa[nf] = f0a[j]
-            fn[nf] = f0s[j]
-            fs[nf] = sj
-            fr[nf] = f0r[j]
-            fq[nf] = f0q[j]
-            fE[nf] = E
-            Eref = max(Eref, E)
-            nf += 1
-        zhat = 0.0
-        for j in range(nf):
-            zhat += fn[j] * np.exp(fs[j] - Eref)
+        tt = 0
+        for j in range(nc0):  # the tail's start clusters and cumulative sizes (written always, kept if lumped)
+            lump = fE[j] == -np.inf
+            tj[nt] = j
+            tt += f0s[j] if lump else 0
+            tcum[nt] = tt
+            nt += 1 if lump else 0
+        nf = nc0
+        _masses(fn, fE, Eref, wgt, 0, nc0)  # U_j: the heap's keys and the proposal's weights
+        _masses(fn, fs, Eref, ex, 0, nc0)
+        zhat = _sum(ex, nc0)
         c[INNER] += nc0
         c[SELECT] += nc0
         hsize = 0
         if k > 0:  # clusters whose whole mass cannot repay one inner product are never split: not queued
             thr = zhat / (k * attempt_cost)
-            for j in range(nf):
-                u = fn[j] * np.exp(fE[j] - Eref)
-                if fn[j] > 1 and u > thr:
-                    hsize = _heap_push(hk, hi, hsize, np.log(fn[j]) + fE[j], j)
+            for j in range(nc0):
+                if f0s[j] > 1 and wgt[j] > thr:
+                    hsize = _heap_push(hk, hi, hsize, wgt[j], j)  # heap key: the mass n_j e^{E_j - Eref}
         spent = 0
+        nsp = 0
         while hsize > 0:
             j = hi[0]
-            uj = fn[j] * np.exp(fE[j] - Eref)
-            gain = k * attempt_cost * (uj - fn[j] * np.exp(fs[j] - Eref)) / max(zhat, 1e-300)
+            gain = k * attempt_cost * (hk[0] - fn[j] * _exp(fs[j] - Eref)) / max(zhat, 1e-300)
             x = fc[j]
             Lc = nlev[x]
             m = 0
@@ -324,9 +405,12 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
             _heap_pop(hk, hi, hsize)
             hsize -= 1
             spent += m
+            if j < nc0:
+                sp[nsp] = j
+                nsp += 1
             v = fv[j]
             E = fE[j]
-            zhat -= fn[j] * np.exp(fs[j] - Eref)
+            zhat -= fn[j] * _exp(fs[j] - Eref)
             x = fc[j]
             while x != -1 and nlev[x] == Lc:
                 if nf + 1 >= fv.shape[0]:  # one slot kept for the tail
@@ -339,8 +423,10 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
                     fs = _grow(fs, nf, cap)
                     fr = _grow(fr, nf, cap)
                     fq = _grow(fq, nf, cap)
-                    wgt = np.empty(cap, np.float64)
+                    wgt = _grow(wgt, nc0, cap)
                     cw = np.empty(cap, np.float64)
+                    ex = np.empty(cap, np.float64)
+                    sp = _grow(sp, nsp, cap)  # a split adds at least one cluster: nsp < nf
                     hk = _grow(hk, hsize, cap)  # the heap holds at most one entry per frontier cluster
                     hi = _grow(hi, hsize, cap)
                 sx, rx2 = _dot2(points, npt[x], q)
@@ -355,9 +441,9 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
                 fq[nf] = rx2
                 fE[nf] = min(E, _bound(sx, bq, qn2, beta, fr[nf], rx2, subn[x], tau, sl)) if fn[nf] > 1 \
                     else min(E, sx)
-                zhat += fn[nf] * np.exp(sx - Eref)
+                zhat += fn[nf] * _exp(sx - Eref)
                 if fn[nf] > 1:
-                    hsize = _heap_push(hk, hi, hsize, np.log(fn[nf]) + fE[nf], nf)
+                    hsize = _heap_push(hk, hi, hsize, fn[nf] * _exp(fE[nf] - Eref), nf)
                 nf += 1
                 x = nnext[x]
             # the rest (v, Lc): p_v and the children below Lc
@@ -370,12 +456,12 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
                 fE[j] = min(E, _bound(fs[j], bq, qn2, beta, fr[j], fq[j], max(rn, sufn[x]), tau, sl))
             else:
                 fE[j] = min(E, fs[j])
-            zhat += fn[j] * np.exp(fs[j] - Eref)
+            zhat += fn[j] * _exp(fs[j] - Eref)
             if fn[j] > 1:
-                hsize = _heap_push(hk, hi, hsize, np.log(fn[j]) + fE[j], j)
+                hsize = _heap_push(hk, hi, hsize, fn[j] * _exp(fE[j] - Eref), j)
         c[INNER] += spent
         c[SELECT] += spent
-        c[N_CLUSTERS] = nf + nt
+        c[N_CLUSTERS] = nf  # the lumped start clusters included
         c[LUMPED] = nt
         jt = -1  # the tail as one more proposal entry (bound Etail, never accepted without an inner product)
         if nt > 0:
@@ -386,22 +472,30 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
             fr[jt] = 0.0
         nprop = nf + 1 if nt > 0 else nf
         c[LEVEL] = level0
-        # ---- certified interval and the proposal (an alias table over the frontier)
-        sum_u = 0.0
-        for j in range(nprop):
-            wgt[j] = fn[j] * np.exp(fE[j] - Eref)
-            sum_u += wgt[j]
-            cw[j] = sum_u
-        hi_ = Eref + np.log(sum_u)
-        lo = _log_z_lo(fn, fs, fr, nf, bq, tau, Eref)  # the refined clusters only (the tail's share dropped)
+        # ---- certified interval and the proposal. The masses of the start clusters not split are those computed
+        # before the refinement; a lumped one has mass 0 (never proposed: an alias slot of weight 0 has prob 0, a
+        # binary search in cw never lands on a repeated value). Every term of sum U is n_j _exp(E_j - Eref) and
+        # the largest is >= 1 (E_j = Eref), so (1 + EXP_REL) sum U >= the exact sum (_exp's error; terms below
+        # e^-700 are 0 and weigh less than that)
+        for x in range(nsp):
+            j = sp[x]
+            wgt[j] = fn[j] * _exp(fE[j] - Eref)
+        _masses(fn, fE, Eref, wgt, nc0, nprop)
+        sum_u = _sum(wgt, nprop)
+        hi_ = Eref + np.log(sum_u * (1.0 + EXP_REL))
+        lo = _log_z_lo(fn, fs, fr, nf, bq, tau, Eref, ex)  # the refined clusters only (the tail's share dropped)
         # the expected number of attempts, k Z_hi / Z_hat: an alias table (O(1) a proposal) when they are many,
         # else a binary search in the cumulative masses cw (no O(clusters) table to build)
         expected = k * attempt_cost * sum_u / max(zhat, 1e-300)
         use_alias = expected * 8 > nprop
+        wtot = 0.0  # the binary search's total: cw[nprop - 1]
         if use_alias:
             prob, alias = _alias(wgt, nprop)
         else:
             prob, alias = wgt[:0], hi[:0]
+            for j in range(nprop):
+                wtot += wgt[j]
+                cw[j] = wtot
         # against brute force (N inner products, once)
         brute = spent + expected >= n_live
         lz[b, LZ_LO] = lo
@@ -468,7 +562,7 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
                 if np.random.random() >= prob[j]:
                     j = alias[j]
             else:
-                j = min(np.searchsorted(cw[:nprop], np.random.random() * sum_u, side="right"), nprop - 1)
+                j = min(np.searchsorted(cw[:nprop], np.random.random() * wtot, side="right"), nprop - 1)
             u = np.random.randint(0, fn[j])
             rj[head] = j
             if j == jt:  # a tail member: its start cluster by the cumulative sizes, then its position
@@ -488,6 +582,12 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
             head = head + 1 if head + 1 < RING else 0
             step += 1
         mask[buf[:nb]] = False
+        for x in range(nsp):  # the split start clusters back to F0 for the next query (fE, fs are rewritten)
+            j = sp[x]
+            fc[j] = f0c[j]
+            fn[j] = f0s[j]
+            fa[j] = f0a[j]
+            fr[j] = f0r[j]
         if live[0] != -2:  # the brute-force path computed every logit: the exact log Z
             m = -np.inf
             for x in range(n_live):

@@ -96,8 +96,9 @@ class Scale:
     costs 0.13 s; the planted task keeps the paper's 64 + 64. Steps, per task: the largest multiple of 50 for which
     ``reproduce --plan CALIBRATION --total-budget 120`` (per-step CPU of every row measured by a calibration part at
     80 steps, seed 0, extrapolated by :func:`estimate_run`) keeps the task's half of a four-hour table within two
-    hours of CPU and every part within one: 700 for the planted task (``steps``), 500 for the text task (``text_steps``). Apart from the uniform and in-batch rows named above, no
-    result was looked at to choose any of these.
+    hours of CPU and every part within one: 700 for the planted task (``steps``), 500 for the text task
+    (``text_steps``). Apart from the uniform and in-batch rows named above, no result was looked at to choose any
+    of these.
     """
 
     planted_n_targets: int = 500_000
@@ -140,7 +141,8 @@ FULL = Scale()
 QUICK = Scale(planted_n_targets=3000, planted_n_queries=1500, planted_n_test=300, planted_n_features=32,
               planted_teacher_dim=32,
               text_max_test=300, text_n_features=2 ** 12, text_batch_size=32, text_dim=32, text_k=4, text_n_uniform=4,
-              text_steps=40, steps=40, batch_size=32, dim=32, lr_warmup=4, k=4, n_uniform=4, n_landmarks=8, n_samples=32,
+              text_steps=40, steps=40, batch_size=32, dim=32, lr_warmup=4, k=4, n_uniform=4, n_landmarks=8,
+              n_samples=32,
               reencode_every=5, snm_refresh_every=10, bf_refresh_every=5, eval_points=2)
 
 
@@ -427,7 +429,8 @@ def run_part(tasks, rows, seeds, scale: Scale = FULL, *, data_dir: str | None = 
 
 
 # ------------------------------------------------------------------------------------------------ plan
-_COST_FREE = ("steps", "text_steps", "lr_warmup", "eval_points", "warmup_fraction", "lr", "text_lr")  # free in a calibration
+# free in a calibration
+_COST_FREE = ("steps", "text_steps", "lr_warmup", "eval_points", "warmup_fraction", "lr", "text_lr")
 # Fields that one task kind does not read (a calibration of the planted task stays valid when a text field changes)
 _OTHER_TASK_FIELDS = {"planted": {f for f in Scale.__dataclass_fields__ if f.startswith("text_")},
                       "text": {f for f in Scale.__dataclass_fields__ if f.startswith("planted_")}

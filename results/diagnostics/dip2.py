@@ -1,7 +1,7 @@
 """Diagnostic (not project code): at each evaluation, where does the top-1 target fall relative to the positive:
 in its fine cluster (near-duplicates, ~25 targets), its coarse cluster, or elsewhere? Run from the repository root
 (about 12 CPU minutes; run at commit 3991cde):
-    PYTHONPATH=. python results/planted/diagnostics/dip2.py snm-3"""
+    PYTHONPATH=. python results/diagnostics/dip2.py snm-3"""
 import dataclasses
 import json
 import os

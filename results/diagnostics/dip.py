@@ -1,7 +1,7 @@
 """Diagnostic (not project code): why do the hard-negative rows' R@1 dip after the uniform warm-up on the planted
 task? Logs the gradient norm and the relative Adam update per step; variant 'reset' restarts Adam (m, v, counts = 0)
 at the first mining step. Run from the repository root (about 12 CPU minutes; run at commit 3cd3aef):
-    PYTHONPATH=. python results/planted/diagnostics/dip.py snm-3 default   (or: snm-3 reset)"""
+    PYTHONPATH=. python results/diagnostics/dip.py snm-3 default   (or: snm-3 reset)"""
 import dataclasses
 import json
 import os

@@ -278,7 +278,7 @@ def _recipe(scale: Scale, kind: str, B: int) -> tuple[dict, list]:
     kw = {"steps": scale.steps, "batch_size": B, "dim": scale.dim, "lr": scale.lr,
           "lr_warmup": min(scale.lr_warmup, scale.steps - 1),
           "uniform_warmup": int(round(scale.warmup_fraction * scale.steps)), "in_batch": True,
-          "eval_every": max(1, scale.steps // max(1, scale.eval_points)), "beta": 20.0}
+          "eval_every": _eval_every(scale), "beta": 20.0}
     if kind == "text":
         kw.update(init=scale.text_init, tied=scale.text_tied, init_scale=scale.text_init_scale,
                   input_weights=scale.text_input_weights)
@@ -437,8 +437,13 @@ _OTHER_TASK_FIELDS = {"planted": {f for f in Scale.__dataclass_fields__ if f.sta
                       | {"batch_size", "dim", "lr", "k", "n_uniform", "steps"}}
 
 
+def _eval_every(scale: Scale) -> int:
+    """Steps between evaluations: ``eval_points`` spread over the run (0 or 1: only at the end)."""
+    return max(1, scale.steps // max(1, scale.eval_points))
+
+
 def _n_evals(scale: Scale) -> int:
-    e = max(1, scale.steps // max(1, scale.eval_points))
+    e = _eval_every(scale)
     return 2 + sum(1 for t in range(scale.steps) if (t + 1) % e == 0 and t + 1 < scale.steps)
 
 

@@ -11,10 +11,13 @@ the certified radius rho of :func:`refimpl.sampling._cluster_kernels.cluster_inf
 beta (||q||^2 + M^2 - (||q - p_v|| - rho)^2) / 2, M a bound on the members' norms from :func:`norm_suffix`;
 a singleton has E = s exactly). The envelope starts from a level C_(l) whose representatives the caller scores
 for the whole batch by one GEMM (:func:`start_frontier`). The per-query pass over the start clusters is made of
-branch-free loops that the compiler vectorises: the bounds (:func:`_start_bounds`) and the envelope's masses by an
-inline exponential (:func:`_exp`; libm's exp is one scalar call per element).
+branch-free loops that the compiler vectorises: the bounds (:func:`_start_bounds`), then the lumping, the
+proposal's weights and the sums of Eq. 7 and of the certified interval in one loop (:func:`_start_masses`) by an
+inline exponential (:func:`_exp`; libm's exp is one scalar call per element). Proposals are drawn by a two-level
+search in the cumulative weights without branches, uniforms by an inline xoshiro256** generator.
 
-Contents: :func:`norm_suffix`, :func:`start_frontier`, :func:`adaptive_batch`.
+Contents: :func:`norm_suffix`, :func:`start_frontier`, :func:`rng_state`, :func:`uniform`, :func:`below`,
+:func:`adaptive_batch`.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import intrinsic
 
-from refimpl.index import N_NODES, prefetch_row
+from refimpl.index import N_NODES, ROOT, prefetch_row
 from refimpl.sampling._cluster_kernels import (_cluster_geometry, _dot, _grow, _heap_pop, _heap_push,
                                                sibling_suffix_max)
 from refimpl.sampling._kernels import (ACCEPTED, AHEAD, ATTEMPTS, EXCL_HITS, INNER, LEVEL, LUMPED, LZ_EST, LZ_EXCL,
@@ -54,42 +57,6 @@ def _radius(maxd, suf, v, c):
     return maxd[v] if r > maxd[v] else r
 
 
-@njit(cache=True)
-def _alias(w, n):
-    """Vose's alias table of the weights w[:n] (>= 0, positive sum): (prob, alias). A uniform slot j, kept if a
-    uniform is < prob[j] and replaced by alias[j] otherwise, is j' with probability w[j'] / sum(w[:n])."""
-    prob = np.ones(n, np.float64)
-    alias = np.arange(n)
-    tot = 0.0
-    for j in range(n):
-        tot += w[j]
-    sc = np.empty(n, np.float64)
-    small = np.empty(n, np.int64)
-    large = np.empty(n, np.int64)
-    ns = 0
-    nl = 0
-    for j in range(n):
-        sc[j] = w[j] * n / tot
-        if sc[j] < 1.0:
-            small[ns] = j
-            ns += 1
-        else:
-            large[nl] = j
-            nl += 1
-    while ns > 0 and nl > 0:
-        a = small[ns - 1]
-        ns -= 1
-        g = large[nl - 1]
-        prob[a] = sc[a]
-        alias[a] = g
-        sc[g] = (sc[g] + sc[a]) - 1.0
-        if sc[g] < 1.0:
-            nl -= 1
-            small[ns] = g
-            ns += 1
-    return prob, alias  # the slots left (rounding) keep prob 1
-
-
 @njit(cache=True, inline="always")
 def _bound(s, bq, qn2, beta, rho, rn2, M, tau, sl):
     """Certified bound on beta <q, t> over a cluster of representative r (logit s = beta <q, r>, ||r||^2 = rn2),
@@ -116,7 +83,7 @@ def _as_float64(typingctx, n):
 _LN2_HI = 6.93147180369123816490e-01  # ln 2 split so that n ln2_hi is exact for |n| < 2^11 (Cody-Waite)
 _LN2_LO = 1.90821492927058770002e-10
 _INV_LN2 = 1.44269504088896338700e+00
-EXP_REL = 1e-15  # a bound on |_exp(x) / e^x - 1| for -700 <= x <= 709 (tested); the certified sums allow for it
+EXP_REL = 1e-9  # a bound on |_exp(x) / e^x - 1| for -700 <= x <= 709 (tested); the certified sums allow for it
 
 
 @njit(cache=True, fastmath={"contract"}, inline="always")
@@ -124,17 +91,13 @@ def _exp(x):
     """e^x for x <= 709 (0 for x < -700, including -inf; NaN stays NaN), relative error < EXP_REL, inline and
     branch-free so that a loop over an array vectorises (libm's exp is one scalar call per element).
     e^x = 2^n e^r with n = round(x / ln 2), r = (x - n ln2_hi) - n ln2_lo (|r| <= ln 2 / 2, Cody-Waite reduction),
-    e^r by its degree-13 Taylor polynomial (remainder < |r|^14 / 14! < 5e-18 relative) in Horner form, and 2^n
-    built from its exponent bits. Compiled without reassociation, which would undo the reduction."""
+    e^r by its degree-8 Taylor polynomial (remainder < e^(2|r|) |r|^9 / 9! < 4e-10 relative: the weights need no
+    more, as the sampler's law does not depend on them and the certified sums allow for EXP_REL) in Horner form,
+    and 2^n built from its exponent bits. Compiled without reassociation, which would undo the reduction."""
     xc = -700.0 if x < -700.0 else x
     n = np.floor(xc * _INV_LN2 + 0.5)
     r = (xc - n * _LN2_HI) - n * _LN2_LO
-    p = 1.0 / 6227020800.0
-    p = p * r + 1.0 / 479001600.0
-    p = p * r + 1.0 / 39916800.0
-    p = p * r + 1.0 / 3628800.0
-    p = p * r + 1.0 / 362880.0
-    p = p * r + 1.0 / 40320.0
+    p = 1.0 / 40320.0
     p = p * r + 1.0 / 5040.0
     p = p * r + 1.0 / 720.0
     p = p * r + 1.0 / 120.0
@@ -175,13 +138,6 @@ def _max(a, n):
     return max(max(m0, m1), max(m2, m3))
 
 
-@njit(cache=True, fastmath={"contract"})
-def _masses(fn, x, shift, out, j0, j1):
-    """out[j] = n_j e^{x_j - shift} for j0 <= j < j1 (:func:`_exp`: the loop vectorises; x_j = -inf: 0)."""
-    for j in range(j0, j1):
-        out[j] = fn[j] * _exp(x[j] - shift)
-
-
 @njit(cache=True)
 def norm_suffix(T, order):
     """Per node v: subn[v] = max ||t|| over v's subtree, and sufn[v] = max of subn over v and the siblings after it
@@ -205,43 +161,160 @@ def norm_suffix(T, order):
 
 
 @njit(cache=True, fastmath={"contract"})
-def _log_z_lo(fn, fs, fr, nf, bq, tau, shift, ex):
-    """log Z_lo = log sum_j n_j e^{s_j - beta ||q|| rho_j - tau} over the clusters j < nf (singletons: e^{s_j};
-    s_j = -inf: no term), summed relative to ``shift`` (>= every term's exponent), recomputed relative to its
-    largest term if that underflows. The exponentials by :func:`_exp` into the scratch ``ex`` (>= nf), the sum
-    shrunk by (1 - EXP_REL) so that it stays below the exact one."""
-    for j in range(nf):
-        ex[j] = fn[j] * _exp((fs[j] - bq * fr[j] - tau if fn[j] > 1 else fs[j]) - shift)
-    tot = _sum(ex, nf)
-    if not tot > 0.0:
-        m = -np.inf
-        for j in range(nf):
-            m = max(m, np.log(fn[j]) + (fs[j] - bq * fr[j] - tau if fn[j] > 1 else fs[j]))
-        for j in range(nf):
-            ex[j] = fn[j] * _exp((fs[j] - bq * fr[j] - tau if fn[j] > 1 else fs[j]) - m)
-        shift = m
-        tot = _sum(ex, nf)
-    return shift + np.log(tot * (1.0 - EXP_REL))
+def _start_bounds(s0, f0s, f0r, f0q, f0m, bq, qn2, beta, tau, sl, fE, fs):
+    """The start clusters' bounds and logits for one query: fE[j] = E_j (:func:`_bound`; a singleton E_j = s_j)
+    and fs[j] = s_j. One branch-free loop (it vectorises)."""
+    for j in range(s0.shape[0]):
+        sj = s0[j]
+        fE[j] = _bound(sj, bq, qn2, beta, f0r[j], f0q[j], f0m[j], tau, sl) if f0s[j] > 1 else sj
+        fs[j] = sj
+
+
+UP = 1.0 + 2.0 * EXP_REL  # W_j = n_j _exp(E_j - Eref) UP >= n_j e^{E_j - Eref}: the proposal's weights
+LOW = 1.0 - EXP_REL  # n_j _exp(x) LOW <= n_j e^x: the terms of the certified lower sum
 
 
 @njit(cache=True, fastmath={"contract"})
-def _start_bounds(s0, f0s, f0r, f0q, f0m, bq, qn2, beta, tau, sl, Etail, fE, fs):
-    """The start clusters' bounds and logits for one query: fE[j] = E_j (:func:`_bound`; a singleton E_j = s_j)
-    and fs[j] = s_j, both -inf if E_j <= Etail (the cluster is lumped into the tail: mass 0 in the envelope).
-    One branch-free loop (it vectorises)."""
-    for j in range(s0.shape[0]):
-        sj = s0[j]
-        E = _bound(sj, bq, qn2, beta, f0r[j], f0q[j], f0m[j], tau, sl) if f0s[j] > 1 else sj
-        fE[j] = E if E > Etail else -np.inf
-        fs[j] = sj if E > Etail else -np.inf
+def _start_masses(fn, fE, fs, fr, nc0, bq, tau, Eref, Etail, W, zt, lt, dt):
+    """One branch-free loop over the start clusters (it vectorises): a cluster with E_j <= Etail is lumped into
+    the tail (fE[j] = -inf, W = zt = lt = 0); the others get the proposal weight W[j] = n_j e^{E_j - Eref} UP, the
+    Eq. 7 term zt[j] = n_j e^{s_j - Eref} (cost decisions only), the certified lower term lt[j] = n_j
+    e^{s_j - beta ||q|| rho_j - tau - Eref} LOW (a singleton: e^{s_j - Eref} LOW) and dt[j] = W[j] - zt[j] (what
+    splitting j could save, 0 for a singleton). Returns the lumped clusters' total size and number."""
+    nt = 0
+    nl = 0
+    for j in range(nc0):
+        n = fn[j]
+        E = fE[j]
+        keep = E > Etail
+        w = n * _exp(E - Eref) * UP
+        z = n * _exp(fs[j] - Eref)
+        lo = n * _exp((fs[j] - bq * fr[j] - tau if n > 1 else fs[j]) - Eref) * LOW
+        W[j] = w if keep else 0.0
+        zt[j] = z if keep else 0.0
+        lt[j] = lo if keep else 0.0
+        dt[j] = w - z if keep and n > 1 else 0.0
+        fE[j] = E if keep else -np.inf
+        nt += 0 if keep else n
+        nl += 0 if keep else 1
+    return nt, nl
+
+
+@njit(cache=True, inline="always")
+def _cluster_mass(W, lt, fn, fE, fs, fr, j, bq, tau, Eref):
+    """W[j] and lt[j] (as in :func:`_start_masses`) of a cluster made or changed by the refinement."""
+    n = fn[j]
+    W[j] = n * _exp(fE[j] - Eref) * UP
+    lt[j] = n * _exp((fs[j] - bq * fr[j] - tau if n > 1 else fs[j]) - Eref) * LOW
+
+
+FENCE = 32  # entries per block of the proposal's two-level search
 
 
 @njit(cache=True)
-def start_frontier(T, suf, sufn, pos, nodes, L):
+def _cumulative(W, n, cw, fence):
+    """cw[j] = W[0] + ... + W[j] for j < n, +inf from n to the end of its block of FENCE; fence[b] = cw[FENCE b +
+    FENCE - 1], the last of block b (+inf for a partial last block); returns the number of blocks. Sequential: the
+    sums never decrease."""
+    t = 0.0
+    for j in range(n):
+        t += W[j]
+        cw[j] = t
+    nb = (n + FENCE - 1) // FENCE
+    cw[n:nb * FENCE] = np.inf
+    for b in range(nb):
+        fence[b] = cw[b * FENCE + FENCE - 1]
+    return nb
+
+
+@njit(cache=True, inline="always")
+def _propose(cw, fence, nb, u, jmax):
+    """The first entry j with cw[j] > u (so never an entry of weight 0, whose cw equals its predecessor's): the
+    block as the number of fences <= u, then the entries <= u in that block; two loops without branches that the
+    compiler vectorises (a binary search's unpredictable branches cost more). Capped at ``jmax``, the last entry
+    of positive weight (u rounded up to the total)."""
+    b = 0
+    for x in range(nb):
+        b += np.int64(fence[x] <= u)
+    j0 = b * FENCE
+    c = 0
+    for x in range(FENCE):
+        c += np.int64(cw[j0 + x] <= u)
+    return min(j0 + c, jmax)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the draws' generator: xoshiro256** (Blackman and Vigna, 2018), its state seeded by splitmix64; inline, so that
+# one uniform costs a few integer operations (Numba's np.random calls cost several times more)
+
+_U1 = np.uint64(1)
+_M32 = np.uint64(0xFFFFFFFF)
+_TWO32 = np.uint64(1 << 32)
+
+
+@njit(cache=True)
+def rng_state(seed):
+    """The generator's state (4,) uint64 from an int64 seed (splitmix64 of seed, seed + 1, ...; never all zero)."""
+    st = np.empty(4, np.uint64)
+    z = np.uint64(seed)
+    for i in range(4):
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        x = z
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        st[i] = x ^ (x >> np.uint64(31))
+    return st
+
+
+@njit(cache=True, inline="always")
+def _next(st):
+    """The next 64 random bits (xoshiro256**: output rotl(5 s1, 7) 9, then the xor-shift-rotate state update)."""
+    s0 = st[0]
+    s1 = st[1]
+    s2 = st[2] ^ s0
+    s3 = st[3] ^ s1
+    x = s1 * np.uint64(5)
+    out = ((x << np.uint64(7)) | (x >> np.uint64(57))) * np.uint64(9)
+    st[0] = s0 ^ s3
+    st[1] = s1 ^ s2
+    st[2] = s2 ^ (s1 << np.uint64(17))
+    st[3] = (s3 << np.uint64(45)) | (s3 >> np.uint64(19))
+    return out
+
+
+@njit(cache=True, inline="always")
+def uniform(st):
+    """A uniform float64 in [0, 1): the top 53 of 64 random bits, times 2^-53."""
+    return np.float64(_next(st) >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+
+
+@njit(cache=True, inline="always")
+def below(st, n):
+    """A uniform integer in [0, n) (n >= 1), exactly: for n < 2^32, Lemire's multiply-shift of 32 random bits with
+    the rejection of the 2^32 mod n low products that would bias it; otherwise 64 random bits below the largest
+    multiple of n, modulo n."""
+    nn = np.uint64(n)
+    if n < 4294967296:
+        m = (_next(st) >> np.uint64(32)) * nn
+        if (m & _M32) < nn:
+            t = (_TWO32 - nn) % nn
+            while (m & _M32) < t:
+                m = (_next(st) >> np.uint64(32)) * nn
+        return np.int64(m >> np.uint64(32))
+    t = (np.uint64(0) - nn) % nn  # 2^64 mod n
+    x = _next(st)
+    while x < t:
+        x = _next(st)
+    return np.int64(x % nn)
+
+
+@njit(cache=True)
+def start_frontier(T, suf, sufn, pos, n_pos, nodes, L):
     """The clusters (nodes[j], L) as the adaptive sampler's start frontier: (nodes, first child below L (-1: none),
     pre-order start of the members after p_v, sizes, certified radii, bounds on the members' norms (``sufn`` of
-    :func:`norm_suffix`), ||p_v||^2, L) and the representatives' rows (C, D) float64 (one GEMM scores them for a
-    whole batch)."""
+    :func:`norm_suffix`), ||p_v||^2, owner, L), owner (n_pos,) int32 the start cluster of each pre-order position
+    (the clusters partition the live targets), and the representatives' rows (C, D) float64 (one GEMM scores them
+    for a whole batch)."""
     nc = nodes.shape[0]
     fc = np.empty(nc, np.int64)
     fa = np.empty(nc, np.int64)
@@ -249,6 +322,7 @@ def start_frontier(T, suf, sufn, pos, nodes, L):
     fr = np.empty(nc, np.float64)
     fm = np.empty(nc, np.float64)
     fq = np.empty(nc, np.float64)
+    owner = np.full(n_pos, -1, np.int32)
     R = np.empty((nc, T.points.shape[1]), np.float64)
     for j in range(nc):
         v = nodes[j]
@@ -257,6 +331,8 @@ def start_frontier(T, suf, sufn, pos, nodes, L):
         fa[j] = pos[x] if x != -1 else pos[v] + 1
         fn[j] = size
         fr[j] = r
+        owner[pos[v]] = j
+        owner[fa[j]:fa[j] + size - 1] = j
         r2 = 0.0
         for d in range(R.shape[1]):
             R[j, d] = T.points[T.node_point[v], d]
@@ -264,7 +340,7 @@ def start_frontier(T, suf, sufn, pos, nodes, L):
         fq[j] = r2
         rn = np.sqrt(r2) * (1.0 + 2.0 ** -50)
         fm[j] = max(rn, sufn[x]) if x != -1 else rn
-    return (nodes, fc, fa, fn, fr, fm, fq, np.int64(L)), R
+    return (nodes, fc, fa, fn, fr, fm, fq, owner, np.int64(L)), R
 
 
 @njit(cache=True)
@@ -275,40 +351,49 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
     Start (per query): the clusters of ``F0`` (:func:`start_frontier`; the root alone is a valid F0), their
     representatives' logits ``S0[b]`` = beta <q_b, r_j> (the caller's GEMM; float64) and bounds E_j (:func:`_bound`,
     plus the rounding margin beta ||q|| ``margin`` of two float64 dot products, for clusters of more than one
-    target). Z >= e^{smax}, smax the largest representative logit, so the start clusters with E_j <= Etail = smax -
-    log(N / TAIL) are lumped into one tail entry of bound Etail and mass <= TAIL Z (never refined; a tail member is
-    found by a binary search in the clusters' cumulative sizes); they keep their frontier slots with E = s = -inf,
-    so mass 0: never queued, never proposed. ``NB`` = (subn, sufn) of :func:`norm_suffix`.
+    target). Z >= e^{smax}, smax the largest representative logit, so the start clusters with E_j <= Etail =
+    max(smax - log(N / TAIL), Eref - 690) (Eref the largest bound) are lumped into one tail entry of bound Etail
+    and mass <= TAIL Z + N e^-690 Z (never refined); they keep their frontier slots with E = -inf and weight 0, so
+    are never queued nor proposed. A tail proposal is a uniform pre-order position, redrawn until its start cluster
+    (``owner``) is lumped: a uniform member of the tail, at an expected N / |tail| redraws per tail proposal, so
+    at most N e^{Etail} / sum U <= TAIL + N e^-690 redraws per attempt. ``NB`` = (subn, sufn) of
+    :func:`norm_suffix`.
 
     Refinement (per query, shared by its k draws): repeatedly take the cluster j of largest envelope mass
     U_j = n_j e^{E_j} and split it into the children of v at the next occupied level Lc (each a whole subtree,
     bound min(E_j, its own)) and the rest (v, Lc) (bound min(E_j, its own)); stop when the attempts a split could
     save, k x attempt_cost x (U_j - n_j e^{s_v}) / Z_hat (Z_hat = sum_j n_j e^{s_v(j)}, Eq. 7, over the refined
-    clusters), no longer exceed its m inner products, or after REFINE_SHARE x N inner products.
-    If the refinement's inner products plus the k Z_hi / Z_hat expected attempts reach N (no useful structure
-    around this query), every draw of the query is made by brute force instead (``_exact_draw``: N inner
-    products once, then an inverse CDF per draw). The rule and this switch, decided before any attempt from the
-    envelope alone, only set the cost.
+    clusters), no longer exceed its m inner products, or after REFINE_SHARE x N inner products (no cluster is
+    queued when none could repay one inner product). If the refinement's inner products plus the k Z_hi / Z_hat
+    expected attempts reach N (no useful structure around this query), every draw of the query is made by brute
+    force instead (``_exact_draw``: N inner products once, then an inverse CDF per draw). The rule and this
+    switch, decided before any attempt from the envelope alone, only set the cost.
 
-    Sampling (Eq. 3-5): propose entry j (a cluster or the tail) with probability U_j / sum U, a member i uniformly
-    (pre-order range), accept with e^{s_i - E_j} <= 1; a singleton is accepted without an inner product (E = s).
-    Every attempt returns i with probability e^{s_i} / sum U, whatever the envelope, so accepted draws are exact
-    (up to the floating-point rounding of the weights U_j, computed by :func:`_exp` within EXP_REL, like libm's);
-    excluded ids (and, without replacement, earlier draws) are rejected, which conditions the draw exactly on the
-    others. Entries are drawn by an alias table when the expected attempts exceed 1/8 of the entries, otherwise by
-    a binary search in the cumulative masses (no table to build). Proposals are generated RING attempts in
-    advance, their pre-order entries and rows prefetched: they are iid and independent of the acceptance
-    decisions, so using them later changes nothing in law. Once the query's refinement inner products and attempts
-    reach the number N of live targets, its remaining draws (the current one included) are made by brute force
-    (``_exact_draw``): still exact, as the switch is a stopping time of the iid attempts (a draw not yet accepted
-    is, conditionally, a draw from P). LZ_LO (the refined clusters' certified lower sums, times 1 - EXP_REL)
-    and LZ_HI (sum U, times 1 + EXP_REL) are certified; LZ_EST = log sum U + log(successes / attempts) clipped to
-    them (Eq. 7's Z_hat when k = 0; the exact log Z when the brute-force path ran). Counters: INNER counts the
-    GEMM's |F0| inner products too; LUMPED the start clusters in the tail.
+    Sampling (Eq. 3-5): propose entry j (a cluster or the tail) with probability W_j / sum W, W_j = n_j
+    _exp(E_j - Eref) (1 + 2 EXP_REL) >= n_j e^{E_j - Eref} (:func:`_exp`, relative error <= EXP_REL), a member i
+    uniformly (pre-order range), accept if u W_j < n_j e^{s_i - Eref}, u uniform: probability n_j e^{s_i - Eref} /
+    W_j <= 1. So every attempt returns i with probability e^{s_i - Eref} / sum W whatever the weights' rounding,
+    and accepted draws are exact (up to the rounding of e^{s_i - Eref} itself); excluded ids (and, without
+    replacement, earlier draws) are rejected, which conditions the draw exactly on the others. Entries are drawn
+    by a two-level search in the cumulative weights (:func:`_cumulative`, :func:`_propose`), members by
+    :func:`below`, uniforms by :func:`uniform` (xoshiro256**, seeded by ``seed``; Numba's generator, seeded alike,
+    serves ``_exact_draw``).
+    Proposals are generated RING attempts in advance, their pre-order entries and rows prefetched: they are iid and
+    independent of the acceptance decisions, so using them later changes nothing in law. Once the query's
+    refinement inner products and attempts reach the number N of live targets, its remaining draws (the current
+    one included) are made by brute force (``_exact_draw``): still exact, as the switch is a stopping time of the
+    iid attempts (a draw not yet accepted is, conditionally, a draw from P). LZ_LO (log of the sum of the lower
+    terms n_j e^{s_j - beta ||q|| rho_j - tau} over the clusters not lumped, each computed low, the sum shrunk for
+    its rounding) and LZ_HI (log sum W, grown for its rounding) are certified; LZ_EST = LZ_HI + log(successes /
+    attempts) clipped to them (Eq. 7's Z_hat when k = 0; the exact log Z when the brute-force path ran). Counters:
+    INNER counts the GEMM's |F0| inner products too; LUMPED the start clusters in the tail. A call does O(N) work
+    only when it needs to: the mask of excluded and drawn ids with exclusions or without replacement, the
+    brute-force scratch on its first use.
     ``broken`` (a negative control of the tests): bounds E = s_v (no radius term; not certified).
     """
     sl = 0.0 if broken else 1.0  # the radius term's weight in the bounds
     np.random.seed(seed)
+    st = rng_state(seed)
     B = Q.shape[0]
     ids, sids, cnt, lz = _outputs(B, k)
     # the node arrays as locals: a NamedTuple passed to a helper or read in a hot loop costs reference counting
@@ -319,10 +404,16 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
     nnext = T.node_next_sibling
     ncount = T.node_count
     nmaxd = T.node_maxd
-    f0v, f0c, f0a, f0s, f0r, f0m, f0q, level0 = F0
+    f0v, f0c, f0a, f0s, f0r, f0m, f0q, owner, level0 = F0
     subn, sufn = NB
     nc0 = f0v.shape[0]
-    mask, n_live, live, ls = _scratch(T)
+    # no O(N) work per call unless needed: the mask of excluded and drawn ids only with exclusions or without
+    # replacement, the brute-force path's scratch on its first use (then the mask too)
+    n_live = T.node_count[T.state[ROOT]] if T.state[ROOT] >= 0 else T.points.shape[0]
+    use_mask = eids.shape[0] > 0 or replace == 0
+    mask = np.zeros(T.points.shape[0] if use_mask else 0, np.bool_)
+    live = np.full(1, -2, np.int64)
+    ls = np.empty((2, 1), np.float64)
     cap = max(1024, 2 * nc0)
     fv = np.empty(cap, np.int64)  # node
     fa = np.empty(cap, np.int64)  # pre-order start of the members after p_v
@@ -334,9 +425,12 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
     fq = np.empty(cap, np.float64)  # ||p_v||^2
     hk = np.empty(cap, np.float64)
     hi = np.empty(cap, np.int64)
-    wgt = np.empty(cap, np.float64)  # envelope masses n_j e^{E_j - Eref} (the proposal's weights)
-    cw = np.empty(cap, np.float64)
-    ex = np.empty(cap, np.float64)  # scratch for exponentials
+    W = np.empty(cap, np.float64)  # the proposal's weights
+    zt = np.empty(cap, np.float64)  # Eq. 7 terms of the start clusters
+    lt = np.empty(cap, np.float64)  # certified lower terms
+    dt = np.empty(cap, np.float64)  # W - zt of the start clusters
+    cw = np.empty(cap + FENCE, np.float64)  # cumulative weights, then the fences of their blocks
+    fence = np.empty(cap // FENCE + 2, np.float64)
     sp = np.empty(cap, np.int64)  # the start clusters split by the query's refinement (restored after it)
     # entries j < nc0 are the start clusters (between queries: as in F0; per query fE, fs rewritten and the split
     # ones restored afterwards), refined clusters follow
@@ -346,48 +440,39 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
     fn[:nc0] = f0s
     fr[:nc0] = f0r
     fq[:nc0] = f0q
-    tj = np.empty(max(nc0, 1), np.int64)  # the tail: start clusters lumped, cumulative sizes
-    tcum = np.empty(max(nc0, 1), np.int64)
-    rj = np.empty(RING, np.int64)  # the ring of proposals: cluster, pre-order position (or -1 - id), target
+    rj = np.empty(RING, np.int64)  # the ring of proposals: entry, pre-order position (or -1 - id), target
     rp = np.empty(RING, np.int64)
     ri = np.empty(RING, np.int64)
     order2 = order.reshape(order.shape[0], 1)  # a 2-D view, for prefetch_row
     for b in range(B):
         q = Q[b]
         c = cnt[b]
-        live[0] = -2
+        live[0] = -2  # this query's logits not computed
         lze = _excluded(T, q, beta, eids, eptr[b], eptr[b + 1], c)
         lz[b, LZ_EXCL] = lze
-        qn2 = np.sum(q * q)
+        qn2 = 0.0
+        for d in range(q.shape[0]):
+            qn2 += q[d] * q[d]
         bq = beta * np.sqrt(qn2)
         tau = margin * bq  # rounding of two float64 dot products, |fl(<q, t>) - <q, t>| <= tau / 2
-        # ---- the envelope: the start frontier (its logits from the caller's GEMM), then best-first refinement.
-        # Z >= e^{smax} (smax: the largest representative logit, a member's): the start clusters whose bound is
-        # <= Etail = smax - log(N / TAIL) are lumped into one tail of bound Etail and mass <= TAIL Z, never refined
+        # ---- the envelope: the start frontier (its logits from the caller's GEMM), the tail, then best-first
+        # refinement
         s0 = S0[b]
-        Etail = _max(s0, nc0) - np.log(n_live / TAIL)
-        _start_bounds(s0, f0s, f0r, f0q, f0m, bq, qn2, beta, tau, sl, Etail, fE, fs)
+        _start_bounds(s0, f0s, f0r, f0q, f0m, bq, qn2, beta, tau, sl, fE, fs)
         Eref = _max(fE, nc0)
-        nt = 0
-        tt = 0
-        for j in range(nc0):  # the tail's start clusters and cumulative sizes (written always, kept if lumped)
-            lump = fE[j] == -np.inf
-            tj[nt] = j
-            tt += f0s[j] if lump else 0
-            tcum[nt] = tt
-            nt += 1 if lump else 0
-        nf = nc0
-        _masses(fn, fE, Eref, wgt, 0, nc0)  # U_j: the heap's keys and the proposal's weights
-        _masses(fn, fs, Eref, ex, 0, nc0)
-        zhat = _sum(ex, nc0)
+        Etail = max(_max(s0, nc0) - np.log(n_live / TAIL), Eref - 690.0)
+        nt, nlump = _start_masses(fn, fE, fs, fr, nc0, bq, tau, Eref, Etail, W, zt, lt, dt)
+        zhat = _sum(zt, nc0)
         c[INNER] += nc0
         c[SELECT] += nc0
         hsize = 0
-        if k > 0:  # clusters whose whole mass cannot repay one inner product are never split: not queued
-            thr = zhat / (k * attempt_cost)
+        # clusters whose saving cannot repay one inner product are never split: not queued (none, often)
+        thr = zhat / (k * attempt_cost) if k > 0 else np.inf
+        if _max(dt, nc0) > thr:
             for j in range(nc0):
-                if f0s[j] > 1 and wgt[j] > thr:
-                    hsize = _heap_push(hk, hi, hsize, wgt[j], j)  # heap key: the mass n_j e^{E_j - Eref}
+                if dt[j] > thr:
+                    hsize = _heap_push(hk, hi, hsize, W[j], j)  # heap key: the weight n_j e^{E_j - Eref} UP
+        nf = nc0
         spent = 0
         nsp = 0
         while hsize > 0:
@@ -423,9 +508,10 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
                     fs = _grow(fs, nf, cap)
                     fr = _grow(fr, nf, cap)
                     fq = _grow(fq, nf, cap)
-                    wgt = _grow(wgt, nc0, cap)
-                    cw = np.empty(cap, np.float64)
-                    ex = np.empty(cap, np.float64)
+                    W = _grow(W, nc0, cap)
+                    lt = _grow(lt, nc0, cap)
+                    cw = np.empty(cap + FENCE, np.float64)
+                    fence = np.empty(cap // FENCE + 2, np.float64)
                     sp = _grow(sp, nsp, cap)  # a split adds at least one cluster: nsp < nf
                     hk = _grow(hk, hsize, cap)  # the heap holds at most one entry per frontier cluster
                     hi = _grow(hi, hsize, cap)
@@ -462,42 +548,38 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
         c[INNER] += spent
         c[SELECT] += spent
         c[N_CLUSTERS] = nf  # the lumped start clusters included
-        c[LUMPED] = nt
+        c[LUMPED] = nlump
+        c[LEVEL] = level0
+        # ---- the weights of the clusters the refinement made or changed, the tail, the certified interval
+        for x in range(nsp):
+            _cluster_mass(W, lt, fn, fE, fs, fr, sp[x], bq, tau, Eref)
+        for j in range(nc0, nf):
+            _cluster_mass(W, lt, fn, fE, fs, fr, j, bq, tau, Eref)
         jt = -1  # the tail as one more proposal entry (bound Etail, never accepted without an inner product)
         if nt > 0:
             jt = nf
-            fn[jt] = tcum[nt - 1]
+            fn[jt] = nt
             fE[jt] = Etail
             fs[jt] = Etail
-            fr[jt] = 0.0
+            W[jt] = nt * _exp(Etail - Eref) * UP
         nprop = nf + 1 if nt > 0 else nf
-        c[LEVEL] = level0
-        # ---- certified interval and the proposal. The masses of the start clusters not split are those computed
-        # before the refinement; a lumped one has mass 0 (never proposed: an alias slot of weight 0 has prob 0, a
-        # binary search in cw never lands on a repeated value). Every term of sum U is n_j _exp(E_j - Eref) and
-        # the largest is >= 1 (E_j = Eref), so (1 + EXP_REL) sum U >= the exact sum (_exp's error; terms below
-        # e^-700 are 0 and weigh less than that)
-        for x in range(nsp):
-            j = sp[x]
-            wgt[j] = fn[j] * _exp(fE[j] - Eref)
-        _masses(fn, fE, Eref, wgt, nc0, nprop)
-        sum_u = _sum(wgt, nprop)
-        hi_ = Eref + np.log(sum_u * (1.0 + EXP_REL))
-        lo = _log_z_lo(fn, fs, fr, nf, bq, tau, Eref, ex)  # the refined clusters only (the tail's share dropped)
-        # the expected number of attempts, k Z_hi / Z_hat: an alias table (O(1) a proposal) when they are many,
-        # else a binary search in the cumulative masses cw (no O(clusters) table to build)
-        expected = k * attempt_cost * sum_u / max(zhat, 1e-300)
-        use_alias = expected * 8 > nprop
-        wtot = 0.0  # the binary search's total: cw[nprop - 1]
-        if use_alias:
-            prob, alias = _alias(wgt, nprop)
-        else:
-            prob, alias = wgt[:0], hi[:0]
-            for j in range(nprop):
-                wtot += wgt[j]
-                cw[j] = wtot
-        # against brute force (N inner products, once)
-        brute = spent + expected >= n_live
+        nblk = _cumulative(W, nprop, cw, fence)
+        jmax = nprop - 1
+        while W[jmax] == 0.0:
+            jmax -= 1
+        sum_w = _sum(W, nprop)
+        hi_ = Eref + np.log(sum_w * (1.0 + nprop * 2.0 ** -52))
+        lsum = _sum(lt, nf) * (1.0 - nf * 2.0 ** -52)
+        if lsum > 0.0:
+            lo = Eref + np.log(lsum)
+        else:  # every term underflowed: the largest one alone
+            lo = -np.inf
+            for j in range(nf):
+                if fE[j] > -np.inf:
+                    lo = max(lo, np.log(fn[j]) + (fs[j] - bq * fr[j] - tau if fn[j] > 1 else fs[j]))
+        wtot = cw[nprop - 1]
+        # against brute force (N inner products, once): the expected attempts, k Z_hi / Z_hat
+        brute = spent + k * attempt_cost * sum_w / max(zhat, 1e-300) >= n_live
         lz[b, LZ_LO] = lo
         lz[b, LZ_HI] = hi_
         nb = eptr[b + 1] - eptr[b]
@@ -506,50 +588,43 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
         mask[buf[:nb]] = True
         # ---- the draws. RING proposals in flight: at step t the proposal in slot t % RING (generated at step
         # t - RING, resolved to a target at step t - AHEAD, its row prefetched) is evaluated, slot (t + AHEAD) % RING
-        # is resolved and slot t % RING refilled (its pre-order entry prefetched). One loop, no helper calls.
+        # is resolved and slot t % RING refilled (its pre-order entry prefetched). One loop, no helper calls; it
+        # stops when the query's work reaches N, and brute force makes the remaining draws.
         step = 0
         head = 0
         t = 0
         attempts = 0
-        while t < k:
+        while t < k and not brute:
             if step >= RING:
                 if attempts >= max_attempts:
                     c[STATUS] = 1
                     return ids, sids, cnt, lz
-                done = False
-                if brute or spent + c[ATTEMPTS] >= n_live:  # the query's work reached N: brute force
-                    ids[b, t], sids[b, t] = _exact_draw(T, q, beta, mask, live, ls, c)
-                    done = True
+                if spent + c[ATTEMPTS] >= n_live:
+                    break
+                attempts += 1
+                c[ATTEMPTS] += 1
+                j = rj[head]
+                i = ri[head]
+                if fn[j] == 1 and j != jt:
+                    s = fs[j]
                 else:
-                    attempts += 1
-                    c[ATTEMPTS] += 1
-                    j = rj[head]
-                    i = ri[head]
-                    if fn[j] == 1 and j != jt:
-                        s = fs[j]
-                        ok = True
+                    s = beta * _dot(points, i, q)
+                    c[INNER] += 1
+                if uniform(st) * W[j] < fn[j] * np.exp(s - Eref):
+                    if use_mask and mask[i]:
+                        c[EXCL_HITS] += 1
                     else:
-                        s = beta * _dot(points, i, q)
-                        c[INNER] += 1
-                        ok = np.random.random() < np.exp(s - fE[j])
-                    if ok:
-                        if mask[i]:
-                            c[EXCL_HITS] += 1
-                        else:
-                            ids[b, t] = i
-                            sids[b, t] = s
-                            c[ACCEPTED] += 1
-                            done = True
-                if done:
-                    if replace == 0:
-                        buf[nb] = ids[b, t]
-                        mask[ids[b, t]] = True
-                        ls[1, ls.shape[1] - 1] = np.nan
-                        nb += 1
-                    t += 1
-                    attempts = 0
-                    if t == k:
-                        break
+                        ids[b, t] = i
+                        sids[b, t] = s
+                        c[ACCEPTED] += 1
+                        if replace == 0:
+                            buf[nb] = i
+                            mask[i] = True
+                            nb += 1
+                        t += 1
+                        attempts = 0
+                        if t == k:
+                            break
             if step >= RING - AHEAD:  # resolve
                 r = head + AHEAD if head + AHEAD < RING else head + AHEAD - RING
                 p = rp[r]
@@ -557,30 +632,41 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
                 ri[r] = i
                 if fn[rj[r]] > 1 or rj[r] == jt:
                     prefetch_row(points, i)
-            if use_alias:  # generate
-                j = np.random.randint(0, nprop)
-                if np.random.random() >= prob[j]:
-                    j = alias[j]
-            else:
-                j = min(np.searchsorted(cw[:nprop], np.random.random() * wtot, side="right"), nprop - 1)
-            u = np.random.randint(0, fn[j])
+            # generate
+            j = _propose(cw, fence, nblk, uniform(st) * wtot, jmax)
             rj[head] = j
-            if j == jt:  # a tail member: its start cluster by the cumulative sizes, then its position
-                x = np.searchsorted(tcum[:nt], u, side="right")
-                j0 = tj[x]
-                u -= tcum[x - 1] if x > 0 else 0
-                if u == 0:
-                    rp[head] = -1 - npt[f0v[j0]]
-                else:
-                    rp[head] = f0a[j0] + u - 1
-                    prefetch_row(order2, rp[head])
-            elif u == 0:
-                rp[head] = -1 - npt[fv[j]]
+            if j == jt:  # a tail member: uniform pre-order positions until one falls in a lumped start cluster
+                p = below(st, n_live)
+                while fE[owner[p]] != -np.inf:
+                    p = below(st, n_live)
+                rp[head] = p
+                prefetch_row(order2, p)
             else:
-                rp[head] = fa[j] + u - 1
-                prefetch_row(order2, rp[head])
+                u = below(st, fn[j]) if fn[j] > 1 else 0
+                if u == 0:
+                    rp[head] = -1 - npt[fv[j]]
+                else:
+                    rp[head] = fa[j] + u - 1
+                    prefetch_row(order2, rp[head])
             head = head + 1 if head + 1 < RING else 0
             step += 1
+        if t < k:  # brute force for the rest (exact: the switch is a stopping time of the iid attempts)
+            if ls.shape[1] == 1:  # its scratch, on first use in this call
+                mask2, _, live, ls = _scratch(T)
+                if use_mask:
+                    mask2[:] = mask
+                mask = mask2
+                use_mask = True
+                live[0] = -2
+            ls[1, ls.shape[1] - 1] = np.nan  # the cumulative masses of an earlier query are stale
+            while t < k:
+                ids[b, t], sids[b, t] = _exact_draw(T, q, beta, mask, live, ls, c)
+                if replace == 0:
+                    buf[nb] = ids[b, t]
+                    mask[ids[b, t]] = True
+                    ls[1, ls.shape[1] - 1] = np.nan
+                    nb += 1
+                t += 1
         mask[buf[:nb]] = False
         for x in range(nsp):  # the split start clusters back to F0 for the next query (fE, fs are rewritten)
             j = sp[x]
@@ -597,7 +683,7 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
                 tot += np.exp(ls[0, x] - m)
             est = m + np.log(tot)
         elif c[ATTEMPTS] > 0:
-            est = hi_ + np.log(max(c[ACCEPTED] + c[EXCL_HITS], 1) / c[ATTEMPTS])
+            est = Eref + np.log(sum_w) + np.log(max(c[ACCEPTED] + c[EXCL_HITS], 1) / c[ATTEMPTS])
         else:
             est = Eref + np.log(max(zhat, 1e-300))
         lz[b, LZ_EST] = min(max(est, lo), hi_)

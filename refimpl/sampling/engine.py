@@ -67,8 +67,10 @@ _CODES = {"rejection": EK.REJECTION, "mh": EK.MH, "paper": EK.PAPER}
 STARTS = ("root", "prop2")
 DEFAULT_MAX_STEPS = 10_000_000
 _EMPTY = np.zeros(0, np.int64)
-_NO_START = (_EMPTY, _EMPTY, _EMPTY, _EMPTY, np.zeros(0), np.zeros(0), np.zeros(0), np.int64(0))  # unused by
-_NO_NB = (np.zeros(0), np.zeros(0))  # "mh" and "paper"
+# the adaptive sampler's start, unused by "mh" and "paper"
+_NO_START = (_EMPTY, _EMPTY, _EMPTY, _EMPTY, np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0, np.int32),
+             np.int64(0))
+_NO_NB = (np.zeros(0), np.zeros(0))
 _NO_S0 = np.zeros((0, 0), np.float64)
 
 

@@ -240,3 +240,23 @@ def test_adaptive_with_lumped_start_clusters_is_exact(k):
     lo, hi = r.stats["log_z_lo"], r.stats["log_z_hi"]
     assert np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))
     assert np.all(lo - 1e-9 <= lz) and np.all(lz <= hi + 1e-9)
+
+
+@pytest.mark.parametrize("kind", ["unit", "dynamic"])
+def test_start_frontier_owner_partitions_the_preorder(kind):
+    """The start frontier's ``owner`` (the tail's proposals rely on it): at start levels of about 30, 300 and 3,000
+    clusters, every pre-order position has an owner, each start cluster owns exactly its size, and the targets it
+    owns are its representative and the members of its pre-order range."""
+    from refimpl.index.search import preorder
+    X, tree, q = _instance(kind, 8)
+    order, pos = preorder(tree)
+    for start in (30, 300, 3000):
+        F0, R, _, _ = S.adaptive_start(tree, start)
+        nodes, fc, fa, fn, owner = F0[0], F0[1], F0[2], F0[3], F0[7]
+        assert owner.shape == order.shape and owner.min() >= 0, start
+        assert np.array_equal(np.bincount(owner, minlength=nodes.size), fn), start
+        pts = tree.arrays().node_point
+        for j in np.random.default_rng(start).choice(nodes.size, size=min(nodes.size, 50), replace=False):
+            mine = np.sort(order[owner == j])
+            expect = np.sort(np.concatenate([[pts[nodes[j]]], order[fa[j]:fa[j] + fn[j] - 1]]))
+            assert np.array_equal(mine, expect), (start, j)

@@ -28,10 +28,11 @@ from numba.extending import intrinsic
 from refimpl.index import N_NODES, ROOT, prefetch_row
 from refimpl.sampling._cluster_kernels import (_cluster_geometry, _dot, _grow, _heap_pop, _heap_push,
                                                sibling_suffix_max)
-from refimpl.sampling._kernels import (ACCEPTED, AHEAD, ATTEMPTS, EXCL_HITS, INNER, LEVEL, LUMPED, LZ_EST, LZ_EXCL,
-                                       LZ_HI, LZ_LO, N_CLUSTERS, RING, SELECT, STATUS, _exact_draw, _excluded, _outputs,
+from refimpl.sampling._kernels import (ACCEPTED, ATTEMPTS, EXCL_HITS, INNER, LEVEL, LUMPED, LZ_EST, LZ_EXCL,
+                                       LZ_HI, LZ_LO, N_CLUSTERS, SELECT, STATUS, _exact_draw, _excluded, _outputs,
                                        _scratch)
 
+BATCH = 32  # attempts generated, resolved and scored together (their memory reads overlap)
 TAIL = 0.01  # bound on the share of the envelope's mass in the tail of lumped start clusters, relative to Z
 REFINE_SHARE = 0.25  # the refinement stops after this share of N inner products (each costs several brute-force ones)
 
@@ -231,12 +232,12 @@ def _cumulative(W, n, cw, fence):
 def _propose(cw, fence, nb, u, jmax):
     """The first entry j with cw[j] > u (so never an entry of weight 0, whose cw equals its predecessor's): the
     block as the number of fences <= u, then the entries <= u in that block; two loops without branches that the
-    compiler vectorises (a binary search's unpredictable branches cost more). Capped at ``jmax``, the last entry
-    of positive weight (u rounded up to the total)."""
+    compiler vectorises (a binary search's unpredictable branches cost more). Capped at the last block and at
+    ``jmax``, the last entry of positive weight (u rounded up to the total)."""
     b = 0
     for x in range(nb):
         b += np.int64(fence[x] <= u)
-    j0 = b * FENCE
+    j0 = min(b, nb - 1) * FENCE
     c = 0
     for x in range(FENCE):
         c += np.int64(cw[j0 + x] <= u)
@@ -247,7 +248,6 @@ def _propose(cw, fence, nb, u, jmax):
 # the draws' generator: xoshiro256** (Blackman and Vigna, 2018), its state seeded by splitmix64; inline, so that
 # one uniform costs a few integer operations (Numba's np.random calls cost several times more)
 
-_U1 = np.uint64(1)
 _M32 = np.uint64(0xFFFFFFFF)
 _TWO32 = np.uint64(1 << 32)
 
@@ -377,9 +377,10 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
     replacement, earlier draws) are rejected, which conditions the draw exactly on the others. Entries are drawn
     by a two-level search in the cumulative weights (:func:`_cumulative`, :func:`_propose`), members by
     :func:`below`, uniforms by :func:`uniform` (xoshiro256**, seeded by ``seed``; Numba's generator, seeded alike,
-    serves ``_exact_draw``).
-    Proposals are generated RING attempts in advance, their pre-order entries and rows prefetched: they are iid and
-    independent of the acceptance decisions, so using them later changes nothing in law. Once the query's
+    serves ``_exact_draw``). Attempts run in rounds of up to BATCH: their proposals are generated, then their targets' ids read, then their
+    logits computed (loops of independent memory reads, which the processor overlaps), then they are decided in
+    order: the proposals are iid and independent of the decisions, so this is Eq. 3-5 exactly (logits computed
+    for proposals left undecided when the query has its k draws are counted in INNER). Once the query's
     refinement inner products and attempts reach the number N of live targets, its remaining draws (the current
     one included) are made by brute force (``_exact_draw``): still exact, as the switch is a stopping time of the
     iid attempts (a draw not yet accepted is, conditionally, a draw from P). LZ_LO (log of the sum of the lower
@@ -440,10 +441,10 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
     fn[:nc0] = f0s
     fr[:nc0] = f0r
     fq[:nc0] = f0q
-    rj = np.empty(RING, np.int64)  # the ring of proposals: entry, pre-order position (or -1 - id), target
-    rp = np.empty(RING, np.int64)
-    ri = np.empty(RING, np.int64)
-    order2 = order.reshape(order.shape[0], 1)  # a 2-D view, for prefetch_row
+    rj = np.empty(BATCH, np.int64)  # a round of proposals: entry, pre-order position (or -1 - id), target, logit
+    rp = np.empty(BATCH, np.int64)
+    ri = np.empty(BATCH, np.int64)
+    rs = np.empty(BATCH, np.float64)
     for b in range(B):
         q = Q[b]
         c = cnt[b]
@@ -586,30 +587,49 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
         buf = np.empty(nb + k, np.int64)
         buf[:nb] = eids[eptr[b]:eptr[b + 1]]
         mask[buf[:nb]] = True
-        # ---- the draws. RING proposals in flight: at step t the proposal in slot t % RING (generated at step
-        # t - RING, resolved to a target at step t - AHEAD, its row prefetched) is evaluated, slot (t + AHEAD) % RING
-        # is resolved and slot t % RING refilled (its pre-order entry prefetched). One loop, no helper calls; it
-        # stops when the query's work reaches N, and brute force makes the remaining draws.
-        step = 0
-        head = 0
+        # ---- the draws, in rounds of m <= BATCH attempts (m the expected number still needed): generate m
+        # proposals, then read their targets' ids, then compute their logits (loops of independent loads, so that
+        # the memory system serves many at once), then decide them in order until the query has its k draws. The
+        # proposals are iid and independent of the decisions, so deciding them in order is Eq. 3-5 exactly; the
+        # logits computed for proposals left undecided at the end are counted as inner products. The rounds stop
+        # when the query's work reaches N, and brute force makes the remaining draws.
         t = 0
         attempts = 0
         while t < k and not brute:
-            if step >= RING:
+            m = min(BATCH, max(1, int(np.ceil((k - t) * sum_w / max(zhat, 1e-300)))))
+            for x in range(m):
+                j = _propose(cw, fence, nblk, uniform(st) * wtot, jmax)
+                rj[x] = j
+                if j == jt:  # a tail member: uniform pre-order positions until one falls in a lumped start cluster
+                    p = below(st, n_live)
+                    while fE[owner[p]] != -np.inf:
+                        p = below(st, n_live)
+                    rp[x] = p
+                else:
+                    u = below(st, fn[j]) if fn[j] > 1 else 0
+                    rp[x] = -1 - npt[fv[j]] if u == 0 else fa[j] + u - 1
+            for x in range(m):
+                p = rp[x]
+                ri[x] = -1 - p if p < 0 else order[p]
+            for x in range(m):
+                j = rj[x]
+                if fn[j] == 1 and j != jt:
+                    rs[x] = fs[j]
+                else:
+                    rs[x] = beta * _dot(points, ri[x], q)
+                    c[INNER] += 1
+            for x in range(m):
                 if attempts >= max_attempts:
                     c[STATUS] = 1
                     return ids, sids, cnt, lz
                 if spent + c[ATTEMPTS] >= n_live:
+                    brute = True
                     break
                 attempts += 1
                 c[ATTEMPTS] += 1
-                j = rj[head]
-                i = ri[head]
-                if fn[j] == 1 and j != jt:
-                    s = fs[j]
-                else:
-                    s = beta * _dot(points, i, q)
-                    c[INNER] += 1
+                j = rj[x]
+                i = ri[x]
+                s = rs[x]
                 if uniform(st) * W[j] < fn[j] * np.exp(s - Eref):
                     if use_mask and mask[i]:
                         c[EXCL_HITS] += 1
@@ -625,31 +645,6 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
                         attempts = 0
                         if t == k:
                             break
-            if step >= RING - AHEAD:  # resolve
-                r = head + AHEAD if head + AHEAD < RING else head + AHEAD - RING
-                p = rp[r]
-                i = -1 - p if p < 0 else order[p]
-                ri[r] = i
-                if fn[rj[r]] > 1 or rj[r] == jt:
-                    prefetch_row(points, i)
-            # generate
-            j = _propose(cw, fence, nblk, uniform(st) * wtot, jmax)
-            rj[head] = j
-            if j == jt:  # a tail member: uniform pre-order positions until one falls in a lumped start cluster
-                p = below(st, n_live)
-                while fE[owner[p]] != -np.inf:
-                    p = below(st, n_live)
-                rp[head] = p
-                prefetch_row(order2, p)
-            else:
-                u = below(st, fn[j]) if fn[j] > 1 else 0
-                if u == 0:
-                    rp[head] = -1 - npt[fv[j]]
-                else:
-                    rp[head] = fa[j] + u - 1
-                    prefetch_row(order2, rp[head])
-            head = head + 1 if head + 1 < RING else 0
-            step += 1
         if t < k:  # brute force for the rest (exact: the switch is a stopping time of the iid attempts)
             if ls.shape[1] == 1:  # its scratch, on first use in this call
                 mask2, _, live, ls = _scratch(T)

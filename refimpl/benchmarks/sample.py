@@ -12,7 +12,8 @@ Data sets (``--data``):
   skipped with a message.
 
 Queries: ``--queries`` rows near random targets (a target plus N(0, 0.1^2 I / D), normalised), answered as ONE
-batch by every sampler. Per N, per k in ``--ks``, reported per sampler: CPU ms per query (time.process_time of the
+batch by every sampler, once (a cold run: no repetition warms the caches with the queries' neighbourhoods), with a
+``numpy.random.Generator`` made outside the timed region, as the baseline's. Per N, per k in ``--ks``, reported per sampler: CPU ms per query (time.process_time of the
 whole batch / B), inner products per query and per draw, the floor = inner products x the measured cost of one
 random-row inner product (a Numba loop over random rows with a vectorised float64 dot, measured on the same
 points; the adaptive sampler's start-level inner products, computed by one float64 GEMM, at the measured cost of

@@ -12,7 +12,7 @@ Procedures and what each guarantees (P = softmax of ``beta <q, t>`` over the non
 
 * ``"rejection"``: exact rejection sampling of P (Eq. 3-5) on an envelope refined per query: the adaptive sampler
   of :func:`refimpl.sampling.samplers.sample_adaptive` (kernel ``adaptive_batch``), run inside the engine's call.
-  From C_(l) (the deepest level with at most 2 sqrt(N) clusters, its representatives scored for the batch by ONE
+  From C_(l) (the deepest level with at most 32 sqrt(N) clusters, its representatives scored for the batch by ONE
   GEMM; start clusters of negligible mass lumped into one tail entry), the tree cluster of largest envelope mass
   |C| e^{E_C} is split while the attempts this saves over the query's draws exceed the split's inner products;
   E_C >= every member's logit is the least of Prop. 1's bound s_r + beta ||q|| rho(C) (certified radius), a bound
@@ -153,7 +153,7 @@ class MiningEngine:
         cap applies from the top and far regions are finalised as coarse clusters. Either way the output is a
         partition and its certified gamma is computed and reported; Prop. 4's premise (every output cluster at
         level <= l) holds only for "prop2" without a cap.
-    start_clusters : "rejection" only: the largest size of the adaptive sampler's start level (None: 2 sqrt(N);
+    start_clusters : "rejection" only: the largest size of the adaptive sampler's start level (None: 32 sqrt(N);
         :func:`refimpl.sampling.samplers.sample_adaptive`); it sets only the cost.
     """
 

@@ -64,10 +64,12 @@ __all__ = [
 DEFAULT_MAX_ATTEMPTS = 10_000_000
 DEFAULT_C = 1.5
 ATTEMPT_COST = 1.0  # one attempt of a rejection sampler, in inner products, in Prop. 3's cost of a start level
-# the adaptive sampler starts from the deepest C_(l) with at most START_SQRT sqrt(N) clusters; chosen by the measured
-# time per query of sample_adaptive at N = 1e5, 1e6, 1e7 (hierarchical data, k = 10 and 64; 0.25 to 32 tried:
-# 2 was within 7 % of the fastest everywhere, 32 was 1.5-6.3x slower)
-START_SQRT = 2.0
+# the adaptive sampler starts from the deepest C_(l) with at most START_SQRT sqrt(N) clusters. The best level depends
+# on the data, as measured at commits 48a3556-a6f3834: on hierarchical_points (bench sample, k = 10 and 64, N = 1e5-1e7) 2 sqrt(N)
+# was within 7 % of the fastest and 32 sqrt(N) 1.5-6.3x slower; in the DyNNIBAL training step on the planted task
+# ("rejection", bench train, N = 1e5) 32 sqrt(N) mines in 8.8 ms and 2, 8, 16, 64 sqrt(N) in 60.9, 49.4, 30.6, 9.8 ms
+# (there the coarse envelopes are loose and refining them costs more than a finer start). The training step decides.
+START_SQRT = 32.0
 _EMPTY = np.zeros(0, np.int64)
 
 
@@ -600,7 +602,7 @@ def sample_adaptive(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z=
     max_attempts : int
         Per draw; reaching it raises :class:`SamplerError`.
     start_clusters : float > 0, optional
-        The start level's largest size (default 2 sqrt(N); >= N: every target its own start cluster; < 2: the
+        The start level's largest size (default 32 sqrt(N); >= N: every target its own start cluster; < 2: the
         root). The level, the tail and the refinement rule set only the cost, never the law.
 
     Cost per query: |C_(l)| GEMM inner products and the refinement's (together
@@ -621,9 +623,11 @@ def _adaptive(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z="estim
         start_clusters = check_positive("start_clusters", start_clusters)
     order, pos = preorder(tree)
     F0, R, margin, NB = adaptive_start(tree, start_clusters)
+    S0 = Q @ R.T
+    S0 *= beta  # in place: one (B, |C_(l)|) array, not two
     ids, sids, cnt, lz = AD.adaptive_batch(tree.arrays(), suffix_radii(tree), order, pos, Q, beta, k, eptr, eids,
-                                           int(replace), max_attempts, ATTEMPT_COST, _seed(gen), F0,
-                                           beta * (Q @ R.T), margin, NB, bool(broken))
+                                           int(replace), max_attempts, ATTEMPT_COST, _seed(gen), F0, S0, margin, NB,
+                                           bool(broken))
     if cnt[:, K.STATUS].any():
         raise SamplerError(f"sample_adaptive: no accepted draw after {max_attempts} attempts")
     res = _finish(tree, Q, beta, log_z, replace, batched, ids, sids, cnt, lz)

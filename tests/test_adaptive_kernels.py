@@ -1,8 +1,9 @@
 """The adaptive sampler's per-query pass and draws (refimpl.sampling._adaptive): the vectorisable exponential
 against extended-precision exp, the branch-free certified bounds against the three bounds they take the least of,
 the lumping and the weights of the start clusters, the two-level proposal search (never an entry of weight 0, and
-the law of the weights), the inline generator (uniform and exactly uniform integers, chi-square), and the
-sampler's law with lumped start clusters (chi-square at alpha 0.001, n = 64,143, power >= 0.99 at TV 0.02, as in
+the law of the weights), the inline generator (uniform and exactly uniform integers, chi-square), the start
+frontier's owner map (a partition of the pre-order, which the tail's proposals rely on), and the sampler's law
+with lumped start clusters (chi-square at alpha 0.001, n = 64,143, power >= 0.99 at TV 0.02, as in
 tests/test_samplers_float32.py). Seeds are fixed.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from numba import njit
 
+from refimpl.index.search import preorder
 from refimpl.sampling import samplers as S
 from refimpl.sampling._adaptive import (EXP_REL, FENCE, _cumulative, _exp, _propose, _start_bounds, _start_masses,
                                         below, rng_state, uniform)
@@ -247,7 +249,6 @@ def test_start_frontier_owner_partitions_the_preorder(kind):
     """The start frontier's ``owner`` (the tail's proposals rely on it): at start levels of about 30, 300 and 3,000
     clusters, every pre-order position has an owner, each start cluster owns exactly its size, and the targets it
     owns are its representative and the members of its pre-order range."""
-    from refimpl.index.search import preorder
     X, tree, q = _instance(kind, 8)
     order, pos = preorder(tree)
     for start in (30, 300, 3000):

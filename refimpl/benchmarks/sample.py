@@ -11,17 +11,18 @@ Data sets (``--data``):
   perturbed by N(0, (0.05)^2 I / D) and renormalised (synthetic beyond M). Without ``--text-data`` the data set is
   skipped with a message.
 
-Queries: ``--queries`` rows near random targets (a target plus N(0, 0.1^2 I / D), normalised), answered as ONE
-batch by every sampler, once (a cold run: no repetition warms the caches with the queries' neighbourhoods), with a
-``numpy.random.Generator`` made outside the timed region, as the baseline's. Per N, per k in ``--ks``, reported per sampler: CPU ms per query (time.process_time of the
-whole batch / B), inner products per query and per draw, the floor = inner products x the measured cost of one
-random-row inner product (a Numba loop over random rows with a vectorised float64 dot, measured on the same
-points; the adaptive sampler's start-level inner products, computed by one float64 GEMM, at the measured cost of
-a GEMM inner product instead), the distance to it, and the speedup over the baseline. Baseline: what a NumPy
-user writes: float32 targets, queries in blocks of B_b (best of ``--baseline-batches`` reported), one GEMM per block of 65,536 targets,
-exp(s - beta ||q|| max ||t||) (no max pass needed), masses per chunk of 4,096 targets (only the (B_b, N / 4,096)
-chunk masses are kept), then each draw picks a chunk
-by its mass and a row inside it by exp/cumsum over that chunk's recomputed logits (exact up to float32 rounding).
+Queries: ``--queries`` rows near random targets (a target plus N(0, 0.1^2 I / D), normalised), answered as ONE batch
+by every sampler, once (a cold run: no repetition warms the caches with the queries' neighbourhoods), with a
+``numpy.random.Generator`` made outside the timed region, as the baseline's. Per N, per k in ``--ks``, reported per
+sampler: CPU ms per query (time.process_time of the whole batch / B), inner products per query and per draw, the
+floor = inner products x the measured cost of one random-row inner product (a Numba loop over random rows with a
+vectorised float64 dot, measured on the same points; the adaptive sampler's start-level inner products, computed by
+one float64 GEMM, at the measured cost of a GEMM inner product instead), the distance to it, and the speedup over
+the baseline. Baseline: what a NumPy user writes: float32 targets, queries in blocks of B_b (best of
+``--baseline-batches`` reported), one GEMM per block of 65,536 targets, exp(s - beta ||q|| max ||t||) (no max pass
+needed), masses per chunk of 4,096 targets (only the (B_b, N / 4,096) chunk masses are kept), then each draw picks a
+chunk by its mass and a row inside it by exp/cumsum over that chunk's recomputed logits (exact up to float32
+rounding).
 
 Targets are generated and stored as float32 (the tree's storage is the same array; every sampler accumulates its
 logits in float64). Samplers: ``exact`` (brute force, ``sample_exact`` on the float32 rows), ``rejection`` (Alg. 1,

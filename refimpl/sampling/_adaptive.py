@@ -369,27 +369,26 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
     force instead (``_exact_draw``: N inner products once, then an inverse CDF per draw). The rule and this
     switch, decided before any attempt from the envelope alone, only set the cost.
 
-    Sampling (Eq. 3-5): propose entry j (a cluster or the tail) with probability W_j / sum W, W_j = n_j
-    _exp(E_j - Eref) (1 + 2 EXP_REL) >= n_j e^{E_j - Eref} (:func:`_exp`, relative error <= EXP_REL), a member i
-    uniformly (pre-order range), accept if u W_j < n_j e^{s_i - Eref}, u uniform: probability n_j e^{s_i - Eref} /
-    W_j <= 1. So every attempt returns i with probability e^{s_i - Eref} / sum W whatever the weights' rounding,
-    and accepted draws are exact (up to the rounding of e^{s_i - Eref} itself); excluded ids (and, without
-    replacement, earlier draws) are rejected, which conditions the draw exactly on the others. Entries are drawn
-    by a two-level search in the cumulative weights (:func:`_cumulative`, :func:`_propose`), members by
-    :func:`below`, uniforms by :func:`uniform` (xoshiro256**, seeded by ``seed``; Numba's generator, seeded alike,
-    serves ``_exact_draw``). Attempts run in rounds of up to BATCH: their proposals are generated, then their targets' ids read, then their
+    Sampling (Eq. 3-5): propose entry j (a cluster or the tail) with probability W_j / sum W, W_j = n_j _exp(E_j -
+    Eref) (1 + 2 EXP_REL) >= n_j e^{E_j - Eref} (:func:`_exp`, relative error <= EXP_REL), a member i uniformly
+    (pre-order range), accept if u W_j < n_j e^{s_i - Eref}, u uniform: probability n_j e^{s_i - Eref} / W_j <= 1.
+    So every attempt returns i with probability e^{s_i - Eref} / sum W whatever the weights' rounding, and accepted
+    draws are exact (up to the rounding of e^{s_i - Eref} itself); excluded ids (and, without replacement, earlier
+    draws) are rejected, which conditions the draw exactly on the others. Entries are drawn by a two-level search in
+    the cumulative weights (:func:`_cumulative`, :func:`_propose`), members by :func:`below`, uniforms by
+    :func:`uniform` (xoshiro256**, seeded by ``seed``; Numba's generator, seeded alike, serves ``_exact_draw``).
+    Attempts run in rounds of up to BATCH: their proposals are generated, then their targets' ids read, then their
     logits computed (loops of independent memory reads, which the processor overlaps), then they are decided in
-    order: the proposals are iid and independent of the decisions, so this is Eq. 3-5 exactly (logits computed
-    for proposals left undecided when the query has its k draws are counted in INNER). Once the query's
-    refinement inner products and attempts reach the number N of live targets, its remaining draws (the current
-    one included) are made by brute force (``_exact_draw``): still exact, as the switch is a stopping time of the
-    iid attempts (a draw not yet accepted is, conditionally, a draw from P). LZ_LO (log of the sum of the lower
-    terms n_j e^{s_j - beta ||q|| rho_j - tau} over the clusters not lumped, each computed low, the sum shrunk for
-    its rounding) and LZ_HI (log sum W, grown for its rounding) are certified; LZ_EST = LZ_HI + log(successes /
-    attempts) clipped to them (Eq. 7's Z_hat when k = 0; the exact log Z when the brute-force path ran). Counters:
-    INNER counts the GEMM's |F0| inner products too; LUMPED the start clusters in the tail. A call does O(N) work
-    only when it needs to: the mask of excluded and drawn ids with exclusions or without replacement, the
-    brute-force scratch on its first use.
+    order: the proposals are iid and independent of the decisions, so this is Eq. 3-5 exactly (logits computed for
+    proposals left undecided when the query has its k draws are counted in INNER). Once the query's refinement inner
+    products and attempts reach the number N of live targets, its remaining draws (the current one included) are
+    made by brute force (``_exact_draw``): still exact, as the switch is a stopping time of the iid attempts (a draw
+    not yet accepted is, conditionally, a draw from P). LZ_LO (log of the sum of the lower terms n_j e^{s_j - beta
+    ||q|| rho_j - tau} over the clusters not lumped, each computed low, the sum shrunk for its rounding) and LZ_HI
+    (log sum W, grown for its rounding) are certified; LZ_EST = LZ_HI + log(successes / attempts) clipped to them
+    (Eq. 7's Z_hat when k = 0; the exact log Z when the brute-force path ran). Counters: INNER counts the GEMM's
+    |F0| inner products too; LUMPED the start clusters in the tail. A call does O(N) work only when it needs to: the
+    mask of excluded and drawn ids with exclusions or without replacement, the brute-force scratch on its first use.
     ``broken`` (a negative control of the tests): bounds E = s_v (no radius term; not certified).
     """
     sl = 0.0 if broken else 1.0  # the radius term's weight in the bounds

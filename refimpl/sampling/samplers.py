@@ -65,10 +65,11 @@ DEFAULT_MAX_ATTEMPTS = 10_000_000
 DEFAULT_C = 1.5
 ATTEMPT_COST = 1.0  # one attempt of a rejection sampler, in inner products, in Prop. 3's cost of a start level
 # the adaptive sampler starts from the deepest C_(l) with at most START_SQRT sqrt(N) clusters. The best level depends
-# on the data, as measured at commits 48a3556-a6f3834: on hierarchical_points (bench sample, k = 10 and 64, N = 1e5-1e7) 2 sqrt(N)
-# was within 7 % of the fastest and 32 sqrt(N) 1.5-6.3x slower; in the DyNNIBAL training step on the planted task
-# ("rejection", bench train, N = 1e5) 32 sqrt(N) mines in 8.8 ms and 2, 8, 16, 64 sqrt(N) in 60.9, 49.4, 30.6, 9.8 ms
-# (there the coarse envelopes are loose and refining them costs more than a finer start). The training step decides.
+# on the data, as measured at commits 48a3556-a6f3834: on hierarchical_points (bench sample, k = 10 and 64,
+# N = 1e5-1e7) 2 sqrt(N) was within 7 % of the fastest and 32 sqrt(N) 1.5-6.3x slower; in the DyNNIBAL training step
+# on the planted task ("rejection", bench train, N = 1e5) 32 sqrt(N) mines in 8.8 ms and 2, 8, 16, 64 sqrt(N) in
+# 60.9, 49.4, 30.6, 9.8 ms (there the coarse envelopes are loose and refining them costs more than a finer start).
+# The training step decides.
 START_SQRT = 32.0
 _EMPTY = np.zeros(0, np.int64)
 

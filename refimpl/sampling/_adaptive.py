@@ -25,12 +25,12 @@ import numpy as np
 from numba import njit, types
 from numba.extending import intrinsic
 
-from refimpl.index import N_NODES, ROOT, prefetch_row
+from refimpl.index import N_NODES, prefetch_row
 from refimpl.sampling._cluster_kernels import (_cluster_geometry, _dot, _grow, _heap_pop, _heap_push,
                                                sibling_suffix_max)
 from refimpl.sampling._kernels import (ACCEPTED, ATTEMPTS, EXCL_HITS, INNER, LEVEL, LUMPED, LZ_EST, LZ_EXCL,
-                                       LZ_HI, LZ_LO, N_CLUSTERS, SELECT, STATUS, _exact_draw, _excluded, _outputs,
-                                       _scratch)
+                                       LZ_HI, LZ_LO, N_CLUSTERS, SELECT, STATUS, _exact_draw, _excluded, _marked,
+                                       _outputs, _scratch)
 
 BATCH = 32  # attempts generated, resolved and scored together (their memory reads overlap)
 TAIL = 0.01  # bound on the share of the envelope's mass in the tail of lumped start clusters, relative to Z
@@ -387,8 +387,8 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
     ||q|| rho_j - tau} over the clusters not lumped, each computed low, the sum shrunk for its rounding) and LZ_HI
     (log sum W, grown for its rounding) are certified; LZ_EST = LZ_HI + log(successes / attempts) clipped to them
     (Eq. 7's Z_hat when k = 0; the exact log Z when the brute-force path ran). Counters: INNER counts the GEMM's
-    |F0| inner products too; LUMPED the start clusters in the tail. A call does O(N) work only when it needs to: the
-    mask of excluded and drawn ids with exclusions or without replacement, the brute-force scratch on its first use.
+    |F0| inner products too; LUMPED the start clusters in the tail. No O(N) work per call unless some id can be
+    marked (exclusions, or draws without replacement: ``_scratch``).
     ``broken`` (a negative control of the tests): bounds E = s_v (no radius term; not certified).
     """
     sl = 0.0 if broken else 1.0  # the radius term's weight in the bounds
@@ -407,13 +407,7 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
     f0v, f0c, f0a, f0s, f0r, f0m, f0q, owner, level0 = F0
     subn, sufn = NB
     nc0 = f0v.shape[0]
-    # no O(N) work per call unless needed: the mask of excluded and drawn ids only with exclusions or without
-    # replacement, the brute-force path's scratch on its first use (then the mask too)
-    n_live = T.node_count[T.state[ROOT]] if T.state[ROOT] >= 0 else T.points.shape[0]
-    use_mask = eids.shape[0] > 0 or replace == 0
-    mask = np.zeros(T.points.shape[0] if use_mask else 0, np.bool_)
-    live = np.full(1, -2, np.int64)
-    ls = np.empty((2, 1), np.float64)
+    mask, n_live, live, ls = _scratch(T, eids, replace)
     cap = max(1024, 2 * nc0)
     fv = np.empty(cap, np.int64)  # node
     fa = np.empty(cap, np.int64)  # pre-order start of the members after p_v
@@ -630,7 +624,7 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
                 i = ri[x]
                 s = rs[x]
                 if uniform(st) * W[j] < fn[j] * np.exp(s - Eref):
-                    if use_mask and mask[i]:
+                    if _marked(mask, i):
                         c[EXCL_HITS] += 1
                     else:
                         ids[b, t] = i
@@ -644,23 +638,14 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
                         attempts = 0
                         if t == k:
                             break
-        if t < k:  # brute force for the rest (exact: the switch is a stopping time of the iid attempts)
-            if ls.shape[1] == 1:  # its scratch, on first use in this call
-                mask2, _, live, ls = _scratch(T)
-                if use_mask:
-                    mask2[:] = mask
-                mask = mask2
-                use_mask = True
-                live[0] = -2
-            ls[1, ls.shape[1] - 1] = np.nan  # the cumulative masses of an earlier query are stale
-            while t < k:
-                ids[b, t], sids[b, t] = _exact_draw(T, q, beta, mask, live, ls, c)
-                if replace == 0:
-                    buf[nb] = ids[b, t]
-                    mask[ids[b, t]] = True
-                    ls[1, ls.shape[1] - 1] = np.nan
-                    nb += 1
-                t += 1
+        while t < k:  # brute force for the rest (exact: the switch is a stopping time of the iid attempts)
+            ids[b, t], sids[b, t] = _exact_draw(T, q, beta, mask, live, ls, c)
+            if replace == 0:
+                buf[nb] = ids[b, t]
+                mask[ids[b, t]] = True
+                ls[1, ls.shape[1] - 1] = np.nan
+                nb += 1
+            t += 1
         mask[buf[:nb]] = False
         for x in range(nsp):  # the split start clusters back to F0 for the next query (fE, fs are rewritten)
             j = sp[x]

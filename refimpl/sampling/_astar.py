@@ -10,7 +10,7 @@ from numba import njit
 from refimpl.index import ROOT
 from refimpl.sampling._cluster_kernels import _first_below, _heap_pop, _heap_push
 from refimpl.sampling._kernels import (ACCEPTED, ATTEMPTS, LZ_EST, LZ_EXCL, LZ_HI, LZ_LO, STATUS, _excluded, _logit,
-                                       _lse_add, _outputs)
+                                       _lse_add, _marked, _outputs)
 
 
 @njit(cache=True)
@@ -84,7 +84,8 @@ def astar_batch(T, suf, Q, beta, k, eptr, eids, replace, max_pops, broken, seed)
     keys = np.full(size, -1, np.int64)
     vals = np.empty(size, np.float64)
     fill = np.zeros(1, np.int64)
-    mask = np.zeros(points.shape[0], np.bool_)
+    # the mask of excluded and drawn ids: no O(N) work unless some id can be marked (exclusions, no replacement)
+    mask = np.zeros(points.shape[0] if eids.shape[0] > 0 or replace == 0 else 0, np.bool_)
     hk = np.empty(256, np.float64)
     hi = np.empty(256, np.int64)
     rdat = np.empty((256, 4), np.int64)
@@ -155,7 +156,7 @@ def astar_batch(T, suf, Q, beta, k, eptr, eids, replace, max_pops, broken, seed)
                 if new == 1:
                     Gp = G if u == 0 else _trunc_gumbel(0.0, G)
                     u -= 1
-                    if not mask[T.node_point[v]]:
+                    if not _marked(mask, T.node_point[v]):
                         hk, hi, hs, rdat, rf, nreg = _push_region(hk, hi, hs, rdat, rf, nreg, Gp + sv, v, L, 1, 1,
                                                                   Gp, sv, sv, 0.0)
                     else:
@@ -179,7 +180,7 @@ def astar_batch(T, suf, Q, beta, k, eptr, eids, replace, max_pops, broken, seed)
                     sc = _logit(points, q, beta, T.node_point[x2], keys, vals, fill, c)
                     Ep = sc if m == 1 else min(E, sc + bq * T.node_maxd[x2])
                     if m == 1:
-                        if not mask[T.node_point[x2]]:
+                        if not _marked(mask, T.node_point[x2]):
                             hk, hi, hs, rdat, rf, nreg = _push_region(hk, hi, hs, rdat, rf, nreg, Gp + sc, x2,
                                                                       T.node_level[x2], 1, 1, Gp, sc, sc, 0.0)
                         else:

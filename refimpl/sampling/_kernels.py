@@ -43,7 +43,7 @@ def _exact_draw(T, q, beta, mask, live, ls, cnt):
     ``live`` holds the live ids, ``ls[0]`` their logits (N inner products, once per query: filled on first use,
     marked unfilled by live[0] = -2), ``ls[1]`` the cumulative softmax masses of the unmarked ones (built once and
     kept while ``ls[1, -1]`` is not NaN; a caller that marks an id in ``mask`` sets it to NaN), so that each further
-    draw is a binary search. The fallback of a rejection sampler whose attempts reach the number of live targets:
+    draw is a binary search (an empty ``mask`` marks nothing). The fallback of a rejection sampler whose attempts reach the number of live targets:
     accepted rejection draws and these draws both follow P exactly, so the mixture does too."""
     n = live.shape[0] - 1
     lg = ls[0]
@@ -63,30 +63,39 @@ def _exact_draw(T, q, beta, mask, live, ls, cnt):
     if np.isnan(cum[n]):
         m = -np.inf
         for j in range(n):
-            if not mask[live[j]] and lg[j] > m:
+            if not _marked(mask, live[j]) and lg[j] > m:
                 m = lg[j]
         tot = 0.0
         for j in range(n):
-            if not mask[live[j]]:
+            if not _marked(mask, live[j]):
                 tot += np.exp(lg[j] - m)
             cum[j] = tot
         cum[n] = tot
     j = np.searchsorted(cum[:n], np.random.random() * cum[n], side="right")
     if j >= n:  # rounding: the last unmarked target
         j = n - 1
-        while mask[live[j]]:
+        while _marked(mask, live[j]):
             j -= 1
     cnt[EXACT] += 1
     return live[j], lg[j]
 
 
 @njit(cache=True)
-def _scratch(T):
-    """Per-call scratch of a rejection kernel: (mask of excluded / drawn ids (capacity,), number N of live targets,
-    live ids (N + 1,) and logits / cumulative masses (2, N + 1) for ``_exact_draw``)."""
+def _scratch(T, eids, replace):
+    """Per-call scratch of a rejection kernel: (mask of excluded / drawn ids, number N of live targets, live ids
+    (N + 1,) and logits / cumulative masses (2, N + 1) for ``_exact_draw``). The mask (capacity,) exists only when
+    some id can be marked (exclusions, or draws without replacement), else it is empty (nothing is marked): no
+    O(N) work per call otherwise (the other two are allocated, not written)."""
     n_live = T.node_count[T.state[ROOT]] if T.state[ROOT] >= 0 else T.points.shape[0]
-    return (np.zeros(T.points.shape[0], np.bool_), n_live, np.empty(n_live + 1, np.int64),
+    marked = eids.shape[0] > 0 or replace == 0
+    return (np.zeros(T.points.shape[0] if marked else 0, np.bool_), n_live, np.empty(n_live + 1, np.int64),
             np.empty((2, n_live + 1), np.float64))
+
+
+@njit(cache=True, inline="always")
+def _marked(mask, i):
+    """Whether id i is marked (excluded or drawn); an empty mask marks nothing."""
+    return mask.shape[0] > 0 and mask[i]
 
 
 @njit(cache=True)
@@ -229,7 +238,7 @@ def flat_batch(T, suf, Q, beta, k, algo, upper, auto, attempt_cost, cptr, cnodes
     B = Q.shape[0]
     ids, sids, cnt, lz = _outputs(B, k)
     points = T.points
-    mask, n_live, live, ls = _scratch(T)
+    mask, n_live, live, ls = _scratch(T, eids, replace)
     rj = np.empty(RING, np.int64)  # the ring of proposals: cluster, pre-order position (or -1 - id), target
     rp = np.empty(RING, np.int64)
     ri = np.empty(RING, np.int64)
@@ -300,7 +309,7 @@ def flat_batch(T, suf, Q, beta, k, algo, upper, auto, attempt_cost, cptr, cnodes
                 c[INNER] += 1
                 w = s - lw[j]
                 isum += np.exp(w)
-                bad = mask[i]
+                bad = _marked(mask, i)
                 if algo == 0:
                     if np.random.random() < np.exp(w):
                         if bad:
@@ -493,7 +502,7 @@ def alg1_batch(T, suf, Q, beta, k, auto, attempt_cost, cptr, cnodes, clevels, cr
     gnself = np.empty(size, np.int64)
     gafter = np.empty(size, np.int64)
     fill = np.zeros(2, np.int64)
-    mask, n_live, live, ls = _scratch(T)
+    mask, n_live, live, ls = _scratch(T, eids, replace)
     for b in range(B):
         q = Q[b]
         c = cnt[b]
@@ -625,7 +634,7 @@ def alg1_batch(T, suf, Q, beta, k, auto, attempt_cost, cptr, cnodes, clevels, cr
                             continue
                     # accept the representative of v
                     i = T.node_point[v]
-                    if mask[i]:
+                    if _marked(mask, i):
                         c[EXCL_HITS] += 1
                         break
                     ids[b, t] = i

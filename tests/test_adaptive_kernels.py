@@ -261,3 +261,37 @@ def test_start_frontier_owner_partitions_the_preorder(kind):
             mine = np.sort(order[owner == j])
             expect = np.sort(np.concatenate([[pts[nodes[j]]], order[fa[j]:fa[j] + fn[j] - 1]]))
             assert np.array_equal(mine, expect), (start, j)
+
+
+def test_start_level_choice_follows_its_cost_rule():
+    """adaptive_envelope_start on the test tree (2,000 targets: its 2 sqrt(N) and 32 sqrt(N) levels differ): for k from
+    10^-3 to 10^6 draws per query (the engine passes a batch's mean, a fraction) the level chosen is the coarse one
+    exactly when |C_coarse| + k r ATTEMPT_CLUSTERS <= |C_fine| + k ATTEMPT_CLUSTERS, r the mean Z_hi / Z_hat of the
+    coarse envelope on the probe queries (computed here through sample_adaptive's own log Z bounds at k = 0 from the
+    coarse level); both choices occur; S0 is beta Q R^T of the chosen level, and the GEMM inner products reported by
+    sample_adaptive include the coarse level's when the fine one is chosen."""
+    X, tree, q = _instance("unit", 8)
+    n = len(tree)
+    Q = np.repeat(q[None], 6, axis=0) + 0.05 * np.random.default_rng(3).normal(size=(6, q.size))
+    coarse = S.adaptive_start(tree, S.START_SQRT[0] * np.sqrt(n))
+    fine = S.adaptive_start(tree, S.START_SQRT[-1] * np.sqrt(n))
+    cc, cf = coarse[1].shape[0], fine[1].shape[0]
+    assert cc < cf
+    rows = np.unique(np.linspace(0, Q.shape[0] - 1, min(Q.shape[0], S.START_PROBE)).astype(np.int64))
+    r0 = S.sample_adaptive(tree, Q[rows], 0, beta=20.0, rng=0, start_clusters=S.START_SQRT[0] * np.sqrt(n))
+    # k = 0: log Z estimate is Eq. 7's Z_hat (clipped to the certified interval), as in the rule
+    ratio = np.mean(np.exp(r0.stats["log_z_hi"] - r0.stats["log_z"]))
+    chosen = set()
+    for k in (1e-3, 1e-2, 0.1, 1, 10, 100, 10 ** 6):
+        F0, S0, margin, NB, g = S.adaptive_envelope_start(tree, Q, k, 20.0)
+        want_coarse = cc + k * ratio * S.ATTEMPT_CLUSTERS <= cf + k * S.ATTEMPT_CLUSTERS
+        R = (coarse if want_coarse else fine)[1]
+        assert S0.shape == (Q.shape[0], R.shape[0]), k
+        assert np.allclose(S0, 20.0 * Q @ R.T), k
+        assert g == (cc if want_coarse else cc + cf), k
+        chosen.add(want_coarse)
+    for k in (1, 3):
+        res = S.sample_adaptive(tree, Q, k, beta=20.0, rng=1)
+        gb = S.adaptive_envelope_start(tree, Q, k, 20.0)[4]
+        assert np.all(res.stats["gemm_inner_products"] == gb), k
+    assert chosen == {True, False}

@@ -285,7 +285,8 @@ def main(argv=None) -> int:
             t0 = time.process_time()  # per tree version, cached: the suffix radii, the pre-order, the adaptive start
             suffix_radii(tree)
             preorder(tree)
-            S.adaptive_start(tree)
+            for c in S.START_SQRT:  # the adaptive sampler's candidate start levels
+                S.adaptive_start(tree, c * math.sqrt(n))
             pre_s = time.process_time() - t0
             ns_ip = _random_read_ns(X, rng)
             ns_gemm = _gemm_ns(X, rng)

@@ -12,7 +12,8 @@ Procedures and what each guarantees (P = softmax of ``beta <q, t>`` over the non
 
 * ``"rejection"``: exact rejection sampling of P (Eq. 3-5) on an envelope refined per query: the adaptive sampler
   of :func:`refimpl.sampling.samplers.sample_adaptive` (kernel ``adaptive_batch``), run inside the engine's call.
-  From C_(l) (the deepest level with at most 32 sqrt(N) clusters, its representatives scored for the batch by ONE
+  From C_(l) (the deepest level with at most 2 sqrt(N) or 32 sqrt(N) clusters, chosen per call by
+  :func:`refimpl.sampling.samplers.adaptive_envelope_start`; its representatives scored for the batch by ONE
   GEMM; start clusters of negligible mass lumped into one tail entry), the tree cluster of largest envelope mass
   |C| e^{E_C} is split while the attempts this saves over the query's draws exceed the split's inner products;
   E_C >= every member's logit is the least of Prop. 1's bound s_r + beta ||q|| rho(C) (certified radius), a bound
@@ -58,7 +59,7 @@ from refimpl.index import Clustering
 from refimpl.index.search import preorder
 from refimpl.sampling.clustering import level_clustering, suffix_radii, tree_clustering
 from refimpl.sampling.bounds import prop2_levels
-from refimpl.sampling.samplers import ATTEMPT_COST, adaptive_start
+from refimpl.sampling.samplers import ATTEMPT_COST, adaptive_envelope_start
 
 __all__ = ["PROCEDURES", "STARTS", "EngineResult", "MiningEngine", "sample_paper", "prop2_levels"]
 
@@ -153,7 +154,7 @@ class MiningEngine:
         cap applies from the top and far regions are finalised as coarse clusters. Either way the output is a
         partition and its certified gamma is computed and reported; Prop. 4's premise (every output cluster at
         level <= l) holds only for "prop2" without a cap.
-    start_clusters : "rejection" only: the largest size of the adaptive sampler's start level (None: 32 sqrt(N);
+    start_clusters : "rejection" only: the largest size of the adaptive sampler's start level (None: chosen per call;
         :func:`refimpl.sampling.samplers.sample_adaptive`); it sets only the cost.
     """
 
@@ -266,11 +267,15 @@ class MiningEngine:
         sptr, snodes, sidx = self._frontiers(tree, starts)
         seed = int(gen.integers(0, 2 ** 62))
         order, pos = preorder(tree)
+        extra = 0  # GEMM inner products per active query beyond the chosen start level's (a coarse level scored)
+        act = counts > 0
         if self.procedure == "rejection":  # the adaptive sampler's start frontier, scored by one GEMM
-            F0, R, margin, NB = adaptive_start(tree, self.start_clusters)
-            S0 = np.empty((B, R.shape[0]), np.float64)
-            act = counts > 0
-            S0[act] = beta * (Q[act] @ R.T)
+            Qa = np.ascontiguousarray(Q[act])
+            F0, Sa, margin, NB, g = adaptive_envelope_start(tree, Qa, float(np.mean(counts[act])) if act.any() else 0.0,
+                                                            beta, self.start_clusters)
+            S0 = np.empty((B, Sa.shape[1]), np.float64)
+            S0[act] = Sa
+            extra = g - Sa.shape[1]
         else:
             F0, S0, margin, NB = _NO_START, _NO_S0, 0.0, _NO_NB
         EK.engine_kernel(ta, suf, order, pos, Q, qn, beta, _CODES[self.procedure], counts, ptr, eptr, eids, seed,
@@ -278,6 +283,7 @@ class MiningEngine:
                          n_chains.astype(np.int64), self.temperature, math.log(self.tv), self.max_steps,
                          ATTEMPT_COST, F0, S0, margin, NB, self._broken, self._ids, self._logits, self._stats)
         st = self._stats[:B]
+        st[act, EK.S_INNER] += extra
         status = st[:, EK.S_STATUS]
         if np.any(status == 1):
             b = int(np.flatnonzero(status == 1)[0])

@@ -64,13 +64,17 @@ __all__ = [
 DEFAULT_MAX_ATTEMPTS = 10_000_000
 DEFAULT_C = 1.5
 ATTEMPT_COST = 1.0  # one attempt of a rejection sampler, in inner products, in Prop. 3's cost of a start level
-# the adaptive sampler starts from the deepest C_(l) with at most START_SQRT sqrt(N) clusters. The best level depends
-# on the data, as measured at commits 48a3556-a6f3834: on hierarchical_points (bench sample, k = 10 and 64,
-# N = 1e5-1e7) 2 sqrt(N) was within 7 % of the fastest and 32 sqrt(N) 1.5-6.3x slower; in the DyNNIBAL training step
-# on the planted task ("rejection", bench train, N = 1e5) 32 sqrt(N) mines in 8.8 ms and 2, 8, 16, 64 sqrt(N) in
-# 60.9, 49.4, 30.6, 9.8 ms (there the coarse envelopes are loose and refining them costs more than a finer start).
-# The training step decides.
-START_SQRT = 32.0
+# the adaptive sampler starts from the deepest C_(l) with at most c sqrt(N) clusters, c in START_SQRT, chosen per
+# batch by adaptive_envelope_start. The best level depends on the data, as measured at commits 48a3556-a6f3834: on
+# hierarchical_points (bench sample, k = 10 and 64, N = 1e5-1e7) 2 sqrt(N) was within 7 % of the fastest and
+# 32 sqrt(N) 1.5-6.3x slower; in the DyNNIBAL training step on the planted task ("rejection", bench train, N = 1e5)
+# 32 sqrt(N) mines in 8.8 ms and 2, 8, 16, 64 sqrt(N) in 60.9, 49.4, 30.6, 9.8 ms (there the coarse envelopes are
+# loose and refining them costs more than a finer start).
+START_SQRT = (2.0, 32.0)
+# the cost of one attempt in start clusters (GEMM and pass, about 8 ns a cluster; an attempt about 150 ns, cold; at
+# N = 1e7, commit 6a8e196), and the queries of a batch whose coarse envelope is measured to choose the level
+ATTEMPT_CLUSTERS = 18.0
+START_PROBE = 4
 _EMPTY = np.zeros(0, np.int64)
 
 
@@ -536,7 +540,8 @@ def _astar(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z="estimate
 
 def adaptive_start(tree, max_clusters=None):
     """The start frontier of the adaptive sampler: C_(l) at the deepest level l with |C_(l)| <= ``max_clusters``
-    (None: START_SQRT sqrt(N), sublinear in N; the root alone if no level fits), cached per tree version.
+    (None: the finest candidate of START_SQRT, times sqrt(N): sublinear in N; the root alone if no level fits),
+    cached per tree version.
 
     Returns (F0, R, margin): F0 the clusters' arrays for the kernel (nodes, first child below l, pre-order start,
     sizes, certified radii, l), R (|C_(l)|, D) float64 their representatives' rows, so that one GEMM
@@ -546,7 +551,7 @@ def adaptive_start(tree, max_clusters=None):
     """
     entry = _tree_cache(tree)
     if max_clusters is None:
-        max_clusters = START_SQRT * math.sqrt(len(tree))
+        max_clusters = START_SQRT[-1] * math.sqrt(len(tree))
     key = ("adaptive_start", float(max_clusters))
     out = entry.get(key)
     if out is None:
@@ -573,6 +578,43 @@ def adaptive_start(tree, max_clusters=None):
     return out
 
 
+def adaptive_envelope_start(tree, Q, k, beta, start_clusters=None):
+    """The adaptive sampler's start for the batch ``Q`` (B, D) and k draws per query: (F0, S0, margin, NB, g) with
+    S0 = beta Q R^T (B, |C_(l)|) scored by one GEMM (:func:`adaptive_start` for the rest) and g the GEMM inner
+    products per query spent on it (the coarse level's included when the finer one is chosen).
+
+    With ``start_clusters`` given, that level. Otherwise the level with at most 2 sqrt(N) clusters is scored and, on
+    START_PROBE queries spread over the batch, its envelope's expected attempts per draw r = Z_hi / Z_hat (Eq. 7,
+    before any refinement) are measured by the kernel's pass alone (no draw, no random number): the batch starts
+    there if |C_coarse| + k r ATTEMPT_CLUSTERS <= |C_fine| + k ATTEMPT_CLUSTERS (the finer level, at most
+    32 sqrt(N) clusters, credited with one attempt per draw), else from the finer level. The choice sets only the
+    cost, never the law, and is a function of the batch alone (the same batch, the same draws)."""
+    n = len(tree)
+    if start_clusters is None:
+        F0, R, margin, NB = adaptive_start(tree, START_SQRT[0] * math.sqrt(n))
+        fine = adaptive_start(tree, START_SQRT[-1] * math.sqrt(n))
+    else:
+        F0, R, margin, NB = adaptive_start(tree, start_clusters)
+        fine = None
+    S0 = Q @ R.T
+    S0 *= beta  # in place: one (B, |C_(l)|) array, not two
+    if fine is None or fine[1].shape[0] == R.shape[0] or k <= 0 or Q.shape[0] == 0:
+        return F0, S0, margin, NB, R.shape[0]
+    rows = np.unique(np.linspace(0, Q.shape[0] - 1, min(Q.shape[0], START_PROBE)).astype(np.int64))
+    order, pos = preorder(tree)
+    ptr = np.zeros(rows.size + 1, np.int64)
+    lz = AD.adaptive_batch(tree.arrays(), suffix_radii(tree), order, pos, np.ascontiguousarray(Q[rows]), beta, 0,
+                           ptr, _EMPTY, 1, 1, ATTEMPT_COST, 0, F0, np.ascontiguousarray(S0[rows]), margin, NB)[3]
+    ratio = float(np.mean(np.exp(lz[:, K.LZ_HI] - lz[:, K.LZ_EST])))
+    if R.shape[0] + k * ratio * ATTEMPT_CLUSTERS <= fine[1].shape[0] + k * ATTEMPT_CLUSTERS:
+        return F0, S0, margin, NB, R.shape[0]
+    g = R.shape[0]
+    F0, R, margin, NB = fine
+    S0 = Q @ R.T
+    S0 *= beta
+    return F0, S0, margin, NB, g + R.shape[0]
+
+
 def sample_adaptive(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z="estimate",
                     max_attempts=DEFAULT_MAX_ATTEMPTS, start_clusters=None):
     """Exact softmax samples by adaptive rejection over the SG tree (ours): Eq. 3-5 with an envelope refined per
@@ -582,7 +624,7 @@ def sample_adaptive(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z=
     least of Prop. 1's s_r + beta ||q|| rho(C) (certified radius), beta ||q|| M_C and
     beta (||q||^2 + M_C^2 - (||q - t_r|| - rho(C))^2) / 2 (M_C >= the members' norms; expand ||q - t_i||^2), and
     of the parent's bound. It starts from C_(l), the deepest level with at most ``start_clusters`` clusters
-    (:func:`adaptive_start`), whose representatives are scored for the whole batch by ONE float64 GEMM; start
+    (:func:`adaptive_envelope_start`), whose representatives are scored for the whole batch by ONE float64 GEMM; start
     clusters whose bound is below max_r s_r - log(100 N) are lumped into one tail entry (mass <= Z / 100). Then the
     cluster of largest mass |C| e^{E_C} is split into the children at its next occupied level and the rest, while
     the attempts this could save over the k draws (k (|C| e^{E_C} - |C| e^{s_r}) / Z_hat, Z_hat of Eq. 7) exceed
@@ -603,8 +645,9 @@ def sample_adaptive(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z=
     max_attempts : int
         Per draw; reaching it raises :class:`SamplerError`.
     start_clusters : float > 0, optional
-        The start level's largest size (default 32 sqrt(N); >= N: every target its own start cluster; < 2: the
-        root). The level, the tail and the refinement rule set only the cost, never the law.
+        The start level's largest size (>= N: every target its own start cluster; < 2: the root). Default: per
+        batch, at most 2 sqrt(N) or 32 sqrt(N) clusters, by a cost estimate (:func:`adaptive_envelope_start`). The
+        level, the tail and the refinement rule set only the cost, never the law.
 
     Cost per query: |C_(l)| GEMM inner products and the refinement's (together
     ``stats["selection_inner_products"]``) plus, per draw, Z_hi / Z attempts of at most one inner product each.
@@ -623,16 +666,15 @@ def _adaptive(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z="estim
     if start_clusters is not None:
         start_clusters = check_positive("start_clusters", start_clusters)
     order, pos = preorder(tree)
-    F0, R, margin, NB = adaptive_start(tree, start_clusters)
-    S0 = Q @ R.T
-    S0 *= beta  # in place: one (B, |C_(l)|) array, not two
+    F0, S0, margin, NB, g = adaptive_envelope_start(tree, Q, k, beta, start_clusters)
     ids, sids, cnt, lz = AD.adaptive_batch(tree.arrays(), suffix_radii(tree), order, pos, Q, beta, k, eptr, eids,
                                            int(replace), max_attempts, ATTEMPT_COST, _seed(gen), F0, S0, margin, NB,
                                            bool(broken))
     if cnt[:, K.STATUS].any():
         raise SamplerError(f"sample_adaptive: no accepted draw after {max_attempts} attempts")
+    cnt[:, K.INNER] += g - S0.shape[1]  # a coarse level scored, then not chosen
     res = _finish(tree, Q, beta, log_z, replace, batched, ids, sids, cnt, lz)
-    g = np.full(Q.shape[0], R.shape[0], np.int64)  # the start level's inner products, computed by the GEMM
+    g = np.full(Q.shape[0], g, np.int64)  # the start level's inner products, computed by the GEMM
     res.stats["gemm_inner_products"] = g if batched else g[0]
     return res
 

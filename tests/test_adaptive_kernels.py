@@ -2,7 +2,8 @@
 against extended-precision exp, the branch-free certified bounds against the three bounds they take the least of,
 the lumping and the weights of the start clusters, the two-level proposal search (never an entry of weight 0, and
 the law of the weights), the inline generator (uniform and exactly uniform integers, chi-square), the start
-frontier's owner map (a partition of the pre-order, which the tail's proposals rely on), and the sampler's law
+frontier's owner map (a partition of the pre-order, which the tail's proposals rely on), the child table the
+refinement reads, and the sampler's law
 with lumped start clusters (chi-square at alpha 0.001, n = 64,143, power >= 0.99 at TV 0.02, as in
 tests/test_samplers_float32.py). Seeds are fixed.
 """
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from numba import njit
 
+from refimpl.index import N_NODES
 from refimpl.index.search import preorder
 from refimpl.sampling import samplers as S
 from refimpl.sampling._adaptive import (EXP_REL, FENCE, _cumulative, _exp, _propose, _start_bounds, _start_masses,
@@ -263,6 +265,53 @@ def test_start_frontier_owner_partitions_the_preorder(kind):
             assert np.array_equal(mine, expect), (start, j)
 
 
+@pytest.mark.parametrize("kind", ["unit", "dynamic"])
+def test_child_table_lists_each_nodes_children_in_order(kind):
+    """The child table the refinement reads (on a static and on a mutated tree, whose free and reused node slots
+    it must skip): for every live node its slots hold exactly its child list, in list order, with each child's
+    level, row, subtree size, pre-order position, first child's slot, the certified radius of its whole subtree
+    and its members' norm bound (each checked against the targets of its subtree); the start frontier's first
+    child slots point at the first child below the start level."""
+    X, tree, q = _instance(kind, 8)
+    ta = tree.arrays()
+    order, pos = preorder(tree)
+    cptr, cnode, clev, cpt, ccount, cpos, cfirst, crad, csubn, sufn = S.child_table(tree)
+    n_nodes = int(ta.state[N_NODES])
+    pts = np.asarray(tree.points, np.float64)
+    norms = np.sqrt(np.einsum("ij,ij->i", pts, pts))
+    assert cptr[0] == 0 and np.all(np.diff(cptr) >= 0)
+    seen = 0
+    for v in range(n_nodes):
+        kids = []
+        c = ta.node_first_child[v]
+        while c != -1:
+            kids.append(c)
+            c = ta.node_next_sibling[c]
+        if ta.node_point[v] < 0:
+            assert not kids and cptr[v + 1] == cptr[v], v
+            continue
+        assert list(cnode[cptr[v]:cptr[v + 1]]) == kids, v
+        seen += len(kids)
+        for y in range(cptr[v], cptr[v + 1]):
+            c = kids[y - cptr[v]]
+            members = order[pos[c]:pos[c] + ta.node_count[c]]
+            assert (clev[y], cpt[y], ccount[y], cpos[y]) == (ta.node_level[c], ta.node_point[c],
+                                                             ta.node_count[c], pos[c]), (v, c)
+            assert order[cpos[y]] == cpt[y]
+            first = ta.node_first_child[c]
+            assert cfirst[y] == (cptr[c] if first != -1 else -1) and (first == -1) == (ccount[y] == 1)
+            d = np.sqrt(((pts[members] - pts[cpt[y]]) ** 2).sum(axis=1))
+            assert crad[y] >= d.max() - 1e-12 and (crad[y] == 0.0) == (first == -1), (v, c)
+            assert csubn[y] >= norms[members].max() * (1 - 1e-15), (v, c)
+    assert seen == cptr[n_nodes] == len(tree) - 1  # every live node but the root is somebody's child
+    for start in (30, 300):
+        F0 = S.adaptive_start(tree, start)[0]
+        nodes, fc, L = F0[0], F0[1], int(F0[8])
+        for j, v in enumerate(nodes):
+            below = [y for y in range(cptr[v], cptr[v + 1]) if clev[y] < L]
+            assert fc[j] == (below[0] if below else -1), (start, v)
+
+
 def test_start_level_choice_follows_its_cost_rule():
     """adaptive_envelope_start on the test tree (2,000 targets: its 2 sqrt(N) and 32 sqrt(N) levels differ): for k from
     10^-3 to 10^6 draws per query (the engine passes a batch's mean, a fraction) the level chosen is the coarse one
@@ -283,7 +332,7 @@ def test_start_level_choice_follows_its_cost_rule():
     ratio = np.mean(np.exp(r0.stats["log_z_hi"] - r0.stats["log_z"]))
     chosen = set()
     for k in (1e-3, 1e-2, 0.1, 1, 10, 100, 10 ** 6):
-        F0, S0, margin, NB, g = S.adaptive_envelope_start(tree, Q, k, 20.0)
+        F0, S0, margin, CT, g = S.adaptive_envelope_start(tree, Q, k, 20.0)
         want_coarse = cc + k * ratio * S.ATTEMPT_CLUSTERS <= cf + k * S.ATTEMPT_CLUSTERS
         R = (coarse if want_coarse else fine)[1]
         assert S0.shape == (Q.shape[0], R.shape[0]), k

@@ -16,7 +16,7 @@ proposal's weights and the sums of Eq. 7 and of the certified interval in one lo
 inline exponential (:func:`_exp`; libm's exp is one scalar call per element). Proposals are drawn by a two-level
 search in the cumulative weights without branches, uniforms by an inline xoshiro256** generator.
 
-Contents: :func:`norm_suffix`, :func:`start_frontier`, :func:`rng_state`, :func:`uniform`, :func:`below`,
+Contents: :func:`norm_suffix`, :func:`child_table`, :func:`start_frontier`, :func:`rng_state`, :func:`uniform`, :func:`below`,
 :func:`adaptive_batch`.
 """
 from __future__ import annotations
@@ -159,6 +159,57 @@ def norm_suffix(T, order):
             c = T.node_next_sibling[c]
         subn[v] = m
     return subn, sibling_suffix_max(T, subn)
+
+
+@njit(cache=True)
+def child_table(T, suf, pos, NS):
+    """Every node's children as one run of slots, in list order (by descending level), with what a split reads of
+    them, so that the refinement reads a split's children sequentially and only their rows at random (query-
+    independent, O(N) once per tree version). ``NS`` = (subn, sufn) of :func:`norm_suffix`.
+
+    Returns CT = (cptr, cnode, clev, cpt, ccount, cpos, cfirst, crad, csubn, sufn): the children of node v are the
+    slots cptr[v] <= y < cptr[v + 1] (int64); per slot, for its child c (int32 or float64: 40 bytes per node, plus
+    16 for cptr and sufn): cnode[y] = c, clev[y] its level, cpt[y] its representative's row, ccount[y] its
+    subtree's size, cpos[y] its pre-order position (``pos``), cfirst[y] the slot of c's first child (-1: a leaf),
+    crad[y] the certified radius of its whole subtree, min(MAXD(c), suf[first child]) (0 for a leaf), csubn[y] =
+    subn[c]; and sufn (per node) as in ``NS``. The caller keeps the node count below 2^31."""
+    subn, sufn = NS
+    nn = T.state[N_NODES]
+    nfirst = T.node_first_child
+    nnext = T.node_next_sibling
+    cptr = np.zeros(nn + 1, np.int64)
+    for v in range(nn):
+        m = 0
+        c = nfirst[v]
+        while c != -1:
+            m += 1
+            c = nnext[c]
+        cptr[v + 1] = cptr[v] + m
+    ns = cptr[nn]
+    cnode = np.empty(ns, np.int32)
+    clev = np.empty(ns, np.int32)
+    cpt = np.empty(ns, np.int32)
+    ccount = np.empty(ns, np.int32)
+    cpos = np.empty(ns, np.int32)
+    cfirst = np.empty(ns, np.int32)
+    crad = np.empty(ns, np.float64)
+    csubn = np.empty(ns, np.float64)
+    for v in range(nn):
+        y = cptr[v]
+        c = nfirst[v]
+        while c != -1:
+            g = nfirst[c]
+            cnode[y] = c
+            clev[y] = T.node_level[c]
+            cpt[y] = T.node_point[c]
+            ccount[y] = T.node_count[c]
+            cpos[y] = pos[c]
+            cfirst[y] = cptr[c] if g != -1 else -1
+            crad[y] = _radius(T.node_maxd, suf, c, g)
+            csubn[y] = subn[c]
+            y += 1
+            c = nnext[c]
+    return cptr, cnode, clev, cpt, ccount, cpos, cfirst, crad, csubn, sufn
 
 
 @njit(cache=True, fastmath={"contract"})
@@ -309,12 +360,14 @@ def below(st, n):
 
 
 @njit(cache=True)
-def start_frontier(T, suf, sufn, pos, n_pos, nodes, L):
-    """The clusters (nodes[j], L) as the adaptive sampler's start frontier: (nodes, first child below L (-1: none),
-    pre-order start of the members after p_v, sizes, certified radii, bounds on the members' norms (``sufn`` of
-    :func:`norm_suffix`), ||p_v||^2, owner, L), owner (n_pos,) int32 the start cluster of each pre-order position
-    (the clusters partition the live targets), and the representatives' rows (C, D) float64 (one GEMM scores them
-    for a whole batch)."""
+def start_frontier(T, suf, CT, pos, n_pos, nodes, L):
+    """The clusters (nodes[j], L) as the adaptive sampler's start frontier: (nodes, the slot in ``CT``
+    (:func:`child_table`) of the first child below L (-1: none), pre-order start of the members after p_v, sizes,
+    certified radii, bounds on the members' norms (``sufn``), ||p_v||^2, owner, L), owner (n_pos,) int32 the start
+    cluster of each pre-order position (the clusters partition the live targets), and the representatives' rows
+    (C, D) float64 (one GEMM scores them for a whole batch)."""
+    cptr = CT[0]
+    sufn = CT[9]
     nc = nodes.shape[0]
     fc = np.empty(nc, np.int64)
     fa = np.empty(nc, np.int64)
@@ -326,8 +379,8 @@ def start_frontier(T, suf, sufn, pos, n_pos, nodes, L):
     R = np.empty((nc, T.points.shape[1]), np.float64)
     for j in range(nc):
         v = nodes[j]
-        size, x, r, _ = _cluster_geometry(T, suf, v, L)
-        fc[j] = x
+        size, x, r, m = _cluster_geometry(T, suf, v, L)
+        fc[j] = cptr[v] + m if x != -1 else -1
         fa[j] = pos[x] if x != -1 else pos[v] + 1
         fn[j] = size
         fr[j] = r
@@ -345,7 +398,7 @@ def start_frontier(T, suf, sufn, pos, n_pos, nodes, L):
 
 @njit(cache=True)
 def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_attempts, attempt_cost, seed, F0, S0,
-                   margin, NB, broken=False):
+                   margin, CT, broken=False):
     """Adaptive rejection sampling for every query of ``Q``: refine an envelope best first, then Eq. 3-5.
 
     Start (per query): the clusters of ``F0`` (:func:`start_frontier`; the root alone is a valid F0), their
@@ -356,8 +409,7 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
     and mass <= TAIL Z + N e^-690 Z (never refined); they keep their frontier slots with E = -inf and weight 0, so
     are never queued nor proposed. A tail proposal is a uniform pre-order position, redrawn until its start cluster
     (``owner``) is lumped: a uniform member of the tail, at an expected N / |tail| redraws per tail proposal, so
-    at most N e^{Etail} / sum U <= TAIL + N e^-690 redraws per attempt. ``NB`` = (subn, sufn) of
-    :func:`norm_suffix`.
+    at most N e^{Etail} / sum U <= TAIL + N e^-690 redraws per attempt. ``CT``: :func:`child_table`.
 
     Refinement (per query, shared by its k draws): repeatedly take the cluster j of largest envelope mass
     U_j = n_j e^{E_j} and split it into the children of v at the next occupied level Lc (each a whole subtree,
@@ -399,13 +451,10 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
     # the node arrays as locals: a NamedTuple passed to a helper or read in a hot loop costs reference counting
     points = T.points
     npt = T.node_point
-    nlev = T.node_level
-    nfirst = T.node_first_child
-    nnext = T.node_next_sibling
     ncount = T.node_count
     nmaxd = T.node_maxd
     f0v, f0c, f0a, f0s, f0r, f0m, f0q, owner, level0 = F0
-    subn, sufn = NB
+    cptr, cnode, clev, cpt, ccount, cpos, cfirst, crad, csubn, sufn = CT
     nc0 = f0v.shape[0]
     mask, n_live, live, ls = _scratch(T, eids, replace)
     cap = max(1024, 2 * nc0)
@@ -472,13 +521,14 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
         while hsize > 0:
             j = hi[0]
             gain = k * attempt_cost * (hk[0] - fn[j] * _exp(fs[j] - Eref)) / max(zhat, 1e-300)
-            x = fc[j]
-            Lc = nlev[x]
+            v = fv[j]
+            x = fc[j]  # the slot of the first child below the cluster's level (fn[j] > 1: one exists)
+            e = cptr[v + 1]
+            Lc = clev[x]
             m = 0
-            while x != -1 and nlev[x] == Lc:  # count the children at Lc, prefetching their rows
-                prefetch_row(points, npt[x])
+            while x + m < e and clev[x + m] == Lc:  # the children at Lc, their rows prefetched
+                prefetch_row(points, cpt[x + m])
                 m += 1
-                x = nnext[x]
             if gain <= m or spent + m > REFINE_SHARE * n_live:
                 break
             _heap_pop(hk, hi, hsize)
@@ -487,54 +537,56 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
             if j < nc0:
                 sp[nsp] = j
                 nsp += 1
-            v = fv[j]
             E = fE[j]
             zhat -= fn[j] * _exp(fs[j] - Eref)
-            x = fc[j]
-            while x != -1 and nlev[x] == Lc:
-                if nf + 1 >= fv.shape[0]:  # one slot kept for the tail
-                    cap = 2 * nf
-                    fv = _grow(fv, nf, cap)
-                    fa = _grow(fa, nf, cap)
-                    fc = _grow(fc, nf, cap)
-                    fn = _grow(fn, nf, cap)
-                    fE = _grow(fE, nf, cap)
-                    fs = _grow(fs, nf, cap)
-                    fr = _grow(fr, nf, cap)
-                    fq = _grow(fq, nf, cap)
-                    W = _grow(W, nc0, cap)
-                    lt = _grow(lt, nc0, cap)
-                    cw = np.empty(cap + FENCE, np.float64)
-                    fence = np.empty(cap // FENCE + 2, np.float64)
-                    sp = _grow(sp, nsp, cap)  # a split adds at least one cluster: nsp < nf
-                    hk = _grow(hk, hsize, cap)  # the heap holds at most one entry per frontier cluster
-                    hi = _grow(hi, hsize, cap)
-                sx, rx2 = _dot2(points, npt[x], q)
+            if nf + m >= fv.shape[0]:  # one slot kept for the tail
+                cap = 2 * (nf + m)
+                fv = _grow(fv, nf, cap)
+                fa = _grow(fa, nf, cap)
+                fc = _grow(fc, nf, cap)
+                fn = _grow(fn, nf, cap)
+                fE = _grow(fE, nf, cap)
+                fs = _grow(fs, nf, cap)
+                fr = _grow(fr, nf, cap)
+                fq = _grow(fq, nf, cap)
+                W = _grow(W, nc0, cap)
+                lt = _grow(lt, nc0, cap)
+                cw = np.empty(cap + FENCE, np.float64)
+                fence = np.empty(cap // FENCE + 2, np.float64)
+                sp = _grow(sp, nsp, cap)  # a split adds at least one cluster: nsp < nf
+                hk = _grow(hk, hsize, cap)  # the heap holds at most one entry per frontier cluster
+                hi = _grow(hi, hsize, cap)
+            for y in range(x, x + m):  # each child's whole subtree: one cluster
+                sx, rx2 = _dot2(points, cpt[y], q)
                 sx *= beta
-                cx = nfirst[x]
-                fv[nf] = x
-                fc[nf] = cx
-                fa[nf] = pos[cx] if cx != -1 else pos[x] + 1
-                fn[nf] = ncount[x]
+                fv[nf] = cnode[y]
+                fc[nf] = cfirst[y]
+                fa[nf] = cpos[y] + 1
+                fn[nf] = ccount[y]
                 fs[nf] = sx
-                fr[nf] = _radius(nmaxd, suf, x, cx)
+                fr[nf] = crad[y]
                 fq[nf] = rx2
-                fE[nf] = min(E, _bound(sx, bq, qn2, beta, fr[nf], rx2, subn[x], tau, sl)) if fn[nf] > 1 \
+                fE[nf] = min(E, _bound(sx, bq, qn2, beta, crad[y], rx2, csubn[y], tau, sl)) if fn[nf] > 1 \
                     else min(E, sx)
                 zhat += fn[nf] * _exp(sx - Eref)
                 if fn[nf] > 1:
                     hsize = _heap_push(hk, hi, hsize, fn[nf] * _exp(fE[nf] - Eref), nf)
                 nf += 1
-                x = nnext[x]
             # the rest (v, Lc): p_v and the children below Lc
-            fc[j] = x
-            fn[j] = 1 + pos[v] + ncount[v] - pos[x] if x != -1 else 1
-            fa[j] = pos[x] if x != -1 else pos[v] + 1
-            fr[j] = _radius(nmaxd, suf, v, x)
-            if fn[j] > 1:
+            x += m
+            if x < e:
+                cx = cnode[x]
+                fc[j] = x
+                fa[j] = cpos[x]
+                fn[j] = 1 + pos[v] + ncount[v] - cpos[x]
+                fr[j] = _radius(nmaxd, suf, v, cx)
                 rn = np.sqrt(fq[j]) * (1.0 + 2.0 ** -50)
-                fE[j] = min(E, _bound(fs[j], bq, qn2, beta, fr[j], fq[j], max(rn, sufn[x]), tau, sl))
+                fE[j] = min(E, _bound(fs[j], bq, qn2, beta, fr[j], fq[j], max(rn, sufn[cx]), tau, sl))
             else:
+                fc[j] = -1
+                fa[j] = pos[v] + 1
+                fn[j] = 1
+                fr[j] = 0.0
                 fE[j] = min(E, fs[j])
             zhat += fn[j] * _exp(fs[j] - Eref)
             if fn[j] > 1:

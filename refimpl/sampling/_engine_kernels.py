@@ -73,14 +73,14 @@ def _top_closest(nodes, levels, dists, n_top):
 @njit(cache=True)
 def engine_kernel(T, suf, order, pos, Q, qnorm, beta, procedure, counts, out_ptr, excl_ptr, excl_ids, seed, sptr,
                   snodes, sidx, start_levels, ms, max_frontier, n_top, chain_length, n_chains, temperature, log_tv,
-                  max_steps, attempt_cost, F0, S0, margin, NB, broken, out_ids, out_logits, stats):
+                  max_steps, attempt_cost, F0, S0, margin, CT, broken, out_ids, out_logits, stats):
     """Draw ``counts[b]`` negatives for every query ``Q[b]`` of a batch (one compiled call).
 
     ``T`` is the tree (TreeArrays; ``suf`` its suffix radii; ``order``, ``pos`` its pre-order,
     :func:`refimpl.index.search.preorder`: the clusters' members as ranges). REJECTION: ``adaptive_batch`` (exact
     rejection sampling of the softmax renormalised over the non-excluded targets, Eq. 3-5, with an envelope refined
-    per query from the start frontier ``F0`` (logits ``S0[b]`` from the caller's GEMM, rounding ``margin``, norm
-    bounds ``NB``) and shared by its draws; certified cluster bounds (Prop. 1 and the norm bound); ``attempt_cost`` sets
+    per query from the start frontier ``F0`` (logits ``S0[b]`` from the caller's GEMM, rounding ``margin``, the
+    tree's child table ``CT``) and shared by its draws; certified cluster bounds (Prop. 1 and the norm bound); ``attempt_cost`` sets
     its refinement rule; ``broken`` drops the radius term, a negative control of the tests); no Alg. 2. MH and
     PAPER first run Alg. 2 from the first frontier ``snodes[sptr[sidx[b]]:sptr[sidx[b] + 1]]`` =
     C_(start_levels[b]), deepest level ``ms[b]``, frontier cap ``max_frontier`` (0 = none). MH: ``counts[b]``
@@ -208,7 +208,7 @@ def engine_kernel(T, suf, order, pos, Q, qnorm, beta, procedure, counts, out_ptr
         # the CSR slices keep absolute offsets into cnodes / eids, as the batch samplers index them
         if procedure == REJECTION:
             gi, gs, gc, gl = adaptive_batch(T, suf, order, pos, Qa[a0:a1], beta, kg, eptr[a0:a1 + 1], eids, 1,
-                                            max_steps, attempt_cost, seed + g, F0, S0a[a0:a1], margin, NB,
+                                            max_steps, attempt_cost, seed + g, F0, S0a[a0:a1], margin, CT,
                                             broken)
         else:
             gi, gs, gc, gl = flat_batch(T, suf, Qa[a0:a1], b_eff, kg, 1, False, False, 1.0, cptr[a0:a1 + 1], cnodes,

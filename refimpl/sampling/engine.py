@@ -71,7 +71,7 @@ _EMPTY = np.zeros(0, np.int64)
 # the adaptive sampler's start, unused by "mh" and "paper"
 _NO_START = (_EMPTY, _EMPTY, _EMPTY, _EMPTY, np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0, np.int32),
              np.int64(0))
-_NO_NB = (np.zeros(0), np.zeros(0))
+_NO_CT = (np.zeros(1, np.int64), *(np.zeros(0, np.int32) for _ in range(6)), np.zeros(0), np.zeros(0), np.zeros(0))
 _NO_S0 = np.zeros((0, 0), np.float64)
 
 
@@ -271,17 +271,17 @@ class MiningEngine:
         act = counts > 0
         if self.procedure == "rejection":  # the adaptive sampler's start frontier, scored by one GEMM
             Qa = np.ascontiguousarray(Q[act])
-            F0, Sa, margin, NB, g = adaptive_envelope_start(tree, Qa, float(np.mean(counts[act])) if act.any() else 0.0,
+            F0, Sa, margin, CT, g = adaptive_envelope_start(tree, Qa, float(np.mean(counts[act])) if act.any() else 0.0,
                                                             beta, self.start_clusters)
             S0 = np.empty((B, Sa.shape[1]), np.float64)
             S0[act] = Sa
             extra = g - Sa.shape[1]
         else:
-            F0, S0, margin, NB = _NO_START, _NO_S0, 0.0, _NO_NB
+            F0, S0, margin, CT = _NO_START, _NO_S0, 0.0, _NO_CT
         EK.engine_kernel(ta, suf, order, pos, Q, qn, beta, _CODES[self.procedure], counts, ptr, eptr, eids, seed,
                          sptr, snodes, sidx, starts, ms, self.max_frontier, self.n_top_clusters, self.chain_length,
                          n_chains.astype(np.int64), self.temperature, math.log(self.tv), self.max_steps,
-                         ATTEMPT_COST, F0, S0, margin, NB, self._broken, self._ids, self._logits, self._stats)
+                         ATTEMPT_COST, F0, S0, margin, CT, self._broken, self._ids, self._logits, self._stats)
         st = self._stats[:B]
         st[act, EK.S_INNER] += extra
         status = st[:, EK.S_STATUS]

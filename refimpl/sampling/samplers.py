@@ -538,16 +538,32 @@ def _astar(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z="estimate
 # adaptive rejection
 
 
+def child_table(tree):
+    """The adaptive sampler's child table of ``tree`` (:func:`refimpl.sampling._adaptive.child_table`: every node's
+    children as one run of slots with their level, row, size, pre-order position, first child, certified radius
+    and norm bound), O(N) once per tree version and cached. Its int32 slots need fewer than 2^31 nodes."""
+    entry = _tree_cache(tree)
+    out = entry.get("child_table")
+    if out is None:
+        ta = tree.arrays()
+        if int(ta.state[N_NODES]) >= 2 ** 31:
+            raise ValueError(f"child_table: {int(ta.state[N_NODES])} nodes; at most 2^31 - 1 are supported")
+        order, pos = preorder(tree)
+        out = AD.child_table(ta, suffix_radii(tree), pos, AD.norm_suffix(ta, order))
+        entry["child_table"] = out
+    return out
+
+
 def adaptive_start(tree, max_clusters=None):
     """The start frontier of the adaptive sampler: C_(l) at the deepest level l with |C_(l)| <= ``max_clusters``
     (None: the finest candidate of START_SQRT, times sqrt(N): sublinear in N; the root alone if no level fits),
     cached per tree version.
 
-    Returns (F0, R, margin): F0 the clusters' arrays for the kernel (nodes, first child below l, pre-order start,
+    Returns (F0, R, margin, CT): F0 the clusters' arrays for the kernel (nodes, first child below l, pre-order start,
     sizes, certified radii, l), R (|C_(l)|, D) float64 their representatives' rows, so that one GEMM
     ``beta * Q @ R.T`` scores them for a batch, and margin = 2 gamma_D max_i ||t_i|| (gamma_D = D u / (1 - D u),
     u = 2^-53): beta ||q|| margin bounds the rounding of two float64 dot products of D terms (the GEMM's and the
-    kernel's), and is added to every bound of a cluster of more than one target.
+    kernel's), and is added to every bound of a cluster of more than one target; CT the tree's :func:`child_table`.
     """
     entry = _tree_cache(tree)
     if max_clusters is None:
@@ -566,20 +582,20 @@ def adaptive_start(tree, max_clusters=None):
         L = int(ok.min()) if ok.size else root_level + 1
         nodes = np.ascontiguousarray(level_clustering(tree, L).nodes, np.int64)
         order, pos = preorder(tree)
-        NB = AD.norm_suffix(ta, order)
-        F0, R = AD.start_frontier(ta, suffix_radii(tree), NB[1], pos, order.shape[0], nodes, L)
+        CT = child_table(tree)
+        F0, R = AD.start_frontier(ta, suffix_radii(tree), CT, pos, order.shape[0], nodes, L)
         D = R.shape[1]
         u = 2.0 ** -53
         live = tree.live_ids()
         pts = np.asarray(tree.points)[live]
         rmax = float(np.sqrt(np.max(np.einsum("ij,ij->i", pts, pts)))) if live.size else 0.0
-        out = (F0, R, 2.0 * D * u / (1.0 - D * u) * rmax * (1.0 + 1e-6), NB)
+        out = (F0, R, 2.0 * D * u / (1.0 - D * u) * rmax * (1.0 + 1e-6), CT)
         entry[key] = out
     return out
 
 
 def adaptive_envelope_start(tree, Q, k, beta, start_clusters=None):
-    """The adaptive sampler's start for the batch ``Q`` (B, D) and k draws per query: (F0, S0, margin, NB, g) with
+    """The adaptive sampler's start for the batch ``Q`` (B, D) and k draws per query: (F0, S0, margin, CT, g) with
     S0 = beta Q R^T (B, |C_(l)|) scored by one GEMM (:func:`adaptive_start` for the rest) and g the GEMM inner
     products per query spent on it (the coarse level's included when the finer one is chosen).
 
@@ -591,28 +607,28 @@ def adaptive_envelope_start(tree, Q, k, beta, start_clusters=None):
     cost, never the law, and is a function of the batch alone (the same batch, the same draws)."""
     n = len(tree)
     if start_clusters is None:
-        F0, R, margin, NB = adaptive_start(tree, START_SQRT[0] * math.sqrt(n))
+        F0, R, margin, CT = adaptive_start(tree, START_SQRT[0] * math.sqrt(n))
         fine = adaptive_start(tree, START_SQRT[-1] * math.sqrt(n))
     else:
-        F0, R, margin, NB = adaptive_start(tree, start_clusters)
+        F0, R, margin, CT = adaptive_start(tree, start_clusters)
         fine = None
     S0 = Q @ R.T
     S0 *= beta  # in place: one (B, |C_(l)|) array, not two
     if fine is None or fine[1].shape[0] == R.shape[0] or k <= 0 or Q.shape[0] == 0:
-        return F0, S0, margin, NB, R.shape[0]
+        return F0, S0, margin, CT, R.shape[0]
     rows = np.unique(np.linspace(0, Q.shape[0] - 1, min(Q.shape[0], START_PROBE)).astype(np.int64))
     order, pos = preorder(tree)
     ptr = np.zeros(rows.size + 1, np.int64)
     lz = AD.adaptive_batch(tree.arrays(), suffix_radii(tree), order, pos, np.ascontiguousarray(Q[rows]), beta, 0,
-                           ptr, _EMPTY, 1, 1, ATTEMPT_COST, 0, F0, np.ascontiguousarray(S0[rows]), margin, NB)[3]
+                           ptr, _EMPTY, 1, 1, ATTEMPT_COST, 0, F0, np.ascontiguousarray(S0[rows]), margin, CT)[3]
     ratio = float(np.mean(np.exp(lz[:, K.LZ_HI] - lz[:, K.LZ_EST])))
     if R.shape[0] + k * ratio * ATTEMPT_CLUSTERS <= fine[1].shape[0] + k * ATTEMPT_CLUSTERS:
-        return F0, S0, margin, NB, R.shape[0]
+        return F0, S0, margin, CT, R.shape[0]
     g = R.shape[0]
-    F0, R, margin, NB = fine
+    F0, R, margin, CT = fine
     S0 = Q @ R.T
     S0 *= beta
-    return F0, S0, margin, NB, g + R.shape[0]
+    return F0, S0, margin, CT, g + R.shape[0]
 
 
 def sample_adaptive(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z="estimate",
@@ -666,9 +682,9 @@ def _adaptive(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z="estim
     if start_clusters is not None:
         start_clusters = check_positive("start_clusters", start_clusters)
     order, pos = preorder(tree)
-    F0, S0, margin, NB, g = adaptive_envelope_start(tree, Q, k, beta, start_clusters)
+    F0, S0, margin, CT, g = adaptive_envelope_start(tree, Q, k, beta, start_clusters)
     ids, sids, cnt, lz = AD.adaptive_batch(tree.arrays(), suffix_radii(tree), order, pos, Q, beta, k, eptr, eids,
-                                           int(replace), max_attempts, ATTEMPT_COST, _seed(gen), F0, S0, margin, NB,
+                                           int(replace), max_attempts, ATTEMPT_COST, _seed(gen), F0, S0, margin, CT,
                                            bool(broken))
     if cnt[:, K.STATUS].any():
         raise SamplerError(f"sample_adaptive: no accepted draw after {max_attempts} attempts")

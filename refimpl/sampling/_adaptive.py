@@ -398,7 +398,7 @@ def start_frontier(T, suf, CT, pos, n_pos, nodes, L):
 
 @njit(cache=True)
 def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_attempts, attempt_cost, seed, F0, S0,
-                   margin, CT, broken=False):
+                   margin, CT, broken=False, defer=False):
     """Adaptive rejection sampling for every query of ``Q``: refine an envelope best first, then Eq. 3-5.
 
     Start (per query): the clusters of ``F0`` (:func:`start_frontier`; the root alone is a valid F0), their
@@ -418,8 +418,10 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
     clusters), no longer exceed its m inner products, or after REFINE_SHARE x N inner products (no cluster is
     queued when none could repay one inner product). If the refinement's inner products plus the k Z_hi / Z_hat
     expected attempts reach N (no useful structure around this query), every draw of the query is made by brute
-    force instead (``_exact_draw``: N inner products once, then an inverse CDF per draw). The rule and this
-    switch, decided before any attempt from the envelope alone, only set the cost.
+    force instead. The rule and this switch, decided before any attempt from the envelope alone, only set the
+    cost. Brute force: with ``defer``, left to the caller (STATUS = 2, the draws made so far kept), which serves
+    all such queries of the batch together; else ``_exact_draw`` (N inner products once, then an inverse CDF per
+    draw).
 
     Sampling (Eq. 3-5): propose entry j (a cluster or the tail) with probability W_j / sum W, W_j = n_j _exp(E_j -
     Eref) (1 + 2 EXP_REL) >= n_j e^{E_j - Eref} (:func:`_exp`, relative error <= EXP_REL), a member i uniformly
@@ -434,11 +436,11 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
     order: the proposals are iid and independent of the decisions, so this is Eq. 3-5 exactly (logits computed for
     proposals left undecided when the query has its k draws are counted in INNER). Once the query's refinement inner
     products and attempts reach the number N of live targets, its remaining draws (the current one included) are
-    made by brute force (``_exact_draw``): still exact, as the switch is a stopping time of the iid attempts (a draw
+    made by brute force: still exact, as the switch is a stopping time of the iid attempts (a draw
     not yet accepted is, conditionally, a draw from P). LZ_LO (log of the sum of the lower terms n_j e^{s_j - beta
     ||q|| rho_j - tau} over the clusters not lumped, each computed low, the sum shrunk for its rounding) and LZ_HI
     (log sum W, grown for its rounding) are certified; LZ_EST = LZ_HI + log(successes / attempts) clipped to them
-    (Eq. 7's Z_hat when k = 0; the exact log Z when the brute-force path ran). Counters: INNER counts the GEMM's
+    (Eq. 7's Z_hat when k = 0; the exact log Z when ``_exact_draw`` ran; the caller's after a deferral). Counters: INNER counts the GEMM's
     |F0| inner products too; LUMPED the start clusters in the tail. No O(N) work per call unless some id can be
     marked (exclusions, or draws without replacement: ``_scratch``).
     ``broken`` (a negative control of the tests): bounds E = s_v (no radius term; not certified).
@@ -690,6 +692,9 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
                         attempts = 0
                         if t == k:
                             break
+        if defer and t < k:  # the rest by the caller's batched brute force (exact: the switch is a stopping time)
+            c[STATUS] = 2
+            t = k
         while t < k:  # brute force for the rest (exact: the switch is a stopping time of the iid attempts)
             ids[b, t], sids[b, t] = _exact_draw(T, q, beta, mask, live, ls, c)
             if replace == 0:

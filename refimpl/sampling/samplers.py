@@ -283,15 +283,16 @@ def sample_exact(points, q, k, *, beta, rng, exclude=None, replace=True):
     n = points.shape[0]
     eptr, eids = _exclusions(exclude, Q.shape[0], batched, n)
     k = _check_k(k, n - np.diff(eptr), replace)
-    ids, sids, log_z = _exact_draws(points, Q, k, beta, gen, eptr, eids, replace)
+    ids, sids, log_z = _exact_draws(points, Q, k, beta, gen, eptr, eids, replace, _EMPTY)
     lq = _log_q(sids, log_z, np.full(Q.shape[0], -np.inf), replace)
     stats = {"inner_products": np.full(Q.shape[0], n, np.int64), "log_z": log_z}
     return _result(ids, lq, stats, batched)
 
 
-def _exact_draws(points, Q, k, beta, gen, eptr, eids, replace):
-    """:func:`sample_exact`'s draws for checked arguments (k no more than each query's available targets):
-    (ids (B, k), their logits (B, k), log Z (B,) over the targets not excluded)."""
+def _exact_draws(points, Q, k, beta, gen, eptr, eids, replace, gone):
+    """:func:`sample_exact`'s draws for checked arguments, the rows ``gone`` excluded for every query: (ids (B, k),
+    their logits (B, k), log Z (B,) over the targets not excluded). Without replacement a query with fewer than k
+    targets left gets them first, in their sequential order, and ids of zero mass after them."""
     n = points.shape[0]
     B = Q.shape[0]
     ids = np.zeros((B, k), np.int64)
@@ -317,8 +318,10 @@ def _exact_draws(points, Q, k, beta, gen, eptr, eids, replace):
                     raise ValueError("beta: the logits beta <q, t> overflow (not finite); rescale beta or the "
                                      "embeddings")
             inb = (ei >= t0) & (ei < t1)
-            if inb.any():
+            ing = gone[(gone >= t0) & (gone < t1)]
+            if inb.any() or ing.size:
                 S[eq[inb], ei[inb] - t0] = -np.inf  # the excluded entries (a scatter, no per-query arithmetic)
+                S[:, ing - t0] = -np.inf
                 m = S.max(axis=1)
             live = np.isfinite(m)  # queries with a target of this block not excluded
             if not live.any():
@@ -735,14 +738,45 @@ def _adaptive(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z="estim
     F0, S0, margin, CT, g = adaptive_envelope_start(tree, Q, k, beta, start_clusters)
     ids, sids, cnt, lz = AD.adaptive_batch(tree.arrays(), suffix_radii(tree), order, pos, Q, beta, k, eptr, eids,
                                            int(replace), max_attempts, ATTEMPT_COST, _seed(gen), F0, S0, margin, CT,
-                                           bool(broken))
-    if cnt[:, K.STATUS].any():
+                                           bool(broken), True)
+    if np.any(cnt[:, K.STATUS] == 1):
         raise SamplerError(f"sample_adaptive: no accepted draw after {max_attempts} attempts")
+    _brute_rest(tree, Q, k, beta, gen, replace, eptr, eids, ids, sids, cnt, lz)
     cnt[:, K.INNER] += g - S0.shape[1]  # a coarse level scored, then not chosen
     res = _finish(tree, Q, beta, log_z, replace, batched, ids, sids, cnt, lz)
     g = np.full(Q.shape[0], g, np.int64)  # the start level's inner products, computed by the GEMM
     res.stats["gemm_inner_products"] = g if batched else g[0]
     return res
+
+
+def _brute_rest(tree, Q, k, beta, gen, replace, eptr, eids, ids, sids, cnt, lz):
+    """The draws the adaptive kernel left to brute force (STATUS 2: its work reached N inner products), made for all
+    such queries together by :func:`_exact_draws` (each block of targets read once for up to 256 queries). A query
+    keeps the draws it made before the switch (a stopping time of its iid attempts, so the rest are plain draws
+    from P, renormalised over the targets not excluded and, without replacement, not drawn yet); its log Z becomes
+    the exact one, its counters get the N inner products and the brute-force draws."""
+    rows = np.flatnonzero(cnt[:, K.STATUS] == 2)
+    if rows.size == 0:
+        return
+    made = np.sum(ids[rows] >= 0, axis=1)  # the draws before the switch, a prefix of each row
+    ex = [eids[eptr[b]:eptr[b + 1]] if replace else np.concatenate([eids[eptr[b]:eptr[b + 1]], ids[b, :t]])
+          for b, t in zip(rows, made)]
+    eptr2 = np.zeros(rows.size + 1, np.int64)
+    np.cumsum([e.size for e in ex], out=eptr2[1:])
+    eids2 = np.concatenate(ex).astype(np.int64) if ex else _EMPTY
+    n = int(tree.n_targets)
+    gone = np.flatnonzero(np.asarray(tree.point_node)[:n] < 0).astype(np.int64)
+    rest = k - made
+    d_ids, d_s, d_lz = _exact_draws(np.asarray(tree.points)[:n], Q[rows], int(rest.max()), beta, gen, eptr2, eids2,
+                                    bool(replace), gone)
+    for j, (b, t) in enumerate(zip(rows, made)):
+        ids[b, t:] = d_ids[j, :k - t]
+        sids[b, t:] = d_s[j, :k - t]
+        terms = [d_lz[j], lz[b, K.LZ_EXCL]] + ([] if replace else list(sids[b, :t]))
+        lz[b, K.LZ_EST] = np.logaddexp.reduce(terms)  # log Z over every live target
+        cnt[b, K.INNER] += len(tree)
+        cnt[b, K.EXACT] += k - t
+        cnt[b, K.STATUS] = 0
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -295,5 +295,5 @@ def test_brute_rest_keeps_the_draws_made_before_the_switch():
         assert np.all(cnt[:, K.STATUS] == 0) and np.all(ids[:, 0] == i0)
         want = _softmax(X, q, 20.0, [] if replace else [i0])
         assert chi2_gof(ids[:, 1], want)[0] > ALPHA, replace
-        assert np.allclose(sids[:, 1], 20.0 * (X[ids[:, 1]].astype(np.float64) @ q), atol=1e-4)
+        assert np.allclose(sids[:, 1], 20.0 * (X[ids[:, 1]].astype(np.float64) @ q), atol=1e-9)  # float64 logits
         assert np.allclose(lz[:, K.LZ_EST], np.logaddexp.reduce(20.0 * (X.astype(np.float64) @ q)), atol=1e-9)

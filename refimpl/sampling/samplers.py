@@ -289,8 +289,9 @@ def sample_exact(points, q, k, *, beta, rng, exclude=None, replace=True):
     return _result(ids, lq, stats, batched)
 
 
-def _exact_draws(points, Q, k, beta, gen, eptr, eids, replace, gone):
-    """:func:`sample_exact`'s draws for checked arguments, the rows ``gone`` excluded for every query: (ids (B, k),
+def _exact_draws(points, Q, k, beta, gen, eptr, eids, replace, gone, f64=False):
+    """:func:`sample_exact`'s draws for checked arguments, the rows ``gone`` excluded for every query, the logits by
+    a GEMM in the points' precision (``f64``: in float64, as the tree samplers accumulate them): (ids (B, k),
     their logits (B, k), log Z (B,) over the targets not excluded). Without replacement a query with fewer than k
     targets left gets them first, in their sequential order, and ids of zero mass after them."""
     n = points.shape[0]
@@ -299,7 +300,7 @@ def _exact_draws(points, Q, k, beta, gen, eptr, eids, replace, gone):
     sids = np.full((B, k), -np.inf)
     log_z = np.full(B, -np.inf)
     gk = np.full((B, k), -np.inf)  # without replacement: the Gumbel keys of the running top k
-    Qc = Q.astype(points.dtype)
+    Qc = Q.astype(np.float64 if f64 else points.dtype)
     qb = min(max(B, 1), 256)
     tb = max(1, EXACT_ENTRIES // qb)
     owner = np.repeat(np.arange(B), np.diff(eptr))  # the query of each excluded id
@@ -310,7 +311,8 @@ def _exact_draws(points, Q, k, beta, gen, eptr, eids, replace, gone):
         for t0 in range(0, n, tb):
             t1 = min(n, t0 + tb)
             with np.errstate(over="ignore", invalid="ignore"):
-                S = np.multiply(Qc[b0:b1] @ points[t0:t1].T, beta, dtype=np.float64)
+                X = points[t0:t1].astype(np.float64, copy=False) if f64 else points[t0:t1]
+                S = np.multiply(Qc[b0:b1] @ X.T, beta, dtype=np.float64)
                 m = S.max(axis=1)
                 if not (np.all(np.isfinite(m)) and np.all(np.isfinite(S.min(axis=1)))):
                     if not np.all(np.isfinite(points)):
@@ -702,7 +704,11 @@ def sample_adaptive(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z=
     attempt returns i with probability e^{s_i} / sum_C' |C'| e^{E_C'}, proportional to P(i) whatever the
     envelope (which is fixed before the draws), so accepted draws are iid softmax draws; excluded ids and, without
     replacement, earlier draws are rejected, which conditions each draw exactly on the remaining targets. A
-    refined singleton is accepted without an inner product.
+    refined singleton is accepted without an inner product. A query whose refinement and attempts reach N inner
+    products (an envelope too loose to pay) makes its remaining draws by brute force, after the kernel, together
+    with every other such query of the batch: one pass over the targets in blocks (:func:`sample_exact`'s
+    streaming draws), so that each block is read once for all of them (``stats["exact_fallbacks"]`` counts these
+    draws; the switch is a stopping time of the iid attempts, so the draws stay exact).
 
     Parameters
     ----------
@@ -710,7 +716,8 @@ def sample_adaptive(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z=
     q : (D,) or (B, D) float array
     k : int
     exclude, replace, log_z : as for :func:`sample_rejection` (``log_z="estimate"``: log Z_hi + log of the
-        acceptance rate, clipped to the certified interval of the final envelope)
+        acceptance rate, clipped to the certified interval of the final envelope; the exact log Z for a query
+        that switched to brute force)
     max_attempts : int
         Per draw; reaching it raises :class:`SamplerError`.
     start_clusters : float > 0, optional
@@ -768,7 +775,7 @@ def _brute_rest(tree, Q, k, beta, gen, replace, eptr, eids, ids, sids, cnt, lz):
     gone = np.flatnonzero(np.asarray(tree.point_node)[:n] < 0).astype(np.int64)
     rest = k - made
     d_ids, d_s, d_lz = _exact_draws(np.asarray(tree.points)[:n], Q[rows], int(rest.max()), beta, gen, eptr2, eids2,
-                                    bool(replace), gone)
+                                    bool(replace), gone, f64=True)
     for j, (b, t) in enumerate(zip(rows, made)):
         ids[b, t:] = d_ids[j, :k - t]
         sids[b, t:] = d_s[j, :k - t]

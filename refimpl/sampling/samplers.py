@@ -274,7 +274,8 @@ def sample_exact(points, q, k, *, beta, rng, exclude=None, replace=True):
     exclude : ids, or (for a batch) one id array per query
     replace : bool
 
-    Returns ``ids`` and ``log_q`` of shape (k,) or (B, k); ``stats``: inner_products (N per query), log_z.
+    Returns ``ids`` and ``log_q`` of shape (k,) or (B, k); ``stats``: inner_products and gemm_inner_products (N
+    per query, all by GEMM), log_z.
     """
     points = _points(points)
     beta = check_positive("beta", beta)
@@ -285,7 +286,8 @@ def sample_exact(points, q, k, *, beta, rng, exclude=None, replace=True):
     k = _check_k(k, n - np.diff(eptr), replace)
     ids, sids, log_z = _exact_draws(points, Q, k, beta, gen, eptr, eids, replace, _EMPTY)
     lq = _log_q(sids, log_z, np.full(Q.shape[0], -np.inf), replace)
-    stats = {"inner_products": np.full(Q.shape[0], n, np.int64), "log_z": log_z}
+    N = np.full(Q.shape[0], n, np.int64)
+    stats = {"inner_products": N, "gemm_inner_products": N, "log_z": log_z}
     return _result(ids, lq, stats, batched)
 
 
@@ -727,7 +729,8 @@ def sample_adaptive(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z=
 
     Cost per query: |C_(l)| GEMM inner products and the refinement's (together
     ``stats["selection_inner_products"]``) plus, per draw, Z_hi / Z attempts of at most one inner product each.
-    ``stats``: attempts, accepted, inner_products (the GEMM's included), gemm_inner_products, n_clusters
+    ``stats``: attempts, accepted, inner_products (the GEMM's included), gemm_inner_products (the start level's,
+    and brute force's N after a switch), n_clusters
     (envelope size), lumped_clusters (start clusters in the tail), log_z, log_z_lo, log_z_hi.
     """
     return _adaptive(tree, q, k, beta=beta, rng=rng, exclude=exclude, replace=replace, log_z=log_z,
@@ -748,10 +751,11 @@ def _adaptive(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z="estim
                                            bool(broken), True)
     if np.any(cnt[:, K.STATUS] == 1):
         raise SamplerError(f"sample_adaptive: no accepted draw after {max_attempts} attempts")
-    _brute_rest(tree, Q, k, beta, gen, replace, eptr, eids, ids, sids, cnt, lz)
+    brute = _brute_rest(tree, Q, k, beta, gen, replace, eptr, eids, ids, sids, cnt, lz)
     cnt[:, K.INNER] += g - S0.shape[1]  # a coarse level scored, then not chosen
     res = _finish(tree, Q, beta, log_z, replace, batched, ids, sids, cnt, lz)
     g = np.full(Q.shape[0], g, np.int64)  # the start level's inner products, computed by the GEMM
+    g[brute] += len(tree)  # and brute force's
     res.stats["gemm_inner_products"] = g if batched else g[0]
     return res
 
@@ -761,10 +765,10 @@ def _brute_rest(tree, Q, k, beta, gen, replace, eptr, eids, ids, sids, cnt, lz):
     such queries together by :func:`_exact_draws` (each block of targets read once for up to 256 queries). A query
     keeps the draws it made before the switch (a stopping time of its iid attempts, so the rest are plain draws
     from P, renormalised over the targets not excluded and, without replacement, not drawn yet); its log Z becomes
-    the exact one, its counters get the N inner products and the brute-force draws."""
+    the exact one, its counters get the N inner products and the brute-force draws. Returns those queries."""
     rows = np.flatnonzero(cnt[:, K.STATUS] == 2)
     if rows.size == 0:
-        return
+        return rows
     made = np.sum(ids[rows] >= 0, axis=1)  # the draws before the switch, a prefix of each row
     ex = [eids[eptr[b]:eptr[b + 1]] if replace else np.concatenate([eids[eptr[b]:eptr[b + 1]], ids[b, :t]])
           for b, t in zip(rows, made)]
@@ -784,6 +788,7 @@ def _brute_rest(tree, Q, k, beta, gen, replace, eptr, eids, ids, sids, cnt, lz):
         cnt[b, K.INNER] += len(tree)
         cnt[b, K.EXACT] += k - t
         cnt[b, K.STATUS] = 0
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------------

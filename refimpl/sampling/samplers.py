@@ -374,6 +374,7 @@ def _exact_draws(points, Q, k, beta, gen, eptr, eids, replace, gone, f64=False):
             log_z[b0:b1] = new_z
     return ids, sids, log_z
 
+
 # ----------------------------------------------------------------------------------------------------------------
 # start clusterings in CSR form (for the kernels)
 
@@ -616,8 +617,8 @@ def adaptive_start(tree, max_clusters=None):
     (None: the finest candidate of START_SQRT, times sqrt(N): sublinear in N; the root alone if no level fits),
     cached per tree version.
 
-    Returns (F0, R, margin, CT): F0 the clusters' arrays for the kernel (nodes, first child below l, pre-order start,
-    sizes, certified radii, l), R (|C_(l)|, D) float64 their representatives' rows, so that one GEMM
+    Returns (F0, R, margin, CT): F0 the clusters' arrays for the kernel (nodes, the child-table slot of the first
+    child below l, pre-order start, sizes, certified radii, l), R (|C_(l)|, D) float64 their representatives' rows, so that one GEMM
     ``beta * Q @ R.T`` scores them for a batch, and margin = 2 gamma_D max_i ||t_i|| (gamma_D = D u / (1 - D u),
     u = 2^-53): beta ||q|| margin bounds the rounding of two float64 dot products of D terms (the GEMM's and the
     kernel's), and is added to every bound of a cluster of more than one target; CT the tree's :func:`child_table`.

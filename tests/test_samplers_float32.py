@@ -245,9 +245,10 @@ def _unstructured(seed):
 def test_adaptive_brute_force_is_batched_without_replacement_and_with_removed_targets():
     """The adaptive sampler leaves brute force to one batched pass over the targets (_brute_rest). On unstructured
     data with 3 targets removed from the tree and one excluded per query, a batch of 2 queries x ROWS rows draws
-    ordered pairs without replacement, over 90 % of the rows by brute force: each row's first draw follows the softmax over the live targets not
-    excluded (chi-square per query, n = required_sample_size(0.05), power >= 0.99 at TV 0.05), the second never
-    repeats it, no removed or excluded id is drawn, and log Z is the exact one over the live targets."""
+    ordered pairs without replacement, over 90 % of the rows by brute force: each row's first draw follows the
+    softmax over the live targets not excluded (chi-square per query, n = required_sample_size(0.05), power >= 0.99
+    at TV 0.05), the second never repeats it, no removed or excluded id is drawn, and log Z is the exact one over
+    the live targets."""
     X, tree = _unstructured(60)
     gone = [7, 100, 555]
     for i in gone:

@@ -80,9 +80,9 @@ def engine_kernel(T, suf, order, pos, Q, qnorm, beta, procedure, counts, out_ptr
     :func:`refimpl.index.search.preorder`: the clusters' members as ranges). REJECTION: ``adaptive_batch`` (exact
     rejection sampling of the softmax renormalised over the non-excluded targets, Eq. 3-5, with an envelope refined
     per query from the start frontier ``F0`` (logits ``S0[b]`` from the caller's GEMM, rounding ``margin``, the
-    tree's child table ``CT``) and shared by its draws; certified cluster bounds (Prop. 1 and the norm bound); ``attempt_cost`` sets
-    its refinement rule; ``broken`` drops the radius term, a negative control of the tests); no Alg. 2. MH and
-    PAPER first run Alg. 2 from the first frontier ``snodes[sptr[sidx[b]]:sptr[sidx[b] + 1]]`` =
+    tree's child table ``CT``) and shared by its draws; certified cluster bounds (Prop. 1 and the norm bound);
+    ``attempt_cost`` sets its refinement rule; ``broken`` drops the radius term, a negative control of the tests);
+    no Alg. 2. MH and PAPER first run Alg. 2 from the first frontier ``snodes[sptr[sidx[b]]:sptr[sidx[b] + 1]]`` =
     C_(start_levels[b]), deepest level ``ms[b]``, frontier cap ``max_frontier`` (0 = none). MH: ``counts[b]``
     independent chains (Eq. 14) of ``chain_length`` states (0: Eq. 6's length for TV exp(log_tv) from the
     certified gamma, per query), each started from the Eq. 7 proposal. PAPER: the ``n_top`` clusters of Alg. 2's

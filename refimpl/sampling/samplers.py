@@ -618,10 +618,11 @@ def adaptive_start(tree, max_clusters=None):
     cached per tree version.
 
     Returns (F0, R, margin, CT): F0 the clusters' arrays for the kernel (nodes, the child-table slot of the first
-    child below l, pre-order start, sizes, certified radii, l), R (|C_(l)|, D) float64 their representatives' rows, so that one GEMM
-    ``beta * Q @ R.T`` scores them for a batch, and margin = 2 gamma_D max_i ||t_i|| (gamma_D = D u / (1 - D u),
-    u = 2^-53): beta ||q|| margin bounds the rounding of two float64 dot products of D terms (the GEMM's and the
-    kernel's), and is added to every bound of a cluster of more than one target; CT the tree's :func:`child_table`.
+    child below l, pre-order start, sizes, certified radii, l), R (|C_(l)|, D) float64 their representatives'
+    rows, so that one GEMM ``beta * Q @ R.T`` scores them for a batch, and margin = 2 gamma_D max_i ||t_i||
+    (gamma_D = D u / (1 - D u), u = 2^-53): beta ||q|| margin bounds the rounding of two float64 dot products of D
+    terms (the GEMM's and the kernel's), and is added to every bound of a cluster of more than one target; CT the
+    tree's :func:`child_table`.
     """
     entry = _tree_cache(tree)
     if max_clusters is None:
@@ -775,7 +776,7 @@ def _brute_rest(tree, Q, k, beta, gen, replace, eptr, eids, ids, sids, cnt, lz):
           for b, t in zip(rows, made)]
     eptr2 = np.zeros(rows.size + 1, np.int64)
     np.cumsum([e.size for e in ex], out=eptr2[1:])
-    eids2 = np.concatenate(ex).astype(np.int64) if ex else _EMPTY
+    eids2 = np.concatenate(ex).astype(np.int64)
     n = int(tree.n_targets)
     gone = np.flatnonzero(np.asarray(tree.point_node)[:n] < 0).astype(np.int64)
     rest = k - made

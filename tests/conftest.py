@@ -25,3 +25,15 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def rejection_path(monkeypatch):
+    """The adaptive sampler switches to brute force only when a query's work reaches N (``BRUTE_SHARE`` = 1, the
+    engine's rule), so that tests of its rejection path on small trees, where N / 8 is a few hundred, exercise it."""
+    from refimpl.sampling import samplers
+
+    monkeypatch.setattr(samplers, "BRUTE_SHARE", 1.0)

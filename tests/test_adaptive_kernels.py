@@ -16,8 +16,8 @@ from numba import njit
 from refimpl.index import N_NODES
 from refimpl.index.search import preorder
 from refimpl.sampling import samplers as S
-from refimpl.sampling._adaptive import (EXP_REL, FENCE, _cumulative, _exp, _propose, _start_bounds, _start_masses,
-                                        below, rng_state, uniform)
+from refimpl.sampling._adaptive import (EXP_REL, FENCE, REFINE_SHARE, _cumulative, _exp, _propose, _start_bounds,
+                                        _start_masses, below, rng_state, uniform)
 from refimpl.testing import ALPHA, TV, chi2_gof, required_sample_size
 from tests.test_samplers_stats import _instance
 
@@ -228,6 +228,7 @@ def test_generator_uniforms_and_integers_are_uniform():
         assert chi2_gof(bins, p)[0] > ALPHA, n
 
 
+@pytest.mark.usefixtures("rejection_path")
 @pytest.mark.parametrize("k", [2, 64])
 def test_adaptive_with_lumped_start_clusters_is_exact(k):
     """sample_adaptive from a start level of up to 300 clusters, more than half of them lumped into the tail (mass 0
@@ -344,3 +345,32 @@ def test_start_level_choice_follows_its_cost_rule():
         gb = S.adaptive_envelope_start(tree, Q, k, 20.0)[4]
         assert np.all(res.stats["gemm_inner_products"] == gb), k
     assert chosen == {True, False}
+
+
+@pytest.mark.parametrize("share", [1.0, 0.25])
+def test_adaptive_switches_to_brute_force_at_its_budget(monkeypatch, share):
+    """The brute-force switch of sample_adaptive at G = BRUTE_SHARE x N (the cost alone; the law of the switched
+    draws is tested with ``_brute_rest``): per query, with the refinement's inner products r (selection minus the
+    start level) and the attempts a, a query that kept rejection sampling has r + a <= G; one that switched after
+    attempts has G <= r + a < G + 1 (the check before each attempt); the refinement stays within REFINE_SHARE x G.
+    64 distinct queries on 1,000 targets, k = 16, beta = 20; a quarter of N makes some queries switch after
+    attempts and leaves others, so each branch is checked."""
+    monkeypatch.setattr(S, "BRUTE_SHARE", share)
+    X, tree, _ = _instance("unit", 8)
+    rng = np.random.default_rng(61)
+    Q = X[rng.choice(X.shape[0], 64, replace=False)] + 0.3 * rng.normal(size=(64, 8)) / np.sqrt(8)
+    Q /= np.linalg.norm(Q, axis=1, keepdims=True)
+    r = S.sample_adaptive(tree, Q, 16, beta=20.0, rng=62, start_clusters=30)
+    n = len(tree)
+    G = share * n
+    switched = r.stats["exact_fallbacks"] > 0
+    start = r.stats["gemm_inner_products"] - n * switched
+    refined = r.stats["selection_inner_products"] - start
+    work = refined + r.stats["attempts"]
+    assert np.all(refined <= REFINE_SHARE * G)
+    assert np.all(work[~switched] <= G)
+    after = switched & (r.stats["attempts"] > 0)
+    assert np.all(work[after] >= G) and np.all(work[after] < G + 1)
+    assert np.all(r.stats["exact_fallbacks"][switched] >= 1)
+    if share < 1.0:
+        assert after.any() and (~switched).any()

@@ -5,7 +5,8 @@ Each goodness-of-fit test is Pearson's chi-square of refimpl.testing at alpha = 
 ``required_sample_size`` (power >= 0.99 against the TV stated in the test's docstring, on <= 100 bins). The law a
 float32 tree's sampler must follow is the softmax of the float32-rounded points (its logits are accumulated in
 float64 from the stored values). Seeds are fixed; the negative controls show that the same tests fail on a sampler
-that is slightly wrong.
+that is slightly wrong. The adaptive sampler switches to brute force here only at N inner products (fixture
+``rejection_path``), so that its rejection path is what they test.
 """
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ from refimpl.sampling import samplers as S
 from refimpl.sampling.clustering import cluster_members, find_clustering, level_clustering
 from refimpl.testing import ALPHA, TV, chi2_gof, required_sample_size, tv_distance
 from tests.test_samplers_stats import _instance, _mh_law
+
+# the adaptive sampler's rejection path, on trees of a few hundred to a few thousand targets (conftest.py)
+pytestmark = pytest.mark.usefixtures("rejection_path")
 
 N_DRAWS = required_sample_size(TV)  # 64,143: power >= 0.99 at TV 0.02
 N_PAIR = required_sample_size(0.04)  # 16,036: power >= 0.99 at TV 0.04

@@ -34,7 +34,7 @@ from refimpl.sampling._kernels import (ACCEPTED, ATTEMPTS, EXCL_HITS, INNER, LEV
 
 BATCH = 32  # attempts generated, resolved and scored together (their memory reads overlap)
 TAIL = 0.01  # bound on the share of the envelope's mass in the tail of lumped start clusters, relative to Z
-REFINE_SHARE = 0.25  # the refinement stops after this share of N inner products (each costs several brute-force ones)
+REFINE_SHARE = 0.25  # the refinement stops after this share of the brute-force budget (see adaptive_batch)
 
 
 @njit(cache=True, fastmath={"contract", "reassoc"})
@@ -398,7 +398,7 @@ def start_frontier(T, suf, CT, pos, n_pos, nodes, L):
 
 @njit(cache=True)
 def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_attempts, attempt_cost, seed, F0, S0,
-                   margin, CT, broken=False, defer=False):
+                   margin, CT, broken=False, defer=False, brute_share=1.0):
     """Adaptive rejection sampling for every query of ``Q``: refine an envelope best first, then Eq. 3-5.
 
     Start (per query): the clusters of ``F0`` (:func:`start_frontier`; the root alone is a valid F0), their
@@ -415,13 +415,14 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
     U_j = n_j e^{E_j} and split it into the children of v at the next occupied level Lc (each a whole subtree,
     bound min(E_j, its own)) and the rest (v, Lc) (bound min(E_j, its own)); stop when the attempts a split could
     save, k x attempt_cost x (U_j - n_j e^{s_v}) / Z_hat (Z_hat = sum_j n_j e^{s_v(j)}, Eq. 7, over the refined
-    clusters), no longer exceed its m inner products, or after REFINE_SHARE x N inner products (no cluster is
-    queued when none could repay one inner product). If the refinement's inner products plus the k Z_hi / Z_hat
-    expected attempts reach N (no useful structure around this query), every draw of the query is made by brute
-    force instead. The rule and this switch, decided before any attempt from the envelope alone, only set the
-    cost. Brute force: with ``defer``, left to the caller (STATUS = 2, the draws made so far kept), which serves
-    all such queries of the batch together; else ``_exact_draw`` (N inner products once, then an inverse CDF per
-    draw).
+    clusters), no longer exceed its m inner products, or after REFINE_SHARE x G inner products (no cluster is
+    queued when none could repay one inner product). G = ``brute_share`` x N is brute force's cost in inner
+    products or attempts: 1 when each query reads every row alone, less when the caller serves the queries that
+    switch together by GEMMs. If the refinement's inner products plus the k Z_hi / Z_hat expected attempts reach G
+    (no useful structure around this query), every draw of the query is made by brute force instead. The rule and
+    this switch, decided before any attempt from the envelope alone, only set the cost. Brute force: with
+    ``defer``, left to the caller (STATUS = 2, the draws made so far kept), which serves all such queries of the
+    batch together; else ``_exact_draw`` (N inner products once, then an inverse CDF per draw).
 
     Sampling (Eq. 3-5): propose entry j (a cluster or the tail) with probability W_j / sum W, W_j = n_j _exp(E_j -
     Eref) (1 + 2 EXP_REL) >= n_j e^{E_j - Eref} (:func:`_exp`, relative error <= EXP_REL), a member i uniformly
@@ -435,9 +436,9 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
     logits computed (loops of independent memory reads, which the processor overlaps), then they are decided in
     order: the proposals are iid and independent of the decisions, so this is Eq. 3-5 exactly (logits computed for
     proposals left undecided when the query has its k draws are counted in INNER). Once the query's refinement inner
-    products and attempts reach the number N of live targets, its remaining draws (the current one included) are
-    made by brute force: still exact, as the switch is a stopping time of the iid attempts (a draw
-    not yet accepted is, conditionally, a draw from P). LZ_LO (log of the sum of the lower terms n_j e^{s_j - beta
+    products and attempts reach G, its remaining draws (the current one included) are made by brute force: still
+    exact, as the switch is a stopping time of the iid attempts (a draw not yet accepted is, conditionally, a draw
+    from P). LZ_LO (log of the sum of the lower terms n_j e^{s_j - beta
     ||q|| rho_j - tau} over the clusters not lumped, each computed low, the sum shrunk for its rounding) and LZ_HI
     (log sum W, grown for its rounding) are certified; LZ_EST = LZ_HI + log(successes / attempts) clipped to them
     (Eq. 7's Z_hat when k = 0; the exact log Z when ``_exact_draw`` ran; the caller's after a deferral). Counters:
@@ -459,6 +460,7 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
     cptr, cnode, clev, cpt, ccount, cpos, cfirst, crad, csubn, sufn = CT
     nc0 = f0v.shape[0]
     mask, n_live, live, ls = _scratch(T, eids, replace)
+    budget = brute_share * n_live  # G: brute force's cost, in inner products
     cap = max(1024, 2 * nc0)
     fv = np.empty(cap, np.int64)  # node
     fa = np.empty(cap, np.int64)  # pre-order start of the members after p_v
@@ -531,7 +533,7 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
             while x + m < e and clev[x + m] == Lc:  # the children at Lc, their rows prefetched
                 prefetch_row(points, cpt[x + m])
                 m += 1
-            if gain <= m or spent + m > REFINE_SHARE * n_live:
+            if gain <= m or spent + m > REFINE_SHARE * budget:
                 break
             _heap_pop(hk, hi, hsize)
             hsize -= 1
@@ -626,8 +628,8 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
                 if fE[j] > -np.inf:
                     lo = max(lo, np.log(fn[j]) + (fs[j] - bq * fr[j] - tau if fn[j] > 1 else fs[j]))
         wtot = cw[nprop - 1]
-        # against brute force (N inner products, once): the expected attempts, k Z_hi / Z_hat
-        brute = spent + k * attempt_cost * sum_w / max(zhat, 1e-300) >= n_live
+        # against brute force (G, once): the expected attempts, k Z_hi / Z_hat
+        brute = spent + k * attempt_cost * sum_w / max(zhat, 1e-300) >= budget
         lz[b, LZ_LO] = lo
         lz[b, LZ_HI] = hi_
         nb = eptr[b + 1] - eptr[b]
@@ -639,7 +641,7 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
         # the memory system serves many at once), then decide them in order until the query has its k draws. The
         # proposals are iid and independent of the decisions, so deciding them in order is Eq. 3-5 exactly; the
         # logits computed for proposals left undecided at the end are counted as inner products. The rounds stop
-        # when the query's work reaches N, and brute force makes the remaining draws.
+        # when the query's work reaches G, and brute force makes the remaining draws.
         t = 0
         attempts = 0
         while t < k and not brute:
@@ -669,7 +671,7 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
                 if attempts >= max_attempts:
                     c[STATUS] = 1
                     return ids, sids, cnt, lz
-                if spent + c[ATTEMPTS] >= n_live:
+                if spent + c[ATTEMPTS] >= budget:
                     brute = True
                     break
                 attempts += 1

@@ -75,6 +75,11 @@ START_SQRT = (2.0, 32.0)
 # N = 1e7, commit 6a8e196), and the queries of a batch whose coarse envelope is measured to choose the level
 ATTEMPT_CLUSTERS = 18.0
 START_PROBE = 4
+# brute force's cost per target in attempts of the adaptive sampler, when the queries that switch are served
+# together (_brute_rest): at 1b5f534 sample_exact's batched draws cost 3.8-6.4 ns a target at D = 64 and 11-12 ns at
+# D = 384 (bench sample), an attempt 60-150 ns and 100-225 ns: 1/10-1/35 and 1/8-1/18. So a query switches to
+# brute force when its work reaches N / 8 (a lone switching query, whose blocks are not shared, costs more)
+BRUTE_SHARE = 1.0 / 8.0
 _EMPTY = np.zeros(0, np.int64)
 
 
@@ -708,11 +713,12 @@ def sample_adaptive(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z=
     attempt returns i with probability e^{s_i} / sum_C' |C'| e^{E_C'}, proportional to P(i) whatever the
     envelope (which is fixed before the draws), so accepted draws are iid softmax draws; excluded ids and, without
     replacement, earlier draws are rejected, which conditions each draw exactly on the remaining targets. A
-    refined singleton is accepted without an inner product. A query whose refinement and attempts reach N inner
-    products (an envelope too loose to pay) makes its remaining draws by brute force, after the kernel, together
-    with every other such query of the batch: one pass over the targets in blocks (:func:`sample_exact`'s
-    streaming draws), so that each block is read once for all of them (``stats["exact_fallbacks"]`` counts these
-    draws; the switch is a stopping time of the iid attempts, so the draws stay exact).
+    refined singleton is accepted without an inner product. A query whose refinement and attempts reach
+    BRUTE_SHARE x N = N / 8 (brute force's cost in attempts, batched; an envelope too loose to pay; the refinement
+    stops at a quarter of it) makes its remaining draws by brute force, after the kernel, together with every other
+    such query of the batch: one pass over the targets in blocks (:func:`sample_exact`'s streaming draws), so that
+    each block is read once for all of them (``stats["exact_fallbacks"]`` counts these draws; the switch is a
+    stopping time of the iid attempts, so the draws stay exact).
 
     Parameters
     ----------
@@ -750,7 +756,7 @@ def _adaptive(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z="estim
     F0, S0, margin, CT, g = adaptive_envelope_start(tree, Q, k, beta, start_clusters)
     ids, sids, cnt, lz = AD.adaptive_batch(tree.arrays(), suffix_radii(tree), order, pos, Q, beta, k, eptr, eids,
                                            int(replace), max_attempts, ATTEMPT_COST, _seed(gen), F0, S0, margin, CT,
-                                           bool(broken), True)
+                                           bool(broken), True, BRUTE_SHARE)
     if np.any(cnt[:, K.STATUS] == 1):
         raise SamplerError(f"sample_adaptive: no accepted draw after {max_attempts} attempts")
     brute = _brute_rest(tree, Q, k, beta, gen, replace, eptr, eids, ids, sids, cnt, lz)

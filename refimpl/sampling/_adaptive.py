@@ -529,12 +529,17 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
             x = fc[j]  # the slot of the first child below the cluster's level (fn[j] > 1: one exists)
             e = cptr[v + 1]
             Lc = clev[x]
-            m = 0
-            while x + m < e and clev[x + m] == Lc:  # the children at Lc, their rows prefetched
-                prefetch_row(points, cpt[x + m])
+            room = REFINE_SHARE * budget - spent
+            m = 0  # the children at Lc, counted while the split stays worth its m inner products and within room
+            while x + m < e and clev[x + m] == Lc:
+                if m + 1 >= gain or m + 1 > room:  # so the split is not made (a fan-out can be ~N / |C_(l)|)
+                    m = -1
+                    break
                 m += 1
-            if gain <= m or spent + m > REFINE_SHARE * budget:
+            if m < 0:
                 break
+            for y in range(x, x + m):
+                prefetch_row(points, cpt[y])
             _heap_pop(hk, hi, hsize)
             hsize -= 1
             spent += m

@@ -380,6 +380,57 @@ def _exact_draws(points, Q, k, beta, gen, eptr, eids, replace, gone, f64=False):
     return ids, sids, log_z
 
 
+SCREEN_MAX = 0.05  # the largest float32 logit error bound for which _screened_draws is used (acceptance >= 0.9)
+
+
+def _screen_error(D, beta, Q, M):
+    """eps (B,): a bound on |s32 - s64| for every target t of norm <= M, where s32 = beta fl32(<fl32(q), t>) is the
+    logit of a float32 GEMM (any order of summation, with or without FMA) and s64 the float64-accumulated logit of
+    the tree samplers. |fl32(q)_d - q_d| <= u |q_d| and a D-term float32 dot product errs by at most
+    gamma_D sum_d |a_d b_d|, gamma_D = D u / (1 - D u), u = 2^-24; so |s32 / beta - <q, t>| <= ((1 + u) gamma_D +
+    u) ||q|| ||t|| <= c ||q|| M with c = (D + 2) u / (1 - (D + 2) u), whose spare u covers the float64 roundings
+    (the float64 logit's own error is below 2 D 2^-53 ||q|| ||t||). Grown by 1e-6 relative and 1e-9 absolute for
+    the roundings of the reservoir's logits and of eps itself."""
+    u = 2.0 ** -24
+    c = (D + 2) * u / (1.0 - (D + 2) * u)
+    return beta * np.linalg.norm(Q, axis=1) * M * c * (1.0 + 1e-6) + 1e-9
+
+
+def _screened_draws(points, Q, k, beta, gen, eptr, eids, gone, eps):
+    """:func:`_exact_draws` with replacement, at the cost of float32 GEMMs, with the law of the float64 logits s64
+    (the tree samplers'): candidates i are drawn by :func:`_exact_draws` from the softmax of the float32 logits
+    s32, then each is accepted with probability e^{s64_i - s32_i - eps} <= 1 (eps >= |s32 - s64| for every target,
+    :func:`_screen_error`), s64 computed for the candidates alone. An accepted candidate is i with probability
+    proportional to e^{s32_i} e^{s64_i - s32_i} = e^{s64_i}: rejection sampling, exact; the candidates are iid, so
+    the first k accepted are k iid draws (acceptance >= e^{-2 eps}; a query short of k draws more). Returns (ids,
+    their s64, log Z of the float32 logits, within eps of the float64 one)."""
+    B = Q.shape[0]
+    ids = np.zeros((B, k), np.int64)
+    sids = np.zeros((B, k))
+    log_z = np.full(B, -np.inf)
+    todo = np.arange(B)
+    need = np.full(B, k)
+    first = True
+    while todo.size:
+        m = int(need[todo].max()) + 4 + int(np.ceil(4.0 * np.max(eps[todo]) * k))  # spare candidates
+        sub = np.concatenate([np.arange(eptr[b], eptr[b + 1]) for b in todo]).astype(np.int64)
+        ptr = np.zeros(todo.size + 1, np.int64)
+        np.cumsum(eptr[todo + 1] - eptr[todo], out=ptr[1:])
+        c_ids, c_s32, lz32 = _exact_draws(points, Q[todo], m, beta, gen, ptr, eids[sub], True, gone)
+        if first:
+            log_z, first = lz32, False
+        s64 = beta * np.einsum("bjd,bd->bj", points[c_ids].astype(np.float64), Q[todo])
+        acc = gen.random(c_ids.shape) < np.exp(s64 - c_s32 - eps[todo, None])
+        for j, b in enumerate(todo):
+            got = np.flatnonzero(acc[j])[:need[b]]
+            t = k - need[b]
+            ids[b, t:t + got.size] = c_ids[j, got]
+            sids[b, t:t + got.size] = s64[j, got]
+            need[b] -= got.size
+        todo = todo[need[todo] > 0]
+    return ids, sids, log_z
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # start clusterings in CSR form (for the kernels)
 
@@ -769,11 +820,13 @@ def _adaptive(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z="estim
 
 
 def _brute_rest(tree, Q, k, beta, gen, replace, eptr, eids, ids, sids, cnt, lz):
-    """The draws the adaptive kernel left to brute force (STATUS 2: its work reached N inner products), made for all
-    such queries together by :func:`_exact_draws` (each block of targets read once for up to 256 queries). A query
-    keeps the draws it made before the switch (a stopping time of its iid attempts, so the rest are plain draws
-    from P, renormalised over the targets not excluded and, without replacement, not drawn yet); its log Z becomes
-    the exact one, its counters get the N inner products and the brute-force draws. Returns those queries."""
+    """The draws the adaptive kernel left to brute force (STATUS 2: its work reached BRUTE_SHARE x N), made for
+    all such queries together (each block of targets read once for up to 256 queries): by :func:`_screened_draws`
+    with replacement on float32 points, else by :func:`_exact_draws` in float64. A query keeps the draws it made
+    before the switch (a stopping time of its iid attempts, so the rest are plain draws from P, renormalised over
+    the targets not excluded and, without replacement, not drawn yet); its log Z becomes the brute-force one (exact
+    in float64; from the float32 logits, within their error bound, when screened), its counters get the N inner
+    products and the brute-force draws. Returns those queries."""
     rows = np.flatnonzero(cnt[:, K.STATUS] == 2)
     if rows.size == 0:
         return rows
@@ -785,9 +838,13 @@ def _brute_rest(tree, Q, k, beta, gen, replace, eptr, eids, ids, sids, cnt, lz):
     eids2 = np.concatenate(ex).astype(np.int64)
     n = int(tree.n_targets)
     gone = np.flatnonzero(np.asarray(tree.point_node)[:n] < 0).astype(np.int64)
-    rest = k - made
-    d_ids, d_s, d_lz = _exact_draws(np.asarray(tree.points)[:n], Q[rows], int(rest.max()), beta, gen, eptr2, eids2,
-                                    bool(replace), gone, f64=True)
+    rest = int((k - made).max())
+    points = np.asarray(tree.points)[:n]
+    eps = _screen_error(points.shape[1], beta, Q[rows], float(child_table(tree)[-1][tree.root]))
+    if replace and points.dtype == np.float32 and np.max(eps) <= SCREEN_MAX:
+        d_ids, d_s, d_lz = _screened_draws(points, Q[rows], rest, beta, gen, eptr2, eids2, gone, eps)
+    else:
+        d_ids, d_s, d_lz = _exact_draws(points, Q[rows], rest, beta, gen, eptr2, eids2, bool(replace), gone, f64=True)
     for j, (b, t) in enumerate(zip(rows, made)):
         ids[b, t:] = d_ids[j, :k - t]
         sids[b, t:] = d_s[j, :k - t]

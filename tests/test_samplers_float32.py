@@ -296,7 +296,9 @@ def test_brute_rest_keeps_the_draws_made_before_the_switch():
         cnt = np.zeros((B, K.NC), np.int64)
         cnt[:, K.STATUS] = 2  # left to brute force
         lz = np.full((B, 4), -np.inf)
-        S._brute_rest(tree, Q, 2, 20.0, np.random.default_rng(63), replace, eptr, eids, ids, sids, cnt, lz)
+        rows, screened = S._brute_rest(tree, Q, 2, 20.0, np.random.default_rng(63), replace, eptr, eids, ids, sids,
+                                       cnt, lz)
+        assert rows.size == B and screened == replace  # float32 GEMMs with replacement, float64 without
         assert np.all(cnt[:, K.STATUS] == 0) and np.all(ids[:, 0] == i0)
         want = _softmax(X, q, 20.0, [] if replace else [i0])
         assert chi2_gof(ids[:, 1], want)[0] > ALPHA, replace

@@ -18,12 +18,13 @@ sampler: CPU ms per query (time.process_time of the whole batch / B), inner prod
 floor = inner products x the measured cost of one random-row inner product (a Numba loop over random rows with a
 vectorised float64 dot, measured on the same points; inner products computed by a GEMM (``stats
 ["gemm_inner_products"]``: the baseline's and ``exact``'s N, the adaptive sampler's start level and its batched
-brute force) at the measured cost of a float64 GEMM inner product instead), the distance to it, and the speedup
-over the baseline. Baseline: what a NumPy user writes: float32 targets, queries in blocks of B_b (best of
-``--baseline-batches`` reported), one GEMM per block of 65,536 targets, exp(s - beta ||q|| max ||t||) (no max pass
-needed), masses per chunk of 4,096 targets (only the (B_b, N / 4,096) chunk masses are kept), then each draw picks a
-chunk by its mass and a row inside it by exp/cumsum over that chunk's recomputed logits (exact up to float32
-rounding).
+brute force) at the measured cost of a GEMM inner product instead, float32 for those of ``stats
+["gemm32_inner_products"]`` (the baseline's, ``exact``'s and the adaptive sampler's screened brute force on the
+float32 rows), float64 for the others), the distance to it, and the speedup over the baseline. Baseline: what a
+NumPy user writes: float32 targets, queries in blocks of B_b (best of ``--baseline-batches`` reported), one GEMM
+per block of 65,536 targets, exp(s - beta ||q|| max ||t||) (no max pass needed), masses per chunk of 4,096 targets
+(only the (B_b, N / 4,096) chunk masses are kept), then each draw picks a chunk by its mass and a row inside it by
+exp/cumsum over that chunk's recomputed logits (exact up to float32 rounding).
 
 Targets are generated and stored as float32 (the tree's storage is the same array; every sampler accumulates its
 logits in float64). Samplers: ``exact`` (brute force, ``sample_exact`` on the float32 rows), ``rejection`` (Alg. 1,
@@ -89,12 +90,12 @@ def _random_read_ns(points, rng, m=2_000_000):
     return 1e9 * best / m
 
 
-def _gemm_ns(points, rng, b=64, m=1 << 16):
-    """CPU ns per inner product of a float64 GEMM of ``b`` queries against ``m`` rows (best of 3): the cost of the
-    adaptive sampler's start-level inner products."""
+def _gemm_ns(points, rng, dtype, b=64, m=1 << 16):
+    """CPU ns per inner product of a GEMM in ``dtype`` of ``b`` queries against ``m`` rows (best of 3): float64 for
+    the adaptive sampler's start level, float32 for brute force on float32 rows."""
     m = min(m, points.shape[0])
-    R = np.ascontiguousarray(points[:m], np.float64)
-    Q = rng.normal(size=(b, points.shape[1]))
+    R = np.ascontiguousarray(points[:m], dtype)
+    Q = rng.normal(size=(b, points.shape[1])).astype(dtype)
     best = math.inf
     for _ in range(3):
         t = time.process_time()
@@ -290,16 +291,19 @@ def main(argv=None) -> int:
                 S.adaptive_start(tree, c * math.sqrt(n))
             pre_s = time.process_time() - t0
             ns_ip = _random_read_ns(X, rng)
-            ns_gemm = _gemm_ns(X, rng)
+            ns_gemm = _gemm_ns(X, rng, np.float64)
+            ns_gemm32 = _gemm_ns(X, rng, np.float32)
             X32 = X
             nmax = float(np.linalg.norm(X32, axis=1).max())
             Q = _queries(X, args.queries, rng)
             entry = {"data": data, "N": n, "build_cpu_s": build_s, "per_version_precompute_cpu_s": pre_s,
                      "ns_per_random_inner_product": ns_ip, "ns_per_gemm_inner_product": ns_gemm,
+                     "ns_per_gemm32_inner_product": ns_gemm32,
                      "tree_levels": list(tree.level_range()), "by_k": []}
             print(f"\n[{data}] N = {n:,}: tree build {build_s:.1f} s CPU (+ {pre_s:.2f} s once per tree version: "
                   f"suffix radii, pre-order, the adaptive sampler's start level), levels {tree.level_range()}, "
-                  f"{ns_ip:.1f} ns per random-row inner product, {ns_gemm:.2f} ns per GEMM inner product, "
+                  f"{ns_ip:.1f} ns per random-row inner product, {ns_gemm:.2f} / {ns_gemm32:.2f} ns per float64 / "
+                  f"float32 GEMM inner product, "
                   f"beta {args.beta}, D {X.shape[1]}, "
                   f"{args.queries} queries in one batch")
             for k in args.ks:
@@ -311,7 +315,8 @@ def main(argv=None) -> int:
                 best_bs = min(base, key=base.get)
                 t_base = base[best_bs]
                 rows = [{"sampler": f"numpy float32 (B={best_bs})", "ms_per_query": t_base,
-                         "baseline_ms_by_batch": base, "ip_per_query": float(n), "gemm_ip_per_query": float(n)}]
+                         "baseline_ms_by_batch": base, "ip_per_query": float(n), "gemm_ip_per_query": float(n),
+                         "gemm32_ip_per_query": float(n)}]
                 for name in args.samplers:
                     gen = np.random.default_rng(args.seed + 7)  # made outside the timed region, as the baseline's
                     t = time.process_time()
@@ -319,7 +324,8 @@ def main(argv=None) -> int:
                     ms = 1e3 * (time.process_time() - t) / args.queries
                     ip = float(np.mean(r.stats["inner_products"]))
                     row = {"sampler": name, "ms_per_query": ms, "ip_per_query": ip,
-                           "gemm_ip_per_query": float(np.mean(r.stats.get("gemm_inner_products", 0)))}
+                           "gemm_ip_per_query": float(np.mean(r.stats.get("gemm_inner_products", 0))),
+                           "gemm32_ip_per_query": float(np.mean(r.stats.get("gemm32_inner_products", 0)))}
                     if name in ("rejection", "flat", "adaptive"):
                         row["acceptance"] = float(np.sum(r.stats["accepted"]) / max(np.sum(r.stats["attempts"]), 1))
                         row["attempts_per_draw"] = float(np.mean(r.stats["attempts"])) / max(k, 1)
@@ -333,8 +339,8 @@ def main(argv=None) -> int:
                     rows.append(row)
                 for row in rows:
                     row["ip_per_draw"] = row["ip_per_query"] / k
-                    g = row["gemm_ip_per_query"]
-                    row["floor_ms"] = ((row["ip_per_query"] - g) * ns_ip + g * ns_gemm) * 1e-6
+                    g, g32 = row["gemm_ip_per_query"], row["gemm32_ip_per_query"]
+                    row["floor_ms"] = ((row["ip_per_query"] - g) * ns_ip + (g - g32) * ns_gemm + g32 * ns_gemm32) * 1e-6
                     row["x_floor"] = row["ms_per_query"] / row["floor_ms"]
                     row["speedup_vs_baseline"] = t_base / row["ms_per_query"]
                 entry["by_k"].append({"k": k, "rows": rows})

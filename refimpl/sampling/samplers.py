@@ -280,7 +280,7 @@ def sample_exact(points, q, k, *, beta, rng, exclude=None, replace=True):
     replace : bool
 
     Returns ``ids`` and ``log_q`` of shape (k,) or (B, k); ``stats``: inner_products and gemm_inner_products (N
-    per query, all by GEMM), log_z.
+    per query, all by GEMM), gemm32_inner_products (those of them by a float32 GEMM: N for float32 points), log_z.
     """
     points = _points(points)
     beta = check_positive("beta", beta)
@@ -292,7 +292,8 @@ def sample_exact(points, q, k, *, beta, rng, exclude=None, replace=True):
     ids, sids, log_z = _exact_draws(points, Q, k, beta, gen, eptr, eids, replace, _EMPTY)
     lq = _log_q(sids, log_z, np.full(Q.shape[0], -np.inf), replace)
     N = np.full(Q.shape[0], n, np.int64)
-    stats = {"inner_products": N, "gemm_inner_products": N, "log_z": log_z}
+    stats = {"inner_products": N, "gemm_inner_products": N,
+             "gemm32_inner_products": N if points.dtype == np.float32 else np.zeros_like(N), "log_z": log_z}
     return _result(ids, lq, stats, batched)
 
 
@@ -592,8 +593,8 @@ def _rejection(tree, q, k, *, beta, rng, level="auto", exclude=None, replace=Tru
     auto, csr = _start_levels(tree, Q, beta, level)
     attempt_cost = ATTEMPT_COST if attempt_cost is None else float(attempt_cost)
     T = tree.arrays()
-    ids, sids, cnt, lz = K.alg1_batch(T, suffix_radii(tree), Q, beta, k, auto, attempt_cost, *csr, eptr, eids, int(replace),
-                                      max_attempts, bool(broken), int(fallback_after), _seed(gen))
+    ids, sids, cnt, lz = K.alg1_batch(T, suffix_radii(tree), Q, beta, k, auto, attempt_cost, *csr, eptr, eids,
+                                      int(replace), max_attempts, bool(broken), int(fallback_after), _seed(gen))
     if cnt[:, K.STATUS].any():
         b = int(np.flatnonzero(cnt[:, K.STATUS])[0])
         raise SamplerError(f"sample_rejection: no accepted draw after {max_attempts} attempts at level "
@@ -789,8 +790,9 @@ def sample_adaptive(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z=
     Cost per query: |C_(l)| GEMM inner products and the refinement's (together
     ``stats["selection_inner_products"]``) plus, per draw, Z_hi / Z attempts of at most one inner product each.
     ``stats``: attempts, accepted, inner_products (the GEMM's included), gemm_inner_products (the start level's,
-    and brute force's N after a switch), n_clusters
-    (envelope size), lumped_clusters (start clusters in the tail), log_z, log_z_lo, log_z_hi.
+    and brute force's N after a switch), gemm32_inner_products (those of them by a float32 GEMM: brute force's
+    screened N), n_clusters (envelope size), lumped_clusters (start clusters in the tail), log_z, log_z_lo,
+    log_z_hi.
     """
     return _adaptive(tree, q, k, beta=beta, rng=rng, exclude=exclude, replace=replace, log_z=log_z,
                      max_attempts=max_attempts, start_clusters=start_clusters)
@@ -810,12 +812,16 @@ def _adaptive(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z="estim
                                            bool(broken), True, BRUTE_SHARE)
     if np.any(cnt[:, K.STATUS] == 1):
         raise SamplerError(f"sample_adaptive: no accepted draw after {max_attempts} attempts")
-    brute = _brute_rest(tree, Q, k, beta, gen, replace, eptr, eids, ids, sids, cnt, lz)
+    brute, screened = _brute_rest(tree, Q, k, beta, gen, replace, eptr, eids, ids, sids, cnt, lz)
     cnt[:, K.INNER] += g - S0.shape[1]  # a coarse level scored, then not chosen
     res = _finish(tree, Q, beta, log_z, replace, batched, ids, sids, cnt, lz)
     g = np.full(Q.shape[0], g, np.int64)  # the start level's inner products, computed by the GEMM
     g[brute] += len(tree)  # and brute force's
+    g32 = np.zeros_like(g)
+    if screened:
+        g32[brute] = len(tree)  # by float32 GEMMs
     res.stats["gemm_inner_products"] = g if batched else g[0]
+    res.stats["gemm32_inner_products"] = g32 if batched else g32[0]
     return res
 
 
@@ -826,10 +832,10 @@ def _brute_rest(tree, Q, k, beta, gen, replace, eptr, eids, ids, sids, cnt, lz):
     before the switch (a stopping time of its iid attempts, so the rest are plain draws from P, renormalised over
     the targets not excluded and, without replacement, not drawn yet); its log Z becomes the brute-force one (exact
     in float64; from the float32 logits, within their error bound, when screened), its counters get the N inner
-    products and the brute-force draws. Returns those queries."""
+    products and the brute-force draws. Returns (those queries, whether their GEMMs were float32)."""
     rows = np.flatnonzero(cnt[:, K.STATUS] == 2)
     if rows.size == 0:
-        return rows
+        return rows, False
     made = np.sum(ids[rows] >= 0, axis=1)  # the draws before the switch, a prefix of each row
     ex = [eids[eptr[b]:eptr[b + 1]] if replace else np.concatenate([eids[eptr[b]:eptr[b + 1]], ids[b, :t]])
           for b, t in zip(rows, made)]
@@ -841,7 +847,8 @@ def _brute_rest(tree, Q, k, beta, gen, replace, eptr, eids, ids, sids, cnt, lz):
     rest = int((k - made).max())
     points = np.asarray(tree.points)[:n]
     eps = _screen_error(points.shape[1], beta, Q[rows], float(child_table(tree)[-1][tree.root]))
-    if replace and points.dtype == np.float32 and np.max(eps) <= SCREEN_MAX:
+    screened = bool(replace and points.dtype == np.float32 and np.max(eps) <= SCREEN_MAX)
+    if screened:
         d_ids, d_s, d_lz = _screened_draws(points, Q[rows], rest, beta, gen, eptr2, eids2, gone, eps)
     else:
         d_ids, d_s, d_lz = _exact_draws(points, Q[rows], rest, beta, gen, eptr2, eids2, bool(replace), gone, f64=True)
@@ -853,7 +860,7 @@ def _brute_rest(tree, Q, k, beta, gen, replace, eptr, eids, ids, sids, cnt, lz):
         cnt[b, K.INNER] += len(tree)
         cnt[b, K.EXACT] += k - t
         cnt[b, K.STATUS] = 0
-    return rows
+    return rows, screened
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -438,13 +438,13 @@ def adaptive_batch(T, suf, order, pos, Q, beta, k, eptr, eids, replace, max_atte
     proposals left undecided when the query has its k draws are counted in INNER). Once the query's refinement inner
     products and attempts reach G, its remaining draws (the current one included) are made by brute force: still
     exact, as the switch is a stopping time of the iid attempts (a draw not yet accepted is, conditionally, a draw
-    from P). LZ_LO (log of the sum of the lower terms n_j e^{s_j - beta
-    ||q|| rho_j - tau} over the clusters not lumped, each computed low, the sum shrunk for its rounding) and LZ_HI
-    (log sum W, grown for its rounding) are certified; LZ_EST = LZ_HI + log(successes / attempts) clipped to them
-    (Eq. 7's Z_hat when k = 0; the exact log Z when ``_exact_draw`` ran; the caller's after a deferral). Counters:
-    INNER counts the GEMM's |F0| inner products too; LUMPED the start clusters in the tail. No O(N) work per call
-    unless some id can be marked (exclusions, or draws without replacement: ``_scratch``). ``broken`` (a negative
-    control of the tests): bounds E = s_v (no radius term; not certified).
+    from P). LZ_LO (log of the sum of the lower terms n_j e^{s_j - beta ||q|| rho_j - tau} over the clusters not
+    lumped, each computed low, the sum shrunk for its rounding) and LZ_HI (log sum W, grown for its rounding) are
+    certified; LZ_EST = LZ_HI + log(successes / attempts) clipped to them (Eq. 7's Z_hat when k = 0; the exact log Z
+    when ``_exact_draw`` ran; the caller's after a deferral). Counters: INNER counts the GEMM's |F0| inner products
+    too; LUMPED the start clusters in the tail. No O(N) work per call unless some id can be marked (exclusions, or
+    draws without replacement: ``_scratch``). ``broken`` (a negative control of the tests): bounds E = s_v (no
+    radius term; not certified).
     """
     sl = 0.0 if broken else 1.0  # the radius term's weight in the bounds
     np.random.seed(seed)

@@ -778,8 +778,8 @@ def sample_adaptive(tree, q, k, *, beta, rng, exclude=None, replace=True, log_z=
     q : (D,) or (B, D) float array
     k : int
     exclude, replace, log_z : as for :func:`sample_rejection` (``log_z="estimate"``: log Z_hi + log of the
-        acceptance rate, clipped to the certified interval of the final envelope; the exact log Z for a query
-        that switched to brute force)
+        acceptance rate, clipped to the certified interval of the final envelope; for a query that switched to
+        brute force, brute force's: exact, or within _screen_error of it when its GEMMs were float32)
     max_attempts : int
         Per draw; reaching it raises :class:`SamplerError`.
     start_clusters : float > 0, optional

@@ -402,7 +402,8 @@ def _screened_draws(points, Q, k, beta, gen, eptr, eids, gone, eps):
     (the tree samplers'): candidates i are drawn by :func:`_exact_draws` from the softmax of the float32 logits
     s32, then each is accepted with probability e^{s64_i - s32_i - eps} <= 1 (eps >= |s32 - s64| for every target,
     :func:`_screen_error`), s64 computed for the candidates alone. An accepted candidate is i with probability
-    proportional to e^{s32_i} e^{s64_i - s32_i} = e^{s64_i}: rejection sampling, exact; the candidates are iid, so
+    proportional to e^{s32_i} e^{s64_i - s32_i} = e^{s64_i}: rejection sampling (Eq. 3-5 with the envelope
+    e^{s32 + eps} >= e^{s64}), exact; the candidates are iid, so
     the first k accepted are k iid draws (acceptance >= e^{-2 eps}; a query short of k draws more). Returns (ids,
     their s64, log Z of the float32 logits, within eps of the float64 one)."""
     B = Q.shape[0]
@@ -411,15 +412,13 @@ def _screened_draws(points, Q, k, beta, gen, eptr, eids, gone, eps):
     log_z = np.full(B, -np.inf)
     todo = np.arange(B)
     need = np.full(B, k)
-    first = True
     while todo.size:
         m = int(need[todo].max()) + 4 + int(np.ceil(4.0 * np.max(eps[todo]) * k))  # spare candidates
         sub = np.concatenate([np.arange(eptr[b], eptr[b + 1]) for b in todo]).astype(np.int64)
         ptr = np.zeros(todo.size + 1, np.int64)
         np.cumsum(eptr[todo + 1] - eptr[todo], out=ptr[1:])
         c_ids, c_s32, lz32 = _exact_draws(points, Q[todo], m, beta, gen, ptr, eids[sub], True, gone)
-        if first:
-            log_z, first = lz32, False
+        log_z[todo] = lz32  # the same float32 log Z on every pass
         s64 = beta * np.einsum("bjd,bd->bj", points[c_ids].astype(np.float64), Q[todo])
         acc = gen.random(c_ids.shape) < np.exp(s64 - c_s32 - eps[todo, None])
         for j, b in enumerate(todo):
@@ -846,8 +845,10 @@ def _brute_rest(tree, Q, k, beta, gen, replace, eptr, eids, ids, sids, cnt, lz):
     gone = np.flatnonzero(np.asarray(tree.point_node)[:n] < 0).astype(np.int64)
     rest = int((k - made).max())
     points = np.asarray(tree.points)[:n]
-    eps = _screen_error(points.shape[1], beta, Q[rows], float(child_table(tree)[-1][tree.root]))
-    screened = bool(replace and points.dtype == np.float32 and np.max(eps) <= SCREEN_MAX)
+    screened = bool(replace and points.dtype == np.float32)
+    if screened:  # the float32 logits' error bound, max ||t|| from the child table's norm bounds (sufn at the root)
+        eps = _screen_error(points.shape[1], beta, Q[rows], float(child_table(tree)[-1][tree.root]))
+        screened = bool(np.max(eps) <= SCREEN_MAX)
     if screened:
         d_ids, d_s, d_lz = _screened_draws(points, Q[rows], rest, beta, gen, eptr2, eids2, gone, eps)
     else:
